@@ -1,0 +1,43 @@
+// swift-tools-version: 6.2
+import PackageDescription
+
+// Modules by responsibility, dependencies pointing down:
+//   esp-tool, xfrm-bench  (executables)
+//        └─ XFRMESP        ESP transform (RFC 4303), anti-replay, NAT-T
+//             ├─ XFRMCrypto   per-SA pre-keyed ciphers, algorithm registry
+//             │    └─ CXFRMCrypto  C shim over OpenSSL libcrypto
+//             └─ XFRMPacket   packet buffers, pool, IPv4/IPv6/UDP, checksum, pcap
+let package = Package(
+    name: "swift-xfrm",
+    products: [
+        .library(name: "XFRMPacket", targets: ["XFRMPacket"]),
+        .library(name: "XFRMCrypto", targets: ["XFRMCrypto"]),
+        .library(name: "XFRMESP", targets: ["XFRMESP"]),
+        .executable(name: "esp-tool", targets: ["esp-tool"]),
+        .executable(name: "xfrm-bench", targets: ["xfrm-bench"]),
+    ],
+    targets: [
+        .target(
+            name: "CXFRMCrypto",
+            cSettings: [.define("OPENSSL_SUPPRESS_DEPRECATED"), .unsafeFlags(["-O2"])],
+            linkerSettings: [.linkedLibrary("crypto")]
+        ),
+        .target(name: "XFRMPacket"),
+        .target(name: "XFRMCrypto", dependencies: ["CXFRMCrypto", "XFRMPacket"]),
+        .target(name: "XFRMESP", dependencies: ["XFRMCrypto", "XFRMPacket"]),
+        .executableTarget(name: "esp-tool", dependencies: ["XFRMESP"]),
+        .target(name: "CMallocCounter"),
+        .executableTarget(
+            name: "xfrm-bench",
+            dependencies: ["XFRMESP", "CXFRMCrypto", "CMallocCounter"]
+        ),
+        .target(name: "XFRMTestKit", dependencies: ["XFRMPacket"]),
+        .testTarget(name: "XFRMPacketTests", dependencies: ["XFRMPacket", "XFRMTestKit"]),
+        .testTarget(name: "XFRMCryptoTests", dependencies: ["XFRMCrypto", "XFRMTestKit"]),
+        .testTarget(
+            name: "XFRMESPTests",
+            dependencies: ["XFRMESP", "XFRMTestKit"],
+            resources: [.copy("Vectors")]
+        ),
+    ]
+)

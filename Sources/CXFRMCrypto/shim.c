@@ -1,0 +1,328 @@
+// OpenSSL libcrypto shim for swift-xfrm. See include/CXFRMCrypto.h.
+#include "CXFRMCrypto.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/sha.h>
+#include <stdlib.h>
+#include <string.h>
+
+struct xfrm_aead {
+    EVP_CIPHER_CTX *enc;
+    EVP_CIPHER_CTX *dec;
+    unsigned char salt[4];
+    int icv_len;
+};
+
+static const EVP_CIPHER *aead_cipher(int kind, size_t key_len) {
+    if (kind == XFRM_AEAD_AES_GCM) {
+        switch (key_len) {
+        case 16: return EVP_aes_128_gcm();
+        case 24: return EVP_aes_192_gcm();
+        case 32: return EVP_aes_256_gcm();
+        default: return NULL;
+        }
+    }
+    if (kind == XFRM_AEAD_CHACHA20_POLY1305 && key_len == 32) return EVP_chacha20_poly1305();
+    return NULL;
+}
+
+static EVP_CIPHER_CTX *aead_ctx(const EVP_CIPHER *cipher, const void *key, int enc) {
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (!ctx) return NULL;
+    if (EVP_CipherInit_ex(ctx, cipher, NULL, NULL, NULL, enc) != 1 ||
+        EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_IVLEN, 12, NULL) != 1 ||
+        EVP_CipherInit_ex(ctx, NULL, NULL, key, NULL, enc) != 1) {
+        EVP_CIPHER_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
+xfrm_aead *xfrm_aead_new(int kind, const void *key, size_t key_len, const void *salt4, int icv_len) {
+    const EVP_CIPHER *cipher = aead_cipher(kind, key_len);
+    if (!cipher || icv_len < 4 || icv_len > 16) return NULL;
+    xfrm_aead *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return NULL;
+    ctx->enc = aead_ctx(cipher, key, 1);
+    ctx->dec = aead_ctx(cipher, key, 0);
+    if (!ctx->enc || !ctx->dec) {
+        xfrm_aead_free(ctx);
+        return NULL;
+    }
+    memcpy(ctx->salt, salt4, 4);
+    ctx->icv_len = icv_len;
+    return ctx;
+}
+
+void xfrm_aead_free(xfrm_aead *ctx) {
+    if (!ctx) return;
+    EVP_CIPHER_CTX_free(ctx->enc);
+    EVP_CIPHER_CTX_free(ctx->dec);
+    OPENSSL_cleanse(ctx, sizeof *ctx);
+    free(ctx);
+}
+
+static int aead_run(EVP_CIPHER_CTX *c, const unsigned char *salt, const void *iv8, const void *aad1,
+                    size_t aad1_len, const void *aad2, size_t aad2_len, void *data, size_t data_len) {
+    unsigned char nonce[12];
+    int outl = 0;
+    memcpy(nonce, salt, 4);
+    memcpy(nonce + 4, iv8, 8);
+    if (EVP_CipherInit_ex(c, NULL, NULL, NULL, nonce, -1) != 1) return 0;
+    if (aad1_len && EVP_CipherUpdate(c, NULL, &outl, aad1, (int)aad1_len) != 1) return 0;
+    if (aad2_len && EVP_CipherUpdate(c, NULL, &outl, aad2, (int)aad2_len) != 1) return 0;
+    if (data_len && EVP_CipherUpdate(c, data, &outl, data, (int)data_len) != 1) return 0;
+    return 1;
+}
+
+int xfrm_aead_seal(xfrm_aead *ctx, const void *iv8, const void *aad1, size_t aad1_len, const void *aad2,
+                   size_t aad2_len, void *data, size_t data_len, void *tag) {
+    unsigned char tmp[16];
+    int outl = 0;
+    if (!aead_run(ctx->enc, ctx->salt, iv8, aad1, aad1_len, aad2, aad2_len, data, data_len)) return 0;
+    if (EVP_CipherFinal_ex(ctx->enc, tmp, &outl) != 1) return 0;
+    return EVP_CIPHER_CTX_ctrl(ctx->enc, EVP_CTRL_AEAD_GET_TAG, ctx->icv_len, tag) == 1;
+}
+
+int xfrm_aead_open(xfrm_aead *ctx, const void *iv8, const void *aad1, size_t aad1_len, const void *aad2,
+                   size_t aad2_len, void *data, size_t data_len, const void *tag) {
+    unsigned char tmp[16];
+    int outl = 0;
+    if (!aead_run(ctx->dec, ctx->salt, iv8, aad1, aad1_len, aad2, aad2_len, data, data_len)) return 0;
+    if (EVP_CIPHER_CTX_ctrl(ctx->dec, EVP_CTRL_AEAD_SET_TAG, ctx->icv_len, (void *)tag) != 1) return 0;
+    return EVP_CipherFinal_ex(ctx->dec, tmp, &outl) == 1;
+}
+
+struct xfrm_cbc {
+    EVP_CIPHER_CTX *enc;
+    EVP_CIPHER_CTX *dec;
+    EVP_CIPHER_CTX *ivgen;
+};
+
+static const EVP_CIPHER *cbc_cipher(size_t key_len) {
+    switch (key_len) {
+    case 16: return EVP_aes_128_cbc();
+    case 24: return EVP_aes_192_cbc();
+    case 32: return EVP_aes_256_cbc();
+    default: return NULL;
+    }
+}
+
+static const EVP_CIPHER *ecb_cipher(size_t key_len) {
+    switch (key_len) {
+    case 16: return EVP_aes_128_ecb();
+    case 24: return EVP_aes_192_ecb();
+    case 32: return EVP_aes_256_ecb();
+    default: return NULL;
+    }
+}
+
+static EVP_CIPHER_CTX *block_ctx(const EVP_CIPHER *cipher, const void *key, int enc) {
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (!ctx) return NULL;
+    if (EVP_CipherInit_ex(ctx, cipher, NULL, key, NULL, enc) != 1) {
+        EVP_CIPHER_CTX_free(ctx);
+        return NULL;
+    }
+    EVP_CIPHER_CTX_set_padding(ctx, 0);
+    return ctx;
+}
+
+xfrm_cbc *xfrm_cbc_new(const void *key, size_t key_len) {
+    const EVP_CIPHER *cbc = cbc_cipher(key_len);
+    if (!cbc) return NULL;
+    xfrm_cbc *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return NULL;
+    ctx->enc = block_ctx(cbc, key, 1);
+    ctx->dec = block_ctx(cbc, key, 0);
+    ctx->ivgen = block_ctx(ecb_cipher(key_len), key, 1);
+    if (!ctx->enc || !ctx->dec || !ctx->ivgen) {
+        xfrm_cbc_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
+void xfrm_cbc_free(xfrm_cbc *ctx) {
+    if (!ctx) return;
+    EVP_CIPHER_CTX_free(ctx->enc);
+    EVP_CIPHER_CTX_free(ctx->dec);
+    EVP_CIPHER_CTX_free(ctx->ivgen);
+    free(ctx);
+}
+
+static int cbc_run(EVP_CIPHER_CTX *c, const void *iv16, void *data, size_t len) {
+    int outl = 0;
+    if (len % 16) return 0;
+    if (EVP_CipherInit_ex(c, NULL, NULL, NULL, iv16, -1) != 1) return 0;
+    if (len && EVP_CipherUpdate(c, data, &outl, data, (int)len) != 1) return 0;
+    return 1;
+}
+
+int xfrm_cbc_encrypt(xfrm_cbc *ctx, const void *iv16, void *data, size_t len) {
+    return cbc_run(ctx->enc, iv16, data, len);
+}
+
+int xfrm_cbc_decrypt(xfrm_cbc *ctx, const void *iv16, void *data, size_t len) {
+    return cbc_run(ctx->dec, iv16, data, len);
+}
+
+int xfrm_cbc_make_iv(xfrm_cbc *ctx, uint64_t counter, void *iv16) {
+    unsigned char block[16] = {0};
+    int outl = 0;
+    // A fixed domain-separation prefix, then the counter, big-endian.
+    memcpy(block, "ESP-IV\0\0", 8);
+    for (int i = 0; i < 8; i++) block[15 - i] = (unsigned char)(counter >> (8 * i));
+    return EVP_CipherUpdate(ctx->ivgen, iv16, &outl, block, 16) == 1 && outl == 16;
+}
+
+// HMAC by precomputed inner/outer states of the low-level hash API: copying a plain struct per packet is
+// allocation-free, unlike EVP_MD_CTX_copy or EVP_MAC in OpenSSL 3.0.
+struct xfrm_hmac {
+    int kind;
+    size_t digest_len;
+    union {
+        SHA_CTX sha1[2];
+        SHA256_CTX sha256[2];
+        SHA512_CTX sha512[2];
+    } st;
+};
+
+static size_t hmac_block_len(int kind) { return (kind == XFRM_HMAC_SHA384 || kind == XFRM_HMAC_SHA512) ? 128 : 64; }
+
+static void hash_once(int kind, const void *d, size_t l, unsigned char *out) {
+    switch (kind) {
+    case XFRM_HMAC_SHA1: SHA1(d, l, out); break;
+    case XFRM_HMAC_SHA256: SHA256(d, l, out); break;
+    case XFRM_HMAC_SHA384: SHA384(d, l, out); break;
+    case XFRM_HMAC_SHA512: SHA512(d, l, out); break;
+    }
+}
+
+xfrm_hmac *xfrm_hmac_new(int kind, const void *key, size_t key_len) {
+    size_t dlen;
+    switch (kind) {
+    case XFRM_HMAC_SHA1: dlen = 20; break;
+    case XFRM_HMAC_SHA256: dlen = 32; break;
+    case XFRM_HMAC_SHA384: dlen = 48; break;
+    case XFRM_HMAC_SHA512: dlen = 64; break;
+    default: return NULL;
+    }
+    xfrm_hmac *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return NULL;
+    ctx->kind = kind;
+    ctx->digest_len = dlen;
+    size_t blen = hmac_block_len(kind);
+    unsigned char k[128] = {0}, pad[128];
+    if (key_len > blen) hash_once(kind, key, key_len, k);
+    else if (key_len) memcpy(k, key, key_len);
+    for (int which = 0; which < 2; which++) {
+        unsigned char x = which == 0 ? 0x36 : 0x5c;
+        for (size_t i = 0; i < blen; i++) pad[i] = k[i] ^ x;
+        switch (kind) {
+        case XFRM_HMAC_SHA1: SHA1_Init(&ctx->st.sha1[which]); SHA1_Update(&ctx->st.sha1[which], pad, blen); break;
+        case XFRM_HMAC_SHA256:
+            SHA256_Init(&ctx->st.sha256[which]);
+            SHA256_Update(&ctx->st.sha256[which], pad, blen);
+            break;
+        case XFRM_HMAC_SHA384:
+            SHA384_Init(&ctx->st.sha512[which]);
+            SHA384_Update(&ctx->st.sha512[which], pad, blen);
+            break;
+        case XFRM_HMAC_SHA512:
+            SHA512_Init(&ctx->st.sha512[which]);
+            SHA512_Update(&ctx->st.sha512[which], pad, blen);
+            break;
+        }
+    }
+    OPENSSL_cleanse(k, sizeof k);
+    OPENSSL_cleanse(pad, sizeof pad);
+    return ctx;
+}
+
+void xfrm_hmac_free(xfrm_hmac *ctx) {
+    if (!ctx) return;
+    OPENSSL_cleanse(ctx, sizeof *ctx);
+    free(ctx);
+}
+
+size_t xfrm_hmac_digest_len(const xfrm_hmac *ctx) { return ctx->digest_len; }
+
+void xfrm_hmac_compute(const xfrm_hmac *ctx, const void *d1, size_t l1, const void *d2, size_t l2, void *out) {
+    unsigned char inner[64];
+    switch (ctx->kind) {
+    case XFRM_HMAC_SHA1: {
+        SHA_CTX c = ctx->st.sha1[0];
+        SHA1_Update(&c, d1, l1);
+        if (l2) SHA1_Update(&c, d2, l2);
+        SHA1_Final(inner, &c);
+        c = ctx->st.sha1[1];
+        SHA1_Update(&c, inner, 20);
+        SHA1_Final(out, &c);
+        OPENSSL_cleanse(&c, sizeof c);
+        break;
+    }
+    case XFRM_HMAC_SHA256: {
+        SHA256_CTX c = ctx->st.sha256[0];
+        SHA256_Update(&c, d1, l1);
+        if (l2) SHA256_Update(&c, d2, l2);
+        SHA256_Final(inner, &c);
+        c = ctx->st.sha256[1];
+        SHA256_Update(&c, inner, 32);
+        SHA256_Final(out, &c);
+        OPENSSL_cleanse(&c, sizeof c);
+        break;
+    }
+    case XFRM_HMAC_SHA384:
+    case XFRM_HMAC_SHA512: {
+        SHA512_CTX c = ctx->st.sha512[0];
+        SHA512_Update(&c, d1, l1);
+        if (l2) SHA512_Update(&c, d2, l2);
+        if (ctx->kind == XFRM_HMAC_SHA384) SHA384_Final(inner, &c); else SHA512_Final(inner, &c);
+        c = ctx->st.sha512[1];
+        SHA512_Update(&c, inner, ctx->digest_len);
+        if (ctx->kind == XFRM_HMAC_SHA384) SHA384_Final(out, &c); else SHA512_Final(out, &c);
+        OPENSSL_cleanse(&c, sizeof c);
+        break;
+    }
+    }
+}
+
+int xfrm_ct_memcmp(const void *a, const void *b, size_t len) { return CRYPTO_memcmp(a, b, len); }
+
+void xfrm_cleanse(void *p, size_t len) { OPENSSL_cleanse(p, len); }
+
+xfrm_evp_ctx *xfrm_bench_gcm_new(const void *key16, int enc) {
+    EVP_CIPHER_CTX *ctx = EVP_CIPHER_CTX_new();
+    if (!ctx) return NULL;
+    if (EVP_CipherInit_ex(ctx, EVP_aes_128_gcm(), NULL, key16, NULL, enc) != 1) {
+        EVP_CIPHER_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
+int xfrm_bench_gcm_seal(xfrm_evp_ctx *ctx, const void *nonce12, const void *aad, int aad_len, void *data, int len,
+                        void *tag16) {
+    int outl = 0;
+    unsigned char tmp[16];
+    if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, nonce12) != 1) return 0;
+    if (EVP_EncryptUpdate(ctx, NULL, &outl, aad, aad_len) != 1) return 0;
+    if (EVP_EncryptUpdate(ctx, data, &outl, data, len) != 1) return 0;
+    if (EVP_EncryptFinal_ex(ctx, tmp, &outl) != 1) return 0;
+    return EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, 16, tag16) == 1;
+}
+
+int xfrm_bench_gcm_open(xfrm_evp_ctx *ctx, const void *nonce12, const void *aad, int aad_len, void *data, int len,
+                        const void *tag16) {
+    int outl = 0;
+    unsigned char tmp[16];
+    if (EVP_DecryptInit_ex(ctx, NULL, NULL, NULL, nonce12) != 1) return 0;
+    if (EVP_DecryptUpdate(ctx, NULL, &outl, aad, aad_len) != 1) return 0;
+    if (EVP_DecryptUpdate(ctx, data, &outl, data, len) != 1) return 0;
+    if (EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, 16, (void *)tag16) != 1) return 0;
+    return EVP_DecryptFinal_ex(ctx, tmp, &outl) == 1;
+}
+
+void xfrm_bench_gcm_free(xfrm_evp_ctx *ctx) { EVP_CIPHER_CTX_free(ctx); }

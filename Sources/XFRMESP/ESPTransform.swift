@@ -1,0 +1,407 @@
+// The ESP transform of one SA (RFC 4303; ≈ net/ipv4/esp4.c + esp6.c with the xfrm mode helpers).
+//
+// Output (`encapsulate`), in place on the packet buffer, synchronous:
+//   parse the packet → take the next sequence number (refuse on overflow) → append padding, pad length, next header
+//   and ICV room → (transport) move the IP header forward into the headroom / (tunnel) keep the whole packet →
+//   write SPI, sequence number and IV → seal → (NAT-T) UDP header → fix the IP header or write the outer one.
+//
+// Input (`decapsulate`), after `ESPClassification.classify` found ESP and the caller found this SA by SPI:
+//   length checks → anti-replay check (ESN high half inferred) → open (ICV checked in constant time, then
+//   decrypt) → trailer and padding checks → advance the window → strip ESP → (tunnel) the inner packet, ECN/DSCP
+//   per RFC 6040 / (transport) restore the IP header.
+//
+// Not thread-safe: one caller at a time per SA (the XFRM core holds the SA's lock), one cipher per SA and thread.
+
+import XFRMCrypto
+import XFRMPacket
+
+/// Per-SA counters (≈ xfrm_state's curlft and stats).
+public struct ESPStatistics: Sendable, Equatable {
+    /// Packets and bytes (of the protected payload) through this SA.
+    public var packets: UInt64 = 0
+    public var bytes: UInt64 = 0
+    /// Inbound: packets left of the window (kernel `replay-window`).
+    public var replayWindow: UInt64 = 0
+    /// Inbound: duplicates (kernel `replay`).
+    public var replay: UInt64 = 0
+    /// Inbound: ICV failures (kernel `failed`, integrity_failed).
+    public var integrityFailed: UInt64 = 0
+    public init() {}
+}
+
+/// The ESP transform state of one SA: its cipher, outbound sequence counter and inbound replay window.
+public final class ESPTransform: @unchecked Sendable {
+    public let config: ESPConfig
+    public let cipher: any ESPCipher
+    /// The last outbound sequence number used (64-bit; only the low half goes on the wire).
+    public private(set) var outboundSequence: UInt64
+    /// The inbound anti-replay window.
+    public private(set) var replay: ReplayWindow
+    public private(set) var statistics = ESPStatistics()
+
+    private let ivLength: Int
+    private let icvLength: Int
+    private let blockSize: Int
+    private let isTunnel: Bool
+    private let esn: Bool
+    private let mayWrap: Bool
+    private let udpLength: Int
+    private let outerHeaderLength: Int
+    private var ipIdentification: UInt16 = 0
+
+    /// Builds the transform; the cipher comes from `backend`.
+    public init(_ config: ESPConfig, backend: some ESPCryptoBackend = OpenSSLBackend()) throws(ESPConfigError) {
+        try config.validate()
+        do {
+            self.cipher = try backend.makeCipher(config.crypto)
+        } catch {
+            throw ESPConfigError(error.description)
+        }
+        self.config = config
+        self.outboundSequence = config.outboundSequence
+        self.replay = ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence)
+        self.ivLength = self.cipher.ivLength
+        self.icvLength = self.cipher.icvLength
+        self.blockSize = self.cipher.blockSize
+        self.isTunnel = config.mode == .tunnel
+        self.esn = config.esn
+        self.mayWrap = config.flags.contains(.outboundSequenceMayWrap)
+        self.udpLength = config.encapsulation == nil ? 0 : HeaderSize.udp
+        if config.mode == .tunnel, let d = config.tunnelDestination {
+            self.outerHeaderLength = d.version == 4 ? HeaderSize.ipv4Minimum : HeaderSize.ipv6
+        } else {
+            self.outerHeaderLength = 0
+        }
+    }
+
+    /// Bytes ESP adds in front of the payload (outer IP, UDP, ESP header, IV).
+    public var headerOverhead: Int { self.outerHeaderLength + self.udpLength + 8 + self.ivLength }
+
+    /// The largest number of bytes ESP can add to a packet (headers, maximum padding, trailer, ICV).
+    public var maximumOverhead: Int { self.headerOverhead + self.blockSize - 1 + 2 + self.icvLength }
+
+    /// Sets the last-used outbound sequence number (tests and key managers restoring state).
+    public func setOutboundSequence(_ value: UInt64) { self.outboundSequence = value }
+
+    // MARK: - Sequence numbers (≈ xfrm_replay_overflow)
+
+    /// Takes the next outbound sequence number, or nil when the space is exhausted: at 2^32 without ESN (unless
+    /// the SA may wrap) and at 2^64 with ESN. Never wraps silently.
+    @inline(__always)
+    private func takeSequence() -> UInt64? {
+        let cur = self.outboundSequence
+        if self.esn || self.mayWrap {
+            guard cur != .max else { return nil }
+        } else {
+            guard cur < UInt64(UInt32.max) else { return nil }
+        }
+        self.outboundSequence = cur &+ 1
+        return cur &+ 1
+    }
+
+    // MARK: - Output
+
+    /// Protects the IP packet in `packet` in place. Returns nil on success (the buffer holds the ESP packet), or
+    /// the reason the packet was dropped (the buffer is then unspecified). `fixedIV` (tests only) replaces the
+    /// generated IV; `ivLength` bytes are read from it.
+    @inline(__always)
+    public func encapsulate(_ packet: inout PacketBuffer, fixedIV: UnsafeRawPointer? = nil) -> DropReason? {
+        let p = packet.data
+        let n = packet.count
+        guard n >= 1 else { return .badOutputPacket }
+        let version = p.loadByte(at: 0) >> 4
+        var headerLength = 0  // transport: bytes of IP header kept in front of ESP
+        var nhField = 0
+        var tos: UInt8 = 0
+        var df = true
+        let nextHeader: UInt8
+        if version == 4 {
+            guard let ip = IPv4Header.parse(p, available: n) else { return .badOutputPacket }
+            if ip.totalLength < n { packet.trimBack(n - ip.totalLength) }
+            tos = p.loadByte(at: 1)
+            df = p.loadBE16(at: 6) & IPv4Header.flagDF != 0
+            if self.isTunnel {
+                nextHeader = IPProtocolNumber.ipv4
+            } else {
+                guard !ip.isFragment else { return .badOutputPacket }
+                headerLength = ip.headerLength
+                nhField = 9
+                nextHeader = ip.proto
+            }
+        } else if version == 6 {
+            guard n >= HeaderSize.ipv6 else { return .badOutputPacket }
+            let total = HeaderSize.ipv6 + Int(p.loadBE16(at: 4))
+            guard total <= n else { return .badOutputPacket }
+            if total < n { packet.trimBack(n - total) }
+            tos = IPv6Header.trafficClass(p)
+            if self.isTunnel {
+                nextHeader = IPProtocolNumber.ipv6
+            } else {
+                guard let ins = IPv6Header.transportInsertionPoint(p, available: total) else {
+                    return .badOutputPacket
+                }
+                headerLength = ins.offset
+                nhField = ins.nextHeaderField
+                nextHeader = p.loadByte(at: nhField)
+                guard nextHeader != IPProtocolNumber.fragment else { return .badOutputPacket }
+            }
+        } else {
+            return .badOutputPacket
+        }
+        let payloadLength = packet.count - headerLength
+        let padLength = (self.blockSize - (payloadLength + 2) % self.blockSize) % self.blockSize
+        let cryptLength = payloadLength + padLength + 2
+        let espHeader = 8 + self.ivLength
+        let front = espHeader + self.udpLength + self.outerHeaderLength
+        let back = padLength + 2 + self.icvLength
+        guard packet.headroom >= front, packet.tailroom >= back else { return .noBufferSpace }
+        let finalLength = packet.count + front + back
+        let outerV4 = self.isTunnel ? self.outerHeaderLength == HeaderSize.ipv4Minimum : version == 4
+        guard outerV4 ? finalLength <= 65535 : finalLength - HeaderSize.ipv6 <= 65535 else { return .noBufferSpace }
+        guard let seq = self.takeSequence() else { return .sequenceOverflow }
+
+        // Trailer: padding 1, 2, 3, ... (RFC 4303 §2.4), pad length, next header; then room for the ICV.
+        let trailer = packet.append(back)
+        var i = 0
+        while i < padLength {
+            trailer.storeByte(UInt8(truncatingIfNeeded: i + 1), at: i)
+            i += 1
+        }
+        trailer.storeByte(UInt8(truncatingIfNeeded: padLength), at: padLength)
+        trailer.storeByte(nextHeader, at: padLength + 1)
+
+        let esp: UnsafeMutableRawPointer
+        if self.isTunnel {
+            esp = packet.prepend(espHeader)
+        } else {
+            // Move the IP header (and IPv6 headers before the insertion point) forward into the headroom.
+            let old = packet.data
+            let new = packet.prepend(espHeader + self.udpLength)
+            new.copyMemory(from: old, byteCount: headerLength)
+            esp = new + headerLength + self.udpLength
+        }
+        esp.storeBE32(self.config.spi, at: 0)
+        esp.storeBE32(UInt32(truncatingIfNeeded: seq), at: 4)
+        if let fixedIV {
+            (esp + 8).copyMemory(from: fixedIV, byteCount: self.ivLength)
+        } else {
+            self.cipher.writeIV(esp + 8, sequence: seq)
+        }
+        let esnHigh: UInt32? = self.esn ? UInt32(truncatingIfNeeded: seq >> 32) : nil
+        guard self.cipher.seal(esp: esp, cryptLength: cryptLength, esnHigh: esnHigh) else { return .encryptFailed }
+        self.statistics.packets &+= 1
+        self.statistics.bytes &+= UInt64(payloadLength)
+
+        if self.isTunnel {
+            if self.udpLength != 0 { packet.prepend(HeaderSize.udp) }
+            let outer = packet.prepend(self.outerHeaderLength)
+            self.writeOuterHeader(outer, totalLength: packet.count, innerTOS: tos, innerDF: df, innerV4: version == 4)
+        } else {
+            let ip = packet.data
+            let proto = self.udpLength != 0 ? IPProtocolNumber.udp : IPProtocolNumber.esp
+            ip.storeByte(proto, at: nhField)
+            if version == 4 {
+                ip.storeBE16(UInt16(truncatingIfNeeded: packet.count), at: 2)
+                IPv4Header.updateChecksum(ip, headerLength: headerLength)
+            } else {
+                ip.storeBE16(UInt16(truncatingIfNeeded: packet.count - HeaderSize.ipv6), at: 4)
+            }
+        }
+        if let encap = self.config.encapsulation {
+            self.writeUDPHeader(packet: packet, encap: encap, outerV4: outerV4, espOffset: esp - packet.data)
+        }
+        return nil
+    }
+
+    /// The outer header of tunnel mode (≈ xfrm4_tunnel_encap_add / xfrm6_tunnel_encap_add): DSCP copied unless
+    /// dont-encap-dscp, ECN per RFC 6040 normal mode unless noecn, DF copied unless nopmtudisc.
+    @inline(__always)
+    private func writeOuterHeader(
+        _ outer: UnsafeMutableRawPointer, totalLength: Int, innerTOS: UInt8, innerDF: Bool, innerV4: Bool
+    ) {
+        var tos: UInt8 = 0
+        if !self.config.flags.contains(.dontEncapDSCP) { tos = innerTOS & 0xfc }
+        if !self.config.flags.contains(.noECN) {
+            let ecn = innerTOS & 0x03
+            tos |= ecn == 0x03 ? 0x02 : ecn  // CE is encapsulated as ECT(0)
+        }
+        let proto = self.udpLength != 0 ? IPProtocolNumber.udp : IPProtocolNumber.esp
+        switch (self.config.tunnelSource!, self.config.tunnelDestination!) {
+        case (.v4(let s), .v4(let d)):
+            let df = !self.config.flags.contains(.noPMTUDiscovery) && (innerDF || !innerV4)
+            self.ipIdentification &+= 1
+            IPv4Header.write(
+                outer, tos: tos, totalLength: totalLength, identification: self.ipIdentification,
+                flags: df ? IPv4Header.flagDF : 0, ttl: self.config.outerHopLimit, proto: proto, source: s,
+                destination: d)
+        case (let s, let d):
+            IPv6Header.write(
+                outer, trafficClass: tos, flowLabel: 0, payloadLength: totalLength - HeaderSize.ipv6,
+                nextHeader: proto, hopLimit: self.config.outerHopLimit, source: s, destination: d)
+        }
+    }
+
+    /// The RFC 3948 UDP header in front of ESP: checksum 0 over IPv4 (§3.1.3), computed over IPv6.
+    @inline(__always)
+    private func writeUDPHeader(packet: PacketBuffer, encap: NATTEncapsulation, outerV4: Bool, espOffset: Int) {
+        let ip = packet.data
+        let udpOffset = espOffset - HeaderSize.udp
+        let udp = ip + udpOffset
+        let length = packet.count - udpOffset
+        udp.storeBE16(encap.sourcePort, at: 0)
+        udp.storeBE16(encap.destinationPort, at: 2)
+        udp.storeBE16(UInt16(truncatingIfNeeded: length), at: 4)
+        udp.storeBE16(0, at: 6)
+        if !outerV4 {
+            let c = UDPHeader.checksum(
+                udp, length: length, source: IPAddress.loadV6(from: ip, at: 8),
+                destination: IPAddress.loadV6(from: ip, at: 24))
+            udp.storeBE16(c, at: 6)
+        }
+    }
+
+    // MARK: - Input
+
+    /// Classifies and, if the packet is ESP for this SA, decapsulates it (tools and tests; the XFRM core
+    /// classifies, looks the SA up by SPI and calls `decapsulate(_:info:)`).
+    public func decapsulate(_ packet: inout PacketBuffer, nattPort: UInt16? = 4500) -> ESPInputResult {
+        switch ESPClassification.classify(&packet, nattPort: nattPort) {
+        case .esp(let info):
+            guard info.spi == self.config.spi else { return .dropped(.noState) }
+            if let reason = self.decapsulate(&packet, info: info) { return .dropped(reason) }
+            return .delivered
+        case .ike: return .ike
+        case .notESP: return .notESP
+        case .drop(let r): return .dropped(r)
+        }
+    }
+
+    /// Verifies and strips ESP from a packet `classify` located. Returns nil on success (the buffer holds the
+    /// inner packet in tunnel mode, or the restored packet in transport mode), or the drop reason.
+    @inline(__always)
+    public func decapsulate(_ packet: inout PacketBuffer, info: ESPPacketInfo) -> DropReason? {
+        if info.udpEncapsulated != (self.config.encapsulation != nil) { return .encapsulationMismatch }
+        let p = packet.data
+        let esp = p + info.espOffset
+        let espLength = packet.count - info.espOffset
+        let header = 8 + self.ivLength
+        guard espLength >= header + self.icvLength + 2 else { return .truncated }
+        let cryptLength = espLength - header - self.icvLength
+        if self.blockSize > 4 && cryptLength % self.blockSize != 0 { return .badCipherLength }
+
+        let seq: UInt64
+        switch self.replay.check(info.sequence) {
+        case .accept(let s): seq = s
+        case .reject(let r):
+            if r == .replayDuplicate { self.statistics.replay &+= 1 }
+            if r == .replayTooOld { self.statistics.replayWindow &+= 1 }
+            return r
+        }
+        let esnHigh: UInt32? = self.esn ? UInt32(truncatingIfNeeded: seq >> 32) : nil
+        guard self.cipher.open(esp: esp, cryptLength: cryptLength, esnHigh: esnHigh) else {
+            self.statistics.integrityFailed &+= 1
+            return .icvFailed
+        }
+        let plain = esp + header
+        let padLength = Int(plain.loadByte(at: cryptLength - 2))
+        let nextHeader = plain.loadByte(at: cryptLength - 1)
+        guard padLength + 2 <= cryptLength else { return .badPadding }
+        let payloadLength = cryptLength - 2 - padLength
+        var i = 0
+        while i < padLength {
+            guard plain.loadByte(at: payloadLength + i) == UInt8(truncatingIfNeeded: i + 1) else { return .badPadding }
+            i += 1
+        }
+        // Authenticated and well-formed: only now may the window move (RFC 4303 §3.4.3).
+        self.replay.advance(seq)
+        self.statistics.packets &+= 1
+        self.statistics.bytes &+= UInt64(payloadLength)
+        if nextHeader == IPProtocolNumber.noNextHeader { return .tfcDummy }
+
+        if self.isTunnel {
+            return self.stripTunnel(&packet, info: info, payloadOffset: info.espOffset + header,
+                                    payloadLength: payloadLength, nextHeader: nextHeader)
+        }
+        return self.stripTransport(&packet, info: info, header: header, payloadLength: payloadLength,
+                                   nextHeader: nextHeader)
+    }
+
+    /// Tunnel mode: the inner packet becomes the packet (≈ xfrm4_remove_tunnel_encap). Bytes behind the inner IP
+    /// length are TFC padding and are dropped (RFC 4303 §2.4).
+    @inline(__always)
+    private func stripTunnel(
+        _ packet: inout PacketBuffer, info: ESPPacketInfo, payloadOffset: Int, payloadLength: Int, nextHeader: UInt8
+    ) -> DropReason? {
+        let outer = packet.data
+        let outerTOS: UInt8 = info.ipVersion == 4 ? outer.loadByte(at: 1) : IPv6Header.trafficClass(outer)
+        let inner = outer + payloadOffset
+        let innerLength: Int
+        switch nextHeader {
+        case IPProtocolNumber.ipv4:
+            guard let ip = IPv4Header.parse(inner, available: payloadLength) else { return .badInnerPacket }
+            innerLength = ip.totalLength
+            var tos = inner.loadByte(at: 1)
+            let newTOS = self.decapTOS(outer: outerTOS, inner: tos)
+            if newTOS != tos {
+                tos = newTOS
+                inner.storeByte(tos, at: 1)
+                IPv4Header.updateChecksum(inner, headerLength: ip.headerLength)
+            }
+        case IPProtocolNumber.ipv6:
+            guard payloadLength >= HeaderSize.ipv6, inner.loadByte(at: 0) >> 4 == 6 else { return .badInnerPacket }
+            innerLength = HeaderSize.ipv6 + Int(inner.loadBE16(at: 4))
+            guard innerLength <= payloadLength else { return .badInnerPacket }
+            let tc = IPv6Header.trafficClass(inner)
+            let newTC = self.decapTOS(outer: outerTOS, inner: tc)
+            if newTC != tc { IPv6Header.setTrafficClass(inner, newTC) }
+        default:
+            return .badNextHeader
+        }
+        packet.trimFront(payloadOffset)
+        packet.trimBack(packet.count - innerLength)
+        return nil
+    }
+
+    /// RFC 6040 decapsulation: a CE mark on the outer header is copied to an ECN-capable inner header (unless
+    /// noecn); decap-dscp copies the outer DSCP.
+    @inline(__always)
+    private func decapTOS(outer: UInt8, inner: UInt8) -> UInt8 {
+        var tos = inner
+        if self.config.flags.contains(.decapDSCP) { tos = (outer & 0xfc) | (tos & 0x03) }
+        if !self.config.flags.contains(.noECN) && outer & 0x03 == 0x03 && tos & 0x03 != 0 { tos |= 0x03 }
+        return tos
+    }
+
+    /// Transport mode: close the gap ESP (and UDP) left and restore the IP header (≈ xfrm4_transport_input).
+    @inline(__always)
+    private func stripTransport(
+        _ packet: inout PacketBuffer, info: ESPPacketInfo, header: Int, payloadLength: Int, nextHeader: UInt8
+    ) -> DropReason? {
+        let headerLength = info.transportOffset
+        let removed = info.espOffset + header - headerLength
+        let old = packet.data
+        packet.trimBack(packet.count - (info.espOffset + header + payloadLength))
+        packet.trimFront(removed)
+        let ip = packet.data
+        ip.copyMemory(from: old, byteCount: headerLength)  // overlapping, moving forward: memmove semantics
+        ip.storeByte(nextHeader, at: info.nextHeaderFieldOffset)
+        if info.ipVersion == 4 {
+            ip.storeBE16(UInt16(truncatingIfNeeded: packet.count), at: 2)
+            IPv4Header.updateChecksum(ip, headerLength: headerLength)
+        } else {
+            ip.storeBE16(UInt16(truncatingIfNeeded: packet.count - HeaderSize.ipv6), at: 4)
+        }
+        return nil
+    }
+}
+
+/// The result of `ESPTransform.decapsulate(_:nattPort:)`.
+public enum ESPInputResult: Equatable, Sendable {
+    /// The buffer holds the delivered packet.
+    case delivered
+    case dropped(DropReason)
+    /// IKE on the NAT-T port (non-ESP marker): for the key manager.
+    case ike
+    /// Not ESP at all.
+    case notESP
+}

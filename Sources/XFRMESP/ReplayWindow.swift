@@ -1,0 +1,113 @@
+/// The anti-replay window of an inbound SA (RFC 4303 §3.4.3 and Appendix A; ≈ xfrm_replay.c's bmp/esn modes).
+///
+/// A 4096-bit ring indexed by sequence number modulo 4096 records which of the last `size` numbers were received.
+/// `check` runs before decryption and changes nothing; `advance` runs only after the ICV verified. Windows from 0
+/// (no replay protection) to 4096 packets. With ESN, `check` infers the high 32 bits from the window
+/// (RFC 4303 Appendix A2.2). Not thread-safe: it lives under its SA's lock.
+public struct ReplayWindow: Sendable {
+    /// Implementation limit: the largest window (XFRMA_REPLAY_ESN_MAX).
+    public static let maximumSize = 4096
+
+    /// Window size in packets; 0 disables replay checks.
+    public let size: Int
+    /// Extended (64-bit) sequence numbers.
+    public let esn: Bool
+    /// The highest authenticated sequence number (64-bit with ESN).
+    public private(set) var top: UInt64
+    private var bitmap: InlineArray<64, UInt64>
+
+    /// The outcome of `check`.
+    public enum Check: Equatable, Sendable {
+        /// Acceptable so far; carries the full (ESN-inferred) sequence number to authenticate with.
+        case accept(UInt64)
+        case reject(DropReason)
+    }
+
+    /// A window of `size` packets whose highest received number is `top` (iproute2's replay-seq/replay-seq-hi).
+    public init(size: Int, esn: Bool, top: UInt64 = 0) {
+        precondition(size >= 0 && size <= ReplayWindow.maximumSize, "replay window outside 0...4096")
+        self.size = size
+        self.esn = esn
+        self.top = esn ? top : top & 0xffff_ffff
+        self.bitmap = InlineArray(repeating: 0)
+    }
+
+    /// The full sequence number a received low half stands for (RFC 4303 A2.2), or nil when it would fall before
+    /// sequence number 0 (necessarily too old).
+    @inline(__always)
+    public func inferSequence(_ low: UInt32) -> UInt64? {
+        guard self.esn else { return UInt64(low) }
+        let w = UInt32(max(self.size, 1))
+        let tl = UInt32(truncatingIfNeeded: self.top)
+        let th = UInt32(truncatingIfNeeded: self.top >> 32)
+        let bottom = tl &- w &+ 1
+        var hi = th
+        if tl >= w - 1 {
+            // Case A: the window lies within one 2^32 subspace.
+            if low < bottom {
+                guard th != .max else { return nil }
+                hi = th + 1
+            }
+        } else if low >= bottom {
+            // Case B: the window spans two subspaces and this number is in the lower one.
+            guard th != 0 else { return nil }
+            hi = th - 1
+        }
+        return UInt64(hi) << 32 | UInt64(low)
+    }
+
+    /// Checks a received sequence number (low 32 bits from the wire) without changing the window.
+    @inline(__always)
+    public func check(_ low: UInt32) -> Check {
+        guard let seq = self.inferSequence(low) else { return .reject(.replayTooOld) }
+        guard self.size > 0 else { return .accept(seq) }
+        if seq == 0 { return .reject(.sequenceZero) }
+        if seq > self.top { return .accept(seq) }
+        let diff = self.top - seq
+        if diff >= UInt64(self.size) { return .reject(.replayTooOld) }
+        if self.isMarked(seq) { return .reject(.replayDuplicate) }
+        return .accept(seq)
+    }
+
+    /// Records an authenticated sequence number, sliding the window when it is the new highest (≈ advance).
+    @inline(__always)
+    public mutating func advance(_ seq: UInt64) {
+        if seq > self.top {
+            let diff = seq - self.top
+            if diff >= UInt64(ReplayWindow.maximumSize) {
+                for i in 0..<64 { self.bitmap[i] = 0 }
+            } else {
+                // Clear the positions of top+1 ... seq; they last held numbers that left the window.
+                var s = self.top &+ 1
+                while s <= seq {
+                    let bit = Int(s & 63)
+                    let word = Int((s >> 6) & 63)
+                    if bit == 0 && seq - s >= 63 {
+                        self.bitmap[word] = 0
+                        s &+= 64
+                    } else {
+                        self.bitmap[word] &= ~(1 << UInt64(bit))
+                        s &+= 1
+                    }
+                }
+            }
+            self.top = seq
+        }
+        guard self.size > 0 else { return }
+        let word = Int((seq >> 6) & 63)
+        self.bitmap[word] |= 1 << (seq & 63)
+    }
+
+    @inline(__always)
+    private func isMarked(_ seq: UInt64) -> Bool {
+        self.bitmap[Int((seq >> 6) & 63)] & (1 << (seq & 63)) != 0
+    }
+
+    /// The received/not-received bits of the window, newest (top) first, `size` entries (listings, tests).
+    public var receivedBits: [Bool] {
+        (0..<self.size).map { i in
+            guard UInt64(i) <= self.top else { return false }
+            return self.isMarked(self.top - UInt64(i))
+        }
+    }
+}

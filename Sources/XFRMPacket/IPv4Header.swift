@@ -1,0 +1,59 @@
+/// IPv4 header access on packet memory (RFC 791). Offsets are relative to the header's first byte.
+public enum IPv4Header {
+    public static let flagDF: UInt16 = 0x4000
+    public static let flagMF: UInt16 = 0x2000
+    public static let fragmentOffsetMask: UInt16 = 0x1fff
+
+    /// Result of validating an IPv4 header in a packet.
+    public struct Info {
+        /// Header length in bytes (IHL × 4), options included.
+        public var headerLength: Int
+        /// Total length from the header.
+        public var totalLength: Int
+        public var proto: UInt8
+        public var isFragment: Bool
+    }
+
+    /// Validates version, IHL, total length against `available` bytes, and the header checksum.
+    @inline(__always)
+    public static func parse(_ p: UnsafeMutableRawPointer, available: Int) -> Info? {
+        guard available >= HeaderSize.ipv4Minimum else { return nil }
+        let vihl = p.loadByte(at: 0)
+        guard vihl >> 4 == 4 else { return nil }
+        let ihl = Int(vihl & 0x0f) * 4
+        guard ihl >= HeaderSize.ipv4Minimum, ihl <= available else { return nil }
+        let total = Int(p.loadBE16(at: 2))
+        guard total >= ihl, total <= available else { return nil }
+        guard InternetChecksum.compute(p, count: ihl) == 0 else { return nil }
+        let frag = p.loadBE16(at: 6)
+        return Info(
+            headerLength: ihl, totalLength: total, proto: p.loadByte(at: 9),
+            isFragment: frag & (flagMF | fragmentOffsetMask) != 0)
+    }
+
+    /// Writes a 20-byte header without options and its checksum.
+    @inline(__always)
+    public static func write(
+        _ p: UnsafeMutableRawPointer, tos: UInt8, totalLength: Int, identification: UInt16, flags: UInt16,
+        ttl: UInt8, proto: UInt8, source: UInt32, destination: UInt32
+    ) {
+        p.storeByte(0x45, at: 0)
+        p.storeByte(tos, at: 1)
+        p.storeBE16(UInt16(truncatingIfNeeded: totalLength), at: 2)
+        p.storeBE16(identification, at: 4)
+        p.storeBE16(flags, at: 6)
+        p.storeByte(ttl, at: 8)
+        p.storeByte(proto, at: 9)
+        p.storeBE16(0, at: 10)
+        p.storeBE32(source, at: 12)
+        p.storeBE32(destination, at: 16)
+        p.storeBE16(InternetChecksum.compute(p, count: 20), at: 10)
+    }
+
+    /// Recomputes the header checksum over `headerLength` bytes.
+    @inline(__always)
+    public static func updateChecksum(_ p: UnsafeMutableRawPointer, headerLength: Int) {
+        p.storeBE16(0, at: 10)
+        p.storeBE16(InternetChecksum.compute(p, count: headerLength), at: 10)
+    }
+}

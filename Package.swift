@@ -29,7 +29,7 @@ let package = Package(
         .target(name: "CMallocCounter"),
         .executableTarget(
             name: "xfrm-bench",
-            dependencies: ["XFRMESP", "CXFRMCrypto", "CMallocCounter"]
+            dependencies: ["XFRMESP", "XFRMTestKit", "CXFRMCrypto", "CMallocCounter"]
         ),
         .target(name: "XFRMTestKit", dependencies: ["XFRMPacket"]),
         .testTarget(name: "XFRMPacketTests", dependencies: ["XFRMPacket", "XFRMTestKit"]),

@@ -83,6 +83,12 @@ public final class ESPTransform: @unchecked Sendable {
     /// Sets the last-used outbound sequence number (tests and key managers restoring state).
     public func setOutboundSequence(_ value: UInt64) { self.outboundSequence = value }
 
+    /// Replaces the inbound replay state with an empty window whose highest received number is `top`
+    /// (≈ XFRM_MSG_NEWAE setting replay state, as a key manager does when it restores or migrates an SA).
+    public func setInboundSequence(_ top: UInt64) {
+        self.replay = ReplayWindow(size: self.config.replayWindow, esn: self.esn, top: top)
+    }
+
     // MARK: - Sequence numbers (≈ xfrm_replay_overflow)
 
     /// Takes the next outbound sequence number, or nil when the space is exhausted: at 2^32 without ESN (unless

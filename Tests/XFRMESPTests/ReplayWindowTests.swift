@@ -1,0 +1,144 @@
+import Testing
+import XFRMESP
+
+/// The obvious model: remember every accepted number; accept a new one when it is above the highest, or within
+/// the window below it and unseen. Sequence number 0 is never acceptable with a window.
+struct ReferenceReplayModel {
+    let size: UInt64
+    var top: UInt64
+    var seen: Set<UInt64> = []
+
+    func verdict(_ seq: UInt64) -> ReplayWindow.Check {
+        if self.size == 0 { return .accept(seq) }
+        if seq == 0 { return .reject(.sequenceZero) }
+        if seq > self.top { return .accept(seq) }
+        if self.top - seq >= self.size { return .reject(.replayTooOld) }
+        if self.seen.contains(seq) { return .reject(.replayDuplicate) }
+        return .accept(seq)
+    }
+
+    /// RFC 4303 A2.2 restated: the full number is the one congruent to `low` in [top - W + 1, top - W + 1 + 2^32);
+    /// nil when it would be negative.
+    func infer(_ low: UInt32, esn: Bool) -> UInt64? {
+        guard esn else { return UInt64(low) }
+        let w = Int64(max(self.size, 1))
+        let base = Int64(self.top) - w + 1
+        var x = (Int64(self.top) & ~0xffff_ffff) | Int64(low)
+        while x < base { x += 1 << 32 }
+        while x >= base + (1 << 32) { x -= 1 << 32 }
+        return x < 0 ? nil : UInt64(x)
+    }
+
+    mutating func accept(_ seq: UInt64) {
+        self.seen.insert(seq)
+        self.top = max(self.top, seq)
+    }
+}
+
+/// A small deterministic generator (xorshift), so failures reproduce.
+struct XorShift: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        self.state ^= self.state << 13
+        self.state ^= self.state >> 7
+        self.state ^= self.state << 17
+        return self.state
+    }
+}
+
+@Suite("Anti-replay window")
+struct ReplayWindowTests {
+    @Test("agrees with the reference model on random sequences", arguments: [1, 2, 32, 64, 100, 128, 1000, 4096])
+    func matchesModel(size: Int) {
+        for esn in [false, true] {
+            var rng = XorShift(state: 0x9e37_79b9_7f4a_7c15 &+ UInt64(size) &* 31 &+ (esn ? 7 : 0))
+            let start: UInt64 = esn ? (1 << 32) - UInt64(size) - 50 : 0  // ESN runs cross the 2^32 boundary
+            var window = ReplayWindow(size: size, esn: esn, top: start)
+            var model = ReferenceReplayModel(size: UInt64(size), top: start)
+            for _ in 0..<20_000 {
+                // Mostly near the top (reordering, duplicates), sometimes far ahead or far behind.
+                let r = rng.next() % 100
+                let span = UInt64(size) * 2 + 8
+                var seq: UInt64
+                if r < 70 {
+                    seq = model.top &+ 4 &- rng.next() % span
+                } else if r < 90 {
+                    seq = model.top &+ 1 &+ rng.next() % 16
+                } else {
+                    seq = model.top &+ rng.next() % 5000
+                }
+                if seq > model.top + (1 << 31) { seq = model.top }  // an underflowed draw: reuse the top
+                if !esn { seq &= 0xffff_ffff }
+                let low = UInt32(truncatingIfNeeded: seq)
+                let inferred = model.infer(low, esn: esn)
+                let expected = inferred.map { model.verdict($0) } ?? .reject(.replayTooOld)
+                let got = window.check(low)
+                #expect(got == expected, "size \(size) esn \(esn) seq \(seq) top \(model.top)")
+                if got != expected { return }
+                // The ICV verifies only when the inferred number is the one the sender used.
+                if case .accept(let s) = got, s == seq {
+                    window.advance(s)
+                    model.accept(s)
+                }
+            }
+            #expect(window.top == model.top)
+        }
+    }
+
+    @Test("rejects sequence number zero without ESN")
+    func rejectsZero() {
+        let w = ReplayWindow(size: 32, esn: false)
+        #expect(w.check(0) == .reject(.sequenceZero))
+    }
+
+    @Test("window zero disables checks but still tracks the top for ESN")
+    func windowZero() {
+        var w = ReplayWindow(size: 0, esn: false)
+        #expect(w.check(5) == .accept(5))
+        w.advance(5)
+        #expect(w.check(5) == .accept(5))
+        #expect(w.check(0) == .accept(0))
+    }
+
+    @Test("counts duplicates and too-old packets as different reasons")
+    func separatesReasons() {
+        var w = ReplayWindow(size: 32, esn: false)
+        for s: UInt64 in [1, 2, 3, 100] { w.advance(s) }
+        #expect(w.check(100) == .reject(.replayDuplicate))
+        #expect(w.check(68) == .reject(.replayTooOld))
+        #expect(w.check(69) == .accept(69))
+        #expect(w.check(101) == .accept(101))
+    }
+
+    @Test("ESN infers the next subspace after the 2^32 boundary and the previous one before it")
+    func esnWrap() {
+        var w = ReplayWindow(size: 64, esn: true, top: 0xffff_fff0)
+        // Case A: window within one subspace; a small low half means the next subspace.
+        #expect(w.check(0x0000_0005) == .accept(0x1_0000_0005))
+        w.advance(0x1_0000_0005)
+        // Case B: the window now spans both subspaces; a large low half means the previous one.
+        #expect(w.check(0xffff_fff8) == .accept(0xffff_fff8))
+        #expect(w.check(0xffff_fff0) == .accept(0xffff_fff0))
+        w.advance(0xffff_fff0)
+        #expect(w.check(0xffff_fff0) == .reject(.replayDuplicate))
+        #expect(w.check(0x0000_0006) == .accept(0x1_0000_0006))
+        // Low half 0 in the new subspace is a valid number (2^32), not "sequence zero".
+        #expect(w.check(0) == .accept(0x1_0000_0000))
+    }
+
+    @Test("ESN: a number that would fall before 0 is too old")
+    func esnBeforeZero() {
+        let w = ReplayWindow(size: 64, esn: true, top: 10)
+        #expect(w.check(0xffff_fff0) == .reject(.replayTooOld))
+    }
+
+    @Test("a jump of more than 4096 clears the whole ring")
+    func bigJump() {
+        var w = ReplayWindow(size: 4096, esn: false)
+        for s: UInt64 in 1...100 { w.advance(s) }
+        w.advance(100_000)
+        #expect(w.check(99_990) == .accept(99_990))
+        #expect(w.check(100_000 - 4095) == .accept(100_000 - 4095))
+        #expect(w.check(100_000 - 4096) == .reject(.replayTooOld))
+    }
+}

@@ -33,7 +33,8 @@ let package = Package(
         ),
         .target(name: "XFRMTestKit", dependencies: ["XFRMPacket"]),
         .testTarget(name: "XFRMPacketTests", dependencies: ["XFRMPacket", "XFRMTestKit"]),
-        .testTarget(name: "XFRMCryptoTests", dependencies: ["XFRMCrypto", "XFRMTestKit"]),
+        .testTarget(
+            name: "XFRMCryptoTests", dependencies: ["XFRMCrypto", "XFRMTestKit"], resources: [.copy("Resources")]),
         .testTarget(
             name: "XFRMESPTests",
             dependencies: ["XFRMESP", "XFRMTestKit"],

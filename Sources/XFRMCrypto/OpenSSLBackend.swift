@@ -181,3 +181,15 @@ final class OpenSSLCipherAuth: ESPCipher {
         return true
     }
 }
+
+/// HMAC-SHA-256 of `data` through the same precomputed-pad path the ESP ICV uses, for known-answer tests
+/// (RFC 4868 §2.7). Any key length (keys longer than the block are hashed first).
+public func hmacSHA256Digest(key: [UInt8], data: [UInt8]) -> [UInt8] {
+    let ctx = key.withUnsafeBytes { xfrm_hmac_new(Int32(XFRM_HMAC_SHA256), $0.baseAddress, $0.count) }!
+    defer { xfrm_hmac_free(ctx) }
+    var out = [UInt8](repeating: 0, count: 32)
+    data.withUnsafeBytes { d in
+        out.withUnsafeMutableBytes { o in xfrm_hmac_compute(ctx, d.baseAddress, d.count, nil, 0, o.baseAddress) }
+    }
+    return out
+}

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The one test command for swift-xfrm.  On a fresh Debian 12 machine, as root:
+#
+#     scripts/test.sh
+#
+# 1. installs what the tests need: tshark (non-interactively), libssl-dev, and a
+#    Python virtualenv (.build/interop-venv) with scapy, cryptography, pytest, pytest-xdist;
+# 2. builds everything once: `swift build --build-tests`;
+# 3. runs the Swift unit tests: `swift test --skip-build --parallel`;
+# 4. runs the interop suite, scapy and tshark as independent ESP peers of esp-tool:
+#    `python -m pytest -q -n 2 tests/interop` with ESP_TOOL=<bin path>/esp-tool.
+#
+# Every install step fails loudly.  Both test suites always run; the script exits
+# non-zero if either failed.  Set SKIP_INSTALL=1 to skip step 1 on a machine that has
+# everything (the tools are still checked).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+
+step() { printf '\n==> %s\n' "$*"; }
+die() {
+  printf '\ntest.sh: ERROR: %s\n' "$*" >&2
+  exit 1
+}
+
+APT_PACKAGES=(tshark libssl-dev python3 python3-venv)
+# scapy is pinned: the interop tests work around known bugs of this exact release
+# (../shared/interop/README.md).
+PIP_PACKAGES=("scapy==2.8.0" "cryptography" "pytest" "pytest-xdist")
+VENV="$ROOT/.build/interop-venv"
+PY="$VENV/bin/python"
+
+SECONDS=0
+
+# --------------------------------------------------------------------------- install
+install_apt() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ ${#missing[@]} -eq 0 ]; then
+    echo "Debian packages already installed: ${APT_PACKAGES[*]}"
+    return
+  fi
+  [ "$(id -u)" -eq 0 ] || die "need root to apt-get install: ${missing[*]}"
+  step "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # tshark's package asks whether non-root users may capture; answer no, up front.
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections ||
+    die "debconf-set-selections failed"
+  apt-get update || die "apt-get update failed"
+  apt-get install -y --no-install-recommends "${missing[@]}" ||
+    die "apt-get install ${missing[*]} failed"
+}
+
+install_python() {
+  if [ ! -x "$PY" ]; then
+    step "python3 -m venv $VENV"
+    mkdir -p "$ROOT/.build"
+    python3 -m venv "$VENV" || die "could not create a virtualenv with $(command -v python3) (is python3-venv installed?)"
+  fi
+  if "$PY" -c 'import scapy, cryptography, pytest, xdist; assert scapy.__version__ == "2.8.0"' 2>/dev/null; then
+    echo "Python packages already installed in $VENV"
+    return
+  fi
+  step "pip install ${PIP_PACKAGES[*]}"
+  "$PY" -m pip install --disable-pip-version-check --quiet "${PIP_PACKAGES[@]}" ||
+    die "pip install ${PIP_PACKAGES[*]} failed"
+}
+
+if [ "${SKIP_INSTALL:-0}" != 1 ]; then
+  install_apt
+  install_python
+fi
+
+step "checking the tools"
+command -v swift >/dev/null || die "swift is not on PATH (Swift 6.2+ toolchain needed)"
+command -v tshark >/dev/null || die "tshark is missing after install"
+tshark --version >/dev/null 2>&1 || die "tshark is installed but does not run"
+[ -x "$PY" ] || die "no Python virtualenv at $VENV (run without SKIP_INSTALL=1)"
+"$PY" -c 'import scapy' || die "python cannot import scapy after install"
+"$PY" -c 'import cryptography, pytest, xdist
+from scapy.config import conf
+from scapy.layers.ipsec import SecurityAssociation
+assert conf.crypto_valid, "scapy cannot use cryptography"' || die "the Python test dependencies do not work"
+echo "swift: $(swift --version 2>/dev/null | head -n1)"
+echo "tshark: $(tshark --version 2>/dev/null | head -n1)"
+echo "python: $("$PY" -c 'import sys, scapy, cryptography; print(sys.version.split()[0], "scapy", scapy.__version__, "cryptography", cryptography.__version__)')"
+echo "install + checks took ${SECONDS}s"
+
+# --------------------------------------------------------------------------- build
+step "swift build --build-tests"
+swift build --build-tests || die "swift build failed"
+BIN=$(swift build --show-bin-path)
+ESP_TOOL="$BIN/esp-tool"
+[ -x "$ESP_TOOL" ] || die "the build did not produce $ESP_TOOL"
+echo "build done at ${SECONDS}s"
+
+# --------------------------------------------------------------------------- test
+status=0
+
+step "swift test --skip-build --parallel"
+swift test --skip-build --parallel || { status=1; echo "test.sh: swift test FAILED" >&2; }
+echo "swift test done at ${SECONDS}s"
+
+step "interop: pytest -n 2 tests/interop (ESP_TOOL=$ESP_TOOL)"
+ESP_TOOL="$ESP_TOOL" "$PY" -m pytest -q -n 2 -p no:cacheprovider tests/interop ||
+  { status=1; echo "test.sh: interop tests FAILED" >&2; }
+
+echo "total ${SECONDS}s"
+if [ $status -ne 0 ]; then
+  echo "test.sh: FAILED (see above)" >&2
+  exit 1
+fi
+echo "test.sh: all tests passed"

@@ -1,0 +1,80 @@
+import Testing
+import XFRMPacket
+import XFRMTestKit
+
+@Suite("Packets")
+struct PacketTests {
+    @Test("Internet checksum matches RFC 1071's worked example and validates a real IPv4 header")
+    func checksum() {
+        // RFC 1071 §3: bytes 00 01 f2 03 f4 f5 f6 f7 sum to ddf2, so the checksum is ~ddf2 = 220d.
+        #expect(InternetChecksum.compute([0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7]) == 0x220d)
+        // RFC 3602 case 5's outer header, checksum f9a5 included, sums to zero.
+        let hdr = PacketFactory.hex("4500007c08f200004032f9a5c0a87b03c0a87b64")
+        #expect(InternetChecksum.compute(hdr) == 0)
+        #expect(InternetChecksum.compute([0xab]) == ~UInt16(0xab00))
+    }
+
+    @Test("addresses parse and print in canonical form", arguments: [
+        ("192.0.2.1", "192.0.2.1"), ("2001:db8::1", "2001:db8::1"), ("2001:0db8:0:0:1:0:0:1", "2001:db8::1:0:0:1"),
+        ("::", "::"), ("::ffff:192.0.2.1", "::ffff:c000:201"), ("fe80::", "fe80::"), ("1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8"),
+    ])
+    func addresses(_ text: String, _ canonical: String) {
+        #expect(IPAddress(text)?.description == canonical)
+    }
+
+    @Test("malformed addresses are refused", arguments: ["", "1.2.3", "1.2.3.256", "01.2.3.4", "1::2::3", "12345::", ":::", "1:2:3:4:5:6:7:8:9"])
+    func badAddresses(_ text: String) {
+        #expect(IPAddress(text) == nil)
+    }
+
+    @Test("IPv6 extension headers are walked to the upper layer, and fragments are flagged")
+    func ipv6Walk() {
+        let frag: [UInt8] = [17, 0, 0, 1, 0, 0, 0, 1]  // next UDP, offset 0, M set
+        var pkt = PacketFactory.ipv6(extensionHeaders: frag, firstNextHeader: 44, payload: PacketFactory.udp(payload: [1]))
+        pkt.withUnsafeMutableBytes { p in
+            let info = IPv6Header.parse(p.baseAddress!, available: p.count)!
+            #expect(info.upperProtocol == 17)
+            #expect(info.upperOffset == 48)
+            #expect(info.nextHeaderFieldOffset == 40)
+            #expect(info.isFragment)
+        }
+        pkt[45] = 0xff  // a header length running past the packet
+        pkt[40] = 0
+        pkt[6] = 0
+        pkt.withUnsafeMutableBytes { p in #expect(IPv6Header.parse(p.baseAddress!, available: p.count) == nil) }
+    }
+
+    @Test("the pool hands out every slot once, then reports exhaustion instead of allocating")
+    func pool() {
+        let pool = PacketPool(count: 3, slotSize: 256, headroom: 64)
+        let a = pool.allocate()!, b = pool.allocate()!, c = pool.allocate()!
+        #expect(pool.allocate().map { _ in true } == nil)
+        #expect(Set([a.slot, b.slot, c.slot]).count == 3)
+        #expect(a.headroom == 64 && a.tailroom == 192)
+        pool.release(b)
+        #expect(pool.available == 1)
+        let d = pool.allocate()!
+        #expect(d.slot == b.slot)
+        pool.release(a)
+        pool.release(c)
+        pool.release(d)
+        #expect(pool.available == 3)
+    }
+
+    @Test("prepend and append move only the packet's edges")
+    func pushPull() {
+        let pool = PacketPool(count: 1, slotSize: 128, headroom: 32)
+        var b = pool.allocate()!
+        let appended = b.append(contentsOf: [1, 2, 3])
+        #expect(appended)
+        b.prepend(2).storeBE16(0xabcd, at: 0)
+        #expect(b.bytes == [0xab, 0xcd, 1, 2, 3])
+        b.trimFront(1)
+        b.trimBack(1)
+        #expect(b.bytes == [0xcd, 1, 2])
+        let overflowed = b.append(contentsOf: [UInt8](repeating: 0, count: 200))
+        #expect(!overflowed)
+        #expect(b.count == 3)
+        pool.release(b)
+    }
+}

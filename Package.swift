@@ -25,6 +25,8 @@ let package = Package(
         .target(name: "XFRMPacket"),
         .target(name: "XFRMCrypto", dependencies: ["CXFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMESP", dependencies: ["XFRMCrypto", "XFRMPacket"]),
+        .target(name: "XFRMWire", dependencies: ["XFRMPacket"]),
+        .target(name: "XFRMCore", dependencies: ["XFRMESP", "XFRMPacket"]),
         .executableTarget(name: "esp-tool", dependencies: ["XFRMESP"]),
         .target(name: "CMallocCounter"),
         .executableTarget(

@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "XFRMPacket", targets: ["XFRMPacket"]),
         .library(name: "XFRMCrypto", targets: ["XFRMCrypto"]),
         .library(name: "XFRMESP", targets: ["XFRMESP"]),
+        .executable(name: "xfrm", targets: ["xfrm"]),
         .executable(name: "esp-tool", targets: ["esp-tool"]),
         .executable(name: "xfrm-bench", targets: ["xfrm-bench"]),
     ],
@@ -26,15 +27,23 @@ let package = Package(
         .target(name: "XFRMCrypto", dependencies: ["CXFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMESP", dependencies: ["XFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMWire", dependencies: ["XFRMPacket"]),
+        .target(name: "XFRMCommandLine", dependencies: ["XFRMWire", "XFRMPacket"]),
         .target(name: "XFRMCore", dependencies: ["XFRMESP", "XFRMPacket"]),
+        .target(name: "XFRMControl", dependencies: ["XFRMCore", "XFRMWire", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
+        .target(
+            name: "XFRMOffline",
+            dependencies: ["XFRMCommandLine", "XFRMControl", "XFRMCore", "XFRMESP", "XFRMPacket", "XFRMWire"]),
+        .executableTarget(name: "xfrm", dependencies: ["XFRMOffline", "XFRMCommandLine"]),
         .executableTarget(name: "esp-tool", dependencies: ["XFRMESP"]),
         .target(name: "CMallocCounter"),
         .executableTarget(
             name: "xfrm-bench",
-            dependencies: ["XFRMESP", "XFRMTestKit", "CXFRMCrypto", "CMallocCounter"]
+            dependencies: ["XFRMESP", "XFRMCore", "XFRMTestKit", "CXFRMCrypto", "CMallocCounter"]
         ),
         .target(name: "XFRMTestKit", dependencies: ["XFRMPacket"]),
         .testTarget(name: "XFRMPacketTests", dependencies: ["XFRMPacket", "XFRMTestKit"]),
+        .testTarget(name: "XFRMCommandLineTests", dependencies: ["XFRMCommandLine", "XFRMWire"]),
+        .testTarget(name: "XFRMCoreTests", dependencies: ["XFRMCore", "XFRMTestKit"]),
         .testTarget(
             name: "XFRMCryptoTests", dependencies: ["XFRMCrypto", "XFRMTestKit"], resources: [.copy("Resources")]),
         .testTarget(

@@ -137,6 +137,15 @@ public struct Policy: Hashable, Sendable {
         public var markValue: UInt32
         public var markMask: UInt32
         public var ifID: UInt32
+
+        public init(direction: PolicyDirection, selector: Selector, markValue: UInt32 = 0, markMask: UInt32 = 0,
+                    ifID: UInt32 = 0) {
+            self.direction = direction
+            self.selector = selector
+            self.markValue = markValue
+            self.markMask = markMask
+            self.ifID = ifID
+        }
     }
 
     public var key: Key {

@@ -411,3 +411,13 @@ public enum ESPInputResult: Equatable, Sendable {
     /// Not ESP at all.
     case notESP
 }
+
+extension ESPTransform {
+    /// The largest packet this SA can protect without the result exceeding `mtu` (≈ xfrm_state_mtu): what an ICMP
+    /// "fragmentation needed" / "packet too big" reports.
+    public func maximumPayload(forMTU mtu: Int) -> Int {
+        let room = mtu - self.headerOverhead - self.cipher.icvLength
+        let block = self.cipher.blockSize
+        return max(0, (room / block) * block - 2)
+    }
+}

@@ -1,6 +1,7 @@
 // xfrm-bench: benchmarks that report speed as ratios against a reference measured in the same run.
 //
 //   swift run -c release xfrm-bench esp [--seconds S] [--rounds N]     ESP encap/decap vs raw OpenSSL AES-GCM
+//   swift run -c release xfrm-bench spd [--seconds S] [--rounds N]     SPD lookup at 1k/10k/100k policies vs a linear scan
 //
 // Each benchmark lives in its own file; this file only dispatches.
 
@@ -34,7 +35,8 @@ switch command {
 case "esp":
     checkAllocationCounter()
     espBenchmark(seconds: seconds, rounds: rounds)
+case "spd": spdBenchmark(seconds: seconds, rounds: rounds)
 default:
-    FileHandle.standardError.write("usage: xfrm-bench esp [--seconds S] [--rounds N]\n".data(using: .utf8)!)
+    FileHandle.standardError.write("usage: xfrm-bench esp|spd [--seconds S] [--rounds N]\n".data(using: .utf8)!)
     exit(2)
 }

@@ -16,7 +16,6 @@ Known scapy 2.8.0 quirks we steer around (see shared/interop/README.md):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import ipaddress
 import json
@@ -33,7 +32,7 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.packet import Raw
 
-DEFAULT_ESP_TOOL = "/work/main/.build/debug/esp-tool"
+DEFAULT_ESP_TOOL = str(Path(__file__).resolve().parents[2] / ".build" / "debug" / "esp-tool")
 
 LINKTYPE_ETHERNET = 1
 LINKTYPE_RAW = 101
@@ -297,13 +296,15 @@ def inner_packets(version: int, align: int = 16, big: bool = True) -> list[bytes
 # pcap
 
 
-def write_pcap(path: Path, packets: Iterable[bytes], linktype: int = LINKTYPE_RAW) -> Path:
+def write_pcap(path: Path, packets: Iterable[bytes], linktype: int = LINKTYPE_RAW, eth_trailer: bytes = b"") -> Path:
+    """Classic pcap.  With Ethernet, `eth_trailer` is appended to each frame after
+    the IP packet (as Ethernet minimum-size padding or a captured FCS would be)."""
     with open(path, "wb") as f:
         f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, linktype))
         for i, p in enumerate(packets):
             if linktype == LINKTYPE_ETHERNET:
                 ethertype = 0x0800 if p[0] >> 4 == 4 else 0x86DD
-                p = bytes.fromhex("020000000002" "020000000001") + struct.pack("!H", ethertype) + p
+                p = bytes.fromhex("020000000002" "020000000001") + struct.pack("!H", ethertype) + p + eth_trailer
             elif linktype != LINKTYPE_RAW:
                 raise ValueError(linktype)
             f.write(struct.pack("<IIII", 1700000000 + i, 0, len(p), len(p)))
@@ -364,7 +365,7 @@ class ToolResult:
 
 def run_esp_tool(command: str, params: SAParams, packets: Sequence[bytes], workdir: Path,
                  linktype: int = LINKTYPE_RAW, name: str = "case", sa_override: Optional[dict] = None,
-                 check_ok: bool = True) -> ToolResult:
+                 check_ok: bool = True, eth_trailer: bytes = b"") -> ToolResult:
     """Write packets to a pcap, run `esp-tool COMMAND`, parse and sanity-check its output."""
     workdir.mkdir(parents=True, exist_ok=True)
     sa_path = workdir / f"{name}.sa.json"
@@ -372,7 +373,7 @@ def run_esp_tool(command: str, params: SAParams, packets: Sequence[bytes], workd
         sa_path.write_text(json.dumps(sa_override, indent=1))
     else:
         params.write_sa(sa_path)
-    in_path = write_pcap(workdir / f"{name}.in.pcap", packets, linktype)
+    in_path = write_pcap(workdir / f"{name}.in.pcap", packets, linktype, eth_trailer)
     out_path = workdir / f"{name}.out.pcap"
     argv = [esp_tool_path(), command, "--sa", str(sa_path), str(in_path), str(out_path)]
     p = subprocess.run(argv, capture_output=True, text=True, timeout=120)
@@ -439,6 +440,24 @@ def ip_proto(pkt: bytes) -> int:
     return pkt[9] if pkt[0] >> 4 == 4 else pkt[6]
 
 
+def transport_split(pkt: bytes) -> tuple[int, int]:
+    """Where transport-mode ESP goes in an IP packet: (offset of the ESP header,
+    offset of the next-header byte that will point at it).
+
+    IPv6: after Hop-by-Hop, Routing, and Destination Options that come before
+    a Routing header (the placement Linux and scapy use; RFC 4303 3.1.1)."""
+    if pkt[0] >> 4 == 4:
+        return ip_header_len(pkt), 9
+    off, nh_off, nh, seen_routing = 40, 6, pkt[6], False
+    while nh in (0, 43, 60):
+        if nh == 60 and seen_routing:
+            break
+        seen_routing |= nh == 43
+        nh_off, nh = off, pkt[off]
+        off += (pkt[off + 1] + 1) * 8
+    return off, nh_off
+
+
 @dataclass
 class OuterInfo:
     esp: bytes  # from SPI to end of ICV
@@ -469,16 +488,21 @@ def check_outer(pkt: bytes, params: SAParams, inner: bytes) -> OuterInfo:
     else:
         # Transport: the original header, except protocol/length/checksum (v4)
         # or next header/payload length (v6).
+        hl, nh_off = transport_split(inner)
         if v == 4:
-            ihl = hl
             assert pkt[0] == inner[0], "IPv4 version/IHL changed"
             assert pkt[1] == inner[1], "TOS changed"
             assert pkt[4:9] == inner[4:9], "id/flags/fragment offset/TTL changed"
-            assert pkt[12:ihl] == inner[12:ihl], "addresses/options changed"
+            assert pkt[12:hl] == inner[12:hl], "addresses/options changed"
         else:
             assert pkt[0:4] == inner[0:4], "version/traffic class/flow label changed"
             assert pkt[7:40] == inner[7:40], "hop limit/addresses changed"
-    proto = ip_proto(pkt)
+            # Extension headers before ESP: unchanged except the next-header byte pointing at ESP.
+            ext_got, ext_want = bytearray(pkt[40:hl]), bytearray(inner[40:hl])
+            if nh_off != 6:
+                ext_got[nh_off - 40] = ext_want[nh_off - 40] = 0
+            assert ext_got == ext_want, "IPv6 extension headers before ESP changed"
+    proto = ip_proto(pkt) if params.mode.tunnel else pkt[nh_off]
     udp = None
     if params.natt:
         assert proto == IPPROTO_UDP, f"NAT-T: outer protocol {proto}, want 17"
@@ -547,7 +571,8 @@ def scapy_open_esp(params: SAParams, outer: bytes, esn_high: int = 0):
 
 
 def decap_roundtrip(params: SAParams, inners: Sequence[bytes], seqs: Sequence[int], workdir: Path,
-                    linktype: int = LINKTYPE_ETHERNET, check_reference: bool = True) -> ToolResult:
+                    linktype: int = LINKTYPE_ETHERNET, check_reference: bool = True,
+                    eth_trailer: bytes = b"") -> ToolResult:
     """Direction A: scapy encrypts, esp-tool decap must give back each inner packet."""
     encs = []
     for inner, s in zip(inners, seqs, strict=True):
@@ -557,7 +582,7 @@ def decap_roundtrip(params: SAParams, inners: Sequence[bytes], seqs: Sequence[in
             ref = scapy_decrypt(params, enc, esn_high=s >> 32)
             assert ref == inner, "test bug: scapy does not round-trip its own packet\n" + describe_diff(ref, inner)
         encs.append(enc)
-    res = run_esp_tool("decap", params, encs, workdir, linktype=linktype, name="decap")
+    res = run_esp_tool("decap", params, encs, workdir, linktype=linktype, name="decap", eth_trailer=eth_trailer)
     assert_all_ok(res, params)
     for i, (got, want) in enumerate(zip(res.out_packets, inners)):
         assert got == want, (f"[{params.describe()}] decap packet {i} (seq 0x{seqs[i]:x}) differs from the "
@@ -566,10 +591,10 @@ def decap_roundtrip(params: SAParams, inners: Sequence[bytes], seqs: Sequence[in
 
 
 def encap_roundtrip(params: SAParams, inners: Sequence[bytes], workdir: Path,
-                    linktype: int = LINKTYPE_RAW) -> ToolResult:
+                    linktype: int = LINKTYPE_RAW, eth_trailer: bytes = b"") -> ToolResult:
     """Direction B: esp-tool encap, scapy must decrypt each packet to the inner packet."""
     algo = params.algo
-    res = run_esp_tool("encap", params, inners, workdir, linktype=linktype, name="encap")
+    res = run_esp_tool("encap", params, inners, workdir, linktype=linktype, name="encap", eth_trailer=eth_trailer)
     assert_all_ok(res, params)
     assert len(res.out_packets) == len(inners)
     for i, (out, inner) in enumerate(zip(res.out_packets, inners)):
@@ -602,8 +627,33 @@ def encap_roundtrip(params: SAParams, inners: Sequence[bytes], workdir: Path,
             want_nh = 4 if inner[0] >> 4 == 4 else 41
             want_payload = inner
         else:
-            want_nh = ip_proto(inner)
-            want_payload = inner[ip_header_len(inner):]
+            esp_off, nh_off = transport_split(inner)
+            want_nh = inner[nh_off]
+            want_payload = inner[esp_off:]
         assert plain.nh == want_nh, ctx + f"next header {plain.nh}, want {want_nh}"
         assert bytes(plain.data) == want_payload, ctx + "decrypted ESP payload differs"
+        # Nothing but SPI, seq, IV, payload, padding, pad length, next header and ICV on the
+        # wire: in particular no ESN high half (RFC 4303 2.2.1: it is never transmitted).
+        want_len = 8 + algo.iv_len + len(want_payload) + plain.padlen + 2 + algo.icv_len
+        assert len(info.esp) == want_len, ctx + f"ESP is {len(info.esp)} bytes, its parts add up to {want_len}"
     return res
+
+
+def gcm_esp_packet(params: SAParams, seq: int, plaintext: bytes) -> bytes:
+    """Independent RFC 4106 sealing (python `cryptography`, not scapy) of an arbitrary
+    ESP plaintext, trailer included, in an outer IPv4 header (tunnel4in4, no ESN).
+    For packets scapy cannot make: bad pad length, next header 59, seq 0."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    assert params.algo.scapy_crypt == "AES-GCM" and not params.esn and not params.natt
+    key, salt = params.crypt_key[:-4], params.crypt_key[-4:]
+    iv = seq.to_bytes(8, "big")
+    hdr = struct.pack("!II", params.spi, seq)
+    ct = AESGCM(key).encrypt(salt + iv, plaintext, hdr)
+    src, dst = params.outer_addrs
+    return bytes(IP(src=src, dst=dst, proto=IPPROTO_ESP) / Raw(hdr + iv + ct))
+
+
+def esp_trailer(payload: bytes, next_header: int, align: int = 4) -> bytes:
+    """payload || 01 02 .. || pad length || next header, aligned to `align`."""
+    n = -(len(payload) + 2) % align
+    return payload + bytes(range(1, n + 1)) + bytes([n, next_header])

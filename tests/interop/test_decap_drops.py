@@ -9,12 +9,11 @@ import subprocess
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 
-from esplib import (ALGO_IDS, describe_diff, esp_tool_path, inner_packets, ip_header_len, make_params, run_esp_tool,
-                    scapy_encrypt, write_pcap)
+from esplib import (ALGO_IDS, INNER6, describe_diff, esp_tool_path, esp_trailer, gcm_esp_packet, inner_packets,
+                    ip_header_len, make_params, run_esp_tool, scapy_encrypt, write_pcap)
 
 DROP_REASONS = ["replayDuplicate", "replayTooOld", "icvFailed", "badPadding", "noState", "truncated", "nattKeepalive"]
 
@@ -251,16 +250,6 @@ def test_truncated(algo, work):
     run_expect(p, work, items)
 
 
-def _gcm_with_trailer(p, seq: int, plaintext: bytes) -> bytes:
-    """Independent GCM sealing (cryptography) of an arbitrary ESP plaintext incl. trailer."""
-    key, salt = p.crypt_key[:-4], p.crypt_key[-4:]
-    iv = seq.to_bytes(8, "big")
-    hdr = struct.pack("!II", p.spi, seq)
-    ct = AESGCM(key).encrypt(salt + iv, plaintext, hdr)
-    src, dst = p.outer_addrs
-    return bytes(IP(src=src, dst=dst, proto=50) / (hdr + iv + ct))
-
-
 def _cbc_sha256_with_trailer(p, seq: int, plaintext: bytes) -> bytes:
     """Independent AES-CBC + HMAC-SHA-256-128 of an arbitrary ESP plaintext incl. trailer."""
     assert len(plaintext) % 16 == 0
@@ -278,11 +267,10 @@ def test_bad_padding_pad_length_too_long(work):
     p = make_params("gcm128", "tunnel4in4")
     s = Sender(p)
     inner = s.inner(2)
-    good_pt = inner + bytes(range(1, (-(len(inner) + 2)) % 4 + 1)) + bytes([(-(len(inner) + 2)) % 4, 4])
     items = [
         (s.esp(1), "ok", s.inner(1)),
-        (_gcm_with_trailer(p, 2, b"\x01\x02" + bytes([200, 4])), "drop badPadding", None),
-        (_gcm_with_trailer(p, 3, good_pt), "ok", inner),  # our independent builder is right
+        (gcm_esp_packet(p, 2, b"\x01\x02" + bytes([200, 4])), "drop badPadding", None),
+        (gcm_esp_packet(p, 3, esp_trailer(inner, 4)), "ok", inner),  # our independent builder is right
     ]
     run_expect(p, work, items)
 
@@ -294,6 +282,31 @@ def test_bad_padding_cbc(work):
         (_cbc_sha256_with_trailer(p, 1, bytes(14) + bytes([15, 4])), "drop badPadding", None),  # 15 > 14
         (s.esp(2), "ok", s.inner(2)),
     ]
+    run_expect(p, work, items)
+
+
+@pytest.mark.parametrize("algo", ["gcm128", "chacha", "cbc256-sha256", "null-sha256"])
+def test_tfc_dummy_packet_is_discarded_transport(algo, work):
+    """Next header 59 marks a TFC dummy packet: the receiver discards it (RFC 4303 2.6).
+
+    scapy sends an IPv6 'no next header' packet in transport mode, whose ESP
+    payload is empty with next header 59.
+    """
+    p = make_params(algo, "transport6")
+    s = Sender(p)
+    inner = bytes(IPv6(src=INNER6[0], dst=INNER6[1], nh=59))
+    items = [(s.esp(1), "ok", s.inner(1)), (scapy_encrypt(p, inner, 2), "drop tfcDummy", None),
+             (s.esp(3), "ok", s.inner(3))]
+    run_expect(p, work, items)
+
+
+def test_tfc_dummy_packet_is_discarded_tunnel(work):
+    """A tunnel-mode dummy packet (random payload, next header 59) with a valid ICV is discarded."""
+    p = make_params("gcm128", "tunnel4in4")
+    s = Sender(p)
+    junk = bytes(range(30))
+    items = [(s.esp(1), "ok", s.inner(1)), (gcm_esp_packet(p, 2, esp_trailer(junk, 59)), "drop tfcDummy", None),
+             (s.esp(3), "ok", s.inner(3))]
     run_expect(p, work, items)
 
 

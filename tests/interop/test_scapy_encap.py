@@ -6,9 +6,10 @@ ESP length alignment, padding bytes and the next header.
 """
 
 import pytest
+from scapy.layers.inet6 import IPv6
 
-from esplib import (ALGO_IDS, ALGOS, LINKTYPE_ETHERNET, LINKTYPE_RAW, MODE_IDS, MODES, encap_roundtrip,
-                    inner_packets, make_params, run_esp_tool)
+from esplib import (ALGO_IDS, ALGOS, INNER6, LINKTYPE_ETHERNET, LINKTYPE_RAW, MODE_IDS, MODES, assert_all_ok,
+                    check_outer, encap_roundtrip, inner_packets, make_params, run_esp_tool, scapy_open_esp)
 
 NATT_ALGOS = ["gcm128", "gcm256", "chacha", "gmac128", "cbc256-sha256", "cbc128-sha1", "null-sha256"]
 
@@ -104,8 +105,6 @@ def test_encap_transport_empty_payload(algo, work):
     scapy's high-level decrypt mangles an empty payload, so this checks with
     its low-level ESP decryption: payload empty, next header 59.
     """
-    from scapy.layers.inet6 import IPv6
-    from esplib import INNER6, scapy_open_esp, check_outer, assert_all_ok
     inner = bytes(IPv6(src=INNER6[0], dst=INNER6[1], nh=59))
     p = make_params(algo, "transport6")
     res = run_esp_tool("encap", p, [inner], work, name="empty")

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from esplib import (INNER4, INNER6, MODE_IDS, MODES, SAParams, assert_all_ok, inner_packets, ip_proto, make_params,
+from esplib import (INNER4, INNER6, MODE_IDS, SAParams, assert_all_ok, inner_packets, ip_proto, make_params,
                     run_esp_tool)
 
 TSHARK_ALGOS = {

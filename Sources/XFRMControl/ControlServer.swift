@@ -1,0 +1,387 @@
+// The user API of a stack (≈ net/xfrm/xfrm_user.c): validates each XFRM netlink request, translates it to the
+// core's types, applies it, and answers as the kernel does (ACK, reply, dump + DONE, or -errno with extack text).
+// It also turns the stack's events into the multicast messages `ip xfrm monitor` prints.
+
+import XFRMCore
+import XFRMCrypto
+import XFRMESP
+import XFRMPacket
+import XFRMWire
+
+/// Serves XFRM requests for one in-process stack.
+public final class XfrmControlServer: XfrmTransport {
+    public let stack: XFRMStack
+
+    public init(stack: XFRMStack) { self.stack = stack }
+
+    private func ack(_ m: XfrmMessage) -> [XfrmMessage] {
+        [XfrmMessage(type: NetlinkControlType.error, flags: 0, sequence: m.sequence, body: .error(errno: 0, message: ""))]
+    }
+
+    private func fail(_ m: XfrmMessage, _ e: ControlError) -> [XfrmMessage] {
+        [XfrmMessage(type: NetlinkControlType.error, flags: 0, sequence: m.sequence,
+                     body: .error(errno: -e.errno, message: e.message))]
+    }
+
+    public func request(_ m: XfrmMessage) -> [XfrmMessage] {
+        do throws(ControlError) {
+            return try self.dispatch(m)
+        } catch {
+            return self.fail(m, error)
+        }
+    }
+
+    // swiftlint:disable:next cyclomatic_complexity
+    private func dispatch(_ m: XfrmMessage) throws(ControlError) -> [XfrmMessage] {
+        guard let type = m.messageType else { throw ControlError(Errno.EOPNOTSUPP, "Unsupported message type \(m.type)") }
+        switch (type, m.body) {
+        case (.newSA, .saInfo(let info)), (.updSA, .saInfo(let info)):
+            let sa = try self.buildSA(info, m.attributes, update: type == .updSA)
+            do throws(StateDatabaseError) {
+                if type == .newSA { try self.stack.addState(sa) } else { try self.stack.updateState(sa) }
+            } catch {
+                throw ControlError(error.errno, "")
+            }
+            return self.ack(m)
+        case (.delSA, .saID(let id)):
+            let sa = try self.findSA(id, m)
+            do throws(StateDatabaseError) {
+                try self.stack.deleteState(sa.id, mark: sa.config.mark)
+            } catch { throw ControlError(error.errno, "") }
+            return self.ack(m)
+        case (.getSA, .saID(let id)):
+            let sa = try self.findSA(id, m)
+            return [Self.stateMessage(sa, type: .newSA, sequence: m.sequence)]
+        case (.getSA, .empty):
+            var out = self.stack.states.list().map { sa -> XfrmMessage in
+                var msg = Self.stateMessage(sa, type: .newSA, sequence: m.sequence)
+                msg.flags = NetlinkFlags.multi
+                return msg
+            }
+            out.append(XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi, sequence: m.sequence, body: .done))
+            return out
+        case (.flushSA, .flushSA(let proto)):
+            guard proto == 0 || proto == XfrmProto.any || [XfrmProto.esp, XfrmProto.ah, XfrmProto.comp].contains(proto) else {
+                throw .invalid("Invalid protocol \(proto) to flush")
+            }
+            self.stack.flushStates(proto: proto)
+            return self.ack(m)
+        case (.allocSPI, .spiInfo(let spi)):
+            var config = try self.baseConfig(spi.info, m.attributes)
+            config.crypto = nil
+            let sa: SecurityAssociation
+            do throws(StateDatabaseError) {
+                sa = try self.stack.allocateSPI(config, min: spi.min, max: spi.max)
+            } catch { throw ControlError(error.errno, error.errno == Errno.EINVAL ? error.message : "") }
+            return [Self.stateMessage(sa, type: .newSA, sequence: m.sequence)]
+        case (.getSADInfo, _):
+            return [XfrmMessage(type: XfrmMessageType.newSADInfo.rawValue, flags: 0, sequence: m.sequence,
+                                body: .sadInfo(count: UInt32(self.stack.states.count), buckets: 8, maxBuckets: 1_048_576))]
+        case (.newPolicy, .policyInfo(let info)), (.updPolicy, .policyInfo(let info)):
+            let p = try self.buildPolicy(info, m.attributes)
+            do throws(PolicyDatabaseError) {
+                try self.stack.addPolicy(p, update: type == .updPolicy)
+            } catch { throw ControlError(error.errno, error.errno == Errno.EINVAL ? error.message : "") }
+            return self.ack(m)
+        case (.delPolicy, .policyID(let id)), (.getPolicy, .policyID(let id)):
+            guard let dir = PolicyDirection(rawValue: id.dir) else { throw .invalid("Invalid policy direction \(id.dir)") }
+            let policy: Policy?
+            if id.index != 0 {
+                policy = self.stack.policies.get(index: id.index, direction: dir)
+            } else {
+                let sel = try Selector(wire: id.sel)
+                let mark = m.attribute { if case .mark(let x) = $0 { return x } else { return nil } }
+                let ifID: UInt32 = m.attribute { if case .ifID(let x) = $0 { return x } else { return nil } } ?? 0
+                let key = Policy.Key(direction: dir, selector: sel, markValue: mark?.value ?? 0,
+                                     markMask: mark?.mask ?? 0, ifID: ifID)
+                policy = self.stack.policies.get(key: key)
+            }
+            guard let policy else { throw ControlError(Errno.ENOENT, "") }
+            if type == .getPolicy { return [self.policyMessage(policy, type: .newPolicy, sequence: m.sequence)] }
+            do throws(PolicyDatabaseError) {
+                try self.stack.deletePolicy(index: policy.index, direction: policy.direction)
+            } catch { throw ControlError(error.errno, "") }
+            return self.ack(m)
+        case (.getPolicy, .empty):
+            var out = self.stack.policies.list().map { p -> XfrmMessage in
+                var msg = self.policyMessage(p, type: .newPolicy, sequence: m.sequence)
+                msg.flags = NetlinkFlags.multi
+                return msg
+            }
+            out.append(XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi, sequence: m.sequence, body: .done))
+            return out
+        case (.flushPolicy, _):
+            self.stack.flushPolicies()
+            return self.ack(m)
+        case (.getSPDInfo, _):
+            var s = XfrmSPDInfo()
+            s.inCount = UInt32(self.stack.policies.count(.inbound))
+            s.outCount = UInt32(self.stack.policies.count(.outbound))
+            s.fwdCount = UInt32(self.stack.policies.count(.forward))
+            return [XfrmMessage(type: XfrmMessageType.newSPDInfo.rawValue, flags: 0, sequence: m.sequence, body: .spdInfo(s))]
+        case (.setDefault, .policyDefault(let i, let f, let o)):
+            for (v, d) in [(i, PolicyDirection.inbound), (f, .forward), (o, .outbound)] {
+                switch v {
+                case XfrmPolicyDefault.unset: continue
+                case XfrmPolicyDefault.block: self.stack.setDefault(.block, for: d)
+                case XfrmPolicyDefault.accept: self.stack.setDefault(.accept, for: d)
+                default: throw .invalid("Invalid default policy action \(v)")
+                }
+            }
+            return self.ack(m)
+        case (.getDefault, _):
+            return [XfrmMessage(type: XfrmMessageType.getDefault.rawValue, flags: 0, sequence: m.sequence,
+                                body: .policyDefault(inbound: self.stack.defaultAction(.inbound).rawValue,
+                                                     forward: self.stack.defaultAction(.forward).rawValue,
+                                                     outbound: self.stack.defaultAction(.outbound).rawValue))]
+        default:
+            throw ControlError(Errno.EOPNOTSUPP, "Unsupported request")
+        }
+    }
+
+    private func findSA(_ id: XfrmUserSAID, _ m: XfrmMessage) throws(ControlError) -> SecurityAssociation {
+        guard let daddr = id.daddr.ip(family: id.family) else { throw .invalid("Invalid address family \(id.family)") }
+        let mark = m.attribute { if case .mark(let x) = $0 { return x } else { return nil } }
+        guard let sa = self.stack.states.get(SAID(destination: daddr, spi: id.spi, proto: id.proto),
+                                             mark: Mark(value: mark?.value ?? 0, mask: mark?.mask ?? 0))
+        else { throw ControlError(Errno.ESRCH, "") }
+        return sa
+    }
+
+    // MARK: - Building SAs (≈ verify_newsa_info + xfrm_state_construct)
+
+    private func baseConfig(_ info: XfrmUserSAInfo, _ attrs: [XfrmAttribute]) throws(ControlError) -> SAConfig {
+        guard info.family == AddressFamily.inet || info.family == AddressFamily.inet6 else {
+            throw .invalid("Invalid address family \(info.family)")
+        }
+        guard info.id.proto == XfrmProto.esp else {
+            throw ControlError(Errno.EPROTONOSUPPORT, "Only ESP SAs are supported (protocol \(info.id.proto))")
+        }
+        guard info.mode <= 1 else { throw .invalid("Unsupported mode \(info.mode): only transport and tunnel") }
+        let dst = info.id.daddr.ip(family: info.family)!
+        let src = info.saddr.ip(family: info.family)!
+        var selector = try Selector(wire: info.sel)
+        if info.sel.family == AddressFamily.unspec {
+            // ≈ copy_from_user_state: an unset selector family becomes the SA's, unless the af-unspec flag asks
+            // for a selector that matches both families.
+            selector = Selector.any(family: info.flags & XfrmStateFlag.afUnspec != 0 ? 0 : dst.version)
+        }
+        var config = SAConfig(
+            id: SAID(destination: dst, spi: info.id.spi, proto: info.id.proto), source: src, selector: selector,
+            reqid: info.reqid, mode: info.mode == 1 ? .tunnel : .transport, flags: info.flags,
+            lifetime: LifetimeConfig(wire: info.lft), crypto: nil, kmSequence: info.seq)
+        for a in attrs {
+            switch a {
+            case .mark(let mk): config.mark = Mark(value: mk.value, mask: mk.mask)
+            case .ifID(let v): config.ifID = v
+            case .saDir(let d):
+                guard let dir = SADirection(rawValue: d) else { throw .invalid("Invalid SA direction \(d)") }
+                config.direction = dir
+            case .extraFlags(let f): config.extraFlags = f
+            case .tfcPad(let v): config.tfcPad = v
+            case .offloadDevice:
+                throw ControlError(Errno.EOPNOTSUPP, "Device offload is not available on this stack")
+            default: break
+            }
+        }
+        return config
+    }
+
+    private func buildSA(_ info: XfrmUserSAInfo, _ attrs: [XfrmAttribute], update: Bool) throws(ControlError)
+        -> SecurityAssociation
+    {
+        var config = try self.baseConfig(info, attrs)
+        var aead: XfrmAlgorithm?
+        var crypt: XfrmAlgorithm?
+        var auth: XfrmAlgorithm?
+        var authTrunc: XfrmAlgorithm?
+        var replay: XfrmReplayState?
+        var replayESN: XfrmReplayStateESN?
+        var encap: XfrmEncapTmpl?
+        for a in attrs {
+            switch a {
+            case .algAEAD(let x): aead = x
+            case .algCrypt(let x): crypt = x
+            case .algAuth(let x): auth = x
+            case .algAuthTrunc(let x): authTrunc = x
+            case .unknown(let t, _) where t == XfrmAttributeType.algComp.rawValue:
+                throw ControlError(Errno.EOPNOTSUPP, "IPComp is not supported")
+            case .replay(let r): replay = r
+            case .replayESN(let r): replayESN = r
+            case .encap(let e): encap = e
+            default: break
+            }
+        }
+        // Algorithms: ESP needs AEAD, or encryption (with optional integrity); AEAD excludes the others.
+        do throws(AlgorithmError) {
+            if let aead {
+                guard crypt == nil && auth == nil && authTrunc == nil else {
+                    throw AlgorithmError("An AEAD algorithm cannot be combined with enc or auth")
+                }
+                config.crypto = try .aead(name: aead.name, key: aead.key, icvBits: Int(aead.lengthBits))
+                config.algorithms.aead = .init(name: AEADAlgorithm(name: aead.name)!.name, key: SecretKey(aead.key),
+                                               bits: Int(aead.lengthBits))
+            } else if let crypt {
+                let a = authTrunc ?? auth
+                var trunc: Int? = nil
+                if let t = authTrunc { trunc = Int(t.lengthBits) } else if let a = auth, let alg = AuthAlgorithm(name: a.name) {
+                    trunc = alg.kernelDefaultTruncationBits
+                }
+                config.crypto = try .cipher(name: crypt.name, key: crypt.key, authName: a?.name, authKey: a?.key ?? [],
+                                            truncationBits: trunc)
+                config.algorithms.encryption = .init(name: CipherAlgorithm(name: crypt.name)!.name, key: SecretKey(crypt.key))
+                if let a, let alg = AuthAlgorithm(name: a.name) {
+                    config.algorithms.authentication = .init(name: alg.name, key: SecretKey(a.key), bits: trunc ?? 0)
+                }
+            } else {
+                throw AlgorithmError("ESP requires an encryption (enc) or AEAD (aead) algorithm")
+            }
+        } catch {
+            throw .invalid(error.description)
+        }
+        // Replay (≈ verify_replay).
+        let esn = info.flags & XfrmStateFlag.esn != 0
+        config.esn = esn
+        if let r = replayESN {
+            guard r.bitmap.count <= 128 else { throw .invalid("ESN bitmap length must be <= 128") }
+            guard info.replayWindow == 0 || true else { throw .invalid("") }
+            guard Int(r.replayWindow) <= r.bitmap.count * 32 else {
+                throw .invalid("ESN replay window is too large for the chosen bitmap size")
+            }
+            if esn && r.replayWindow == 0 && config.direction != .outbound {
+                throw .invalid("ESN replay window must be > 0")
+            }
+            config.replayWindow = Int(r.replayWindow)
+            config.inboundSequence = UInt64(r.seqHi) << 32 | UInt64(r.seq)
+            config.outboundSequence = UInt64(r.oseqHi) << 32 | UInt64(r.oseq)
+        } else {
+            if esn { throw .invalid("Missing required attribute for ESN") }
+            config.replayWindow = min(Int(info.replayWindow), 32)
+            if let r = replay {
+                config.inboundSequence = UInt64(r.seq)
+                config.outboundSequence = UInt64(r.oseq)
+            }
+        }
+        // SA direction rules (≈ verify_newsa_info with XFRMA_SA_DIR, Linux 6.10).
+        if config.direction == .outbound {
+            if info.flags & (XfrmStateFlag.decapDSCP | XfrmStateFlag.icmp | XfrmStateFlag.wildRecv) != 0 {
+                throw .invalid("Flags unsupported for output SA")
+            }
+            if config.replayWindow != 0 { throw .invalid("Replay window should be 0 for output SA") }
+            if let r = replayESN, r.seq != 0 || r.seqHi != 0 || !r.bitmap.allSatisfy({ $0 == 0 }) {
+                throw .invalid("Replay seq, seq_hi, bmp_len should be 0 for output SA")
+            }
+            if let r = replay, r.seq != 0 || r.bitmap != 0 {
+                throw .invalid("Replay seq and bitmap should be 0 for output SA")
+            }
+        } else if config.direction == .inbound {
+            if info.flags & XfrmStateFlag.noPMTUDisc != 0 { throw .invalid("Flag NOPMTUDISC can't be set on input SA") }
+            if config.extraFlags & (XfrmStateExtraFlag.dontEncapDSCP | XfrmStateExtraFlag.oseqMayWrap) != 0 {
+                throw .invalid("Flags unsupported for input SA")
+            }
+            if let r = replayESN, r.oseq != 0 || r.oseqHi != 0 {
+                throw .invalid("Replay oseq and oseq_hi should be 0 for input SA")
+            }
+            if let r = replay, r.oseq != 0 { throw .invalid("Replay oseq should be 0 for input SA") }
+        }
+        if let e = encap {
+            guard e.type == XfrmEncapType.espInUDP || e.type == XfrmEncapType.espInUDPNonIKE else {
+                throw ControlError(Errno.EOPNOTSUPP, "Unsupported encapsulation type \(e.type)")
+            }
+            config.encapsulation = NATTEncapsulation(sourcePort: e.sport, destinationPort: e.dport)
+            config.encapsulationType = e.type
+            config.encapsulationOriginalAddress = e.oa.isZero ? nil : e.oa.ip(family: info.family)
+        }
+        do throws(ESPConfigError) {
+            return try self.stack.makeSA(config)
+        } catch {
+            throw .invalid(error.description)
+        }
+    }
+
+    // MARK: - Building policies (≈ verify_newpolicy_info + xfrm_policy_construct)
+
+    private func buildPolicy(_ info: XfrmUserPolicyInfo, _ attrs: [XfrmAttribute]) throws(ControlError) -> Policy {
+        guard let dir = PolicyDirection(rawValue: info.dir) else { throw .invalid("Invalid policy direction \(info.dir)") }
+        guard let action = PolicyAction(rawValue: info.action) else { throw .invalid("Invalid policy action \(info.action)") }
+        guard info.share <= 3 else { throw .invalid("Invalid policy share \(info.share)") }
+        let selector = try Selector(wire: info.sel)
+        var p = Policy(selector: selector, direction: dir, action: action, priority: info.priority, index: info.index,
+                       flags: info.flags, lifetime: LifetimeConfig(wire: info.lft))
+        for a in attrs {
+            switch a {
+            case .templates(let ts):
+                guard ts.count <= 6 else { throw .invalid("Too many templates (at most 6)") }
+                p.templates = try ts.map { t throws(ControlError) in try Template(wire: t) }
+            case .mark(let m): p.mark = Mark(value: m.value, mask: m.mask)
+            case .ifID(let v): p.ifID = v
+            case .policyType(let t): if t != 0 { throw .invalid("Only the main policy type is supported") }
+            case .offloadDevice: throw .invalid("Policy offload is not supported")
+            default: break
+            }
+        }
+        return p
+    }
+
+    // MARK: - Messages from core objects
+
+    static func stateMessage(_ sa: SecurityAssociation, type: XfrmMessageType, sequence: UInt32 = 0) -> XfrmMessage {
+        XfrmMessage(type: type.rawValue, flags: 0, sequence: sequence, body: .saInfo(sa.wireInfo),
+                    attributes: sa.wireAttributes)
+    }
+
+    func policyMessage(_ p: Policy, type: XfrmMessageType, sequence: UInt32 = 0) -> XfrmMessage {
+        XfrmMessage(type: type.rawValue, flags: 0, sequence: sequence,
+                    body: .policyInfo(p.wireInfo(lastUse: self.stack.policies.lastUse(index: p.index, direction: p.direction))),
+                    attributes: p.wireAttributes())
+    }
+
+    /// The multicast message for an event (what `ip xfrm monitor` receives), or nil for swift-xfrm-only events.
+    public func message(for event: XfrmEvent) -> XfrmMessage? {
+        switch event {
+        case .stateAdded(let sa, let update):
+            return Self.stateMessage(sa, type: update ? .updSA : .newSA)
+        case .stateDeleted(let sa):
+            var id = XfrmUserSAID()
+            id.daddr = XfrmAddress(sa.id.destination)
+            id.spi = sa.id.spi
+            id.family = family(of: sa.id.destination)
+            id.proto = sa.id.proto
+            return XfrmMessage(type: XfrmMessageType.delSA.rawValue, flags: 0, body: .saID(id),
+                               attributes: [.sa(sa.wireInfo)] + sa.wireAttributes)
+        case .statesFlushed(let proto):
+            return XfrmMessage(type: XfrmMessageType.flushSA.rawValue, flags: 0, body: .flushSA(proto: proto))
+        case .expire(let sa, let hard):
+            return XfrmMessage(type: XfrmMessageType.expire.rawValue, flags: 0, body: .expire(sa.wireInfo, hard: hard),
+                               attributes: sa.wireAttributes)
+        case .acquire(let state, let template, let policy):
+            var a = XfrmUserAcquire()
+            a.id = XfrmID(daddr: XfrmAddress(state.id.destination), spi: 0, proto: template.proto)
+            a.saddr = XfrmAddress(state.config.source)
+            a.sel = state.config.selector.wire
+            a.policy = policy.wireInfo(lastUse: nil)
+            a.aalgos = template.authAlgorithms
+            a.ealgos = template.encryptionAlgorithms
+            a.calgos = template.compressionAlgorithms
+            a.seq = state.config.kmSequence
+            return XfrmMessage(type: XfrmMessageType.acquire.rawValue, flags: 0, body: .acquire(a),
+                               attributes: policy.wireAttributes())
+        case .policyAdded(let p, let update):
+            return self.policyMessage(p, type: update ? .updPolicy : .newPolicy)
+        case .policyDeleted(let p):
+            var id = XfrmUserPolicyID()
+            id.sel = p.selector.wire
+            id.index = p.index
+            id.dir = p.direction.rawValue
+            return XfrmMessage(type: XfrmMessageType.delPolicy.rawValue, flags: 0, body: .policyID(id),
+                               attributes: [.policy(p.wireInfo(lastUse: nil))] + p.wireAttributes())
+        case .policiesFlushed:
+            return XfrmMessage(type: XfrmMessageType.flushPolicy.rawValue, flags: 0, body: .flushPolicy)
+        case .policyExpire(let p, let hard):
+            return XfrmMessage(type: XfrmMessageType.polExpire.rawValue, flags: 0,
+                               body: .policyExpire(p.wireInfo(lastUse: nil), hard: hard), attributes: p.wireAttributes())
+        case .deviceFlushed:
+            return nil
+        }
+    }
+}

@@ -1,0 +1,254 @@
+// Translations between the user API's wire structs and the core's types (≈ xfrm_user.c's copy_* helpers).
+
+import XFRMCore
+import XFRMCrypto
+import XFRMESP
+import XFRMPacket
+import XFRMWire
+
+/// A user-API error: errno plus the extack text the command prints.
+public struct ControlError: Error, Equatable, CustomStringConvertible {
+    public let errno: Int32
+    public let message: String
+    public init(_ errno: Int32, _ message: String) {
+        self.errno = errno
+        self.message = message
+    }
+    public var description: String { self.message }
+    static func invalid(_ m: String) -> ControlError { ControlError(Errno.EINVAL, m) }
+}
+
+extension Selector {
+    /// xfrm_selector → Selector, validating family and prefix lengths (≈ verify_newpolicy_info's selector part).
+    init(wire s: XfrmSelector) throws(ControlError) {
+        let family: Int
+        switch s.family {
+        case AddressFamily.inet: family = 4
+        case AddressFamily.inet6: family = 6
+        case AddressFamily.unspec: family = 0
+        default: throw .invalid("Invalid selector family \(s.family)")
+        }
+        let maxLen = family == 6 ? 128 : 32
+        guard Int(s.prefixlenD) <= maxLen, Int(s.prefixlenS) <= maxLen else {
+            throw .invalid("Invalid prefix length in selector")
+        }
+        if family == 0 && (s.prefixlenD != 0 || s.prefixlenS != 0) {
+            throw .invalid("Selector with an address needs an address family")
+        }
+        let v = family == 6 ? 6 : 4
+        let fam = UInt16(v == 6 ? AddressFamily.inet6 : AddressFamily.inet)
+        self.init(
+            family: family, source: IPPrefix(s.saddr.ip(family: fam)!, length: s.prefixlenS),
+            destination: IPPrefix(s.daddr.ip(family: fam)!, length: s.prefixlenD), proto: s.proto,
+            sourcePort: s.sport, sourcePortMask: s.sportMask, destinationPort: s.dport,
+            destinationPortMask: s.dportMask, ifindex: s.ifindex, user: s.user)
+    }
+
+    var wire: XfrmSelector {
+        var s = XfrmSelector()
+        s.family = self.family == 4 ? AddressFamily.inet : self.family == 6 ? AddressFamily.inet6 : AddressFamily.unspec
+        if self.family != 0 {
+            s.daddr = XfrmAddress(self.destination.address)
+            s.saddr = XfrmAddress(self.source.address)
+        }
+        s.prefixlenD = self.destination.length
+        s.prefixlenS = self.source.length
+        s.proto = self.proto
+        s.sport = self.sourcePort
+        s.sportMask = self.sourcePortMask
+        s.dport = self.destinationPort
+        s.dportMask = self.destinationPortMask
+        s.ifindex = self.ifindex
+        s.user = self.user
+        return s
+    }
+}
+
+extension LifetimeConfig {
+    init(wire l: XfrmLifetimeCfg) {
+        self.init()
+        self.softByteLimit = l.softByteLimit
+        self.hardByteLimit = l.hardByteLimit
+        self.softPacketLimit = l.softPacketLimit
+        self.hardPacketLimit = l.hardPacketLimit
+        self.softAddExpiresSeconds = l.softAddExpiresSeconds
+        self.hardAddExpiresSeconds = l.hardAddExpiresSeconds
+        self.softUseExpiresSeconds = l.softUseExpiresSeconds
+        self.hardUseExpiresSeconds = l.hardUseExpiresSeconds
+    }
+
+    var wire: XfrmLifetimeCfg {
+        var l = XfrmLifetimeCfg()
+        l.softByteLimit = self.softByteLimit
+        l.hardByteLimit = self.hardByteLimit
+        l.softPacketLimit = self.softPacketLimit
+        l.hardPacketLimit = self.hardPacketLimit
+        l.softAddExpiresSeconds = self.softAddExpiresSeconds
+        l.hardAddExpiresSeconds = self.hardAddExpiresSeconds
+        l.softUseExpiresSeconds = self.softUseExpiresSeconds
+        l.hardUseExpiresSeconds = self.hardUseExpiresSeconds
+        return l
+    }
+}
+
+func family(of a: IPAddress) -> UInt16 { a.version == 4 ? AddressFamily.inet : AddressFamily.inet6 }
+
+extension Template {
+    init(wire t: XfrmUserTmpl) throws(ControlError) {
+        guard t.family == AddressFamily.inet || t.family == AddressFamily.inet6 || t.family == 0 else {
+            throw .invalid("Invalid template family \(t.family)")
+        }
+        guard t.mode <= 1 else { throw .invalid("Unsupported template mode \(t.mode)") }
+        guard [XfrmProto.esp, XfrmProto.ah, XfrmProto.comp].contains(t.id.proto) else {
+            throw .invalid("Invalid template protocol \(t.id.proto)")
+        }
+        let fam = t.family == 0 ? AddressFamily.inet : t.family
+        self.init(
+            source: t.saddr.isZero ? nil : t.saddr.ip(family: fam),
+            destination: t.id.daddr.isZero ? nil : t.id.daddr.ip(family: fam), spi: t.id.spi, proto: t.id.proto,
+            mode: t.mode, reqid: t.reqid, optional: t.optional != 0, share: t.share, authAlgorithms: t.aalgos,
+            encryptionAlgorithms: t.ealgos, compressionAlgorithms: t.calgos)
+    }
+
+    func wire(defaultFamily: UInt16) -> XfrmUserTmpl {
+        var t = XfrmUserTmpl()
+        t.id.daddr = self.destination.map(XfrmAddress.init) ?? XfrmAddress()
+        t.id.spi = self.spi
+        t.id.proto = self.proto
+        t.family = self.destination.map(family(of:)) ?? self.source.map(family(of:)) ?? defaultFamily
+        t.saddr = self.source.map(XfrmAddress.init) ?? XfrmAddress()
+        t.reqid = self.reqid
+        t.mode = self.mode
+        t.share = self.share
+        t.optional = self.optional ? 1 : 0
+        t.aalgos = self.authAlgorithms
+        t.ealgos = self.encryptionAlgorithms
+        t.calgos = self.compressionAlgorithms
+        return t
+    }
+}
+
+extension Policy {
+    /// The wire form of a policy: NEWPOLICY body and attributes (≈ copy_to_user_policy + copy_to_user_tmpl).
+    func wireInfo(lastUse: UInt64?) -> XfrmUserPolicyInfo {
+        var p = XfrmUserPolicyInfo()
+        p.sel = self.selector.wire
+        p.lft = self.lifetime.wire
+        p.curlft.addTime = self.addTime
+        p.curlft.useTime = lastUse ?? 0
+        p.priority = self.priority
+        p.index = self.index
+        p.dir = self.direction.rawValue
+        p.action = self.action.rawValue
+        p.flags = self.flags
+        return p
+    }
+
+    func wireAttributes() -> [XfrmAttribute] {
+        var attrs: [XfrmAttribute] = []
+        let fam: UInt16 = self.selector.family == 6 ? AddressFamily.inet6 : AddressFamily.inet
+        if !self.templates.isEmpty { attrs.append(.templates(self.templates.map { $0.wire(defaultFamily: fam) })) }
+        if self.mark.value != 0 || self.mark.mask != 0 {
+            attrs.append(.mark(XfrmMark(value: self.mark.value, mask: self.mark.mask)))
+        }
+        if self.ifID != 0 { attrs.append(.ifID(self.ifID)) }
+        if let o = self.offload { attrs.append(.offloadDevice(XfrmUserOffload(ifindex: o.ifindex, flags: XfrmOffloadFlag.packet))) }
+        return attrs
+    }
+}
+
+extension SecurityAssociation {
+    /// xfrm_usersa_info of this SA (≈ copy_to_user_state).
+    var wireInfo: XfrmUserSAInfo {
+        let c = self.config
+        var s = XfrmUserSAInfo()
+        s.sel = c.selector.wire
+        s.id = XfrmID(daddr: XfrmAddress(c.id.destination), spi: c.id.spi, proto: c.id.proto)
+        s.saddr = XfrmAddress(c.source)
+        s.lft = self.lifetime.wire
+        let cur = self.current
+        s.curlft.bytes = cur.bytes
+        s.curlft.packets = cur.packets
+        s.curlft.addTime = cur.addTime
+        s.curlft.useTime = cur.useTime
+        let st = self.stats
+        s.stats.replayWindow = UInt32(truncatingIfNeeded: st.replayWindow)
+        s.stats.replay = UInt32(truncatingIfNeeded: st.replay)
+        s.stats.integrityFailed = UInt32(truncatingIfNeeded: st.failed)
+        s.seq = c.kmSequence
+        s.reqid = c.reqid
+        s.family = family(of: c.id.destination)
+        s.mode = c.mode == .tunnel ? 1 : 0
+        s.replayWindow = UInt8(min(c.replayWindow, 32))
+        s.flags = c.flags
+        return s
+    }
+
+    /// The kernel's attributes for this SA (≈ copy_to_user_state_extra).
+    var wireAttributes: [XfrmAttribute] {
+        let c = self.config
+        var attrs: [XfrmAttribute] = []
+        if c.extraFlags != 0 { attrs.append(.extraFlags(c.extraFlags)) }
+        let use = self.current.useTime
+        if use != 0 { attrs.append(.lastUsed(use)) }
+        if let a = c.algorithms.aead {
+            attrs.append(.algAEAD(XfrmAlgorithm(name: a.name, key: a.key.bytes, lengthBits: UInt32(a.bits))))
+        }
+        if let a = c.algorithms.authentication {
+            attrs.append(.algAuth(XfrmAlgorithm(name: a.name, key: a.key.bytes)))
+            attrs.append(.algAuthTrunc(XfrmAlgorithm(name: a.name, key: a.key.bytes, lengthBits: UInt32(a.bits))))
+        }
+        if let e = c.algorithms.encryption {
+            attrs.append(.algCrypt(XfrmAlgorithm(name: e.name, key: e.key.bytes)))
+        }
+        if let e = c.encapsulation {
+            var t = XfrmEncapTmpl()
+            t.type = c.encapsulationType
+            t.sport = e.sourcePort
+            t.dport = e.destinationPort
+            t.oa = c.encapsulationOriginalAddress.map(XfrmAddress.init) ?? XfrmAddress()
+            attrs.append(.encap(t))
+        }
+        if c.tfcPad != 0 { attrs.append(.tfcPad(c.tfcPad)) }
+        if c.mark.value != 0 || c.mark.mask != 0 { attrs.append(.mark(XfrmMark(value: c.mark.value, mask: c.mark.mask))) }
+        attrs.append(self.replayAttribute)
+        if c.ifID != 0 { attrs.append(.ifID(c.ifID)) }
+        if let d = c.direction { attrs.append(.saDir(d.rawValue)) }
+        return attrs
+    }
+
+    /// XFRMA_REPLAY_VAL (legacy, window ≤ 32 without ESN) or XFRMA_REPLAY_ESN_VAL, with our window's state.
+    var replayAttribute: XfrmAttribute {
+        let c = self.config
+        var oseq: UInt64 = 0
+        var top: UInt64 = 0
+        var bits: [Bool] = []
+        if let t = self.transform {
+            self.withLock {
+                oseq = t.outboundSequence
+                top = t.replay.top
+                bits = t.replay.receivedBits
+            }
+        } else {
+            oseq = c.outboundSequence
+            top = c.inboundSequence
+        }
+        if c.esn || c.replayWindow > 32 {
+            var r = XfrmReplayStateESN()
+            r.oseq = UInt32(truncatingIfNeeded: oseq)
+            r.oseqHi = UInt32(truncatingIfNeeded: oseq >> 32)
+            r.seq = UInt32(truncatingIfNeeded: top)
+            r.seqHi = UInt32(truncatingIfNeeded: top >> 32)
+            r.replayWindow = UInt32(c.replayWindow)
+            let words = (c.replayWindow + 31) / 32
+            r.bitmap = [UInt32](repeating: 0, count: words)
+            for (i, b) in bits.enumerated() where b { r.bitmap[i / 32] |= 1 << UInt32(i % 32) }
+            return .replayESN(r)
+        }
+        var r = XfrmReplayState()
+        r.oseq = UInt32(truncatingIfNeeded: oseq)
+        r.seq = UInt32(truncatingIfNeeded: top)
+        for (i, b) in bits.enumerated() where b && i < 32 { r.bitmap |= 1 << UInt32(i) }
+        return .replay(r)
+    }
+}

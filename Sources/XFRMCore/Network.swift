@@ -1,0 +1,198 @@
+import Synchronization
+import XFRMPacket
+
+/// An interface of the stack's small network model (name, index, MTU, up/down, addresses).
+public struct Interface: Sendable, Equatable {
+    public var index: Int32
+    public var name: String
+    /// "dummy", "simnic", "tun", ...
+    public var kind: String
+    public var mtu: Int
+    public var isUp: Bool
+    public var addresses: [IPPrefix]
+    public init(index: Int32, name: String, kind: String, mtu: Int = 1500, isUp: Bool = false,
+                addresses: [IPPrefix] = []) {
+        self.index = index
+        self.name = name
+        self.kind = kind
+        self.mtu = mtu
+        self.isUp = isUp
+        self.addresses = addresses
+    }
+}
+
+/// A route: longest prefix wins; `via` is the next hop (nil: directly connected).
+public struct Route: Sendable, Equatable {
+    public var prefix: IPPrefix
+    public var ifindex: Int32
+    public var via: IPAddress?
+    public init(prefix: IPPrefix, ifindex: Int32, via: IPAddress? = nil) {
+        self.prefix = prefix
+        self.ifindex = ifindex
+        self.via = via
+    }
+}
+
+/// A network configuration error, worded as `ip` words it.
+public struct NetworkError: Error, Equatable, CustomStringConvertible {
+    public let errno: Int32
+    public let message: String
+    public var description: String { self.message }
+    public init(_ errno: Int32, _ message: String) {
+        self.errno = errno
+        self.message = message
+    }
+}
+
+/// Interfaces, addresses and routes (≈ the bits of rtnetlink the XFRM paths need). Snapshot reads for the data path.
+public final class NetworkModel: @unchecked Sendable {
+    private struct State {
+        var interfaces: [Interface] = [Interface(index: 1, name: "lo", kind: "loopback", mtu: 65536, isUp: true,
+                                                 addresses: [IPPrefix("127.0.0.1/8")!, IPPrefix("::1/128")!])]
+        var routes: [Route] = []
+        var nextIndex: Int32 = 2
+    }
+    private let state = Mutex(State())
+
+    public init() {}
+
+    public var interfaces: [Interface] { self.state.withLock { $0.interfaces } }
+    public var routes: [Route] { self.state.withLock { $0.routes } }
+
+    public func interface(named name: String) -> Interface? {
+        self.state.withLock { $0.interfaces.first { $0.name == name } }
+    }
+
+    public func interface(index: Int32) -> Interface? {
+        self.state.withLock { $0.interfaces.first { $0.index == index } }
+    }
+
+    /// `ip link add NAME type KIND [mtu N]`.
+    @discardableResult
+    public func addInterface(name: String, kind: String, mtu: Int = 1500) throws(NetworkError) -> Interface {
+        try self.state.withLock { s throws(NetworkError) -> Interface in
+            guard !name.isEmpty, name.count < 16, !name.contains("/"), !name.contains(" ") else {
+                throw NetworkError(22, "Error: argument \"\(name)\" is wrong: \"name\" not a valid ifname")
+            }
+            guard !s.interfaces.contains(where: { $0.name == name }) else {
+                throw NetworkError(17, "RTNETLINK answers: File exists")
+            }
+            guard mtu >= 68 && mtu <= 65535 else {
+                throw NetworkError(22, "Error: mtu greater than device maximum.")
+            }
+            let i = Interface(index: s.nextIndex, name: name, kind: kind, mtu: mtu)
+            s.nextIndex += 1
+            s.interfaces.append(i)
+            return i
+        }
+    }
+
+    /// Changes an interface (`ip link set`). Returns the interface before and after.
+    @discardableResult
+    public func modify(name: String, _ change: (inout Interface) throws(NetworkError) -> Void)
+        throws(NetworkError) -> (before: Interface, after: Interface)
+    {
+        try self.state.withLock { s throws(NetworkError) -> (Interface, Interface) in
+            guard let i = s.interfaces.firstIndex(where: { $0.name == name }) else {
+                throw NetworkError(19, "Cannot find device \"\(name)\"")
+            }
+            let before = s.interfaces[i]
+            var copy = before
+            try change(&copy)
+            s.interfaces[i] = copy
+            return (before, copy)
+        }
+    }
+
+    /// `ip link del NAME`: removes the interface and its routes.
+    @discardableResult
+    public func deleteInterface(name: String) throws(NetworkError) -> Interface {
+        try self.state.withLock { s throws(NetworkError) -> Interface in
+            guard let i = s.interfaces.firstIndex(where: { $0.name == name }) else {
+                throw NetworkError(19, "Cannot find device \"\(name)\"")
+            }
+            guard s.interfaces[i].kind != "loopback" else {
+                throw NetworkError(95, "RTNETLINK answers: Operation not supported")
+            }
+            let gone = s.interfaces.remove(at: i)
+            s.routes.removeAll { $0.ifindex == gone.index }
+            return gone
+        }
+    }
+
+    /// `ip addr add ADDR/PLEN dev NAME`; also adds the connected route, as the kernel does.
+    public func addAddress(_ prefix: IPPrefix, device: String) throws(NetworkError) {
+        try self.state.withLock { s throws(NetworkError) in
+            guard let i = s.interfaces.firstIndex(where: { $0.name == device }) else {
+                throw NetworkError(19, "Cannot find device \"\(device)\"")
+            }
+            guard !s.interfaces[i].addresses.contains(prefix) else {
+                throw NetworkError(17, "RTNETLINK answers: File exists")
+            }
+            s.interfaces[i].addresses.append(prefix)
+            let net = Self.network(of: prefix)
+            if !s.routes.contains(where: { $0.prefix == net && $0.ifindex == s.interfaces[i].index }) {
+                s.routes.append(Route(prefix: net, ifindex: s.interfaces[i].index))
+            }
+        }
+    }
+
+    /// `ip route add PREFIX dev NAME [via ADDR]`.
+    public func addRoute(_ prefix: IPPrefix, device: String, via: IPAddress?) throws(NetworkError) {
+        try self.state.withLock { s throws(NetworkError) in
+            guard let i = s.interfaces.first(where: { $0.name == device }) else {
+                throw NetworkError(19, "Cannot find device \"\(device)\"")
+            }
+            if let via, via.version != prefix.address.version {
+                throw NetworkError(22, "Error: inet address is expected rather than \"\(via)\".")
+            }
+            let net = Self.network(of: prefix)
+            guard !s.routes.contains(where: { $0.prefix == net }) else {
+                throw NetworkError(17, "RTNETLINK answers: File exists")
+            }
+            s.routes.append(Route(prefix: net, ifindex: i.index, via: via))
+        }
+    }
+
+    /// The prefix with host bits cleared.
+    public static func network(of p: IPPrefix) -> IPPrefix {
+        switch p.address {
+        case .v4(let a):
+            let mask: UInt32 = p.length == 0 ? 0 : ~(UInt32.max >> UInt32(p.length))
+            return IPPrefix(.v4(a & mask), length: p.length)
+        case .v6(let hi, let lo):
+            let l = Int(p.length)
+            let mh: UInt64 = l == 0 ? 0 : (l >= 64 ? ~0 : ~(UInt64.max >> UInt64(l)))
+            let ml: UInt64 = l <= 64 ? 0 : (l >= 128 ? ~0 : ~(UInt64.max >> UInt64(l - 64)))
+            return IPPrefix(.v6(hi & mh, lo & ml), length: p.length)
+        }
+    }
+
+    /// Longest-prefix route to `destination` through an interface that is up (≈ fib lookup).
+    @inline(__always)
+    public func route(to destination: IPAddress) -> (Route, Interface)? {
+        self.state.withLock { s in
+            var best: Route? = nil
+            for r in s.routes where r.prefix.address.version == destination.version && r.prefix.contains(destination) {
+                if best == nil || r.prefix.length > best!.prefix.length { best = r }
+            }
+            guard let r = best, let i = s.interfaces.first(where: { $0.index == r.ifindex }), i.isUp else { return nil }
+            return (r, i)
+        }
+    }
+
+    /// True when `address` is assigned to one of our interfaces (local delivery).
+    @inline(__always)
+    public func isLocal(_ address: IPAddress) -> Bool {
+        self.state.withLock { s in
+            s.interfaces.contains { i in i.addresses.contains { $0.address == address } }
+        }
+    }
+
+    /// A source address for traffic to `destination` leaving `ifindex` (first address of its family).
+    public func sourceAddress(ifindex: Int32, version: Int) -> IPAddress? {
+        self.state.withLock { s in
+            s.interfaces.first { $0.index == ifindex }?.addresses.first { $0.address.version == version }?.address
+        }
+    }
+}

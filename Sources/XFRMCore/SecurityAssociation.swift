@@ -1,0 +1,286 @@
+import Synchronization
+import XFRMCrypto
+import XFRMESP
+import XFRMPacket
+
+/// The identity of an SA (≈ struct xfrm_id): destination, SPI, protocol.
+public struct SAID: Hashable, Sendable {
+    public var destination: IPAddress
+    public var spi: UInt32
+    public var proto: UInt8
+    public init(destination: IPAddress, spi: UInt32, proto: UInt8 = 50) {
+        self.destination = destination
+        self.spi = spi
+        self.proto = proto
+    }
+}
+
+/// SA direction (≈ XFRMA_SA_DIR).
+public enum SADirection: UInt8, Sendable {
+    case inbound = 1
+    case outbound = 2
+}
+
+/// Lifecycle state (≈ XFRM_STATE_VOID/ACQ/VALID/ERROR/EXPIRED/DEAD).
+public enum SAState: Sendable, Equatable {
+    /// Larval: created by an acquire or allocspi, waiting for the key manager.
+    case acquiring
+    case valid
+    /// Hit a hard limit on the data path; deleted at the next timer run.
+    case expired
+    /// Removed from the database.
+    case dead
+}
+
+/// Algorithms as configured, kept for listings (`ip xfrm state` shows names and keys); keys are wiped with the SA.
+public struct SAAlgorithms: Sendable {
+    public struct Entry: Sendable {
+        public var name: String
+        public var key: SecretKey
+        /// ICV bits (aead) or truncation bits (auth); 0 for enc.
+        public var bits: Int
+        public init(name: String, key: SecretKey, bits: Int = 0) {
+            self.name = name
+            self.key = key
+            self.bits = bits
+        }
+    }
+    public var aead: Entry?
+    public var encryption: Entry?
+    public var authentication: Entry?
+    public init(aead: Entry? = nil, encryption: Entry? = nil, authentication: Entry? = nil) {
+        self.aead = aead
+        self.encryption = encryption
+        self.authentication = authentication
+    }
+}
+
+/// Everything needed to create an SA (≈ the parts of xfrm_usersa_info and its attributes the core uses).
+public struct SAConfig: Sendable {
+    public var id: SAID
+    public var source: IPAddress
+    public var selector: Selector
+    public var reqid: UInt32
+    public var mode: ESPMode
+    public var replayWindow: Int
+    public var flags: UInt8
+    public var extraFlags: UInt32
+    public var mark: Mark
+    public var ifID: UInt32
+    public var direction: SADirection?
+    public var lifetime: LifetimeConfig
+    public var encapsulation: NATTEncapsulation?
+    /// The NAT-T original address (xfrm_encap_tmpl.encap_oa), kept for listings.
+    public var encapsulationOriginalAddress: IPAddress?
+    public var encapsulationType: UInt16
+    public var esn: Bool
+    public var crypto: ESPCryptoSpec?
+    public var algorithms: SAAlgorithms
+    public var outboundSequence: UInt64
+    public var inboundSequence: UInt64
+    public var tfcPad: UInt32
+    /// The key manager's sequence number (xfrm_usersa_info.seq), matching an ACQUIRE.
+    public var kmSequence: UInt32
+
+    public init(id: SAID, source: IPAddress, selector: Selector, reqid: UInt32 = 0, mode: ESPMode = .transport,
+                replayWindow: Int = 0, flags: UInt8 = 0, extraFlags: UInt32 = 0, mark: Mark = Mark(), ifID: UInt32 = 0,
+                direction: SADirection? = nil, lifetime: LifetimeConfig = LifetimeConfig(),
+                encapsulation: NATTEncapsulation? = nil, encapsulationOriginalAddress: IPAddress? = nil,
+                encapsulationType: UInt16 = 2, esn: Bool = false, crypto: ESPCryptoSpec?,
+                algorithms: SAAlgorithms = SAAlgorithms(), outboundSequence: UInt64 = 0, inboundSequence: UInt64 = 0,
+                tfcPad: UInt32 = 0, kmSequence: UInt32 = 0) {
+        self.id = id
+        self.source = source
+        self.selector = selector
+        self.reqid = reqid
+        self.mode = mode
+        self.replayWindow = replayWindow
+        self.flags = flags
+        self.extraFlags = extraFlags
+        self.mark = mark
+        self.ifID = ifID
+        self.direction = direction
+        self.lifetime = lifetime
+        self.encapsulation = encapsulation
+        self.encapsulationOriginalAddress = encapsulationOriginalAddress
+        self.encapsulationType = encapsulationType
+        self.esn = esn
+        self.crypto = crypto
+        self.algorithms = algorithms
+        self.outboundSequence = outboundSequence
+        self.inboundSequence = inboundSequence
+        self.tfcPad = tfcPad
+        self.kmSequence = kmSequence
+    }
+}
+
+/// Current lifetime counters (≈ xfrm_lifetime_cur).
+public struct LifetimeCurrent: Sendable, Equatable {
+    public var bytes: UInt64 = 0
+    public var packets: UInt64 = 0
+    public var addTime: UInt64 = 0
+    public var useTime: UInt64 = 0
+    public init() {}
+}
+
+/// One security association (≈ struct xfrm_state). Configuration is immutable; lifecycle, counters and the ESP
+/// transform's sequence/replay state live behind the SA's own lock (≈ x->lock).
+public final class SecurityAssociation: @unchecked Sendable {
+    public let config: SAConfig
+    /// The ESP transform; nil for a larval (acquiring) SA.
+    public let transform: ESPTransform?
+
+    private struct Mutable {
+        var state: SAState
+        var dying = false
+        var lifetime: LifetimeConfig
+        var current = LifetimeCurrent()
+        var replayWindowDrops: UInt64 = 0
+        var replayDrops: UInt64 = 0
+        var integrityFailures: UInt64 = 0
+        /// Soft expiry already reported (so it is sent once).
+        var softReported = false
+    }
+    private let mutable: Mutex<Mutable>
+    /// Insertion order in the SAD (newer SAs are preferred among equals, and dumps list newest first).
+    public internal(set) var generation: UInt64 = 0
+
+    /// Builds an SA; a config without crypto makes a larval one.
+    public init(_ config: SAConfig, addTime: UInt64, backend: some ESPCryptoBackend = OpenSSLBackend())
+        throws(ESPConfigError)
+    {
+        self.config = config
+        if let crypto = config.crypto {
+            var flags: ESPFlags = []
+            if config.flags & 1 != 0 { flags.insert(.noECN) }
+            if config.flags & 2 != 0 { flags.insert(.decapDSCP) }
+            if config.flags & 4 != 0 { flags.insert(.noPMTUDiscovery) }
+            if config.extraFlags & 1 != 0 { flags.insert(.dontEncapDSCP) }
+            if config.extraFlags & 2 != 0 { flags.insert(.outboundSequenceMayWrap) }
+            let esp = ESPConfig(
+                spi: config.id.spi, mode: config.mode, crypto: crypto, tunnelSource: config.source,
+                tunnelDestination: config.id.destination, encapsulation: config.encapsulation, esn: config.esn,
+                replayWindow: config.replayWindow, flags: flags, outboundSequence: config.outboundSequence,
+                inboundSequence: config.inboundSequence)
+            self.transform = try ESPTransform(esp, backend: backend)
+        } else {
+            self.transform = nil
+        }
+        var m = Mutable(state: config.crypto == nil ? .acquiring : .valid, lifetime: config.lifetime)
+        m.current.addTime = addTime
+        self.mutable = Mutex(m)
+    }
+
+    public var id: SAID { self.config.id }
+    public var state: SAState { self.mutable.withLock { $0.state } }
+    public var isDying: Bool { self.mutable.withLock { $0.dying } }
+    public var lifetime: LifetimeConfig { self.mutable.withLock { $0.lifetime } }
+    public var current: LifetimeCurrent { self.mutable.withLock { $0.current } }
+
+    /// Per-SA stats (≈ xfrm_stats): replay-window, replay, integrity failures.
+    public var stats: (replayWindow: UInt64, replay: UInt64, failed: UInt64) {
+        self.mutable.withLock { m in (m.replayWindowDrops, m.replayDrops, m.integrityFailures) }
+    }
+
+    /// What the data path must do after a lifetime check.
+    public enum ExpiryCheck: Equatable {
+        case ok
+        /// Hard limit reached: drop the packet; the SA is now expired.
+        case hardExpired
+        /// Soft limit crossed just now: send one EXPIRE hard=0 (the packet still goes).
+        case softExpired
+    }
+
+    /// ≈ xfrm_state_check_expire: called per packet before it uses the SA. Sets the use time on first use.
+    @inline(__always)
+    public func checkExpire(now: UInt64) -> ExpiryCheck {
+        self.mutable.withLock { m in
+            if m.current.useTime == 0 { m.current.useTime = now }
+            if m.state == .expired { return .hardExpired }
+            if m.current.bytes >= m.lifetime.hardByteLimit || m.current.packets >= m.lifetime.hardPacketLimit {
+                m.state = .expired
+                return .hardExpired
+            }
+            if !m.dying && (m.current.bytes >= m.lifetime.softByteLimit
+                || m.current.packets >= m.lifetime.softPacketLimit) {
+                m.dying = true
+                m.softReported = true
+                return .softExpired
+            }
+            return .ok
+        }
+    }
+
+    /// Adds a packet of `bytes` to curlft (≈ x->curlft.bytes += skb->len; packets++).
+    @inline(__always)
+    public func account(bytes: Int) {
+        self.mutable.withLock { m in
+            m.current.bytes &+= UInt64(bytes)
+            m.current.packets &+= 1
+        }
+    }
+
+    /// Counts a replay or integrity drop in the SA's stats.
+    @inline(__always)
+    func countDrop(_ reason: DropReason) {
+        self.mutable.withLock { m in
+            switch reason {
+            case .replayTooOld: m.replayWindowDrops &+= 1
+            case .replayDuplicate: m.replayDrops &+= 1
+            case .icvFailed: m.integrityFailures &+= 1
+            default: break
+            }
+        }
+    }
+
+    /// What the timer decided (≈ xfrm_timer_handler).
+    public enum TimerAction: Equatable {
+        case none
+        case soft
+        case hard
+    }
+
+    /// Checks time limits at `now`; marks the SA dying on a soft limit (once) or expired on a hard one.
+    func timerCheck(now: UInt64) -> TimerAction {
+        self.mutable.withLock { m in
+            if m.state == .expired || m.state == .dead { return m.state == .expired ? .hard : .none }
+            let l = m.lifetime
+            if l.hardAddExpiresSeconds != 0 && m.current.addTime + l.hardAddExpiresSeconds <= now {
+                m.state = .expired
+                return .hard
+            }
+            if l.hardUseExpiresSeconds != 0 && m.current.useTime != 0
+                && m.current.useTime + l.hardUseExpiresSeconds <= now {
+                m.state = .expired
+                return .hard
+            }
+            if m.dying { return .none }
+            if l.softAddExpiresSeconds != 0 && m.current.addTime + l.softAddExpiresSeconds <= now {
+                m.dying = true
+                return .soft
+            }
+            if l.softUseExpiresSeconds != 0 && m.current.useTime != 0
+                && m.current.useTime + l.softUseExpiresSeconds <= now {
+                m.dying = true
+                return .soft
+            }
+            return .none
+        }
+    }
+
+    /// ≈ xfrm_state_update on a valid SA: new limits, not dying any more.
+    func updateLifetime(_ l: LifetimeConfig) {
+        self.mutable.withLock { m in
+            m.lifetime = l
+            m.dying = false
+        }
+    }
+
+    func markDead() { self.mutable.withLock { $0.state = .dead } }
+
+    /// Runs `body` with the SA's lock held (for the ESP transform's sequence and replay state).
+    @inline(__always)
+    public func withLock<R>(_ body: () -> R) -> R {
+        self.mutable.withLock { _ in body() }
+    }
+}

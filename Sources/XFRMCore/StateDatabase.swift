@@ -1,0 +1,208 @@
+import Synchronization
+import XFRMESP
+import XFRMPacket
+
+/// An SAD error with the errno and message the user API reports.
+public struct StateDatabaseError: Error, Equatable, CustomStringConvertible {
+    public let errno: Int32
+    public let message: String
+    public var description: String { self.message }
+    public init(_ errno: Int32, _ message: String) {
+        self.errno = errno
+        self.message = message
+    }
+}
+
+/// The Security Association Database (≈ the SAD half of net/xfrm/xfrm_state.c).
+///
+/// Lookups for input go by (destination, SPI, protocol) then mark; output resolution goes by template, flow and
+/// reqid. Read-mostly: the data path takes the table lock only for the lookup itself; per-SA state has its own lock.
+public final class StateDatabase: @unchecked Sendable {
+    private struct Tables {
+        var bySPI: [SAID: [SecurityAssociation]] = [:]
+        /// Every SA, oldest first (dumps walk it backwards: the kernel links new states at the list head).
+        var all: [SecurityAssociation] = []
+        var generation: UInt64 = 0
+    }
+    private let tables = Mutex(Tables())
+
+    public init() {}
+
+    public var count: Int { self.tables.withLock { $0.all.count } }
+
+    /// Every SA in the kernel's dump order (newest first).
+    public func list() -> [SecurityAssociation] { self.tables.withLock { Array($0.all.reversed()) } }
+
+    /// ≈ xfrm_state_lookup: the SA for (destination, SPI, protocol) whose mark matches `mark`.
+    @inline(__always)
+    public func lookup(_ id: SAID, mark: UInt32 = 0) -> SecurityAssociation? {
+        self.tables.withLock { t in
+            guard let list = t.bySPI[id] else { return nil }
+            for sa in list where sa.config.mark.matches(mark) { return sa }
+            return nil
+        }
+    }
+
+    /// The SA stored under exactly this id and mark value/mask (for delete/get/update, ≈ xfrm_user_state_lookup).
+    public func get(_ id: SAID, mark: Mark) -> SecurityAssociation? {
+        self.tables.withLock { t in
+            t.bySPI[id]?.first { $0.config.mark == mark || $0.config.mark.matches(mark.value) }
+        }
+    }
+
+    /// Adds an SA (≈ xfrm_state_add): EEXIST when (destination, SPI, protocol, mark) is taken. A larval entry
+    /// created by an acquire for the same flow (same reqid, mode, protocol and addresses, SPI 0) or with the same
+    /// key-manager sequence number is removed and returned.
+    @discardableResult
+    public func add(_ sa: SecurityAssociation) throws(StateDatabaseError) -> SecurityAssociation? {
+        try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation? in
+            if let list = t.bySPI[sa.id], list.contains(where: { $0.config.mark == sa.config.mark }) {
+                throw StateDatabaseError(17, "File exists")
+            }
+            let larval = Self.findLarval(&t, for: sa)
+            if let larval { Self.unlink(&t, larval) }
+            t.generation += 1
+            sa.generation = t.generation
+            t.bySPI[sa.id, default: []].insert(sa, at: 0)
+            t.all.append(sa)
+            return larval
+        }
+    }
+
+    private static func findLarval(_ t: inout Tables, for sa: SecurityAssociation) -> SecurityAssociation? {
+        let c = sa.config
+        return t.all.first { x in
+            guard x.state == .acquiring, x.id.spi == 0 else { return false }
+            if c.kmSequence != 0 && x.config.kmSequence == c.kmSequence { return true }
+            return x.config.reqid == c.reqid && x.config.mode == c.mode && x.id.proto == c.id.proto
+                && x.id.destination == c.id.destination && x.config.source == c.source
+        }
+    }
+
+    private static func unlink(_ t: inout Tables, _ sa: SecurityAssociation) {
+        t.bySPI[sa.id]?.removeAll { $0 === sa }
+        if t.bySPI[sa.id]?.isEmpty == true { t.bySPI[sa.id] = nil }
+        t.all.removeAll { $0 === sa }
+        sa.markDead()
+    }
+
+    /// Replaces a larval (acquiring/allocspi) SA with a full one, or updates a valid one's lifetimes
+    /// (≈ xfrm_state_update). ESRCH when there is nothing to update. Returns the SA now in the database.
+    @discardableResult
+    public func update(_ sa: SecurityAssociation) throws(StateDatabaseError) -> SecurityAssociation {
+        try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
+            guard let old = t.bySPI[sa.id]?.first(where: { $0.config.mark == sa.config.mark }) else {
+                throw StateDatabaseError(3, "No such process")
+            }
+            if old.config.direction != sa.config.direction && old.state != .acquiring {
+                throw StateDatabaseError(3, "No such process")
+            }
+            if old.state == .acquiring {
+                Self.unlink(&t, old)
+                t.generation += 1
+                sa.generation = t.generation
+                t.bySPI[sa.id, default: []].insert(sa, at: 0)
+                t.all.append(sa)
+                return sa
+            }
+            old.updateLifetime(sa.config.lifetime)
+            return old
+        }
+    }
+
+    /// Deletes the SA (≈ __xfrm_state_delete). ESRCH when absent.
+    @discardableResult
+    public func delete(_ id: SAID, mark: Mark) throws(StateDatabaseError) -> SecurityAssociation {
+        try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
+            guard let sa = t.bySPI[id]?.first(where: { $0.config.mark == mark || $0.config.mark.matches(mark.value) })
+            else { throw StateDatabaseError(3, "No such process") }
+            Self.unlink(&t, sa)
+            return sa
+        }
+    }
+
+    /// Removes a specific SA object if it is still present; returns whether it was.
+    @discardableResult
+    public func remove(_ sa: SecurityAssociation) -> Bool {
+        self.tables.withLock { t in
+            guard t.all.contains(where: { $0 === sa }) else { return false }
+            Self.unlink(&t, sa)
+            return true
+        }
+    }
+
+    /// Removes every SA `matching` selects (protocol flush, device flush); returns them.
+    @discardableResult
+    public func flush(where matching: (SecurityAssociation) -> Bool) -> [SecurityAssociation] {
+        self.tables.withLock { t in
+            let gone = t.all.filter(matching)
+            for sa in gone { Self.unlink(&t, sa) }
+            return gone
+        }
+    }
+
+    /// Inserts a larval SA (acquire or allocspi) without the duplicate rules of `add`.
+    func insertLarval(_ sa: SecurityAssociation) {
+        self.tables.withLock { t in
+            t.generation += 1
+            sa.generation = t.generation
+            t.bySPI[sa.id, default: []].insert(sa, at: 0)
+            t.all.append(sa)
+        }
+    }
+
+    /// True when an SPI is free for (destination, protocol).
+    func isFree(destination: IPAddress, spi: UInt32, proto: UInt8) -> Bool {
+        self.tables.withLock { $0.bySPI[SAID(destination: destination, spi: spi, proto: proto)] == nil }
+    }
+
+    /// The outcome of output SA resolution for one template.
+    public enum Resolution {
+        case found(SecurityAssociation)
+        /// An acquire is already pending for this template and flow.
+        case acquiring
+        case none
+    }
+
+    /// ≈ xfrm_state_find: a valid SA for `template` and `flow`, preferring a non-dying one, then the newest.
+    /// Outbound-direction or undirected SAs only.
+    @inline(__always)
+    public func resolve(_ template: Template, flow: Flow, source: IPAddress, destination: IPAddress,
+                        mark: UInt32) -> Resolution {
+        self.tables.withLock { t in
+            var best: SecurityAssociation? = nil
+            var bestDying = true
+            var acquiring = false
+            // Newest first, so the first non-dying candidate is the one to take.
+            var i = t.all.count - 1
+            while i >= 0 {
+                let sa = t.all[i]
+                i -= 1
+                let c = sa.config
+                guard c.id.proto == template.proto, c.id.destination == destination, c.source == source,
+                    template.reqid == 0 || c.reqid == template.reqid,
+                    c.mode == (template.mode == 1 ? .tunnel : .transport),
+                    template.spi == 0 || c.id.spi == template.spi,
+                    c.direction != .inbound, c.mark.matches(mark)
+                else { continue }
+                switch sa.state {
+                case .acquiring:
+                    if c.selector.matches(flow) || c.id.spi == 0 { acquiring = true }
+                    continue
+                case .valid:
+                    guard c.selector.matches(flow) else { continue }
+                    let dying = sa.isDying
+                    if best == nil || (bestDying && !dying) {
+                        best = sa
+                        bestDying = dying
+                        if !dying { return .found(sa) }
+                    }
+                default:
+                    continue
+                }
+            }
+            if let best { return .found(best) }
+            return acquiring ? .acquiring : .none
+        }
+    }
+}

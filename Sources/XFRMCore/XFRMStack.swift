@@ -1,0 +1,595 @@
+// The XFRM framework of one host: SPD, SAD, network model, counters, events, lifetimes, and the two packet paths.
+//
+// Output (`output`), synchronous, per packet:
+//   decode the flow → OUT policy lookup (offloaded policies first) → none: default action / block: drop →
+//   for each template in order (nested transforms, innermost first): resolve an SA (none: ACQUIRE + larval SA,
+//   drop — never sent in clear) → lifetime check (hard: drop + EXPIRE hard=1; soft: EXPIRE hard=0) → tunnel MTU
+//   check (DF/IPv6: ICMP frag-needed / packet-too-big) → ESP under the SA's lock → account → route → transmit.
+//
+// Input (`input`), synchronous, per packet:
+//   classify (ESP, NAT-T, IKE, keepalive) → SPI lookup (none: XfrmInNoStates) → direction/state/encap checks →
+//   lifetime check → ESP under the SA's lock (replay, ICV, trailer) → record in the secpath → repeat while the inner
+//   packet is ESP for us → IN (local) or FWD (forwarded) policy check against the secpath (the template check) →
+//   deliver or forward.
+//
+// Every drop increments exactly one /proc/net/xfrm_stat counter (and ESP drops also their DropReason counter).
+
+import Synchronization
+import XFRMCrypto
+import XFRMESP
+import XFRMPacket
+
+/// Where a packet goes after `output`.
+public enum OutputResult: Equatable, Sendable {
+    /// The buffer holds the packet to send on this interface.
+    case transmit(ifindex: Int32)
+    /// Dropped; the counter says why (nil: dropped by the IP layer, e.g. no route).
+    case dropped(XfrmStatCounter?)
+    /// Too big for the path with DF set: the buffer now holds the ICMP error for the sender (carrying the MTU).
+    case icmpError
+}
+
+/// Where a packet goes after `input`.
+public enum InputResult: Equatable, Sendable {
+    /// For this host; the buffer holds the (decapsulated) packet.
+    case deliver
+    /// For another host: passed the FWD policy check; hand it to `output(_:forwarded:)`.
+    case forward
+    /// IKE traffic on the NAT-T port, for the key manager.
+    case ike
+    case dropped(XfrmStatCounter?)
+}
+
+/// The default action when no policy matches (≈ `ip xfrm policy setdefault`).
+public enum DefaultPolicyAction: UInt8, Sendable {
+    case accept = 2
+    case block = 1
+}
+
+/// The SAs a received packet came through, outermost first (≈ struct sec_path; at most XFRM_MAX_DEPTH = 6).
+struct SecPath {
+    var entries: (SecurityAssociation?, SecurityAssociation?, SecurityAssociation?, SecurityAssociation?,
+                  SecurityAssociation?, SecurityAssociation?) = (nil, nil, nil, nil, nil, nil)
+    var count = 0
+    static let capacity = 6
+
+    mutating func append(_ sa: SecurityAssociation) -> Bool {
+        guard self.count < Self.capacity else { return false }
+        switch self.count {
+        case 0: self.entries.0 = sa
+        case 1: self.entries.1 = sa
+        case 2: self.entries.2 = sa
+        case 3: self.entries.3 = sa
+        case 4: self.entries.4 = sa
+        default: self.entries.5 = sa
+        }
+        self.count += 1
+        return true
+    }
+
+    subscript(i: Int) -> SecurityAssociation {
+        switch i {
+        case 0: self.entries.0!
+        case 1: self.entries.1!
+        case 2: self.entries.2!
+        case 3: self.entries.3!
+        case 4: self.entries.4!
+        default: self.entries.5!
+        }
+    }
+}
+
+/// One host's XFRM framework.
+public final class XFRMStack: @unchecked Sendable {
+    public let policies = PolicyDatabase()
+    public let states = StateDatabase()
+    public let network = NetworkModel()
+    public let statistics = XfrmStatistics()
+    public let events = EventBus()
+    public let clock: any XFRMClock
+    public let backend: any ESPCryptoBackend
+
+    /// Implementation constants.
+    public static let acquireExpirySeconds: UInt64 = 30  // xfrm_acq_expires
+    public static let policySoftRepeatSeconds: UInt64 = 30  // XFRM_KM_TIMEOUT
+
+    private struct Defaults {
+        var inbound = DefaultPolicyAction.accept
+        var forward = DefaultPolicyAction.accept
+        var outbound = DefaultPolicyAction.accept
+    }
+    private let defaults = Mutex(Defaults())
+    private let acquireSequence = Atomic<UInt32>(0)
+    private let ipIdentification = Atomic<UInt16>(0)
+    /// Last POLEXPIRE hard=0 time per policy index (soft expiry repeats every 30 s).
+    private let policySoftSent = Mutex<[UInt32: UInt64]>([:])
+
+    public init(clock: any XFRMClock = SystemClock(), backend: any ESPCryptoBackend = OpenSSLBackend()) {
+        self.clock = clock
+        self.backend = backend
+    }
+
+    // MARK: - Defaults
+
+    public func setDefault(_ action: DefaultPolicyAction, for direction: PolicyDirection) {
+        self.defaults.withLock { d in
+            switch direction {
+            case .inbound: d.inbound = action
+            case .forward: d.forward = action
+            case .outbound: d.outbound = action
+            }
+        }
+    }
+
+    public func defaultAction(_ direction: PolicyDirection) -> DefaultPolicyAction {
+        self.defaults.withLock { d in
+            switch direction {
+            case .inbound: d.inbound
+            case .forward: d.forward
+            case .outbound: d.outbound
+            }
+        }
+    }
+
+    // MARK: - Control plane
+
+    /// Creates an SA object (keys checked, cipher keyed) for `config`, stamped with the current time.
+    public func makeSA(_ config: SAConfig) throws(ESPConfigError) -> SecurityAssociation {
+        try SecurityAssociation(config, addTime: self.clock.now, backend: AnyBackend(self.backend))
+    }
+
+    /// Adds an SA (EEXIST on a duplicate); removes a matching larval entry. Publishes the event.
+    public func addState(_ sa: SecurityAssociation) throws(StateDatabaseError) {
+        try self.states.add(sa)
+        self.events.publish(.stateAdded(sa, update: false))
+    }
+
+    /// Updates an SA (ESRCH when absent). Publishes the event.
+    @discardableResult
+    public func updateState(_ sa: SecurityAssociation) throws(StateDatabaseError) -> SecurityAssociation {
+        let kept = try self.states.update(sa)
+        self.events.publish(.stateAdded(kept, update: true))
+        return kept
+    }
+
+    @discardableResult
+    public func deleteState(_ id: SAID, mark: Mark) throws(StateDatabaseError) -> SecurityAssociation {
+        let sa = try self.states.delete(id, mark: mark)
+        self.events.publish(.stateDeleted(sa))
+        return sa
+    }
+
+    /// `ip xfrm state flush [proto P]` (0 or 255 = every protocol).
+    @discardableResult
+    public func flushStates(proto: UInt8) -> [SecurityAssociation] {
+        let gone = self.states.flush { proto == 0 || proto == 255 || $0.id.proto == proto }
+        self.events.publish(.statesFlushed(proto: proto))
+        return gone
+    }
+
+    /// ≈ xfrm_alloc_spi: a larval SA with a free SPI in [min, max] for (destination, protocol). ENOENT if none is free.
+    public func allocateSPI(_ config: SAConfig, min: UInt32, max: UInt32) throws(StateDatabaseError) -> SecurityAssociation {
+        guard min <= max, max >= 256 || min == max else { throw StateDatabaseError(22, "Invalid SPI range") }
+        var candidate = min
+        let span = UInt64(max) - UInt64(min) + 1
+        var tries: UInt64 = 0
+        var seed = UInt32(truncatingIfNeeded: self.clock.now &* 2_654_435_761)
+        while tries < Swift.min(span, 65536) {
+            if span > 1 {
+                seed = seed &* 1_103_515_245 &+ 12345
+                candidate = min &+ UInt32(UInt64(seed) % span)
+            }
+            if self.states.isFree(destination: config.id.destination, spi: candidate, proto: config.id.proto) {
+                var c = config
+                c.id.spi = candidate
+                c.crypto = nil
+                c.lifetime.hardAddExpiresSeconds = Self.acquireExpirySeconds
+                let sa = try! SecurityAssociation(c, addTime: self.clock.now)
+                self.states.insertLarval(sa)
+                return sa
+            }
+            tries += 1
+            if span == 1 { break }
+        }
+        throw StateDatabaseError(2, "No such file or directory")
+    }
+
+    @discardableResult
+    public func addPolicy(_ p: Policy, update: Bool) throws(PolicyDatabaseError) -> Policy {
+        var p = p
+        p.addTime = self.clock.now
+        let stored = try self.policies.insert(p, update: update)
+        self.events.publish(.policyAdded(stored, update: update))
+        return stored
+    }
+
+    @discardableResult
+    public func deletePolicy(key: Policy.Key) throws(PolicyDatabaseError) -> Policy {
+        let p = try self.policies.delete(key: key)
+        self.events.publish(.policyDeleted(p))
+        return p
+    }
+
+    @discardableResult
+    public func deletePolicy(index: UInt32, direction: PolicyDirection) throws(PolicyDatabaseError) -> Policy {
+        let p = try self.policies.delete(index: index, direction: direction)
+        self.events.publish(.policyDeleted(p))
+        return p
+    }
+
+    public func flushPolicies() {
+        self.policies.flush()
+        self.events.publish(.policiesFlushed)
+    }
+
+    // MARK: - Timers (≈ xfrm_timer_handler, xfrm_policy_timer)
+
+    /// Runs every lifetime timer at the clock's current time: soft/hard add and use time for SAs, larval expiry,
+    /// and policy lifetimes. Call it when the clock moves (the daemon: every second).
+    public func runTimers() {
+        let now = self.clock.now
+        for sa in self.states.list().reversed() {
+            switch sa.timerCheck(now: now) {
+            case .none: continue
+            case .soft: self.events.publish(.expire(sa, hard: false))
+            case .hard: self.expireHard(sa)
+            }
+        }
+        for p in self.policies.list().reversed() {
+            let l = p.lifetime
+            let use = self.policies.lastUse(index: p.index, direction: p.direction) ?? 0
+            let useBase = use == 0 ? p.addTime : use
+            let hard = (l.hardAddExpiresSeconds != 0 && p.addTime + l.hardAddExpiresSeconds <= now)
+                || (l.hardUseExpiresSeconds != 0 && useBase + l.hardUseExpiresSeconds <= now)
+            if hard {
+                if (try? self.policies.delete(index: p.index, direction: p.direction)) != nil {
+                    self.events.publish(.policyExpire(p, hard: true))
+                }
+                continue
+            }
+            let soft = (l.softAddExpiresSeconds != 0 && p.addTime + l.softAddExpiresSeconds <= now)
+                || (l.softUseExpiresSeconds != 0 && useBase + l.softUseExpiresSeconds <= now)
+            if soft {
+                let due = self.policySoftSent.withLock { sent -> Bool in
+                    if let last = sent[p.index], last + Self.policySoftRepeatSeconds > now { return false }
+                    sent[p.index] = now
+                    return true
+                }
+                if due { self.events.publish(.policyExpire(p, hard: false)) }
+            }
+        }
+    }
+
+    /// Deletes an SA that hit a hard limit and reports EXPIRE hard=1 (a larval acquire entry goes silently).
+    func expireHard(_ sa: SecurityAssociation) {
+        guard self.states.remove(sa) else { return }
+        if sa.config.crypto == nil && sa.id.spi == 0 { return }
+        self.events.publish(.expire(sa, hard: true))
+    }
+
+    // MARK: - Output path
+
+    /// Runs a locally generated (or, with `forwarded`, a routed) IP packet through the OUT policy and its SAs, then
+    /// routes it. See the pipeline at the top of this file.
+    public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, forwarded: Bool = false) -> OutputResult {
+        guard let flow = Flow.parse(packet.data, count: packet.count, mark: mark) else {
+            self.statistics.count(.badOutputPacket)
+            return .dropped(.outError)
+        }
+        let now = self.clock.now
+        if let policy = self.policies.lookup(.outbound, flow) {
+            self.policies.markUsed(index: policy.index, direction: .outbound, at: now)
+            if policy.action == .block {
+                self.statistics.increment(.outPolBlock)
+                return .dropped(.outPolBlock)
+            }
+            for template in policy.templates {
+                let destination = template.destination ?? flow.destination
+                let source = template.source ?? flow.source
+                switch self.states.resolve(template, flow: flow, source: source, destination: destination,
+                                           mark: mark) {
+                case .found(let sa):
+                    if let r = self.apply(sa, to: &packet, now: now) { return r }
+                case .acquiring:
+                    if template.optional { continue }
+                    self.statistics.increment(.outNoStates)
+                    return .dropped(.outNoStates)
+                case .none:
+                    if template.optional { continue }
+                    self.acquire(template, flow: flow, policy: policy, source: source, destination: destination)
+                    self.statistics.increment(.outNoStates)
+                    return .dropped(.outNoStates)
+                }
+            }
+        } else if self.defaultAction(.outbound) == .block {
+            self.statistics.increment(.outPolBlock)
+            return .dropped(.outPolBlock)
+        }
+        return self.transmit(&packet)
+    }
+
+    /// Applies one SA of a bundle; nil to continue, or the final result.
+    @inline(__always)
+    private func apply(_ sa: SecurityAssociation, to packet: inout PacketBuffer, now: UInt64) -> OutputResult? {
+        guard let transform = sa.transform, sa.state == .valid else {
+            self.statistics.increment(.outStateInvalid)
+            return .dropped(.outStateInvalid)
+        }
+        if sa.config.direction == .inbound {
+            self.statistics.increment(.outStateDirError)
+            return .dropped(.outStateDirError)
+        }
+        switch sa.checkExpire(now: now) {
+        case .ok: break
+        case .softExpired: self.events.publish(.expire(sa, hard: false))
+        case .hardExpired:
+            self.expireHard(sa)
+            self.statistics.increment(.outStateExpired)
+            return .dropped(.outStateExpired)
+        }
+        // Tunnel mode: an inner packet that would not fit the path after ESP is refused with ICMP when it may not
+        // be fragmented (IPv4 DF, or any IPv6), ≈ xfrm4_tunnel_check_size / xfrm6_tunnel_check_size.
+        if sa.config.mode == .tunnel, let (_, iface) = self.network.route(to: sa.id.destination) {
+            let limit = transform.maximumPayload(forMTU: iface.mtu)
+            if packet.count > limit {
+                let p = packet.data
+                let v4DF = p.loadByte(at: 0) >> 4 == 4 && p.loadBE16(at: 6) & IPv4Header.flagDF != 0
+                let v6 = p.loadByte(at: 0) >> 4 == 6
+                if v4DF || v6 {
+                    return self.makePacketTooBig(&packet, mtu: limit) ? .icmpError : .dropped(.outError)
+                }
+            }
+        }
+        let length = packet.count
+        let reason = sa.withLock { transform.encapsulate(&packet) }
+        if let reason {
+            self.statistics.count(reason)
+            return .dropped(XfrmStatCounter(reason))
+        }
+        sa.account(bytes: length)
+        return nil
+    }
+
+    /// Routes and transmits a packet (no XFRM work): MTU check against the outgoing interface.
+    @inline(__always)
+    private func transmit(_ packet: inout PacketBuffer) -> OutputResult {
+        let p = packet.data
+        let version = p.loadByte(at: 0) >> 4
+        let dst: IPAddress = version == 4 ? .loadV4(from: p, at: 16) : .loadV6(from: p, at: 24)
+        guard let (_, iface) = self.network.route(to: dst) else { return .dropped(nil) }
+        if packet.count > iface.mtu {
+            let df = version == 6 || p.loadBE16(at: 6) & IPv4Header.flagDF != 0
+            if df { return self.makePacketTooBig(&packet, mtu: iface.mtu) ? .icmpError : .dropped(.outError) }
+            self.statistics.increment(.outError)  // IPv4 fragmentation of the outer packet is not implemented yet
+            return .dropped(.outError)
+        }
+        return .transmit(ifindex: iface.index)
+    }
+
+    /// Turns the packet into an ICMP "fragmentation needed" (IPv4, RFC 1191) or ICMPv6 "packet too big"
+    /// (RFC 8201) addressed to its sender, carrying `mtu`.
+    func makePacketTooBig(_ packet: inout PacketBuffer, mtu: Int) -> Bool {
+        let p = packet.data
+        let version = p.loadByte(at: 0) >> 4
+        if version == 4 {
+            guard let ip = IPv4Header.parse(p, available: packet.count) else { return false }
+            let src = p.loadBE32(at: 12)
+            let quoted = min(packet.count, ip.headerLength + 8)
+            packet.trimBack(packet.count - quoted)
+            let icmp = packet.prepend(8)
+            icmp.storeByte(3, at: 0)
+            icmp.storeByte(4, at: 1)
+            icmp.storeBE16(0, at: 2)
+            icmp.storeBE16(0, at: 4)
+            icmp.storeBE16(UInt16(truncatingIfNeeded: mtu), at: 6)
+            icmp.storeBE16(InternetChecksum.compute(icmp, count: 8 + quoted), at: 2)
+            let hdr = packet.prepend(20)
+            let from = self.replySource(toward: .v4(src), version: 4) ?? .v4(0)
+            guard case .v4(let me) = from else { return false }
+            IPv4Header.write(hdr, tos: 0xc0, totalLength: packet.count,
+                             identification: self.ipIdentification.wrappingAdd(1, ordering: .relaxed).newValue,
+                             flags: 0, ttl: 64, proto: IPProtocolNumber.icmp, source: me, destination: src)
+            return true
+        }
+        guard packet.count >= HeaderSize.ipv6 else { return false }
+        let src = IPAddress.loadV6(from: p, at: 8)
+        let quoted = min(packet.count, 1280 - 48)
+        packet.trimBack(packet.count - quoted)
+        let icmp = packet.prepend(8)
+        icmp.storeByte(2, at: 0)
+        icmp.storeByte(0, at: 1)
+        icmp.storeBE16(0, at: 2)
+        icmp.storeBE32(UInt32(mtu), at: 4)
+        let me = self.replySource(toward: src, version: 6) ?? .v6(0, 0)
+        let hdr = packet.prepend(HeaderSize.ipv6)
+        IPv6Header.write(hdr, trafficClass: 0, flowLabel: 0, payloadLength: 8 + quoted,
+                         nextHeader: IPProtocolNumber.icmpv6, hopLimit: 64, source: me, destination: src)
+        icmp.storeBE16(ICMPv6.checksum(icmp, length: 8 + quoted, source: me, destination: src), at: 2)
+        return true
+    }
+
+    private func replySource(toward dst: IPAddress, version: Int) -> IPAddress? {
+        if let (_, iface) = self.network.route(to: dst),
+            let a = self.network.sourceAddress(ifindex: iface.index, version: version) { return a }
+        for i in self.network.interfaces where i.kind != "loopback" {
+            if let a = i.addresses.first(where: { $0.address.version == version }) { return a.address }
+        }
+        return nil
+    }
+
+    /// ≈ xfrm_state_find's acquire branch: a larval SA (expires in 30 s) and an ACQUIRE to the key manager.
+    private func acquire(_ template: Template, flow: Flow, policy: Policy, source: IPAddress, destination: IPAddress) {
+        let seq = self.acquireSequence.wrappingAdd(1, ordering: .relaxed).newValue
+        var lifetime = LifetimeConfig()
+        lifetime.hardAddExpiresSeconds = Self.acquireExpirySeconds
+        let full = flow.version == 4 ? UInt8(32) : 128
+        let selector = Selector(
+            family: flow.version, source: IPPrefix(flow.source, length: full),
+            destination: IPPrefix(flow.destination, length: full), proto: flow.proto,
+            sourcePort: flow.sourcePort, sourcePortMask: flow.sourcePort == 0 ? 0 : 0xffff,
+            destinationPort: flow.destinationPort, destinationPortMask: flow.destinationPort == 0 ? 0 : 0xffff)
+        let config = SAConfig(
+            id: SAID(destination: destination, spi: 0, proto: template.proto), source: source, selector: selector,
+            reqid: template.reqid, mode: template.mode == 1 ? .tunnel : .transport, lifetime: lifetime,
+            crypto: nil, kmSequence: seq)
+        let larval = try! SecurityAssociation(config, addTime: self.clock.now)
+        self.states.insertLarval(larval)
+        self.events.publish(.acquire(state: larval, template: template, policy: policy))
+    }
+
+    // MARK: - Input path
+
+    /// Runs a received IP packet (from interface `ifindex`) through ESP decapsulation and the inbound policy check.
+    public func input(_ packet: inout PacketBuffer, ifindex: Int32 = 0, mark: UInt32 = 0) -> InputResult {
+        var secpath = SecPath()
+        let now = self.clock.now
+        while true {
+            switch ESPClassification.classify(&packet) {
+            case .ike:
+                return .ike
+            case .drop(let reason):
+                self.statistics.count(reason)
+                return .dropped(reason == .nattKeepalive ? nil : XfrmStatCounter(reason))
+            case .notESP:
+                return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now)
+            case .esp(let info):
+                guard self.network.isLocal(info.destination) || secpath.count > 0 || true else { break }
+                let id = SAID(destination: info.destination, spi: info.spi, proto: IPProtocolNumber.esp)
+                guard let sa = self.states.lookup(id, mark: mark), let transform = sa.transform else {
+                    self.statistics.count(.noState)
+                    return .dropped(.inNoStates)
+                }
+                if sa.config.direction == .outbound {
+                    self.statistics.increment(.inStateDirError)
+                    return .dropped(.inStateDirError)
+                }
+                guard sa.state == .valid else {
+                    self.statistics.increment(sa.state == .expired ? .inStateExpired : .inStateInvalid)
+                    return .dropped(sa.state == .expired ? .inStateExpired : .inStateInvalid)
+                }
+                switch sa.checkExpire(now: now) {
+                case .ok: break
+                case .softExpired: self.events.publish(.expire(sa, hard: false))
+                case .hardExpired:
+                    self.expireHard(sa)
+                    self.statistics.increment(.inStateExpired)
+                    return .dropped(.inStateExpired)
+                }
+                let length = packet.count
+                let reason = sa.withLock { transform.decapsulate(&packet, info: info) }
+                if let reason {
+                    sa.countDrop(reason)
+                    self.statistics.count(reason)
+                    return .dropped(reason == .tfcDummy ? nil : XfrmStatCounter(reason))
+                }
+                sa.account(bytes: length)
+                guard secpath.append(sa) else {
+                    self.statistics.increment(.inBufferError)
+                    return .dropped(.inBufferError)
+                }
+            }
+        }
+    }
+
+    /// ≈ __xfrm_policy_check: the packet (after any decapsulation) must have come through the SAs its IN or FWD
+    /// policy requires.
+    private func policyCheck(_ packet: inout PacketBuffer, secpath: SecPath, ifindex: Int32, mark: UInt32,
+                             now: UInt64) -> InputResult {
+        guard let flow = Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex) else {
+            self.statistics.increment(.inHdrError)
+            return .dropped(.inHdrError)
+        }
+        let local = self.network.isLocal(flow.destination)
+        let direction: PolicyDirection = local ? .inbound : .forward
+        guard let policy = self.policies.lookup(direction, flow) else {
+            // No policy: a tunnel-mode SA in the secpath needs one (XfrmInNoPols); else the default decides.
+            for i in 0..<secpath.count where secpath[i].config.mode == .tunnel {
+                self.statistics.increment(.inNoPols)
+                return .dropped(.inNoPols)
+            }
+            if self.defaultAction(direction) == .block {
+                self.statistics.increment(.inPolBlock)
+                return .dropped(.inPolBlock)
+            }
+            return local ? .deliver : self.forwardPrepare(&packet)
+        }
+        self.policies.markUsed(index: policy.index, direction: direction, at: now)
+        if policy.action == .block {
+            self.statistics.increment(.inPolBlock)
+            return .dropped(.inPolBlock)
+        }
+        // Template check (≈ xfrm_policy_ok): templates are applied innermost first on output, so on input the
+        // secpath (outermost first) meets them from the last template backwards. Each required template must be
+        // matched in turn; optional ones may be skipped; every SA in the secpath must be accounted for.
+        var next = 0
+        var t = policy.templates.count - 1
+        while t >= 0 {
+            let tmpl = policy.templates[t]
+            if next < secpath.count && Self.templateMatches(tmpl, secpath[next], flow: flow) {
+                next += 1
+            } else if !tmpl.optional {
+                self.statistics.increment(.inTmplMismatch)
+                return .dropped(.inTmplMismatch)
+            }
+            t -= 1
+        }
+        if next < secpath.count {
+            // SAs the policy did not ask for: tunnel-mode ones are a mismatch (transport extras are tolerated).
+            for i in next..<secpath.count where secpath[i].config.mode == .tunnel {
+                self.statistics.increment(.inTmplMismatch)
+                return .dropped(.inTmplMismatch)
+            }
+        }
+        return local ? .deliver : self.forwardPrepare(&packet)
+    }
+
+    /// ≈ xfrm_state_ok: does this SA satisfy the template?
+    static func templateMatches(_ t: Template, _ sa: SecurityAssociation, flow: Flow) -> Bool {
+        let c = sa.config
+        guard c.id.proto == t.proto, t.spi == 0 || t.spi == c.id.spi, t.reqid == 0 || t.reqid == c.reqid,
+            c.mode == (t.mode == 1 ? .tunnel : .transport)
+        else { return false }
+        if c.mode == .tunnel {
+            if let d = t.destination, d != c.id.destination { return false }
+            if let s = t.source, s != c.source { return false }
+        }
+        return true
+    }
+
+    /// Forwarding: TTL / hop limit decrement (a packet at TTL 1 is dropped).
+    private func forwardPrepare(_ packet: inout PacketBuffer) -> InputResult {
+        let p = packet.data
+        if p.loadByte(at: 0) >> 4 == 4 {
+            let ttl = p.loadByte(at: 8)
+            guard ttl > 1 else { return .dropped(nil) }
+            p.storeByte(ttl - 1, at: 8)
+            IPv4Header.updateChecksum(p, headerLength: Int(p.loadByte(at: 0) & 0x0f) * 4)
+        } else {
+            let hl = p.loadByte(at: 7)
+            guard hl > 1 else { return .dropped(nil) }
+            p.storeByte(hl - 1, at: 7)
+        }
+        return .forward
+    }
+}
+
+/// A type-erased backend, so the stack can hold `any ESPCryptoBackend` and pass it where a generic is expected.
+struct AnyBackend: ESPCryptoBackend {
+    let base: any ESPCryptoBackend
+    init(_ base: any ESPCryptoBackend) { self.base = base }
+    var name: String { self.base.name }
+    func makeCipher(_ spec: ESPCryptoSpec) throws(AlgorithmError) -> any ESPCipher { try self.base.makeCipher(spec) }
+}
+
+/// ICMPv6 checksum over the IPv6 pseudo-header (RFC 8200 §8.1).
+enum ICMPv6 {
+    static func checksum(_ p: UnsafeMutableRawPointer, length: Int, source: IPAddress, destination: IPAddress) -> UInt16 {
+        var sum: UInt64 = 0
+        if case .v6(let sh, let sl) = source, case .v6(let dh, let dl) = destination {
+            sum = (sh >> 32) &+ (sh & 0xffff_ffff) &+ (sl >> 32) &+ (sl & 0xffff_ffff)
+            sum &+= (dh >> 32) &+ (dh & 0xffff_ffff) &+ (dl >> 32) &+ (dl & 0xffff_ffff)
+        }
+        sum &+= UInt64(length) &+ UInt64(IPProtocolNumber.icmpv6)
+        return InternetChecksum.finish(InternetChecksum.partial(p, count: length, initial: sum))
+    }
+}

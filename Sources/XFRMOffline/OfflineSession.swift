@@ -1,0 +1,152 @@
+// An in-process stack driven by `xfrm` command lines (`xfrm --offline`, `xfrm -batch FILE`, `xfrm pcap`): the
+// command layer talks to it through XfrmControlServer in XFRM netlink messages, exactly as it will talk to a daemon
+// or the kernel. The clock is simulated: `clock advance SECONDS` moves it and runs the lifetime timers.
+
+import Foundation
+import XFRMCommandLine
+import XFRMControl
+import XFRMCore
+import XFRMESP
+import XFRMPacket
+import XFRMWire
+
+/// An error in a batch line, worded for the user.
+public struct SessionError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ d: String) { self.description = d }
+}
+
+/// Resolves interface names for the command layer from the stack's network model.
+final class NetworkNames: InterfaceNameResolver {
+    let network: NetworkModel
+    init(_ n: NetworkModel) { self.network = n }
+    func ifindex(named: String) -> Int32? { self.network.interface(named: named)?.index }
+    func name(ofIndex: Int32) -> String? { self.network.interface(index: ofIndex)?.name }
+}
+
+/// One offline stack plus the state of the command session around it (monitoring on/off, options).
+public final class OfflineSession {
+    public let clock = ManualClock()
+    public let stack: XFRMStack
+    public let server: XfrmControlServer
+    public var options: XfrmCLIOptions
+    private let names: NetworkNames
+    private let subscription: EventBus.Subscription
+    /// Whether a `monitor` line switched event printing on.
+    public private(set) var monitoring = false
+
+    public init(options: XfrmCLIOptions = XfrmCLIOptions()) {
+        self.stack = XFRMStack(clock: self.clock)
+        self.server = XfrmControlServer(stack: self.stack)
+        self.options = options
+        self.names = NetworkNames(self.stack.network)
+        self.subscription = self.stack.events.subscribe(capacity: 1 << 16)
+    }
+
+    /// Splits a batch line into words (double quotes group, `#` starts a comment) and drops a leading `xfrm` or
+    /// `ip xfrm` / `ip`.
+    public static func words(of line: String) -> [String] {
+        var out: [String] = []
+        var cur = ""
+        var quoted = false
+        var has = false
+        for ch in line {
+            if ch == "\"" {
+                quoted.toggle()
+                has = true
+            } else if ch == "#" && !quoted && cur.isEmpty {
+                break
+            } else if (ch == " " || ch == "\t") && !quoted {
+                if has { out.append(cur) }
+                cur = ""
+                has = false
+            } else {
+                cur.append(ch)
+                has = true
+            }
+        }
+        if has { out.append(cur) }
+        if out.first == "ip" { out.removeFirst() }
+        if out.first == "xfrm" { out.removeFirst() }
+        return out
+    }
+
+    /// Runs one command (already split into words); returns its output.
+    public func run(_ args: [String]) throws(SessionError) -> String {
+        guard let head = args.first else { return "" }
+        var out = ""
+        switch head {
+        case "state", "policy":
+            do throws(CommandError) {
+                out = try runXfrmCommand(args, options: self.options, transport: self.server, interfaces: self.names)
+            } catch {
+                out = self.drainEvents()
+                throw SessionError(out + error.description)
+            }
+        case "monitor":
+            guard args.count == 1 || (args.count == 2 && args[1] == "all") else {
+                throw SessionError("Error: monitor takes no arguments here (it prints the events of the lines that follow).")
+            }
+            self.monitoring = true
+            _ = self.subscription.drain()
+        case "stat", "stats":
+            guard args.count == 1 else { throw SessionError("Error: \"stat\" takes no arguments.") }
+            out = self.stack.statistics.procText()
+        case "clock":
+            guard args.count == 3, args[1] == "advance", let n = UInt64(args[2]) else {
+                throw SessionError("Error: usage: clock advance SECONDS")
+            }
+            // One timer run per second, as the kernel's timers would have fired.
+            for _ in 0..<min(n, 86_400) {
+                self.clock.advance(by: 1)
+                self.stack.runTimers()
+            }
+            if n > 86_400 {
+                self.clock.advance(by: n - 86_400)
+                self.stack.runTimers()
+            }
+        case "link", "addr", "address", "route":
+            out = try NetworkCommands.run(args, network: self.stack.network)
+        default:
+            throw SessionError("Object \"\(head)\" is unknown, try \"xfrm help\".")
+        }
+        return out + self.drainEvents()
+    }
+
+    /// Prints (when monitoring) the events published since the last call, in `ip xfrm monitor` format.
+    public func drainEvents() -> String {
+        let events = self.subscription.drain()
+        guard self.monitoring else { return "" }
+        var out = ""
+        for e in events {
+            if let m = self.server.message(for: e) {
+                out += formatMonitorEvent(m, options: self.options, interfaces: self.names)
+            } else if case .deviceFlushed(let ifindex, let states, let policies) = e {
+                let name = self.names.name(ofIndex: ifindex) ?? "if\(ifindex)"
+                out += "Device \(name) flushed: \(states.count) states, \(policies.count) policies\n"
+            }
+        }
+        return out
+    }
+
+    /// Runs a batch file as `ip -batch` does: stops at the first failing line, reporting "Command failed FILE:LINE".
+    public func runBatch(path: String) throws(SessionError) -> String {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw SessionError("Cannot open file \"\(path)\" for reading: No such file or directory")
+        }
+        var out = ""
+        let text = String(decoding: data, as: UTF8.self)
+        var lineNo = 0
+        for line in text.split(separator: "\n", omittingEmptySubsequences: false) {
+            lineNo += 1
+            let words = Self.words(of: String(line))
+            if words.isEmpty { continue }
+            do throws(SessionError) {
+                out += try self.run(words)
+            } catch {
+                throw SessionError(out + error.description + "\nCommand failed \(path):\(lineNo)")
+            }
+        }
+        return out
+    }
+}

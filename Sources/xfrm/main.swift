@@ -1,0 +1,82 @@
+// xfrm: the `ip xfrm` command for swift-xfrm. Until the daemon exists every invocation runs against a fresh
+// in-process stack (`--offline`, implied):
+//
+//   xfrm [-s] [--offline] -batch FILE                       run FILE's lines (state, policy, link, addr, route,
+//                                                           monitor, clock advance N, stat), as `ip -batch`
+//   xfrm [-s] [--offline] COMMAND...                        one command
+//   xfrm [-s] pcap --batch SETUP [--then AFTER] (--output-path | --input-path [--dev NAME]) IN.pcap OUT.pcap
+
+import Foundation
+import XFRMCommandLine
+import XFRMOffline
+
+func fail(_ message: String) -> Never {
+    FileHandle.standardError.write((message + "\n").data(using: .utf8)!)
+    exit(1)
+}
+
+var args = Array(CommandLine.arguments.dropFirst())
+var options = XfrmCLIOptions()
+var batch: String? = nil
+while let a = args.first, a.hasPrefix("-") {
+    args.removeFirst()
+    switch a {
+    case "-s", "-stats", "-statistics", "--stats": options.stats += 1
+    case "--offline", "-offline": break
+    case "-b", "-batch", "--batch":
+        guard let f = args.first else { fail("Option \"\(a)\" requires an argument") }
+        batch = f
+        args.removeFirst()
+    case "-h", "-help", "--help":
+        print("""
+            Usage: xfrm [ -s ] [ --offline ] { -batch FILE | OBJECT COMMAND... }
+                   xfrm [ -s ] pcap --batch SETUP [ --then AFTER ] { --output-path | --input-path [ --dev NAME ] } IN.pcap OUT.pcap
+            where  OBJECT := { state | policy | monitor | stat | link | addr | route | clock }
+            """)
+        exit(0)
+    default: fail("Option \"\(a)\" is unknown, try \"xfrm -help\".")
+    }
+}
+
+let session = OfflineSession(options: options)
+do throws(SessionError) {
+    if let batch {
+        guard args.isEmpty else { fail("Error: -batch takes no command arguments.") }
+        print(try session.runBatch(path: batch), terminator: "")
+    } else if args.first == "pcap" {
+        args.removeFirst()
+        var setup: String? = nil
+        var then: String? = nil
+        var path: PcapPath? = nil
+        var device: String? = nil
+        var files: [String] = []
+        while let a = args.first {
+            args.removeFirst()
+            switch a {
+            case "--batch", "-batch": setup = args.isEmpty ? nil : args.removeFirst()
+            case "--then": then = args.isEmpty ? nil : args.removeFirst()
+            case "--output-path": path = .output
+            case "--input-path": path = .input(device: nil)
+            case "--dev": device = args.isEmpty ? nil : args.removeFirst()
+            default:
+                if a.hasPrefix("-") { fail("pcap: unknown option \"\(a)\"") }
+                files.append(a)
+            }
+        }
+        guard let setup else { fail("pcap: --batch SETUP is required") }
+        guard var path else { fail("pcap: one of --output-path or --input-path is required") }
+        guard files.count == 2 else { fail("pcap: expected IN.pcap OUT.pcap") }
+        if case .input = path { path = .input(device: device) } else if device != nil {
+            fail("pcap: --dev applies to --input-path only")
+        }
+        print(try session.runBatch(path: setup), terminator: "")
+        print(try session.runPcap(path: path, inPath: files[0], outPath: files[1]), terminator: "")
+        if let then { print(try session.runBatch(path: then), terminator: "") }
+    } else if !args.isEmpty {
+        print(try session.run(OfflineSession.words(of: args.joined(separator: " "))), terminator: "")
+    } else {
+        fail("Usage: xfrm [ -s ] { -batch FILE | OBJECT COMMAND... }; try \"xfrm -help\".")
+    }
+} catch {
+    fail(error.description)
+}

@@ -1,0 +1,135 @@
+import Testing
+import XFRMCore
+import XFRMESP
+import XFRMPacket
+import XFRMTestKit
+
+@Suite("SA lifetimes and the SAD")
+struct LifetimeTests {
+    @Test("a soft packet limit sends exactly one EXPIRE hard=0; the hard limit deletes with EXPIRE hard=1")
+    func packetLimits() throws {
+        let h = try TwoHosts()
+        var l = LifetimeConfig()
+        l.softPacketLimit = 3
+        l.hardPacketLimit = 5
+        try h.tunnel(lifetime: l)
+        _ = h.eventsA.drain()
+        var results: [OutputResult] = []
+        for _ in 0..<7 { results.append(h.send(h.packet()).0) }
+        #expect(results.prefix(5).allSatisfy { $0 == .transmit(ifindex: 2) })
+        #expect(results[5] == .dropped(.outStateExpired))
+        let ex = h.eventsA.expires()
+        #expect(ex.count == 2)
+        #expect(ex[0] == (0x1001, false))
+        #expect(ex[1] == (0x1001, true))
+        #expect(h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001)) == nil)
+        #expect(h.a.statistics[.outStateExpired] == 1)
+        #expect(results[6] == .dropped(.outNoStates), "after deletion the policy acquires a new SA")
+    }
+
+    @Test("a soft byte limit marks the SA dying; a fresh SA is then preferred; update revives the dying one")
+    func dyingPreference() throws {
+        let h = try TwoHosts()
+        var l = LifetimeConfig()
+        l.softByteLimit = 100
+        try h.tunnel(lifetime: l)
+        _ = h.send(h.packet())
+        _ = h.send(h.packet())
+        let old = h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001))!
+        #expect(old.isDying)
+        try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1003, on: h.a))
+        let (_, wire) = h.send(h.packet())
+        #expect(Array(wire[20..<24]) == [0, 0, 0x10, 0x03])
+        try h.a.updateState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a))
+        #expect(!old.isDying)
+    }
+
+    @Test("add-time limits fire on the manual clock; an unused SA never use-expires")
+    func timeLimits() throws {
+        let h = try TwoHosts()
+        var l = LifetimeConfig()
+        l.softAddExpiresSeconds = 10
+        l.hardAddExpiresSeconds = 20
+        try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, lifetime: l, on: h.a))
+        var u = LifetimeConfig()
+        u.hardUseExpiresSeconds = 5
+        try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1002, lifetime: u, on: h.a))
+        _ = h.eventsA.drain()
+        h.clock.advance(by: 9)
+        h.a.runTimers()
+        #expect(h.eventsA.expires().isEmpty)
+        h.clock.advance(by: 1)
+        h.a.runTimers()
+        h.a.runTimers()
+        #expect(h.eventsA.expires().map { $0.1 } == [false])
+        h.clock.advance(by: 10)
+        h.a.runTimers()
+        #expect(h.eventsA.expires().map { $0.0 } == [0x1001])
+        #expect(h.a.states.count == 1, "the never-used SA with a use limit is still there")
+    }
+
+    @Test("use-time limits count from first use")
+    func useTime() throws {
+        let h = try TwoHosts()
+        try h.tunnel()
+        var u = LifetimeConfig()
+        u.hardUseExpiresSeconds = 5
+        try h.a.deleteState(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001), mark: Mark())
+        try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, lifetime: u, on: h.a))
+        h.clock.advance(by: 100)
+        h.a.runTimers()
+        #expect(h.a.states.count == 2)
+        _ = h.send(h.packet())
+        h.clock.advance(by: 5)
+        h.a.runTimers()
+        #expect(h.a.states.count == 1)
+    }
+
+    @Test("duplicates are EEXIST, missing ones ESRCH; flush by protocol; dumps list the newest first")
+    func sadBasics() throws {
+        let h = try TwoHosts()
+        let s1 = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x100, on: h.a)
+        try h.a.addState(s1)
+        #expect(throws: StateDatabaseError(17, "File exists")) {
+            try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x100, on: h.a))
+        }
+        try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x101, on: h.a))
+        #expect(h.a.states.list().map(\.id.spi) == [0x101, 0x100])
+        #expect(throws: StateDatabaseError(3, "No such process")) {
+            try h.a.deleteState(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x999), mark: Mark())
+        }
+        #expect(throws: StateDatabaseError(3, "No such process")) {
+            try h.a.updateState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x999, on: h.a))
+        }
+        h.a.flushStates(proto: 51)
+        #expect(h.a.states.count == 2)
+        h.a.flushStates(proto: 50)
+        #expect(h.a.states.count == 0)
+    }
+
+    @Test("allocspi picks a free SPI in the range and refuses an exhausted one")
+    func allocSPI() throws {
+        let h = try TwoHosts()
+        let c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, on: h.a).config
+        let sa = try h.a.allocateSPI(c, min: 0x1000, max: 0x1000)
+        #expect(sa.id.spi == 0x1000)
+        #expect(sa.state == .acquiring)
+        #expect(throws: StateDatabaseError.self) { try h.a.allocateSPI(c, min: 0x1000, max: 0x1000) }
+        let sb = try h.a.allocateSPI(c, min: 0x2000, max: 0x2fff)
+        #expect((0x2000...0x2fff).contains(sb.id.spi))
+        // update fills the larval SA in.
+        try h.a.updateState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1000, on: h.a))
+        #expect(h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1000))?.state == .valid)
+    }
+
+    @Test("a slow subscriber loses events (counted) and never blocks publishing")
+    func slowSubscriber() {
+        let bus = EventBus()
+        let slow = bus.subscribe(capacity: 2)
+        let fast = bus.subscribe(capacity: 100)
+        for _ in 0..<10 { bus.publish(.policiesFlushed) }
+        #expect(slow.drain().count == 2)
+        #expect(slow.dropped == 8)
+        #expect(fast.drain().count == 10)
+    }
+}

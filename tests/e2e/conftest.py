@@ -1,0 +1,43 @@
+"""pytest setup for the end-to-end tests of the `xfrm` command (offline stack, pcap mode).
+
+scapy is the independent ESP peer. The suite fails (never skips) when the xfrm binary (env XFRM_TOOL, default
+.build/debug/xfrm) or scapy is missing; scripts/test.sh builds and installs both.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pytest_configure(config):
+    os.environ.setdefault("XFRM_TOOL", str(REPO / ".build" / "debug" / "xfrm"))
+    tool = os.environ["XFRM_TOOL"]
+    if not (os.path.isfile(tool) and os.access(tool, os.X_OK)):
+        raise pytest.UsageError(f"e2e tests cannot run: xfrm not found at {tool!r}; run `swift build`")
+    try:
+        from scapy.config import conf
+        import scapy.layers.ipsec  # noqa: F401
+    except ImportError as e:
+        raise pytest.UsageError(f"e2e tests cannot run: {e}; pip install scapy cryptography")
+    if not conf.crypto_valid:
+        raise pytest.UsageError("e2e tests cannot run: scapy cannot use the cryptography package")
+
+
+@pytest.fixture
+def xfrm(tmp_path):
+    """Runs the xfrm command; returns (exit status, stdout, stderr)."""
+
+    def run(*args, check=True):
+        p = subprocess.run([os.environ["XFRM_TOOL"], *args], capture_output=True, text=True, cwd=tmp_path,
+                           timeout=120)
+        if check and p.returncode != 0:
+            raise AssertionError(f"xfrm {' '.join(args)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+        return p.returncode, p.stdout, p.stderr
+
+    return run

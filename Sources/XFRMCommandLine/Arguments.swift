@@ -173,6 +173,7 @@ func parseIPv6(_ text: String) -> [UInt8]? {
     let s = Array(text.utf8)
     var words: [UInt16] = []
     var gap: Int? = nil
+    var afterGroup = false
     var i = 0
     if s.isEmpty { return nil }
     if s[0] == UInt8(ascii: ":") {
@@ -191,11 +192,13 @@ func parseIPv6(_ text: String) -> [UInt8]? {
             if i + 1 < s.count, s[i + 1] == UInt8(ascii: ":") {
                 guard gap == nil else { return nil }
                 gap = words.count
+                afterGroup = false
                 i += 2
                 continue
             }
-            // a single colon separates groups; it may not end the text or start it
-            guard i > 0, i + 1 < s.count else { return nil }
+            // a single colon separates two groups: it may not start or end the text, nor follow "::"
+            guard afterGroup, i + 1 < s.count else { return nil }
+            afterGroup = false
             i += 1
             continue
         }
@@ -217,6 +220,7 @@ func parseIPv6(_ text: String) -> [UInt8]? {
             w = w << 4 | h
         }
         words.append(w)
+        afterGroup = true
         i = j
     }
     if let g = gap {

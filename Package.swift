@@ -30,9 +30,14 @@ let package = Package(
         .target(name: "XFRMCommandLine", dependencies: ["XFRMWire", "XFRMPacket"]),
         .target(name: "XFRMCore", dependencies: ["XFRMESP", "XFRMPacket"]),
         .target(name: "XFRMControl", dependencies: ["XFRMCore", "XFRMWire", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
+        .target(name: "XFRMSimulatedNIC", dependencies: ["XFRMCore", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
+        .target(name: "XFRMSimHost", dependencies: ["XFRMCore", "XFRMESP", "XFRMPacket", "XFRMSimulatedNIC"]),
         .target(
             name: "XFRMOffline",
-            dependencies: ["XFRMCommandLine", "XFRMControl", "XFRMCore", "XFRMESP", "XFRMPacket", "XFRMWire"]),
+            dependencies: [
+                "XFRMCommandLine", "XFRMControl", "XFRMCore", "XFRMESP", "XFRMPacket", "XFRMWire", "XFRMSimHost",
+                "XFRMSimulatedNIC",
+            ]),
         .executableTarget(name: "xfrm", dependencies: ["XFRMOffline", "XFRMCommandLine"]),
         .executableTarget(name: "esp-tool", dependencies: ["XFRMESP"]),
         .target(name: "CMallocCounter"),
@@ -40,10 +45,11 @@ let package = Package(
             name: "xfrm-bench",
             dependencies: ["XFRMESP", "XFRMCore", "XFRMTestKit", "CXFRMCrypto", "CMallocCounter"]
         ),
-        .target(name: "XFRMTestKit", dependencies: ["XFRMPacket"]),
+        .target(name: "XFRMTestKit", dependencies: ["XFRMPacket", "XFRMCore"]),
         .testTarget(name: "XFRMPacketTests", dependencies: ["XFRMPacket", "XFRMTestKit"]),
         .testTarget(name: "XFRMCommandLineTests", dependencies: ["XFRMCommandLine", "XFRMWire"]),
         .testTarget(name: "XFRMCoreTests", dependencies: ["XFRMCore", "XFRMTestKit"]),
+        .testTarget(name: "XFRMSimulatedNICTests", dependencies: ["XFRMSimulatedNIC", "XFRMCore", "XFRMESP", "XFRMTestKit"]),
         .testTarget(
             name: "XFRMCryptoTests", dependencies: ["XFRMCrypto", "XFRMTestKit"], resources: [.copy("Resources")]),
         .testTarget(

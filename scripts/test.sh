@@ -8,7 +8,9 @@
 # 2. builds everything once: `swift build --build-tests`;
 # 3. runs the Swift unit tests: `swift test --skip-build --parallel`;
 # 4. runs the interop suite, scapy and tshark as independent ESP peers of esp-tool:
-#    `python -m pytest -q -n 2 tests/interop` with ESP_TOOL=<bin path>/esp-tool.
+#    `python -m pytest -q -n 2 tests/interop` with ESP_TOOL=<bin path>/esp-tool;
+# 5. runs the end-to-end suite of the `xfrm` command (offline stack, pcap mode, simulated NICs) with scapy as
+#    the peer: `python -m pytest -q -n 2 tests/e2e` with XFRM_TOOL=<bin path>/xfrm.
 #
 # Every install step fails loudly.  Both test suites always run; the script exits
 # non-zero if either failed.  Set SKIP_INSTALL=1 to skip step 1 on a machine that has
@@ -94,7 +96,9 @@ step "swift build --build-tests"
 swift build --build-tests || die "swift build failed"
 BIN=$(swift build --show-bin-path)
 ESP_TOOL="$BIN/esp-tool"
+XFRM_TOOL="$BIN/xfrm"
 [ -x "$ESP_TOOL" ] || die "the build did not produce $ESP_TOOL"
+[ -x "$XFRM_TOOL" ] || die "the build did not produce $XFRM_TOOL"
 echo "build done at ${SECONDS}s"
 
 # --------------------------------------------------------------------------- test
@@ -107,6 +111,10 @@ echo "swift test done at ${SECONDS}s"
 step "interop: pytest -n 2 tests/interop (ESP_TOOL=$ESP_TOOL)"
 ESP_TOOL="$ESP_TOOL" "$PY" -m pytest -q -n 2 -p no:cacheprovider tests/interop ||
   { status=1; echo "test.sh: interop tests FAILED" >&2; }
+
+step "end to end: pytest -n 2 tests/e2e (XFRM_TOOL=$XFRM_TOOL)"
+XFRM_TOOL="$XFRM_TOOL" "$PY" -m pytest -q -n 2 -p no:cacheprovider tests/e2e ||
+  { status=1; echo "test.sh: end-to-end tests FAILED" >&2; }
 
 echo "total ${SECONDS}s"
 if [ $status -ne 0 ]; then

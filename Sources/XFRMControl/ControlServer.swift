@@ -37,10 +37,16 @@ public final class XfrmControlServer: XfrmTransport {
         switch (type, m.body) {
         case (.newSA, .saInfo(let info)), (.updSA, .saInfo(let info)):
             let sa = try self.buildSA(info, m.attributes, update: type == .updSA)
+            let offload = try self.offloadRequest(sa, m.attributes)
             do throws(StateDatabaseError) {
-                if type == .newSA { try self.stack.addState(sa) } else { try self.stack.updateState(sa) }
+                if type == .newSA {
+                    try self.stack.addState(sa, offload: offload)
+                } else {
+                    try self.stack.updateState(sa, offload: offload)
+                }
             } catch {
-                throw ControlError(error.errno, "")
+                let generic = [Errno.EEXIST, Errno.ESRCH].contains(error.errno)
+                throw ControlError(error.errno, generic ? "" : error.message)
             }
             return self.ack(m)
         case (.delSA, .saID(let id)):
@@ -50,9 +56,11 @@ public final class XfrmControlServer: XfrmTransport {
             } catch { throw ControlError(error.errno, "") }
             return self.ack(m)
         case (.getSA, .saID(let id)):
+            self.stack.syncDeviceStats()
             let sa = try self.findSA(id, m)
             return [Self.stateMessage(sa, type: .newSA, sequence: m.sequence)]
         case (.getSA, .empty):
+            self.stack.syncDeviceStats()
             var out = self.stack.states.list().map { sa -> XfrmMessage in
                 var msg = Self.stateMessage(sa, type: .newSA, sequence: m.sequence)
                 msg.flags = NetlinkFlags.multi
@@ -179,8 +187,6 @@ public final class XfrmControlServer: XfrmTransport {
                 config.direction = dir
             case .extraFlags(let f): config.extraFlags = f
             case .tfcPad(let v): config.tfcPad = v
-            case .offloadDevice:
-                throw ControlError(Errno.EOPNOTSUPP, "Device offload is not available on this stack")
             default: break
             }
         }
@@ -299,6 +305,24 @@ public final class XfrmControlServer: XfrmTransport {
         }
     }
 
+    /// The offload part of NEWSA/UPDSA (≈ the checks at the top of xfrm_dev_state_add).
+    private func offloadRequest(_ sa: SecurityAssociation, _ attrs: [XfrmAttribute]) throws(ControlError)
+        -> OffloadRequest?
+    {
+        guard let o = attrs.lazy.compactMap({ a -> XfrmUserOffload? in
+            if case .offloadDevice(let x) = a { return x } else { return nil }
+        }).first else { return nil }
+        let known = XfrmOffloadFlag.ipv6 | XfrmOffloadFlag.inbound | XfrmOffloadFlag.packet
+        guard o.flags & ~known == 0 else { throw .invalid("Unrecognized flags in offload request") }
+        let inbound = o.flags & XfrmOffloadFlag.inbound != 0
+        if (inbound && sa.config.direction == .outbound) || (!inbound && sa.config.direction == .inbound) {
+            throw .invalid("Mismatched SA and offload direction")
+        }
+        if sa.config.tfcPad != 0 { throw .invalid("TFC padding can't be offloaded") }
+        return OffloadRequest(ifindex: o.ifindex, direction: inbound ? .inbound : .outbound,
+                              type: o.flags & XfrmOffloadFlag.packet != 0 ? .packet : .crypto)
+    }
+
     // MARK: - Building policies (≈ verify_newpolicy_info + xfrm_policy_construct)
 
     private func buildPolicy(_ info: XfrmUserPolicyInfo, _ attrs: [XfrmAttribute]) throws(ControlError) -> Policy {
@@ -316,7 +340,10 @@ public final class XfrmControlServer: XfrmTransport {
             case .mark(let m): p.mark = Mark(value: m.value, mask: m.mask)
             case .ifID(let v): p.ifID = v
             case .policyType(let t): if t != 0 { throw .invalid("Only the main policy type is supported") }
-            case .offloadDevice: throw .invalid("Policy offload is not supported")
+            case .offloadDevice(let o):
+                // A policy's offload must be exactly PACKET: the direction comes from the policy itself.
+                guard o.flags == XfrmOffloadFlag.packet else { throw .invalid("Unrecognized flags in offload request") }
+                p.offload = PolicyOffload(ifindex: o.ifindex)
             default: break
             }
         }

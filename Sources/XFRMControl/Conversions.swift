@@ -212,6 +212,12 @@ extension SecurityAssociation {
         if c.tfcPad != 0 { attrs.append(.tfcPad(c.tfcPad)) }
         if c.mark.value != 0 || c.mark.mask != 0 { attrs.append(.mark(XfrmMark(value: c.mark.value, mask: c.mark.mask))) }
         attrs.append(self.replayAttribute)
+        if let o = self.offload {
+            var flags: UInt8 = 0
+            if o.direction == .inbound { flags |= XfrmOffloadFlag.inbound }
+            if o.type == .packet { flags |= XfrmOffloadFlag.packet }
+            attrs.append(.offloadDevice(XfrmUserOffload(ifindex: o.ifindex, flags: flags)))
+        }
         if c.ifID != 0 { attrs.append(.ifID(c.ifID)) }
         if let d = c.direction { attrs.append(.saDir(d.rawValue)) }
         return attrs

@@ -140,6 +140,10 @@ public final class SecurityAssociation: @unchecked Sendable {
         var integrityFailures: UInt64 = 0
         /// Soft expiry already reported (so it is sent once).
         var softReported = false
+        /// The device binding, while the SA is offloaded (≈ xso).
+        var offload: StateOffload?
+        /// The device's counters at the last sync, to fold only the increments into the global counters.
+        var lastDeviceCounters = DeviceSACounters()
     }
     private let mutable: Mutex<Mutable>
     /// Insertion order in the SAD (newer SAs are preferred among equals, and dumps list newest first).
@@ -277,6 +281,47 @@ public final class SecurityAssociation: @unchecked Sendable {
     }
 
     func markDead() { self.mutable.withLock { $0.state = .dead } }
+
+    /// The device binding (crypto or packet offload), or nil for a software SA.
+    public var offload: StateOffload? { self.mutable.withLock { $0.offload } }
+
+    func setOffload(_ o: StateOffload?) { self.mutable.withLock { $0.offload = o } }
+
+    /// Takes the device's counters (≈ xdo_dev_state_update_stats): for packet offload the device's byte and packet
+    /// counts become curlft; device-side drops are added to the SA's stats. Returns the new drops since the last
+    /// sync, for the global counters, and the expiry verdict on the new counts.
+    func applyDeviceCounters(_ c: DeviceSACounters, packetOffload: Bool, now: UInt64)
+        -> (delta: DeviceSACounters, check: ExpiryCheck)
+    {
+        self.mutable.withLock { m in
+            var d = DeviceSACounters()
+            let last = m.lastDeviceCounters
+            d.replayWindow = c.replayWindow &- last.replayWindow
+            d.replay = c.replay &- last.replay
+            d.integrityFailed = c.integrityFailed &- last.integrityFailed
+            d.headerErrors = c.headerErrors &- last.headerErrors
+            d.packets = c.packets &- last.packets
+            d.bytes = c.bytes &- last.bytes
+            m.lastDeviceCounters = c
+            m.replayWindowDrops &+= d.replayWindow
+            m.replayDrops &+= d.replay
+            m.integrityFailures &+= d.integrityFailed
+            guard packetOffload else { return (d, .ok) }
+            m.current.bytes = c.bytes
+            m.current.packets = c.packets
+            if c.packets > 0 && m.current.useTime == 0 { m.current.useTime = now }
+            if m.state == .expired { return (d, .hardExpired) }
+            if c.bytes >= m.lifetime.hardByteLimit || c.packets >= m.lifetime.hardPacketLimit {
+                m.state = .expired
+                return (d, .hardExpired)
+            }
+            if !m.dying && (c.bytes >= m.lifetime.softByteLimit || c.packets >= m.lifetime.softPacketLimit) {
+                m.dying = true
+                return (d, .softExpired)
+            }
+            return (d, .ok)
+        }
+    }
 
     /// Runs `body` with the SA's lock held (for the ESP transform's sequence and replay state).
     @inline(__always)

@@ -168,7 +168,7 @@ public final class StateDatabase: @unchecked Sendable {
     /// Outbound-direction or undirected SAs only.
     @inline(__always)
     public func resolve(_ template: Template, flow: Flow, source: IPAddress, destination: IPAddress,
-                        mark: UInt32) -> Resolution {
+                        mark: UInt32, packetOffloadDevice: Int32? = nil) -> Resolution {
         self.tables.withLock { t in
             var best: SecurityAssociation? = nil
             var bestDying = true
@@ -185,6 +185,14 @@ public final class StateDatabase: @unchecked Sendable {
                     template.spi == 0 || c.id.spi == template.spi,
                     c.direction != .inbound, c.mark.matches(mark)
                 else { continue }
+                // A packet-offload policy resolves only to packet-offload SAs on its device; a software policy
+                // never uses a packet-offload SA (spec §4.2).
+                let o = sa.offload
+                if let dev = packetOffloadDevice {
+                    guard o?.type == .packet, o?.ifindex == dev else { continue }
+                } else if o?.type == .packet {
+                    continue
+                }
                 switch sa.state {
                 case .acquiring:
                     if c.selector.matches(flow) || c.id.spi == 0 { acquiring = true }

@@ -23,6 +23,9 @@ import XFRMPacket
 public enum OutputResult: Equatable, Sendable {
     /// The buffer holds the packet to send on this interface.
     case transmit(ifindex: Int32)
+    /// The buffer goes to the offload device on this interface with this metadata: plaintext for packet offload,
+    /// unsealed ESP for crypto offload.
+    case offload(ifindex: Int32, metadata: OffloadMetadata)
     /// Dropped; the counter says why (nil: dropped by the IP layer, e.g. no route).
     case dropped(XfrmStatCounter?)
     /// Too big for the path with DF set: the buffer now holds the ICMP error for the sender (carrying the MTU).
@@ -103,6 +106,11 @@ public final class XFRMStack: @unchecked Sendable {
     private let ipIdentification = Atomic<UInt16>(0)
     /// Last POLEXPIRE hard=0 time per policy index (soft expiry repeats every 30 s).
     private let policySoftSent = Mutex<[UInt32: UInt64]>([:])
+    /// Offload devices by interface index, and device-raised limit events waiting for the core.
+    let deviceTable = Mutex<DeviceTable>(DeviceTable())
+    /// `xfrm policy set offload-priority strict`: refuse inserts that would let a software policy outrank an
+    /// offloaded one (the originally posted design) instead of consulting offloaded policies first.
+    public let strictOffloadPriority = Atomic<Bool>(false)
 
     public init(clock: any XFRMClock = SystemClock(), backend: any ESPCryptoBackend = OpenSSLBackend()) {
         self.clock = clock
@@ -138,16 +146,35 @@ public final class XFRMStack: @unchecked Sendable {
         try SecurityAssociation(config, addTime: self.clock.now, backend: AnyBackend(self.backend))
     }
 
-    /// Adds an SA (EEXIST on a duplicate); removes a matching larval entry. Publishes the event.
-    public func addState(_ sa: SecurityAssociation) throws(StateDatabaseError) {
-        try self.states.add(sa)
+    /// Adds an SA (EEXIST on a duplicate); removes a matching larval entry. With `offload`, binds the SA to a
+    /// device first (≈ xfrm_dev_state_add; see `bindToDevice` for the fallback rules). Publishes the event.
+    public func addState(_ sa: SecurityAssociation, offload: OffloadRequest? = nil) throws(StateDatabaseError) {
+        if let offload { try self.bindToDevice(sa, offload) }
+        do throws(StateDatabaseError) {
+            if let larval = try self.states.add(sa) { self.releaseFromDevice(larval) }
+        } catch {
+            self.releaseFromDevice(sa)  // undo the device add (≈ xdo_dev_state_delete + free on EEXIST)
+            throw error
+        }
         self.events.publish(.stateAdded(sa, update: false))
     }
 
     /// Updates an SA (ESRCH when absent). Publishes the event.
     @discardableResult
-    public func updateState(_ sa: SecurityAssociation) throws(StateDatabaseError) -> SecurityAssociation {
-        let kept = try self.states.update(sa)
+    public func updateState(_ sa: SecurityAssociation, offload: OffloadRequest? = nil) throws(StateDatabaseError)
+        -> SecurityAssociation
+    {
+        if let offload { try self.bindToDevice(sa, offload) }
+        let old = self.states.get(sa.id, mark: sa.config.mark)
+        let kept: SecurityAssociation
+        do throws(StateDatabaseError) {
+            kept = try self.states.update(sa)
+        } catch {
+            self.releaseFromDevice(sa)
+            throw error
+        }
+        if kept === sa, let old, old !== sa { self.releaseFromDevice(old) }
+        if kept !== sa { self.releaseFromDevice(sa) }
         self.events.publish(.stateAdded(kept, update: true))
         return kept
     }
@@ -155,6 +182,7 @@ public final class XFRMStack: @unchecked Sendable {
     @discardableResult
     public func deleteState(_ id: SAID, mark: Mark) throws(StateDatabaseError) -> SecurityAssociation {
         let sa = try self.states.delete(id, mark: mark)
+        self.releaseFromDevice(sa)
         self.events.publish(.stateDeleted(sa))
         return sa
     }
@@ -163,6 +191,7 @@ public final class XFRMStack: @unchecked Sendable {
     @discardableResult
     public func flushStates(proto: UInt8) -> [SecurityAssociation] {
         let gone = self.states.flush { proto == 0 || proto == 255 || $0.id.proto == proto }
+        for sa in gone { self.releaseFromDevice(sa) }
         self.events.publish(.statesFlushed(proto: proto))
         return gone
     }
@@ -198,7 +227,17 @@ public final class XFRMStack: @unchecked Sendable {
     public func addPolicy(_ p: Policy, update: Bool) throws(PolicyDatabaseError) -> Policy {
         var p = p
         p.addTime = self.clock.now
-        let stored = try self.policies.insert(p, update: update)
+        try self.checkOffloadPriority(p)
+        if let o = p.offload { try self.offloadPolicy(p, o) }
+        let old = update ? self.policies.get(key: p.key) : nil
+        let stored: Policy
+        do throws(PolicyDatabaseError) {
+            stored = try self.policies.insert(p, update: update)
+        } catch {
+            if p.offload != nil { self.releasePolicyFromDevice(p) }
+            throw error
+        }
+        if let old { self.releasePolicyFromDevice(old) }
         self.events.publish(.policyAdded(stored, update: update))
         return stored
     }
@@ -206,6 +245,7 @@ public final class XFRMStack: @unchecked Sendable {
     @discardableResult
     public func deletePolicy(key: Policy.Key) throws(PolicyDatabaseError) -> Policy {
         let p = try self.policies.delete(key: key)
+        self.releasePolicyFromDevice(p)
         self.events.publish(.policyDeleted(p))
         return p
     }
@@ -213,12 +253,13 @@ public final class XFRMStack: @unchecked Sendable {
     @discardableResult
     public func deletePolicy(index: UInt32, direction: PolicyDirection) throws(PolicyDatabaseError) -> Policy {
         let p = try self.policies.delete(index: index, direction: direction)
+        self.releasePolicyFromDevice(p)
         self.events.publish(.policyDeleted(p))
         return p
     }
 
     public func flushPolicies() {
-        self.policies.flush()
+        for p in self.policies.flush() { self.releasePolicyFromDevice(p) }
         self.events.publish(.policiesFlushed)
     }
 
@@ -227,6 +268,7 @@ public final class XFRMStack: @unchecked Sendable {
     /// Runs every lifetime timer at the clock's current time: soft/hard add and use time for SAs, larval expiry,
     /// and policy lifetimes. Call it when the clock moves (the daemon: every second).
     public func runTimers() {
+        self.syncDeviceStats()
         let now = self.clock.now
         for sa in self.states.list().reversed() {
             switch sa.timerCheck(now: now) {
@@ -243,6 +285,7 @@ public final class XFRMStack: @unchecked Sendable {
                 || (l.hardUseExpiresSeconds != 0 && useBase + l.hardUseExpiresSeconds <= now)
             if hard {
                 if (try? self.policies.delete(index: p.index, direction: p.direction)) != nil {
+                    self.releasePolicyFromDevice(p)
                     self.events.publish(.policyExpire(p, hard: true))
                 }
                 continue
@@ -263,6 +306,7 @@ public final class XFRMStack: @unchecked Sendable {
     /// Deletes an SA that hit a hard limit and reports EXPIRE hard=1 (a larval acquire entry goes silently).
     func expireHard(_ sa: SecurityAssociation) {
         guard self.states.remove(sa) else { return }
+        self.releaseFromDevice(sa)
         if sa.config.crypto == nil && sa.id.spi == 0 { return }
         self.events.publish(.expire(sa, hard: true))
     }
@@ -283,13 +327,35 @@ public final class XFRMStack: @unchecked Sendable {
                 self.statistics.increment(.outPolBlock)
                 return .dropped(.outPolBlock)
             }
+            if let po = policy.offload {
+                return self.outputPacketOffload(&packet, flow: flow, policy: policy, device: po.ifindex, mark: mark)
+            }
+            var crypto: (OffloadMetadata, Int32)? = nil
+            let single = policy.templates.count == 1
             for template in policy.templates {
                 let destination = template.destination ?? flow.destination
                 let source = template.source ?? flow.source
                 switch self.states.resolve(template, flow: flow, source: source, destination: destination,
                                            mark: mark) {
                 case .found(let sa):
-                    if let r = self.apply(sa, to: &packet, now: now) { return r }
+                    // Crypto offload: a single-transform bundle whose route leads to the SA's device, if the device
+                    // takes the packet; otherwise the SA silently works in software (≈ xfrm_dev_offload_ok).
+                    if single, let o = sa.offload, o.type == .crypto, let dev = self.device(ifindex: o.ifindex),
+                        let (_, iface) = self.network.route(to: sa.id.destination), iface.index == o.ifindex,
+                        !dev.callbacks.contains(.offloadOK) || dev.offloadOK(packet, sa: sa, offload: o)
+                    {
+                        var layout = ESPLayout()
+                        if let r = self.apply(sa, to: &packet, now: now, deviceLayout: &layout) { return r }
+                        var meta = OffloadMetadata()
+                        meta.espOffset = layout.espOffset
+                        meta.cryptLength = layout.cryptLength
+                        meta.esnHigh = layout.esnHigh
+                        meta.handle = o.handle
+                        crypto = (meta, o.ifindex)
+                        continue
+                    }
+                    var unused = ESPLayout()
+                    if let r = self.apply(sa, to: &packet, now: now, deviceLayout: &unused, seal: true) { return r }
                 case .acquiring:
                     if template.optional { continue }
                     self.statistics.increment(.outNoStates)
@@ -301,6 +367,11 @@ public final class XFRMStack: @unchecked Sendable {
                     return .dropped(.outNoStates)
                 }
             }
+            if let (meta, ifindex) = crypto {
+                let r = self.transmit(&packet)
+                guard case .transmit(let out) = r else { return r }
+                return out == ifindex ? .offload(ifindex: ifindex, metadata: meta) : .dropped(.outError)
+            }
         } else if self.defaultAction(.outbound) == .block {
             self.statistics.increment(.outPolBlock)
             return .dropped(.outPolBlock)
@@ -308,9 +379,71 @@ public final class XFRMStack: @unchecked Sendable {
         return self.transmit(&packet)
     }
 
+    /// Packet offload TX (≈ xfrm_output_one's PACKET branch + xfrm_dev_offload_ok): no ESP work, no sequence
+    /// number, no SA accounting on the host — checks only, then the plaintext goes to the device. Whatever the
+    /// device cannot take is dropped as XfrmOutError, never sent in software and never in clear.
+    private func outputPacketOffload(_ packet: inout PacketBuffer, flow: Flow, policy: Policy, device: Int32,
+                                     mark: UInt32) -> OutputResult {
+        guard let template = policy.templates.first else {
+            // An offloaded allow policy without templates: plaintext through the device.
+            return self.transmit(&packet)
+        }
+        let destination = template.destination ?? flow.destination
+        let source = template.source ?? flow.source
+        let sa: SecurityAssociation
+        switch self.states.resolve(template, flow: flow, source: source, destination: destination, mark: mark,
+                                   packetOffloadDevice: device) {
+        case .found(let s): sa = s
+        case .acquiring:
+            self.statistics.increment(.outNoStates)
+            return .dropped(.outNoStates)
+        case .none:
+            self.acquire(template, flow: flow, policy: policy, source: source, destination: destination,
+                         offload: StateOffload(ifindex: device, direction: .outbound, type: .packet))
+            self.statistics.increment(.outNoStates)
+            return .dropped(.outNoStates)
+        }
+        guard let o = sa.offload, o.type == .packet, let dev = self.device(ifindex: o.ifindex),
+            let transform = sa.transform
+        else {
+            self.statistics.increment(.outError)
+            return .dropped(.outError)
+        }
+        let routeTo = sa.config.mode == .tunnel ? sa.id.destination : flow.destination
+        guard let (_, iface) = self.network.route(to: routeTo), iface.index == o.ifindex else {
+            self.statistics.increment(.outError)  // the route leads to another device
+            return .dropped(.outError)
+        }
+        let p = packet.data
+        let v4 = p.loadByte(at: 0) >> 4 == 4
+        if v4 ? p.loadByte(at: 0) & 0x0f != 5 : IPv6Header.isExtensionHeader(p.loadByte(at: 6)) {
+            self.statistics.increment(.outError)  // IPv4 options or IPv6 extension headers
+            return .dropped(.outError)
+        }
+        let limit = transform.maximumPayload(forMTU: iface.mtu)
+        if packet.count > limit {
+            // The stack never fragments for the device.
+            let df = !v4 || p.loadBE16(at: 6) & IPv4Header.flagDF != 0
+            if sa.config.mode == .tunnel && df {
+                self.statistics.increment(.outError)
+                return self.makePacketTooBig(&packet, mtu: limit) ? .icmpError : .dropped(.outError)
+            }
+            self.statistics.increment(.outError)
+            return .dropped(.outError)
+        }
+        if dev.callbacks.contains(.offloadOK) && !dev.offloadOK(packet, sa: sa, offload: o) {
+            self.statistics.increment(.outError)
+            return .dropped(.outError)
+        }
+        var meta = OffloadMetadata()
+        meta.handle = o.handle
+        return .offload(ifindex: o.ifindex, metadata: meta)
+    }
+
     /// Applies one SA of a bundle; nil to continue, or the final result.
     @inline(__always)
-    private func apply(_ sa: SecurityAssociation, to packet: inout PacketBuffer, now: UInt64) -> OutputResult? {
+    private func apply(_ sa: SecurityAssociation, to packet: inout PacketBuffer, now: UInt64,
+                       deviceLayout: inout ESPLayout, seal: Bool = false) -> OutputResult? {
         guard let transform = sa.transform, sa.state == .valid else {
             self.statistics.increment(.outStateInvalid)
             return .dropped(.outStateInvalid)
@@ -341,7 +474,9 @@ public final class XFRMStack: @unchecked Sendable {
             }
         }
         let length = packet.count
-        let reason = sa.withLock { transform.encapsulate(&packet) }
+        let reason = sa.withLock {
+            seal ? transform.encapsulate(&packet) : transform.encapsulateForDevice(&packet, layout: &deviceLayout)
+        }
         if let reason {
             self.statistics.count(reason)
             return .dropped(XfrmStatCounter(reason))
@@ -418,7 +553,8 @@ public final class XFRMStack: @unchecked Sendable {
     }
 
     /// ≈ xfrm_state_find's acquire branch: a larval SA (expires in 30 s) and an ACQUIRE to the key manager.
-    private func acquire(_ template: Template, flow: Flow, policy: Policy, source: IPAddress, destination: IPAddress) {
+    private func acquire(_ template: Template, flow: Flow, policy: Policy, source: IPAddress, destination: IPAddress,
+                         offload: StateOffload? = nil) {
         let seq = self.acquireSequence.wrappingAdd(1, ordering: .relaxed).newValue
         var lifetime = LifetimeConfig()
         lifetime.hardAddExpiresSeconds = Self.acquireExpirySeconds
@@ -433,6 +569,9 @@ public final class XFRMStack: @unchecked Sendable {
             reqid: template.reqid, mode: template.mode == 1 ? .tunnel : .transport, lifetime: lifetime,
             crypto: nil, kmSequence: seq)
         let larval = try! SecurityAssociation(config, addTime: self.clock.now)
+        // A packet-offload policy's larval SA is tagged with its device (≈ XFRM_DEV_OFFLOAD_FLAG_ACQ); like mlx5,
+        // the device is not programmed with it.
+        if let offload { larval.setOffload(offload) }
         self.states.insertLarval(larval)
         self.events.publish(.acquire(state: larval, template: template, policy: policy))
     }
@@ -440,9 +579,24 @@ public final class XFRMStack: @unchecked Sendable {
     // MARK: - Input path
 
     /// Runs a received IP packet (from interface `ifindex`) through ESP decapsulation and the inbound policy check.
-    public func input(_ packet: inout PacketBuffer, ifindex: Int32 = 0, mark: UInt32 = 0) -> InputResult {
+    public func input(_ packet: inout PacketBuffer, ifindex: Int32 = 0, mark: UInt32 = 0,
+                      metadata: OffloadMetadata? = nil) -> InputResult {
         var secpath = SecPath()
         let now = self.clock.now
+        var cryptoDone = metadata?.cryptoDone ?? false
+        if let m = metadata, m.packetOffloaded {
+            // Packet offload RX: the device decrypted, checked replay and its copy of the IN policy; the software
+            // ESP and policy checks are skipped (≈ __xfrm_policy_check's PACKET branch). A failed status drops.
+            guard m.cryptoDone && m.cryptoSuccess else {
+                self.statistics.increment(.inError)
+                return .dropped(.inError)
+            }
+            guard let flow = Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex) else {
+                self.statistics.increment(.inHdrError)
+                return .dropped(.inHdrError)
+            }
+            return self.network.isLocal(flow.destination) ? .deliver : self.forwardPrepare(&packet)
+        }
         while true {
             switch ESPClassification.classify(&packet) {
             case .ike:
@@ -453,7 +607,6 @@ public final class XFRMStack: @unchecked Sendable {
             case .notESP:
                 return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now)
             case .esp(let info):
-                guard self.network.isLocal(info.destination) || secpath.count > 0 || true else { break }
                 let id = SAID(destination: info.destination, spi: info.spi, proto: IPProtocolNumber.esp)
                 guard let sa = self.states.lookup(id, mark: mark), let transform = sa.transform else {
                     self.statistics.count(.noState)
@@ -476,7 +629,15 @@ public final class XFRMStack: @unchecked Sendable {
                     return .dropped(.inStateExpired)
                 }
                 let length = packet.count
-                let reason = sa.withLock { transform.decapsulate(&packet, info: info) }
+                if cryptoDone && !(metadata?.cryptoSuccess ?? false) {
+                    // Crypto offload RX: the device found the ICV bad.
+                    sa.countDrop(.icvFailed)
+                    self.statistics.count(.icvFailed)
+                    return .dropped(.inStateProtoError)
+                }
+                let done = cryptoDone
+                cryptoDone = false  // only the outermost ESP was handled by the device
+                let reason = sa.withLock { transform.decapsulate(&packet, info: info, cryptoDone: done) }
                 if let reason {
                     sa.countDrop(reason)
                     self.statistics.count(reason)

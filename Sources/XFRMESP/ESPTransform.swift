@@ -112,6 +112,22 @@ public final class ESPTransform: @unchecked Sendable {
     /// generated IV; `ivLength` bytes are read from it.
     @inline(__always)
     public func encapsulate(_ packet: inout PacketBuffer, fixedIV: UnsafeRawPointer? = nil) -> DropReason? {
+        var layout = ESPLayout()
+        return self.encapsulate(&packet, fixedIV: fixedIV, seal: true, layout: &layout)
+    }
+
+    /// Builds ESP around the packet but leaves sealing to an offload device (crypto offload TX, ≈ esp_xmit with
+    /// CRYPTO_FALLBACK off): the headers, IV, padding and trailer are in place, the payload is still plaintext and
+    /// the ICV room is zero. `layout` says where the device must seal.
+    @inline(__always)
+    public func encapsulateForDevice(_ packet: inout PacketBuffer, layout: inout ESPLayout) -> DropReason? {
+        self.encapsulate(&packet, fixedIV: nil, seal: false, layout: &layout)
+    }
+
+    @inline(__always)
+    func encapsulate(_ packet: inout PacketBuffer, fixedIV: UnsafeRawPointer?, seal: Bool, layout: inout ESPLayout)
+        -> DropReason?
+    {
         let p = packet.data
         let n = packet.count
         guard n >= 1 else { return .badOutputPacket }
@@ -194,7 +210,11 @@ public final class ESPTransform: @unchecked Sendable {
             self.cipher.writeIV(esp + 8, sequence: seq)
         }
         let esnHigh: UInt32? = self.esn ? UInt32(truncatingIfNeeded: seq >> 32) : nil
-        guard self.cipher.seal(esp: esp, cryptLength: cryptLength, esnHigh: esnHigh) else { return .encryptFailed }
+        if seal {
+            guard self.cipher.seal(esp: esp, cryptLength: cryptLength, esnHigh: esnHigh) else { return .encryptFailed }
+        } else {
+            (esp + 8 + self.ivLength + cryptLength).initializeMemory(as: UInt8.self, repeating: 0, count: self.icvLength)
+        }
         self.statistics.packets &+= 1
         self.statistics.bytes &+= UInt64(payloadLength)
 
@@ -216,6 +236,7 @@ public final class ESPTransform: @unchecked Sendable {
         if let encap = self.config.encapsulation {
             self.writeUDPHeader(packet: packet, encap: encap, outerV4: outerV4, espOffset: esp - packet.data)
         }
+        layout = ESPLayout(espOffset: esp - packet.data, cryptLength: cryptLength, esnHigh: esnHigh, sequence: seq)
         return nil
     }
 
@@ -286,6 +307,13 @@ public final class ESPTransform: @unchecked Sendable {
     /// inner packet in tunnel mode, or the restored packet in transport mode), or the drop reason.
     @inline(__always)
     public func decapsulate(_ packet: inout PacketBuffer, info: ESPPacketInfo) -> DropReason? {
+        self.decapsulate(&packet, info: info, cryptoDone: false)
+    }
+
+    /// Decapsulates; with `cryptoDone` an offload device already verified the ICV and decrypted in place (crypto
+    /// offload RX, ≈ CRYPTO_DONE in the secpath), so only replay, trailer and mode processing run here.
+    @inline(__always)
+    public func decapsulate(_ packet: inout PacketBuffer, info: ESPPacketInfo, cryptoDone: Bool) -> DropReason? {
         if info.udpEncapsulated != (self.config.encapsulation != nil) { return .encapsulationMismatch }
         let p = packet.data
         let esp = p + info.espOffset
@@ -304,7 +332,7 @@ public final class ESPTransform: @unchecked Sendable {
             return r
         }
         let esnHigh: UInt32? = self.esn ? UInt32(truncatingIfNeeded: seq >> 32) : nil
-        guard self.cipher.open(esp: esp, cryptLength: cryptLength, esnHigh: esnHigh) else {
+        guard cryptoDone || self.cipher.open(esp: esp, cryptLength: cryptLength, esnHigh: esnHigh) else {
             self.statistics.integrityFailed &+= 1
             return .icvFailed
         }
@@ -398,6 +426,25 @@ public final class ESPTransform: @unchecked Sendable {
             ip.storeBE16(UInt16(truncatingIfNeeded: packet.count - HeaderSize.ipv6), at: 4)
         }
         return nil
+    }
+}
+
+/// Where `encapsulateForDevice` left the ESP packet for the device to seal.
+public struct ESPLayout: Sendable, Equatable {
+    /// Offset of the SPI from the packet start.
+    public var espOffset: Int = 0
+    /// Bytes to encrypt after the IV (payload, padding, pad length, next header).
+    public var cryptLength: Int = 0
+    /// The ESN high half to authenticate, if ESN.
+    public var esnHigh: UInt32? = nil
+    /// The full sequence number used.
+    public var sequence: UInt64 = 0
+    public init() {}
+    public init(espOffset: Int, cryptLength: Int, esnHigh: UInt32?, sequence: UInt64) {
+        self.espOffset = espOffset
+        self.cryptLength = cryptLength
+        self.esnHigh = esnHigh
+        self.sequence = sequence
     }
 }
 

@@ -1,12 +1,17 @@
 import XFRMCore
 import XFRMPacket
+import XFRMSimHost
+import XFRMSimulatedNIC
 
 /// `link`, `addr` and `route` in `ip`'s grammar, against the stack's network model.
 enum NetworkCommands {
-    static func run(_ args: [String], network: NetworkModel) throws(SessionError) -> String {
+    static func run(_ args: [String], host: SimHost, peers: [String: SimHost], stats: Bool) throws(SessionError)
+        -> String
+    {
+        let network = host.stack.network
         do throws(NetworkError) {
             switch args[0] {
-            case "link": return try self.link(Array(args.dropFirst()), network)
+            case "link": return try self.link(Array(args.dropFirst()), host, peers: peers, stats: stats)
             case "route": return try self.route(Array(args.dropFirst()), network)
             default: return try self.addr(Array(args.dropFirst()), network)
             }
@@ -20,8 +25,11 @@ enum NetworkCommands {
         return v
     }
 
-    static func link(_ a: [String], _ n: NetworkModel) throws(NetworkError) -> String {
-        guard let verb = a.first else { return self.showLinks(n, name: nil) }
+    static func link(_ a: [String], _ host: SimHost, peers: [String: SimHost], stats: Bool) throws(NetworkError)
+        -> String
+    {
+        let n = host.stack.network
+        guard let verb = a.first else { return self.showLinks(host, name: nil, stats: stats) }
         switch verb {
         case "add":
             guard a.count >= 2 else { throw NetworkError(22, "Not enough information: \"dev\" argument is required.") }
@@ -34,24 +42,63 @@ enum NetworkCommands {
             }
             var kind: String? = nil
             var mtu = 1500
+            var capacity = 33
+            var modes: Set<OffloadType> = [.crypto, .packet]
+            var peer: SimulatedNIC? = nil
+            var forward = false
+            func value(_ what: String) throws(NetworkError) -> String {
+                guard i + 1 < a.count else { throw NetworkError(22, "Error: argument of \"\(what)\" is missing.") }
+                return a[i + 1]
+            }
             while i < a.count {
+                var step = 2
                 switch a[i] {
-                case "type":
-                    guard i + 1 < a.count else { throw NetworkError(22, "Error: argument of \"type\" is missing.") }
-                    kind = a[i + 1]
-                    i += 2
-                case "mtu":
-                    mtu = try self.mtu(i + 1 < a.count ? a[i + 1] : nil)
-                    i += 2
+                case "type": kind = try value("type")
+                case "mtu": mtu = try self.mtu(i + 1 < a.count ? a[i + 1] : nil)
+                case "sa-capacity" where kind == "simnic":
+                    guard let c = Int(try value("sa-capacity")), c > 0, c <= 65536 else {
+                        throw NetworkError(22, "Error: argument \"\(a[i + 1])\" is wrong: Invalid \"sa-capacity\" value")
+                    }
+                    capacity = c
+                case "offload" where kind == "simnic":
+                    switch try value("offload") {
+                    case "crypto": modes = [.crypto]
+                    case "packet": modes = [.packet]
+                    case "both": modes = [.crypto, .packet]
+                    default:
+                        throw NetworkError(22, "Error: argument \"\(a[i + 1])\" is wrong: offload is crypto, packet or both")
+                    }
+                case "peer" where kind == "simnic":
+                    // "peer NAME" on this host, or "peer HOST:NAME" on another simulated host of the session.
+                    let spec = try value("peer")
+                    let parts = spec.split(separator: ":", maxSplits: 1).map(String.init)
+                    let other = parts.count == 2 ? peers[parts[0]] : host
+                    guard let other, let nic = other.nic(named: parts.last!) else {
+                        throw NetworkError(19, "Cannot find device \"\(spec)\"")
+                    }
+                    peer = nic
+                case "fwd-offload" where kind == "simnic":
+                    forward = true
+                    step = 1
                 default:
                     throw NetworkError(22, "Error: either \"dev\" is duplicate, or \"\(a[i])\" is a garbage.")
                 }
+                i += step
             }
             guard let kind else { throw NetworkError(22, "Not enough information: \"type\" argument is required.") }
-            guard kind == "dummy" else {
+            switch kind {
+            case "dummy":
+                try n.addInterface(name: name, kind: kind, mtu: mtu)
+            case "simnic":
+                do throws(HostError) {
+                    try host.addSimulatedNIC(name: name, mtu: mtu, saCapacity: capacity, modes: modes, peer: peer,
+                                             supportsForwardPolicies: forward)
+                } catch {
+                    throw NetworkError(22, error.description)
+                }
+            default:
                 throw NetworkError(95, "Error: Unknown device type \"\(kind)\".")
             }
-            try n.addInterface(name: name, kind: kind, mtu: mtu)
             return ""
         case "set":
             guard a.count >= 3 else { throw NetworkError(22, "Not enough information: \"dev\" argument is required.") }
@@ -72,31 +119,39 @@ enum NetworkCommands {
                 default: throw NetworkError(22, "Error: either \"dev\" is duplicate, or \"\(a[i])\" is a garbage.")
                 }
             }
-            try n.modify(name: name) { (i: inout Interface) throws(NetworkError) in
+            let (before, after) = try n.modify(name: name) { (i: inout Interface) throws(NetworkError) in
                 if let mtu {
                     guard mtu >= 68 && mtu <= 65535 else { throw NetworkError(22, "Error: mtu greater than device maximum.") }
                     i.mtu = mtu
                 }
                 if let up { i.isUp = up }
             }
+            if before.isUp && !after.isUp { host.stack.deviceDown(ifindex: after.index) }
             return ""
         case "del", "delete":
             guard a.count >= 2 else { throw NetworkError(22, "Not enough information: \"dev\" argument is required.") }
-            try n.deleteInterface(name: a[1] == "dev" && a.count >= 3 ? a[2] : a[1])
+            let name = a[1] == "dev" && a.count >= 3 ? a[2] : a[1]
+            if host.nic(named: name) != nil {
+                do throws(HostError) { try host.removeNIC(name: name) } catch { throw NetworkError(19, error.description) }
+            } else {
+                try n.deleteInterface(name: name)
+            }
             return ""
         case "show", "list", "ls":
             var name: String? = nil
-            if a.count >= 2 { name = a[1] == "dev" && a.count >= 3 ? a[2] : a[1] }
+            let rest = Array(a.dropFirst().filter { $0 != "-s" })
+            if let first = rest.first { name = first == "dev" && rest.count >= 2 ? rest[1] : first }
             if let name, n.interface(named: name) == nil {
                 throw NetworkError(19, "Device \"\(name)\" does not exist.")
             }
-            return self.showLinks(n, name: name)
+            return self.showLinks(host, name: name, stats: stats || a.contains("-s"))
         default:
             throw NetworkError(22, "Command \"\(verb)\" is unknown, try \"ip link help\".")
         }
     }
 
-    static func showLinks(_ n: NetworkModel, name: String?) -> String {
+    static func showLinks(_ host: SimHost, name: String?, stats: Bool) -> String {
+        let n = host.stack.network
         var out = ""
         for i in n.interfaces where name == nil || i.name == name {
             var flags: [String]
@@ -109,6 +164,12 @@ enum NetworkCommands {
             } else {
                 let mac = String(format: "02:00:00:00:%02x:%02x", (i.index >> 8) & 0xff, i.index & 0xff)
                 out += "    link/ether \(mac) brd ff:ff:ff:ff:ff:ff\n"
+            }
+            if let nic = host.nic(ifindex: i.index) {
+                out += "    simnic offload \(nic.supportedTypes.map(\.name).sorted().joined(separator: ","))\n"
+                if stats {
+                    for line in nic.debugDescription.split(separator: "\n") { out += "    \(line)\n" }
+                }
             }
         }
         return out

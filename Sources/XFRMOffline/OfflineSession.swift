@@ -8,6 +8,7 @@ import XFRMControl
 import XFRMCore
 import XFRMESP
 import XFRMPacket
+import XFRMSimHost
 import XFRMWire
 
 /// An error in a batch line, worded for the user.
@@ -28,15 +29,20 @@ final class NetworkNames: InterfaceNameResolver {
 public final class OfflineSession {
     public let clock = ManualClock()
     public let stack: XFRMStack
+    /// The simulated host around the stack: packet pool, simulated NICs, capture of what leaves.
+    public let host: SimHost
     public let server: XfrmControlServer
     public var options: XfrmCLIOptions
     private let names: NetworkNames
     private let subscription: EventBus.Subscription
     /// Whether a `monitor` line switched event printing on.
     public private(set) var monitoring = false
+    /// Other hosts whose simulated NICs `link add ... peer HOST:NAME` may join (the demo's two hosts).
+    public var peers: [String: SimHost] = [:]
 
     public init(options: XfrmCLIOptions = XfrmCLIOptions()) {
         self.stack = XFRMStack(clock: self.clock)
+        self.host = SimHost(stack: self.stack, poolSlots: 1024, capture: true)
         self.server = XfrmControlServer(stack: self.stack)
         self.options = options
         self.names = NetworkNames(self.stack.network)
@@ -76,6 +82,12 @@ public final class OfflineSession {
         guard let head = args.first else { return "" }
         var out = ""
         switch head {
+        case "policy" where args.count >= 2 && args[1] == "set" && args.contains("offload-priority"):
+            // A stack setting (like a sysctl), not an XFRM netlink request.
+            guard args.count == 4, args[2] == "offload-priority", ["strict", "default"].contains(args[3]) else {
+                throw SessionError("Error: usage: policy set offload-priority { strict | default }")
+            }
+            self.stack.strictOffloadPriority.store(args[3] == "strict", ordering: .relaxed)
         case "state", "policy":
             do throws(CommandError) {
                 out = try runXfrmCommand(args, options: self.options, transport: self.server, interfaces: self.names)
@@ -91,6 +103,7 @@ public final class OfflineSession {
             _ = self.subscription.drain()
         case "stat", "stats":
             guard args.count == 1 else { throw SessionError("Error: \"stat\" takes no arguments.") }
+            self.stack.syncDeviceStats()
             out = self.stack.statistics.procText()
         case "clock":
             guard args.count == 3, args[1] == "advance", let n = UInt64(args[2]) else {
@@ -106,7 +119,8 @@ public final class OfflineSession {
                 self.stack.runTimers()
             }
         case "link", "addr", "address", "route":
-            out = try NetworkCommands.run(args, network: self.stack.network)
+            out = try NetworkCommands.run(args, host: self.host, peers: self.peers, stats: self.options.stats > 0)
+            self.host.settle()
         default:
             throw SessionError("Object \"\(head)\" is unknown, try \"xfrm help\".")
         }

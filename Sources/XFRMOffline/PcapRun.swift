@@ -1,5 +1,6 @@
 import XFRMCore
 import XFRMPacket
+import XFRMSimHost
 
 /// Which path `xfrm pcap` runs packets through.
 public enum PcapPath: Sendable {
@@ -9,8 +10,10 @@ public enum PcapPath: Sendable {
 }
 
 extension OfflineSession {
-    /// `xfrm pcap`: every packet of `inPath` through one path of this session's stack; packets that leave (or are
-    /// delivered) go to `outPath`, raw IP. Returns the text printed meanwhile (monitor lines).
+    /// `xfrm pcap`: every packet of `inPath` through one path of this session's host; every packet that leaves an
+    /// interface (including what a simulated NIC's engine puts on its wire) or is delivered locally goes to
+    /// `outPath`, raw IP, in order. Each packet is run to completion (engines drained) before the next.
+    /// Returns the text printed meanwhile (monitor lines).
     public func runPcap(path: PcapPath, inPath: String, outPath: String) throws(SessionError) -> String {
         let packets: [[UInt8]]
         do throws(PcapError) { packets = try readPcapIPPackets(path: inPath) } catch {
@@ -27,32 +30,25 @@ extension OfflineSession {
                 ifindex = self.stack.network.interfaces.first { $0.kind != "loopback" }?.index ?? 1
             }
         }
-        let pool = PacketPool(count: 2, slotSize: 65_536 + 1024, headroom: 512)
+        _ = self.host.takeCaptured()
         var written: [[UInt8]] = []
         var out = ""
         for bytes in packets {
-            var buf = pool.allocate()!
-            defer { pool.release(buf) }
-            guard buf.append(contentsOf: bytes) else { continue }
             switch path {
             case .output:
-                switch self.stack.output(&buf) {
-                case .transmit, .icmpError: written.append(buf.bytes)
-                case .dropped: break
-                }
+                self.host.send(bytes)
             case .input:
-                switch self.stack.input(&buf, ifindex: ifindex) {
-                case .deliver: written.append(buf.bytes)
-                case .forward:
-                    switch self.stack.output(&buf, forwarded: true) {
-                    case .transmit, .icmpError: written.append(buf.bytes)
-                    case .dropped: break
-                    }
-                case .ike, .dropped: break
+                if let nic = self.host.nic(ifindex: ifindex) {
+                    nic.receiveFromWire(bytes)
+                } else {
+                    self.host.receive(bytes, ifindex: ifindex)
                 }
             }
+            self.host.settle()
+            written += self.host.takeCaptured()
             out += self.drainEvents()
         }
+        _ = self.host.takeDelivered()
         do throws(PcapError) { try writePcapIPPackets(written, path: outPath) } catch {
             throw SessionError(error.description)
         }

@@ -10,7 +10,7 @@
 ///
 /// A `PacketBuffer` is a view: copies alias the same bytes. Exactly one holder treats it as the packet at a time —
 /// the path it is travelling through — and returns it to its pool when done.
-public struct PacketBuffer {
+public struct PacketBuffer: @unchecked Sendable {
     /// Base address of the slot.
     public let storage: UnsafeMutableRawPointer
     /// Size of the slot in bytes.

@@ -175,9 +175,9 @@ private struct SPDRow {
 func spdBenchmark(seconds: Double, rounds: Int) {
     checkAllocationCounter()
     var rows: [SPDRow] = []
-    for n in [0, 1_000, 10_000, 100_000] where n > 0 || ProcessInfo.processInfo.environment["NOSLOW"] != nil {
+    for n in [1_000, 10_000, 100_000] {
         let policies = spdPolicies(n, seed: 0x5eed_0000 &+ UInt64(n))
-        let flows = spdFlows(n == 0 ? spdPolicies(10, seed: 1) : policies, count: 4096, seed: 0xf10e_0000 &+ UInt64(n))
+        let flows = spdFlows(policies, count: 4096, seed: 0xf10e_0000 &+ UInt64(n))
         var row = SPDRow(policies: n)
         var db = PolicyDatabase()
 
@@ -199,19 +199,19 @@ func spdBenchmark(seconds: Double, rounds: Int) {
             if fast != nil { hits += 1 }
         }
         row.matched = Double(hits) / Double(flows.count)
-        if n == 0 { row.insertsPerSecond = 1 }
 
+        let database = db  // a constant for the closures (a captured `var` would be retained on every call)
         var next = 0
         var sink: UInt32 = 0
         let fast = { (k: Int) in
             for _ in 0..<k {
-                sink &+= db.lookup(.outbound, flows[next])?.index ?? 1
+                sink &+= database.lookup(.outbound, flows[next])?.index ?? 1
                 next = (next + 1) & 4095
             }
         }
         let slow = { (k: Int) in
             for _ in 0..<k {
-                sink &+= db.linearLookup(.outbound, flows[next])?.index ?? 1
+                sink &+= database.linearLookup(.outbound, flows[next])?.index ?? 1
                 next = (next + 1) & 4095
             }
         }
@@ -221,9 +221,8 @@ func spdBenchmark(seconds: Double, rounds: Int) {
                 row.lookupNs = m.ns
                 row.allocs = m.allocs
             }
-            if ProcessInfo.processInfo.environment["NOSLOW"] == nil {
+            // The scan is slow at 100k: fewer operations per batch, same time budget.
             row.linearNs = min(row.linearNs, spdMeasure(seconds: seconds, batch: max(1, 100_000 / n), slow).ns)
-            }
         }
         if sink == 0x7fff_ffff { print("") }  // keeps the lookups observable
         rows.append(row)

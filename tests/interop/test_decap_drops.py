@@ -275,6 +275,18 @@ def test_bad_padding_pad_length_too_long(work):
     run_expect(p, work, items)
 
 
+def test_bad_padding_contents(work):
+    """A valid ICV but padding bytes other than 01 02 03 ..: the receiver inspects them (RFC 4303 2.4)."""
+    p = make_params("gcm128", "tunnel4in4")
+    s = Sender(p)
+    inner = s.inner(1)
+    n = -(len(inner) + 2) % 4 or 4  # at least one padding byte
+    good = inner + bytes(range(1, n + 1)) + bytes([n, 4])
+    bad = inner + bytes(n) + bytes([n, 4])
+    items = [(gcm_esp_packet(p, 1, bad), "drop badPadding", None), (gcm_esp_packet(p, 2, good), "ok", inner)]
+    run_expect(p, work, items)
+
+
 def test_bad_padding_cbc(work):
     p = make_params("cbc256-sha256", "tunnel4in4")
     s = Sender(p)

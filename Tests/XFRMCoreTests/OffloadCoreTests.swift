@@ -1,0 +1,278 @@
+import Testing
+import XFRMCore
+import XFRMCrypto
+import XFRMESP
+import XFRMPacket
+import XFRMTestKit
+
+/// The core's offload rules, against a recording fake device (the simulated NIC has its own tests).
+@Suite("Offload rules in the core")
+struct OffloadCoreTests {
+    /// Host A of TwoHosts with a fake device on eth0.
+    func setUp(_ device: FakeOffloadDevice = FakeOffloadDevice()) throws -> (TwoHosts, FakeOffloadDevice) {
+        let h = try TwoHosts()
+        try h.a.attachDevice(device, ifindex: 2)
+        return (h, device)
+    }
+
+    func outSA(_ h: TwoHosts, spi: UInt32 = 0x1001, esn: Bool = false) throws -> SecurityAssociation {
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: spi, on: h.a).config
+        c.esn = esn
+        c.replayWindow = esn ? 32 : c.replayWindow
+        return try h.a.makeSA(c)
+    }
+
+    @Test("registration refuses ESP offload without add/delete, and TX checksum without ESP offload")
+    func registration() throws {
+        let h = try TwoHosts()
+        #expect(throws: DeviceError.self) {
+            try h.a.attachDevice(FakeOffloadDevice(callbacks: [.stateAdd]), ifindex: 2)
+        }
+        #expect(throws: DeviceError.self) {
+            try h.a.attachDevice(FakeOffloadDevice(features: [.hwESPTxChecksum]), ifindex: 2)
+        }
+        try h.a.attachDevice(FakeOffloadDevice(features: [.hwESP], callbacks: [.stateAdd, .stateDelete]), ifindex: 2)
+    }
+
+    @Test("state add/delete/free are called once each, in order")
+    func callOrder() throws {
+        let (h, dev) = try setUp()
+        let sa = try outSA(h)
+        try h.a.addState(sa, offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+        #expect(sa.offload?.type == .crypto)
+        try h.a.deleteState(sa.id, mark: Mark())
+        #expect(dev.callLog == ["stateAdd 0x1001 crypto", "stateDelete 0x1001", "stateFree 0x1001"])
+        #expect(sa.offload == nil)
+    }
+
+    @Test("crypto offload falls back to software silently; packet offload fails and leaves nothing behind")
+    func fallback() throws {
+        let (h, dev) = try setUp(FakeOffloadDevice(supportedTypes: [.crypto]))
+        // EOPNOTSUPP from the driver.
+        dev.failNextAdd = DeviceError(95, "")
+        let sw = try outSA(h)
+        try h.a.addState(sw, offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+        #expect(sw.offload == nil)
+        #expect(h.a.states.count == 1)
+        // No device on the interface (lan0) and an unroutable one: still software.
+        let sw2 = try outSA(h, spi: 0x1002)
+        try h.a.addState(sw2, offload: OffloadRequest(ifindex: 3, direction: .outbound, type: .crypto))
+        #expect(sw2.offload == nil)
+        // Packet offload with EOPNOTSUPP: the command fails and no SA is added.
+        let p = try outSA(h, spi: 0x1003)
+        #expect(throws: StateDatabaseError.self) {
+            try h.a.addState(p, offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
+        }
+        #expect(throws: StateDatabaseError.self) {
+            try h.a.addState(try outSA(h, spi: 0x1004), offload: OffloadRequest(ifindex: 3, direction: .outbound, type: .packet))
+        }
+        #expect(h.a.states.count == 2)
+    }
+
+    @Test("a full device table (ENOSPC) fails the add in both modes")
+    func tableFull() throws {
+        let (h, dev) = try setUp()
+        for type in [OffloadType.crypto, .packet] {
+            dev.failNextAdd = DeviceError(28, "No space for SA in Tx table!")
+            #expect(throws: StateDatabaseError(28, "No space for SA in Tx table!")) {
+                try h.a.addState(try outSA(h), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: type))
+            }
+        }
+        #expect(h.a.states.count == 0)
+    }
+
+    @Test("crypto offload with ESN needs advance_esn; packet offload does not")
+    func esn() throws {
+        let (h, _) = try setUp(FakeOffloadDevice(callbacks: [.stateAdd, .stateDelete, .stateFree, .updateStats]))
+        #expect(throws: StateDatabaseError(22, "Device doesn't support offload with ESN")) {
+            try h.a.addState(try outSA(h, esn: true), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+        }
+        try h.a.addState(try outSA(h, esn: true), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
+    }
+
+    @Test("a duplicate across hardware and software is EEXIST and the device add is undone")
+    func duplicateUndone() throws {
+        let (h, dev) = try setUp()
+        try h.a.addState(try outSA(h))
+        #expect(throws: StateDatabaseError(17, "File exists")) {
+            try h.a.addState(try outSA(h), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
+        }
+        #expect(dev.callLog == ["stateAdd 0x1001 packet", "stateDelete 0x1001", "stateFree 0x1001"])
+    }
+
+    func packetSetup(_ h: TwoHosts) throws -> Policy {
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+        let sel = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
+        let p = try h.a.addPolicy(Policy(selector: sel, direction: .outbound, templates: [t],
+                                         offload: PolicyOffload(ifindex: 2)), update: false)
+        return p
+    }
+
+    @Test("an offloaded policy uses only packet SAs on its device; a software policy never uses a packet SA")
+    func resolution() throws {
+        let (h, _) = try setUp()
+        _ = try packetSetup(h)
+        // Only a software SA: the offloaded policy does not use it (acquire instead).
+        try h.a.addState(try outSA(h))
+        #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
+        try h.a.flushStates(proto: 0)
+        try h.a.addState(try outSA(h, spi: 0x1002), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
+        let (r, bytes) = h.send(h.packet())
+        guard case .offload(let ifindex, let meta) = r else {
+            Issue.record("expected the packet to go to the device, got \(r)")
+            return
+        }
+        #expect(ifindex == 2)
+        #expect(meta.cryptLength == 0)
+        #expect(bytes == h.packet(), "packet offload hands the device plaintext")
+        let sa = h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1002))!
+        #expect(sa.current.packets == 0, "no per-packet SA accounting on the host")
+        // A software policy with only the packet SA: never used.
+        h.a.flushPolicies()
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+        let sel = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
+        try h.a.addPolicy(Policy(selector: sel, direction: .outbound, templates: [t]), update: false)
+        #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
+    }
+
+    @Test("packet offload drops (XfrmOutError) what the device cannot take: options, oversize, wrong device")
+    func packetDrops() throws {
+        let (h, _) = try setUp()
+        _ = try packetSetup(h)
+        try h.a.addState(try outSA(h), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
+        let opts = PacketFactory.ipv4(source: "10.0.1.1", destination: "10.0.2.1", options: [1, 1, 1, 0],
+                                      payload: PacketFactory.udp(payload: [1]))
+        #expect(h.send(opts).0 == .dropped(.outError))
+        #expect(h.send(h.packet(size: 1470, df: false)).0 == .dropped(.outError))
+        let (r, icmp) = h.send(h.packet(size: 1470, df: true))
+        #expect(r == .icmpError)
+        #expect(icmp[20] == 3 && icmp[21] == 4)
+        #expect(h.a.statistics[.outError] == 3)
+        // The route to the peer now leads to another interface.
+        try h.a.network.addRoute(IPPrefix("192.0.2.2/32")!, device: "lan0", via: nil)
+        #expect(h.send(h.packet()).0 == .dropped(.outError))
+    }
+
+    @Test("crypto offload: the host builds ESP and leaves sealing to the device; without offload_ok it is software")
+    func cryptoTX() throws {
+        let (h, dev) = try setUp()
+        try h.tunnel()
+        try h.a.deleteState(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001), mark: Mark())
+        try h.a.addState(try outSA(h), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+        let (r, bytes) = h.send(h.packet())
+        guard case .offload(_, let meta) = r else {
+            Issue.record("expected crypto offload, got \(r)")
+            return
+        }
+        #expect(meta.espOffset == 20)
+        #expect(meta.cryptLength == 128 + 2 + 2)
+        #expect(bytes[20..<24] == [0, 0, 0x10, 0x01])
+        #expect(bytes.suffix(16).allSatisfy { $0 == 0 }, "the ICV is left for the device")
+        dev.acceptOffloadOK = false
+        let (r2, sealed) = h.send(h.packet())
+        #expect(r2 == .transmit(ifindex: 2))
+        // Software-sealed: B decrypts it.
+        #expect(h.receive(sealed).0 == .deliver)
+    }
+
+    @Test("packet offload RX skips software ESP and policy checks; a failed device status drops")
+    func packetRX() throws {
+        let (h, _) = try setUp()
+        var ok = OffloadMetadata()
+        ok.cryptoDone = true
+        ok.cryptoSuccess = true
+        ok.packetOffloaded = true
+        let clear = PacketFactory.ipv4(source: "10.0.2.1", destination: "10.0.1.1", payload: PacketFactory.udp(payload: [1]))
+        try h.tunnel()  // an IN policy that would refuse clear traffic in software
+        #expect(h.buffers.with(clear) { h.a.input(&$0, ifindex: 2, metadata: ok) }.0 == .deliver)
+        #expect(h.buffers.with(clear) { h.a.input(&$0, ifindex: 2) }.0 == .dropped(.inTmplMismatch))
+        var bad = ok
+        bad.cryptoSuccess = false
+        #expect(h.buffers.with(clear) { h.a.input(&$0, ifindex: 2, metadata: bad) }.0 == .dropped(.inError))
+    }
+
+    @Test("device counters drive the normal expiry: one soft EXPIRE, then hard EXPIRE and deletion; drops fold in")
+    func deviceLifetimes() throws {
+        let (h, dev) = try setUp()
+        var l = LifetimeConfig()
+        l.softPacketLimit = 10
+        l.hardPacketLimit = 20
+        var c = try outSA(h).config
+        c.lifetime = l
+        let sa = try h.a.makeSA(c)
+        try h.a.addState(sa, offload: OffloadRequest(ifindex: 2, direction: .inbound, type: .packet))
+        _ = h.eventsA.drain()
+        var counters = DeviceSACounters()
+        counters.packets = 12
+        counters.bytes = 1200
+        counters.replay = 2
+        counters.integrityFailed = 1
+        dev.counters.withLock { $0[0x1001] = counters }
+        h.a.runTimers()
+        #expect(sa.current.packets == 12)
+        #expect(sa.stats.replay == 2 && sa.stats.failed == 1)
+        #expect(h.a.statistics[.inStateSeqError] == 2)
+        #expect(h.a.statistics[.inStateProtoError] == 1)
+        h.a.runTimers()
+        #expect(h.eventsA.expires().map { $0.1 } == [false], "exactly one soft expire")
+        counters.packets = 20
+        dev.counters.withLock { $0[0x1001] = counters }
+        h.a.deviceLimitEvent()
+        h.a.pollDeviceEvents()
+        #expect(h.eventsA.expires().map { $0.1 } == [true])
+        #expect(h.a.states.count == 0)
+        #expect(dev.callLog.suffix(2) == ["stateDelete 0x1001", "stateFree 0x1001"])
+        #expect(h.a.statistics[.inStateSeqError] == 2, "the same device counts are not folded in twice")
+    }
+
+    @Test("a device going down deletes and frees its SAs and policies and says which went")
+    func deviceDown() throws {
+        let (h, dev) = try setUp()
+        _ = try packetSetup(h)
+        try h.a.addState(try outSA(h), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
+        try h.a.addState(try outSA(h, spi: 0x1005))
+        _ = h.eventsA.drain()
+        h.a.deviceDown(ifindex: 2)
+        #expect(h.a.states.count == 1)
+        #expect(h.a.policies.totalCount == 0)
+        #expect(dev.callLog.suffix(4) == ["stateDelete 0x1001", "stateFree 0x1001", "policyDelete out", "policyFree out"])
+        let flushed = h.eventsA.drain().compactMap { e -> (Int, Int)? in
+            if case .deviceFlushed(_, let s, let p) = e { return (s.count, p.count) } else { return nil }
+        }
+        #expect(flushed.count == 1 && flushed[0] == (1, 1))
+    }
+
+    @Test("policy offload needs a device with policy_add; a failed insert after the device add is undone")
+    func policyOffload() throws {
+        let (h, dev) = try setUp(FakeOffloadDevice(callbacks: [.stateAdd, .stateDelete]))
+        #expect(throws: PolicyDatabaseError(errno: 22, message: "Policy offload is not supported")) {
+            _ = try packetSetup(h)
+        }
+        let (h2, dev2) = try setUp()
+        _ = try packetSetup(h2)
+        #expect(throws: PolicyDatabaseError.self) { _ = try packetSetup(h2) }  // EEXIST
+        #expect(dev2.callLog == ["policyAdd out", "policyAdd out", "policyDelete out", "policyFree out"])
+        _ = dev
+    }
+
+    @Test("offloaded policies win over better software priorities; strict mode refuses the mix instead")
+    func priorities() throws {
+        let (h, _) = try setUp()
+        let sel = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
+        let narrow = Selector(family: 4, source: IPPrefix("10.0.1.1/32")!, destination: IPPrefix("10.0.2.1/32")!)
+        try h.a.addPolicy(Policy(selector: sel, direction: .outbound, priority: 100, offload: PolicyOffload(ifindex: 2)), update: false)
+        try h.a.addPolicy(Policy(selector: narrow, direction: .outbound, action: .block, priority: 1), update: false)
+        #expect(h.a.policies.lookup(.outbound, Flow(source: IPAddress("10.0.1.1")!, destination: IPAddress("10.0.2.1")!))?.offload != nil)
+        h.a.flushPolicies()
+        h.a.strictOffloadPriority.store(true, ordering: .relaxed)
+        try h.a.addPolicy(Policy(selector: sel, direction: .outbound, priority: 100, offload: PolicyOffload(ifindex: 2)), update: false)
+        #expect(throws: PolicyDatabaseError.self) {
+            try h.a.addPolicy(Policy(selector: narrow, direction: .outbound, priority: 50), update: false)
+        }
+        try h.a.addPolicy(Policy(selector: narrow, direction: .outbound, priority: 200), update: false)
+        #expect(throws: PolicyDatabaseError.self) {
+            try h.a.addPolicy(Policy(selector: narrow, direction: .inbound, priority: 10), update: false)
+            try h.a.addPolicy(Policy(selector: sel, direction: .inbound, priority: 10, offload: PolicyOffload(ifindex: 2)), update: false)
+        }
+    }
+}

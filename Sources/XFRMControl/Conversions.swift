@@ -229,7 +229,12 @@ extension SecurityAssociation {
         var oseq: UInt64 = 0
         var top: UInt64 = 0
         var bits: [Bool] = []
-        if let t = self.transform {
+        if self.offload?.type == .packet {
+            // The device owns sequence numbers and the window; show its view.
+            let d = self.deviceCounters
+            oseq = d.outboundSequence
+            top = d.inboundSequence
+        } else if let t = self.transform {
             self.withLock {
                 oseq = t.outboundSequence
                 top = t.replay.top

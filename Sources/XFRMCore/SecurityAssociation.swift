@@ -287,6 +287,9 @@ public final class SecurityAssociation: @unchecked Sendable {
 
     func setOffload(_ o: StateOffload?) { self.mutable.withLock { $0.offload = o } }
 
+    /// The device's counters as of the last sync (for packet offload: its sequence numbers and counts).
+    public var deviceCounters: DeviceSACounters { self.mutable.withLock { $0.lastDeviceCounters } }
+
     /// Takes the device's counters (≈ xdo_dev_state_update_stats): for packet offload the device's byte and packet
     /// counts become curlft; device-side drops are added to the SA's stats. Returns the new drops since the last
     /// sync, for the global counters, and the expiry verdict on the new counts.

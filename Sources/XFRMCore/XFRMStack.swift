@@ -176,6 +176,8 @@ public final class XFRMStack: @unchecked Sendable {
         if kept === sa, let old, old !== sa { self.releaseFromDevice(old) }
         if kept !== sa { self.releaseFromDevice(sa) }
         self.events.publish(.stateAdded(kept, update: true))
+        // ≈ xfrm_state_update: new limits apply at once to an SA that was already used.
+        if kept.offload != nil { self.syncDeviceStats() }
         return kept
     }
 

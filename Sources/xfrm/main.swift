@@ -5,6 +5,7 @@
 //                                                           monitor, clock advance N, stat), as `ip -batch`
 //   xfrm [-s] [--offline] COMMAND...                        one command
 //   xfrm [-s] pcap --batch SETUP [--then AFTER] (--output-path | --input-path [--dev NAME]) IN.pcap OUT.pcap
+//   xfrm demo                                               two simulated hosts, every offload mode, no root
 
 import Foundation
 import XFRMCommandLine
@@ -36,6 +37,10 @@ while let a = args.first, a.hasPrefix("-") {
         exit(0)
     default: fail("Option \"\(a)\" is unknown, try \"xfrm -help\".")
     }
+}
+
+if args.first == "demo" {
+    exit(Demo.run() ? 0 : 1)
 }
 
 let session = OfflineSession(options: options)

@@ -493,7 +493,7 @@ struct PolicyDatabaseTests {
             let update = rng.next() % 4 == 0
             if let stored = try? db.insert(p, update: update) { keys.append(stored.key) }
         }
-        check(&rng, flows: 3000)
+        check(&rng, flows: 1500)
 
         // Churn: delete a third, update some, add more; the index must stay exact.
         keys.shuffle(using: &rng)
@@ -507,13 +507,13 @@ struct PolicyDatabaseTests {
             }
             if let stored = try? db.insert(p, update: true) { keys.append(stored.key) }
         }
-        check(&rng, flows: 3000)
+        check(&rng, flows: 1500)
         #expect(db.totalCount == db.list().count)
         #expect(db.count(.outbound) + db.count(.inbound) + db.count(.forward) == db.totalCount)
 
         // Emptying the database empties the index.
         db.flush { _ in rng.next() % 2 == 0 }
-        check(&rng, flows: 500)
+        check(&rng, flows: 300)
         db.flush()
         #expect(db.lookup(.outbound, flow("10.0.0.1", "10.0.0.2")) == nil)
     }

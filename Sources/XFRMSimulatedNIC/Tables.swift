@@ -267,10 +267,14 @@ struct Tables {
         self.snapshot = TableSnapshot(sas: self.sas, policies: self.policies)
     }
 
-    /// The entry for a handle (deleted or not), else the newest with the same SA id and direction.
+    /// The entry a handle names (deleted or not). Without a handle (0: the core did not keep it), the newest entry
+    /// with the same SA id and direction. A stale handle finds nothing.
     func find(handle: UInt64, sa: SecurityAssociation, direction: OffloadDirection) -> SAEntry? {
-        let slot = Int(handle & 0x7fff_ffff)
-        if handle != 0, slot < self.sas.count, let e = self.sas[slot], e.handle == handle { return e }
+        if handle != 0 {
+            let slot = Int(handle & 0x7fff_ffff)
+            guard slot < self.sas.count, let e = self.sas[slot], e.handle == handle else { return nil }
+            return e
+        }
         return self.sas.compactMap { $0 }.filter { $0.id == sa.id && $0.direction == direction }
             .max { $0.order < $1.order }
     }

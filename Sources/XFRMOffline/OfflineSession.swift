@@ -73,12 +73,33 @@ public final class OfflineSession {
         }
         if has { out.append(cur) }
         if out.first == "ip" { out.removeFirst() }
+        // Options may come before the object, as in `ip -s xfrm state list`; keep them in front.
+        var options: [String] = []
+        while let o = out.first, o.hasPrefix("-") {
+            options.append(o)
+            out.removeFirst()
+        }
         if out.first == "xfrm" { out.removeFirst() }
-        return out
+        return options + out
     }
 
     /// Runs one command (already split into words); returns its output.
     public func run(_ args: [String]) throws(SessionError) -> String {
+        var args = args
+        var extraStats = 0
+        while let o = args.first, o.hasPrefix("-") {
+            guard ["-s", "-stats", "-statistics"].contains(o) else {
+                throw SessionError("Option \"\(o)\" is unknown, try \"xfrm -help\".")
+            }
+            extraStats += 1
+            args.removeFirst()
+        }
+        if extraStats > 0 {
+            let saved = self.options
+            self.options.stats += extraStats
+            defer { self.options = saved }
+            return try self.run(args)
+        }
         guard let head = args.first else { return "" }
         var out = ""
         switch head {

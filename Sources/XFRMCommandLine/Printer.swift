@@ -109,36 +109,10 @@ func addressText(_ family: UInt16, _ a: XfrmAddress) -> String {
 
 // MARK: - Attributes by type (parse_rtattr: the last of a type wins)
 
-func attributeType(_ a: XfrmAttribute) -> UInt16 {
-    switch a {
-    case .algAuth: XfrmAttributeType.algAuth.rawValue
-    case .algAuthTrunc: XfrmAttributeType.algAuthTrunc.rawValue
-    case .algCrypt: XfrmAttributeType.algCrypt.rawValue
-    case .algAEAD: XfrmAttributeType.algAEAD.rawValue
-    case .encap: XfrmAttributeType.encap.rawValue
-    case .templates: XfrmAttributeType.tmpl.rawValue
-    case .sa: XfrmAttributeType.sa.rawValue
-    case .policy: XfrmAttributeType.policy.rawValue
-    case .replay: XfrmAttributeType.replayVal.rawValue
-    case .replayESN: XfrmAttributeType.replayESNVal.rawValue
-    case .coAddress: XfrmAttributeType.coAddr.rawValue
-    case .lastUsed: XfrmAttributeType.lastUsed.rawValue
-    case .policyType: XfrmAttributeType.policyType.rawValue
-    case .mark: XfrmAttributeType.mark.rawValue
-    case .tfcPad: XfrmAttributeType.tfcPad.rawValue
-    case .extraFlags: XfrmAttributeType.saExtraFlags.rawValue
-    case .offloadDevice: XfrmAttributeType.offloadDev.rawValue
-    case .ifID: XfrmAttributeType.ifID.rawValue
-    case .saDir: XfrmAttributeType.saDir.rawValue
-    case .proto: XfrmAttributeType.proto.rawValue
-    case .unknown(let t, _): t & 0x3fff
-    }
-}
-
 struct AttrTable {
     var byType: [UInt16: XfrmAttribute] = [:]
     init(_ attrs: [XfrmAttribute]) {
-        for a in attrs { self.byType[attributeType(a)] = a }
+        for a in attrs { self.byType[a.type & 0x3fff] = a }
     }
     func has(_ t: UInt16) -> Bool { self.byType[t] != nil }
     func has(_ t: XfrmAttributeType) -> Bool { self.byType[t.rawValue] != nil }

@@ -83,7 +83,8 @@ public enum XfrmAttribute: Equatable, Sendable {
     case proto(UInt8)
     case unknown(type: UInt16, payload: [UInt8])
 
-    var type: UInt16 {
+    /// The attribute's XFRMA_* number.
+    public var type: UInt16 {
         switch self {
         case .algAuth: XfrmAttributeType.algAuth.rawValue
         case .algAuthTrunc: XfrmAttributeType.algAuthTrunc.rawValue

@@ -43,7 +43,9 @@ let package = Package(
         .target(name: "CMallocCounter"),
         .executableTarget(
             name: "xfrm-bench",
-            dependencies: ["XFRMESP", "XFRMCore", "XFRMTestKit", "CXFRMCrypto", "CMallocCounter"]
+            dependencies: [
+                "XFRMESP", "XFRMCore", "XFRMTestKit", "CXFRMCrypto", "CMallocCounter", "XFRMSimHost", "XFRMSimulatedNIC",
+            ]
         ),
         .target(name: "XFRMTestKit", dependencies: ["XFRMPacket", "XFRMCore"]),
         .testTarget(name: "XFRMPacketTests", dependencies: ["XFRMPacket", "XFRMTestKit"]),

@@ -2,6 +2,8 @@
 //
 //   swift run -c release xfrm-bench esp [--seconds S] [--rounds N]     ESP encap/decap vs raw OpenSSL AES-GCM
 //   swift run -c release xfrm-bench spd [--seconds S] [--rounds N]     SPD lookup at 1k/10k/100k policies vs a linear scan
+//   swift run -c release xfrm-bench modes [--packets N] [--rounds N] [--svg PATH]
+//                                          host CPU per packet and throughput: baseline, software, crypto, packet offload
 //
 // Each benchmark lives in its own file; this file only dispatches.
 
@@ -28,7 +30,7 @@ while !args.isEmpty {
     switch a {
     case "--seconds": seconds = Double(args.isEmpty ? "" : args.removeFirst()) ?? 0.3
     case "--rounds": rounds = Int(args.isEmpty ? "" : args.removeFirst()) ?? 5
-    default: command = a
+    default: if command == nil { command = a }  // the first word is the command; `modes` parses the rest itself
     }
 }
 switch command {
@@ -36,7 +38,8 @@ case "esp":
     checkAllocationCounter()
     espBenchmark(seconds: seconds, rounds: rounds)
 case "spd": spdBenchmark(seconds: seconds, rounds: rounds)
+case "modes": modesBenchmark(arguments: Array(CommandLine.arguments.dropFirst()))
 default:
-    FileHandle.standardError.write("usage: xfrm-bench esp|spd [--seconds S] [--rounds N]\n".data(using: .utf8)!)
+    FileHandle.standardError.write("usage: xfrm-bench esp|spd [--seconds S] [--rounds N] | modes [--packets N] [--rounds N] [--svg PATH]\n".data(using: .utf8)!)
     exit(2)
 }

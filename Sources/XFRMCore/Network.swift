@@ -53,8 +53,12 @@ public final class NetworkModel: @unchecked Sendable {
         var nextIndex: Int32 = 2
     }
     private let state = Mutex(State())
+    private let changes = Atomic<UInt64>(0)
 
     public init() {}
+
+    /// Bumped on every change of interfaces, addresses or routes.
+    public var generation: UInt64 { self.changes.load(ordering: .acquiring) }
 
     public var interfaces: [Interface] { self.state.withLock { $0.interfaces } }
     public var routes: [Route] { self.state.withLock { $0.routes } }
@@ -70,7 +74,8 @@ public final class NetworkModel: @unchecked Sendable {
     /// `ip link add NAME type KIND [mtu N]`.
     @discardableResult
     public func addInterface(name: String, kind: String, mtu: Int = 1500) throws(NetworkError) -> Interface {
-        try self.state.withLock { s throws(NetworkError) -> Interface in
+        self.changes.wrappingAdd(1, ordering: .releasing)
+        return try self.state.withLock { s throws(NetworkError) -> Interface in
             guard !name.isEmpty, name.count < 16, !name.contains("/"), !name.contains(" ") else {
                 throw NetworkError(22, "Error: argument \"\(name)\" is wrong: \"name\" not a valid ifname")
             }
@@ -92,7 +97,8 @@ public final class NetworkModel: @unchecked Sendable {
     public func modify(name: String, _ change: (inout Interface) throws(NetworkError) -> Void)
         throws(NetworkError) -> (before: Interface, after: Interface)
     {
-        try self.state.withLock { s throws(NetworkError) -> (Interface, Interface) in
+        self.changes.wrappingAdd(1, ordering: .releasing)
+        return try self.state.withLock { s throws(NetworkError) -> (Interface, Interface) in
             guard let i = s.interfaces.firstIndex(where: { $0.name == name }) else {
                 throw NetworkError(19, "Cannot find device \"\(name)\"")
             }
@@ -107,7 +113,8 @@ public final class NetworkModel: @unchecked Sendable {
     /// `ip link del NAME`: removes the interface and its routes.
     @discardableResult
     public func deleteInterface(name: String) throws(NetworkError) -> Interface {
-        try self.state.withLock { s throws(NetworkError) -> Interface in
+        self.changes.wrappingAdd(1, ordering: .releasing)
+        return try self.state.withLock { s throws(NetworkError) -> Interface in
             guard let i = s.interfaces.firstIndex(where: { $0.name == name }) else {
                 throw NetworkError(19, "Cannot find device \"\(name)\"")
             }
@@ -122,7 +129,8 @@ public final class NetworkModel: @unchecked Sendable {
 
     /// `ip addr add ADDR/PLEN dev NAME`; also adds the connected route, as the kernel does.
     public func addAddress(_ prefix: IPPrefix, device: String) throws(NetworkError) {
-        try self.state.withLock { s throws(NetworkError) in
+        self.changes.wrappingAdd(1, ordering: .releasing)
+        return try self.state.withLock { s throws(NetworkError) in
             guard let i = s.interfaces.firstIndex(where: { $0.name == device }) else {
                 throw NetworkError(19, "Cannot find device \"\(device)\"")
             }
@@ -139,7 +147,8 @@ public final class NetworkModel: @unchecked Sendable {
 
     /// `ip route add PREFIX dev NAME [via ADDR]`.
     public func addRoute(_ prefix: IPPrefix, device: String, via: IPAddress?) throws(NetworkError) {
-        try self.state.withLock { s throws(NetworkError) in
+        self.changes.wrappingAdd(1, ordering: .releasing)
+        return try self.state.withLock { s throws(NetworkError) in
             guard let i = s.interfaces.first(where: { $0.name == device }) else {
                 throw NetworkError(19, "Cannot find device \"\(device)\"")
             }
@@ -178,6 +187,35 @@ public final class NetworkModel: @unchecked Sendable {
             }
             guard let r = best, let i = s.interfaces.first(where: { $0.index == r.ifindex }), i.isUp else { return nil }
             return (r, i)
+        }
+    }
+
+    /// The outgoing interface index and MTU for `destination` (the data path's lookup: nothing copied).
+    @inline(__always)
+    public func egress(to destination: IPAddress) -> (ifindex: Int32, mtu: Int)? {
+        self.state.withLock { s in
+            var best = -1
+            var bestLength = -1
+            var i = 0
+            while i < s.routes.count {
+                let r = s.routes[i]
+                if Int(r.prefix.length) > bestLength && r.prefix.address.version == destination.version
+                    && r.prefix.contains(destination) {
+                    best = i
+                    bestLength = Int(r.prefix.length)
+                }
+                i += 1
+            }
+            guard best >= 0 else { return nil }
+            let ifindex = s.routes[best].ifindex
+            var j = 0
+            while j < s.interfaces.count {
+                if s.interfaces[j].index == ifindex {
+                    return s.interfaces[j].isUp ? (ifindex, s.interfaces[j].mtu) : nil
+                }
+                j += 1
+            }
+            return nil
         }
     }
 

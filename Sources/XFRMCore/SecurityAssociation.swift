@@ -176,6 +176,12 @@ public final class SecurityAssociation: @unchecked Sendable {
     }
 
     public var id: SAID { self.config.id }
+
+    /// State, dying mark and offload binding under one lock acquisition (for per-packet resolution).
+    @inline(__always)
+    var resolutionView: (state: SAState, dying: Bool, offloadType: OffloadType?, offloadIfindex: Int32) {
+        self.mutable.withLock { m in (m.state, m.dying, m.offload?.type, m.offload?.ifindex ?? 0) }
+    }
     public var state: SAState { self.mutable.withLock { $0.state } }
     public var isDying: Bool { self.mutable.withLock { $0.dying } }
     public var lifetime: LifetimeConfig { self.mutable.withLock { $0.lifetime } }

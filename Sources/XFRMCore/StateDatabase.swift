@@ -25,8 +25,14 @@ public final class StateDatabase: @unchecked Sendable {
         var generation: UInt64 = 0
     }
     private let tables = Mutex(Tables())
+    private let changes = Atomic<UInt64>(0)
 
     public init() {}
+
+    /// Bumped on every change (cached output decisions are only valid within one generation).
+    public var generation: UInt64 { self.changes.load(ordering: .acquiring) }
+
+    @inline(__always) private func changed() { self.changes.wrappingAdd(1, ordering: .releasing) }
 
     public var count: Int { self.tables.withLock { $0.all.count } }
 
@@ -55,7 +61,8 @@ public final class StateDatabase: @unchecked Sendable {
     /// key-manager sequence number is removed and returned.
     @discardableResult
     public func add(_ sa: SecurityAssociation) throws(StateDatabaseError) -> SecurityAssociation? {
-        try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation? in
+        self.changed()
+        return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation? in
             if let list = t.bySPI[sa.id], list.contains(where: { $0.config.mark == sa.config.mark }) {
                 throw StateDatabaseError(17, "File exists")
             }
@@ -90,7 +97,8 @@ public final class StateDatabase: @unchecked Sendable {
     /// (≈ xfrm_state_update). ESRCH when there is nothing to update. Returns the SA now in the database.
     @discardableResult
     public func update(_ sa: SecurityAssociation) throws(StateDatabaseError) -> SecurityAssociation {
-        try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
+        self.changed()
+        return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
             guard let old = t.bySPI[sa.id]?.first(where: { $0.config.mark == sa.config.mark }) else {
                 throw StateDatabaseError(3, "No such process")
             }
@@ -113,7 +121,8 @@ public final class StateDatabase: @unchecked Sendable {
     /// Deletes the SA (≈ __xfrm_state_delete). ESRCH when absent.
     @discardableResult
     public func delete(_ id: SAID, mark: Mark) throws(StateDatabaseError) -> SecurityAssociation {
-        try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
+        self.changed()
+        return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
             guard let sa = t.bySPI[id]?.first(where: { $0.config.mark == mark || $0.config.mark.matches(mark.value) })
             else { throw StateDatabaseError(3, "No such process") }
             Self.unlink(&t, sa)
@@ -124,7 +133,8 @@ public final class StateDatabase: @unchecked Sendable {
     /// Removes a specific SA object if it is still present; returns whether it was.
     @discardableResult
     public func remove(_ sa: SecurityAssociation) -> Bool {
-        self.tables.withLock { t in
+        self.changed()
+        return self.tables.withLock { t in
             guard t.all.contains(where: { $0 === sa }) else { return false }
             Self.unlink(&t, sa)
             return true
@@ -134,7 +144,8 @@ public final class StateDatabase: @unchecked Sendable {
     /// Removes every SA `matching` selects (protocol flush, device flush); returns them.
     @discardableResult
     public func flush(where matching: (SecurityAssociation) -> Bool) -> [SecurityAssociation] {
-        self.tables.withLock { t in
+        self.changed()
+        return self.tables.withLock { t in
             let gone = t.all.filter(matching)
             for sa in gone { Self.unlink(&t, sa) }
             return gone
@@ -143,7 +154,8 @@ public final class StateDatabase: @unchecked Sendable {
 
     /// Inserts a larval SA (acquire or allocspi) without the duplicate rules of `add`.
     func insertLarval(_ sa: SecurityAssociation) {
-        self.tables.withLock { t in
+        self.changed()
+        return self.tables.withLock { t in
             t.generation += 1
             sa.generation = t.generation
             t.bySPI[sa.id, default: []].insert(sa, at: 0)
@@ -171,40 +183,36 @@ public final class StateDatabase: @unchecked Sendable {
                         mark: UInt32, packetOffloadDevice: Int32? = nil) -> Resolution {
         self.tables.withLock { t in
             var best: SecurityAssociation? = nil
-            var bestDying = true
             var acquiring = false
             // Newest first, so the first non-dying candidate is the one to take.
             var i = t.all.count - 1
+            let wantMode: ESPMode = template.mode == 1 ? .tunnel : .transport
             while i >= 0 {
                 let sa = t.all[i]
                 i -= 1
-                let c = sa.config
-                guard c.id.proto == template.proto, c.id.destination == destination, c.source == source,
-                    template.reqid == 0 || c.reqid == template.reqid,
-                    c.mode == (template.mode == 1 ? .tunnel : .transport),
-                    template.spi == 0 || c.id.spi == template.spi,
-                    c.direction != .inbound, c.mark.matches(mark)
+                guard sa.config.id.proto == template.proto, sa.config.id.destination == destination,
+                    sa.config.source == source,
+                    template.reqid == 0 || sa.config.reqid == template.reqid,
+                    sa.config.mode == wantMode,
+                    template.spi == 0 || sa.config.id.spi == template.spi,
+                    sa.config.direction != .inbound, sa.config.mark.matches(mark)
                 else { continue }
+                let v = sa.resolutionView
                 // A packet-offload policy resolves only to packet-offload SAs on its device; a software policy
                 // never uses a packet-offload SA (spec §4.2).
-                let o = sa.offload
                 if let dev = packetOffloadDevice {
-                    guard o?.type == .packet, o?.ifindex == dev else { continue }
-                } else if o?.type == .packet {
+                    guard v.offloadType == .packet, v.offloadIfindex == dev else { continue }
+                } else if v.offloadType == .packet {
                     continue
                 }
-                switch sa.state {
+                switch v.state {
                 case .acquiring:
-                    if c.selector.matches(flow) || c.id.spi == 0 { acquiring = true }
+                    if sa.config.id.spi == 0 || sa.config.selector.matches(flow) { acquiring = true }
                     continue
                 case .valid:
-                    guard c.selector.matches(flow) else { continue }
-                    let dying = sa.isDying
-                    if best == nil || (bestDying && !dying) {
-                        best = sa
-                        bestDying = dying
-                        if !dying { return .found(sa) }
-                    }
+                    guard sa.config.selector.matches(flow) else { continue }
+                    if !v.dying { return .found(sa) }
+                    if best == nil { best = sa }
                 default:
                     continue
                 }

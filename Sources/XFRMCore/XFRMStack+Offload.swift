@@ -37,6 +37,7 @@ extension XFRMStack {
             throw DeviceError(22, "\(device.name): ESP offload needs the state add and delete callbacks")
         }
         self.deviceTable.withLock { $0.devices[ifindex] = device }
+        self.configurationChanged()
     }
 
     /// The offload device on an interface, if any.
@@ -62,6 +63,7 @@ extension XFRMStack {
     /// A device going down or away takes its SAs and policies with it (≈ xfrm_dev_state_flush and
     /// xfrm_dev_policy_flush). The kernel tells no one; swift-xfrm also publishes `.deviceFlushed`.
     public func deviceDown(ifindex: Int32, detach: Bool = false) {
+        self.configurationChanged()
         let states = self.states.flush { $0.offload?.ifindex == ifindex }
         for sa in states { self.releaseFromDevice(sa) }
         let policies = self.policies.flush { $0.offload?.ifindex == ifindex }
@@ -111,6 +113,7 @@ extension XFRMStack {
 
     /// Removes an SA from its device: delete, then free (≈ xfrm_dev_state_delete + xfrm_dev_state_free).
     func releaseFromDevice(_ sa: SecurityAssociation) {
+        self.configurationChanged()
         guard let o = sa.offload, let device = self.device(ifindex: o.ifindex) else { return }
         device.stateDelete(sa, offload: o)
         if device.callbacks.contains(.stateFree) { device.stateFree(sa, offload: o) }

@@ -108,6 +108,19 @@ public final class XFRMStack: @unchecked Sendable {
     private let policySoftSent = Mutex<[UInt32: UInt64]>([:])
     /// Offload devices by interface index, and device-raised limit events waiting for the core.
     let deviceTable = Mutex<DeviceTable>(DeviceTable())
+    /// Bumped by every change that can alter an output decision (SPD, SAD, devices, routes): cache validity.
+    let configGeneration = Atomic<UInt64>(1)
+    let outputCache = OutputCache()
+
+    /// The configuration generation output decisions were made in (stack objects + routes and interfaces).
+    var currentGeneration: UInt64 {
+        @inline(__always) get {
+            self.configGeneration.load(ordering: .acquiring) &+ self.states.generation &+ self.network.generation
+        }
+    }
+
+    /// Invalidates cached output decisions.
+    @inline(__always) func configurationChanged() { self.configGeneration.wrappingAdd(1, ordering: .releasing) }
     /// `xfrm policy set offload-priority strict`: refuse inserts that would let a software policy outrank an
     /// offloaded one (the originally posted design) instead of consulting offloaded policies first.
     public let strictOffloadPriority = Atomic<Bool>(false)
@@ -227,6 +240,7 @@ public final class XFRMStack: @unchecked Sendable {
 
     @discardableResult
     public func addPolicy(_ p: Policy, update: Bool) throws(PolicyDatabaseError) -> Policy {
+        self.configurationChanged()
         var p = p
         p.addTime = self.clock.now
         try self.checkOffloadPriority(p)
@@ -246,6 +260,7 @@ public final class XFRMStack: @unchecked Sendable {
 
     @discardableResult
     public func deletePolicy(key: Policy.Key) throws(PolicyDatabaseError) -> Policy {
+        self.configurationChanged()
         let p = try self.policies.delete(key: key)
         self.releasePolicyFromDevice(p)
         self.events.publish(.policyDeleted(p))
@@ -254,6 +269,7 @@ public final class XFRMStack: @unchecked Sendable {
 
     @discardableResult
     public func deletePolicy(index: UInt32, direction: PolicyDirection) throws(PolicyDatabaseError) -> Policy {
+        self.configurationChanged()
         let p = try self.policies.delete(index: index, direction: direction)
         self.releasePolicyFromDevice(p)
         self.events.publish(.policyDeleted(p))
@@ -261,6 +277,7 @@ public final class XFRMStack: @unchecked Sendable {
     }
 
     public func flushPolicies() {
+        self.configurationChanged()
         for p in self.policies.flush() { self.releasePolicyFromDevice(p) }
         self.events.publish(.policiesFlushed)
     }
@@ -287,6 +304,7 @@ public final class XFRMStack: @unchecked Sendable {
                 || (l.hardUseExpiresSeconds != 0 && useBase + l.hardUseExpiresSeconds <= now)
             if hard {
                 if (try? self.policies.delete(index: p.index, direction: p.direction)) != nil {
+                    self.configurationChanged()
                     self.releasePolicyFromDevice(p)
                     self.events.publish(.policyExpire(p, hard: true))
                 }
@@ -307,6 +325,7 @@ public final class XFRMStack: @unchecked Sendable {
 
     /// Deletes an SA that hit a hard limit and reports EXPIRE hard=1 (a larval acquire entry goes silently).
     func expireHard(_ sa: SecurityAssociation) {
+        self.configurationChanged()
         guard self.states.remove(sa) else { return }
         self.releaseFromDevice(sa)
         if sa.config.crypto == nil && sa.id.spi == 0 { return }
@@ -323,6 +342,12 @@ public final class XFRMStack: @unchecked Sendable {
             return .dropped(.outError)
         }
         let now = self.clock.now
+        let generation = self.currentGeneration
+        if let (hit, touch) = self.outputCache.lookup(flow, generation: generation, now: now) {
+            if touch { self.policies.markUsed(index: hit.policyIndex, direction: .outbound, at: now) }
+            return self.packetOffloadChecks(&packet, sa: hit.sa, device: hit.device, offload: hit.offload,
+                                            limit: hit.limit, tunnel: hit.tunnel)
+        }
         if let policy = self.policies.lookup(.outbound, flow) {
             self.policies.markUsed(index: policy.index, direction: .outbound, at: now)
             if policy.action == .block {
@@ -330,7 +355,8 @@ public final class XFRMStack: @unchecked Sendable {
                 return .dropped(.outPolBlock)
             }
             if let po = policy.offload {
-                return self.outputPacketOffload(&packet, flow: flow, policy: policy, device: po.ifindex, mark: mark)
+                return self.outputPacketOffload(&packet, flow: flow, policy: policy, device: po.ifindex, mark: mark,
+                                                generation: generation, now: now)
             }
             var crypto: (OffloadMetadata, Int32)? = nil
             let single = policy.templates.count == 1
@@ -343,7 +369,7 @@ public final class XFRMStack: @unchecked Sendable {
                     // Crypto offload: a single-transform bundle whose route leads to the SA's device, if the device
                     // takes the packet; otherwise the SA silently works in software (≈ xfrm_dev_offload_ok).
                     if single, let o = sa.offload, o.type == .crypto, let dev = self.device(ifindex: o.ifindex),
-                        let (_, iface) = self.network.route(to: sa.id.destination), iface.index == o.ifindex,
+                        let egress = self.network.egress(to: sa.id.destination), egress.ifindex == o.ifindex,
                         !dev.callbacks.contains(.offloadOK) || dev.offloadOK(packet, sa: sa, offload: o)
                     {
                         var layout = ESPLayout()
@@ -385,7 +411,7 @@ public final class XFRMStack: @unchecked Sendable {
     /// number, no SA accounting on the host — checks only, then the plaintext goes to the device. Whatever the
     /// device cannot take is dropped as XfrmOutError, never sent in software and never in clear.
     private func outputPacketOffload(_ packet: inout PacketBuffer, flow: Flow, policy: Policy, device: Int32,
-                                     mark: UInt32) -> OutputResult {
+                                     mark: UInt32, generation: UInt64, now: UInt64) -> OutputResult {
         guard let template = policy.templates.first else {
             // An offloaded allow policy without templates: plaintext through the device.
             return self.transmit(&packet)
@@ -412,28 +438,41 @@ public final class XFRMStack: @unchecked Sendable {
             return .dropped(.outError)
         }
         let routeTo = sa.config.mode == .tunnel ? sa.id.destination : flow.destination
-        guard let (_, iface) = self.network.route(to: routeTo), iface.index == o.ifindex else {
+        guard let iface = self.network.egress(to: routeTo), iface.ifindex == o.ifindex else {
             self.statistics.increment(.outError)  // the route leads to another device
             return .dropped(.outError)
         }
+        let limit = transform.maximumPayload(forMTU: iface.mtu)
+        let tunnel = sa.config.mode == .tunnel
+        self.outputCache.store(OutputCache.Entry(
+            flow: flow, generation: generation, policyIndex: policy.index, sa: sa, device: dev, offload: o,
+            limit: limit, tunnel: tunnel, lastUse: now))
+        return self.packetOffloadChecks(&packet, sa: sa, device: dev, offload: o, limit: limit, tunnel: tunnel)
+    }
+
+    /// The per-packet part of packet offload TX (≈ xfrm_dev_offload_ok): what the device cannot take is dropped as
+    /// XfrmOutError — IPv4 options, IPv6 extension headers, more than the SA's MTU (tunnel mode with DF answers with
+    /// ICMP) — and the driver's offload_ok has the last word.
+    @inline(__always)
+    private func packetOffloadChecks(_ packet: inout PacketBuffer, sa: SecurityAssociation,
+                                     device: any XfrmOffloadDevice, offload o: StateOffload, limit: Int,
+                                     tunnel: Bool) -> OutputResult {
         let p = packet.data
         let v4 = p.loadByte(at: 0) >> 4 == 4
         if v4 ? p.loadByte(at: 0) & 0x0f != 5 : IPv6Header.isExtensionHeader(p.loadByte(at: 6)) {
             self.statistics.increment(.outError)  // IPv4 options or IPv6 extension headers
             return .dropped(.outError)
         }
-        let limit = transform.maximumPayload(forMTU: iface.mtu)
         if packet.count > limit {
             // The stack never fragments for the device.
             let df = !v4 || p.loadBE16(at: 6) & IPv4Header.flagDF != 0
-            if sa.config.mode == .tunnel && df {
-                self.statistics.increment(.outError)
+            self.statistics.increment(.outError)
+            if tunnel && df {
                 return self.makePacketTooBig(&packet, mtu: limit) ? .icmpError : .dropped(.outError)
             }
-            self.statistics.increment(.outError)
             return .dropped(.outError)
         }
-        if dev.callbacks.contains(.offloadOK) && !dev.offloadOK(packet, sa: sa, offload: o) {
+        if device.callbacks.contains(.offloadOK) && !device.offloadOK(packet, sa: sa, offload: o) {
             self.statistics.increment(.outError)
             return .dropped(.outError)
         }
@@ -464,7 +503,7 @@ public final class XFRMStack: @unchecked Sendable {
         }
         // Tunnel mode: an inner packet that would not fit the path after ESP is refused with ICMP when it may not
         // be fragmented (IPv4 DF, or any IPv6), ≈ xfrm4_tunnel_check_size / xfrm6_tunnel_check_size.
-        if sa.config.mode == .tunnel, let (_, iface) = self.network.route(to: sa.id.destination) {
+        if sa.config.mode == .tunnel, let iface = self.network.egress(to: sa.id.destination) {
             let limit = transform.maximumPayload(forMTU: iface.mtu)
             if packet.count > limit {
                 let p = packet.data
@@ -493,14 +532,14 @@ public final class XFRMStack: @unchecked Sendable {
         let p = packet.data
         let version = p.loadByte(at: 0) >> 4
         let dst: IPAddress = version == 4 ? .loadV4(from: p, at: 16) : .loadV6(from: p, at: 24)
-        guard let (_, iface) = self.network.route(to: dst) else { return .dropped(nil) }
+        guard let iface = self.network.egress(to: dst) else { return .dropped(nil) }
         if packet.count > iface.mtu {
             let df = version == 6 || p.loadBE16(at: 6) & IPv4Header.flagDF != 0
             if df { return self.makePacketTooBig(&packet, mtu: iface.mtu) ? .icmpError : .dropped(.outError) }
             self.statistics.increment(.outError)  // IPv4 fragmentation of the outer packet is not implemented yet
             return .dropped(.outError)
         }
-        return .transmit(ifindex: iface.index)
+        return .transmit(ifindex: iface.ifindex)
     }
 
     /// Turns the packet into an ICMP "fragmentation needed" (IPv4, RFC 1191) or ICMPv6 "packet too big"

@@ -79,15 +79,31 @@ public struct PacketBuffer: @unchecked Sendable {
 
     /// Appends a copy of `bytes`; returns false (and changes nothing) when the tailroom is too small.
     @discardableResult
+    @inlinable
     public mutating func append<C: Collection<UInt8>>(contentsOf bytes: C) -> Bool {
         let n = bytes.count
         guard n <= self.tailroom else { return false }
         let p = self.append(n)
-        var i = 0
-        for b in bytes {
-            p.storeByte(b, at: i)
-            i += 1
+        let copied: Bool? = bytes.withContiguousStorageIfAvailable { src in
+            p.copyMemory(from: src.baseAddress!, byteCount: n)
+            return true
         }
+        if copied == nil {
+            var i = 0
+            for b in bytes {
+                p.storeByte(b, at: i)
+                i += 1
+            }
+        }
+        return true
+    }
+
+    /// Appends a copy of raw bytes (memcpy); false (and nothing changed) when the tailroom is too small.
+    @discardableResult
+    @inline(__always)
+    public mutating func append(bytes: UnsafeRawBufferPointer) -> Bool {
+        guard bytes.count <= self.tailroom else { return false }
+        if let base = bytes.baseAddress { self.append(bytes.count).copyMemory(from: base, byteCount: bytes.count) }
         return true
     }
 

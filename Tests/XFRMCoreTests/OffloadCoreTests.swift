@@ -276,3 +276,32 @@ struct OffloadCoreTests {
         }
     }
 }
+
+@Suite("Packet-offload output cache")
+struct OutputCacheTests {
+    @Test("a cached decision dies with any change: SA deleted, route moved, policy flushed")
+    func invalidation() throws {
+        let h = try TwoHosts()
+        let dev = FakeOffloadDevice()
+        try h.a.attachDevice(dev, ifindex: 2)
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+        let sel = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
+        try h.a.addPolicy(Policy(selector: sel, direction: .outbound, templates: [t], offload: PolicyOffload(ifindex: 2)),
+                          update: false)
+        let sa = try h.a.makeSA(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).config)
+        try h.a.addState(sa, offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
+        for _ in 0..<3 {
+            guard case .offload = h.send(h.packet()).0 else { Issue.record("expected offload"); return }
+        }
+        try h.a.deleteState(sa.id, mark: Mark())
+        #expect(h.send(h.packet()).0 == .dropped(.outNoStates), "the deleted SA is not used from the cache")
+        h.a.flushStates(proto: 0)
+        try h.a.addState(try h.a.makeSA(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1002, on: h.a).config),
+                         offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
+        guard case .offload = h.send(h.packet()).0 else { Issue.record("expected offload"); return }
+        try h.a.network.addRoute(IPPrefix("192.0.2.2/32")!, device: "lan0", via: nil)
+        #expect(h.send(h.packet()).0 == .dropped(.outError), "a route change is seen at once")
+        h.a.flushPolicies()
+        #expect(h.send(h.packet()) .0 != .dropped(.outError))
+    }
+}

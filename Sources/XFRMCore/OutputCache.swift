@@ -1,0 +1,57 @@
+import Synchronization
+import XFRMPacket
+
+/// Per-flow memory of packet-offload output decisions (≈ the kernel's xfrm bundle cached in the route: a
+/// connected flow does not redo the policy lookup and SA resolution per packet). Direct-mapped, one lock per
+/// slot; an entry is valid only for the configuration generation it was made in, so any SPD, SAD, device or
+/// route change empties it at once.
+final class OutputCache: @unchecked Sendable {
+    struct Entry {
+        var flow: Flow
+        var generation: UInt64
+        var policyIndex: UInt32
+        var sa: SecurityAssociation
+        var device: any XfrmOffloadDevice
+        var offload: StateOffload
+        var limit: Int
+        var tunnel: Bool
+        var lastUse: UInt64
+    }
+
+    static let slots = 64
+    private let table: UnsafeMutablePointer<Mutex<Entry?>>
+
+    init() {
+        self.table = .allocate(capacity: Self.slots)
+        for i in 0..<Self.slots { (self.table + i).initialize(to: Mutex(nil)) }
+    }
+
+    deinit {
+        self.table.deinitialize(count: Self.slots)
+        self.table.deallocate()
+    }
+
+    @inline(__always)
+    private func slot(_ flow: Flow) -> Int {
+        var h = Hasher()
+        h.combine(flow)
+        return Int(UInt(bitPattern: h.finalize()) % UInt(Self.slots))
+    }
+
+    /// The cached decision for `flow` made in `generation`; stamps its use time and says whether the policy's use
+    /// time is due for an update (once per second).
+    @inline(__always)
+    func lookup(_ flow: Flow, generation: UInt64, now: UInt64) -> (Entry, touchPolicy: Bool)? {
+        self.table[self.slot(flow)].withLock { e -> (Entry, Bool)? in
+            guard let entry = e, entry.generation == generation, entry.flow == flow else { return nil }
+            let touch = entry.lastUse != now
+            if touch { e!.lastUse = now }
+            return (entry, touch)
+        }
+    }
+
+    @inline(__always)
+    func store(_ entry: Entry) {
+        self.table[self.slot(entry.flow)].withLock { $0 = entry }
+    }
+}

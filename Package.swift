@@ -31,6 +31,9 @@ let package = Package(
         .target(name: "XFRMCore", dependencies: ["XFRMESP", "XFRMPacket"]),
         .target(name: "XFRMControl", dependencies: ["XFRMCore", "XFRMWire", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMSimulatedNIC", dependencies: ["XFRMCore", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
+        .target(
+            name: "XFRMBenchmarks",
+            dependencies: ["XFRMCore", "XFRMCrypto", "XFRMESP", "XFRMPacket", "XFRMSimHost", "XFRMSimulatedNIC", "XFRMTestKit"]),
         .target(name: "XFRMSimHost", dependencies: ["XFRMCore", "XFRMESP", "XFRMPacket", "XFRMSimulatedNIC"]),
         .target(
             name: "XFRMOffline",
@@ -38,13 +41,14 @@ let package = Package(
                 "XFRMCommandLine", "XFRMControl", "XFRMCore", "XFRMESP", "XFRMPacket", "XFRMWire", "XFRMSimHost",
                 "XFRMSimulatedNIC",
             ]),
-        .executableTarget(name: "xfrm", dependencies: ["XFRMOffline", "XFRMCommandLine"]),
+        .executableTarget(name: "xfrm", dependencies: ["XFRMOffline", "XFRMCommandLine", "XFRMBenchmarks"]),
         .executableTarget(name: "esp-tool", dependencies: ["XFRMESP"]),
         .target(name: "CMallocCounter"),
         .executableTarget(
             name: "xfrm-bench",
             dependencies: [
                 "XFRMESP", "XFRMCore", "XFRMTestKit", "CXFRMCrypto", "CMallocCounter", "XFRMSimHost", "XFRMSimulatedNIC",
+                "XFRMBenchmarks",
             ]
         ),
         .target(name: "XFRMTestKit", dependencies: ["XFRMPacket", "XFRMCore"]),

@@ -9,6 +9,7 @@
 
 import CMallocCounter
 import Foundation
+import XFRMBenchmarks
 
 /// The allocation counter must see allocations, or "0 allocs per packet" would prove nothing.
 func checkAllocationCounter() {

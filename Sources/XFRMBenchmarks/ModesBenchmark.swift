@@ -609,7 +609,7 @@ func parseModesOptions(_ arguments: [String]) -> ModesOptions {
     return o
 }
 
-func modesBenchmark(arguments: [String]) {
+public func modesBenchmark(arguments: [String]) {
     let o = parseModesOptions(arguments)
     let cores = ProcessInfo.processInfo.activeProcessorCount
     var runs: [String: [ModesRun]] = [:]

@@ -52,6 +52,9 @@ let package = Package(
             ]
         ),
         .target(name: "XFRMTestKit", dependencies: ["XFRMPacket", "XFRMCore"]),
+        .testTarget(
+            name: "XFRMControlTests",
+            dependencies: ["XFRMControl", "XFRMCore", "XFRMWire", "XFRMCommandLine", "XFRMPacket"]),
         .testTarget(name: "XFRMPacketTests", dependencies: ["XFRMPacket", "XFRMTestKit"]),
         .testTarget(name: "XFRMCommandLineTests", dependencies: ["XFRMCommandLine", "XFRMWire"]),
         .testTarget(name: "XFRMCoreTests", dependencies: ["XFRMCore", "XFRMTestKit"]),

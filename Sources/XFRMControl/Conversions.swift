@@ -7,16 +7,7 @@ import XFRMPacket
 import XFRMWire
 
 /// A user-API error: errno plus the extack text the command prints.
-public struct ControlError: Error, Equatable, CustomStringConvertible {
-    public let errno: Int32
-    public let message: String
-    public init(_ errno: Int32, _ message: String) {
-        self.errno = errno
-        self.message = message
-    }
-    public var description: String { self.message }
-    static func invalid(_ m: String) -> ControlError { ControlError(Errno.EINVAL, m) }
-}
+public typealias ControlError = XFRMError
 
 extension Selector {
     /// xfrm_selector → Selector, validating family and prefix lengths (≈ verify_newpolicy_info's selector part).

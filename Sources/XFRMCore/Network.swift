@@ -33,16 +33,6 @@ public struct Route: Sendable, Equatable {
     }
 }
 
-/// A network configuration error, worded as `ip` words it.
-public struct NetworkError: Error, Equatable, CustomStringConvertible {
-    public let errno: Int32
-    public let message: String
-    public var description: String { self.message }
-    public init(_ errno: Int32, _ message: String) {
-        self.errno = errno
-        self.message = message
-    }
-}
 
 /// Interfaces, addresses and routes (≈ the bits of rtnetlink the XFRM paths need). Snapshot reads for the data path.
 public final class NetworkModel: @unchecked Sendable {

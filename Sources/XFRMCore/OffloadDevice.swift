@@ -64,17 +64,6 @@ public struct DeviceCallbacks: OptionSet, Sendable {
     public static let policyFree = DeviceCallbacks(rawValue: 1 << 8)
 }
 
-/// A device's refusal: an errno (EOPNOTSUPP means "try software" for crypto offload) and the extack text.
-public struct DeviceError: Error, Equatable, CustomStringConvertible {
-    public let errno: Int32
-    public let message: String
-    public init(_ errno: Int32, _ message: String) {
-        self.errno = errno
-        self.message = message
-    }
-    public var description: String { self.message }
-    public static func notSupported(_ m: String = "") -> DeviceError { DeviceError(95, m) }
-}
 
 /// Counters a device reports for one SA (≈ what xdo_dev_state_update_stats copies into curlft, stats and the MIB).
 public struct DeviceSACounters: Sendable, Equatable {

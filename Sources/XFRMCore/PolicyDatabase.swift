@@ -37,23 +37,9 @@
 import Synchronization
 import XFRMPacket
 
-public struct PolicyDatabaseError: Error, Equatable, CustomStringConvertible {
-    public let errno: Int32
-    public let message: String
-    public var description: String { self.message }
-
-    public init(errno: Int32, message: String) {
-        self.errno = errno
-        self.message = message
-    }
-
-    public init(_ errno: Int32, _ message: String) {
-        self.init(errno: errno, message: message)
-    }
-
+extension PolicyDatabaseError {
     static let exists = PolicyDatabaseError(errno: 17, message: "File exists")
     static let notFound = PolicyDatabaseError(errno: 2, message: "No such file or directory")
-    static func invalid(_ message: String) -> PolicyDatabaseError { PolicyDatabaseError(errno: 22, message: message) }
 }
 
 public final class PolicyDatabase: @unchecked Sendable {

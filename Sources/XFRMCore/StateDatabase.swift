@@ -2,16 +2,6 @@ import Synchronization
 import XFRMESP
 import XFRMPacket
 
-/// An SAD error with the errno and message the user API reports.
-public struct StateDatabaseError: Error, Equatable, CustomStringConvertible {
-    public let errno: Int32
-    public let message: String
-    public var description: String { self.message }
-    public init(_ errno: Int32, _ message: String) {
-        self.errno = errno
-        self.message = message
-    }
-}
 
 /// The Security Association Database (≈ the SAD half of net/xfrm/xfrm_state.c).
 ///

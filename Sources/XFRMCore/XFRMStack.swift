@@ -374,6 +374,8 @@ public final class XFRMStack: @unchecked Sendable {
                     {
                         var layout = ESPLayout()
                         if let r = self.apply(sa, to: &packet, now: now, deviceLayout: &layout) { return r }
+                        // ≈ xfrm_replay_overflow_offload_esn: the high half moved on, so the device must learn it.
+                        if sa.config.esn && layout.sequence & 0xffff_ffff == 0 { dev.advanceESN(sa, offload: o) }
                         var meta = OffloadMetadata()
                         meta.espOffset = layout.espOffset
                         meta.cryptLength = layout.cryptLength
@@ -678,7 +680,16 @@ public final class XFRMStack: @unchecked Sendable {
                 }
                 let done = cryptoDone
                 cryptoDone = false  // only the outermost ESP was handled by the device
-                let reason = sa.withLock { transform.decapsulate(&packet, info: info, cryptoDone: done) }
+                let (reason, highMoved) = sa.withLock { () -> (DropReason?, Bool) in
+                    let before = transform.replay.top >> 32
+                    let r = transform.decapsulate(&packet, info: info, cryptoDone: done)
+                    return (r, transform.replay.top >> 32 != before)
+                }
+                // ≈ xfrm_replay_advance_esn → xdo_dev_state_advance_esn: a crypto-offload device tracks the high half.
+                if done && highMoved && sa.config.esn, let o = sa.offload, let dev = self.device(ifindex: o.ifindex),
+                    dev.callbacks.contains(.advanceESN) {
+                    dev.advanceESN(sa, offload: o)
+                }
                 if let reason {
                     sa.countDrop(reason)
                     self.statistics.count(reason)

@@ -42,7 +42,7 @@ public final class OfflineSession {
 
     public init(options: XfrmCLIOptions = XfrmCLIOptions()) {
         self.stack = XFRMStack(clock: self.clock)
-        self.host = SimHost(stack: self.stack, poolSlots: 1024, capture: true)
+        self.host = SimHost(stack: self.stack, poolSlots: 256, capture: true)
         self.server = XfrmControlServer(stack: self.stack)
         self.options = options
         self.names = NetworkNames(self.stack.network)

@@ -175,6 +175,25 @@ struct OffloadCoreTests {
         #expect(h.receive(sealed).0 == .deliver)
     }
 
+    @Test("crypto offload with ESN tells the device when the high half moves on")
+    func advanceESN() throws {
+        let (h, dev) = try setUp()
+        try h.tunnel()
+        try h.a.deleteState(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001), mark: Mark())
+        var c = try outSA(h, esn: true).config
+        c.outboundSequence = 0xffff_fffe
+        try h.a.addState(try h.a.makeSA(c), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+        _ = h.send(h.packet())
+        #expect(!dev.callLog.contains("advanceESN"))
+        let (r, _) = h.send(h.packet())
+        guard case .offload(_, let meta) = r else {
+            Issue.record("expected crypto offload, got \(r)")
+            return
+        }
+        #expect(meta.esnHigh == 1)
+        #expect(dev.callLog.filter { $0 == "advanceESN" }.count == 1)
+    }
+
     @Test("packet offload RX skips software ESP and policy checks; a failed device status drops")
     func packetRX() throws {
         let (h, _) = try setUp()

@@ -128,3 +128,46 @@ def test_input_path_accepts_scapy_and_restores_inner(tmp_path, xfrm, suite, mode
     stats = dict(line.split() for line in stdout.splitlines() if line.startswith("Xfrm"))
     assert stats["XfrmInTmplMismatch"] == "1"
     assert stats["XfrmInStateSeqError"] == "1"
+
+
+@pytest.mark.parametrize("fam", [V4, V6], ids=["ipv4", "ipv6"])
+def test_tunnel_pmtu_answers_with_an_icmp_error_scapy_accepts(tmp_path, xfrm, fam):
+    """DF (IPv4) or any IPv6 packet too big for the tunnel: an ICMP error to the sender carrying the usable MTU."""
+    from scapy.layers.inet import ICMP, IPerror
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+
+    s = SUITES["gcm128"]
+    (tmp_path / "setup").write_text(setup_lines(fam, s, "tunnel", 0x3000, "out", False) + "link set eth0 mtu 1400\n")
+    if fam is V4:
+        big = IP(src=fam["a"], dst=fam["b"], flags="DF") / UDP(sport=1, dport=2) / Raw(b"x" * 1400)
+    else:
+        big = IPv6(src=fam["a"], dst=fam["b"]) / UDP(sport=1, dport=2) / Raw(b"x" * 1400)
+    write_raw_pcap(tmp_path / "in.pcap", [bytes(big)])
+    xfrm("pcap", "--batch", "setup", "--output-path", "in.pcap", "out.pcap")
+    out = read_raw_pcap(tmp_path / "out.pcap")
+    assert len(out) == 1
+    err = parse_ip(out[0])
+    assert err.dst == fam["a"]
+    if fam is V4:
+        icmp = err[ICMP]
+        assert (icmp.type, icmp.code) == (3, 4)
+        mtu = icmp.nexthopmtu
+        fresh = IP(bytes(err))
+        del fresh[ICMP].chksum
+        assert IP(bytes(fresh))[ICMP].chksum == icmp.chksum, "ICMP checksum"
+    else:
+        ptb = err[ICMPv6PacketTooBig]
+        mtu = ptb.mtu
+        rebuilt = IPv6(bytes(err))
+        want = rebuilt[ICMPv6PacketTooBig].cksum
+        del rebuilt[ICMPv6PacketTooBig].cksum
+        assert IPv6(bytes(rebuilt))[ICMPv6PacketTooBig].cksum == want, "ICMPv6 checksum"
+    # The reported MTU is the largest inner packet that still fits 1400 bytes after ESP.
+    assert 1300 < mtu < 1400 - 20
+    fits = (IP(src=fam["a"], dst=fam["b"], flags="DF") if fam is V4 else IPv6(src=fam["a"], dst=fam["b"])) / UDP(
+        sport=1, dport=2)
+    fits = fits / Raw(b"y" * (mtu - len(bytes(fits))))
+    write_raw_pcap(tmp_path / "fit.pcap", [bytes(fits)])
+    xfrm("pcap", "--batch", "setup", "--output-path", "fit.pcap", "fit-out.pcap")
+    wire = read_raw_pcap(tmp_path / "fit-out.pcap")
+    assert len(wire) == 1 and len(wire[0]) <= 1400 and parse_ip(wire[0]).dst != fam["a"]

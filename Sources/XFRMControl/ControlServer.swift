@@ -250,7 +250,9 @@ public final class XfrmControlServer: XfrmTransport {
         config.esn = esn
         if let r = replayESN {
             guard r.bitmap.count <= 128 else { throw .invalid("ESN bitmap length must be <= 128") }
-            guard info.replayWindow == 0 || true else { throw .invalid("") }
+            guard info.replayWindow == 0 else {
+                throw .invalid("ESN not compatible with legacy replay_window")
+            }
             guard Int(r.replayWindow) <= r.bitmap.count * 32 else {
                 throw .invalid("ESN replay window is too large for the chosen bitmap size")
             }

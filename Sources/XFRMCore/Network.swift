@@ -65,6 +65,7 @@ public final class NetworkModel: @unchecked Sendable {
     @discardableResult
     public func addInterface(name: String, kind: String, mtu: Int = 1500) throws(NetworkError) -> Interface {
         self.changes.wrappingAdd(1, ordering: .releasing)
+        defer { self.changes.wrappingAdd(1, ordering: .releasing) }
         return try self.state.withLock { s throws(NetworkError) -> Interface in
             guard !name.isEmpty, name.count < 16, !name.contains("/"), !name.contains(" ") else {
                 throw NetworkError(22, "Error: argument \"\(name)\" is wrong: \"name\" not a valid ifname")
@@ -88,6 +89,7 @@ public final class NetworkModel: @unchecked Sendable {
         throws(NetworkError) -> (before: Interface, after: Interface)
     {
         self.changes.wrappingAdd(1, ordering: .releasing)
+        defer { self.changes.wrappingAdd(1, ordering: .releasing) }
         return try self.state.withLock { s throws(NetworkError) -> (Interface, Interface) in
             guard let i = s.interfaces.firstIndex(where: { $0.name == name }) else {
                 throw NetworkError(19, "Cannot find device \"\(name)\"")
@@ -104,6 +106,7 @@ public final class NetworkModel: @unchecked Sendable {
     @discardableResult
     public func deleteInterface(name: String) throws(NetworkError) -> Interface {
         self.changes.wrappingAdd(1, ordering: .releasing)
+        defer { self.changes.wrappingAdd(1, ordering: .releasing) }
         return try self.state.withLock { s throws(NetworkError) -> Interface in
             guard let i = s.interfaces.firstIndex(where: { $0.name == name }) else {
                 throw NetworkError(19, "Cannot find device \"\(name)\"")
@@ -120,6 +123,7 @@ public final class NetworkModel: @unchecked Sendable {
     /// `ip addr add ADDR/PLEN dev NAME`; also adds the connected route, as the kernel does.
     public func addAddress(_ prefix: IPPrefix, device: String) throws(NetworkError) {
         self.changes.wrappingAdd(1, ordering: .releasing)
+        defer { self.changes.wrappingAdd(1, ordering: .releasing) }
         return try self.state.withLock { s throws(NetworkError) in
             guard let i = s.interfaces.firstIndex(where: { $0.name == device }) else {
                 throw NetworkError(19, "Cannot find device \"\(device)\"")
@@ -138,6 +142,7 @@ public final class NetworkModel: @unchecked Sendable {
     /// `ip route add PREFIX dev NAME [via ADDR]`.
     public func addRoute(_ prefix: IPPrefix, device: String, via: IPAddress?) throws(NetworkError) {
         self.changes.wrappingAdd(1, ordering: .releasing)
+        defer { self.changes.wrappingAdd(1, ordering: .releasing) }
         return try self.state.withLock { s throws(NetworkError) in
             guard let i = s.interfaces.first(where: { $0.name == device }) else {
                 throw NetworkError(19, "Cannot find device \"\(device)\"")

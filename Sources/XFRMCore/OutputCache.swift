@@ -43,10 +43,24 @@ final class OutputCache: @unchecked Sendable {
     @inline(__always)
     func lookup(_ flow: Flow, generation: UInt64, now: UInt64) -> (Entry, touchPolicy: Bool)? {
         self.table[self.slot(flow)].withLock { e -> (Entry, Bool)? in
-            guard let entry = e, entry.generation == generation, entry.flow == flow else { return nil }
+            guard let entry = e else { return nil }
+            guard entry.generation == generation else {
+                e = nil  // stale: let the SA (and its keys) go
+                return nil
+            }
+            guard entry.flow == flow else { return nil }
             let touch = entry.lastUse != now
             if touch { e!.lastUse = now }
             return (entry, touch)
+        }
+    }
+
+    /// Forgets entries made in an older generation, so deleted SAs (and their keys) are not kept alive.
+    func dropStale(generation: UInt64) {
+        for i in 0..<Self.slots {
+            self.table[i].withLock { e in
+                if let entry = e, entry.generation != generation { e = nil }
+            }
         }
     }
 

@@ -255,22 +255,22 @@ public final class SecurityAssociation: @unchecked Sendable {
         self.mutable.withLock { m in
             if m.state == .expired || m.state == .dead { return m.state == .expired ? .hard : .none }
             let l = m.lifetime
-            if l.hardAddExpiresSeconds != 0 && m.current.addTime + l.hardAddExpiresSeconds <= now {
+            if l.hardAddExpiresSeconds != 0 && deadline(m.current.addTime, l.hardAddExpiresSeconds) <= now {
                 m.state = .expired
                 return .hard
             }
             if l.hardUseExpiresSeconds != 0 && m.current.useTime != 0
-                && m.current.useTime + l.hardUseExpiresSeconds <= now {
+                && deadline(m.current.useTime, l.hardUseExpiresSeconds) <= now {
                 m.state = .expired
                 return .hard
             }
             if m.dying { return .none }
-            if l.softAddExpiresSeconds != 0 && m.current.addTime + l.softAddExpiresSeconds <= now {
+            if l.softAddExpiresSeconds != 0 && deadline(m.current.addTime, l.softAddExpiresSeconds) <= now {
                 m.dying = true
                 return .soft
             }
             if l.softUseExpiresSeconds != 0 && m.current.useTime != 0
-                && m.current.useTime + l.softUseExpiresSeconds <= now {
+                && deadline(m.current.useTime, l.softUseExpiresSeconds) <= now {
                 m.dying = true
                 return .soft
             }

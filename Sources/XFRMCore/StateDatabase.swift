@@ -39,6 +39,16 @@ public final class StateDatabase: @unchecked Sendable {
         }
     }
 
+    /// True when an SA with exactly this id and mark value/mask is stored (the duplicate test of `add`).
+    public func exists(_ id: SAID, mark: Mark) -> Bool {
+        self.tables.withLock { $0.bySPI[id]?.contains { $0.config.mark == mark } ?? false }
+    }
+
+    /// The SA stored under exactly this id and mark value/mask.
+    public func getExact(_ id: SAID, mark: Mark) -> SecurityAssociation? {
+        self.tables.withLock { $0.bySPI[id]?.first { $0.config.mark == mark } }
+    }
+
     /// The SA stored under exactly this id and mark value/mask (for delete/get/update, ≈ xfrm_user_state_lookup).
     public func get(_ id: SAID, mark: Mark) -> SecurityAssociation? {
         self.tables.withLock { t in
@@ -52,6 +62,7 @@ public final class StateDatabase: @unchecked Sendable {
     @discardableResult
     public func add(_ sa: SecurityAssociation) throws(StateDatabaseError) -> SecurityAssociation? {
         self.changed()
+        defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
         return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation? in
             if let list = t.bySPI[sa.id], list.contains(where: { $0.config.mark == sa.config.mark }) {
                 throw StateDatabaseError(17, "File exists")
@@ -88,6 +99,7 @@ public final class StateDatabase: @unchecked Sendable {
     @discardableResult
     public func update(_ sa: SecurityAssociation) throws(StateDatabaseError) -> SecurityAssociation {
         self.changed()
+        defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
         return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
             guard let old = t.bySPI[sa.id]?.first(where: { $0.config.mark == sa.config.mark }) else {
                 throw StateDatabaseError(3, "No such process")
@@ -112,6 +124,7 @@ public final class StateDatabase: @unchecked Sendable {
     @discardableResult
     public func delete(_ id: SAID, mark: Mark) throws(StateDatabaseError) -> SecurityAssociation {
         self.changed()
+        defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
         return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
             guard let sa = t.bySPI[id]?.first(where: { $0.config.mark == mark || $0.config.mark.matches(mark.value) })
             else { throw StateDatabaseError(3, "No such process") }
@@ -124,6 +137,7 @@ public final class StateDatabase: @unchecked Sendable {
     @discardableResult
     public func remove(_ sa: SecurityAssociation) -> Bool {
         self.changed()
+        defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
         return self.tables.withLock { t in
             guard t.all.contains(where: { $0 === sa }) else { return false }
             Self.unlink(&t, sa)
@@ -135,6 +149,7 @@ public final class StateDatabase: @unchecked Sendable {
     @discardableResult
     public func flush(where matching: (SecurityAssociation) -> Bool) -> [SecurityAssociation] {
         self.changed()
+        defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
         return self.tables.withLock { t in
             let gone = t.all.filter(matching)
             for sa in gone { Self.unlink(&t, sa) }
@@ -145,6 +160,7 @@ public final class StateDatabase: @unchecked Sendable {
     /// Inserts a larval SA (acquire or allocspi) without the duplicate rules of `add`.
     func insertLarval(_ sa: SecurityAssociation) {
         self.changed()
+        defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
         return self.tables.withLock { t in
             t.generation += 1
             sa.generation = t.generation

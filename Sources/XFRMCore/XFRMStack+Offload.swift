@@ -64,6 +64,7 @@ extension XFRMStack {
     /// xfrm_dev_policy_flush). The kernel tells no one; swift-xfrm also publishes `.deviceFlushed`.
     public func deviceDown(ifindex: Int32, detach: Bool = false) {
         self.configurationChanged()
+        defer { self.configurationChanged() }
         let states = self.states.flush { $0.offload?.ifindex == ifindex }
         for sa in states { self.releaseFromDevice(sa) }
         let policies = self.policies.flush { $0.offload?.ifindex == ifindex }
@@ -114,7 +115,13 @@ extension XFRMStack {
     /// Removes an SA from its device: delete, then free (≈ xfrm_dev_state_delete + xfrm_dev_state_free).
     func releaseFromDevice(_ sa: SecurityAssociation) {
         self.configurationChanged()
-        guard let o = sa.offload, let device = self.device(ifindex: o.ifindex) else { return }
+        defer { self.configurationChanged() }
+        guard let o = sa.offload else { return }
+        // A larval (acquire) entry was tagged with its device but never programmed into it.
+        guard sa.config.crypto != nil, let device = self.device(ifindex: o.ifindex) else {
+            sa.setOffload(nil)
+            return
+        }
         device.stateDelete(sa, offload: o)
         if device.callbacks.contains(.stateFree) { device.stateFree(sa, offload: o) }
         sa.setOffload(nil)
@@ -144,13 +151,19 @@ extension XFRMStack {
 
     // MARK: - Policies (≈ xfrm_dev_policy_add)
 
-    func offloadPolicy(_ p: Policy, _ o: PolicyOffload) throws(PolicyDatabaseError) {
+    /// The checks of xfrm_dev_policy_add that need no device call: the device exists and can offload policies.
+    func checkPolicyOffload(_ o: PolicyOffload) throws(PolicyDatabaseError) {
         guard self.network.interface(index: o.ifindex) != nil else {
             throw PolicyDatabaseError(errno: 22, message: "Device for the policy offload is not found")
         }
         guard let device = self.device(ifindex: o.ifindex), device.callbacks.contains(.policyAdd) else {
             throw PolicyDatabaseError(errno: 22, message: "Policy offload is not supported")
         }
+    }
+
+    func offloadPolicy(_ p: Policy, _ o: PolicyOffload) throws(PolicyDatabaseError) {
+        try self.checkPolicyOffload(o)
+        guard let device = self.device(ifindex: o.ifindex) else { return }
         do throws(DeviceError) {
             try device.policyAdd(p)
         } catch {

@@ -162,6 +162,9 @@ public final class XFRMStack: @unchecked Sendable {
     /// Adds an SA (EEXIST on a duplicate); removes a matching larval entry. With `offload`, binds the SA to a
     /// device first (≈ xfrm_dev_state_add; see `bindToDevice` for the fallback rules). Publishes the event.
     public func addState(_ sa: SecurityAssociation, offload: OffloadRequest? = nil) throws(StateDatabaseError) {
+        // A duplicate is refused before any device is programmed: a second device entry with the same key would
+        // number packets from the start again (nonce reuse).
+        if self.states.exists(sa.id, mark: sa.config.mark) { throw StateDatabaseError(17, "File exists") }
         if let offload { try self.bindToDevice(sa, offload) }
         do throws(StateDatabaseError) {
             if let larval = try self.states.add(sa) { self.releaseFromDevice(larval) }
@@ -172,22 +175,26 @@ public final class XFRMStack: @unchecked Sendable {
         self.events.publish(.stateAdded(sa, update: false))
     }
 
-    /// Updates an SA (ESRCH when absent). Publishes the event.
+    /// Updates an SA (ESRCH when absent). A larval (allocspi/acquire) entry is replaced by the full SA, which is
+    /// offloaded then if asked; a valid SA keeps its keys, sequence numbers and device binding and takes the new
+    /// lifetimes (≈ xfrm_state_update). Publishes the event.
     @discardableResult
     public func updateState(_ sa: SecurityAssociation, offload: OffloadRequest? = nil) throws(StateDatabaseError)
         -> SecurityAssociation
     {
-        if let offload { try self.bindToDevice(sa, offload) }
-        let old = self.states.get(sa.id, mark: sa.config.mark)
+        guard let old = self.states.getExact(sa.id, mark: sa.config.mark) else {
+            throw StateDatabaseError(3, "No such process")
+        }
+        let replacing = old.state == .acquiring
+        if replacing, let offload { try self.bindToDevice(sa, offload) }
         let kept: SecurityAssociation
         do throws(StateDatabaseError) {
             kept = try self.states.update(sa)
         } catch {
-            self.releaseFromDevice(sa)
+            if replacing { self.releaseFromDevice(sa) }
             throw error
         }
-        if kept === sa, let old, old !== sa { self.releaseFromDevice(old) }
-        if kept !== sa { self.releaseFromDevice(sa) }
+        if kept === sa && old !== sa { self.releaseFromDevice(old) }
         self.events.publish(.stateAdded(kept, update: true))
         // ≈ xfrm_state_update: new limits apply at once to an SA that was already used.
         if kept.offload != nil { self.syncDeviceStats() }
@@ -241,17 +248,23 @@ public final class XFRMStack: @unchecked Sendable {
     @discardableResult
     public func addPolicy(_ p: Policy, update: Bool) throws(PolicyDatabaseError) -> Policy {
         self.configurationChanged()
+        defer { self.configurationChanged() }
         var p = p
         p.addTime = self.clock.now
         try self.checkOffloadPriority(p)
-        if let o = p.offload { try self.offloadPolicy(p, o) }
+        if let o = p.offload { try self.checkPolicyOffload(o) }
         let old = update ? self.policies.get(key: p.key) : nil
-        let stored: Policy
-        do throws(PolicyDatabaseError) {
-            stored = try self.policies.insert(p, update: update)
-        } catch {
-            if p.offload != nil { self.releasePolicyFromDevice(p) }
-            throw error
+        let stored = try self.policies.insert(p, update: update)
+        // The device gets exactly the stored policy (index and generation included), so delete and free later
+        // name the same object; a refusal undoes the insert and restores what it replaced.
+        if let o = stored.offload {
+            do throws(PolicyDatabaseError) {
+                try self.offloadPolicy(stored, o)
+            } catch {
+                _ = try? self.policies.delete(index: stored.index, direction: stored.direction)
+                if let old { _ = try? self.policies.insert(old, update: true) }
+                throw error
+            }
         }
         if let old { self.releasePolicyFromDevice(old) }
         self.events.publish(.policyAdded(stored, update: update))
@@ -261,6 +274,7 @@ public final class XFRMStack: @unchecked Sendable {
     @discardableResult
     public func deletePolicy(key: Policy.Key) throws(PolicyDatabaseError) -> Policy {
         self.configurationChanged()
+        defer { self.configurationChanged() }
         let p = try self.policies.delete(key: key)
         self.releasePolicyFromDevice(p)
         self.events.publish(.policyDeleted(p))
@@ -270,6 +284,7 @@ public final class XFRMStack: @unchecked Sendable {
     @discardableResult
     public func deletePolicy(index: UInt32, direction: PolicyDirection) throws(PolicyDatabaseError) -> Policy {
         self.configurationChanged()
+        defer { self.configurationChanged() }
         let p = try self.policies.delete(index: index, direction: direction)
         self.releasePolicyFromDevice(p)
         self.events.publish(.policyDeleted(p))
@@ -278,6 +293,7 @@ public final class XFRMStack: @unchecked Sendable {
 
     public func flushPolicies() {
         self.configurationChanged()
+        defer { self.configurationChanged() }
         for p in self.policies.flush() { self.releasePolicyFromDevice(p) }
         self.events.publish(.policiesFlushed)
     }
@@ -287,6 +303,7 @@ public final class XFRMStack: @unchecked Sendable {
     /// Runs every lifetime timer at the clock's current time: soft/hard add and use time for SAs, larval expiry,
     /// and policy lifetimes. Call it when the clock moves (the daemon: every second).
     public func runTimers() {
+        self.outputCache.dropStale(generation: self.currentGeneration)
         self.syncDeviceStats()
         let now = self.clock.now
         for sa in self.states.list().reversed() {
@@ -300,21 +317,22 @@ public final class XFRMStack: @unchecked Sendable {
             let l = p.lifetime
             let use = self.policies.lastUse(index: p.index, direction: p.direction) ?? 0
             let useBase = use == 0 ? p.addTime : use
-            let hard = (l.hardAddExpiresSeconds != 0 && p.addTime + l.hardAddExpiresSeconds <= now)
-                || (l.hardUseExpiresSeconds != 0 && useBase + l.hardUseExpiresSeconds <= now)
+            let hard = (l.hardAddExpiresSeconds != 0 && deadline(p.addTime, l.hardAddExpiresSeconds) <= now)
+                || (l.hardUseExpiresSeconds != 0 && deadline(useBase, l.hardUseExpiresSeconds) <= now)
             if hard {
                 if (try? self.policies.delete(index: p.index, direction: p.direction)) != nil {
                     self.configurationChanged()
+        defer { self.configurationChanged() }
                     self.releasePolicyFromDevice(p)
                     self.events.publish(.policyExpire(p, hard: true))
                 }
                 continue
             }
-            let soft = (l.softAddExpiresSeconds != 0 && p.addTime + l.softAddExpiresSeconds <= now)
-                || (l.softUseExpiresSeconds != 0 && useBase + l.softUseExpiresSeconds <= now)
+            let soft = (l.softAddExpiresSeconds != 0 && deadline(p.addTime, l.softAddExpiresSeconds) <= now)
+                || (l.softUseExpiresSeconds != 0 && deadline(useBase, l.softUseExpiresSeconds) <= now)
             if soft {
                 let due = self.policySoftSent.withLock { sent -> Bool in
-                    if let last = sent[p.index], last + Self.policySoftRepeatSeconds > now { return false }
+                    if let last = sent[p.index], deadline(last, Self.policySoftRepeatSeconds) > now { return false }
                     sent[p.index] = now
                     return true
                 }
@@ -326,6 +344,7 @@ public final class XFRMStack: @unchecked Sendable {
     /// Deletes an SA that hit a hard limit and reports EXPIRE hard=1 (a larval acquire entry goes silently).
     func expireHard(_ sa: SecurityAssociation) {
         self.configurationChanged()
+        defer { self.configurationChanged() }
         guard self.states.remove(sa) else { return }
         self.releaseFromDevice(sa)
         if sa.config.crypto == nil && sa.id.spi == 0 { return }
@@ -337,7 +356,7 @@ public final class XFRMStack: @unchecked Sendable {
     /// Runs a locally generated (or, with `forwarded`, a routed) IP packet through the OUT policy and its SAs, then
     /// routes it. See the pipeline at the top of this file.
     public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, forwarded: Bool = false) -> OutputResult {
-        guard let flow = Flow.parse(packet.data, count: packet.count, mark: mark) else {
+        guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark) else {
             self.statistics.count(.badOutputPacket)
             return .dropped(.outError)
         }
@@ -348,6 +367,9 @@ public final class XFRMStack: @unchecked Sendable {
             return self.packetOffloadChecks(&packet, sa: hit.sa, device: hit.device, offload: hit.offload,
                                             limit: hit.limit, tunnel: hit.tunnel)
         }
+        // ≈ flowi_oif: the policy lookup sees the interface the route leads to (selectors with `dev IFNAME`).
+        let cacheKey = flow
+        flow.ifindex = self.network.egress(to: flow.destination)?.ifindex ?? 0
         if let policy = self.policies.lookup(.outbound, flow) {
             self.policies.markUsed(index: policy.index, direction: .outbound, at: now)
             if policy.action == .block {
@@ -355,8 +377,8 @@ public final class XFRMStack: @unchecked Sendable {
                 return .dropped(.outPolBlock)
             }
             if let po = policy.offload {
-                return self.outputPacketOffload(&packet, flow: flow, policy: policy, device: po.ifindex, mark: mark,
-                                                generation: generation, now: now)
+                return self.outputPacketOffload(&packet, flow: flow, cacheKey: cacheKey, policy: policy,
+                                                device: po.ifindex, mark: mark, generation: generation, now: now)
             }
             var crypto: (OffloadMetadata, Int32)? = nil
             let single = policy.templates.count == 1
@@ -400,7 +422,9 @@ public final class XFRMStack: @unchecked Sendable {
             if let (meta, ifindex) = crypto {
                 let r = self.transmit(&packet)
                 guard case .transmit(let out) = r else { return r }
-                return out == ifindex ? .offload(ifindex: ifindex, metadata: meta) : .dropped(.outError)
+                if out == ifindex { return .offload(ifindex: ifindex, metadata: meta) }
+                self.statistics.increment(.outError)
+                return .dropped(.outError)
             }
         } else if self.defaultAction(.outbound) == .block {
             self.statistics.increment(.outPolBlock)
@@ -412,8 +436,8 @@ public final class XFRMStack: @unchecked Sendable {
     /// Packet offload TX (≈ xfrm_output_one's PACKET branch + xfrm_dev_offload_ok): no ESP work, no sequence
     /// number, no SA accounting on the host — checks only, then the plaintext goes to the device. Whatever the
     /// device cannot take is dropped as XfrmOutError, never sent in software and never in clear.
-    private func outputPacketOffload(_ packet: inout PacketBuffer, flow: Flow, policy: Policy, device: Int32,
-                                     mark: UInt32, generation: UInt64, now: UInt64) -> OutputResult {
+    private func outputPacketOffload(_ packet: inout PacketBuffer, flow: Flow, cacheKey: Flow, policy: Policy,
+                                     device: Int32, mark: UInt32, generation: UInt64, now: UInt64) -> OutputResult {
         guard let template = policy.templates.first else {
             // An offloaded allow policy without templates: plaintext through the device.
             return self.transmit(&packet)
@@ -447,7 +471,7 @@ public final class XFRMStack: @unchecked Sendable {
         let limit = transform.maximumPayload(forMTU: iface.mtu)
         let tunnel = sa.config.mode == .tunnel
         self.outputCache.store(OutputCache.Entry(
-            flow: flow, generation: generation, policyIndex: policy.index, sa: sa, device: dev, offload: o,
+            flow: cacheKey, generation: generation, policyIndex: policy.index, sa: sa, device: dev, offload: o,
             limit: limit, tunnel: tunnel, lastUse: now))
         return self.packetOffloadChecks(&packet, sa: sa, device: dev, offload: o, limit: limit, tunnel: tunnel)
     }
@@ -512,7 +536,9 @@ public final class XFRMStack: @unchecked Sendable {
                 let v4DF = p.loadByte(at: 0) >> 4 == 4 && p.loadBE16(at: 6) & IPv4Header.flagDF != 0
                 let v6 = p.loadByte(at: 0) >> 4 == 6
                 if v4DF || v6 {
-                    return self.makePacketTooBig(&packet, mtu: limit) ? .icmpError : .dropped(.outError)
+                    // ≈ xfrm4_tunnel_check_size failing in the outer mode output: XfrmOutStateModeError.
+                    self.statistics.increment(.outStateModeError)
+                    return self.makePacketTooBig(&packet, mtu: limit) ? .icmpError : .dropped(.outStateModeError)
                 }
             }
         }
@@ -553,6 +579,7 @@ public final class XFRMStack: @unchecked Sendable {
             guard let ip = IPv4Header.parse(p, available: packet.count) else { return false }
             let src = p.loadBE32(at: 12)
             let quoted = min(packet.count, ip.headerLength + 8)
+            guard packet.headroom >= 28 else { return false }  // no room for the error's headers: just drop
             packet.trimBack(packet.count - quoted)
             let icmp = packet.prepend(8)
             icmp.storeByte(3, at: 0)
@@ -572,6 +599,7 @@ public final class XFRMStack: @unchecked Sendable {
         guard packet.count >= HeaderSize.ipv6 else { return false }
         let src = IPAddress.loadV6(from: p, at: 8)
         let quoted = min(packet.count, 1280 - 48)
+        guard packet.headroom >= 48 else { return false }
         packet.trimBack(packet.count - quoted)
         let icmp = packet.prepend(8)
         icmp.storeByte(2, at: 0)
@@ -650,6 +678,10 @@ public final class XFRMStack: @unchecked Sendable {
             case .notESP:
                 return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now)
             case .esp(let info):
+                // ESP for another host is transit traffic: it goes to the forward policy check, not our SAD.
+                if secpath.count == 0 && !cryptoDone && !self.network.isLocal(info.destination) {
+                    return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now)
+                }
                 let id = SAID(destination: info.destination, spi: info.spi, proto: IPProtocolNumber.esp)
                 guard let sa = self.states.lookup(id, mark: mark), let transform = sa.transform else {
                     self.statistics.count(.noState)
@@ -658,6 +690,17 @@ public final class XFRMStack: @unchecked Sendable {
                 if sa.config.direction == .outbound {
                     self.statistics.increment(.inStateDirError)
                     return .dropped(.inStateDirError)
+                }
+                let bound = sa.offload
+                if bound?.type == .packet {
+                    // A packet-offload SA is used only by its device, never in software (spec §7).
+                    self.statistics.increment(.inStateInvalid)
+                    return .dropped(.inStateInvalid)
+                }
+                if cryptoDone && (bound?.type != .crypto || bound?.handle != metadata?.handle) {
+                    // The device decrypted with another SA than the one found here: trust nothing.
+                    self.statistics.increment(.inStateMismatch)
+                    return .dropped(.inStateMismatch)
                 }
                 guard sa.state == .valid else {
                     self.statistics.increment(sa.state == .expired ? .inStateExpired : .inStateInvalid)
@@ -805,4 +848,11 @@ enum ICMPv6 {
         sum &+= UInt64(length) &+ UInt64(IPProtocolNumber.icmpv6)
         return InternetChecksum.finish(InternetChecksum.partial(p, count: length, initial: sum))
     }
+}
+
+/// `start + seconds`, saturating: a lifetime of 2^64 - 1 seconds never expires instead of trapping.
+@inline(__always)
+func deadline(_ start: UInt64, _ seconds: UInt64) -> UInt64 {
+    let (sum, overflow) = start.addingReportingOverflow(seconds)
+    return overflow ? .max : sum
 }

@@ -73,7 +73,7 @@ enum NetworkCommands {
                     let spec = try value("peer")
                     let parts = spec.split(separator: ":", maxSplits: 1).map(String.init)
                     let other = parts.count == 2 ? peers[parts[0]] : host
-                    guard let other, let nic = other.nic(named: parts.last!) else {
+                    guard let other, let last = parts.last, let nic = other.nic(named: last) else {
                         throw NetworkError(19, "Cannot find device \"\(spec)\"")
                     }
                     peer = nic
@@ -125,6 +125,10 @@ enum NetworkCommands {
                     i.mtu = mtu
                 }
                 if let up { i.isUp = up }
+            }
+            if let nic = host.nic(ifindex: after.index) {
+                nic.setLinkUp(after.isUp)
+                nic.setMTU(after.mtu)
             }
             if before.isUp && !after.isUp { host.stack.deviceDown(ifindex: after.index) }
             return ""

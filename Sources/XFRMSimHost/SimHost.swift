@@ -84,8 +84,12 @@ public final class SimHost: @unchecked Sendable {
     /// Connects a NIC's host side and taps to this host.
     public func wire(_ nic: SimulatedNIC) {
         let ifindex = nic.ifindex
+        let pool = nic.pool
         nic.hostReceive = { [weak self] buffer, meta in
-            guard let self else { return }
+            guard let self else {
+                pool.release(buffer)  // the host is gone: the buffer still goes back
+                return
+            }
             self.rxQueue.withLock { $0.append((buffer, meta, ifindex)) }
         }
         nic.limitEvent = { [weak self] _ in self?.stack.deviceLimitEvent() }
@@ -122,10 +126,10 @@ public final class SimHost: @unchecked Sendable {
     /// Sends a packet already in a pooled buffer; the host takes the buffer.
     public func sendBuffer(_ buf: inout PacketBuffer, forwarded: Bool = false) {
         let result = self.stack.output(&buf, forwarded: forwarded)
-        self.dispatch(result, &buf)
+        self.dispatch(result, &buf, forwarded: forwarded)
     }
 
-    private func dispatch(_ result: OutputResult, _ buf: inout PacketBuffer) {
+    private func dispatch(_ result: OutputResult, _ buf: inout PacketBuffer, forwarded: Bool) {
         switch result {
         case .transmit(let ifindex):
             self.transmittedPackets.wrappingAdd(1, ordering: .relaxed)
@@ -143,8 +147,18 @@ public final class SimHost: @unchecked Sendable {
                 self.pool.release(buf)
             }
         case .icmpError:
-            // The error goes back to the sender; for locally generated traffic that is this host.
-            self.deliver(buf)
+            // The error goes back to the sender: delivered here for locally generated traffic, routed back for
+            // forwarded traffic.
+            if !forwarded {
+                self.deliver(buf)
+            } else {
+                let r = self.stack.output(&buf)
+                if case .icmpError = r {
+                    self.pool.release(buf)  // never answer an error with an error
+                } else {
+                    self.dispatch(r, &buf, forwarded: false)
+                }
+            }
         case .dropped:
             self.pool.release(buf)
         }

@@ -108,7 +108,11 @@ final class NICCore: @unchecked Sendable {
     let name: String
     let ifindex: Int32
     let modes: Set<OffloadType>
-    let mtu: Int
+    /// The link MTU (follows `ip link set ... mtu`).
+    let mtuValue: Atomic<Int>
+    var mtu: Int { self.mtuValue.load(ordering: .relaxed) }
+    /// Link state: a device that is down neither sends nor receives (it fails closed).
+    let linkUp = Atomic<Bool>(true)
     let supportsForwardPolicies: Bool
     let pool: PacketPool
     let counters = CounterSet()
@@ -134,7 +138,7 @@ final class NICCore: @unchecked Sendable {
         self.name = name
         self.ifindex = ifindex
         self.modes = modes
-        self.mtu = mtu
+        self.mtuValue = Atomic(mtu)
         self.supportsForwardPolicies = supportsForwardPolicies
         self.pool = pool
         self.tables = Mutex(Tables(saCapacity: saCapacity, policyCapacity: policyCapacity))
@@ -247,6 +251,11 @@ final class NICCore: @unchecked Sendable {
 
     /// Host → device. Never blocks: a full queue drops (and counts) the packet.
     func enqueueTX(_ buffer: PacketBuffer, metadata: OffloadMetadata) {
+        guard self.linkUp.load(ordering: .acquiring) else {
+            self.pool.release(buffer)
+            self.counters.txDrop(.txShutdown)
+            return
+        }
         self.sync.lock()
         if self.stopping {
             self.sync.unlock()
@@ -265,6 +274,11 @@ final class NICCore: @unchecked Sendable {
 
     /// Wire → device; `buffer` must come from this device's pool.
     func enqueueRX(_ buffer: PacketBuffer) {
+        guard self.linkUp.load(ordering: .acquiring) else {
+            self.pool.release(buffer)
+            self.counters.rxDrop(.rxShutdown)
+            return
+        }
         self.sync.lock()
         if self.stopping {
             self.sync.unlock()
@@ -309,6 +323,11 @@ final class NICCore: @unchecked Sendable {
     /// Puts a frame on the wire: MTU check, counters, the tap (a copy), then the peer or the end of the wire.
     @inline(__always)
     func putOnWire(_ buffer: PacketBuffer, hooks: Hooks) {
+        guard self.linkUp.load(ordering: .acquiring) else {
+            self.pool.release(buffer)
+            self.counters.txDrop(.txShutdown)
+            return
+        }
         guard buffer.count <= self.mtu else {
             self.pool.release(buffer)
             self.counters.txDrop(.txOversize)

@@ -17,7 +17,8 @@ public final class SimulatedNIC: XfrmOffloadDevice, CustomDebugStringConvertible
     public let ifindex: Int32
     public let saCapacity: Int
     public let policyCapacity: Int
-    public let mtu: Int
+    /// The link MTU.
+    public var mtu: Int { self.core.mtu }
     public let supportsForwardPolicies: Bool
     public let pool: PacketPool
     public let engineThreads: Int
@@ -39,7 +40,6 @@ public final class SimulatedNIC: XfrmOffloadDevice, CustomDebugStringConvertible
         self.ifindex = ifindex
         self.saCapacity = saCapacity
         self.policyCapacity = policyCapacity
-        self.mtu = mtu
         self.supportsForwardPolicies = supportsForwardPolicies
         self.pool = pool
         self.engineThreads = engineThreads
@@ -132,6 +132,12 @@ public final class SimulatedNIC: XfrmOffloadDevice, CustomDebugStringConvertible
         get { self.core.hooks.withLock { $0.limitEvent } }
         set { self.core.hooks.withLock { $0.limitEvent = newValue } }
     }
+
+    /// Sets the link state (`ip link set up|down`): a device that is down drops everything, in both directions.
+    public func setLinkUp(_ up: Bool) { self.core.linkUp.store(up, ordering: .releasing) }
+
+    /// Follows `ip link set ... mtu N`.
+    public func setMTU(_ mtu: Int) { self.core.mtuValue.store(mtu, ordering: .relaxed) }
 
     /// Joins this NIC and `peer` by a wire, both ways: what one puts on its wire arrives at the other's
     /// receive queue (in a buffer of the receiver's pool), with no host involved.

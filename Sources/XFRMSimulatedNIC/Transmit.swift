@@ -17,6 +17,17 @@ extension NICCore {
     func transmitOne(_ buffer: PacketBuffer, metadata: OffloadMetadata, hooks: Hooks, snapshot: TableSnapshot) {
         if metadata.cryptLength > 0 {
             self.sealCryptoOffload(buffer, metadata: metadata, hooks: hooks, snapshot: snapshot)
+        } else if metadata.handle != 0 {
+            // Packet offload with the SA the host resolved (≈ the xfrm_state the skb carries): the device encrypts
+            // with exactly that SA or drops — it never falls back to sending the plaintext.
+            guard let e = snapshot.entry(handle: metadata.handle), e.type == .packet,
+                !e.deleted.load(ordering: .acquiring)
+            else {
+                self.pool.release(buffer)
+                self.counters.txDrop(.txNoState)
+                return
+            }
+            self.encapsulate(buffer, sa: e, hooks: hooks)
         } else {
             self.transmitPacketOffload(buffer, hooks: hooks, snapshot: snapshot)
         }

@@ -393,7 +393,7 @@ public struct XfrmAlgorithm: Equatable, Sendable {
         let name = try r.cString(size: 64, "algorithm name")
         let bits = try r.u32("key length")
         let len = withLength ? try r.u32("ICV/truncation length") : 0
-        let key = try r.raw(Int((bits + 7) / 8), "key")
+        let key = try r.raw((Int(bits) + 7) / 8, "key")
         return XfrmAlgorithm(name: name, key: key, lengthBits: len)
     }
 }

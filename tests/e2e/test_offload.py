@@ -257,3 +257,28 @@ def test_forwarding_gateway_with_packet_offload_does_no_esp_on_the_host(tmp_path
     got = [sa_out.decrypt(parse_ip(w)) for w in wire]
     assert [(p.src, p.dst, p.ttl) for p in got] == [("10.0.1.5", "10.0.2.7", 63)] * 4
     assert "esp_tx 4" in out
+
+
+def test_updating_an_offloaded_policy_replaces_it_in_the_device_too(tmp_path, xfrm):
+    text = "\n".join(host_lines("192.0.2.1", 24, "10.0.2.0/24", "192.0.2.2") + [
+        sa_line("192.0.2.1", "192.0.2.2", 0x7000, "tunnel", "out", "packet"),
+        "policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out offload packet dev sim0",
+        pol_line("10.0.1.0/24", "10.0.2.0/24", "out", "tmpl src 192.0.2.1 dst 192.0.2.2 proto esp reqid 7 mode tunnel",
+                 "packet").replace("policy add", "policy update"),
+        "link show -s sim0",
+    ]) + "\n"
+    (tmp_path / "setup").write_text(text)
+    write_raw_pcap(tmp_path / "in.pcap", inner(n=3))
+    _, out, _ = xfrm("pcap", "--batch", "setup", "--output-path", "in.pcap", "out.pcap")
+    policies = [l for l in out.splitlines() if "policy[" in l]
+    assert len(policies) == 1 and "reqid 7" in policies[0], out
+    wire = read_raw_pcap(tmp_path / "out.pcap")
+    assert len(wire) == 3 and all(parse_ip(w).proto == 50 for w in wire), "never in clear after the update"
+
+
+def test_a_device_that_is_down_sends_nothing_at_all(tmp_path, xfrm):
+    text = "\n".join(host_lines("192.0.2.1", 24, "10.0.2.0/24", "192.0.2.2") + ["link set sim0 down"]) + "\n"
+    (tmp_path / "setup").write_text(text)
+    write_raw_pcap(tmp_path / "in.pcap", inner(n=2))
+    xfrm("pcap", "--batch", "setup", "--output-path", "in.pcap", "out.pcap")
+    assert read_raw_pcap(tmp_path / "out.pcap") == []

@@ -74,6 +74,8 @@ public struct DeviceSACounters: Sendable, Equatable {
     public var replay: UInt64 = 0
     public var integrityFailed: UInt64 = 0
     public var headerErrors: UInt64 = 0
+    /// Sequence number 0 received: counted in XfrmInStateSeqError only (the kernel keeps it out of the SA's stats).
+    public var sequenceZero: UInt64 = 0
     /// Highest received / last sent sequence numbers (for listings and ESN).
     public var inboundSequence: UInt64 = 0
     public var outboundSequence: UInt64 = 0

@@ -309,6 +309,7 @@ public final class SecurityAssociation: @unchecked Sendable {
             d.replay = c.replay &- last.replay
             d.integrityFailed = c.integrityFailed &- last.integrityFailed
             d.headerErrors = c.headerErrors &- last.headerErrors
+            d.sequenceZero = c.sequenceZero &- last.sequenceZero
             d.packets = c.packets &- last.packets
             d.bytes = c.bytes &- last.bytes
             m.lastDeviceCounters = c

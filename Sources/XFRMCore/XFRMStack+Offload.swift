@@ -138,7 +138,8 @@ extension XFRMStack {
             else { continue }
             let c = device.updateStats(sa, offload: o)
             let (d, check) = sa.applyDeviceCounters(c, packetOffload: o.type == .packet, now: now)
-            if d.replay + d.replayWindow > 0 { self.statistics.increment(.inStateSeqError, by: d.replay + d.replayWindow) }
+            let seqErrors = d.replay &+ d.replayWindow &+ d.sequenceZero
+            if seqErrors > 0 { self.statistics.increment(.inStateSeqError, by: seqErrors) }
             if d.integrityFailed > 0 { self.statistics.increment(.inStateProtoError, by: d.integrityFailed) }
             if d.headerErrors > 0 { self.statistics.increment(.inHdrError, by: d.headerErrors) }
             switch check {

@@ -68,7 +68,7 @@ extension NICCore {
                 switch reason {
                 case .replayDuplicate: s.counters.replay &+= 1
                 case .replayTooOld: s.counters.replayWindow &+= 1
-                case .sequenceZero: break  // the kernel counts it in neither per-SA counter
+                case .sequenceZero: s.counters.sequenceZero &+= 1  // global XfrmInStateSeqError only
                 case .icvFailed: s.counters.integrityFailed &+= 1
                 default: s.counters.headerErrors &+= 1
                 }

@@ -147,7 +147,13 @@ extension NICCore {
         self.calls.withLock { $0.record(.updateStats(spi: sa.id.spi)) }
         guard let e = self.tables.withLock({ $0.find(handle: offload.handle, sa: sa, direction: offload.direction) })
         else { return DeviceSACounters() }
-        return e.state.withLock { $0.counters }
+        // Take the core's current limits (an `update` may have changed them); a raised hard limit revives traffic.
+        let limits = sa.lifetime
+        e.lifetimeBox.withLock { $0 = limits }
+        return e.state.withLock { s in
+            if !s.hardReached(limits) { e.expired.store(false, ordering: .relaxed) }
+            return s.counters
+        }
     }
 
     /// The counters of the SA a handle names (tests and tools).

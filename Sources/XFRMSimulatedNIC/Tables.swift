@@ -82,7 +82,10 @@ final class SAEntry: @unchecked Sendable {
     let selector: Selector
     let encapsulated: Bool
     let esn: Bool
-    let lifetime: LifetimeConfig
+    /// The limits the device enforces; refreshed from the core's SA on every stats update (an `update` with new
+    /// limits reaches the device that way).
+    let lifetimeBox: Mutex<LifetimeConfig>
+    var lifetime: LifetimeConfig { self.lifetimeBox.withLock { $0 } }
     /// A larval (acquire) SA: recorded, never programmed for traffic (as mlx5 does).
     let larval: Bool
 
@@ -106,7 +109,7 @@ final class SAEntry: @unchecked Sendable {
         self.selector = c.selector
         self.encapsulated = c.encapsulation != nil
         self.esn = c.esn
-        self.lifetime = c.lifetime
+        self.lifetimeBox = Mutex(c.lifetime)
         self.larval = c.crypto == nil
         let window = min(max(c.replayWindow, 0), ReplayWindow.maximumSize)
         var s = SAEntryState(

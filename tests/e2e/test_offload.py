@@ -282,3 +282,25 @@ def test_a_device_that_is_down_sends_nothing_at_all(tmp_path, xfrm):
     write_raw_pcap(tmp_path / "in.pcap", inner(n=2))
     xfrm("pcap", "--batch", "setup", "--output-path", "in.pcap", "out.pcap")
     assert read_raw_pcap(tmp_path / "out.pcap") == []
+
+
+def test_state_update_with_new_limits_reaches_the_device(tmp_path, xfrm):
+    base = host_lines("192.0.2.1", 24, "10.0.2.0/24", "192.0.2.2") + [
+        pol_line("10.0.1.0/24", "10.0.2.0/24", "out", "tmpl src 192.0.2.1 dst 192.0.2.2 proto esp reqid 7 mode tunnel",
+                 "packet")]
+    (tmp_path / "setup").write_text("\n".join(base + [
+        sa_line("192.0.2.1", "192.0.2.2", 0x7000, "tunnel", "out", "packet", " limit packet-soft 2 limit packet-hard 4"),
+    ]) + "\n")
+    (tmp_path / "then").write_text(
+        sa_line("192.0.2.1", "192.0.2.2", 0x7000, "tunnel", "out", "packet", " limit packet-soft 50 limit packet-hard 100")
+        .replace("state add", "state update") + "\nstate count\n")
+    write_raw_pcap(tmp_path / "three.pcap", inner(n=3))
+    # First: the update after traffic keeps the SA (and its sequence numbers) in place.
+    _, out, _ = xfrm("pcap", "--batch", "setup", "--then", "then", "--output-path", "three.pcap", "o1.pcap")
+    assert len(read_raw_pcap(tmp_path / "o1.pcap")) == 3 and "SAD count 1" in out
+    # Then: limits raised after the device was programmed are the ones it enforces.
+    (tmp_path / "setup2").write_text((tmp_path / "setup").read_text() + (tmp_path / "then").read_text().replace(
+        "state count\n", ""))
+    write_raw_pcap(tmp_path / "eight.pcap", inner(n=8))
+    _, out, _ = xfrm("pcap", "--batch", "setup2", "--then", "then", "--output-path", "eight.pcap", "o2.pcap")
+    assert len(read_raw_pcap(tmp_path / "o2.pcap")) == 8, "the device enforces the raised hard limit, not the old one"

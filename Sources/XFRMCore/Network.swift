@@ -47,6 +47,14 @@ public final class NetworkModel: @unchecked Sendable {
 
     public init() {}
 
+    private let observers = Mutex<[@Sendable (Interface) -> Void]>([])
+
+    /// Calls `observer` with an interface after every `modify` of it (link state, MTU): devices follow their
+    /// interface whatever changed it.
+    public func observe(_ observer: @escaping @Sendable (Interface) -> Void) {
+        self.observers.withLock { $0.append(observer) }
+    }
+
     /// Bumped on every change of interfaces, addresses or routes.
     public var generation: UInt64 { self.changes.load(ordering: .acquiring) }
 
@@ -90,7 +98,7 @@ public final class NetworkModel: @unchecked Sendable {
     {
         self.changes.wrappingAdd(1, ordering: .releasing)
         defer { self.changes.wrappingAdd(1, ordering: .releasing) }
-        return try self.state.withLock { s throws(NetworkError) -> (Interface, Interface) in
+        let result = try self.state.withLock { s throws(NetworkError) -> (Interface, Interface) in
             guard let i = s.interfaces.firstIndex(where: { $0.name == name }) else {
                 throw NetworkError(19, "Cannot find device \"\(name)\"")
             }
@@ -100,6 +108,8 @@ public final class NetworkModel: @unchecked Sendable {
             s.interfaces[i] = copy
             return (before, copy)
         }
+        for o in self.observers.withLock({ $0 }) { o(result.1) }
+        return result
     }
 
     /// `ip link del NAME`: removes the interface and its routes.

@@ -107,6 +107,9 @@ public final class StateDatabase: @unchecked Sendable {
             if old.config.direction != sa.config.direction && old.state != .acquiring {
                 throw StateDatabaseError(3, "No such process")
             }
+            if old.state == .expired || old.state == .dead {
+                throw StateDatabaseError(22, "Invalid argument")  // ≈ xfrm_state_update on a dying entry: EINVAL
+            }
             if old.state == .acquiring {
                 Self.unlink(&t, old)
                 t.generation += 1

@@ -195,6 +195,7 @@ public final class XFRMStack: @unchecked Sendable {
             throw error
         }
         if kept === sa && old !== sa { self.releaseFromDevice(old) }
+        if kept !== sa && replacing { self.releaseFromDevice(sa) }
         self.events.publish(.stateAdded(kept, update: true))
         // ≈ xfrm_state_update: new limits apply at once to an SA that was already used.
         if kept.offload != nil { self.syncDeviceStats() }
@@ -252,19 +253,16 @@ public final class XFRMStack: @unchecked Sendable {
         var p = p
         p.addTime = self.clock.now
         try self.checkOffloadPriority(p)
-        if let o = p.offload { try self.checkPolicyOffload(o) }
+        // ≈ xfrm_dev_policy_add before the SPD insert (the kernel's order): traffic never finds the flow without a
+        // policy, and a refused device add changes nothing.
+        if let o = p.offload { try self.offloadPolicy(p, o) }
         let old = update ? self.policies.get(key: p.key) : nil
-        let stored = try self.policies.insert(p, update: update)
-        // The device gets exactly the stored policy (index and generation included), so delete and free later
-        // name the same object; a refusal undoes the insert and restores what it replaced.
-        if let o = stored.offload {
-            do throws(PolicyDatabaseError) {
-                try self.offloadPolicy(stored, o)
-            } catch {
-                _ = try? self.policies.delete(index: stored.index, direction: stored.direction)
-                if let old { _ = try? self.policies.insert(old, update: true) }
-                throw error
-            }
+        let stored: Policy
+        do throws(PolicyDatabaseError) {
+            stored = try self.policies.insert(p, update: update)
+        } catch {
+            if p.offload != nil { self.releasePolicyFromDevice(p) }
+            throw error
         }
         if let old { self.releasePolicyFromDevice(old) }
         self.events.publish(.policyAdded(stored, update: update))
@@ -420,12 +418,13 @@ public final class XFRMStack: @unchecked Sendable {
                 }
             }
             if let (meta, ifindex) = crypto {
-                let r = self.transmit(&packet)
+                let r = self.transmit(&packet, transformed: true)
                 guard case .transmit(let out) = r else { return r }
                 if out == ifindex { return .offload(ifindex: ifindex, metadata: meta) }
                 self.statistics.increment(.outError)
                 return .dropped(.outError)
             }
+            return self.transmit(&packet, transformed: !policy.templates.isEmpty)
         } else if self.defaultAction(.outbound) == .block {
             self.statistics.increment(.outPolBlock)
             return .dropped(.outPolBlock)
@@ -556,14 +555,20 @@ public final class XFRMStack: @unchecked Sendable {
 
     /// Routes and transmits a packet (no XFRM work): MTU check against the outgoing interface.
     @inline(__always)
-    private func transmit(_ packet: inout PacketBuffer) -> OutputResult {
+    private func transmit(_ packet: inout PacketBuffer, transformed: Bool = false) -> OutputResult {
         let p = packet.data
         let version = p.loadByte(at: 0) >> 4
         let dst: IPAddress = version == 4 ? .loadV4(from: p, at: 16) : .loadV6(from: p, at: 24)
         guard let iface = self.network.egress(to: dst) else { return .dropped(nil) }
         if packet.count > iface.mtu {
             let df = version == 6 || p.loadBE16(at: 6) & IPv4Header.flagDF != 0
-            if df { return self.makePacketTooBig(&packet, mtu: iface.mtu) ? .icmpError : .dropped(.outError) }
+            // Never quote a transformed packet in an ICMP error (a crypto-offload packet is still plaintext inside
+            // its ESP framing); it is dropped instead. Untransformed DF/IPv6 packets get the error.
+            if df && !transformed {
+                if self.makePacketTooBig(&packet, mtu: iface.mtu) { return .icmpError }
+                self.statistics.increment(.outError)
+                return .dropped(.outError)
+            }
             self.statistics.increment(.outError)  // IPv4 fragmentation of the outer packet is not implemented yet
             return .dropped(.outError)
         }
@@ -668,6 +673,11 @@ public final class XFRMStack: @unchecked Sendable {
             }
             return self.network.isLocal(flow.destination) ? .deliver : self.forwardPrepare(&packet)
         }
+        // A packet for another host is transit traffic whatever it carries (ESP, NAT-T, IKE, fragments): it goes
+        // straight to the forward policy check, never to our SAD or NAT-T demux.
+        if !cryptoDone, let dst = Self.destination(of: packet), !self.network.isLocal(dst) {
+            return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now)
+        }
         while true {
             switch ESPClassification.classify(&packet) {
             case .ike:
@@ -678,10 +688,6 @@ public final class XFRMStack: @unchecked Sendable {
             case .notESP:
                 return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now)
             case .esp(let info):
-                // ESP for another host is transit traffic: it goes to the forward policy check, not our SAD.
-                if secpath.count == 0 && !cryptoDone && !self.network.isLocal(info.destination) {
-                    return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now)
-                }
                 let id = SAID(destination: info.destination, spi: info.spi, proto: IPProtocolNumber.esp)
                 guard let sa = self.states.lookup(id, mark: mark), let transform = sa.transform else {
                     self.statistics.count(.noState)
@@ -797,6 +803,18 @@ public final class XFRMStack: @unchecked Sendable {
             }
         }
         return local ? .deliver : self.forwardPrepare(&packet)
+    }
+
+    /// The destination address of an IP packet, if its header is long enough to have one.
+    @inline(__always)
+    static func destination(of packet: PacketBuffer) -> IPAddress? {
+        let p = packet.data
+        guard packet.count >= 20 else { return nil }
+        switch p.loadByte(at: 0) >> 4 {
+        case 4: return .loadV4(from: p, at: 16)
+        case 6: return packet.count >= 40 ? .loadV6(from: p, at: 24) : nil
+        default: return nil
+        }
     }
 
     /// ≈ xfrm_state_ok: does this SA satisfy the template?

@@ -126,10 +126,6 @@ enum NetworkCommands {
                 }
                 if let up { i.isUp = up }
             }
-            if let nic = host.nic(ifindex: after.index) {
-                nic.setLinkUp(after.isUp)
-                nic.setMTU(after.mtu)
-            }
             if before.isUp && !after.isUp { host.stack.deviceDown(ifindex: after.index) }
             return ""
         case "del", "delete":

@@ -75,6 +75,15 @@ public final class SimHost: @unchecked Sendable {
             nic.shutdown()
             throw HostError(error.message)
         }
+        // The NIC follows its interface: down until `link set up`, and every later state or MTU change.
+        nic.setLinkUp(iface.isUp)
+        nic.setMTU(iface.mtu)
+        let ifindex = iface.index
+        self.stack.network.observe { [weak nic] i in
+            guard i.index == ifindex, let nic else { return }
+            nic.setLinkUp(i.isUp)
+            nic.setMTU(i.mtu)
+        }
         self.wire(nic)
         if let peer { nic.connect(peer: peer) }
         self.nicTable.withLock { $0[iface.index] = nic }
@@ -149,7 +158,9 @@ public final class SimHost: @unchecked Sendable {
         case .icmpError:
             // The error goes back to the sender: delivered here for locally generated traffic, routed back for
             // forwarded traffic.
-            if !forwarded {
+            let p = buf.data
+            let dst: IPAddress = p.loadByte(at: 0) >> 4 == 4 ? .loadV4(from: p, at: 16) : .loadV6(from: p, at: 24)
+            if !forwarded || self.stack.network.isLocal(dst) {
                 self.deliver(buf)
             } else {
                 let r = self.stack.output(&buf)

@@ -289,7 +289,23 @@ struct Tables {
             deleted.map { e.deleted.load(ordering: .relaxed) == $0 } ?? true
         }
         if let e = candidates.filter({ $0.policy == policy }).max(by: { $0.order < $1.order }) { return e }
-        return candidates.filter { $0.policy.key == policy.key }.max { $0.order < $1.order }
+        // The core programs a policy before the SPD gives it an index, so match on what the policy says (selector,
+        // action, priority, templates, mark...) and ignore the database's bookkeeping; among identical ones the
+        // oldest goes first (an update deletes the policy it replaced).
+        let content = Self.content(policy)
+        if let e = candidates.filter({ Self.content($0.policy) == content }).min(by: { $0.order < $1.order }) {
+            return e
+        }
+        return candidates.filter { $0.policy.key == policy.key }.min { $0.order < $1.order }
+    }
+
+    /// A policy without the SPD's bookkeeping (index, generation, add time).
+    static func content(_ p: Policy) -> Policy {
+        var c = p
+        c.index = 0
+        c.generation = 0
+        c.addTime = 0
+        return c
     }
 }
 

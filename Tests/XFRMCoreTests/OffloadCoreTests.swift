@@ -261,7 +261,7 @@ struct OffloadCoreTests {
         #expect(flushed.count == 1 && flushed[0] == (1, 1))
     }
 
-    @Test("policy offload needs a device with policy_add; a duplicate never reaches the device")
+    @Test("policy offload needs a device with policy_add; a failed insert after the device add is undone in the device")
     func policyOffload() throws {
         let (h, dev) = try setUp(FakeOffloadDevice(callbacks: [.stateAdd, .stateDelete]))
         #expect(throws: PolicyDatabaseError(errno: 22, message: "Policy offload is not supported")) {
@@ -270,7 +270,7 @@ struct OffloadCoreTests {
         let (h2, dev2) = try setUp()
         _ = try packetSetup(h2)
         #expect(throws: PolicyDatabaseError.self) { _ = try packetSetup(h2) }  // EEXIST
-        #expect(dev2.callLog == ["policyAdd out"])
+        #expect(dev2.callLog == ["policyAdd out", "policyAdd out", "policyDelete out", "policyFree out"])
         // A device refusal undoes the insert.
         h2.a.flushPolicies()
         dev2.failNextAdd = DeviceError(28, "No space for policy in table!")
@@ -327,5 +327,50 @@ struct OutputCacheTests {
         #expect(h.send(h.packet()).0 == .dropped(.outError), "a route change is seen at once")
         h.a.flushPolicies()
         #expect(h.send(h.packet()) .0 != .dropped(.outError))
+    }
+}
+
+@Suite("Fail-closed paths found in review")
+struct FailClosedTests {
+    @Test("a crypto-offload packet too big after ESP is dropped, never quoted in an ICMP error (IPv6 outer)")
+    func noPlaintextInICMP() throws {
+        let clock = ManualClock()
+        let s = XFRMStack(clock: clock)
+        try s.network.addInterface(name: "eth0", kind: "dummy", mtu: 1400)
+        try s.network.modify(name: "eth0") { (i: inout Interface) throws(NetworkError) in i.isUp = true }
+        try s.network.addAddress(IPPrefix("2001:db8::1/64")!, device: "eth0")
+        try s.network.addRoute(IPPrefix("10.0.2.0/24")!, device: "eth0", via: nil)
+        let dev = FakeOffloadDevice()
+        try s.attachDevice(dev, ifindex: 2)
+        let crypto = try ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))", key: PacketFactory.pattern(20), icvBits: 128)
+        let sa = try s.makeSA(SAConfig(
+            id: SAID(destination: IPAddress("2001:db8::2")!, spi: 0x44), source: IPAddress("2001:db8::1")!,
+            selector: .any(family: 4), reqid: 1, mode: .tunnel, crypto: crypto))
+        try s.addState(sa, offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+        let t = Template(source: IPAddress("2001:db8::1"), destination: IPAddress("2001:db8::2"), mode: 1, reqid: 1)
+        try s.addPolicy(Policy(selector: Selector(family: 4, source: IPPrefix("10.0.1.0/24")!,
+                                                  destination: IPPrefix("10.0.2.0/24")!),
+                               direction: .outbound, templates: [t]), update: false)
+        let secret = [UInt8]("plaintext-secret".utf8)
+        let big = PacketFactory.ipv4(source: "10.0.1.1", destination: "10.0.2.1", dontFragment: false,
+                                     payload: PacketFactory.udp(payload: secret + PacketFactory.pattern(1340)))
+        let buffers = TestBuffers()
+        let (r, out) = buffers.with(big) { s.output(&$0) }
+        #expect(r == .dropped(.outError))
+        #expect(s.statistics[.outError] == 1)
+        _ = out
+    }
+
+    @Test("transit NAT-T, IKE and ESP for another host are forwarded, not consumed")
+    func transit() throws {
+        let h = try TwoHosts()
+        for payload in [[UInt8(0xff)], [0, 0, 0, 0] + PacketFactory.pattern(30), [0, 0, 0x10, 1] + PacketFactory.pattern(40)] {
+            let pkt = PacketFactory.ipv4(source: "192.0.2.1", destination: "10.0.2.77", proto: 17,
+                                         payload: PacketFactory.udp(sourcePort: 4500, destinationPort: 4500, payload: payload))
+            #expect(h.receive(pkt).0 == .forward)
+        }
+        let esp = PacketFactory.ipv4(source: "192.0.2.1", destination: "10.0.2.77", proto: 50,
+                                     payload: [0, 0, 0x10, 1, 0, 0, 0, 1] + PacketFactory.pattern(40))
+        #expect(h.receive(esp).0 == .forward)
     }
 }

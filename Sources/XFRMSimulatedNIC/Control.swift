@@ -151,7 +151,13 @@ extension NICCore {
         let limits = sa.lifetime
         e.lifetimeBox.withLock { $0 = limits }
         return e.state.withLock { s in
-            if !s.hardReached(limits) { e.expired.store(false, ordering: .relaxed) }
+            if !s.hardReached(limits) {
+                e.expired.store(false, ordering: .relaxed)
+                s.hardRaised = false
+            }
+            if s.counters.bytes < limits.softByteLimit && s.counters.packets < limits.softPacketLimit {
+                s.softRaised = false  // raised limits: the next crossing raises its event again
+            }
             return s.counters
         }
     }

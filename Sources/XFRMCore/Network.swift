@@ -182,19 +182,6 @@ public final class NetworkModel: @unchecked Sendable {
         }
     }
 
-    /// Longest-prefix route to `destination` through an interface that is up (≈ fib lookup).
-    @inline(__always)
-    public func route(to destination: IPAddress) -> (Route, Interface)? {
-        self.state.withLock { s in
-            var best: Route? = nil
-            for r in s.routes where r.prefix.address.version == destination.version && r.prefix.contains(destination) {
-                if best == nil || r.prefix.length > best!.prefix.length { best = r }
-            }
-            guard let r = best, let i = s.interfaces.first(where: { $0.index == r.ifindex }), i.isUp else { return nil }
-            return (r, i)
-        }
-    }
-
     /// The outgoing interface index and MTU for `destination` (the data path's lookup: nothing copied).
     @inline(__always)
     public func egress(to destination: IPAddress) -> (ifindex: Int32, mtu: Int)? {

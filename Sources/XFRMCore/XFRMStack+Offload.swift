@@ -86,11 +86,11 @@ extension XFRMStack {
         if ifindex == 0 || self.device(ifindex: ifindex) == nil && self.network.interface(index: ifindex) == nil {
             // No usable ifindex: the route decides (out: to the destination; in: back to the source).
             let target = req.direction == .inbound ? sa.config.source : sa.id.destination
-            guard let (_, iface) = self.network.route(to: target) else {
+            guard let egress = self.network.egress(to: target) else {
                 if packet { throw StateDatabaseError(22, "Device for the state offload is not found") }
                 return
             }
-            ifindex = iface.index
+            ifindex = egress.ifindex
         }
         guard let device = self.device(ifindex: ifindex), device.callbacks.contains(.stateAdd),
             device.features.contains(.hwESP)

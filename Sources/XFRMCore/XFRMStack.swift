@@ -620,8 +620,8 @@ public final class XFRMStack: @unchecked Sendable {
     }
 
     private func replySource(toward dst: IPAddress, version: Int) -> IPAddress? {
-        if let (_, iface) = self.network.route(to: dst),
-            let a = self.network.sourceAddress(ifindex: iface.index, version: version) { return a }
+        if let egress = self.network.egress(to: dst),
+            let a = self.network.sourceAddress(ifindex: egress.ifindex, version: version) { return a }
         for i in self.network.interfaces where i.kind != "loopback" {
             if let a = i.addresses.first(where: { $0.address.version == version }) { return a.address }
         }
@@ -807,7 +807,7 @@ public final class XFRMStack: @unchecked Sendable {
 
     /// The destination address of an IP packet, if its header is long enough to have one.
     @inline(__always)
-    static func destination(of packet: PacketBuffer) -> IPAddress? {
+    public static func destination(of packet: PacketBuffer) -> IPAddress? {
         let p = packet.data
         guard packet.count >= 20 else { return nil }
         switch p.loadByte(at: 0) >> 4 {

@@ -158,9 +158,7 @@ public final class SimHost: @unchecked Sendable {
         case .icmpError:
             // The error goes back to the sender: delivered here for locally generated traffic, routed back for
             // forwarded traffic.
-            let p = buf.data
-            let dst: IPAddress = p.loadByte(at: 0) >> 4 == 4 ? .loadV4(from: p, at: 16) : .loadV6(from: p, at: 24)
-            if !forwarded || self.stack.network.isLocal(dst) {
+            if !forwarded || XFRMStack.destination(of: buf).map(self.stack.network.isLocal) ?? true {
                 self.deliver(buf)
             } else {
                 let r = self.stack.output(&buf)

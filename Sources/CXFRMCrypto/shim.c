@@ -3,6 +3,7 @@
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
+#include <openssl/rand.h>
 #include <openssl/sha.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,6 +99,9 @@ struct xfrm_cbc {
     EVP_CIPHER_CTX *enc;
     EVP_CIPHER_CTX *dec;
     EVP_CIPHER_CTX *ivgen;
+    /// Random per context (per SA): re-installing the same key with the same starting sequence number still
+    /// gives new IVs (the role of the kernel's echainiv/seqiv salt).
+    unsigned char salt[8];
 };
 
 static const EVP_CIPHER *cbc_cipher(size_t key_len) {
@@ -137,7 +141,7 @@ xfrm_cbc *xfrm_cbc_new(const void *key, size_t key_len) {
     ctx->enc = block_ctx(cbc, key, 1);
     ctx->dec = block_ctx(cbc, key, 0);
     ctx->ivgen = block_ctx(ecb_cipher(key_len), key, 1);
-    if (!ctx->enc || !ctx->dec || !ctx->ivgen) {
+    if (!ctx->enc || !ctx->dec || !ctx->ivgen || RAND_bytes(ctx->salt, sizeof ctx->salt) != 1) {
         xfrm_cbc_free(ctx);
         return NULL;
     }
@@ -149,6 +153,7 @@ void xfrm_cbc_free(xfrm_cbc *ctx) {
     EVP_CIPHER_CTX_free(ctx->enc);
     EVP_CIPHER_CTX_free(ctx->dec);
     EVP_CIPHER_CTX_free(ctx->ivgen);
+    OPENSSL_cleanse(ctx->salt, sizeof ctx->salt);
     free(ctx);
 }
 
@@ -171,8 +176,8 @@ int xfrm_cbc_decrypt(xfrm_cbc *ctx, const void *iv16, void *data, size_t len) {
 int xfrm_cbc_make_iv(xfrm_cbc *ctx, uint64_t counter, void *iv16) {
     unsigned char block[16] = {0};
     int outl = 0;
-    // A fixed domain-separation prefix, then the counter, big-endian.
-    memcpy(block, "ESP-IV\0\0", 8);
+    // The context's random salt, then the counter, big-endian: unique per (key, salt, counter), unpredictable.
+    memcpy(block, ctx->salt, 8);
     for (int i = 0; i < 8; i++) block[15 - i] = (unsigned char)(counter >> (8 * i));
     return EVP_CipherUpdate(ctx->ivgen, iv16, &outl, block, 16) == 1 && outl == 16;
 }

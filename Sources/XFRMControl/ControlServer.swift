@@ -254,7 +254,7 @@ public final class XfrmControlServer: XfrmTransport {
                 throw .invalid("ESN not compatible with legacy replay_window")
             }
             guard Int(r.replayWindow) <= r.bitmap.count * 32 else {
-                throw .invalid("ESN replay window is too large for the chosen bitmap size")
+                throw .invalid("ESN replay window is longer than the bitmap")
             }
             if esn && r.replayWindow == 0 && config.direction != .outbound {
                 throw .invalid("ESN replay window must be > 0")
@@ -262,12 +262,14 @@ public final class XfrmControlServer: XfrmTransport {
             config.replayWindow = Int(r.replayWindow)
             config.inboundSequence = UInt64(r.seqHi) << 32 | UInt64(r.seq)
             config.outboundSequence = UInt64(r.oseqHi) << 32 | UInt64(r.oseq)
+            if r.bitmap.contains(where: { $0 != 0 }) { config.replayBitmap = .ring(r.bitmap) }
         } else {
             if esn { throw .invalid("Missing required attribute for ESN") }
             config.replayWindow = min(Int(info.replayWindow), 32)
             if let r = replay {
                 config.inboundSequence = UInt64(r.seq)
                 config.outboundSequence = UInt64(r.oseq)
+                if r.bitmap != 0 { config.replayBitmap = .legacy(r.bitmap) }
             }
         }
         // SA direction rules (≈ verify_newsa_info with XFRMA_SA_DIR, Linux 6.10).

@@ -219,7 +219,7 @@ extension SecurityAssociation {
         let c = self.config
         var oseq: UInt64 = 0
         var top: UInt64 = 0
-        var bits: [Bool] = []
+        var window: ReplayWindow? = nil
         if self.offload?.type == .packet {
             // The device owns sequence numbers and the window; show its view.
             let d = self.deviceCounters
@@ -229,7 +229,7 @@ extension SecurityAssociation {
             self.withLock {
                 oseq = t.outboundSequence
                 top = t.replay.top
-                bits = t.replay.receivedBits
+                window = t.replay
             }
         } else {
             oseq = c.outboundSequence
@@ -242,15 +242,13 @@ extension SecurityAssociation {
             r.seq = UInt32(truncatingIfNeeded: top)
             r.seqHi = UInt32(truncatingIfNeeded: top >> 32)
             r.replayWindow = UInt32(c.replayWindow)
-            let words = (c.replayWindow + 31) / 32
-            r.bitmap = [UInt32](repeating: 0, count: words)
-            for (i, b) in bits.enumerated() where b { r.bitmap[i / 32] |= 1 << UInt32(i % 32) }
+            r.bitmap = window?.ringBitmap ?? [UInt32](repeating: 0, count: (c.replayWindow + 31) / 32)
             return .replayESN(r)
         }
         var r = XfrmReplayState()
         r.oseq = UInt32(truncatingIfNeeded: oseq)
         r.seq = UInt32(truncatingIfNeeded: top)
-        for (i, b) in bits.enumerated() where b && i < 32 { r.bitmap |= 1 << UInt32(i) }
+        r.bitmap = window?.legacyBitmap ?? 0
         return .replay(r)
     }
 }

@@ -27,12 +27,25 @@ public final class EventBus: @unchecked Sendable {
         fileprivate let queue: Mutex<[XfrmEvent]>
         fileprivate let capacity: Int
         private let droppedCount = Atomic<UInt64>(0)
-        fileprivate init(capacity: Int) {
+        private let reportedDrops = Atomic<UInt64>(0)
+        /// Whether this subscriber answers ACQUIREs (≈ a socket in XFRMNLGRP_ACQUIRE, as a key manager is).
+        public let listensForAcquire: Atomic<Bool>
+        fileprivate init(capacity: Int, acquire: Bool) {
             self.capacity = capacity
             self.queue = Mutex([])
+            self.listensForAcquire = Atomic(acquire)
         }
         /// Events lost because the queue was full.
         public var dropped: UInt64 { self.droppedCount.load(ordering: .relaxed) }
+
+        /// Takes every queued event and says how many were lost since the last call (≈ the ENOBUFS a netlink
+        /// listener reads when its socket overran: the key manager must then resynchronise with a dump).
+        public func drainReportingLoss() -> (events: [XfrmEvent], lost: UInt64) {
+            let events = self.drain()
+            let total = self.droppedCount.load(ordering: .relaxed)
+            let before = self.reportedDrops.exchange(total, ordering: .relaxed)
+            return (events, total &- before)
+        }
         fileprivate func offer(_ e: XfrmEvent) {
             let ok = self.queue.withLock { q -> Bool in
                 guard q.count < self.capacity else { return false }
@@ -56,14 +69,19 @@ public final class EventBus: @unchecked Sendable {
     public init() {}
 
     /// A new subscriber whose queue holds at most `capacity` undrained events.
-    public func subscribe(capacity: Int = 4096) -> Subscription {
-        let s = Subscription(capacity: capacity)
+    public func subscribe(capacity: Int = 4096, acquire: Bool = true) -> Subscription {
+        let s = Subscription(capacity: capacity, acquire: acquire)
         self.subscribers.withLock { $0.append(s) }
         return s
     }
 
     public func unsubscribe(_ s: Subscription) {
         self.subscribers.withLock { $0.removeAll { $0 === s } }
+    }
+
+    /// True when some subscriber answers ACQUIREs (otherwise an acquire leaves no larval SA, as km_query fails).
+    public var hasAcquireListeners: Bool {
+        self.subscribers.withLock { $0.contains { $0.listensForAcquire.load(ordering: .relaxed) } }
     }
 
     public func publish(_ e: XfrmEvent) {

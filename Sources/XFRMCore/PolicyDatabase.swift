@@ -27,7 +27,8 @@
 //   numeric priorities (spec §5.2, the merged design: HW policies "behave as a separate SPD consulted first").
 //   Among offloaded policies, and otherwise among software policies, the lowest priority value wins and the older
 //   policy (lower generation) wins ties. A policy matches when its selector does (Selector.matches) and its mark
-//   does (Mark.matches(flow.mark)). The policy's if_id is not compared (flows carry no xfrm interface id here).
+//   does (Mark.matches(flow.mark)), and its if_id equals the flow's (ordinary traffic has if_id 0, so a
+//   route-based VPN's policy with an if_id never captures it; ≈ xfrm_policy_match).
 // - Selectors are checked as verify_newpolicy_info does (EINVAL for an unknown family or a prefix longer than the
 //   family allows), and also refused with EINVAL when a prefix address is not of the selector's family, or when a
 //   family-0 selector has a non-zero prefix length (Selector.matches gives those no sensible meaning).
@@ -119,7 +120,7 @@ public final class PolicyDatabase: @unchecked Sendable {
 
     /// The best policy for a packet: a matching packet-offloaded policy if there is one (lowest priority value,
     /// older on ties), otherwise the matching software policy with the lowest priority value, older on ties.
-    /// A policy matches when its selector and its mark match the flow. No allocation.
+    /// A policy matches when its selector and its mark match the flow and its if_id is the flow's. No allocation.
     public func lookup(_ direction: PolicyDirection, _ flow: Flow) -> Policy? {
         var result: Policy? = nil
         self.state.withLock { s in
@@ -139,7 +140,7 @@ public final class PolicyDatabase: @unchecked Sendable {
             s.slots.withUnsafeBufferPointer { slots in
                 for slot in s.dense[Int(direction.rawValue)] {
                     let p = slots[Int(slot)].policy.unsafelyUnwrapped
-                    guard p.selector.matches(flow), p.mark.matches(flow.mark) else { continue }
+                    guard p.selector.matches(flow), p.mark.matches(flow.mark), p.ifID == flow.ifID else { continue }
                     let offloaded = p.offload != nil
                     let better: Bool
                     if bestSlot < 0 {

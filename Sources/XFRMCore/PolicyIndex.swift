@@ -114,6 +114,7 @@ struct PolicyCandidate: Sendable {
     var generation: UInt64
     var markValue: UInt32
     var markMask: UInt32
+    var ifID: UInt32
     var ifindex: Int32
     var sourcePort: UInt16
     var sourcePortMask: UInt16
@@ -129,6 +130,7 @@ struct PolicyCandidate: Sendable {
         self.generation = policy.generation
         self.markValue = policy.mark.value
         self.markMask = policy.mark.mask
+        self.ifID = policy.ifID
         self.ifindex = policy.selector.ifindex
         self.sourcePort = policy.selector.sourcePort
         self.sourcePortMask = policy.selector.sourcePortMask
@@ -144,7 +146,7 @@ struct PolicyCandidate: Sendable {
         self.priority < priority || (self.priority == priority && self.generation < generation)
     }
 
-    /// The non-prefix half of Selector.matches plus Mark.matches.
+    /// The non-prefix half of Selector.matches plus Mark.matches and the if_id.
     @inline(__always)
     func matches(_ flow: Flow) -> Bool {
         (self.proto == 0 || self.proto == flow.proto)
@@ -152,6 +154,7 @@ struct PolicyCandidate: Sendable {
             && (flow.sourcePort ^ self.sourcePort) & self.sourcePortMask == 0
             && (self.ifindex == 0 || self.ifindex == flow.ifindex)
             && flow.mark & self.markMask == self.markValue
+            && self.ifID == flow.ifID  // ≈ xfrm_policy_match: pol->if_id != if_id → no match
     }
 }
 

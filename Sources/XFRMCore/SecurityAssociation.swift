@@ -78,6 +78,8 @@ public struct SAConfig: Sendable {
     public var algorithms: SAAlgorithms
     public var outboundSequence: UInt64
     public var inboundSequence: UInt64
+    /// The received-packet bitmap below `inboundSequence` (XFRMA_REPLAY_VAL / XFRMA_REPLAY_ESN_VAL), restored.
+    public var replayBitmap: ReplayBitmap?
     public var tfcPad: UInt32
     /// The key manager's sequence number (xfrm_usersa_info.seq), matching an ACQUIRE.
     public var kmSequence: UInt32
@@ -88,7 +90,8 @@ public struct SAConfig: Sendable {
                 encapsulation: NATTEncapsulation? = nil, encapsulationOriginalAddress: IPAddress? = nil,
                 encapsulationType: UInt16 = 2, esn: Bool = false, crypto: ESPCryptoSpec?,
                 algorithms: SAAlgorithms = SAAlgorithms(), outboundSequence: UInt64 = 0, inboundSequence: UInt64 = 0,
-                tfcPad: UInt32 = 0, kmSequence: UInt32 = 0) {
+                tfcPad: UInt32 = 0, kmSequence: UInt32 = 0, replayBitmap: ReplayBitmap? = nil) {
+        self.replayBitmap = replayBitmap
         self.id = id
         self.source = source
         self.selector = selector
@@ -155,6 +158,9 @@ public final class SecurityAssociation: @unchecked Sendable {
     {
         self.config = config
         if let crypto = config.crypto {
+            // A deliberate difference from Linux, which accepts `enc` alone: RFC 8221 §5 says ESP encryption
+            // without integrity must not be used, and anti-replay means nothing when anyone can forge a packet.
+            if crypto.lacksIntegrity { throw ESPConfigError(Self.noIntegrityMessage) }
             var flags: ESPFlags = []
             if config.flags & 1 != 0 { flags.insert(.noECN) }
             if config.flags & 2 != 0 { flags.insert(.decapDSCP) }
@@ -165,7 +171,7 @@ public final class SecurityAssociation: @unchecked Sendable {
                 spi: config.id.spi, mode: config.mode, crypto: crypto, tunnelSource: config.source,
                 tunnelDestination: config.id.destination, encapsulation: config.encapsulation, esn: config.esn,
                 replayWindow: config.replayWindow, flags: flags, outboundSequence: config.outboundSequence,
-                inboundSequence: config.inboundSequence)
+                inboundSequence: config.inboundSequence, inboundBitmap: config.replayBitmap)
             self.transform = try ESPTransform(esp, backend: backend)
         } else {
             self.transform = nil
@@ -176,6 +182,10 @@ public final class SecurityAssociation: @unchecked Sendable {
     }
 
     public var id: SAID { self.config.id }
+
+    /// The refusal of an encryption-only SA (EINVAL through the user API).
+    public static let noIntegrityMessage =
+        "Encryption without integrity is refused (RFC 8221 section 5): add auth or auth-trunc, or use an AEAD"
 
     /// State, dying mark and offload binding under one lock acquisition (for per-packet resolution).
     @inline(__always)

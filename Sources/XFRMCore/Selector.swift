@@ -64,9 +64,13 @@ public struct Flow: Hashable, Sendable {
     /// The packet's mark (skb->mark) and input/output interface index.
     public var mark: UInt32
     public var ifindex: Int32
+    /// The XFRM interface id the traffic belongs to (≈ the if_id of an xfrmi device); 0 for ordinary traffic.
+    /// Policies match only traffic with exactly their if_id (xfrm_policy_match).
+    public var ifID: UInt32
 
     public init(source: IPAddress, destination: IPAddress, proto: UInt8 = 0, sourcePort: UInt16 = 0,
-                destinationPort: UInt16 = 0, mark: UInt32 = 0, ifindex: Int32 = 0) {
+                destinationPort: UInt16 = 0, mark: UInt32 = 0, ifindex: Int32 = 0, ifID: UInt32 = 0) {
+        self.ifID = ifID
         self.source = source
         self.destination = destination
         self.proto = proto
@@ -117,6 +121,23 @@ public struct Selector: Hashable, Sendable {
     public static func any(family: Int = 0) -> Selector {
         let v = family == 6 ? 6 : 4
         return Selector(family: family, source: .any(version: v), destination: .any(version: v))
+    }
+
+    /// ≈ xfrm_selector_match as __xfrm_policy_check applies it to each SA of the secpath: the flow's family decides,
+    /// so a selector with zero-length prefixes covers either family (an SA's selector of a 6-in-4 tunnel);
+    /// a prefix of another family never covers the flow.
+    @inline(__always)
+    public func covers(_ flow: Flow) -> Bool {
+        var s = self
+        if s.source.length == 0 && s.destination.length == 0 {
+            s.family = 0
+        } else {
+            guard s.source.address.version == flow.version, s.destination.address.version == flow.version else {
+                return false
+            }
+            s.family = flow.version
+        }
+        return s.matches(flow)
     }
 
     /// True when `flow` is covered by this selector.

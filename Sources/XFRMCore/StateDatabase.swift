@@ -186,12 +186,17 @@ public final class StateDatabase: @unchecked Sendable {
     }
 
     /// ≈ xfrm_state_find: a valid SA for `template` and `flow`, preferring a non-dying one, then the newest.
-    /// Outbound-direction or undirected SAs only.
+    /// Outbound-direction or undirected SAs only. As the kernel compares them: the template's reqid exactly (0
+    /// matches only 0), the SA's mark against `policyMark` (the policy's value & mask, not the packet's mark), the
+    /// SA's if_id equal to the policy's; an SA whose source is the wildcard address is taken only when no SA has
+    /// the exact source (the kernel's second, wildcard pass).
     @inline(__always)
     public func resolve(_ template: Template, flow: Flow, source: IPAddress, destination: IPAddress,
-                        mark: UInt32, packetOffloadDevice: Int32? = nil) -> Resolution {
+                        policyMark: UInt32, ifID: UInt32 = 0, packetOffloadDevice: Int32? = nil) -> Resolution {
         self.tables.withLock { t in
             var best: SecurityAssociation? = nil
+            var wildcard: SecurityAssociation? = nil
+            var wildcardBest: SecurityAssociation? = nil
             var acquiring = false
             // Newest first, so the first non-dying candidate is the one to take.
             var i = t.all.count - 1
@@ -199,12 +204,13 @@ public final class StateDatabase: @unchecked Sendable {
             while i >= 0 {
                 let sa = t.all[i]
                 i -= 1
+                let exactSource = sa.config.source == source
                 guard sa.config.id.proto == template.proto, sa.config.id.destination == destination,
-                    sa.config.source == source,
-                    template.reqid == 0 || sa.config.reqid == template.reqid,
+                    exactSource || sa.config.source.isUnspecified,
+                    sa.config.reqid == template.reqid,
                     sa.config.mode == wantMode,
                     template.spi == 0 || sa.config.id.spi == template.spi,
-                    sa.config.direction != .inbound, sa.config.mark.matches(mark)
+                    sa.config.direction != .inbound, sa.config.mark.matches(policyMark), sa.config.ifID == ifID
                 else { continue }
                 let v = sa.resolutionView
                 // A packet-offload policy resolves only to packet-offload SAs on its device; a software policy
@@ -220,14 +226,22 @@ public final class StateDatabase: @unchecked Sendable {
                     continue
                 case .valid:
                     guard sa.config.selector.matches(flow) else { continue }
-                    if !v.dying { return .found(sa) }
-                    if best == nil { best = sa }
+                    if exactSource {
+                        if !v.dying { return .found(sa) }
+                        if best == nil { best = sa }
+                    } else if !v.dying {
+                        if wildcard == nil { wildcard = sa }
+                    } else if wildcardBest == nil {
+                        wildcardBest = sa
+                    }
                 default:
                     continue
                 }
             }
             if let best { return .found(best) }
-            return acquiring ? .acquiring : .none
+            if acquiring { return .acquiring }
+            if let w = wildcard ?? wildcardBest { return .found(w) }
+            return .none
         }
     }
 }

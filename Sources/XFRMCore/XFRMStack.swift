@@ -353,11 +353,16 @@ public final class XFRMStack: @unchecked Sendable {
 
     /// Runs a locally generated (or, with `forwarded`, a routed) IP packet through the OUT policy and its SAs, then
     /// routes it. See the pipeline at the top of this file.
-    public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, forwarded: Bool = false) -> OutputResult {
+    /// `ifID` is the XFRM interface id the traffic was routed into (0: ordinary traffic; only policies with that
+    /// exact if_id apply).
+    public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, ifID: UInt32 = 0, forwarded: Bool = false)
+        -> OutputResult
+    {
         guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark) else {
             self.statistics.count(.badOutputPacket)
             return .dropped(.outError)
         }
+        flow.ifID = ifID
         let now = self.clock.now
         let generation = self.currentGeneration
         if let (hit, touch) = self.outputCache.lookup(flow, generation: generation, now: now) {
@@ -380,12 +385,22 @@ public final class XFRMStack: @unchecked Sendable {
             }
             var crypto: (OffloadMetadata, Int32)? = nil
             let single = policy.templates.count == 1
+            // ≈ xfrm_tmpl_resolve_one: a transport template takes its addresses from the flow or from the previous
+            // tunnel's endpoints; a tunnel template from itself, its missing source from the route (xfrm_get_saddr).
+            var daddr = flow.destination
+            var saddr = flow.source
+            var applied = 0
             for template in policy.templates {
-                let destination = template.destination ?? flow.destination
-                let source = template.source ?? flow.source
+                guard let (source, destination) = self.templateAddresses(template, daddr: daddr, saddr: saddr) else {
+                    self.statistics.increment(.outPolError)  // no route to the tunnel's peer: no source address
+                    return .dropped(.outPolError)
+                }
                 switch self.states.resolve(template, flow: flow, source: source, destination: destination,
-                                           mark: mark) {
+                                           policyMark: policy.mark.value & policy.mark.mask, ifID: policy.ifID) {
                 case .found(let sa):
+                    daddr = destination
+                    saddr = source
+                    applied += 1
                     // Crypto offload: a single-transform bundle whose route leads to the SA's device, if the device
                     // takes the packet; otherwise the SA silently works in software (≈ xfrm_dev_offload_ok).
                     if single, let o = sa.offload, o.type == .crypto, let dev = self.device(ifindex: o.ifindex),
@@ -411,8 +426,10 @@ public final class XFRMStack: @unchecked Sendable {
                     self.statistics.increment(.outNoStates)
                     return .dropped(.outNoStates)
                 case .none:
-                    if template.optional { continue }
+                    // xfrm_state_find queries the key manager for optional templates too; the packet then goes on
+                    // without that transform.
                     self.acquire(template, flow: flow, policy: policy, source: source, destination: destination)
+                    if template.optional { continue }
                     self.statistics.increment(.outNoStates)
                     return .dropped(.outNoStates)
                 }
@@ -424,10 +441,10 @@ public final class XFRMStack: @unchecked Sendable {
                 self.statistics.increment(.outError)
                 return .dropped(.outError)
             }
-            return self.transmit(&packet, transformed: !policy.templates.isEmpty)
-        } else if self.defaultAction(.outbound) == .block {
-            self.statistics.increment(.outPolBlock)
-            return .dropped(.outPolBlock)
+            return self.transmit(&packet, transformed: applied > 0)
+        } else if self.defaultAction(.outbound) == .block && !self.network.isLocal(flow.destination) {
+            // ≈ xfrm_lookup_with_ifid: the sender gets EPERM and no counter moves; loopback traffic is exempt.
+            return .dropped(nil)
         }
         return self.transmit(&packet)
     }
@@ -441,10 +458,14 @@ public final class XFRMStack: @unchecked Sendable {
             // An offloaded allow policy without templates: plaintext through the device.
             return self.transmit(&packet)
         }
-        let destination = template.destination ?? flow.destination
-        let source = template.source ?? flow.source
+        guard let (source, destination) = self.templateAddresses(template, daddr: flow.destination,
+                                                                 saddr: flow.source) else {
+            self.statistics.increment(.outPolError)
+            return .dropped(.outPolError)
+        }
         let sa: SecurityAssociation
-        switch self.states.resolve(template, flow: flow, source: source, destination: destination, mark: mark,
+        switch self.states.resolve(template, flow: flow, source: source, destination: destination,
+                                   policyMark: policy.mark.value & policy.mark.mask, ifID: policy.ifID,
                                    packetOffloadDevice: device) {
         case .found(let s): sa = s
         case .acquiring:
@@ -628,9 +649,28 @@ public final class XFRMStack: @unchecked Sendable {
         return nil
     }
 
-    /// ≈ xfrm_state_find's acquire branch: a larval SA (expires in 30 s) and an ACQUIRE to the key manager.
+    /// The (local, remote) addresses an output template is resolved with (≈ the top of xfrm_tmpl_resolve_one's
+    /// loop): transport mode takes `saddr`/`daddr` (the flow's, or the previous tunnel's endpoints); tunnel mode
+    /// takes the template's, a missing source from the route toward the destination (xfrm_get_saddr). nil when
+    /// there is no route to take a source from.
+    @inline(__always)
+    private func templateAddresses(_ t: Template, daddr: IPAddress, saddr: IPAddress) -> (IPAddress, IPAddress)? {
+        guard t.mode == 1 else { return (saddr, daddr) }
+        let remote = t.destination ?? daddr
+        if let local = t.source, !local.isUnspecified { return (local, remote) }
+        guard let egress = self.network.egress(to: remote),
+            let local = self.network.sourceAddress(ifindex: egress.ifindex, version: remote.version)
+        else { return nil }
+        return (local, remote)
+    }
+
+    /// ≈ xfrm_state_find's acquire branch: a larval SA (expires in 30 s) and an ACQUIRE to the key manager. As in
+    /// xfrm_init_tempstate: the selector is the flow with full prefixes, port masks 0xffff and the output
+    /// interface; the SA is `dir out` and takes the policy's mark and if_id. When no key manager listens for
+    /// ACQUIRE (km_query fails), no larval SA is left behind.
     private func acquire(_ template: Template, flow: Flow, policy: Policy, source: IPAddress, destination: IPAddress,
                          offload: StateOffload? = nil) {
+        guard self.events.hasAcquireListeners else { return }
         let seq = self.acquireSequence.wrappingAdd(1, ordering: .relaxed).newValue
         var lifetime = LifetimeConfig()
         lifetime.hardAddExpiresSeconds = Self.acquireExpirySeconds
@@ -638,12 +678,12 @@ public final class XFRMStack: @unchecked Sendable {
         let selector = Selector(
             family: flow.version, source: IPPrefix(flow.source, length: full),
             destination: IPPrefix(flow.destination, length: full), proto: flow.proto,
-            sourcePort: flow.sourcePort, sourcePortMask: flow.sourcePort == 0 ? 0 : 0xffff,
-            destinationPort: flow.destinationPort, destinationPortMask: flow.destinationPort == 0 ? 0 : 0xffff)
+            sourcePort: flow.sourcePort, sourcePortMask: 0xffff,
+            destinationPort: flow.destinationPort, destinationPortMask: 0xffff, ifindex: flow.ifindex)
         let config = SAConfig(
             id: SAID(destination: destination, spi: 0, proto: template.proto), source: source, selector: selector,
-            reqid: template.reqid, mode: template.mode == 1 ? .tunnel : .transport, lifetime: lifetime,
-            crypto: nil, kmSequence: seq)
+            reqid: template.reqid, mode: template.mode == 1 ? .tunnel : .transport, mark: policy.mark,
+            ifID: policy.ifID, direction: .outbound, lifetime: lifetime, crypto: nil, kmSequence: seq)
         let larval = try! SecurityAssociation(config, addTime: self.clock.now)
         // A packet-offload policy's larval SA is tagged with its device (≈ XFRM_DEV_OFFLOAD_FLAG_ACQ); like mlx5,
         // the device is not programmed with it.
@@ -754,24 +794,35 @@ public final class XFRMStack: @unchecked Sendable {
     }
 
     /// ≈ __xfrm_policy_check: the packet (after any decapsulation) must have come through the SAs its IN or FWD
-    /// policy requires.
+    /// policy requires, and every one of those SAs must cover the inner flow with its selector.
     private func policyCheck(_ packet: inout PacketBuffer, secpath: SecPath, ifindex: Int32, mark: UInt32,
                              now: UInt64) -> InputResult {
-        guard let flow = Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex) else {
+        guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex) else {
             self.statistics.increment(.inHdrError)
             return .dropped(.inHdrError)
+        }
+        // The traffic's if_id is the innermost SA's (≈ xfrmi_decode_session finding the XFRM interface by
+        // x->if_id); packets that came through no SA, or through SAs without an if_id, have if_id 0.
+        if secpath.count > 0 { flow.ifID = secpath[secpath.count - 1].config.ifID }
+        // A peer may only inject traffic its SAs' selectors allow: without this, one SA's holder could send inner
+        // addresses belonging to another SA whenever the policy is wider than the SA selectors.
+        for i in 0..<secpath.count where !secpath[i].config.selector.covers(flow) {
+            self.statistics.increment(.inStateMismatch)
+            return .dropped(.inStateMismatch)
         }
         let local = self.network.isLocal(flow.destination)
         let direction: PolicyDirection = local ? .inbound : .forward
         guard let policy = self.policies.lookup(direction, flow) else {
-            // No policy: a tunnel-mode SA in the secpath needs one (XfrmInNoPols); else the default decides.
-            for i in 0..<secpath.count where secpath[i].config.mode == .tunnel {
+            // No policy: with a blocking default the packet is XfrmInNoPols; otherwise a tunnel-mode SA in the
+            // secpath still needs one (XfrmInNoPols), unless a crypto-offload device decrypted it.
+            if self.defaultAction(direction) == .block {
                 self.statistics.increment(.inNoPols)
                 return .dropped(.inNoPols)
             }
-            if self.defaultAction(direction) == .block {
-                self.statistics.increment(.inPolBlock)
-                return .dropped(.inPolBlock)
+            let cryptoOffloaded = secpath.count > 0 && secpath[secpath.count - 1].offload?.type == .crypto
+            if !cryptoOffloaded && Self.nonTransport(secpath, from: 0) {
+                self.statistics.increment(.inNoPols)
+                return .dropped(.inNoPols)
             }
             return local ? .deliver : self.forwardPrepare(&packet)
         }
@@ -780,29 +831,49 @@ public final class XFRMStack: @unchecked Sendable {
             self.statistics.increment(.inPolBlock)
             return .dropped(.inPolBlock)
         }
-        // Template check (≈ xfrm_policy_ok): templates are applied innermost first on output, so on input the
-        // secpath (outermost first) meets them from the last template backwards. Each required template must be
-        // matched in turn; optional ones may be skipped; every SA in the secpath must be accounted for.
-        var next = 0
+        // Template check: templates are applied innermost first on output, so the secpath (outermost first) meets
+        // them from the last template backwards (≈ the loop over xfrm_policy_ok in __xfrm_policy_check).
+        var k = 0
         var t = policy.templates.count - 1
         while t >= 0 {
-            let tmpl = policy.templates[t]
-            if next < secpath.count && Self.templateMatches(tmpl, secpath[next], flow: flow) {
-                next += 1
-            } else if !tmpl.optional {
+            guard let next = Self.templateConsumes(policy.templates[t], secpath, from: k, flow: flow) else {
                 self.statistics.increment(.inTmplMismatch)
                 return .dropped(.inTmplMismatch)
             }
+            k = next
             t -= 1
         }
-        if next < secpath.count {
-            // SAs the policy did not ask for: tunnel-mode ones are a mismatch (transport extras are tolerated).
-            for i in next..<secpath.count where secpath[i].config.mode == .tunnel {
-                self.statistics.increment(.inTmplMismatch)
-                return .dropped(.inTmplMismatch)
-            }
+        // SAs the policy did not ask for: tunnel-mode ones are a mismatch (transport extras are tolerated).
+        if Self.nonTransport(secpath, from: k) {
+            self.statistics.increment(.inTmplMismatch)
+            return .dropped(.inTmplMismatch)
         }
         return local ? .deliver : self.forwardPrepare(&packet)
+    }
+
+    /// ≈ xfrm_policy_ok: where the secpath check continues after template `t`, starting at entry `start`, or nil
+    /// on a mismatch. An optional transport template consumes nothing; otherwise non-matching transport-mode
+    /// entries are skipped until a matching entry (consumed) or a non-matching tunnel entry (a mismatch for a
+    /// required template; an optional one then consumes nothing).
+    static func templateConsumes(_ t: Template, _ sp: SecPath, from start: Int, flow: Flow) -> Int? {
+        if t.optional && t.mode == 0 { return start }
+        var i = start
+        while i < sp.count {
+            if Self.templateMatches(t, sp[i], flow: flow) { return i + 1 }
+            if sp[i].config.mode != .transport { break }
+            i += 1
+        }
+        return t.optional ? start : nil
+    }
+
+    /// ≈ secpath_has_nontransport: a tunnel-mode SA at or after `start`.
+    static func nonTransport(_ sp: SecPath, from start: Int) -> Bool {
+        var i = start
+        while i < sp.count {
+            if sp[i].config.mode != .transport { return true }
+            i += 1
+        }
+        return false
     }
 
     /// The destination address of an IP packet, if its header is long enough to have one.
@@ -817,11 +888,12 @@ public final class XFRMStack: @unchecked Sendable {
         }
     }
 
-    /// ≈ xfrm_state_ok: does this SA satisfy the template?
+    /// ≈ xfrm_state_ok: does this SA satisfy the template? (On input a template's reqid 0 matches any SA, and the
+    /// SA's if_id must be the traffic's when the traffic has one.)
     static func templateMatches(_ t: Template, _ sa: SecurityAssociation, flow: Flow) -> Bool {
         let c = sa.config
         guard c.id.proto == t.proto, t.spi == 0 || t.spi == c.id.spi, t.reqid == 0 || t.reqid == c.reqid,
-            c.mode == (t.mode == 1 ? .tunnel : .transport)
+            c.mode == (t.mode == 1 ? .tunnel : .transport), flow.ifID == 0 || c.ifID == flow.ifID
         else { return false }
         if c.mode == .tunnel {
             if let d = t.destination, d != c.id.destination { return false }

@@ -194,6 +194,48 @@ public enum ESPCryptoSpec: Sendable {
         return .cipher(alg, key: SecretKey(key), auth: auth, authKey: SecretKey(authKey), truncationBits: trunc)
     }
 
+    /// Checks a spec however it was made (the cases are public, so a value may bypass the factory functions):
+    /// key lengths, the ICV length, a truncation from 96 bits to the digest, and integrity with null encryption.
+    /// Every backend calls it before keying, so no backend can be handed an ICV of 0 bytes or one longer than
+    /// its digest.
+    public func validate() throws(AlgorithmError) {
+        switch self {
+        case .aead(let alg, let key, let icvBits):
+            guard alg.keyBits.contains(key.bits) else {
+                throw AlgorithmError("\(alg.name): key must be \(list(alg.keyBits)) bits, got \(key.bits)")
+            }
+            guard alg.icvBits.contains(icvBits) else {
+                throw AlgorithmError("\(alg.name): ICV length must be \(list(alg.icvBits)) bits, got \(icvBits)")
+            }
+        case .cipher(let alg, let key, let auth, let authKey, let trunc):
+            guard alg.keyBits.contains(key.bits) else {
+                throw AlgorithmError("\(alg.name): key must be \(list(alg.keyBits)) bits, got \(key.bits)")
+            }
+            guard let auth else {
+                guard alg != .null else {
+                    throw AlgorithmError("ecb(cipher_null): an integrity algorithm is required with null encryption")
+                }
+                guard trunc == 0, authKey == nil else {
+                    throw AlgorithmError("\(alg.name): a truncation length or key was given without an integrity algorithm")
+                }
+                return
+            }
+            guard let authKey, auth.keyBits.contains(authKey.bits) else {
+                throw AlgorithmError("\(auth.name): key must be \(list(auth.keyBits)) bits, got \(authKey?.bits ?? 0)")
+            }
+            guard trunc % 8 == 0, trunc >= 96, trunc <= auth.digestBits else {
+                throw AlgorithmError(
+                    "\(auth.name): truncation length must be a multiple of 8 from 96 to \(auth.digestBits) bits, got \(trunc)")
+            }
+        }
+    }
+
+    /// True when the SA has no integrity protection (encryption only): RFC 8221 §5 says such ESP must not be used.
+    public var lacksIntegrity: Bool {
+        if case .cipher(_, _, nil, _, _) = self { return true }
+        return false
+    }
+
     /// True for combined-mode algorithms, whose nonce is derived from the sequence number and so must never
     /// repeat (which forbids `oseq-may-wrap`).
     public var isAEAD: Bool {

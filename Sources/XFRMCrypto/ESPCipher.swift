@@ -31,6 +31,7 @@ public protocol ESPCipher: AnyObject {
 public protocol ESPCryptoBackend: Sendable {
     /// A short name for listings and benchmarks.
     var name: String { get }
-    /// A pre-keyed cipher for `spec`, or an error naming why the backend cannot serve it.
+    /// A pre-keyed cipher for `spec`, or an error naming why the backend cannot serve it. Implementations call
+    /// `spec.validate()` first (ESPTransform does too, before asking any backend).
     func makeCipher(_ spec: ESPCryptoSpec) throws(AlgorithmError) -> any ESPCipher
 }

@@ -8,6 +8,7 @@ public struct OpenSSLBackend: ESPCryptoBackend {
     public var name: String { "openssl" }
 
     public func makeCipher(_ spec: ESPCryptoSpec) throws(AlgorithmError) -> any ESPCipher {
+        try spec.validate()
         switch spec {
         case .aead(let alg, let key, let icvBits):
             guard let c = OpenSSLAEADCipher(alg, key: key, icvLength: icvBits / 8) else {

@@ -62,6 +62,8 @@ public struct ESPConfig: Sendable {
     public var outboundSequence: UInt64
     /// The highest inbound sequence number already received (iproute2 `replay-seq`/`replay-seq-hi`).
     public var inboundSequence: UInt64
+    /// Which numbers at or below `inboundSequence` were already received (restored state); nil: none.
+    public var inboundBitmap: ReplayBitmap?
     /// Outer IPv4 TTL / IPv6 hop limit in tunnel mode.
     public var outerHopLimit: UInt8
 
@@ -69,8 +71,9 @@ public struct ESPConfig: Sendable {
         spi: UInt32, mode: ESPMode, crypto: ESPCryptoSpec, tunnelSource: IPAddress? = nil,
         tunnelDestination: IPAddress? = nil, encapsulation: NATTEncapsulation? = nil, esn: Bool = false,
         replayWindow: Int = 32, flags: ESPFlags = [], outboundSequence: UInt64 = 0, inboundSequence: UInt64 = 0,
-        outerHopLimit: UInt8 = 64
+        outerHopLimit: UInt8 = 64, inboundBitmap: ReplayBitmap? = nil
     ) {
+        self.inboundBitmap = inboundBitmap
         self.spi = spi
         self.mode = mode
         self.crypto = crypto

@@ -53,13 +53,19 @@ public final class ESPTransform: @unchecked Sendable {
     public init(_ config: ESPConfig, backend: some ESPCryptoBackend = OpenSSLBackend()) throws(ESPConfigError) {
         try config.validate()
         do {
+            try config.crypto.validate()  // whatever the backend checks, an invalid spec never reaches it
             self.cipher = try backend.makeCipher(config.crypto)
         } catch {
             throw ESPConfigError(error.description)
         }
         self.config = config
         self.outboundSequence = config.outboundSequence
-        self.replay = ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence)
+        if let bitmap = config.inboundBitmap {
+            self.replay = ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence,
+                                       bitmap: bitmap)
+        } else {
+            self.replay = ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence)
+        }
         self.ivLength = self.cipher.ivLength
         self.icvLength = self.cipher.icvLength
         self.blockSize = self.cipher.blockSize
@@ -80,8 +86,14 @@ public final class ESPTransform: @unchecked Sendable {
     /// The largest number of bytes ESP can add to a packet (headers, maximum padding, trailer, ICV).
     public var maximumOverhead: Int { self.headerOverhead + self.blockSize - 1 + 2 + self.icvLength }
 
-    /// Sets the last-used outbound sequence number (tests and key managers restoring state).
-    public func setOutboundSequence(_ value: UInt64) { self.outboundSequence = value }
+    /// Moves the last-used outbound sequence number forward (key managers restoring state, tests). A value at or
+    /// below the current one is refused (returns false): a counter that moved back would reuse nonces/IVs.
+    @discardableResult
+    public func setOutboundSequence(_ value: UInt64) -> Bool {
+        guard value > self.outboundSequence else { return value == self.outboundSequence }
+        self.outboundSequence = value
+        return true
+    }
 
     /// Replaces the inbound replay state with an empty window whose highest received number is `top`
     /// (≈ XFRM_MSG_NEWAE setting replay state, as a key manager does when it restores or migrates an SA).

@@ -77,17 +77,21 @@ public struct ReplayWindow: Sendable {
             if diff >= UInt64(ReplayWindow.maximumSize) {
                 for i in 0..<64 { self.bitmap[i] = 0 }
             } else {
-                // Clear the positions of top+1 ... seq; they last held numbers that left the window.
+                // Clear the positions of top+1 ... seq; they last held numbers that left the window. Counted by
+                // `remaining`, not by comparing with `seq`, so seq = 2^64 − 1 terminates.
                 var s = self.top &+ 1
-                while s <= seq {
+                var remaining = diff
+                while remaining > 0 {
                     let bit = Int(s & 63)
                     let word = Int((s >> 6) & 63)
-                    if bit == 0 && seq - s >= 63 {
+                    if bit == 0 && remaining >= 64 {
                         self.bitmap[word] = 0
                         s &+= 64
+                        remaining -= 64
                     } else {
                         self.bitmap[word] &= ~(1 << UInt64(bit))
                         s &+= 1
+                        remaining -= 1
                     }
                 }
             }
@@ -103,6 +107,47 @@ public struct ReplayWindow: Sendable {
         self.bitmap[Int((seq >> 6) & 63)] & (1 << (seq & 63)) != 0
     }
 
+    /// A window restored from the kernel's XFRMA_REPLAY_VAL (`legacy`: bit i is sequence top − i) or
+    /// XFRMA_REPLAY_ESN_VAL bitmap (`ring`: sequence s is bit (s − 1) mod size, 32 per word, as
+    /// xfrm_replay_advance_esn keeps it). Bits for numbers at or below 0 are ignored.
+    public init(size: Int, esn: Bool, top: UInt64, bitmap: ReplayBitmap) {
+        self.init(size: size, esn: esn, top: top)
+        for i in 0..<self.size where UInt64(i) < self.top {
+            let seq = self.top - UInt64(i)
+            let set: Bool
+            switch bitmap {
+            case .legacy(let word):
+                set = i < 32 && word & (1 << UInt32(i)) != 0
+            case .ring(let words):
+                let pos = Int((UInt32(truncatingIfNeeded: seq) &- 1) % UInt32(self.size))
+                set = pos / 32 < words.count && words[pos / 32] & (1 << UInt32(pos % 32)) != 0
+            }
+            if set { self.bitmap[Int((seq >> 6) & 63)] |= 1 << (seq & 63) }
+        }
+    }
+
+    /// The window in the kernel's XFRMA_REPLAY_ESN_VAL layout: ceil(size / 32) words, sequence s at bit
+    /// (s − 1) mod size (what `ip -s xfrm state` prints for ESN or windows above 32).
+    public var ringBitmap: [UInt32] {
+        var words = [UInt32](repeating: 0, count: (self.size + 31) / 32)
+        for i in 0..<self.size where UInt64(i) < self.top {
+            let seq = self.top - UInt64(i)
+            guard self.isMarked(seq) else { continue }
+            let pos = Int((UInt32(truncatingIfNeeded: seq) &- 1) % UInt32(self.size))
+            words[pos / 32] |= 1 << UInt32(pos % 32)
+        }
+        return words
+    }
+
+    /// The window in the kernel's XFRMA_REPLAY_VAL layout: bit i is sequence top − i (windows up to 32).
+    public var legacyBitmap: UInt32 {
+        var word: UInt32 = 0
+        for i in 0..<min(self.size, 32) where UInt64(i) < self.top && self.isMarked(self.top - UInt64(i)) {
+            word |= 1 << UInt32(i)
+        }
+        return word
+    }
+
     /// The received/not-received bits of the window, newest (top) first, `size` entries (listings, tests).
     public var receivedBits: [Bool] {
         (0..<self.size).map { i in
@@ -110,4 +155,12 @@ public struct ReplayWindow: Sendable {
             return self.isMarked(self.top - UInt64(i))
         }
     }
+}
+
+/// A replay bitmap as the kernel's user API carries it (see `ReplayWindow.init(size:esn:top:bitmap:)`).
+public enum ReplayBitmap: Sendable, Equatable {
+    /// xfrm_replay_state.bitmap: bit i is sequence top − i.
+    case legacy(UInt32)
+    /// xfrm_replay_state_esn.bmp: a ring, sequence s at bit (s − 1) mod window.
+    case ring([UInt32])
 }

@@ -46,7 +46,8 @@ public final class OfflineSession {
         self.server = XfrmControlServer(stack: self.stack)
         self.options = options
         self.names = NetworkNames(self.stack.network)
-        self.subscription = self.stack.events.subscribe(capacity: 1 << 16)
+        // Not a key manager until `monitor` (a listener on the ACQUIRE group): before it, acquires leave no larval SA.
+        self.subscription = self.stack.events.subscribe(capacity: 1 << 16, acquire: false)
     }
 
     /// Splits a batch line into words (double quotes group, `#` starts a comment) and drops a leading `xfrm` or
@@ -121,6 +122,7 @@ public final class OfflineSession {
                 throw SessionError("Error: monitor takes no arguments here (it prints the events of the lines that follow).")
             }
             self.monitoring = true
+            self.subscription.listensForAcquire.store(true, ordering: .relaxed)
             _ = self.subscription.drain()
         case "stat", "stats":
             guard args.count == 1 else { throw SessionError("Error: \"stat\" takes no arguments.") }

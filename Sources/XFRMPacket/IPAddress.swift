@@ -11,6 +11,15 @@ public enum IPAddress: Hashable, Sendable, CustomStringConvertible {
         }
     }
 
+    /// 0.0.0.0 or :: (an SA's wildcard source, a template's "any").
+    @inline(__always)
+    public var isUnspecified: Bool {
+        switch self {
+        case .v4(let a): a == 0
+        case .v6(let h, let l): h == 0 && l == 0
+        }
+    }
+
     /// Parses dotted-quad IPv4 or RFC 4291 text IPv6 (with `::` and an optional trailing dotted quad).
     public init?(_ text: some StringProtocol) {
         if text.contains(":") {

@@ -116,7 +116,7 @@ extension NICCore {
         return ESPConfig(
             spi: c.id.spi, mode: c.mode, crypto: crypto, tunnelSource: c.source, tunnelDestination: c.id.destination,
             encapsulation: c.encapsulation, esn: c.esn, replayWindow: c.replayWindow, flags: flags,
-            outboundSequence: c.outboundSequence, inboundSequence: c.inboundSequence)
+            outboundSequence: c.outboundSequence, inboundSequence: c.inboundSequence, inboundBitmap: c.replayBitmap)
     }
 
     /// ≈ xdo_dev_state_delete: the SA stops matching traffic at once; its slot is held until stateFree.

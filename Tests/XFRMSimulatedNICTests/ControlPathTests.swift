@@ -102,10 +102,6 @@ struct ControlPathTests {
             $0.crypto = try! .cipher(name: "ecb(cipher_null)", key: [], authName: "hmac(sha1)",
                                      authKey: PacketFactory.pattern(20), truncationBits: 96)
         }, errno: 22, message: "Cannot offload xfrm states with null encryption"))
-        r.append(Refusal(name: "CBC without authentication", offload: offload(.outbound), change: {
-            $0.crypto = try! .cipher(name: "cbc(aes)", key: PacketFactory.pattern(16), authName: nil, authKey: [],
-                                     truncationBits: nil)
-        }, errno: 22, message: "Cannot offload xfrm states without authentication"))
         r.append(Refusal(name: "TFC padding", offload: offload(.outbound, .crypto), change: { $0.tfcPad = 16 },
                          errno: 22, message: "TFC padding can't be offloaded"))
         r.append(Refusal(name: "an SA in the forward direction", offload: offload(.forward, .crypto),

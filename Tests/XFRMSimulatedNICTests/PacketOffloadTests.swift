@@ -170,9 +170,10 @@ struct PacketOffloadTests {
         h.nic.receiveFromWire(frames[1])  // duplicate
         tx.setOutboundSequence(99)
         h.nic.receiveFromWire(peer.encapsulate(p.plaintext(reverse: true), with: tx))  // seq 100
-        tx.setOutboundSequence(9)
-        h.nic.receiveFromWire(peer.encapsulate(p.plaintext(reverse: true), with: tx))  // seq 10: left of the window
-        tx.setOutboundSequence(100)
+        var stale = p  // a counter never moves back: an old number comes from a second transform
+        stale.outboundSequence = 9
+        let old = try stale.software(outbound: false)
+        h.nic.receiveFromWire(peer.encapsulate(p.plaintext(reverse: true), with: old))  // seq 10: left of the window
         var bad = peer.encapsulate(p.plaintext(reverse: true), with: tx)  // seq 101, ICV broken below
         bad[40] ^= 0x01
         h.nic.receiveFromWire(bad)

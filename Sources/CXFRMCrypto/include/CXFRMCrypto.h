@@ -41,8 +41,9 @@ void xfrm_cbc_free(xfrm_cbc *ctx);
 int xfrm_cbc_encrypt(xfrm_cbc *ctx, const void *iv16, void *data, size_t len);
 /// Decrypts `len` bytes (a multiple of 16) in place. Returns 1 on success.
 int xfrm_cbc_decrypt(xfrm_cbc *ctx, const void *iv16, void *data, size_t len);
-/// Writes a 16-byte IV derived from a unique 64-bit counter: AES_K(counter block), the NIST SP 800-38A
-/// Appendix C construction, so IVs are unpredictable yet never repeat under one key.
+/// Writes a 16-byte IV derived from a unique 64-bit counter: AES_K(salt || counter) with a random 8-byte salt drawn
+/// when the context is made (the NIST SP 800-38A Appendix C construction), so IVs are unpredictable and never
+/// repeat under one key, even when the same key is installed again with the same starting sequence number.
 int xfrm_cbc_make_iv(xfrm_cbc *ctx, uint64_t counter, void *iv16);
 
 /// HMAC digests (RFC 2404 / RFC 4868).

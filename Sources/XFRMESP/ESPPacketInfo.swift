@@ -89,6 +89,9 @@ extension ESPClassification {
             guard p.loadBE16(at: off + 2) == port else { return .notESP }
             let udpLength = Int(p.loadBE16(at: off + 4))
             guard udpLength >= HeaderSize.udp, off + udpLength <= length else { return .drop(.truncated) }
+            // ESP ends where the UDP datagram does (≈ the pskb_trim_rcsum to the UDP length in udp_rcv): bytes
+            // behind it inside the IP packet are not ESP and must not reach the ICV or the trailer.
+            if off + udpLength < length { packet.trimBack(length - off - udpLength) }
             let payload = udpLength - HeaderSize.udp
             let body = off + HeaderSize.udp
             if payload == 1 && p.loadByte(at: body) == 0xff { return .drop(.nattKeepalive) }
@@ -98,7 +101,7 @@ extension ESPClassification {
         } else if proto != IPProtocolNumber.esp {
             return .notESP
         }
-        guard off + 8 <= length else { return .drop(.truncated) }
+        guard off + 8 <= packet.count else { return .drop(.truncated) }
         return .esp(
             ESPPacketInfo(
                 ipVersion: version, source: src, destination: dst, transportOffset: transport, espOffset: off,

@@ -95,6 +95,11 @@ func run() throws -> Int32 {
         throw ToolError("iv: expected \(transform.cipher.ivLength) bytes, got \(iv.count)")
     }
     let input = try readPcapIPPackets(path: args[1])
+    if op == "encap", iv != nil, input.count > 1 {
+        // One IV under one key protects one packet: a repeated GCM/ChaCha20 nonce leaks the keystream and the
+        // authentication key; a repeated CBC IV leaks equal prefixes.
+        throw ToolError("iv: a fixed IV protects one packet only, and \(args[1]) holds \(input.count)")
+    }
     let pool = PacketPool(count: 4, slotSize: 65536 + 512, headroom: 256)
     let counters = DropCounters()
     var output: [[UInt8]] = []

@@ -86,7 +86,18 @@ def test_encap_counter_iv_is_the_sequence_number(algo, esn, work):
 def test_encap_fixed_iv(algo, work):
     iv = bytes(range(0xA0, 0xA0 + ALGOS[algo].iv_len))
     p = make_params(algo, "tunnel4in4", fixed_iv=iv)
-    encap_roundtrip(p, inner_packets(4, align=4, big=False)[:4], work)  # checks the wire IV too
+    encap_roundtrip(p, inner_packets(4, align=4, big=False)[:1], work)  # checks the wire IV too
+
+
+@pytest.mark.parametrize("algo", ["cbc128-sha1", "gcm128"])
+def test_encap_fixed_iv_refuses_a_second_packet(algo, work):
+    """One IV under one key protects one packet: esp-tool refuses a fixed IV for a pcap of two."""
+    iv = bytes(range(0xA0, 0xA0 + ALGOS[algo].iv_len))
+    p = make_params(algo, "tunnel4in4", fixed_iv=iv)
+    res = run_esp_tool("encap", p, inner_packets(4, align=4, big=False)[:2], work, check_ok=False)
+    assert res.returncode != 0, res.explain()
+    assert "a fixed IV protects one packet only" in res.stderr, res.explain()
+    assert not (work / "case.out.pcap").exists() or (work / "case.out.pcap").stat().st_size <= 24, res.explain()
 
 
 @pytest.mark.parametrize("algo", ["cbc128-sha1", "cbc256-sha256"])

@@ -131,7 +131,7 @@ def test_acquire_sends_one_acquire_keeps_a_larval_sa_and_never_sends_in_clear(tm
     assert read_raw_pcap(tmp_path / "out.pcap") == []
     head = textwrap.dedent("""\
         acquire proto esp 
-          sel src 10.0.1.1/32 dst 10.0.2.1/32 proto udp sport 1000 dport 53 
+          sel src 10.0.1.1/32 dst 10.0.2.1/32 proto udp sport 1000 dport 53 dev eth0 
           policy src 10.0.1.0/24 dst 10.0.2.0/24 
             \tdir out priority 0 
             \ttmpl src 192.0.2.1 dst 192.0.2.2
@@ -141,7 +141,8 @@ def test_acquire_sends_one_acquire_keeps_a_larval_sa_and_never_sends_in_clear(tm
         \tproto esp spi 0x00000000 reqid 9 mode tunnel
         \treplay-window 0 
         \tanti-replay context: seq 0x0, oseq 0x0, bitmap 0x00000000
-        \tsel src 10.0.1.1/32 dst 10.0.2.1/32 proto udp sport 1000 dport 53 
+        \tdir out
+        \tsel src 10.0.1.1/32 dst 10.0.2.1/32 proto udp sport 1000 dport 53 dev eth0 
         \t SAD count 1
         \t SAD count 0
         """)

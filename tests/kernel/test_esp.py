@@ -1,0 +1,1 @@
+"""placeholder (ESP both ways is added next)"""

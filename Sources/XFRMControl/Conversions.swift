@@ -180,8 +180,8 @@ extension SecurityAssociation {
         let c = self.config
         var attrs: [XfrmAttribute] = []
         if c.extraFlags != 0 { attrs.append(.extraFlags(c.extraFlags)) }
-        let use = self.current.useTime
-        if use != 0 { attrs.append(.lastUsed(use)) }
+        let last = self.lastUsed
+        if last != 0 { attrs.append(.lastUsed(last)) }
         if let a = c.algorithms.aead {
             attrs.append(.algAEAD(XfrmAlgorithm(name: a.name, key: a.key.bytes, lengthBits: UInt32(a.bits))))
         }
@@ -192,7 +192,7 @@ extension SecurityAssociation {
         if let e = c.algorithms.encryption {
             attrs.append(.algCrypt(XfrmAlgorithm(name: e.name, key: e.key.bytes)))
         }
-        if let e = c.encapsulation {
+        if let e = self.encapsulation {
             var t = XfrmEncapTmpl()
             t.type = c.encapsulationType
             t.sport = e.sourcePort

@@ -138,11 +138,15 @@ public final class SecurityAssociation: @unchecked Sendable {
         var dying = false
         var lifetime: LifetimeConfig
         var current = LifetimeCurrent()
+        /// The last time a packet used the SA (x->lastused, XFRMA_LASTUSED), refreshed by every packet.
+        var lastUsed: UInt64 = 0
         var replayWindowDrops: UInt64 = 0
         var replayDrops: UInt64 = 0
         var integrityFailures: UInt64 = 0
         /// Soft expiry already reported (so it is sent once).
         var softReported = false
+        /// NAT-T ports as updated (≈ x->encap); nil without UDP encapsulation.
+        var encapsulation: NATTEncapsulation?
         /// The device binding, while the SA is offloaded (≈ xso).
         var offload: StateOffload?
         /// The device's counters at the last sync, to fold only the increments into the global counters.
@@ -177,6 +181,7 @@ public final class SecurityAssociation: @unchecked Sendable {
             self.transform = nil
         }
         var m = Mutable(state: config.crypto == nil ? .acquiring : .valid, lifetime: config.lifetime)
+        m.encapsulation = config.encapsulation
         m.current.addTime = addTime
         self.mutable = Mutex(m)
     }
@@ -231,14 +236,19 @@ public final class SecurityAssociation: @unchecked Sendable {
         }
     }
 
-    /// Adds a packet of `bytes` to curlft (≈ x->curlft.bytes += skb->len; packets++).
+    /// Adds a packet of `bytes` to curlft and refreshes the last-used time (≈ x->curlft.bytes += skb->len;
+    /// packets++; x->lastused = now).
     @inline(__always)
-    public func account(bytes: Int) {
+    public func account(bytes: Int, now: UInt64) {
         self.mutable.withLock { m in
             m.current.bytes &+= UInt64(bytes)
             m.current.packets &+= 1
+            m.lastUsed = now
         }
     }
+
+    /// When a packet last used the SA (XFRMA_LASTUSED); 0 if never.
+    public var lastUsed: UInt64 { self.mutable.withLock { $0.lastUsed } }
 
     /// Counts a replay or integrity drop in the SA's stats.
     @inline(__always)
@@ -288,13 +298,34 @@ public final class SecurityAssociation: @unchecked Sendable {
         }
     }
 
-    /// ≈ xfrm_state_update on a valid SA: new limits, not dying any more.
-    func updateLifetime(_ l: LifetimeConfig) {
+    /// ≈ xfrm_state_update on a valid SA: new limits and NAT-T ports (the caller checked that the encapsulation's
+    /// presence and type are unchanged), not dying any more; then, if the SA was used, the new limits are checked
+    /// at once (xfrm_state_check_expire): lowering a hard limit below the current count expires it now.
+    func update(lifetime l: LifetimeConfig, encapsulation: NATTEncapsulation?) -> ExpiryCheck {
         self.mutable.withLock { m in
             m.lifetime = l
             m.dying = false
+            m.softReported = false
+            if let e = encapsulation {
+                m.encapsulation = e
+                self.transform?.updateEncapsulation(e)
+            }
+            guard m.current.useTime != 0 else { return .ok }
+            if m.current.bytes >= l.hardByteLimit || m.current.packets >= l.hardPacketLimit {
+                m.state = .expired
+                return .hardExpired
+            }
+            if m.current.bytes >= l.softByteLimit || m.current.packets >= l.softPacketLimit {
+                m.dying = true
+                m.softReported = true
+                return .softExpired
+            }
+            return .ok
         }
     }
+
+    /// The NAT-T encapsulation in use (the configured one, with ports an update may have changed).
+    public var encapsulation: NATTEncapsulation? { self.mutable.withLock { $0.encapsulation } }
 
     func markDead() { self.mutable.withLock { $0.state = .dead } }
 
@@ -330,6 +361,7 @@ public final class SecurityAssociation: @unchecked Sendable {
             m.current.bytes = c.bytes
             m.current.packets = c.packets
             if c.packets > 0 && m.current.useTime == 0 { m.current.useTime = now }
+            if d.packets > 0 { m.lastUsed = now }
             if m.state == .expired { return (d, .hardExpired) }
             if c.bytes >= m.lifetime.hardByteLimit || c.packets >= m.lifetime.hardPacketLimit {
                 m.state = .expired

@@ -94,8 +94,10 @@ public final class StateDatabase: @unchecked Sendable {
         sa.markDead()
     }
 
-    /// Replaces a larval (acquiring/allocspi) SA with a full one, or updates a valid one's lifetimes
-    /// (≈ xfrm_state_update). ESRCH when there is nothing to update. Returns the SA now in the database.
+    /// Replaces a larval (acquiring/allocspi) SA with a full one, or finds the valid one to update and checks that
+    /// the update may apply (≈ xfrm_state_update; EINVAL when the encapsulation's presence or type changes). ESRCH
+    /// when there is nothing to update. Returns the SA now in the database; the caller applies a valid SA's new
+    /// limits and ports (`XFRMStack.updateState`).
     @discardableResult
     public func update(_ sa: SecurityAssociation) throws(StateDatabaseError) -> SecurityAssociation {
         self.changed()
@@ -118,7 +120,12 @@ public final class StateDatabase: @unchecked Sendable {
                 t.all.append(sa)
                 return sa
             }
-            old.updateLifetime(sa.config.lifetime)
+            // ≈ xfrm_state_update: the encapsulation may change its ports, never its presence or type.
+            switch (old.config.encapsulation, sa.config.encapsulation) {
+            case (nil, nil): break
+            case (.some, .some) where old.config.encapsulationType == sa.config.encapsulationType: break
+            default: throw StateDatabaseError(22, "Invalid argument")
+            }
             return old
         }
     }

@@ -196,7 +196,15 @@ public final class XFRMStack: @unchecked Sendable {
         }
         if kept === sa && old !== sa { self.releaseFromDevice(old) }
         if kept !== sa && replacing { self.releaseFromDevice(sa) }
+        var check = SecurityAssociation.ExpiryCheck.ok
+        if kept !== sa { check = kept.update(lifetime: sa.config.lifetime, encapsulation: sa.config.encapsulation) }
+        self.configurationChanged()
         self.events.publish(.stateAdded(kept, update: true))
+        switch check {
+        case .ok: break
+        case .softExpired: self.events.publish(.expire(kept, hard: false))
+        case .hardExpired: self.expireHard(kept)
+        }
         // ≈ xfrm_state_update: new limits apply at once to an SA that was already used.
         if kept.offload != nil { self.syncDeviceStats() }
         return kept
@@ -570,7 +578,7 @@ public final class XFRMStack: @unchecked Sendable {
             self.statistics.count(reason)
             return .dropped(XfrmStatCounter(reason))
         }
-        sa.account(bytes: length)
+        sa.account(bytes: length, now: now)
         return nil
     }
 
@@ -760,7 +768,6 @@ public final class XFRMStack: @unchecked Sendable {
                     self.statistics.increment(.inStateExpired)
                     return .dropped(.inStateExpired)
                 }
-                let length = packet.count
                 if cryptoDone && !(metadata?.cryptoSuccess ?? false) {
                     // Crypto offload RX: the device found the ICV bad.
                     sa.countDrop(.icvFailed)
@@ -784,7 +791,10 @@ public final class XFRMStack: @unchecked Sendable {
                     self.statistics.count(reason)
                     return .dropped(reason == .tfcDummy ? nil : XfrmStatCounter(reason))
                 }
-                sa.account(bytes: length)
+                // ≈ xfrm_input after x->type->input: curlft counts what ESP delivered — the inner packet in
+                // tunnel mode, the upper-layer payload in transport mode — not the outer ESP packet.
+                sa.account(bytes: sa.config.mode == .tunnel ? packet.count : packet.count - info.transportOffset,
+                           now: now)
                 guard secpath.append(sa) else {
                     self.statistics.increment(.inBufferError)
                     return .dropped(.inBufferError)

@@ -59,6 +59,7 @@ public final class ESPTransform: @unchecked Sendable {
             throw ESPConfigError(error.description)
         }
         self.config = config
+        self.encapsulation = config.encapsulation
         self.outboundSequence = config.outboundSequence
         if let bitmap = config.inboundBitmap {
             self.replay = ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence,
@@ -85,6 +86,18 @@ public final class ESPTransform: @unchecked Sendable {
 
     /// The largest number of bytes ESP can add to a packet (headers, maximum padding, trailer, ICV).
     public var maximumOverhead: Int { self.headerOverhead + self.blockSize - 1 + 2 + self.icvLength }
+
+    /// The NAT-T ports in use (the SA's, updated when the peer's NAT mapping moves; ≈ x->encap).
+    public private(set) var encapsulation: NATTEncapsulation?
+
+    /// New NAT-T ports for a UDP-encapsulated SA (≈ the encap copy in xfrm_state_update). Presence cannot change:
+    /// returns false for an SA without UDP encapsulation or a nil argument.
+    @discardableResult
+    public func updateEncapsulation(_ e: NATTEncapsulation?) -> Bool {
+        guard let e, self.encapsulation != nil else { return e == nil && self.encapsulation == nil }
+        self.encapsulation = e
+        return true
+    }
 
     /// Moves the last-used outbound sequence number forward (key managers restoring state, tests). A value at or
     /// below the current one is refused (returns false): a counter that moved back would reuse nonces/IVs.
@@ -245,7 +258,7 @@ public final class ESPTransform: @unchecked Sendable {
                 ip.storeBE16(UInt16(truncatingIfNeeded: packet.count - HeaderSize.ipv6), at: 4)
             }
         }
-        if let encap = self.config.encapsulation {
+        if let encap = self.encapsulation {
             self.writeUDPHeader(packet: packet, encap: encap, outerV4: outerV4, espOffset: esp - packet.data)
         }
         layout = ESPLayout(espOffset: esp - packet.data, cryptLength: cryptLength, esnHigh: esnHigh, sequence: seq)

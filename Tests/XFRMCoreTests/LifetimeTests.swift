@@ -133,3 +133,63 @@ struct LifetimeTests {
         #expect(fast.drain().count == 10)
     }
 }
+
+@Suite("State update (xfrm_state_update)")
+struct StateUpdateTests {
+    private func natt(_ h: TwoHosts, sport: UInt16, type: UInt16 = 2, lifetime: LifetimeConfig = LifetimeConfig())
+        throws -> SecurityAssociation
+    {
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, lifetime: lifetime, on: h.a).config
+        c.encapsulation = NATTEncapsulation(sourcePort: sport, destinationPort: 4500)
+        c.encapsulationType = type
+        return try h.a.makeSA(c)
+    }
+
+    @Test("update on a valid SA takes the new NAT-T ports; a change of encapsulation presence or type is EINVAL")
+    func encapsulationUpdate() throws {
+        let h = try TwoHosts()
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+        let sel = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
+        try h.a.addPolicy(Policy(selector: sel, direction: .outbound, templates: [t]), update: false)
+        try h.a.addState(self.natt(h, sport: 4500))
+        try h.a.updateState(self.natt(h, sport: 31337))
+        let (_, wire) = h.send(h.packet())
+        #expect(Array(wire[20..<22]) == [0x7a, 0x69], "the UDP source port is the updated one")
+        #expect(h.a.states.list()[0].encapsulation?.sourcePort == 31337)
+        #expect(throws: StateDatabaseError.self) { try h.a.updateState(self.natt(h, sport: 1, type: 1)) }
+        #expect(throws: StateDatabaseError.self) {
+            try h.a.updateState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a))
+        }
+    }
+
+    @Test("update lowering byte-hard below the current count expires the SA at once (EXPIRE hard 1)")
+    func updateExpiresNow() throws {
+        let h = try TwoHosts()
+        try h.tunnel()
+        for _ in 0..<3 { _ = h.send(h.packet()) }
+        _ = h.eventsA.drain()
+        var l = LifetimeConfig()
+        l.hardByteLimit = 10
+        try h.a.updateState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, lifetime: l, on: h.a))
+        #expect(h.eventsA.expires().map(\.1) == [true])
+        #expect(h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001)) == nil)
+    }
+
+    @Test("received bytes count the decapsulated packet (tunnel: the inner packet), and last-used moves with every packet")
+    func receivedBytesAndLastUsed() throws {
+        let h = try TwoHosts()
+        try h.tunnel()
+        let inner = h.packet(size: 100)
+        let (_, wire) = h.send(inner)
+        #expect(h.receive(wire).0 == .deliver)
+        let sa = try #require(h.b.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001)))
+        #expect(sa.current.bytes == UInt64(inner.count))
+        let first = sa.lastUsed
+        #expect(first == h.clock.now)
+        h.clock.advance(by: 5)
+        let (_, wire2) = h.send(inner)
+        #expect(h.receive(wire2).0 == .deliver)
+        #expect(sa.lastUsed == first + 5)
+        #expect(sa.current.useTime == first, "use_time stays the first use")
+    }
+}

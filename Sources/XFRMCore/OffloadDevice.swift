@@ -32,11 +32,16 @@ public struct StateOffload: Sendable, Equatable {
     public var type: OffloadType
     /// The driver's opaque cookie (≈ offload_handle).
     public var handle: UInt64
-    public init(ifindex: Int32, direction: OffloadDirection, type: OffloadType, handle: UInt64 = 0) {
+    /// A larval SA a packet-offload policy's acquire offers the device (≈ XFRM_DEV_OFFLOAD_FLAG_ACQ): no keys;
+    /// a driver may keep a placeholder (mlx5 skips validation and programs nothing) or refuse it.
+    public var acquire: Bool
+    public init(ifindex: Int32, direction: OffloadDirection, type: OffloadType, handle: UInt64 = 0,
+                acquire: Bool = false) {
         self.ifindex = ifindex
         self.direction = direction
         self.type = type
         self.handle = handle
+        self.acquire = acquire
     }
 }
 

@@ -81,7 +81,10 @@ public final class StateDatabase: @unchecked Sendable {
         let c = sa.config
         return t.all.first { x in
             guard x.state == .acquiring, x.id.spi == 0 else { return false }
-            if c.kmSequence != 0 && x.config.kmSequence == c.kmSequence { return true }
+            // ≈ xfrm_state_add's __xfrm_find_acq_byseq: the ACQUIRE's sequence number only counts when the
+            // protocol and destination agree too.
+            if c.kmSequence != 0 && x.config.kmSequence == c.kmSequence && x.id.proto == c.id.proto
+                && x.id.destination == c.id.destination { return true }
             return x.config.reqid == c.reqid && x.config.mode == c.mode && x.id.proto == c.id.proto
                 && x.id.destination == c.id.destination && x.config.source == c.source
         }

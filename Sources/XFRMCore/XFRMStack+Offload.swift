@@ -117,8 +117,7 @@ extension XFRMStack {
         self.configurationChanged()
         defer { self.configurationChanged() }
         guard let o = sa.offload else { return }
-        // A larval (acquire) entry was tagged with its device but never programmed into it.
-        guard sa.config.crypto != nil, let device = self.device(ifindex: o.ifindex) else {
+        guard let device = self.device(ifindex: o.ifindex) else {
             sa.setOffload(nil)
             return
         }
@@ -133,7 +132,7 @@ extension XFRMStack {
     public func syncDeviceStats() {
         let now = self.clock.now
         for sa in self.states.list() {
-            guard let o = sa.offload, let device = self.device(ifindex: o.ifindex),
+            guard let o = sa.offload, !o.acquire, let device = self.device(ifindex: o.ifindex),
                 device.callbacks.contains(.updateStats)
             else { continue }
             let c = device.updateStats(sa, offload: o)

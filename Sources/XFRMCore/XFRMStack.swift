@@ -693,9 +693,18 @@ public final class XFRMStack: @unchecked Sendable {
             reqid: template.reqid, mode: template.mode == 1 ? .tunnel : .transport, mark: policy.mark,
             ifID: policy.ifID, direction: .outbound, lifetime: lifetime, crypto: nil, kmSequence: seq)
         let larval = try! SecurityAssociation(config, addTime: self.clock.now)
-        // A packet-offload policy's larval SA is tagged with its device (≈ XFRM_DEV_OFFLOAD_FLAG_ACQ); like mlx5,
-        // the device is not programmed with it.
-        if let offload { larval.setOffload(offload) }
+        // A packet-offload policy's larval SA is offered to its device first (≈ xdo_dev_state_add with
+        // XFRM_DEV_OFFLOAD_FLAG_ACQ); a device that refuses it leaves no larval SA and sends no ACQUIRE.
+        if var o = offload {
+            o.acquire = true
+            guard let dev = self.device(ifindex: o.ifindex), dev.callbacks.contains(.stateAdd) else { return }
+            do throws(DeviceError) {
+                o.handle = try dev.stateAdd(larval, offload: o)
+            } catch {
+                return
+            }
+            larval.setOffload(o)
+        }
         self.states.insertLarval(larval)
         self.events.publish(.acquire(state: larval, template: template, policy: policy))
     }

@@ -18,6 +18,12 @@ extension NICCore {
     func stateAdd(_ sa: SecurityAssociation, offload: StateOffload) throws(DeviceError) -> UInt64 {
         self.calls.withLock { $0.record(.stateAdd(spi: sa.id.spi)) }
         let c = sa.config
+        guard self.modes.contains(offload.type) else {
+            throw DeviceError(EOPNOTSUPP, "Device \(self.name) does not support \(offload.type.name) offload")
+        }
+        // A larval SA of a packet-offload acquire (XFRM_DEV_OFFLOAD_FLAG_ACQ): like mlx5, accept it without
+        // validation and program nothing (handle 0 finds no table entry on delete/free).
+        if offload.acquire { return 0 }
         try self.validate(c, offload: offload)
 
         var transform: ESPTransform? = nil

@@ -34,7 +34,7 @@ public final class FakeOffloadDevice: XfrmOffloadDevice, @unchecked Sendable {
     private func log(_ s: String) { self.calls.withLock { $0.append(s) } }
 
     public func stateAdd(_ sa: SecurityAssociation, offload: StateOffload) throws(DeviceError) -> UInt64 {
-        self.log("stateAdd 0x\(String(sa.id.spi, radix: 16)) \(offload.type.name)")
+        self.log("stateAdd 0x\(String(sa.id.spi, radix: 16)) \(offload.type.name)\(offload.acquire ? " acq" : "")")
         if let e = self.failNextAdd {
             self.failNextAdd = nil
             throw e

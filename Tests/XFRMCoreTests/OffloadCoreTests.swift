@@ -108,6 +108,25 @@ struct OffloadCoreTests {
         return p
     }
 
+    @Test("a packet-offload policy's larval SA is offered to the device (XFRM_DEV_OFFLOAD_FLAG_ACQ); a refusal leaves none")
+    func larvalOfferedToDevice() throws {
+        let (h, dev) = try setUp()
+        _ = try packetSetup(h)
+        #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
+        #expect(dev.callLog.contains("stateAdd 0x0 packet acq"))
+        let larval = try #require(h.a.states.list().first)
+        #expect(larval.offload?.acquire == true)
+        h.clock.advance(by: 30)
+        h.a.runTimers()
+        #expect(h.a.states.count == 0)
+        #expect(dev.callLog.suffix(2) == ["stateDelete 0x0", "stateFree 0x0"], "the device hears the larval SA go")
+        _ = h.eventsA.drain()
+        dev.failNextAdd = DeviceError(22, "no")
+        #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
+        #expect(h.a.states.count == 0)
+        #expect(!h.eventsA.drain().contains { if case .acquire = $0 { return true } else { return false } })
+    }
+
     @Test("an offloaded policy uses only packet SAs on its device; a software policy never uses a packet SA")
     func resolution() throws {
         let (h, _) = try setUp()

@@ -383,8 +383,14 @@ public final class XfrmControlServer: XfrmTransport {
         case .statesFlushed(let proto):
             return XfrmMessage(type: XfrmMessageType.flushSA.rawValue, flags: 0, body: .flushSA(proto: proto))
         case .expire(let sa, let hard):
+            // ≈ build_expire: the state, then only its mark, if_id and direction — never keys or algorithms.
+            let c = sa.config
+            var attrs: [XfrmAttribute] = []
+            if c.mark.value != 0 || c.mark.mask != 0 { attrs.append(.mark(XfrmMark(value: c.mark.value, mask: c.mark.mask))) }
+            if c.ifID != 0 { attrs.append(.ifID(c.ifID)) }
+            if let d = c.direction { attrs.append(.saDir(d.rawValue)) }
             return XfrmMessage(type: XfrmMessageType.expire.rawValue, flags: 0, body: .expire(sa.wireInfo, hard: hard),
-                               attributes: sa.wireAttributes)
+                               attributes: attrs)
         case .acquire(let state, let template, let policy):
             var a = XfrmUserAcquire()
             a.id = XfrmID(daddr: XfrmAddress(state.id.destination), spi: 0, proto: template.proto)

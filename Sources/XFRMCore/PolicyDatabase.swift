@@ -82,6 +82,19 @@ public final class PolicyDatabase: @unchecked Sendable {
         }
     }
 
+    /// Deletes the policy at `index` only if it is still the one inserted as `generation` (timers acting on a
+    /// snapshot must not remove a replacement that reused the index).
+    public func delete(index: UInt32, direction: PolicyDirection, generation: UInt64) throws(PolicyDatabaseError)
+        -> Policy
+    {
+        try self.state.withLock { (s: inout SPDState) throws(PolicyDatabaseError) -> Policy in
+            guard let slot = s.slot(index: index, direction: direction),
+                s.slots[Int(slot)].policy?.generation == generation
+            else { throw .notFound }
+            return s.remove(slot: slot)
+        }
+    }
+
     public func get(key: Policy.Key) -> Policy? {
         self.state.withLock { s in s.byKey[key].map { s.slots[Int($0)].policy! } }
     }

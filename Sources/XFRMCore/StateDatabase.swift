@@ -39,9 +39,10 @@ public final class StateDatabase: @unchecked Sendable {
         }
     }
 
-    /// True when an SA with exactly this id and mark value/mask is stored (the duplicate test of `add`).
+    /// True when a stored SA with this id would take the new SA's traffic: its mark matches the new mark's
+    /// value & mask (≈ __xfrm_state_locate in xfrm_state_add, the duplicate test of `add`).
     public func exists(_ id: SAID, mark: Mark) -> Bool {
-        self.tables.withLock { $0.bySPI[id]?.contains { $0.config.mark == mark } ?? false }
+        self.tables.withLock { $0.bySPI[id]?.contains { $0.config.mark.matches(mark.value & mark.mask) } ?? false }
     }
 
     /// The SA stored under exactly this id and mark value/mask.
@@ -64,7 +65,8 @@ public final class StateDatabase: @unchecked Sendable {
         self.changed()
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
         return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation? in
-            if let list = t.bySPI[sa.id], list.contains(where: { $0.config.mark == sa.config.mark }) {
+            let m = sa.config.mark
+            if let list = t.bySPI[sa.id], list.contains(where: { $0.config.mark.matches(m.value & m.mask) }) {
                 throw StateDatabaseError(17, "File exists")
             }
             let larval = Self.findLarval(&t, for: sa)

@@ -223,7 +223,8 @@ public final class XFRMStack: @unchecked Sendable {
     public func flushStates(proto: UInt8) -> [SecurityAssociation] {
         let gone = self.states.flush { proto == 0 || proto == 255 || $0.id.proto == proto }
         for sa in gone { self.releaseFromDevice(sa) }
-        self.events.publish(.statesFlushed(proto: proto))
+        // ≈ xfrm_flush_sa: an empty flush (ESRCH inside the kernel) is not an event.
+        if !gone.isEmpty { self.events.publish(.statesFlushed(proto: proto)) }
         return gone
     }
 
@@ -300,8 +301,10 @@ public final class XFRMStack: @unchecked Sendable {
     public func flushPolicies() {
         self.configurationChanged()
         defer { self.configurationChanged() }
-        for p in self.policies.flush() { self.releasePolicyFromDevice(p) }
-        self.events.publish(.policiesFlushed)
+        let gone = self.policies.flush()
+        for p in gone { self.releasePolicyFromDevice(p) }
+        // ≈ xfrm_flush_policy: nothing flushed, nothing announced.
+        if !gone.isEmpty { self.events.publish(.policiesFlushed) }
     }
 
     // MARK: - Timers (≈ xfrm_timer_handler, xfrm_policy_timer)
@@ -326,7 +329,9 @@ public final class XFRMStack: @unchecked Sendable {
             let hard = (l.hardAddExpiresSeconds != 0 && deadline(p.addTime, l.hardAddExpiresSeconds) <= now)
                 || (l.hardUseExpiresSeconds != 0 && deadline(useBase, l.hardUseExpiresSeconds) <= now)
             if hard {
-                if (try? self.policies.delete(index: p.index, direction: p.direction)) != nil {
+                // Only this very policy: a replacement that reused its index (update, delete + add) is not its
+                // lifetime's to end.
+                if (try? self.policies.delete(index: p.index, direction: p.direction, generation: p.generation)) != nil {
                     self.configurationChanged()
         defer { self.configurationChanged() }
                     self.releasePolicyFromDevice(p)

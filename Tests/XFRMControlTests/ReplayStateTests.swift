@@ -72,3 +72,26 @@ struct ReplayStateTests {
         #expect(r.seq == 50 && r.bitmap == 0x8000_0005)
     }
 }
+
+@Suite("User API: event messages")
+struct EventMessageTests {
+    @Test("EXPIRE carries the state, its mark, if_id and direction, and never keys (build_expire)")
+    func expireWithoutKeys() throws {
+        let stack = XFRMStack(clock: ManualClock())
+        let server = XfrmControlServer(stack: stack)
+        let cmd = "state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 mode tunnel aead rfc4106(gcm(aes)) "
+            + "0x0102030405060708090a0b0c0d0e0f1011121314 128 mark 7 if_id 9"
+        try runXfrmCommand(cmd.split(separator: " ").map(String.init), options: XfrmCLIOptions(),
+                           transport: Recorder(server))
+        let sa = try #require(stack.states.list().first)
+        let m = try #require(server.message(for: .expire(sa, hard: true)))
+        for a in m.attributes {
+            switch a {
+            case .algAEAD, .algAuth, .algAuthTrunc, .algCrypt: Issue.record("EXPIRE carries a key: \(a)")
+            default: break
+            }
+        }
+        #expect(m.attributes.contains { if case .ifID(9) = $0 { return true } else { return false } })
+        #expect(m.attributes.contains { if case .mark = $0 { return true } else { return false } })
+    }
+}

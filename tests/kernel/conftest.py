@@ -35,13 +35,14 @@ def pytest_configure(config):
         raise pytest.UsageError(f"kernel tests cannot run: {e}")
 
 
-def pytest_sessionstart(session):
-    import test_esp  # noqa: F401  (registers its group)
-    import test_listings  # noqa: F401
-
+def pytest_collection_finish(session):
+    """Starts the VM boots the collected tests need (each test module registers one group named in GROUP)."""
+    groups = sorted({getattr(item.module, "GROUP", None) for item in session.items} - {None})
     wi = getattr(session.config, "workerinput", None)
+    if wi is None and getattr(session.config.option, "numprocesses", None):
+        return  # the xdist controller collects too, but runs nothing
     index = int(wi["workerid"].lstrip("gw")) if wi else 0
-    shared.prefetch(index)
+    shared.prefetch(index, groups)
 
 
 @pytest.fixture

@@ -68,9 +68,8 @@ def get(name: str) -> object:
     return data
 
 
-def prefetch(worker_index: int) -> None:
-    """Starts every group in the background, beginning with group number worker_index (mod the count)."""
-    names = sorted(_groups)
+def prefetch(worker_index: int, names: list[str]) -> None:
+    """Starts the named groups in the background, beginning with number worker_index (mod the count)."""
     if not names:
         return
     i = worker_index % len(names)

@@ -1,1 +1,399 @@
-"""placeholder (ESP both ways is added next)"""
+"""ESP both ways between the real kernel (qemu) and `xfrm pcap`.
+
+One boot. In the guest, namespace `a` holds the kernel's SAs and policies and is joined by a veth pair (va in a,
+vb in the root namespace) to the wire, where tcpdump listens and the pcapinject helper writes frames.
+
+- Kernel → xfrm: for each KERNEL_OUT flow the kernel has an SA and an OUT policy; pings through them become ESP
+  on va; tcpdump on vb writes them to a pcap that comes back through the serial port (base64). On the host
+  `xfrm pcap --input-path` with the mirror SA and an IN policy must decrypt every packet of the flow to the
+  kernel's inner ICMP echo request, with no drop counted.
+- xfrm → kernel: for each HOST_OUT flow `xfrm pcap --output-path` encrypts five ICMP echo requests; the pcap goes
+  into the guest under /data/ and is written onto vb; the kernel (SA and IN policy in a) must count every packet
+  on its SA with replay and integrity failures 0, /proc/net/xfrm_stat must stay all zero and the echo requests
+  must reach ICMP.
+
+Addresses: outer 192.0.2.1 (kernel) / 192.0.2.2 (peer) and 2001:db8::1 / 2001:db8::2; the kernel's inner side
+198.51.100.1 and 2001:db8:1::1; the peer's inner side 203.0.113.K and 2001:db8:2:K::1.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import struct
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pytest
+
+import shared
+
+MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
+
+ALGOS = {
+    "gcm128": "aead rfc4106(gcm(aes)) 0x{k20} 128",
+    "gcm128-64": "aead rfc4106(gcm(aes)) 0x{k20} 64",
+    "gcm256-96": "aead rfc4106(gcm(aes)) 0x{k36} 96",
+    "chacha": "aead rfc7539esp(chacha20,poly1305) 0x{k36} 128",
+    "gmac": "aead rfc4543(gcm(aes)) 0x{k20} 128",
+    "cbc-sha1": "enc cbc(aes) 0x{k16} auth-trunc hmac(sha1) 0x{k20} 96",
+    "cbc-sha256": "enc cbc(aes) 0x{k16} auth-trunc hmac(sha256) 0x{k32} 128",
+    "cbc256-sha512": "enc cbc(aes) 0x{k32} auth-trunc hmac(sha512) 0x{k64} 256",
+}
+
+
+@dataclass(frozen=True)
+class Flow:
+    k: int  # 1..99; SPI 0x1000+k (kernel → peer) or 0x2000+k (peer → kernel), reqid k
+    algo: str
+    mode: str  # tunnel | transport
+    inner: int  # 4 | 6
+    outer: int  # 4 | 6 (transport: == inner)
+    extra: str = ""  # more state options (flag esn replay-window 128, encap ...)
+
+    @property
+    def id(self) -> str:
+        e = "-" + "-".join(w for w in self.extra.split() if w.isalpha() and w not in ("flag", "replay")) \
+            if self.extra else ""
+        return f"{self.mode}{self.inner}in{self.outer}-{self.algo}{e}" if self.mode == "tunnel" else \
+            f"{self.mode}{self.inner}-{self.algo}{e}"
+
+    def keys(self) -> dict[str, str]:
+        seed = hashlib.sha256(f"flow{self.k}".encode()).digest() * 3
+        return {f"k{n}": seed[:n].hex() for n in (16, 20, 32, 36, 64)}
+
+    def algo_words(self) -> str:
+        return ALGOS[self.algo].format(**self.keys())
+
+
+KERNEL_OUT = [
+    Flow(1, "gcm128", "tunnel", 4, 4),
+    Flow(2, "chacha", "tunnel", 6, 6),
+    Flow(3, "cbc-sha256", "transport", 4, 4),
+    Flow(4, "gcm256-96", "transport", 6, 6),
+    Flow(5, "cbc-sha1", "tunnel", 4, 6),
+    Flow(6, "gcm128", "tunnel", 4, 4, "encap espinudp 4500 4500 0.0.0.0"),
+    Flow(7, "gmac", "tunnel", 6, 6),
+    Flow(8, "cbc256-sha512", "tunnel", 4, 4, "flag esn replay-window 64"),
+    Flow(9, "gcm128-64", "transport", 4, 4, "flag esn replay-window 128"),
+]
+HOST_OUT = [
+    Flow(21, "gcm128", "tunnel", 4, 4),
+    Flow(22, "chacha", "tunnel", 6, 6),
+    Flow(23, "cbc-sha256", "transport", 4, 4),
+    Flow(24, "gcm256-96", "transport", 6, 6),
+    Flow(25, "gmac", "tunnel", 4, 4),
+    Flow(26, "cbc256-sha512", "tunnel", 6, 4),
+    Flow(27, "gcm128-64", "tunnel", 4, 4, "flag esn replay-window 128"),
+    Flow(28, "cbc-sha1", "transport", 4, 4),
+    Flow(29, "chacha", "transport", 6, 6, "flag esn replay-window 64"),
+]
+PINGS = 3  # per kernel-outbound flow
+INJECT = 5  # per host-outbound flow
+
+
+def addrs(f: Flow, kernel_side_sends: bool) -> dict[str, str]:
+    """Outer and inner addresses of a flow, from the sender's point of view."""
+    o_k, o_p = ("192.0.2.1", "192.0.2.2") if f.outer == 4 else ("2001:db8::1", "2001:db8::2")
+    if f.mode == "transport":
+        # the peer end of a transport flow is an extra address of the wire (vb / the host's eth0)
+        o_p = f"192.0.2.{100 + f.k}" if f.outer == 4 else f"2001:db8::{100 + f.k:x}"
+        i_k, i_p = o_k, o_p
+    else:
+        i_k, i_p = ("198.51.100.1", f"203.0.113.{f.k}") if f.inner == 4 else \
+            ("2001:db8:1::1", f"2001:db8:2:{f.k:x}::1")
+    if kernel_side_sends:
+        return dict(osrc=o_k, odst=o_p, isrc=i_k, idst=i_p)
+    return dict(osrc=o_p, odst=o_k, isrc=i_p, idst=i_k)
+
+
+def spi(f: Flow, kernel_sends: bool) -> int:
+    return (0x1000 if kernel_sends else 0x2000) + f.k
+
+
+def state_line(f: Flow, kernel_sends: bool) -> str:
+    a = addrs(f, kernel_sends)
+    sel = ""
+    if f.mode == "tunnel" and f.inner != f.outer:
+        any_ = "0.0.0.0/0" if f.inner == 4 else "::/0"
+        sel = f" sel src {any_} dst {any_}"
+    return (f"xfrm state add src {a['osrc']} dst {a['odst']} proto esp spi {spi(f, kernel_sends):#x} reqid {f.k} "
+            f"mode {f.mode} {f.algo_words()} {f.extra}{sel}").replace("  ", " ").strip()
+
+
+def policy_line(f: Flow, kernel_sends: bool, direction: str) -> str:
+    a = addrs(f, kernel_sends)
+    plen = 32 if f.inner == 4 else 128
+    proto = "icmp" if f.inner == 4 else "ipv6-icmp"
+    if f.mode == "tunnel":
+        tmpl = f"tmpl src {a['osrc']} dst {a['odst']} proto esp reqid {f.k} mode tunnel"
+    else:
+        tmpl = f"tmpl proto esp reqid {f.k} mode transport"
+    return f"xfrm policy add src {a['isrc']}/{plen} dst {a['idst']}/{plen} proto {proto} dir {direction} {tmpl}"
+
+
+# ------------------------------------------------------------------------------------------------ pcap helpers
+
+def read_pcap(data: bytes) -> tuple[int, list[bytes]]:
+    magic, _, _, _, _, _, link = struct.unpack("<IHHiIII", data[:24])
+    assert magic == 0xA1B2C3D4, hex(magic)
+    out, off = [], 24
+    while off + 16 <= len(data):
+        _, _, incl, _ = struct.unpack("<IIII", data[off:off + 16])
+        out.append(data[off + 16:off + 16 + incl])
+        off += 16 + incl
+    return link, out
+
+
+def write_pcap(path: Path, link: int, packets: list[bytes]) -> None:
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 262144, link))
+        for i, p in enumerate(packets):
+            fh.write(struct.pack("<IIII", 1_700_000_000, i, len(p), len(p)) + p)
+
+
+def esp_spi_of_frame(frame: bytes) -> int | None:
+    """The SPI of an Ethernet frame carrying ESP (raw or in UDP 4500), else None."""
+    etype = struct.unpack("!H", frame[12:14])[0]
+    ip = frame[14:]
+    if etype == 0x0800:
+        proto, l4 = ip[9], ip[(ip[0] & 15) * 4:]
+    elif etype == 0x86DD:
+        proto, l4 = ip[6], ip[40:]
+    else:
+        return None
+    if proto == 17 and len(l4) >= 12 and struct.unpack("!H", l4[2:4])[0] == 4500:
+        l4 = l4[8:]
+        if l4[:4] == b"\0\0\0\0":
+            return None
+        proto = 50
+    return struct.unpack("!I", l4[:4])[0] if proto == 50 else None
+
+
+# ------------------------------------------------------------------------------------------------ host side
+
+def host_setup(f: Flow, kernel_sends: bool, direction: str) -> str:
+    """A batch for the peer (the host): its wire interface eth0, its inner network lan0, the SA and policy."""
+    a = addrs(f, kernel_sends)
+    peer_outer = a["odst"] if kernel_sends else a["osrc"]
+    kern_outer = a["osrc"] if kernel_sends else a["odst"]
+    peer_inner = a["idst"] if kernel_sends else a["isrc"]
+    kern_inner = a["isrc"] if kernel_sends else a["idst"]
+    oplen = 24 if f.outer == 4 else 64
+    lines = ["link add eth0 type dummy", "link set eth0 up", f"addr add {peer_outer}/{oplen} dev eth0"]
+    if f.mode == "tunnel":
+        iplen = 24 if f.inner == 4 else 64
+        lines += ["link add lan0 type dummy", "link set lan0 up", f"addr add {peer_inner}/{iplen} dev lan0"]
+        if not kernel_sends:
+            via = f" via {kern_outer}" if f.inner == f.outer else ""
+            lines.append(f"route add {kern_inner}/{32 if f.inner == 4 else 128} dev eth0{via}")
+    lines.append("ip " + state_line(f, kernel_sends))
+    lines.append("ip " + policy_line(f, kernel_sends, "in" if kernel_sends else "out"))
+    return "\n".join(lines) + "\n"
+
+
+def inner_packets(f: Flow) -> list[bytes]:
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+    from scapy.packet import Raw
+
+    a = addrs(f, False)
+    out = []
+    for i in range(INJECT):
+        payload = bytes((f.k + i + j) & 0xFF for j in range(40 + 17 * i))
+        if f.inner == 4:
+            out.append(bytes(IP(src=a["isrc"], dst=a["idst"], id=0x100 + i) / ICMP(type=8, id=f.k, seq=i)
+                             / Raw(payload)))
+        else:
+            out.append(bytes(IPv6(src=a["isrc"], dst=a["idst"]) / ICMPv6EchoRequest(id=f.k, seq=i) / Raw(payload)))
+    return out
+
+
+def xfrm_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([os.environ["XFRM_TOOL"], *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def make_host_esp(workdir: Path) -> dict[int, bytes]:
+    """xfrm pcap --output-path for every HOST_OUT flow -> {k: raw IP pcap bytes}."""
+    out = {}
+    for f in HOST_OUT:
+        d = workdir / f"host-out-{f.k}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "setup").write_text(host_setup(f, False, "out"))
+        write_pcap(d / "in.pcap", 101, inner_packets(f))
+        p = xfrm_run(["pcap", "--batch", "setup", "--output-path", "in.pcap", "out.pcap"], d)
+        if p.returncode != 0:
+            out[f.k] = b""
+            (d / "error").write_text(p.stderr)
+            continue
+        out[f.k] = (d / "out.pcap").read_bytes()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ guest
+
+def guest_script(host_pcaps: dict[int, bytes]) -> str:
+    s = [r"""
+set -u
+A="ip -n a"
+ip netns add a
+ip link add va type veth peer name vb
+ip link set va netns a
+$A link set va address %(MAC_A)s; ip link set vb address %(MAC_B)s
+$A link set lo up; $A link set va up; ip link set vb up
+$A addr add 192.0.2.1/24 dev va; ip addr add 192.0.2.2/24 dev vb
+$A addr add 2001:db8::1/64 dev va nodad; ip addr add 2001:db8::2/64 dev vb nodad
+$A neigh add 192.0.2.2 lladdr %(MAC_B)s dev va; $A neigh add 2001:db8::2 lladdr %(MAC_B)s dev va
+$A link add lan0 type dummy; $A link set lan0 up
+$A addr add 198.51.100.1/24 dev lan0; $A addr add 2001:db8:1::1/64 dev lan0 nodad
+$A route add 203.0.113.0/24 via 192.0.2.2; $A route add 2001:db8:2::/48 via 2001:db8::2
+""" % dict(MAC_A=MAC_A, MAC_B=MAC_B)]
+    for f in KERNEL_OUT + HOST_OUT:
+        if f.mode == "transport":  # the peer's transport address on the wire
+            if f.outer == 4:
+                s.append(f"ip addr add 192.0.2.{100 + f.k}/24 dev vb; "
+                         f"$A neigh add 192.0.2.{100 + f.k} lladdr {MAC_B} dev va")
+            else:
+                s.append(f"ip addr add 2001:db8::{100 + f.k:x}/64 dev vb nodad; "
+                         f"$A neigh add 2001:db8::{100 + f.k:x} lladdr {MAC_B} dev va")
+    batch = []
+    for f in KERNEL_OUT:
+        batch += [state_line(f, True), policy_line(f, True, "out")]
+    for f in HOST_OUT:
+        batch += [state_line(f, False), policy_line(f, False, "in")]
+    s.append("cat >/tmp/setup <<'EOF'\n" + "\n".join(batch) + "\nEOF")
+    s.append("$A -batch /tmp/setup || echo '@@SETUP-FAILED'")
+    s.append("tcpdump -Z root -U -n -i vb -w /tmp/k.pcap 'esp or udp port 4500' 2>/tmp/td.err & TD=$!")
+    s.append("for i in $(seq 50); do grep -q listening /tmp/td.err && break; sleep 0.1; done")
+    s.append("P=")
+    for f in KERNEL_OUT:
+        a = addrs(f, True)
+        s.append(f"ip netns exec a ping -q -c {PINGS} -i 0.1 -w 2 -s {24 + f.k} -I {a['isrc']} {a['idst']} "
+                 f">/dev/null 2>&1 & P=\"$P $!\"")
+    s.append("wait $P; sleep 0.3; kill -INT $TD; wait $TD")
+    s.append("echo '@@FILE tcpdump.err'; cat /tmp/td.err; echo '@@ENDFILE'")
+    s.append("echo '@@FILE k.pcap'; base64 /tmp/k.pcap; echo '@@ENDFILE'")
+    for f in HOST_OUT:
+        if host_pcaps.get(f.k):
+            s.append(f"pcapinject vb {MAC_A} {MAC_B} /data/inj-{f.k}.pcap")
+    s.append("sleep 0.5")
+    s.append("echo '@@FILE state-s'; $A -s xfrm state list; echo '@@ENDFILE'")
+    s.append("echo '@@FILE xfrm_stat'; ip netns exec a cat /proc/net/xfrm_stat; echo '@@ENDFILE'")
+    s.append("echo '@@FILE snmp'; ip netns exec a cat /proc/net/snmp /proc/net/snmp6; echo '@@ENDFILE'")
+    return "\n".join(s) + "\n"
+
+
+def _build():
+    import tempfile
+
+    import kvm
+
+    work = Path(tempfile.mkdtemp(dir=kvm.WORK, prefix="esp."))
+    pcaps = make_host_esp(work)
+    files = {f"inj-{k}.pcap": v for k, v in pcaps.items() if v}
+    errors = {k: (work / f"host-out-{k}" / "error").read_text() for k, v in pcaps.items() if not v}
+
+    def parse(output: str):
+        from listings import files_of
+
+        res = files_of(output)
+        res["host_pcaps"] = {str(k): base64.b64encode(v).decode() for k, v in pcaps.items()}
+        res["host_errors"] = {str(k): v for k, v in errors.items()}
+        res["setup_failed"] = "@@SETUP-FAILED" in output
+        res["output"] = output
+        return res
+
+    return guest_script(pcaps), files, parse
+
+
+GROUP = "esp"
+shared.register(GROUP, json.dumps([asdict(f) for f in KERNEL_OUT + HOST_OUT]) + guest_script({}), _build)
+
+
+@pytest.fixture(scope="session")
+def esp_run():
+    r = shared.get(GROUP)["result"]
+    assert not r["setup_failed"], f"the guest could not set up the SAs and policies:\n{r['output'][:4000]}"
+    return r
+
+
+def state_blocks(listing: str) -> dict[int, str]:
+    out = {}
+    for block in re.split(r"(?m)^(?=src )", listing):
+        m = re.search(r"spi 0x([0-9a-f]{8})", block)
+        if m:
+            out[int(m.group(1), 16)] = block
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+@pytest.mark.parametrize("flow", KERNEL_OUT, ids=[f.id for f in KERNEL_OUT])
+def test_kernel_esp_decrypts_in_xfrm(flow: Flow, esp_run, tmp_path, xfrm):
+    link, frames = read_pcap(base64.b64decode(esp_run["k.pcap"]))
+    assert link == 1, f"tcpdump on vb should write Ethernet, got linktype {link}"
+    mine = [fr for fr in frames if esp_spi_of_frame(fr) == spi(flow, True)]
+    assert len(mine) == PINGS, (f"the kernel sent {len(mine)} ESP packets with SPI {spi(flow, True):#x}, "
+                                f"expected {PINGS}; tcpdump: {esp_run['tcpdump.err']}; "
+                                f"SPIs seen: {sorted({hex(esp_spi_of_frame(x) or 0) for x in frames})}")
+    write_pcap(tmp_path / "k.pcap", 1, mine)
+    (tmp_path / "setup").write_text(host_setup(flow, True, "in"))
+    (tmp_path / "after").write_text("-s state list\nstat\n")
+    _, out, _ = xfrm("pcap", "--batch", "setup", "--then", "after", "--input-path", "--dev", "eth0",
+                     "k.pcap", "out.pcap")
+    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
+
+    a = addrs(flow, True)
+    got = []
+    for p in read_pcap((tmp_path / "out.pcap").read_bytes())[1]:
+        pkt = IP(p) if p[0] >> 4 == 4 else IPv6(p)
+        if pkt.src == a["isrc"] and pkt.dst == a["idst"] and (pkt.haslayer(ICMP) and pkt[ICMP].type == 8
+                                                            or pkt.haslayer(ICMPv6EchoRequest)):
+            got.append(pkt)
+    stats = {w[0]: int(w[1]) for w in (line.split() for line in out.splitlines()) if len(w) == 2
+             and w[0].startswith("Xfrm")}
+    nonzero = {k: v for k, v in stats.items() if v}
+    assert len(got) == PINGS and not nonzero, (
+        f"xfrm decrypted {len(got)} of the kernel's {PINGS} echo requests ({a['isrc']} -> {a['idst']}); "
+        f"non-zero counters: {nonzero}\nsetup:\n{(tmp_path / 'setup').read_text()}\nxfrm output:\n{out}")
+    # busybox ping's payload: the ICMP data is 24 + k bytes (-s), so the inner packet is the kernel's own
+    for pkt in got:
+        data = bytes(pkt[ICMP].payload) if flow.inner == 4 else bytes(pkt[ICMPv6EchoRequest].data)
+        assert len(data) == 24 + flow.k
+    blk = state_blocks(out)[spi(flow, True)]
+    assert f"{PINGS}(packets)" in blk and "replay 0 failed 0" in blk, blk
+
+
+@pytest.mark.parametrize("flow", HOST_OUT, ids=[f.id for f in HOST_OUT])
+def test_xfrm_esp_accepted_by_kernel(flow: Flow, esp_run):
+    assert not esp_run["host_errors"].get(str(flow.k)), \
+        f"xfrm pcap --output-path failed:\n{esp_run['host_errors'][str(flow.k)]}"
+    link, pkts = read_pcap(base64.b64decode(esp_run["host_pcaps"][str(flow.k)]))
+    assert len(pkts) == INJECT, f"xfrm pcap wrote {len(pkts)} packets, expected {INJECT}"
+    blocks = state_blocks(esp_run["state-s"])
+    blk = blocks.get(spi(flow, False))
+    assert blk, f"no kernel SA {spi(flow, False):#x}:\n{esp_run['state-s']}"
+    m = re.search(r"lifetime current:\n\s+(\d+)\(bytes\), (\d+)\(packets\)", blk)
+    st = re.search(r"stats:\n\s+replay-window (\d+) replay (\d+) failed (\d+)", blk)
+    assert m and st, blk
+    assert (int(m.group(2)), st.groups()) == (INJECT, ("0", "0", "0")), (
+        f"the kernel's SA after {INJECT} ESP packets from xfrm pcap (packets; replay-window, replay, failed):\n"
+        f"{blk}\nxfrm_stat:\n{esp_run['xfrm_stat']}\nline: {state_line(flow, False)}")
+
+
+def test_kernel_counted_no_xfrm_errors_and_icmp_got_every_echo(esp_run):
+    stat = {w[0]: int(w[1]) for w in (line.split() for line in esp_run["xfrm_stat"].splitlines()) if len(w) == 2}
+    assert stat and not {k: v for k, v in stat.items() if v}, esp_run["xfrm_stat"]
+    snmp = esp_run["snmp"].splitlines()
+    hdr = next(line.split() for line in snmp if line.startswith("Icmp: InMsgs"))
+    val = next(line.split() for line in snmp if line.startswith("Icmp: ") and line.split()[1].isdigit())
+    in_echos = int(val[hdr.index("InEchos")])
+    in6 = int(next(line.split()[1] for line in snmp if line.startswith("Icmp6InEchos ")))
+    want4 = INJECT * sum(1 for f in HOST_OUT if f.inner == 4)
+    want6 = INJECT * sum(1 for f in HOST_OUT if f.inner == 6)
+    assert (in_echos, in6) == (want4, want6), "echo requests delivered to ICMP (v4, v6)"

@@ -11,9 +11,12 @@
 #    `python -m pytest -q -n 2 tests/interop` with ESP_TOOL=<bin path>/esp-tool;
 # 5. runs the end-to-end suite of the `xfrm` command (offline stack, pcap mode, simulated NICs) with scapy as
 #    the peer: `python -m pytest -q -n 2 tests/e2e` with XFRM_TOOL=<bin path>/xfrm.
+# 6. runs the kernel comparison: the real Linux kernel (Debian 6.12, booted under qemu with a small initramfs
+#    built and cached under .build/kernel-vm/) against `xfrm` for generated state/policy adds, listings and
+#    refusals, and ESP both ways: `python -m pytest -q -n 2 tests/kernel` with XFRM_TOOL=<bin path>/xfrm.
 #
-# Every install step fails loudly.  Both test suites always run; the script exits
-# non-zero if either failed.  Set SKIP_INSTALL=1 to skip step 1 on a machine that has
+# Every install step fails loudly.  All test suites always run; the script exits
+# non-zero if any failed.  Set SKIP_INSTALL=1 to skip step 1 on a machine that has
 # everything (the tools are still checked).
 set -euo pipefail
 
@@ -27,6 +30,11 @@ die() {
 }
 
 APT_PACKAGES=(tshark libssl-dev python3 python3-venv)
+# tests/kernel: qemu, the kernel under test (its image and modules), and what goes into the guest's initramfs:
+# a dynamic busybox, iproute2, tcpdump, kmod (modprobe/depmod resolve the modules); gcc + libc6-dev build the
+# static frame injector.
+KERNEL_PACKAGES=(qemu-system-x86 linux-image-6.12-amd64 busybox iproute2 tcpdump kmod gcc libc6-dev)
+APT_PACKAGES+=("${KERNEL_PACKAGES[@]}")
 # scapy is pinned: the interop tests work around known bugs of this exact release
 # (../shared/interop/README.md).
 PIP_PACKAGES=("scapy==2.8.0" "cryptography" "pytest" "pytest-xdist")
@@ -86,7 +94,13 @@ tshark --version >/dev/null 2>&1 || die "tshark is installed but does not run"
 from scapy.config import conf
 from scapy.layers.ipsec import SecurityAssociation
 assert conf.crypto_valid, "scapy cannot use cryptography"' || die "the Python test dependencies do not work"
+command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing after install"
+compgen -G '/boot/vmlinuz-6.12*' >/dev/null || die "no /boot/vmlinuz-6.12* after installing linux-image-6.12-amd64"
+for t in busybox tcpdump modprobe depmod cc; do
+  command -v "$t" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || die "$t is missing after install"
+done
 echo "swift: $(swift --version 2>/dev/null | head -n1)"
+echo "qemu: $(qemu-system-x86_64 --version | head -n1); kernel: $(ls /boot/vmlinuz-6.12* | sort -V | tail -n1)"
 echo "tshark: $(tshark --version 2>/dev/null | head -n1)"
 echo "python: $("$PY" -c 'import sys, scapy, cryptography; print(sys.version.split()[0], "scapy", scapy.__version__, "cryptography", cryptography.__version__)')"
 echo "install + checks took ${SECONDS}s"
@@ -115,6 +129,11 @@ ESP_TOOL="$ESP_TOOL" "$PY" -m pytest -q -n 2 -p no:cacheprovider tests/interop |
 step "end to end: pytest -n 2 tests/e2e (XFRM_TOOL=$XFRM_TOOL)"
 XFRM_TOOL="$XFRM_TOOL" "$PY" -m pytest -q -n 2 -p no:cacheprovider tests/e2e ||
   { status=1; echo "test.sh: end-to-end tests FAILED" >&2; }
+
+step "kernel: pytest -n 2 tests/kernel (XFRM_TOOL=$XFRM_TOOL; Linux $(ls /boot/vmlinuz-6.12* | sort -V | tail -n1 | sed 's#.*/vmlinuz-##') in qemu)"
+XFRM_TOOL="$XFRM_TOOL" "$PY" -m pytest -q -n 2 -p no:cacheprovider tests/kernel ||
+  { status=1; echo "test.sh: kernel comparison tests FAILED" >&2; }
+echo "kernel tests done at ${SECONDS}s"
 
 echo "total ${SECONDS}s"
 if [ $status -ne 0 ]; then

@@ -54,11 +54,15 @@ class Flow:
     inner: int  # 4 | 6
     outer: int  # 4 | 6 (transport: == inner)
     extra: str = ""  # more state options (flag esn replay-window 128, encap ...)
+    tx: str = ""  # options for the sender's copy of the SA only (replay-oseq ...)
+    rx: str = ""  # options for the receiver's copy only (replay-seq ...)
 
     @property
     def id(self) -> str:
         e = "-" + "-".join(w for w in self.extra.split() if w.isalpha() and w not in ("flag", "replay")) \
             if self.extra else ""
+        if self.tx:
+            e += "-across-2^32"
         return f"{self.mode}{self.inner}in{self.outer}-{self.algo}{e}" if self.mode == "tunnel" else \
             f"{self.mode}{self.inner}-{self.algo}{e}"
 
@@ -80,6 +84,9 @@ KERNEL_OUT = [
     Flow(7, "gmac", "tunnel", 6, 6),
     Flow(8, "cbc256-sha512", "tunnel", 4, 4, "flag esn replay-window 64"),
     Flow(9, "gcm128-64", "transport", 4, 4, "flag esn replay-window 128"),
+    # ESN across 2^32: the high half is only in the ICV; the receiver must infer it
+    Flow(10, "gcm128", "tunnel", 4, 4, "flag esn replay-window 64", tx="replay-oseq 0xfffffffe",
+         rx="replay-seq 0xfffffffd"),
 ]
 HOST_OUT = [
     Flow(21, "gcm128", "tunnel", 4, 4),
@@ -91,6 +98,8 @@ HOST_OUT = [
     Flow(27, "gcm128-64", "tunnel", 4, 4, "flag esn replay-window 128"),
     Flow(28, "cbc-sha1", "transport", 4, 4),
     Flow(29, "chacha", "transport", 6, 6, "flag esn replay-window 64"),
+    Flow(30, "cbc-sha256", "tunnel", 4, 4, "flag esn replay-window 64", tx="replay-oseq 0xfffffffd",
+         rx="replay-seq 0xfffffffc"),
 ]
 PINGS = 3  # per kernel-outbound flow
 INJECT = 5  # per host-outbound flow
@@ -115,14 +124,16 @@ def spi(f: Flow, kernel_sends: bool) -> int:
     return (0x1000 if kernel_sends else 0x2000) + f.k
 
 
-def state_line(f: Flow, kernel_sends: bool) -> str:
+def state_line(f: Flow, kernel_sends: bool, sender: bool) -> str:
+    """The flow's SA as `ip xfrm state add` words; the sender's and the receiver's copies differ only in
+    f.tx / f.rx."""
     a = addrs(f, kernel_sends)
     sel = ""
     if f.mode == "tunnel" and f.inner != f.outer:
         any_ = "0.0.0.0/0" if f.inner == 4 else "::/0"
         sel = f" sel src {any_} dst {any_}"
     return (f"xfrm state add src {a['osrc']} dst {a['odst']} proto esp spi {spi(f, kernel_sends):#x} reqid {f.k} "
-            f"mode {f.mode} {f.algo_words()} {f.extra}{sel}").replace("  ", " ").strip()
+            f"mode {f.mode} {f.algo_words()} {f.extra} {f.tx if sender else f.rx}{sel}").replace("  ", " ").strip()
 
 
 def policy_line(f: Flow, kernel_sends: bool, direction: str) -> str:
@@ -191,7 +202,7 @@ def host_setup(f: Flow, kernel_sends: bool, direction: str) -> str:
         if not kernel_sends:
             via = f" via {kern_outer}" if f.inner == f.outer else ""
             lines.append(f"route add {kern_inner}/{32 if f.inner == 4 else 128} dev eth0{via}")
-    lines.append("ip " + state_line(f, kernel_sends))
+    lines.append("ip " + state_line(f, kernel_sends, sender=not kernel_sends))
     lines.append("ip " + policy_line(f, kernel_sends, "in" if kernel_sends else "out"))
     return "\n".join(lines) + "\n"
 
@@ -262,9 +273,9 @@ $A route add 203.0.113.0/24 via 192.0.2.2; $A route add 2001:db8:2::/48 via 2001
                          f"$A neigh add 2001:db8::{100 + f.k:x} lladdr {MAC_B} dev va")
     batch = []
     for f in KERNEL_OUT:
-        batch += [state_line(f, True), policy_line(f, True, "out")]
+        batch += [state_line(f, True, sender=True), policy_line(f, True, "out")]
     for f in HOST_OUT:
-        batch += [state_line(f, False), policy_line(f, False, "in")]
+        batch += [state_line(f, False, sender=False), policy_line(f, False, "in")]
     s.append("cat >/tmp/setup <<'EOF'\n" + "\n".join(batch) + "\nEOF")
     s.append("$A -batch /tmp/setup || echo '@@SETUP-FAILED'")
     s.append("tcpdump -Z root -U -n -i vb -w /tmp/k.pcap 'esp or udp port 4500' 2>/tmp/td.err & TD=$!")
@@ -367,6 +378,8 @@ def test_kernel_esp_decrypts_in_xfrm(flow: Flow, esp_run, tmp_path, xfrm):
         assert len(data) == 24 + flow.k
     blk = state_blocks(out)[spi(flow, True)]
     assert f"{PINGS}(packets)" in blk and "replay 0 failed 0" in blk, blk
+    if flow.tx:  # the sequence crossed 2^32: the receiver moved its high half
+        assert "seq-hi 0x1," in blk, blk
 
 
 @pytest.mark.parametrize("flow", HOST_OUT, ids=[f.id for f in HOST_OUT])
@@ -383,7 +396,9 @@ def test_xfrm_esp_accepted_by_kernel(flow: Flow, esp_run):
     assert m and st, blk
     assert (int(m.group(2)), st.groups()) == (INJECT, ("0", "0", "0")), (
         f"the kernel's SA after {INJECT} ESP packets from xfrm pcap (packets; replay-window, replay, failed):\n"
-        f"{blk}\nxfrm_stat:\n{esp_run['xfrm_stat']}\nline: {state_line(flow, False)}")
+        f"{blk}\nxfrm_stat:\n{esp_run['xfrm_stat']}\nline: {state_line(flow, False, sender=False)}")
+    if flow.tx:  # the sequence crossed 2^32: the kernel inferred the high half from the ICV
+        assert "seq-hi 0x1," in blk, blk
 
 
 def test_kernel_counted_no_xfrm_errors_and_icmp_got_every_echo(esp_run):

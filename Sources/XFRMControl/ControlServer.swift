@@ -333,6 +333,10 @@ public final class XfrmControlServer: XfrmTransport {
         guard let dir = PolicyDirection(rawValue: info.dir) else { throw .invalid("Invalid policy direction \(info.dir)") }
         guard let action = PolicyAction(rawValue: info.action) else { throw .invalid("Invalid policy action \(info.action)") }
         guard info.share <= 3 else { throw .invalid("Invalid policy share \(info.share)") }
+        // ≈ verify_newpolicy_info: a policy selector names its family (iproute2 sends AF_INET when none is given).
+        guard info.sel.family == AddressFamily.inet || info.sel.family == AddressFamily.inet6 else {
+            throw .invalid("Invalid selector family")
+        }
         let selector = try Selector(wire: info.sel)
         var p = Policy(selector: selector, direction: dir, action: action, priority: info.priority, index: info.index,
                        flags: info.flags, lifetime: LifetimeConfig(wire: info.lft))
@@ -340,7 +344,7 @@ public final class XfrmControlServer: XfrmTransport {
             switch a {
             case .templates(let ts):
                 guard ts.count <= 6 else { throw .invalid("Too many templates (at most 6)") }
-                p.templates = try ts.map { t throws(ControlError) in try Template(wire: t) }
+                p.templates = try Self.validTemplates(ts, family: info.sel.family, direction: dir)
             case .mark(let m): p.mark = Mark(value: m.value, mask: m.mask)
             case .ifID(let v): p.ifID = v
             case .policyType(let t): if t != 0 { throw .invalid("Only the main policy type is supported") }
@@ -352,6 +356,28 @@ public final class XfrmControlServer: XfrmTransport {
             }
         }
         return p
+    }
+
+    /// ≈ validate_tmpl: tunnel templates may change the family, transport ones may not; an optional tunnel
+    /// template makes no sense on output (the packet would leave without its outer header).
+    static func validTemplates(_ ts: [XfrmUserTmpl], family: UInt16, direction: PolicyDirection) throws(ControlError)
+        -> [Template]
+    {
+        var out: [Template] = []
+        var previous = family
+        for t in ts {
+            let fam = t.family == 0 ? family : t.family
+            if t.mode == 1 {
+                if t.optional != 0 && direction == .outbound {
+                    throw .invalid("Mode in optional template not allowed in outbound policy")
+                }
+            } else if t.mode == 0 && fam != previous {
+                throw .invalid("Mode in template doesn't support a family change")
+            }
+            out.append(try Template(wire: t, family: family))
+            previous = fam
+        }
+        return out
     }
 
     // MARK: - Messages from core objects

@@ -85,20 +85,22 @@ extension LifetimeConfig {
 func family(of a: IPAddress) -> UInt16 { a.version == 4 ? AddressFamily.inet : AddressFamily.inet6 }
 
 extension Template {
-    init(wire t: XfrmUserTmpl) throws(ControlError) {
-        guard t.family == AddressFamily.inet || t.family == AddressFamily.inet6 || t.family == 0 else {
-            throw .invalid("Invalid template family \(t.family)")
-        }
+    /// One xfrm_user_tmpl; `family` is the family it takes when it names none (≈ validate_tmpl: the policy's).
+    init(wire t: XfrmUserTmpl, family selectorFamily: UInt16) throws(ControlError) {
+        let fam = t.family == 0 ? selectorFamily : t.family
         guard t.mode <= 1 else { throw .invalid("Unsupported template mode \(t.mode)") }
-        guard [XfrmProto.esp, XfrmProto.ah, XfrmProto.comp].contains(t.id.proto) else {
-            throw .invalid("Invalid template protocol \(t.id.proto)")
+        guard fam == AddressFamily.inet || fam == AddressFamily.inet6 else {
+            throw .invalid("Invalid family in template")
         }
-        let fam = t.family == 0 ? AddressFamily.inet : t.family
+        guard [XfrmProto.esp, XfrmProto.ah, XfrmProto.comp].contains(t.id.proto) else {
+            throw .invalid("Invalid XFRM protocol in template")
+        }
         self.init(
             source: t.saddr.isZero ? nil : t.saddr.ip(family: fam),
             destination: t.id.daddr.isZero ? nil : t.id.daddr.ip(family: fam), spi: t.id.spi, proto: t.id.proto,
             mode: t.mode, reqid: t.reqid, optional: t.optional != 0, share: t.share, authAlgorithms: t.aalgos,
-            encryptionAlgorithms: t.ealgos, compressionAlgorithms: t.calgos)
+            encryptionAlgorithms: t.ealgos, compressionAlgorithms: t.calgos,
+            family: fam == AddressFamily.inet6 ? 6 : 4)
     }
 
     func wire(defaultFamily: UInt16) -> XfrmUserTmpl {
@@ -106,7 +108,8 @@ extension Template {
         t.id.daddr = self.destination.map(XfrmAddress.init) ?? XfrmAddress()
         t.id.spi = self.spi
         t.id.proto = self.proto
-        t.family = self.destination.map(family(of:)) ?? self.source.map(family(of:)) ?? defaultFamily
+        t.family = self.family == 6 ? AddressFamily.inet6 : self.family == 4 ? AddressFamily.inet
+            : self.destination.map(family(of:)) ?? self.source.map(family(of:)) ?? defaultFamily
         t.saddr = self.source.map(XfrmAddress.init) ?? XfrmAddress()
         t.reqid = self.reqid
         t.mode = self.mode

@@ -33,10 +33,24 @@ extension Flow {
         }
         guard !fragment else { return flow }  // non-first fragments carry no ports
         switch proto {
-        case IPProtocolNumber.tcp, IPProtocolNumber.udp, 132, 33:  // TCP, UDP, SCTP, DCCP
+        case IPProtocolNumber.tcp, IPProtocolNumber.udp, 132, 136:  // TCP, UDP, SCTP, UDP-Lite (no DCCP: removed
+            // from Linux in 6.16, its ports are no longer decoded)
             if off + 4 <= end {
                 flow.sourcePort = p.loadBE16(at: off)
                 flow.destinationPort = p.loadBE16(at: off + 2)
+            }
+        case 47:
+            // GRE with a key (K bit, version 0): the key's high half in the source port, low half in the destination
+            // port (≈ fl4_gre_key read through xfrm_flowi_sport/dport).
+            if off + 4 <= end {
+                let flags = p.loadBE16(at: off)
+                if flags & 0x2000 != 0 && flags & 0x0007 == 0 {
+                    let keyAt = off + 4 + (flags & 0x8000 != 0 ? 4 : 0)
+                    if keyAt + 4 <= end {
+                        flow.sourcePort = p.loadBE16(at: keyAt)
+                        flow.destinationPort = p.loadBE16(at: keyAt + 2)
+                    }
+                }
             }
         case IPProtocolNumber.icmp, IPProtocolNumber.icmpv6:
             if off + 2 <= end {

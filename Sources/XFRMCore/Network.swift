@@ -219,6 +219,14 @@ public final class NetworkModel: @unchecked Sendable {
         }
     }
 
+    /// The interface that holds `address` (≈ the device of its local route), or nil when it is not ours.
+    @inline(__always)
+    public func localInterface(owning address: IPAddress) -> Int32? {
+        self.state.withLock { s in
+            s.interfaces.first { i in i.addresses.contains { $0.address == address } }?.index
+        }
+    }
+
     /// A source address for traffic to `destination` leaving `ifindex` (first address of its family).
     public func sourceAddress(ifindex: Int32, version: Int) -> IPAddress? {
         self.state.withLock { s in

@@ -65,10 +65,15 @@ public struct Template: Hashable, Sendable {
     public var authAlgorithms: UInt32
     public var encryptionAlgorithms: UInt32
     public var compressionAlgorithms: UInt32
+    /// The template's address family as configured (≈ xfrm_tmpl.encap_family: 4 or 6), kept for listings of
+    /// templates without addresses; 0 = the family of its addresses or of the policy's selector.
+    public var family: Int
 
     public init(source: IPAddress? = nil, destination: IPAddress? = nil, spi: UInt32 = 0, proto: UInt8 = 50,
                 mode: UInt8 = 0, reqid: UInt32 = 0, optional: Bool = false, share: UInt8 = 0,
-                authAlgorithms: UInt32 = ~0, encryptionAlgorithms: UInt32 = ~0, compressionAlgorithms: UInt32 = ~0) {
+                authAlgorithms: UInt32 = ~0, encryptionAlgorithms: UInt32 = ~0, compressionAlgorithms: UInt32 = ~0,
+                family: Int = 0) {
+        self.family = family
         self.source = source
         self.destination = destination
         self.spi = spi

@@ -834,7 +834,11 @@ public final class XFRMStack: @unchecked Sendable {
             self.statistics.increment(.inStateMismatch)
             return .dropped(.inStateMismatch)
         }
-        let local = self.network.isLocal(flow.destination)
+        // ≈ decode_session's flowi_oif from skb_dst: a selector's `dev` is the device of the local route (the one
+        // holding the address) for local traffic and the route's output device for forwarded traffic.
+        let localIfindex = self.network.localInterface(owning: flow.destination)
+        let local = localIfindex != nil
+        flow.ifindex = localIfindex ?? self.network.egress(to: flow.destination)?.ifindex ?? 0
         let direction: PolicyDirection = local ? .inbound : .forward
         guard let policy = self.policies.lookup(direction, flow) else {
             // No policy: with a blocking default the packet is XfrmInNoPols; otherwise a tunnel-mode SA in the

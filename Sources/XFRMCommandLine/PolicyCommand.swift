@@ -411,7 +411,7 @@ struct PolicyCommand {
     }
 
     private func count() throws(CommandError) -> String {
-        guard let answer = try ctx.talkAnswer(XfrmMessage(.getSPDInfo, flags: NetlinkFlags.request, body: .empty))
+        guard let answer = try ctx.talkAnswer(XfrmMessage(.getSPDInfo, flags: NetlinkFlags.request, body: .infoRequest(flags: 0xffff_ffff)))
         else { return "" }
         var p = ctx.printer()
         p.spdInfo(answer)

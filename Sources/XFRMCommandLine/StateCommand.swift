@@ -645,7 +645,7 @@ struct StateCommand {
 
     private func count() throws(CommandError) -> String {
         // iproute2 sends a u32 of 0xffffffff here; XfrmBody spells a body-less info request `.empty`
-        guard let answer = try ctx.talkAnswer(XfrmMessage(.getSADInfo, flags: NetlinkFlags.request, body: .empty))
+        guard let answer = try ctx.talkAnswer(XfrmMessage(.getSADInfo, flags: NetlinkFlags.request, body: .infoRequest(flags: 0xffff_ffff)))
         else { return "" }
         var p = ctx.printer()
         p.sadInfo(answer)

@@ -15,19 +15,55 @@ public final class XfrmControlServer: XfrmTransport {
     public init(stack: XFRMStack) { self.stack = stack }
 
     private func ack(_ m: XfrmMessage) -> [XfrmMessage] {
-        [XfrmMessage(type: NetlinkControlType.error, flags: 0, sequence: m.sequence, body: .error(errno: 0, message: ""))]
+        [Self.errorReply(to: NetlinkHeader(length: UInt32(m.encode().count), type: m.type, flags: m.flags,
+                                           sequence: m.sequence, portID: m.portID), errno: 0, message: "")]
     }
 
     private func fail(_ m: XfrmMessage, _ e: ControlError) -> [XfrmMessage] {
-        [XfrmMessage(type: NetlinkControlType.error, flags: 0, sequence: m.sequence,
-                     body: .error(errno: -e.errno, message: e.message))]
+        [Self.errorReply(to: NetlinkHeader(length: UInt32(m.encode().count), type: m.type, flags: m.flags,
+                                           sequence: m.sequence, portID: m.portID), errno: -e.errno, message: e.message)]
     }
 
+    /// ≈ netlink_ack on a socket with NETLINK_CAP_ACK and NETLINK_EXT_ACK (what iproute2 and libmnl ask for): the
+    /// request's header echoed, NLM_F_CAPPED, the extack text as NLMSGERR_ATTR_MSG, sent to the requester's port.
+    static func errorReply(to h: NetlinkHeader, errno: Int32, message: String) -> XfrmMessage {
+        var r = XfrmMessage(type: NetlinkControlType.error, flags: NetlinkFlags.capped, sequence: h.sequence,
+                            portID: h.portID, body: .error(errno: errno, message: message))
+        r.echoedRequest = h
+        return r
+    }
+
+    /// Answers a request, each reply addressed to the requester's port id (≈ NETLINK_CB(skb).portid).
     public func request(_ m: XfrmMessage) -> [XfrmMessage] {
+        var out: [XfrmMessage]
         do throws(ControlError) {
-            return try self.dispatch(m)
+            out = try self.dispatch(m)
         } catch {
             return self.fail(m, error)
+        }
+        for i in out.indices { out[i].portID = m.portID }
+        return out
+    }
+
+    /// Answers a request as it arrives on a socket: the header and the fixed body's minimum size are checked
+    /// first (≈ xfrm_user_rcv_msg: nlmsg_parse against xfrm_msg_min — EINVAL "Invalid header length" when
+    /// short), then the message is decoded (EINVAL naming what was malformed) and answered.
+    public func request(raw bytes: [UInt8]) -> [XfrmMessage] {
+        guard let h = NetlinkHeader(bytes: bytes), h.length >= 16, Int(h.length) <= bytes.count else {
+            return [Self.errorReply(to: NetlinkHeader(bytes: bytes) ?? NetlinkHeader(), errno: -Errno.EINVAL,
+                                    message: "Invalid netlink message length")]
+        }
+        guard let type = XfrmMessageType(rawValue: h.type) else {
+            return [Self.errorReply(to: h, errno: -Errno.EINVAL, message: "Unsupported message type \(h.type)")]
+        }
+        let dump = (type == .getSA || type == .getPolicy) && h.flags & NetlinkFlags.dump == NetlinkFlags.dump
+        if !dump && Int(h.length) - 16 < type.minimumBodySize {
+            return [Self.errorReply(to: h, errno: -Errno.EINVAL, message: "Invalid header length")]
+        }
+        do throws(WireError) {
+            return self.request(try XfrmMessage.decode(Array(bytes.prefix(Int(h.length)))))
+        } catch {
+            return [Self.errorReply(to: h, errno: -Errno.EINVAL, message: error.description)]
         }
     }
 

@@ -142,6 +142,9 @@ extension Policy {
         var attrs: [XfrmAttribute] = []
         let fam: UInt16 = self.selector.family == 6 ? AddressFamily.inet6 : AddressFamily.inet
         if !self.templates.isEmpty { attrs.append(.templates(self.templates.map { $0.wire(defaultFamily: fam) })) }
+        // ≈ copy_to_user_policy_type on kernels built with CONFIG_XFRM_SUB_POLICY (Debian's and this machine's):
+        // every policy message says its type, and iproute2 prints `ptype main`.
+        attrs.append(.policyType(0))
         if self.mark.value != 0 || self.mark.mask != 0 {
             attrs.append(.mark(XfrmMark(value: self.mark.value, mask: self.mark.mask)))
         }

@@ -16,6 +16,35 @@ public enum NetlinkFlags {
     public static let replace: UInt16 = 0x100
     public static let excl: UInt16 = 0x200
     public static let create: UInt16 = 0x400
+    /// On an error/ACK message: the request was not echoed beyond its header (NETLINK_CAP_ACK, as iproute2 asks).
+    public static let capped: UInt16 = 0x100
+    /// On an error/ACK message: extended-ACK attributes (the message text) follow.
+    public static let ackTLVs: UInt16 = 0x200
+}
+
+extension XfrmMessageType {
+    /// The fixed body a request of this type must carry at least (≈ xfrm_msg_min[] with the 64-bit layouts):
+    /// a shorter message — a 32-bit client's smaller structs, say — is refused with EINVAL, never misread.
+    public var minimumBodySize: Int {
+        switch self {
+        case .newSA, .updSA: 224  // xfrm_usersa_info
+        case .delSA, .getSA: 24  // xfrm_usersa_id
+        case .newPolicy, .updPolicy: 168  // xfrm_userpolicy_info
+        case .delPolicy, .getPolicy: 64  // xfrm_userpolicy_id
+        case .allocSPI: 232  // xfrm_userspi_info
+        case .acquire: 280  // xfrm_user_acquire
+        case .expire: 232  // xfrm_user_expire
+        case .polExpire: 176  // xfrm_user_polexpire
+        case .flushSA: 1  // xfrm_usersa_flush
+        case .flushPolicy: 0
+        case .newAE, .getAE: 36  // xfrm_aevent_id
+        case .report: 88  // xfrm_user_report
+        case .migrate: 64  // xfrm_userpolicy_id
+        case .newSADInfo, .getSADInfo, .newSPDInfo, .getSPDInfo: 4  // u32 flags
+        case .mapping: 80  // xfrm_user_mapping
+        case .setDefault, .getDefault: 3  // xfrm_userpolicy_default
+        }
+    }
 }
 
 public enum NetlinkControlType {

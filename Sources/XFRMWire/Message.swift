@@ -57,6 +57,8 @@ public enum XfrmBody: Equatable, Sendable {
     case error(errno: Int32, message: String)
     /// NLMSG_DONE, ending a dump.
     case done
+    /// GETSADINFO / GETSPDINFO request: a u32 of flags (iproute2 sends 0xffffffff).
+    case infoRequest(flags: UInt32)
 }
 
 /// An attribute (struct nlattr + payload).
@@ -174,6 +176,32 @@ public enum XfrmAttribute: Equatable, Sendable {
 }
 
 /// A whole XFRM netlink message.
+/// A netlink message header (struct nlmsghdr), as an error reply echoes the request's.
+public struct NetlinkHeader: Equatable, Sendable {
+    public var length: UInt32 = 0
+    public var type: UInt16 = 0
+    public var flags: UInt16 = 0
+    public var sequence: UInt32 = 0
+    public var portID: UInt32 = 0
+    public init(length: UInt32 = 0, type: UInt16 = 0, flags: UInt16 = 0, sequence: UInt32 = 0, portID: UInt32 = 0) {
+        self.length = length
+        self.type = type
+        self.flags = flags
+        self.sequence = sequence
+        self.portID = portID
+    }
+
+    /// Reads the header at the start of `bytes`, if there are 16 bytes.
+    public init?(bytes: [UInt8]) {
+        guard bytes.count >= 16 else { return nil }
+        var r = WireReader(bytes)
+        guard let l = try? r.u32(), let t = try? r.u16(), let f = try? r.u16(), let s = try? r.u32(),
+            let p = try? r.u32()
+        else { return nil }
+        self.init(length: l, type: t, flags: f, sequence: s, portID: p)
+    }
+}
+
 public struct XfrmMessage: Equatable, Sendable {
     /// An XfrmMessageType raw value, or a netlink control type (error, done).
     public var type: UInt16
@@ -182,6 +210,8 @@ public struct XfrmMessage: Equatable, Sendable {
     public var portID: UInt32
     public var body: XfrmBody
     public var attributes: [XfrmAttribute]
+    /// Error and ACK messages: the request's header, echoed in struct nlmsgerr (≈ netlink_ack with NETLINK_CAP_ACK).
+    public var echoedRequest = NetlinkHeader()
 
     public init(type: UInt16, flags: UInt16 = NetlinkFlags.request, sequence: UInt32 = 0, portID: UInt32 = 0,
                 body: XfrmBody, attributes: [XfrmAttribute] = []) {
@@ -239,8 +269,12 @@ public struct XfrmMessage: Equatable, Sendable {
         case .flushSA(let proto):
             w.u8(proto)
             w.zeros(3)
-        case .flushPolicy, .empty, .done:
+        case .flushPolicy, .empty:
             break
+        case .done:
+            w.i32(0)  // netlink_dump_done: the dump's status, 0 (NLMSG_DONE carries an int)
+        case .infoRequest(let flags):
+            w.u32(flags)
         case .policyDefault(let i, let f, let o):
             w.u8(i)
             w.u8(f)
@@ -257,7 +291,12 @@ public struct XfrmMessage: Equatable, Sendable {
             Self.attr(&w, type: 1, payload: x.bytes)
         case .error(let errno, let message):
             w.i32(errno)
-            w.zeros(16)
+            let h = self.echoedRequest
+            w.u32(h.length)
+            w.u16(h.type)
+            w.u16(h.flags)
+            w.u32(h.sequence)
+            w.u32(h.portID)
             if !message.isEmpty {
                 var m = Array(message.utf8)
                 m.append(0)
@@ -272,7 +311,7 @@ public struct XfrmMessage: Equatable, Sendable {
         if case .error = self.body { type = NetlinkControlType.error }
         if case .done = self.body { type = NetlinkControlType.done }
         var flags = self.flags
-        if case .error(_, let m) = self.body, !m.isEmpty { flags |= 0x200 }  // NLM_F_ACK_TLVS
+        if case .error(_, let m) = self.body, !m.isEmpty { flags |= NetlinkFlags.ackTLVs }
         withUnsafeBytes(of: type.littleEndian) { bytes[4] = $0[0]; bytes[5] = $0[1] }
         withUnsafeBytes(of: flags.littleEndian) { bytes[6] = $0[0]; bytes[7] = $0[1] }
         withUnsafeBytes(of: self.sequence.littleEndian) { for i in 0..<4 { bytes[8 + i] = $0[i] } }
@@ -327,18 +366,33 @@ public struct XfrmMessage: Equatable, Sendable {
         var body: XfrmBody
         if type == NetlinkControlType.error {
             let errno = try r.i32("nlmsgerr.error")
-            try r.skip(16, "nlmsgerr.msg")
-            var message = ""
-            for (t, p) in try attributes(&r, end: len) where t == 1 {
-                message = String(decoding: p.prefix { $0 != 0 }, as: UTF8.self)
+            let echo = NetlinkHeader(length: try r.u32("nlmsgerr.msg"), type: try r.u16(), flags: try r.u16(),
+                                     sequence: try r.u32(), portID: try r.u32())
+            // Without NLM_F_CAPPED the request's body follows the header (an uncapped kernel error): skip it.
+            if flags & NetlinkFlags.capped == 0 && errno != 0 && Int(echo.length) > 16 {
+                try r.skip(min((Int(echo.length) - 16 + 3) & ~3, len - r.offset))
             }
-            return XfrmMessage(type: type, flags: flags, sequence: seq, portID: pid, body: .error(errno: errno, message: message))
+            var message = ""
+            if flags & NetlinkFlags.ackTLVs != 0 {
+                for (t, p) in try attributes(&r, end: len) where t == 1 {
+                    message = String(decoding: p.prefix { $0 != 0 }, as: UTF8.self)
+                }
+            }
+            var m = XfrmMessage(type: type, flags: flags, sequence: seq, portID: pid,
+                                body: .error(errno: errno, message: message))
+            m.echoedRequest = echo
+            return m
         }
         if type == NetlinkControlType.done {
             return XfrmMessage(type: type, flags: flags, sequence: seq, portID: pid, body: .done)
         }
         guard let mt = XfrmMessageType(rawValue: type) else { throw WireError("unknown XFRM message type \(type)") }
         let request = flags & NetlinkFlags.request != 0
+        if request && (mt == .getSADInfo || mt == .getSPDInfo) {
+            guard len - r.offset >= 4 else { throw WireError("\(mt) needs its u32 flags") }
+            return XfrmMessage(type: type, flags: flags, sequence: seq, portID: pid,
+                               body: .infoRequest(flags: try r.u32()))
+        }
         switch mt {
         case .newSA, .updSA: body = .saInfo(try .decode(&r))
         case .delSA: body = .saID(try .decode(&r))

@@ -155,7 +155,7 @@ struct CommandTests {
         #expect(t.requests.allSatisfy { $0.flags == ackFlags && $0.messageType == .flushSA })
         #expect(try run("state count", t) == "\t SAD count 3\n")
         #expect(try run("state count", t, stats: 1) == "\t SAD count 3 (buckets count 8 Max 1048576)\n")
-        #expect(t.requests.last == XfrmMessage(.getSADInfo, flags: NetlinkFlags.request, body: .empty))
+        #expect(t.requests.last == XfrmMessage(.getSADInfo, flags: NetlinkFlags.request, body: .infoRequest(flags: 0xffff_ffff)))
     }
 
     @Test("policy add: selector, dir, ptype, templates (family carried over), mark, if_id, packet offload")
@@ -236,7 +236,7 @@ struct CommandTests {
         ])
         #expect(try run("policy count", t) == "\t SPD IN  1 OUT 2 FWD 0\n")
         #expect(try run("policy count", t, stats: 1) == "\t SPD IN  1 OUT 2 FWD 0 (Sock: IN 0 OUT 1 FWD 0)\n")
-        #expect(t.requests.last == XfrmMessage(.getSPDInfo, flags: NetlinkFlags.request, body: .empty))
+        #expect(t.requests.last == XfrmMessage(.getSPDInfo, flags: NetlinkFlags.request, body: .infoRequest(flags: 0xffff_ffff)))
 
         _ = try run("policy setdefault in block out accept fwd allow", t)
         #expect(t.requests.last == XfrmMessage(.setDefault, flags: ackFlags,

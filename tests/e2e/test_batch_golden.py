@@ -71,9 +71,9 @@ def test_state_and_policy_listings(tmp_path, xfrm):
         \t 00000000 00000000 
         \tsel src 0.0.0.0/0 dst 0.0.0.0/0 
         src 10.0.2.0/24 dst 10.0.1.0/24 
-        \tdir in action block priority 0 
+        \tdir in action block priority 0 ptype main 
         src 10.0.1.0/24 dst 10.0.2.0/24 proto tcp dport 443 
-        \tdir out priority 10 
+        \tdir out priority 10 ptype main 
         \ttmpl src 192.0.2.1 dst 192.0.2.2
         \t\tproto esp reqid 1 mode tunnel
         \t SAD count 2
@@ -102,8 +102,15 @@ def test_lifetimes_on_the_simulated_clock(tmp_path, xfrm):
         \tanti-replay context: seq 0x0, oseq 0x0, bitmap 0x00000000
         \tsel src 0.0.0.0/0 dst 0.0.0.0/0 
         """)
+    # EXPIRE carries the state without keys or replay state (build_expire: only mark, if_id and dir attributes).
+    expired = textwrap.dedent("""\
+        src 192.0.2.1 dst 192.0.2.2
+        \tproto esp spi 0x00000100 reqid 1 mode tunnel
+        \treplay-window 0 
+        \tsel src 0.0.0.0/0 dst 0.0.0.0/0 
+        """)
     # Added; soft expiry once at 10 s (the never-used SA never use-expires); hard expiry and deletion at 20 s.
-    assert out == sa + "Expired " + sa + "\thard 0\n" + "Expired " + sa + "\thard 1\n" + "\t SAD count 0\n"
+    assert out == sa + "Expired " + expired + "\thard 0\n" + "Expired " + expired + "\thard 1\n" + "\t SAD count 0\n"
 
 
 def test_policy_lifetimes_repeat_soft_every_30_seconds_then_delete(tmp_path, xfrm):
@@ -116,7 +123,7 @@ def test_policy_lifetimes_repeat_soft_every_30_seconds_then_delete(tmp_path, xfr
         clock advance 5
         policy count
         """)
-    pol = "src 10.0.1.0/24 dst 10.0.2.0/24 \n\tdir out priority 0 \n\ttmpl src 192.0.2.1 dst 192.0.2.2\n" \
+    pol = "src 10.0.1.0/24 dst 10.0.2.0/24 \n\tdir out priority 0 ptype main \n\ttmpl src 192.0.2.1 dst 192.0.2.2\n" \
           "\t\tproto esp reqid 9 mode tunnel\n"
     assert out == ("Expired " + pol + "\thard 0\n" + "\t SPD IN  0 OUT 1 FWD 0\n" + "Expired " + pol + "\thard 0\n"
                    + "Expired " + pol + "\thard 1\n" + "\t SPD IN  0 OUT 0 FWD 0\n")
@@ -133,7 +140,7 @@ def test_acquire_sends_one_acquire_keeps_a_larval_sa_and_never_sends_in_clear(tm
         acquire proto esp 
           sel src 10.0.1.1/32 dst 10.0.2.1/32 proto udp sport 1000 dport 53 dev eth0 
           policy src 10.0.1.0/24 dst 10.0.2.0/24 
-            \tdir out priority 0 
+            \tdir out priority 0 ptype main 
             \ttmpl src 192.0.2.1 dst 192.0.2.2
             \t\tproto esp reqid 9 mode tunnel
 

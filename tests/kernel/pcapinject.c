@@ -1,4 +1,4 @@
-/* pcapinject IFNAME DSTMAC SRCMAC FILE.pcap: sends every packet of a pcap out of IFNAME through an AF_PACKET
+/* pcapinject IFNAME DSTMAC SRCMAC FILE.pcap (or: pcapinject -l PORT, below): sends every packet of a pcap out of IFNAME through an AF_PACKET
  * socket, as tcpreplay would (the guest has no tcpreplay and busybox cannot write raw frames). Ethernet pcaps
  * (linktype 1) go out as they are; raw IP pcaps (linktype 101, what `xfrm pcap` writes) get an Ethernet header
  * DSTMAC <- SRCMAC with the IP version's ethertype. Built statically by the kernel test harness and run inside the
@@ -21,7 +21,28 @@ static int parse_mac(const char *s, uint8_t mac[6]) {
     return 0;
 }
 
+/* pcapinject -l PORT: holds an IPv4 UDP socket on PORT with UDP_ENCAP_ESPINUDP set (what an IKE daemon does for
+ * NAT-T), so that the kernel decapsulates ESP in UDP arriving there; sleeps until killed. */
+static int listen_encap(const char *port) {
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    if (s < 0) { perror("socket"); return 1; }
+    struct sockaddr_in sin;
+    memset(&sin, 0, sizeof sin);
+    sin.sin_family = AF_INET;
+    sin.sin_port = htons((uint16_t)atoi(port));
+    if (bind(s, (struct sockaddr *)&sin, sizeof sin) < 0) { perror("bind"); return 1; }
+    int type = 2; /* UDP_ENCAP_ESPINUDP */
+    if (setsockopt(s, 17 /* SOL_UDP */, 100 /* UDP_ENCAP */, &type, sizeof type) < 0) {
+        perror("setsockopt UDP_ENCAP");
+        return 1;
+    }
+    printf("pcapinject: UDP_ENCAP_ESPINUDP socket on port %s\n", port);
+    fflush(stdout);
+    for (;;) pause();
+}
+
 int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "-l") == 0) return listen_encap(argv[2]);
     if (argc != 5) {
         fprintf(stderr, "usage: pcapinject IFNAME DSTMAC SRCMAC FILE.pcap\n");
         return 2;

@@ -63,6 +63,9 @@ def get(name: str) -> object:
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(data))
             tmp.replace(path)
+            for old in RESULTS.glob(f"{name}-*.json"):  # earlier runs' results of this group
+                if old != path and old.stat().st_mtime < path.stat().st_mtime - 3600:
+                    old.unlink(missing_ok=True)
     with _mutex:
         _memo[name] = data
     return data

@@ -100,6 +100,8 @@ HOST_OUT = [
     Flow(29, "chacha", "transport", 6, 6, "flag esn replay-window 64"),
     Flow(30, "cbc-sha256", "tunnel", 4, 4, "flag esn replay-window 64", tx="replay-oseq 0xfffffffd",
          rx="replay-seq 0xfffffffc"),
+    # NAT-T: the kernel decapsulates ESP in UDP only on a socket with UDP_ENCAP set (pcapinject -l holds one)
+    Flow(31, "gcm128", "tunnel", 4, 4, "encap espinudp 4500 4500 0.0.0.0"),
 ]
 PINGS = 3  # per kernel-outbound flow
 INJECT = 5  # per host-outbound flow
@@ -278,8 +280,10 @@ $A route add 203.0.113.0/24 via 192.0.2.2; $A route add 2001:db8:2::/48 via 2001
         batch += [state_line(f, False, sender=False), policy_line(f, False, "in")]
     s.append("cat >/tmp/setup <<'EOF'\n" + "\n".join(batch) + "\nEOF")
     s.append("$A -batch /tmp/setup || echo '@@SETUP-FAILED'")
+    s.append("ip netns exec a pcapinject -l 4500 >/tmp/encap.log 2>&1 & ENCAP=$!")
     s.append("tcpdump -Z root -U -n -i vb -w /tmp/k.pcap 'esp or udp port 4500' 2>/tmp/td.err & TD=$!")
-    s.append("for i in $(seq 50); do grep -q listening /tmp/td.err && break; sleep 0.1; done")
+    s.append("for i in $(seq 300); do grep -q listening /tmp/td.err && grep -q socket /tmp/encap.log && break; "
+             "sleep 0.1; done")
     s.append("P=")
     for f in KERNEL_OUT:
         a = addrs(f, True)
@@ -293,17 +297,20 @@ $A route add 203.0.113.0/24 via 192.0.2.2; $A route add 2001:db8:2::/48 via 2001
             s.append(f"pcapinject vb {MAC_A} {MAC_B} /data/inj-{f.k}.pcap")
     s.append("sleep 0.5")
     s.append("echo '@@FILE state-s'; $A -s xfrm state list; echo '@@ENDFILE'")
+    s.append("echo '@@FILE encap.log'; cat /tmp/encap.log; echo '@@ENDFILE'; kill $ENCAP")
     s.append("echo '@@FILE xfrm_stat'; ip netns exec a cat /proc/net/xfrm_stat; echo '@@ENDFILE'")
     s.append("echo '@@FILE snmp'; ip netns exec a cat /proc/net/snmp /proc/net/snmp6; echo '@@ENDFILE'")
     return "\n".join(s) + "\n"
 
 
 def _build():
-    import tempfile
+    import shutil
 
     import kvm
 
-    work = Path(tempfile.mkdtemp(dir=kvm.WORK, prefix="esp."))
+    work = kvm.WORK / "esp-host"  # what the host made, kept for a look after the run (one builder at a time)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     pcaps = make_host_esp(work)
     files = {f"inj-{k}.pcap": v for k, v in pcaps.items() if v}
     errors = {k: (work / f"host-out-{k}" / "error").read_text() for k, v in pcaps.items() if not v}
@@ -388,6 +395,9 @@ def test_xfrm_esp_accepted_by_kernel(flow: Flow, esp_run):
         f"xfrm pcap --output-path failed:\n{esp_run['host_errors'][str(flow.k)]}"
     link, pkts = read_pcap(base64.b64decode(esp_run["host_pcaps"][str(flow.k)]))
     assert len(pkts) == INJECT, f"xfrm pcap wrote {len(pkts)} packets, expected {INJECT}"
+    for p in pkts:  # what went to the kernel is ESP (in UDP 4500 for NAT-T), never the clear inner packet
+        proto = p[9] if p[0] >> 4 == 4 else p[6]
+        assert proto == (17 if "espinudp" in flow.extra else 50), p.hex()
     blocks = state_blocks(esp_run["state-s"])
     blk = blocks.get(spi(flow, False))
     assert blk, f"no kernel SA {spi(flow, False):#x}:\n{esp_run['state-s']}"
@@ -396,7 +406,8 @@ def test_xfrm_esp_accepted_by_kernel(flow: Flow, esp_run):
     assert m and st, blk
     assert (int(m.group(2)), st.groups()) == (INJECT, ("0", "0", "0")), (
         f"the kernel's SA after {INJECT} ESP packets from xfrm pcap (packets; replay-window, replay, failed):\n"
-        f"{blk}\nxfrm_stat:\n{esp_run['xfrm_stat']}\nline: {state_line(flow, False, sender=False)}")
+        f"{blk}\nxfrm_stat:\n{esp_run['xfrm_stat']}\nline: {state_line(flow, False, sender=False)}\n"
+        f"encap socket: {esp_run['encap.log']}")
     if flow.tx:  # the sequence crossed 2^32: the kernel inferred the high half from the ICV
         assert "seq-hi 0x1," in blk, blk
 

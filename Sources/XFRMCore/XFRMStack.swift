@@ -352,13 +352,13 @@ public final class XFRMStack: @unchecked Sendable {
         }
     }
 
-    /// Deletes an SA that hit a hard limit and reports EXPIRE hard=1 (a larval acquire entry goes silently).
+    /// Deletes an SA that hit a hard limit and reports EXPIRE hard=1 — a larval acquire entry too, with SPI 0
+    /// (≈ xfrm_timer_handler's `expired:` path), so the key manager knows its negotiation timed out.
     func expireHard(_ sa: SecurityAssociation) {
         self.configurationChanged()
         defer { self.configurationChanged() }
         guard self.states.remove(sa) else { return }
         self.releaseFromDevice(sa)
-        if sa.config.crypto == nil && sa.id.spi == 0 { return }
         self.events.publish(.expire(sa, hard: true))
     }
 

@@ -38,8 +38,14 @@ public enum Demo {
 
     static func run(_ s: OfflineSession, _ name: String, _ line: String) throws {
         print("\(name)# xfrm \(line)")
+        let words: [String]
+        do throws(BatchSyntaxError) {
+            words = try OfflineSession.words(of: line)
+        } catch {
+            throw Failure(description: "\(name): \(line): \(error.description)")
+        }
         do throws(SessionError) {
-            var out = try s.run(OfflineSession.words(of: line))
+            var out = try s.run(words)
             while out.hasSuffix("\n") { out.removeLast() }
             if !out.isEmpty {
                 print(out.split(separator: "\n", omittingEmptySubsequences: false).map { "    " + $0 }.joined(separator: "\n"))

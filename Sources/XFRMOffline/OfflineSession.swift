@@ -35,6 +35,8 @@ public final class OfflineSession {
     public var options: XfrmCLIOptions
     private let names: NetworkNames
     private let subscription: EventBus.Subscription
+    /// Messages for stderr that do not stop the session (e.g. a batch's missing continuation line).
+    public var warnings: [String] = []
     /// Whether a `monitor` line switched event printing on.
     public private(set) var monitoring = false
     /// Other hosts whose simulated NICs `link add ... peer HOST:NAME` may join (the demo's two hosts).
@@ -50,31 +52,18 @@ public final class OfflineSession {
         self.subscription = self.stack.events.subscribe(capacity: 1 << 16, acquire: false)
     }
 
-    /// Splits a batch line into words (double quotes group, `#` starts a comment) and drops a leading `xfrm` or
-    /// `ip xfrm` / `ip`.
-    public static func words(of line: String) -> [String] {
-        var out: [String] = []
-        var cur = ""
-        var quoted = false
-        var has = false
-        for ch in line {
-            if ch == "\"" {
-                quoted.toggle()
-                has = true
-            } else if ch == "#" && !quoted && cur.isEmpty {
-                break
-            } else if (ch == " " || ch == "\t") && !quoted {
-                if has { out.append(cur) }
-                cur = ""
-                has = false
-            } else {
-                cur.append(ch)
-                has = true
-            }
-        }
-        if has { out.append(cur) }
+    /// Splits one command line into words as `ip -batch` does (quotes, `#` comments; see BatchReader) and
+    /// normalizes them with `command(_:)`.
+    public static func words(of line: String) throws(BatchSyntaxError) -> [String] {
+        var words: [String] = []
+        for c in BatchReader.commands(line).commands { words += try BatchReader.words(c.text) }
+        return Self.command(words)
+    }
+
+    /// Drops a leading `xfrm`, `ip xfrm` or `ip`, keeping options such as `-s` in front (`ip -s xfrm state list`).
+    public static func command(_ words: [String]) -> [String] {
+        var out = words
         if out.first == "ip" { out.removeFirst() }
-        // Options may come before the object, as in `ip -s xfrm state list`; keep them in front.
         var options: [String] = []
         while let o = out.first, o.hasPrefix("-") {
             options.append(o)
@@ -166,24 +155,30 @@ public final class OfflineSession {
         return out
     }
 
-    /// Runs a batch file as `ip -batch` does: stops at the first failing line, reporting "Command failed FILE:LINE".
+    /// Runs a batch file as `ip -batch` does: stops at the first failing command, reporting "Command failed
+    /// FILE:LINE"; an unterminated quote stops the batch with "Unterminated quoted string"; a continuation with
+    /// no next line stops reading ("Missing continuation line" on `warnings`) without running that command.
     public func runBatch(path: String) throws(SessionError) -> String {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw SessionError("Cannot open file \"\(path)\" for reading: No such file or directory")
         }
         var out = ""
-        let text = String(decoding: data, as: UTF8.self)
-        var lineNo = 0
-        for line in text.split(separator: "\n", omittingEmptySubsequences: false) {
-            lineNo += 1
-            let words = Self.words(of: String(line))
+        let (commands, missing) = BatchReader.commands(String(decoding: data, as: UTF8.self))
+        for c in commands {
+            let words: [String]
+            do throws(BatchSyntaxError) {
+                words = Self.command(try BatchReader.words(c.text))
+            } catch {
+                throw SessionError(out + error.description)
+            }
             if words.isEmpty { continue }
             do throws(SessionError) {
                 out += try self.run(words)
             } catch {
-                throw SessionError(out + error.description + "\nCommand failed \(path):\(lineNo)")
+                throw SessionError(out + error.description + "\nCommand failed \(path):\(c.line)")
             }
         }
+        if missing { self.warnings.append("Missing continuation line") }
         return out
     }
 }

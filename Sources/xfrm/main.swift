@@ -50,10 +50,17 @@ if args.first == "demo" {
 }
 
 let session = OfflineSession(options: options)
+/// Runs a batch file; its warnings (a missing continuation line) go to stderr, as iproute2 prints them.
+@MainActor func runBatch(_ path: String) throws(SessionError) -> String {
+    let out = try session.runBatch(path: path)
+    for w in session.warnings { FileHandle.standardError.write(Data((w + "\n").utf8)) }
+    session.warnings.removeAll()
+    return out
+}
 do throws(SessionError) {
     if let batch {
         guard args.isEmpty else { fail("Error: -batch takes no command arguments.") }
-        print(try session.runBatch(path: batch), terminator: "")
+        print(try runBatch(batch), terminator: "")
     } else if args.first == "pcap" {
         args.removeFirst()
         var setup: String? = nil
@@ -80,11 +87,11 @@ do throws(SessionError) {
         if case .input = path { path = .input(device: device) } else if device != nil {
             fail("pcap: --dev applies to --input-path only")
         }
-        print(try session.runBatch(path: setup), terminator: "")
+        print(try runBatch(setup), terminator: "")
         print(try session.runPcap(path: path, inPath: files[0], outPath: files[1]), terminator: "")
-        if let then { print(try session.runBatch(path: then), terminator: "") }
+        if let then { print(try runBatch(then), terminator: "") }
     } else if !args.isEmpty {
-        print(try session.run(OfflineSession.words(of: args.joined(separator: " "))), terminator: "")
+        print(try session.run(OfflineSession.command(args)), terminator: "")
     } else {
         fail("Usage: xfrm [ -s ] { -batch FILE | OBJECT COMMAND... }; try \"xfrm -help\".")
     }

@@ -129,7 +129,7 @@ def test_policy_lifetimes_repeat_soft_every_30_seconds_then_delete(tmp_path, xfr
                    + "Expired " + pol + "\thard 1\n" + "\t SPD IN  0 OUT 0 FWD 0\n")
 
 
-def test_acquire_sends_one_acquire_keeps_a_larval_sa_and_never_sends_in_clear(tmp_path, xfrm):
+def test_acquire_sends_one_acquire_keeps_a_larval_sa_that_expires_with_spi_0_and_never_sends_in_clear(tmp_path, xfrm):
     (tmp_path / "setup").write_text(NET + "policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out tmpl src 192.0.2.1 "
                                     "dst 192.0.2.2 proto esp reqid 9 mode tunnel\nmonitor\n")
     (tmp_path / "after").write_text("state list\nclock advance 29\nstate count\nclock advance 1\nstate count\nstat\n")
@@ -151,6 +151,12 @@ def test_acquire_sends_one_acquire_keeps_a_larval_sa_and_never_sends_in_clear(tm
         \tdir out
         \tsel src 10.0.1.1/32 dst 10.0.2.1/32 proto udp sport 1000 dport 53 dev eth0 
         \t SAD count 1
+        Expired src 192.0.2.1 dst 192.0.2.2
+        \tproto esp spi 0x00000000 reqid 9 mode tunnel
+        \treplay-window 0 
+        \tdir out
+        \tsel src 10.0.1.1/32 dst 10.0.2.1/32 proto udp sport 1000 dport 53 dev eth0 
+        \thard 1
         \t SAD count 0
         """)
     assert out.startswith(head), out

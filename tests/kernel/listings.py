@@ -68,6 +68,8 @@ class KernelResult:
     listing: str | None = None  # the case's entry in `ip xfrm state|policy list`
     stats_listing: str | None = None  # the same with -s
     prior_policies: int = 0  # policies the kernel inserted (without explicit index) before this case
+    rc: int | None = None  # for a refusal that ended `ip -batch`: its exit status
+    command_failed: bool = False  # whether ip printed "Command failed" for it (a command that returned)
 
 
 MARKER = re.compile(r"^local 127\.0\.(\d+)\.(\d+) ")
@@ -139,6 +141,8 @@ def parse(output: str, cases: list[Case]) -> dict[str, KernelResult]:
     runs_err = re.split(r"^@@RUN (\d+)\n", files["adds.e"], flags=re.M)
     err_by_run = {int(runs_err[i]): runs_err[i + 1] for i in range(1, len(runs_err), 2)}
     failed: set[int] = set()
+    rcs: dict[int, int] = {}
+    command_failed: set[int] = set()
     for i in range(1, len(runs_out), 2):
         row = int(runs_out[i])
         last = row - 1
@@ -158,6 +162,7 @@ def parse(output: str, cases: list[Case]) -> dict[str, KernelResult]:
                 k = row + (int(f.group(1)) - 1) // 2
                 errors[k] = errors.get(k, "") + "".join(pending)
                 failed.add(k)
+                command_failed.add(k)
                 pending = []
             else:
                 pending.append(line)
@@ -165,6 +170,7 @@ def parse(output: str, cases: list[Case]) -> dict[str, KernelResult]:
             k = last + 1  # made ip exit
             errors[k] = errors.get(k, "") + "".join(pending)
             failed.add(k)
+            rcs[k] = rc
         elif pending:
             errors[max(last, 1)] = errors.get(max(last, 1), "") + "".join(pending)
     entries = {kind: (split_entries(kind, files[kind]), split_entries(kind, files[kind + "-s"]))
@@ -174,6 +180,8 @@ def parse(output: str, cases: list[Case]) -> dict[str, KernelResult]:
         r = res[c.id]
         r.error = errors.get(k, "")
         r.prior_policies = prior
+        r.rc = rcs.get(k)
+        r.command_failed = k in command_failed
         if k in failed:
             r.accepted = False
         elif k in done:

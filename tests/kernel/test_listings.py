@@ -98,3 +98,29 @@ def test_add_and_list_like_the_kernel(case: Case, kernel_listings, tmp_path):
         problems.append(_diff(ks, hs, f"ip -s xfrm {case.kind} list"))
     if problems:
         pytest.fail(f"listing differs\n  line: ip {case.line}\n" + "\n".join(problems), pytrace=False)
+
+
+def test_refusals_end_the_batch_like_ip(kernel_listings, tmp_path):
+    """`ip -batch` with a refused `xfrm state|policy add`: iproute2's xfrm code exits on the spot (exit(2) after
+    a netlink error, 255 after a parse error), so the batch ends with that status and without a
+    "Command failed FILE:LINE" line. One test for all refusals, grouped by what differs."""
+    diffs: dict[str, list[str]] = {}
+    n = 0
+    for case in CASES:
+        k = kernel_listings[case.id]
+        if k["accepted"] or k["rc"] is None:
+            continue
+        h = run_case(case, k["prior_policies"], tmp_path)
+        if h.accepted:
+            continue  # reported by the case's own test
+        n += 1
+        host_cf = "Command failed" in h.raw_stderr
+        if (h.rc, host_cf) != (k["rc"], k["command_failed"]):
+            key = (f"ip -batch exits {k['rc']}{' after Command failed' if k['command_failed'] else ''}; "
+                   f"xfrm -batch exits {h.rc}{' after Command failed' if host_cf else ''}")
+            diffs.setdefault(key, []).append(f"{case.id}: ip {case.line}\n    kernel stderr: {k['error'].strip()}"
+                                             f"\n    xfrm stderr: {h.raw_stderr.strip()!r}")
+    assert n > 20, f"only {n} refusals to compare: the generator should make more"
+    if diffs:
+        pytest.fail("\n".join(f"{key} ({len(v)} of {n} refusals), e.g.\n  " + "\n  ".join(v[:2])
+                               for key, v in diffs.items()), pytrace=False)

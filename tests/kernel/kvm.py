@@ -231,8 +231,8 @@ def ensure_initramfs() -> tuple[Path, Path]:
     if not Path(f"/lib/modules/{kver}").is_dir():
         raise KernelVMError(f"no module tree /lib/modules/{kver}")
     busybox = _which("busybox", "busybox")
-    if "not a dynamic executable" in subprocess.run(["ldd", busybox], capture_output=True, text=True).stdout + \
-            subprocess.run(["ldd", busybox], capture_output=True, text=True).stderr:
+    ldd = subprocess.run(["ldd", busybox], capture_output=True, text=True)
+    if "not a dynamic executable" in ldd.stdout + ldd.stderr:
         raise KernelVMError(f"{busybox} is static (busybox-static); install the dynamic `busybox` package")
     ip = _which("ip", "iproute2")
     tcpdump = _which("tcpdump", "tcpdump")

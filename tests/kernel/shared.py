@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import threading
-from pathlib import Path
 from typing import Callable
 
 import kvm

@@ -287,7 +287,7 @@ $A route add 203.0.113.0/24 via 192.0.2.2; $A route add 2001:db8:2::/48 via 2001
     s.append("P=")
     for f in KERNEL_OUT:
         a = addrs(f, True)
-        s.append(f"ip netns exec a ping -q -c {PINGS} -i 0.1 -w 2 -s {24 + f.k} -I {a['isrc']} {a['idst']} "
+        s.append(f"ip netns exec a ping -q -c {PINGS} -i 0.1 -w 3 -s {24 + f.k} -I {a['isrc']} {a['idst']} "
                  f">/dev/null 2>&1 & P=\"$P $!\"")
     s.append("wait $P; sleep 0.3; kill -INT $TD; wait $TD")
     s.append("echo '@@FILE tcpdump.err'; cat /tmp/td.err; echo '@@ENDFILE'")

@@ -214,18 +214,31 @@ public final class XfrmControlServer: XfrmTransport {
             id: SAID(destination: dst, spi: info.id.spi, proto: info.id.proto), source: src, selector: selector,
             reqid: info.reqid, mode: info.mode == 1 ? .tunnel : .transport, flags: info.flags,
             lifetime: LifetimeConfig(wire: info.lft), crypto: nil, kmSequence: info.seq)
+        var tfcPadGiven = false
+        var setMark: UInt32? = nil
+        var setMarkMask: UInt32? = nil
         for a in attrs {
             switch a {
-            case .mark(let mk): config.mark = Mark(value: mk.value, mask: mk.mask)
+            // The kernel keeps and lists an SA's mark with its value masked.
+            case .mark(let mk): config.mark = Mark(value: mk.value & mk.mask, mask: mk.mask)
             case .ifID(let v): config.ifID = v
             case .saDir(let d):
                 guard let dir = SADirection(rawValue: d) else { throw .invalid("Invalid SA direction \(d)") }
                 config.direction = dir
             case .extraFlags(let f): config.extraFlags = f
-            case .tfcPad(let v): config.tfcPad = v
+            case .tfcPad(let v):
+                config.tfcPad = v
+                tfcPadGiven = true
+            case .unknown(let t, let p) where t == XfrmAttributeType.setMark.rawValue && p.count >= 4:
+                setMark = leU32(p)
+            case .unknown(let t, let p) where t == XfrmAttributeType.setMarkMask.rawValue && p.count >= 4:
+                setMarkMask = leU32(p)
             default: break
             }
         }
+        // ≈ xfrm_smark_init: a missing mask means all bits.
+        if let v = setMark { config.outputMark = Mark(value: v, mask: setMarkMask ?? 0xffff_ffff) }
+        if tfcPadGiven && info.mode != 1 { throw .invalid("TFC padding can only be used in tunnel mode") }
         return config
     }
 
@@ -284,6 +297,7 @@ public final class XfrmControlServer: XfrmTransport {
         // Replay (≈ verify_replay).
         let esn = info.flags & XfrmStateFlag.esn != 0
         config.esn = esn
+        config.replayESNFormat = replayESN != nil
         if let r = replayESN {
             guard r.bitmap.count <= 128 else { throw .invalid("ESN bitmap length must be <= 128") }
             guard info.replayWindow == 0 else {
@@ -331,8 +345,9 @@ public final class XfrmControlServer: XfrmTransport {
             if let r = replay, r.oseq != 0 { throw .invalid("Replay oseq should be 0 for input SA") }
         }
         if let e = encap {
-            guard e.type == XfrmEncapType.espInUDP || e.type == XfrmEncapType.espInUDPNonIKE else {
-                throw ControlError(Errno.EOPNOTSUPP, "Unsupported encapsulation type \(e.type)")
+            // ≈ esp_init_state: ESP-in-UDP (RFC 3948) only; the pre-RFC non-IKE marker format is gone from Linux.
+            guard e.type == XfrmEncapType.espInUDP else {
+                throw .invalid("Unsupported encapsulation type for ESP")
             }
             config.encapsulation = NATTEncapsulation(sourcePort: e.sport, destinationPort: e.dport)
             config.encapsulationType = e.type
@@ -483,4 +498,9 @@ public final class XfrmControlServer: XfrmTransport {
             return nil
         }
     }
+}
+
+/// A u32 read from a netlink attribute payload (host byte order).
+func leU32(_ p: [UInt8]) -> UInt32 {
+    UInt32(p[0]) | UInt32(p[1]) << 8 | UInt32(p[2]) << 16 | UInt32(p[3]) << 24
 }

@@ -176,7 +176,8 @@ extension SecurityAssociation {
         s.reqid = c.reqid
         s.family = family(of: c.id.destination)
         s.mode = c.mode == .tunnel ? 1 : 0
-        s.replayWindow = UInt8(min(c.replayWindow, 32))
+        // ≈ x->props.replay_window: the legacy field as given — 0 when the window came in XFRMA_REPLAY_ESN_VAL.
+        s.replayWindow = c.usesReplayESN ? 0 : UInt8(min(c.replayWindow, 32))
         s.flags = c.flags
         return s
     }
@@ -208,6 +209,10 @@ extension SecurityAssociation {
         }
         if c.tfcPad != 0 { attrs.append(.tfcPad(c.tfcPad)) }
         if c.mark.value != 0 || c.mark.mask != 0 { attrs.append(.mark(XfrmMark(value: c.mark.value, mask: c.mark.mask))) }
+        if let m = c.outputMark, m.value != 0 || m.mask != 0 {  // ≈ xfrm_smark_put
+            attrs.append(.unknown(type: XfrmAttributeType.setMark.rawValue, payload: leU32(m.value)))
+            attrs.append(.unknown(type: XfrmAttributeType.setMarkMask.rawValue, payload: leU32(m.mask)))
+        }
         attrs.append(self.replayAttribute)
         if let o = self.offload {
             var flags: UInt8 = 0
@@ -241,7 +246,7 @@ extension SecurityAssociation {
             oseq = c.outboundSequence
             top = c.inboundSequence
         }
-        if c.esn || c.replayWindow > 32 {
+        if c.usesReplayESN {
             var r = XfrmReplayStateESN()
             r.oseq = UInt32(truncatingIfNeeded: oseq)
             r.oseqHi = UInt32(truncatingIfNeeded: oseq >> 32)
@@ -258,3 +263,6 @@ extension SecurityAssociation {
         return .replay(r)
     }
 }
+
+/// A u32 attribute payload in host (netlink) byte order.
+func leU32(_ v: UInt32) -> [UInt8] { withUnsafeBytes(of: v.littleEndian) { Array($0) } }

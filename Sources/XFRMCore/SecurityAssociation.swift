@@ -83,6 +83,15 @@ public struct SAConfig: Sendable {
     public var tfcPad: UInt32
     /// The key manager's sequence number (xfrm_usersa_info.seq), matching an ACQUIRE.
     public var kmSequence: UInt32
+    /// The mark set on packets the SA produces (XFRMA_SET_MARK / XFRMA_SET_MARK_MASK, `output-mark`), kept and
+    /// listed; the simulated network does not route by mark.
+    public var outputMark: Mark?
+    /// Whether the replay state travels in XFRMA_REPLAY_ESN_VAL (the legacy window field is then 0, as the kernel
+    /// lists it) rather than XFRMA_REPLAY_VAL; nil: ESN or a window above 32 decide, as iproute2 does.
+    public var replayESNFormat: Bool?
+
+    /// True when the replay state is listed through XFRMA_REPLAY_ESN_VAL.
+    public var usesReplayESN: Bool { self.replayESNFormat ?? (self.esn || self.replayWindow > 32) }
 
     public init(id: SAID, source: IPAddress, selector: Selector, reqid: UInt32 = 0, mode: ESPMode = .transport,
                 replayWindow: Int = 0, flags: UInt8 = 0, extraFlags: UInt32 = 0, mark: Mark = Mark(), ifID: UInt32 = 0,

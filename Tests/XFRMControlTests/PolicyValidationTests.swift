@@ -54,3 +54,46 @@ struct PolicyValidationTests {
         #expect(out.contains("tmpl src :: dst ::"), "\(out)")
     }
 }
+
+/// State requests and listings where the kernel was seen to differ (../shared/interop/kernel-vm).
+@Suite("User API: states as the kernel keeps and lists them")
+struct StateFidelityTests {
+    private let aead = "aead rfc4106(gcm(aes)) 0x0102030405060708090a0b0c0d0e0f1011121314 128"
+
+    private func run(_ line: String, _ server: XfrmControlServer) throws(CommandError) -> String {
+        try runXfrmCommand(line.split(separator: " ").map(String.init), options: XfrmCLIOptions(),
+                           transport: Recorder(server))
+    }
+
+    private func refusal(_ line: String) -> String {
+        let server = XfrmControlServer(stack: XFRMStack(clock: ManualClock()))
+        do {
+            _ = try self.run(line, server)
+            return "accepted"
+        } catch {
+            return error.description
+        }
+    }
+
+    @Test("tfcpad in transport mode and encap espinudp-nonike are refused with the kernel's messages")
+    func refusals() {
+        let sa = "state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 mode transport \(aead)"
+        #expect(self.refusal(sa + " tfcpad 16").contains("TFC padding can only be used in tunnel mode"))
+        #expect(self.refusal(sa + " encap espinudp-nonike 4500 4500 0.0.0.0")
+            .contains("Unsupported encapsulation type for ESP"))
+        #expect(self.refusal("state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 mode transport "
+                             + "enc cbc(aes) 0x0102030405060708090a0b0c0d0e0f10").contains("Encryption without integrity"))
+    }
+
+    @Test("a window in XFRMA_REPLAY_ESN_VAL lists replay-window 0; the mark is kept masked; output-mark is listed")
+    func listings() throws {
+        let server = XfrmControlServer(stack: XFRMStack(clock: ManualClock()))
+        _ = try self.run("state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 mode tunnel \(aead) "
+                         + "replay-window 64 mark 0x17 mask 0xf0 output-mark 0x5 mask 0xff", server)
+        let out = try self.run("state list", server)
+        #expect(out.contains("\treplay-window 0 \n"), "\(out)")
+        #expect(out.contains("mark 0x10/0xf0 "), "\(out)")
+        #expect(out.contains("output-mark 0x5/0xff"), "\(out)")
+        #expect(out.contains("replay_window 64, bitmap-length 2"), "\(out)")
+    }
+}

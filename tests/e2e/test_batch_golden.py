@@ -45,7 +45,7 @@ def test_state_and_policy_listings(tmp_path, xfrm):
         \tsel src 0.0.0.0/0 dst 0.0.0.0/0 
         src 192.0.2.1 dst 192.0.2.2
         \tproto esp spi 0x00000100 reqid 1 mode tunnel
-        \treplay-window 32 flag esn
+        \treplay-window 0 flag esn
         \taead rfc4106(gcm(aes)) {KEY} 128
         \tanti-replay esn context:
         \t seq-hi 0x0, seq 0x0, oseq-hi 0x0, oseq 0x0
@@ -63,7 +63,7 @@ def test_state_and_policy_listings(tmp_path, xfrm):
         \tsel src 0.0.0.0/0 dst 0.0.0.0/0 
         src 192.0.2.1 dst 192.0.2.2
         \tproto esp spi 0x00000100 reqid 1 mode tunnel
-        \treplay-window 32 flag esn
+        \treplay-window 0 flag esn
         \taead rfc4106(gcm(aes)) <<Keys hidden>> 128
         \tanti-replay esn context:
         \t seq-hi 0x0, seq 0x0, oseq-hi 0x0, oseq 0x0

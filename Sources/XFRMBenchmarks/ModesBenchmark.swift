@@ -30,7 +30,7 @@
 // throughput column is bounded by the total CPU of hosts plus NICs, not by the host stacks alone.
 //
 // Options: --packets N (per run; default 250000, ~30 s in all on 2 cores), --rounds N (default 5), --svg PATH
-// (default docs/modes.svg), --threads 1,2, --modes baseline,software,crypto,packet, --nic-threads N (default 1: the
+// (write the chart there; no chart without it — `--svg docs/modes.svg` refreshes the README's), --threads 1,2, --modes baseline,software,crypto,packet, --nic-threads N (default 1: the
 // simulated NIC does not keep one SA's packets in order across engine threads, so with more packet offload can
 // see replay drops), --window N (in-flight packets, default 512), --wait sleep|yield.
 
@@ -76,7 +76,8 @@ struct ModesOptions {
     var nicThreads = 1
     var window = 512
     var wait = WaitStrategy.sleep
-    var svgPath = "docs/modes.svg"
+    /// Where to write the chart; nil: no chart (a plain run leaves the checkout clean).
+    var svgPath: String? = nil
     var innerSize = 1420
 
     /// The in-flight window actually used: with more than one engine thread per NIC, packet offload's device-side
@@ -694,14 +695,15 @@ public func modesBenchmark(arguments: [String]) {
                      r.mode.rawValue as NSString, r.threads, r.gbps, r.hostNs, r.hostRatio))
     }
 
+    guard let svgPath = o.svgPath else { return }
     let svg = modesChartSVG(rows: rows, options: o, cores: cores)
-    let url = URL(fileURLWithPath: o.svgPath)
+    let url = URL(fileURLWithPath: svgPath)
     do {
         try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
         try svg.write(to: url, atomically: true, encoding: .utf8)
         FileHandle.standardError.write("xfrm-bench modes: wrote \(url.path)\n".data(using: .utf8)!)
     } catch {
-        FileHandle.standardError.write("xfrm-bench modes: cannot write \(o.svgPath): \(error)\n".data(using: .utf8)!)
+        FileHandle.standardError.write("xfrm-bench modes: cannot write \(svgPath): \(error)\n".data(using: .utf8)!)
         exit(1)
     }
 }

@@ -1,20 +1,25 @@
 import Synchronization
 import XFRMPacket
 
-/// Per-flow memory of packet-offload output decisions (≈ the kernel's xfrm bundle cached in the route: a
-/// connected flow does not redo the policy lookup and SA resolution per packet). Direct-mapped, one lock per
-/// slot; an entry is valid only for the configuration generation it was made in, so any SPD, SAD, device or
-/// route change empties it at once.
+/// Per-flow memory of output decisions (≈ the dst a connected socket caches, with the xfrm bundle in it for
+/// protected flows): a flow does not redo the route lookup, nor the policy lookup and SA resolution, per packet.
+/// Plain flows (no policy, default accept) and packet-offload flows are cached, so the baseline and packet
+/// offload do the same host work apart from XFRM. Direct-mapped, one lock per slot; an entry is valid only for
+/// the configuration generation it was made in, so any SPD, SAD, default-policy, device or route change empties
+/// it at once.
 final class OutputCache: @unchecked Sendable {
+    enum Decision {
+        /// No policy matched and the default accepts: leave on this interface (≈ a plain route in the dst cache).
+        case plain(ifindex: Int32, mtu: Int)
+        /// Packet offload through `device` with `sa` (≈ the bundle of an offloaded policy).
+        case packetOffload(policyIndex: UInt32, sa: SecurityAssociation, device: any XfrmOffloadDevice,
+                           offload: StateOffload, limit: Int, tunnel: Bool)
+    }
+
     struct Entry {
         var flow: Flow
         var generation: UInt64
-        var policyIndex: UInt32
-        var sa: SecurityAssociation
-        var device: any XfrmOffloadDevice
-        var offload: StateOffload
-        var limit: Int
-        var tunnel: Bool
+        var decision: Decision
         var lastUse: UInt64
     }
 

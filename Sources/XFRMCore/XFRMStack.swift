@@ -133,6 +133,8 @@ public final class XFRMStack: @unchecked Sendable {
     // MARK: - Defaults
 
     public func setDefault(_ action: DefaultPolicyAction, for direction: PolicyDirection) {
+        self.configurationChanged()  // cached plain-route decisions depend on the default
+        defer { self.configurationChanged() }
         self.defaults.withLock { d in
             switch direction {
             case .inbound: d.inbound = action
@@ -379,13 +381,19 @@ public final class XFRMStack: @unchecked Sendable {
         let now = self.clock.now
         let generation = self.currentGeneration
         if let (hit, touch) = self.outputCache.lookup(flow, generation: generation, now: now) {
-            if touch { self.policies.markUsed(index: hit.policyIndex, direction: .outbound, at: now) }
-            return self.packetOffloadChecks(&packet, sa: hit.sa, device: hit.device, offload: hit.offload,
-                                            limit: hit.limit, tunnel: hit.tunnel)
+            switch hit.decision {
+            case .plain(let ifindex, let mtu):
+                return self.transmit(&packet, ifindex: ifindex, mtu: mtu, transformed: false)
+            case .packetOffload(let policyIndex, let sa, let device, let offload, let limit, let tunnel):
+                if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
+                return self.packetOffloadChecks(&packet, sa: sa, device: device, offload: offload, limit: limit,
+                                                tunnel: tunnel)
+            }
         }
         // ≈ flowi_oif: the policy lookup sees the interface the route leads to (selectors with `dev IFNAME`).
         let cacheKey = flow
-        flow.ifindex = self.network.egress(to: flow.destination)?.ifindex ?? 0
+        let route = self.network.egress(to: flow.destination)
+        flow.ifindex = route?.ifindex ?? 0
         if let policy = self.policies.lookup(.outbound, flow) {
             self.policies.markUsed(index: policy.index, direction: .outbound, at: now)
             if policy.action == .block {
@@ -459,7 +467,11 @@ public final class XFRMStack: @unchecked Sendable {
             // ≈ xfrm_lookup_with_ifid: the sender gets EPERM and no counter moves; loopback traffic is exempt.
             return .dropped(nil)
         }
-        return self.transmit(&packet)
+        guard let route else { return .dropped(nil) }
+        self.outputCache.store(OutputCache.Entry(
+            flow: cacheKey, generation: generation, decision: .plain(ifindex: route.ifindex, mtu: route.mtu),
+            lastUse: now))
+        return self.transmit(&packet, ifindex: route.ifindex, mtu: route.mtu, transformed: false)
     }
 
     /// Packet offload TX (≈ xfrm_output_one's PACKET branch + xfrm_dev_offload_ok): no ESP work, no sequence
@@ -504,8 +516,10 @@ public final class XFRMStack: @unchecked Sendable {
         let limit = transform.maximumPayload(forMTU: iface.mtu)
         let tunnel = sa.config.mode == .tunnel
         self.outputCache.store(OutputCache.Entry(
-            flow: cacheKey, generation: generation, policyIndex: policy.index, sa: sa, device: dev, offload: o,
-            limit: limit, tunnel: tunnel, lastUse: now))
+            flow: cacheKey, generation: generation,
+            decision: .packetOffload(policyIndex: policy.index, sa: sa, device: dev, offload: o, limit: limit,
+                                     tunnel: tunnel),
+            lastUse: now))
         return self.packetOffloadChecks(&packet, sa: sa, device: dev, offload: o, limit: limit, tunnel: tunnel)
     }
 
@@ -594,6 +608,15 @@ public final class XFRMStack: @unchecked Sendable {
         let version = p.loadByte(at: 0) >> 4
         let dst: IPAddress = version == 4 ? .loadV4(from: p, at: 16) : .loadV6(from: p, at: 24)
         guard let iface = self.network.egress(to: dst) else { return .dropped(nil) }
+        return self.transmit(&packet, ifindex: iface.ifindex, mtu: iface.mtu, transformed: transformed)
+    }
+
+    /// The MTU check of `transmit` on a route already known.
+    @inline(__always)
+    private func transmit(_ packet: inout PacketBuffer, ifindex: Int32, mtu: Int, transformed: Bool) -> OutputResult {
+        let p = packet.data
+        let version = p.loadByte(at: 0) >> 4
+        let iface = (ifindex: ifindex, mtu: mtu)
         if packet.count > iface.mtu {
             let df = version == 6 || p.loadBE16(at: 6) & IPv4Header.flagDF != 0
             // Never quote a transformed packet in an ICMP error (a crypto-offload packet is still plaintext inside
@@ -840,7 +863,10 @@ public final class XFRMStack: @unchecked Sendable {
         let local = localIfindex != nil
         flow.ifindex = localIfindex ?? self.network.egress(to: flow.destination)?.ifindex ?? 0
         let direction: PolicyDirection = local ? .inbound : .forward
-        guard let policy = self.policies.lookup(direction, flow) else {
+        // ≈ __xfrm_check_nopolicy: no policy in this direction and no secpath — the default decides, no lookup.
+        let policy = secpath.count == 0 && self.policies.count(direction) == 0
+            ? nil : self.policies.lookup(direction, flow)
+        guard let policy else {
             // No policy: with a blocking default the packet is XfrmInNoPols; otherwise a tunnel-mode SA in the
             // secpath still needs one (XfrmInNoPols), unless a crypto-offload device decrypted it.
             if self.defaultAction(direction) == .block {

@@ -172,10 +172,10 @@ private struct SPDRow {
     var speedup: Double { self.linearNs / self.lookupNs }
 }
 
-func spdBenchmark(seconds: Double, rounds: Int) {
+func spdBenchmark(seconds: Double, rounds: Int, sizes: [Int] = [1_000, 10_000, 100_000, 1_000_000]) {
     checkAllocationCounter()
     var rows: [SPDRow] = []
-    for n in [1_000, 10_000, 100_000] {
+    for n in sizes {
         let policies = spdPolicies(n, seed: 0x5eed_0000 &+ UInt64(n))
         let flows = spdFlows(policies, count: 4096, seed: 0xf10e_0000 &+ UInt64(n))
         var row = SPDRow(policies: n)
@@ -221,7 +221,7 @@ func spdBenchmark(seconds: Double, rounds: Int) {
                 row.lookupNs = m.ns
                 row.allocs = m.allocs
             }
-            // The scan is slow at 100k: fewer operations per batch, same time budget.
+            // The scan is slow with many policies: fewer operations per batch, same time budget.
             row.linearNs = min(row.linearNs, spdMeasure(seconds: seconds, batch: max(1, 100_000 / n), slow).ns)
         }
         if sink == 0x7fff_ffff { print("") }  // keeps the lookups observable

@@ -1,7 +1,8 @@
 // xfrm-bench: benchmarks that report speed as ratios against a reference measured in the same run.
 //
 //   swift run -c release xfrm-bench esp [--seconds S] [--rounds N]     ESP encap/decap vs raw OpenSSL AES-GCM
-//   swift run -c release xfrm-bench spd [--seconds S] [--rounds N]     SPD lookup at 1k/10k/100k policies vs a linear scan
+//   swift run -c release xfrm-bench spd [--seconds S] [--rounds N] [--policies N[,N...]]
+//                                          SPD lookup (default 1k/10k/100k/1M policies) vs a linear scan
 //   swift run -c release xfrm-bench modes [--packets N] [--rounds N] [--svg PATH]
 //                                          host CPU per packet and throughput: baseline, software, crypto, packet offload
 //
@@ -26,9 +27,17 @@ var args = Array(CommandLine.arguments.dropFirst())
 var seconds = 0.3
 var rounds = 5
 var command: String? = nil
+var policyCounts = [1_000, 10_000, 100_000, 1_000_000]
 while !args.isEmpty {
     let a = args.removeFirst()
     switch a {
+    case "--policies":
+        let list = (args.isEmpty ? "" : args.removeFirst()).split(separator: ",").compactMap { Int($0) }
+        guard !list.isEmpty, list.allSatisfy({ $0 > 0 }) else {
+            FileHandle.standardError.write("xfrm-bench spd: --policies takes N[,N...] (positive counts)\n".data(using: .utf8)!)
+            exit(2)
+        }
+        policyCounts = list
     case "--seconds": seconds = Double(args.isEmpty ? "" : args.removeFirst()) ?? 0.3
     case "--rounds": rounds = Int(args.isEmpty ? "" : args.removeFirst()) ?? 5
     default: if command == nil { command = a }  // the first word is the command; `modes` parses the rest itself
@@ -38,9 +47,9 @@ switch command {
 case "esp":
     checkAllocationCounter()
     espBenchmark(seconds: seconds, rounds: rounds)
-case "spd": spdBenchmark(seconds: seconds, rounds: rounds)
+case "spd": spdBenchmark(seconds: seconds, rounds: rounds, sizes: policyCounts)
 case "modes": modesBenchmark(arguments: Array(CommandLine.arguments.dropFirst()))
 default:
-    FileHandle.standardError.write("usage: xfrm-bench esp|spd [--seconds S] [--rounds N] | modes [--packets N] [--rounds N] [--svg PATH]\n".data(using: .utf8)!)
+    FileHandle.standardError.write("usage: xfrm-bench esp|spd [--seconds S] [--rounds N] [--policies N[,N...]] | modes [--packets N] [--rounds N] [--svg PATH]\n".data(using: .utf8)!)
     exit(2)
 }

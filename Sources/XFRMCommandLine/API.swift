@@ -19,7 +19,17 @@ public struct XfrmCLIOptions: Sendable {
 /// A command that failed: a parse error (nothing was sent) or an error reply. One line, in iproute2's words.
 public struct CommandError: Error, CustomStringConvertible, Equatable, Sendable {
     public let description: String
-    public init(_ description: String) { self.description = description }
+    /// The status `ip xfrm` exits with for this error (its xfrm code exits on the spot, also inside `-batch`):
+    /// 2 after an error reply (rtnl_talk failed), 1 for "Not enough information", 255 for other argument errors
+    /// (invarg/missarg/duparg: exit(-1)).
+    public let exitStatus: Int32
+    public init(_ description: String, exitStatus: Int32? = nil) {
+        self.description = description
+        self.exitStatus = exitStatus ?? (description.hasPrefix("Not enough information") ? 1 : 255)
+    }
+
+    /// Errors are equal when they say the same thing.
+    public static func == (a: CommandError, b: CommandError) -> Bool { a.description == b.description }
 }
 
 /// Turns device names into interface indexes and back (iproute2's ll_name_to_index / ll_index_to_name).
@@ -144,7 +154,7 @@ extension CLIContext {
         for r in self.transport.request(message) {
             if case .done = r.body { break }
             if case .error(let errno, _) = r.body {
-                throw CommandError("RTNETLINK answers: \(errnoText(-errno))")
+                throw CommandError("RTNETLINK answers: \(errnoText(-errno))", exitStatus: 2)
             }
             out.append(r)
         }
@@ -155,9 +165,9 @@ extension CLIContext {
 /// iproute2's report of an error reply: the extended ack as "Error: MSG." when there is one, else strerror.
 func replyError(errno: Int32, extack: String) -> CommandError {
     if !extack.isEmpty {
-        return CommandError("Error: \(extack)\(extack.hasSuffix(".") ? "" : ".")")
+        return CommandError("Error: \(extack)\(extack.hasSuffix(".") ? "" : ".")", exitStatus: 2)
     }
-    return CommandError("RTNETLINK answers: \(errnoText(-errno))")
+    return CommandError("RTNETLINK answers: \(errnoText(-errno))", exitStatus: 2)
 }
 
 /// strerror() for a positive errno.

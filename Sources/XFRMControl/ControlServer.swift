@@ -292,7 +292,9 @@ public final class XfrmControlServer: XfrmTransport {
                 throw AlgorithmError("ESP requires an encryption (enc) or AEAD (aead) algorithm")
             }
         } catch {
-            throw .invalid(error.description)
+            var (errno, message) = error.kernelAnswer
+            if error.kind == .authNotFound && authTrunc == nil { message = "Requested AUTH algorithm not found" }  // attach_auth
+            throw ControlError(errno, message)
         }
         // Replay (≈ verify_replay).
         let esn = info.flags & XfrmStateFlag.esn != 0
@@ -396,7 +398,7 @@ public final class XfrmControlServer: XfrmTransport {
             case .templates(let ts):
                 guard ts.count <= 6 else { throw .invalid("Too many templates (at most 6)") }
                 p.templates = try Self.validTemplates(ts, family: info.sel.family, direction: dir)
-            case .mark(let m): p.mark = Mark(value: m.value, mask: m.mask)
+            case .mark(let m): p.mark = Mark(value: m.value & m.mask, mask: m.mask)  // kept masked, as the kernel lists it
             case .ifID(let v): p.ifID = v
             case .policyType(let t): if t != 0 { throw .invalid("Only the main policy type is supported") }
             case .offloadDevice(let o):

@@ -62,7 +62,9 @@ public final class PolicyDatabase: @unchecked Sendable {
         }
         try Self.validate(policy.selector)
         return try self.state.withLock { (s: inout SPDState) throws(PolicyDatabaseError) -> Policy in
-            try s.insert(policy, update: update)
+            let p = try s.insert(policy, update: update)
+            self.publishCounts(s)
+            return p
         }
     }
 
@@ -70,6 +72,7 @@ public final class PolicyDatabase: @unchecked Sendable {
     public func delete(key: Policy.Key) throws(PolicyDatabaseError) -> Policy {
         try self.state.withLock { (s: inout SPDState) throws(PolicyDatabaseError) -> Policy in
             guard let slot = s.byKey[key] else { throw .notFound }
+            defer { self.publishCounts(s) }
             return s.remove(slot: slot)
         }
     }
@@ -78,6 +81,7 @@ public final class PolicyDatabase: @unchecked Sendable {
     public func delete(index: UInt32, direction: PolicyDirection) throws(PolicyDatabaseError) -> Policy {
         try self.state.withLock { (s: inout SPDState) throws(PolicyDatabaseError) -> Policy in
             guard let slot = s.slot(index: index, direction: direction) else { throw .notFound }
+            defer { self.publishCounts(s) }
             return s.remove(slot: slot)
         }
     }
@@ -91,6 +95,7 @@ public final class PolicyDatabase: @unchecked Sendable {
             guard let slot = s.slot(index: index, direction: direction),
                 s.slots[Int(slot)].policy?.generation == generation
             else { throw .notFound }
+            defer { self.publishCounts(s) }
             return s.remove(slot: slot)
         }
     }
@@ -113,12 +118,25 @@ public final class PolicyDatabase: @unchecked Sendable {
             for slot in s.slotsInListOrder() where predicate(s.slots[Int(slot)].policy!) {
                 removed.append(s.remove(slot: slot))
             }
+            self.publishCounts(s)
             return removed
         }
     }
 
+    /// Policies in `direction`, read without the lock (the input path asks per packet, ≈ policy_count[dir]).
+    @inline(__always)
     public func count(_ direction: PolicyDirection) -> Int {
-        self.state.withLock { s in s.dense[Int(direction.rawValue)].count }
+        Int((self.counts.load(ordering: .acquiring) >> (21 * UInt64(direction.rawValue))) & 0x1f_ffff)
+    }
+
+    /// Per-direction counts packed 21 bits each (saturating at 2^21 − 1: only zero/non-zero matters on the
+    /// data path), published after every change under the lock.
+    private let counts = Atomic<UInt64>(0)
+
+    private func publishCounts(_ s: borrowing SPDState) {
+        var packed: UInt64 = 0
+        for d in 0..<3 { packed |= UInt64(min(s.dense[d].count, 0x1f_ffff)) << (21 * UInt64(d)) }
+        self.counts.store(packed, ordering: .releasing)
     }
 
     public var totalCount: Int {

@@ -96,12 +96,9 @@ public final class XFRMStack: @unchecked Sendable {
     public static let acquireExpirySeconds: UInt64 = 30  // xfrm_acq_expires
     public static let policySoftRepeatSeconds: UInt64 = 30  // XFRM_KM_TIMEOUT
 
-    private struct Defaults {
-        var inbound = DefaultPolicyAction.accept
-        var forward = DefaultPolicyAction.accept
-        var outbound = DefaultPolicyAction.accept
-    }
-    private let defaults = Mutex(Defaults())
+    /// The default action per direction, one byte each (DefaultPolicyAction raw values), read per packet
+    /// without a lock (≈ net->xfrm.policy_default[]).
+    private let defaults = Atomic<UInt32>(0x02_02_02)  // accept (2) in all three directions
     private let acquireSequence = Atomic<UInt32>(0)
     private let ipIdentification = Atomic<UInt16>(0)
     /// Last POLEXPIRE hard=0 time per policy index (soft expiry repeats every 30 s).
@@ -135,23 +132,20 @@ public final class XFRMStack: @unchecked Sendable {
     public func setDefault(_ action: DefaultPolicyAction, for direction: PolicyDirection) {
         self.configurationChanged()  // cached plain-route decisions depend on the default
         defer { self.configurationChanged() }
-        self.defaults.withLock { d in
-            switch direction {
-            case .inbound: d.inbound = action
-            case .forward: d.forward = action
-            case .outbound: d.outbound = action
-            }
+        let shift = 8 * UInt32(direction.rawValue)
+        var old = self.defaults.load(ordering: .relaxed)
+        while true {
+            let new = old & ~(0xff << shift) | UInt32(action.rawValue) << shift
+            let (done, now) = self.defaults.compareExchange(expected: old, desired: new, ordering: .acquiringAndReleasing)
+            if done { break }
+            old = now
         }
     }
 
+    @inline(__always)
     public func defaultAction(_ direction: PolicyDirection) -> DefaultPolicyAction {
-        self.defaults.withLock { d in
-            switch direction {
-            case .inbound: d.inbound
-            case .forward: d.forward
-            case .outbound: d.outbound
-            }
-        }
+        let byte = UInt8(truncatingIfNeeded: self.defaults.load(ordering: .acquiring) >> (8 * UInt32(direction.rawValue)))
+        return DefaultPolicyAction(rawValue: byte) ?? .accept
     }
 
     // MARK: - Control plane
@@ -760,8 +754,12 @@ public final class XFRMStack: @unchecked Sendable {
         }
         // A packet for another host is transit traffic whatever it carries (ESP, NAT-T, IKE, fragments): it goes
         // straight to the forward policy check, never to our SAD or NAT-T demux.
-        if !cryptoDone, let dst = Self.destination(of: packet), !self.network.isLocal(dst) {
-            return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now)
+        // The outer destination's local interface, looked up once: it also serves the policy check of a packet
+        // that turns out not to be ESP (its destination is the same).
+        let outerLocal = Self.destination(of: packet).map { self.network.localInterface(owning: $0) }
+        if !cryptoDone, let outerLocal, outerLocal == nil {
+            return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now,
+                                    localIfindex: .some(nil))
         }
         while true {
             switch ESPClassification.classify(&packet) {
@@ -771,7 +769,8 @@ public final class XFRMStack: @unchecked Sendable {
                 self.statistics.count(reason)
                 return .dropped(reason == .nattKeepalive ? nil : XfrmStatCounter(reason))
             case .notESP:
-                return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now)
+                return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now,
+                                        localIfindex: secpath.count == 0 ? outerLocal : nil)
             case .esp(let info):
                 let id = SAID(destination: info.destination, spi: info.spi, proto: IPProtocolNumber.esp)
                 guard let sa = self.states.lookup(id, mark: mark), let transform = sa.transform else {
@@ -842,8 +841,9 @@ public final class XFRMStack: @unchecked Sendable {
 
     /// ≈ __xfrm_policy_check: the packet (after any decapsulation) must have come through the SAs its IN or FWD
     /// policy requires, and every one of those SAs must cover the inner flow with its selector.
+    /// `localIfindex`, when known (.some), is the packet destination's local interface (nil: not local).
     private func policyCheck(_ packet: inout PacketBuffer, secpath: SecPath, ifindex: Int32, mark: UInt32,
-                             now: UInt64) -> InputResult {
+                             now: UInt64, localIfindex known: Int32?? = nil) -> InputResult {
         guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex) else {
             self.statistics.increment(.inHdrError)
             return .dropped(.inHdrError)
@@ -859,7 +859,7 @@ public final class XFRMStack: @unchecked Sendable {
         }
         // ≈ decode_session's flowi_oif from skb_dst: a selector's `dev` is the device of the local route (the one
         // holding the address) for local traffic and the route's output device for forwarded traffic.
-        let localIfindex = self.network.localInterface(owning: flow.destination)
+        let localIfindex = known ?? self.network.localInterface(owning: flow.destination)
         let local = localIfindex != nil
         flow.ifindex = localIfindex ?? self.network.egress(to: flow.destination)?.ifindex ?? 0
         let direction: PolicyDirection = local ? .inbound : .forward

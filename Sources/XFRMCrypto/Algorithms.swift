@@ -1,7 +1,45 @@
 /// An invalid algorithm, key or ICV choice, with a message naming the algorithm and the sizes it accepts.
 public struct AlgorithmError: Error, CustomStringConvertible, Equatable {
+    /// Which kernel refusal this corresponds to, so the user API can answer with the kernel's errno and extack
+    /// text while tools print `description`, which names what was wrong in detail.
+    public enum Kind: Sendable, Equatable {
+        /// xfrm_aead_get_byname found no algorithm with this name and ICV length.
+        case aeadNotFound
+        /// No encryption / integrity algorithm of this name.
+        case cryptNotFound
+        case authNotFound
+        /// A truncation beyond the digest.
+        case truncationTooLong
+        /// The key does not fit the cipher (the kernel's crypto layer refuses it when keying).
+        case aeadKey
+        case cipherKey
+        /// swift-xfrm's own refusals (no kernel counterpart): EINVAL with `description`.
+        case other
+    }
+
+    public let kind: Kind
     public let description: String
-    public init(_ description: String) { self.description = description }
+    public init(_ description: String, kind: Kind = .other) {
+        self.description = description
+        self.kind = kind
+    }
+
+    /// Errors are equal when they say the same thing.
+    public static func == (a: AlgorithmError, b: AlgorithmError) -> Bool { a.description == b.description }
+
+    /// The errno and extack text the kernel's user API answers this refusal with ("" = no extack: iproute2 then
+    /// prints "RTNETLINK answers: ..."); swift-xfrm's own refusals give EINVAL and `description`.
+    public var kernelAnswer: (errno: Int32, message: String) {
+        switch self.kind {
+        case .aeadNotFound: (38, "Requested AEAD algorithm not found")  // ENOSYS, attach_aead
+        case .cryptNotFound: (38, "Requested CRYPT algorithm not found")  // ENOSYS, attach_one_algo
+        case .authNotFound: (38, "Requested AUTH_TRUNC algorithm not found")  // ENOSYS, attach_auth_trunc
+        case .truncationTooLong: (22, "Invalid length requested for truncated ICV")
+        case .aeadKey: (22, "Kernel was unable to initialize cryptographic operations")  // esp_init_aead
+        case .cipherKey: (22, "")  // esp_init_authenc: crypto_aead_setkey's EINVAL, no extack
+        case .other: (22, self.description)
+        }
+    }
 }
 
 /// Combined-mode algorithms (≈ the kernel's aead entries in xfrm_algo.c; `ip xfrm state ... aead NAME KEY ICV`).
@@ -148,15 +186,17 @@ public enum ESPCryptoSpec: Sendable {
     public static func aead(name: String, key: [UInt8], icvBits: Int) throws(AlgorithmError) -> ESPCryptoSpec {
         guard let alg = AEADAlgorithm(name: name) else {
             let known = AEADAlgorithm.allCases.map(\.name).joined(separator: ", ")
-            throw AlgorithmError("unknown AEAD algorithm \"\(name)\" (supported: \(known))")
+            throw AlgorithmError("unknown AEAD algorithm \"\(name)\" (supported: \(known))", kind: .aeadNotFound)
+        }
+        // The kernel finds the algorithm by name and ICV length first, and keys it later.
+        guard alg.icvBits.contains(icvBits) else {
+            throw AlgorithmError("\(alg.name): ICV length must be \(list(alg.icvBits)) bits, got \(icvBits)",
+                                 kind: .aeadNotFound)
         }
         guard alg.keyBits.contains(key.count * 8) else {
             throw AlgorithmError(
                 "\(alg.name): key must be \(list(alg.keyBits)) bits (the cipher key followed by a 32-bit salt), "
-                    + "got \(key.count * 8)")
-        }
-        guard alg.icvBits.contains(icvBits) else {
-            throw AlgorithmError("\(alg.name): ICV length must be \(list(alg.icvBits)) bits, got \(icvBits)")
+                    + "got \(key.count * 8)", kind: .aeadKey)
         }
         return .aead(alg, key: SecretKey(key), icvBits: icvBits)
     }
@@ -166,22 +206,36 @@ public enum ESPCryptoSpec: Sendable {
     public static func cipher(
         name: String, key: [UInt8], authName: String?, authKey: [UInt8], truncationBits: Int?
     ) throws(AlgorithmError) -> ESPCryptoSpec {
+        // In the kernel's order: names and the truncation when the algorithms are attached, keys when ESP is
+        // initialized.
         guard let alg = CipherAlgorithm(name: name) else {
-            throw AlgorithmError("unknown encryption algorithm \"\(name)\" (supported: cbc(aes), ecb(cipher_null))")
+            throw AlgorithmError("unknown encryption algorithm \"\(name)\" (supported: cbc(aes), ecb(cipher_null))",
+                                 kind: .cryptNotFound)
+        }
+        var authAlg: AuthAlgorithm? = nil
+        if let authName {
+            guard let a = AuthAlgorithm(name: authName) else {
+                let known = AuthAlgorithm.allCases.map(\.name).joined(separator: ", ")
+                throw AlgorithmError("unknown authentication algorithm \"\(authName)\" (supported: \(known))",
+                                     kind: .authNotFound)
+            }
+            if let t = truncationBits, t > a.digestBits {
+                throw AlgorithmError("\(a.name): truncation length must be at most \(a.digestBits) bits, got \(t)",
+                                     kind: .truncationTooLong)
+            }
+            authAlg = a
         }
         guard alg.keyBits.contains(key.count * 8) else {
-            throw AlgorithmError("\(alg.name): key must be \(list(alg.keyBits)) bits, got \(key.count * 8)")
+            throw AlgorithmError("\(alg.name): key must be \(list(alg.keyBits)) bits, got \(key.count * 8)",
+                                 kind: .cipherKey)
         }
-        guard let authName else {
+        guard let authName, let auth = authAlg else {
             guard alg != .null else {
                 throw AlgorithmError("ecb(cipher_null): an integrity algorithm is required with null encryption")
             }
             return .cipher(alg, key: SecretKey(key), auth: nil, authKey: nil, truncationBits: 0)
         }
-        guard let auth = AuthAlgorithm(name: authName) else {
-            let known = AuthAlgorithm.allCases.map(\.name).joined(separator: ", ")
-            throw AlgorithmError("unknown authentication algorithm \"\(authName)\" (supported: \(known))")
-        }
+        _ = authName
         guard auth.keyBits.contains(authKey.count * 8) else {
             throw AlgorithmError("\(auth.name): key must be \(list(auth.keyBits)) bits, got \(authKey.count * 8)")
         }

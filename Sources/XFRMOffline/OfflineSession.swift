@@ -14,7 +14,16 @@ import XFRMWire
 /// An error in a batch line, worded for the user.
 public struct SessionError: Error, CustomStringConvertible {
     public let description: String
-    public init(_ d: String) { self.description = d }
+    /// The process exit status.
+    public let exitStatus: Int32
+    /// True for `ip xfrm` errors: iproute2's xfrm code exits at once, so a batch ends without its
+    /// "Command failed FILE:LINE" line.
+    public let exitsAtOnce: Bool
+    public init(_ d: String, exitStatus: Int32 = 1, exitsAtOnce: Bool = false) {
+        self.description = d
+        self.exitStatus = exitStatus
+        self.exitsAtOnce = exitsAtOnce
+    }
 }
 
 /// Resolves interface names for the command layer from the stack's network model.
@@ -104,7 +113,7 @@ public final class OfflineSession {
                 out = try runXfrmCommand(args, options: self.options, transport: self.server, interfaces: self.names)
             } catch {
                 out = self.drainEvents()
-                throw SessionError(out + error.description)
+                throw SessionError(out + error.description, exitStatus: error.exitStatus, exitsAtOnce: true)
             }
         case "monitor":
             guard args.count == 1 || (args.count == 2 && args[1] == "all") else {
@@ -174,6 +183,8 @@ public final class OfflineSession {
             if words.isEmpty { continue }
             do throws(SessionError) {
                 out += try self.run(words)
+            } catch where error.exitsAtOnce {
+                throw SessionError(out + error.description, exitStatus: error.exitStatus, exitsAtOnce: true)
             } catch {
                 throw SessionError(out + error.description + "\nCommand failed \(path):\(c.line)")
             }

@@ -96,5 +96,6 @@ do throws(SessionError) {
         fail("Usage: xfrm [ -s ] { -batch FILE | OBJECT COMMAND... }; try \"xfrm -help\".")
     }
 } catch {
-    fail(error.description)
+    FileHandle.standardError.write((error.description + "\n").data(using: .utf8)!)
+    exit(error.exitStatus)
 }

@@ -42,10 +42,17 @@ def test_unterminated_quote_stops_the_batch_without_a_command_failed_line(tmp_pa
 
 
 def test_errors_name_the_last_physical_line_of_a_continued_command(tmp_path, xfrm):
-    rc, out, err = run(tmp_path, xfrm, "state count\nstate add src 192.0.2.1 \\\n  dst 192.0.2.2 proto esp spi 1 \\\n"
-                       "  bogus\n", check=False)
-    assert rc != 0
-    assert err.strip().splitlines()[-1] == "Command failed b:4", err
+    rc, out, err = run(tmp_path, xfrm, "state count\nlink add eth0 \\\n  type dummy\nlink add \\\n  eth0 \\\n"
+                       "  type dummy\n", check=False)
+    assert rc == 1
+    assert err.strip().splitlines()[-1] == "Command failed b:6", err
+
+
+def test_an_xfrm_argument_error_exits_255_at_once_as_ip_xfrm_does(tmp_path, xfrm):
+    rc, out, err = run(tmp_path, xfrm, "state add src 192.0.2.1 \\\n  dst 192.0.2.2 proto esp spi 1 bogus\n"
+                       "state count\n", check=False)
+    assert rc == 255
+    assert "Command failed" not in err and out == "", err
 
 
 def test_a_missing_continuation_line_ends_the_batch_and_is_reported(tmp_path, xfrm):

@@ -140,6 +140,8 @@ def _algos(r: random.Random, tags: set[str]) -> list[str]:
             if r.random() < 0.05:
                 tags.add("bad-algo")
                 t = r.choice([64, 1024])
+                if t < 96:
+                    tags.add("auth-trunc-short")
             w += ["auth-trunc", aname, _hex(r, ak), str(t)]
         if r.random() < 0.5:  # the two halves in either order
             w = w[3:] + w[:3]

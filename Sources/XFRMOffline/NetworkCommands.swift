@@ -46,6 +46,7 @@ enum NetworkCommands {
             var modes: Set<OffloadType> = [.crypto, .packet]
             var peer: SimulatedNIC? = nil
             var forward = false
+            var algorithms = NICAlgorithms.all
             func value(_ what: String) throws(NetworkError) -> String {
                 guard i + 1 < a.count else { throw NetworkError(22, "Error: argument of \"\(what)\" is missing.") }
                 return a[i + 1]
@@ -77,6 +78,12 @@ enum NetworkCommands {
                         throw NetworkError(19, "Cannot find device \"\(spec)\"")
                     }
                     peer = nic
+                case "algos" where kind == "simnic":
+                    guard let parsed = NICAlgorithms(parsing: try value("algos")) else {
+                        throw NetworkError(22, "Error: argument \"\(a[i + 1])\" is wrong: algos is a comma-separated "
+                                           + "list of rfc4106-ICV, rfc7539esp-128, rfc4543-128 and cbc")
+                    }
+                    algorithms = parsed
                 case "fwd-offload" where kind == "simnic":
                     forward = true
                     step = 1
@@ -92,7 +99,7 @@ enum NetworkCommands {
             case "simnic":
                 do throws(HostError) {
                     try host.addSimulatedNIC(name: name, mtu: mtu, saCapacity: capacity, modes: modes, peer: peer,
-                                             supportsForwardPolicies: forward)
+                                             supportsForwardPolicies: forward, algorithms: algorithms)
                 } catch {
                     throw NetworkError(22, error.description)
                 }
@@ -166,7 +173,8 @@ enum NetworkCommands {
                 out += "    link/ether \(mac) brd ff:ff:ff:ff:ff:ff\n"
             }
             if let nic = host.nic(ifindex: i.index) {
-                out += "    simnic offload \(nic.supportedTypes.map(\.name).sorted().joined(separator: ","))\n"
+                out += "    simnic offload \(nic.supportedTypes.map(\.name).sorted().joined(separator: ","))"
+                    + (nic.algorithms == .all ? "" : " algos \(nic.algorithms)") + "\n"
                 if stats {
                     for line in nic.debugDescription.split(separator: "\n") { out += "    \(line)\n" }
                 }

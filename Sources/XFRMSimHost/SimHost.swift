@@ -58,7 +58,9 @@ public final class SimHost: @unchecked Sendable {
     @discardableResult
     public func addSimulatedNIC(name: String, mtu: Int = 1500, saCapacity: Int = 33, modes: Set<OffloadType>,
                                 peer: SimulatedNIC? = nil, supportsForwardPolicies: Bool = false,
-                                engineThreads: Int = 1) throws(HostError) -> SimulatedNIC {
+                                algorithms: NICAlgorithms = .all, engineThreads: Int = 1) throws(HostError)
+        -> SimulatedNIC
+    {
         let iface: Interface
         do throws(NetworkError) {
             iface = try self.stack.network.addInterface(name: name, kind: "simnic", mtu: mtu)
@@ -66,7 +68,7 @@ public final class SimHost: @unchecked Sendable {
             throw HostError(error.message)
         }
         let nic = SimulatedNIC(name: name, ifindex: iface.index, modes: modes, saCapacity: saCapacity, mtu: mtu,
-                               supportsForwardPolicies: supportsForwardPolicies, pool: self.pool,
+                               supportsForwardPolicies: supportsForwardPolicies, algorithms: algorithms, pool: self.pool,
                                engineThreads: engineThreads)
         do throws(DeviceError) {
             try self.stack.attachDevice(nic, ifindex: iface.index)

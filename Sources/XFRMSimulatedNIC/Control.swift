@@ -76,10 +76,13 @@ extension NICCore {
         guard c.tfcPad == 0 else {
             throw DeviceError(EINVAL, "TFC padding can't be offloaded")
         }
+        if let crypto = c.crypto, let refusal = self.algorithms.refusal(crypto) {
+            throw DeviceError(EINVAL, refusal)  // as mlx5: EINVAL, so crypto offload fails too (no fallback)
+        }
         if let crypto = c.crypto {
             switch crypto {
             case .aead:
-                break  // AES-GCM, ChaCha20-Poly1305, AES-GMAC: all in silicon
+                break  // with the permissive default: AES-GCM, ChaCha20-Poly1305, AES-GMAC all in silicon
             case .cipher(let enc, _, let auth, _, _):
                 guard enc == .aesCBC else {
                     throw DeviceError(EINVAL, "Cannot offload xfrm states with null encryption")

@@ -114,6 +114,8 @@ final class NICCore: @unchecked Sendable {
     /// Link state: a device that is down neither sends nor receives (it fails closed).
     let linkUp = Atomic<Bool>(true)
     let supportsForwardPolicies: Bool
+    /// The algorithms the device offloads.
+    let algorithms: NICAlgorithms
     let pool: PacketPool
     let counters = CounterSet()
     let tables: Mutex<Tables>
@@ -133,7 +135,8 @@ final class NICCore: @unchecked Sendable {
     static let batch = 32
 
     init(name: String, ifindex: Int32, modes: Set<OffloadType>, saCapacity: Int, policyCapacity: Int, mtu: Int,
-         supportsForwardPolicies: Bool, pool: PacketPool, queueDepth: Int) {
+         supportsForwardPolicies: Bool, algorithms: NICAlgorithms = .all, pool: PacketPool, queueDepth: Int) {
+        self.algorithms = algorithms
         precondition(saCapacity > 0 && policyCapacity > 0 && queueDepth > 0, "capacities must be positive")
         self.name = name
         self.ifindex = ifindex

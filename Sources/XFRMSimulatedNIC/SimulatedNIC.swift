@@ -33,10 +33,11 @@ public final class SimulatedNIC: XfrmOffloadDevice, CustomDebugStringConvertible
     ///   - queueDepth: packets each queue holds before it drops.
     public init(name: String, ifindex: Int32, modes: Set<OffloadType>, saCapacity: Int = 33,
                 policyCapacity: Int = 64, mtu: Int = 1500, supportsForwardPolicies: Bool = false,
-                pool: PacketPool, engineThreads: Int = 1, queueDepth: Int = 1024) {
+                algorithms: NICAlgorithms = .all, pool: PacketPool, engineThreads: Int = 1, queueDepth: Int = 1024) {
         self.core = NICCore(
             name: name, ifindex: ifindex, modes: modes, saCapacity: saCapacity, policyCapacity: policyCapacity,
-            mtu: mtu, supportsForwardPolicies: supportsForwardPolicies, pool: pool, queueDepth: queueDepth)
+            mtu: mtu, supportsForwardPolicies: supportsForwardPolicies, algorithms: algorithms, pool: pool,
+            queueDepth: queueDepth)
         self.ifindex = ifindex
         self.saCapacity = saCapacity
         self.policyCapacity = policyCapacity
@@ -53,6 +54,8 @@ public final class SimulatedNIC: XfrmOffloadDevice, CustomDebugStringConvertible
 
     public var name: String { self.core.name }
     public var modes: Set<OffloadType> { self.core.modes }
+    /// The algorithms the device offloads (`algos`).
+    public var algorithms: NICAlgorithms { self.core.algorithms }
     public var features: DeviceFeatures { [.hwESP, .hwESPTxChecksum] }
     public var callbacks: DeviceCallbacks {
         [.stateAdd, .stateDelete, .stateFree, .offloadOK, .advanceESN, .updateStats, .policyAdd, .policyDelete,

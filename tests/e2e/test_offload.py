@@ -304,3 +304,39 @@ def test_state_update_with_new_limits_reaches_the_device(tmp_path, xfrm):
     write_raw_pcap(tmp_path / "eight.pcap", inner(n=8))
     _, out, _ = xfrm("pcap", "--batch", "setup2", "--then", "then", "--output-path", "eight.pcap", "o2.pcap")
     assert len(read_raw_pcap(tmp_path / "o2.pcap")) == 8, "the device enforces the raised hard limit, not the old one"
+
+
+@pytest.mark.parametrize("algo,ok,message", [
+    ("aead rfc4106(gcm(aes)) 0x" + "11" * 20 + " 128", True, ""),
+    ("aead rfc4106(gcm(aes)) 0x" + "11" * 36 + " 128", True, ""),
+    ("aead rfc4106(gcm(aes)) 0x" + "11" * 20 + " 64", False, "AEAD ICV length other than 128bit"),
+    ("aead rfc4106(gcm(aes)) 0x" + "11" * 28 + " 128", False, "AEAD key length other than 128/256 bit"),
+    ("aead rfc7539esp(chacha20,poly1305) 0x" + "11" * 36 + " 128", False, "AEAD algorithm"),
+    ("enc cbc(aes) 0x" + "11" * 16 + " auth-trunc hmac(sha256) 0x" + "22" * 32 + " 128", False, "without aead"),
+])
+@pytest.mark.parametrize("mode", ["crypto", "packet"])
+def test_a_connectx_like_nic_offloads_only_its_algorithms_and_refuses_the_rest_with_einval(tmp_path, xfrm, algo,
+                                                                                          ok, message, mode):
+    """`algos rfc4106-128`: what mlx5 takes; anything else is EINVAL, which fails crypto offload too (the kernel
+    falls back to software only on EOPNOTSUPP, xfrm_dev_state_add)."""
+    base = "link add sim0 type simnic offload both algos rfc4106-128\nlink set sim0 up\naddr add 192.0.2.1/24 dev sim0\n"
+    line = (f"state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x10 reqid 7 mode tunnel {algo} "
+            f"offload {mode} dev sim0 dir out")
+    rc, out, err = run_batch(tmp_path, xfrm, base + line + "\nlink show -s sim0\nstate count\n")
+    if ok:
+        assert rc == 0, err
+        assert "algos rfc4106-128" in out and "SA count=1" in out, out
+    else:
+        assert rc == 2, (out, err)
+        assert message in err, err
+        rc, out, err = run_batch(tmp_path, xfrm, base + "state count\nlink show -s sim0\n")
+        assert "SAD count 0" in out and "SA count=0" in out
+
+
+def test_the_default_simnic_takes_every_algorithm(tmp_path, xfrm):
+    base = "link add sim0 type simnic offload both\nlink set sim0 up\naddr add 192.0.2.1/24 dev sim0\n"
+    line = ("state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x10 reqid 7 mode tunnel "
+            "aead rfc7539esp(chacha20,poly1305) 0x" + "11" * 36 + " 128 offload crypto dev sim0 dir out")
+    rc, out, err = run_batch(tmp_path, xfrm, base + line + "\nlink show -s sim0\n")
+    assert rc == 0, err
+    assert "SA count=1" in out and "algos" not in out

@@ -120,6 +120,8 @@ final class NICCore: @unchecked Sendable {
     let counters = CounterSet()
     let tables: Mutex<Tables>
     let calls = Mutex(CallRecord())
+    /// offload_ok calls (a per-packet callback, so counted apart from `calls`).
+    let offloadOKCalls = Atomic<Int>(0)
     let hooks = Mutex(Hooks())
 
     // Queue state, guarded by `sync`.

@@ -169,7 +169,11 @@ public final class SimulatedNIC: XfrmOffloadDevice, CustomDebugStringConvertible
     // MARK: - Inspection
 
     /// How many times the core called each callback.
-    public var callCounts: DeviceCallCounts { self.core.calls.withLock { $0.counts } }
+    public var callCounts: DeviceCallCounts {
+        var c = self.core.calls.withLock { $0.counts }
+        c.offloadOK = self.core.offloadOKCalls.load(ordering: .relaxed)
+        return c
+    }
     /// The callbacks in the order the core made them (`offloadOK` excluded; the last few thousand).
     public var callLog: [DeviceCall] { self.core.calls.withLock { $0.log } }
 

@@ -150,8 +150,10 @@ public final class OfflineSession {
 
     /// Prints (when monitoring) the events published since the last call, in `ip xfrm monitor` format.
     public func drainEvents() -> String {
-        let events = self.subscription.drain()
+        let (events, lost) = self.subscription.drainReportingLoss()
         guard self.monitoring else { return "" }
+        // A monitor that could not keep up hears of it, as `ip xfrm monitor` does when its socket overruns.
+        if lost > 0 { self.warnings.append("netlink receive error No buffer space available (105)") }
         var out = ""
         for e in events {
             if let m = self.server.message(for: e) {

@@ -27,6 +27,7 @@ let package = Package(
         .target(name: "XFRMCrypto", dependencies: ["CXFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMESP", dependencies: ["XFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMWire", dependencies: ["XFRMPacket"]),
+        .target(name: "XFRMKernel", dependencies: ["XFRMWire", "XFRMCommandLine"]),
         .target(name: "XFRMCommandLine", dependencies: ["XFRMWire", "XFRMPacket"]),
         .target(name: "XFRMCore", dependencies: ["XFRMESP", "XFRMPacket"]),
         .target(name: "XFRMControl", dependencies: ["XFRMCore", "XFRMWire", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
@@ -41,7 +42,8 @@ let package = Package(
                 "XFRMCommandLine", "XFRMControl", "XFRMCore", "XFRMESP", "XFRMPacket", "XFRMWire", "XFRMSimHost",
                 "XFRMSimulatedNIC",
             ]),
-        .executableTarget(name: "xfrm", dependencies: ["XFRMOffline", "XFRMCommandLine", "XFRMBenchmarks"]),
+        .executableTarget(
+            name: "xfrm", dependencies: ["XFRMOffline", "XFRMCommandLine", "XFRMBenchmarks", "XFRMKernel", "XFRMWire"]),
         .executableTarget(name: "esp-tool", dependencies: ["XFRMESP"]),
         .target(name: "CMallocCounter"),
         .executableTarget(

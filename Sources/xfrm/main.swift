@@ -6,11 +6,14 @@
 //   xfrm [-s] [--offline] COMMAND...                        one command
 //   xfrm [-s] pcap --batch SETUP [--then AFTER] (--output-path | --input-path [--dev NAME]) IN.pcap OUT.pcap
 //   xfrm demo                                               two simulated hosts, every offload mode, no root
+//   xfrm [-s] --kernel { state | policy | monitor } ...     the Linux kernel's XFRM over NETLINK_XFRM, same encoder
 
 import Foundation
 import XFRMBenchmarks
 import XFRMCommandLine
+import XFRMKernel
 import XFRMOffline
+import XFRMWire
 
 func fail(_ message: String) -> Never {
     FileHandle.standardError.write((message + "\n").data(using: .utf8)!)
@@ -20,11 +23,13 @@ func fail(_ message: String) -> Never {
 var args = Array(CommandLine.arguments.dropFirst())
 var options = XfrmCLIOptions()
 var batch: String? = nil
+var kernel = false
 while let a = args.first, a.hasPrefix("-") {
     args.removeFirst()
     switch a {
     case "-s", "-stats", "-statistics", "--stats": options.stats += 1
     case "--offline", "-offline": break
+    case "--kernel", "-kernel": kernel = true
     case "-b", "-batch", "--batch":
         guard let f = args.first else { fail("Option \"\(a)\" requires an argument") }
         batch = f
@@ -32,11 +37,45 @@ while let a = args.first, a.hasPrefix("-") {
     case "-h", "-help", "--help":
         print("""
             Usage: xfrm [ -s ] [ --offline ] { -batch FILE | OBJECT COMMAND... }
+                   xfrm [ -s ] --kernel { state | policy | monitor } ...   (the Linux kernel, over NETLINK_XFRM)
                    xfrm [ -s ] pcap --batch SETUP [ --then AFTER ] { --output-path | --input-path [ --dev NAME ] } IN.pcap OUT.pcap
             where  OBJECT := { state | policy | monitor | stat | link | addr | route | clock }
             """)
         exit(0)
     default: fail("Option \"\(a)\" is unknown, try \"xfrm -help\".")
+    }
+}
+
+if kernel {
+    guard batch == nil else { fail("Error: -batch runs against the offline stack; --kernel takes one command.") }
+    args = OfflineSession.command(args)
+    let transport: KernelXfrmTransport
+    do throws(KernelNetlinkError) {
+        transport = try KernelXfrmTransport()
+    } catch {
+        fail(error.description)
+    }
+    if let object = args.first, "monitor".hasPrefix(object) {
+        // `ip xfrm monitor [all]`: every XFRM event the kernel multicasts, until interrupted.
+        do throws(KernelNetlinkError) {
+            try transport.monitor { m in
+                // Written straight to the descriptor: each event is visible at once, also through a pipe.
+                FileHandle.standardOutput.write(Data(
+                    formatMonitorEvent(m, options: options, interfaces: KernelInterfaceNames()).utf8))
+                return true
+            }
+        } catch {
+            fail(error.description)
+        }
+        exit(0)
+    }
+    do throws(CommandError) {
+        print(try runXfrmCommand(args, options: options, transport: transport, interfaces: KernelInterfaceNames()),
+              terminator: "")
+        exit(0)
+    } catch {
+        FileHandle.standardError.write((error.description + "\n").data(using: .utf8)!)
+        exit(error.exitStatus)
     }
 }
 

@@ -466,7 +466,7 @@ public final class XfrmControlServer: XfrmTransport {
             let c = sa.config
             var attrs: [XfrmAttribute] = []
             if c.mark.value != 0 || c.mark.mask != 0 { attrs.append(.mark(XfrmMark(value: c.mark.value, mask: c.mark.mask))) }
-            if c.ifID != 0 { attrs.append(.ifID(c.ifID)) }
+            if sa.ifID != 0 { attrs.append(.ifID(sa.ifID)) }
             if let d = c.direction { attrs.append(.saDir(d.rawValue)) }
             return XfrmMessage(type: XfrmMessageType.expire.rawValue, flags: 0, body: .expire(sa.wireInfo, hard: hard),
                                attributes: attrs)

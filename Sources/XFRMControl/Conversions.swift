@@ -209,7 +209,7 @@ extension SecurityAssociation {
         }
         if c.tfcPad != 0 { attrs.append(.tfcPad(c.tfcPad)) }
         if c.mark.value != 0 || c.mark.mask != 0 { attrs.append(.mark(XfrmMark(value: c.mark.value, mask: c.mark.mask))) }
-        if let m = c.outputMark, m.value != 0 || m.mask != 0 {  // ≈ xfrm_smark_put
+        if let m = self.outputMark, m.value != 0 || m.mask != 0 {  // ≈ xfrm_smark_put
             attrs.append(.unknown(type: XfrmAttributeType.setMark.rawValue, payload: leU32(m.value)))
             attrs.append(.unknown(type: XfrmAttributeType.setMarkMask.rawValue, payload: leU32(m.mask)))
         }
@@ -220,7 +220,7 @@ extension SecurityAssociation {
             if o.type == .packet { flags |= XfrmOffloadFlag.packet }
             attrs.append(.offloadDevice(XfrmUserOffload(ifindex: o.ifindex, flags: flags)))
         }
-        if c.ifID != 0 { attrs.append(.ifID(c.ifID)) }
+        if self.ifID != 0 { attrs.append(.ifID(self.ifID)) }
         if let d = c.direction { attrs.append(.saDir(d.rawValue)) }
         return attrs
     }

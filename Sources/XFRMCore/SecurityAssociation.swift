@@ -156,12 +156,16 @@ public final class SecurityAssociation: @unchecked Sendable {
         var softReported = false
         /// NAT-T ports as updated (≈ x->encap); nil without UDP encapsulation.
         var encapsulation: NATTEncapsulation?
+        /// The output mark as configured or updated (≈ x->props.smark).
+        var outputMark: Mark?
         /// The device binding, while the SA is offloaded (≈ xso).
         var offload: StateOffload?
         /// The device's counters at the last sync, to fold only the increments into the global counters.
         var lastDeviceCounters = DeviceSACounters()
     }
     private let mutable: Mutex<Mutable>
+    /// The if_id, read per packet without a lock; `update` may set it (≈ xfrm_state_update's if_id copy).
+    private let ifIDValue: Atomic<UInt32>
     /// Insertion order in the SAD (newer SAs are preferred among equals, and dumps list newest first).
     public internal(set) var generation: UInt64 = 0
 
@@ -191,6 +195,8 @@ public final class SecurityAssociation: @unchecked Sendable {
         }
         var m = Mutable(state: config.crypto == nil ? .acquiring : .valid, lifetime: config.lifetime)
         m.encapsulation = config.encapsulation
+        m.outputMark = config.outputMark
+        self.ifIDValue = Atomic(config.ifID)
         m.current.addTime = addTime
         self.mutable = Mutex(m)
     }
@@ -310,8 +316,13 @@ public final class SecurityAssociation: @unchecked Sendable {
     /// ≈ xfrm_state_update on a valid SA: new limits and NAT-T ports (the caller checked that the encapsulation's
     /// presence and type are unchanged), not dying any more; then, if the SA was used, the new limits are checked
     /// at once (xfrm_state_check_expire): lowering a hard limit below the current count expires it now.
-    func update(lifetime l: LifetimeConfig, encapsulation: NATTEncapsulation?) -> ExpiryCheck {
-        self.mutable.withLock { m in
+    func update(lifetime l: LifetimeConfig, encapsulation: NATTEncapsulation?, outputMark: Mark?, ifID: UInt32)
+        -> ExpiryCheck
+    {
+        // As the kernel: a given output mark and a non-zero if_id replace the SA's.
+        if ifID != 0 { self.ifIDValue.store(ifID, ordering: .releasing) }
+        return self.mutable.withLock { m in
+            if let o = outputMark, o.value != 0 || o.mask != 0 { m.outputMark = o }
             m.lifetime = l
             m.dying = false
             m.softReported = false
@@ -332,6 +343,13 @@ public final class SecurityAssociation: @unchecked Sendable {
             return .ok
         }
     }
+
+    /// The SA's if_id (the configured one, or what an update set).
+    @inline(__always)
+    public var ifID: UInt32 { self.ifIDValue.load(ordering: .acquiring) }
+
+    /// The output mark (`output-mark`), as configured or updated.
+    public var outputMark: Mark? { self.mutable.withLock { $0.outputMark } }
 
     /// The NAT-T encapsulation in use (the configured one, with ports an update may have changed).
     public var encapsulation: NATTEncapsulation? { self.mutable.withLock { $0.encapsulation } }

@@ -222,7 +222,7 @@ public final class StateDatabase: @unchecked Sendable {
                     sa.config.reqid == template.reqid,
                     sa.config.mode == wantMode,
                     template.spi == 0 || sa.config.id.spi == template.spi,
-                    sa.config.direction != .inbound, sa.config.mark.matches(policyMark), sa.config.ifID == ifID
+                    sa.config.direction != .inbound, sa.config.mark.matches(policyMark), sa.ifID == ifID
                 else { continue }
                 let v = sa.resolutionView
                 // A packet-offload policy resolves only to packet-offload SAs on its device; a software policy

@@ -193,7 +193,10 @@ public final class XFRMStack: @unchecked Sendable {
         if kept === sa && old !== sa { self.releaseFromDevice(old) }
         if kept !== sa && replacing { self.releaseFromDevice(sa) }
         var check = SecurityAssociation.ExpiryCheck.ok
-        if kept !== sa { check = kept.update(lifetime: sa.config.lifetime, encapsulation: sa.config.encapsulation) }
+        if kept !== sa {
+            check = kept.update(lifetime: sa.config.lifetime, encapsulation: sa.config.encapsulation,
+                                outputMark: sa.config.outputMark, ifID: sa.config.ifID)
+        }
         self.configurationChanged()
         self.events.publish(.stateAdded(kept, update: true))
         switch check {
@@ -700,7 +703,6 @@ public final class XFRMStack: @unchecked Sendable {
     /// ACQUIRE (km_query fails), no larval SA is left behind.
     private func acquire(_ template: Template, flow: Flow, policy: Policy, source: IPAddress, destination: IPAddress,
                          offload: StateOffload? = nil) {
-        guard self.events.hasAcquireListeners else { return }
         let seq = self.acquireSequence.wrappingAdd(1, ordering: .relaxed).newValue
         var lifetime = LifetimeConfig()
         lifetime.hardAddExpiresSeconds = Self.acquireExpirySeconds
@@ -726,6 +728,12 @@ public final class XFRMStack: @unchecked Sendable {
                 return
             }
             larval.setOffload(o)
+        }
+        // km_query after the device add, as xfrm_state_find orders them: with no listener the larval SA goes,
+        // from the device too.
+        guard self.events.hasAcquireListeners else {
+            self.releaseFromDevice(larval)
+            return
         }
         self.states.insertLarval(larval)
         self.events.publish(.acquire(state: larval, template: template, policy: policy))
@@ -850,18 +858,19 @@ public final class XFRMStack: @unchecked Sendable {
         }
         // The traffic's if_id is the innermost SA's (≈ xfrmi_decode_session finding the XFRM interface by
         // x->if_id); packets that came through no SA, or through SAs without an if_id, have if_id 0.
-        if secpath.count > 0 { flow.ifID = secpath[secpath.count - 1].config.ifID }
+        if secpath.count > 0 { flow.ifID = secpath[secpath.count - 1].ifID }
+        // ≈ decode_session's flowi_oif from skb_dst: a selector's `dev` is the device of the local route (the one
+        // holding the address) for local traffic and the route's output device for forwarded traffic — for the
+        // SA selectors below as for the policy lookup.
+        let localIfindex = known ?? self.network.localInterface(owning: flow.destination)
+        let local = localIfindex != nil
+        flow.ifindex = localIfindex ?? self.network.egress(to: flow.destination)?.ifindex ?? 0
         // A peer may only inject traffic its SAs' selectors allow: without this, one SA's holder could send inner
         // addresses belonging to another SA whenever the policy is wider than the SA selectors.
         for i in 0..<secpath.count where !secpath[i].config.selector.covers(flow) {
             self.statistics.increment(.inStateMismatch)
             return .dropped(.inStateMismatch)
         }
-        // ≈ decode_session's flowi_oif from skb_dst: a selector's `dev` is the device of the local route (the one
-        // holding the address) for local traffic and the route's output device for forwarded traffic.
-        let localIfindex = known ?? self.network.localInterface(owning: flow.destination)
-        let local = localIfindex != nil
-        flow.ifindex = localIfindex ?? self.network.egress(to: flow.destination)?.ifindex ?? 0
         let direction: PolicyDirection = local ? .inbound : .forward
         // ≈ __xfrm_check_nopolicy: no policy in this direction and no secpath — the default decides, no lookup.
         let policy = secpath.count == 0 && self.policies.count(direction) == 0
@@ -947,7 +956,7 @@ public final class XFRMStack: @unchecked Sendable {
     static func templateMatches(_ t: Template, _ sa: SecurityAssociation, flow: Flow) -> Bool {
         let c = sa.config
         guard c.id.proto == t.proto, t.spi == 0 || t.spi == c.id.spi, t.reqid == 0 || t.reqid == c.reqid,
-            c.mode == (t.mode == 1 ? .tunnel : .transport), flow.ifID == 0 || c.ifID == flow.ifID
+            c.mode == (t.mode == 1 ? .tunnel : .transport), flow.ifID == 0 || sa.ifID == flow.ifID
         else { return false }
         if c.mode == .tunnel {
             if let d = t.destination, d != c.id.destination { return false }

@@ -46,9 +46,14 @@ final class OpenSSLAEADCipher: ESPCipher {
 
     deinit { xfrm_aead_free(self.ctx) }
 
+    /// Drawn per SA (≈ seqiv's salt): the IV is the sequence number XOR it — unique per packet under the key (XOR
+    /// with a constant is a bijection), and a key installed again with the same starting sequence number does not
+    /// repeat the GCM/ChaCha20 nonce.
+    private let ivSalt = UInt64.random(in: .min ... .max)
+
     @inline(__always)
     func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) {
-        iv.storeBE64(sequence, at: 0)
+        iv.storeBE64(sequence ^ self.ivSalt, at: 0)
     }
 
     /// Runs seal or open with the AAD of RFC 4106 §5 / RFC 7634 §2.1 / RFC 4543 §3.3:

@@ -108,8 +108,8 @@ public struct ReplayWindow: Sendable {
     }
 
     /// A window restored from the kernel's XFRMA_REPLAY_VAL (`legacy`: bit i is sequence top − i) or
-    /// XFRMA_REPLAY_ESN_VAL bitmap (`ring`: sequence s is bit (s − 1) mod size, 32 per word, as
-    /// xfrm_replay_advance_esn keeps it). Bits for numbers at or below 0 are ignored.
+    /// XFRMA_REPLAY_ESN_VAL bitmap (`ring`: the top at bit (low32(top) − 1) mod size, older numbers below it,
+    /// wrapping, 32 per word, as xfrm_replay_advance_esn keeps it). Bits for numbers at or below 0 are ignored.
     public init(size: Int, esn: Bool, top: UInt64, bitmap: ReplayBitmap) {
         self.init(size: size, esn: esn, top: top)
         for i in 0..<self.size where UInt64(i) < self.top {
@@ -119,24 +119,32 @@ public struct ReplayWindow: Sendable {
             case .legacy(let word):
                 set = i < 32 && word & (1 << UInt32(i)) != 0
             case .ring(let words):
-                let pos = Int((UInt32(truncatingIfNeeded: seq) &- 1) % UInt32(self.size))
+                let pos = self.ringPosition(distance: i)
                 set = pos / 32 < words.count && words[pos / 32] & (1 << UInt32(pos % 32)) != 0
             }
             if set { self.bitmap[Int((seq >> 6) & 63)] |= 1 << (seq & 63) }
         }
     }
 
-    /// The window in the kernel's XFRMA_REPLAY_ESN_VAL layout: ceil(size / 32) words, sequence s at bit
-    /// (s − 1) mod size (what `ip -s xfrm state` prints for ESN or windows above 32).
+    /// The window in the kernel's XFRMA_REPLAY_ESN_VAL layout: ceil(size / 32) words, the ring `init(bitmap:)`
+    /// reads (what `ip -s xfrm state` prints for ESN or windows above 32).
     public var ringBitmap: [UInt32] {
         var words = [UInt32](repeating: 0, count: (self.size + 31) / 32)
         for i in 0..<self.size where UInt64(i) < self.top {
-            let seq = self.top - UInt64(i)
-            guard self.isMarked(seq) else { continue }
-            let pos = Int((UInt32(truncatingIfNeeded: seq) &- 1) % UInt32(self.size))
+            guard self.isMarked(self.top - UInt64(i)) else { continue }
+            let pos = self.ringPosition(distance: i)
             words[pos / 32] |= 1 << UInt32(pos % 32)
         }
         return words
+    }
+
+    /// The ring bit of the number `distance` below the top, found from the top as xfrm_replay_check_esn and
+    /// xfrm_replay_advance_esn find it: the top sits at (low32(top) − 1) mod size and older numbers below it,
+    /// wrapping — which differs from (low32(s) − 1) mod size across 2^32 when size is not a power of two.
+    @inline(__always)
+    private func ringPosition(distance: Int) -> Int {
+        let top = Int((UInt32(truncatingIfNeeded: self.top) &- 1) % UInt32(self.size))
+        return top >= distance ? top - distance : self.size - (distance - top)
     }
 
     /// The window in the kernel's XFRMA_REPLAY_VAL layout: bit i is sequence top − i (windows up to 32).

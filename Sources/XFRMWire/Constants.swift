@@ -37,11 +37,11 @@ extension XfrmMessageType {
         case .polExpire: 176  // xfrm_user_polexpire
         case .flushSA: 1  // xfrm_usersa_flush
         case .flushPolicy: 0
-        case .newAE, .getAE: 36  // xfrm_aevent_id
-        case .report: 88  // xfrm_user_report
+        case .newAE, .getAE: 48  // xfrm_aevent_id
+        case .report: 60  // xfrm_user_report
         case .migrate: 64  // xfrm_userpolicy_id
         case .newSADInfo, .getSADInfo, .newSPDInfo, .getSPDInfo: 4  // u32 flags
-        case .mapping: 80  // xfrm_user_mapping
+        case .mapping: 64  // xfrm_user_mapping
         case .setDefault, .getDefault: 3  // xfrm_userpolicy_default
         }
     }

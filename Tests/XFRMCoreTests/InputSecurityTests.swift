@@ -36,6 +36,23 @@ struct InputSecurityTests {
         #expect(h.b.statistics[.inStateMismatch] == 2)
     }
 
+    @Test("an SA selector's dev is compared with the route's device, not the input interface (decode_session)")
+    func selectorDevIsTheRouteDevice() throws {
+        let h = try TwoHosts()
+        try h.tunnel()
+        let lan = try #require(h.b.network.interface(named: "lan0")).index
+        let wan = try #require(h.b.network.interface(named: "eth0")).index
+        for (dev, expected) in [(lan, InputResult.deliver), (wan, .dropped(.inStateMismatch))] {
+            var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).config
+            c.selector = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!,
+                                  ifindex: dev)
+            try h.b.deleteState(c.id, mark: Mark())
+            try h.b.addState(h.b.makeSA(c))
+            let (_, wire) = h.send(h.packet(to: "10.0.2.1"))
+            #expect(h.receive(wire).0 == expected, "selector dev \(dev)")
+        }
+    }
+
     @Test("a wildcard SA selector covers either inner family (6-in-4)")
     func wildcardSelectorCoversBothFamilies() {
         let any4 = Selector(family: 4, source: IPPrefix("0.0.0.0/0")!, destination: IPPrefix("0.0.0.0/0")!)

@@ -162,6 +162,23 @@ struct StateUpdateTests {
         }
     }
 
+    @Test("update sets a non-zero if_id and an output mark, as xfrm_state_update copies them")
+    func updateIfID() throws {
+        let h = try TwoHosts()
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+        let all = Selector(family: 4, source: IPPrefix("0.0.0.0/0")!, destination: IPPrefix("0.0.0.0/0")!)
+        try h.a.addPolicy(Policy(selector: all, direction: .outbound, ifID: 7, templates: [t]), update: false)
+        try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a))
+        #expect(h.buffers.with(h.packet()) { h.a.output(&$0, ifID: 7) }.0 == .dropped(.outNoStates))
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).config
+        c.ifID = 7
+        c.outputMark = Mark(value: 5, mask: 0xff)
+        try h.a.updateState(h.a.makeSA(c))
+        let sa = try #require(h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001)))
+        #expect(sa.ifID == 7 && sa.outputMark == Mark(value: 5, mask: 0xff))
+        #expect(h.buffers.with(h.packet()) { h.a.output(&$0, ifID: 7) }.0 == .transmit(ifindex: 2))
+    }
+
     @Test("update lowering byte-hard below the current count expires the SA at once (EXPIRE hard 1)")
     func updateExpiresNow() throws {
         let h = try TwoHosts()

@@ -153,14 +153,21 @@ struct ESPRoundTripTests {
         }
     }
 
-    @Test("AEAD IVs are the sequence number; CBC IVs are unpredictable and distinct")
+    @Test("AEAD IVs are the sequence number under a per-SA salt (≈ seqiv), also across reinstalls; CBC IVs are unpredictable and distinct")
     func ivs() throws {
-        let gcm = try ESPTransform(ESPConfig(
+        let config = ESPConfig(
             spi: 0x1000, mode: .tunnel, crypto: Suites.crypto("gcm128"), tunnelSource: IPAddress("192.0.2.1"),
-            tunnelDestination: IPAddress("192.0.2.2")))
+            tunnelDestination: IPAddress("192.0.2.2"))
+        let gcm = try ESPTransform(config)
         let inner = PacketFactory.ipv4(payload: [1])
-        let (_, w) = buffers.with(inner) { gcm.encapsulate(&$0) }
-        #expect(Array(w[28..<36]) == [0, 0, 0, 0, 0, 0, 0, 1])
+        func iv(_ t: ESPTransform) -> UInt64 {
+            let (_, w) = buffers.with(inner) { t.encapsulate(&$0) }
+            return w[28..<36].reduce(0) { $0 << 8 | UInt64($1) }
+        }
+        let first = iv(gcm)
+        #expect(iv(gcm) ^ 2 == first ^ 1, "IV XOR sequence number is the SA's constant salt")
+        let reinstalled = try ESPTransform(config)
+        #expect(iv(reinstalled) != first, "the same key and starting sequence number give another nonce")
         let cbc = try ESPTransform(ESPConfig(
             spi: 0x1000, mode: .tunnel, crypto: Suites.crypto("cbc-sha256"), tunnelSource: IPAddress("192.0.2.1"),
             tunnelDestination: IPAddress("192.0.2.2")))

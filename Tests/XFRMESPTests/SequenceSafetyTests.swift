@@ -53,6 +53,24 @@ struct SequenceSafetyTests {
         #expect(v.ringBitmap == words)
     }
 
+    @Test("the ESN ring is laid out from the top, as the kernel's: a window of 100 across 2^32")
+    func ringAcross2to32() {
+        // top = 2^32 + 5: the kernel keeps the top at bit (5 − 1) mod 100 = 4 and 2^32 − 1 (6 below) at bit 98;
+        // (low32(s) − 1) mod 100 would say 94, the bit of 2^32 − 5.
+        let top: UInt64 = 0x1_0000_0005
+        var words = [UInt32](repeating: 0, count: 4)
+        words[98 / 32] |= 1 << UInt32(98 % 32)
+        let w = ReplayWindow(size: 100, esn: true, top: top, bitmap: .ring(words))
+        #expect(w.check(0xffff_ffff) == .reject(.replayDuplicate))
+        #expect(w.check(0xffff_fffb) == .accept(0xffff_fffb))
+        var v = ReplayWindow(size: 100, esn: true, top: 0xffff_fff0)
+        v.advance(0xffff_ffff)
+        v.advance(top)
+        var expected = [UInt32](repeating: 0, count: 4)
+        for bit in [98, 4] { expected[bit / 32] |= 1 << UInt32(bit % 32) }
+        #expect(v.ringBitmap == expected)
+    }
+
     @Test("the outbound counter never moves backwards through the public API")
     func counterForwardOnly() throws {
         let t = try ESPTransform(ESPConfig(spi: 1, mode: .transport, crypto: Suites.crypto("gcm128"),

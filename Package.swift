@@ -16,6 +16,11 @@ let package = Package(
         .executable(name: "xfrm", targets: ["xfrm"]),
         .executable(name: "esp-tool", targets: ["esp-tool"]),
         .executable(name: "xfrm-bench", targets: ["xfrm-bench"]),
+        .executable(name: "xfrmd", targets: ["xfrmd"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
     ],
     targets: [
         .target(
@@ -28,6 +33,16 @@ let package = Package(
         .target(name: "XFRMESP", dependencies: ["XFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMWire", dependencies: ["XFRMPacket"]),
         .target(name: "XFRMKernel", dependencies: ["XFRMWire", "XFRMCommandLine"]),
+        .target(
+            name: "XFRMDaemon",
+            dependencies: ["XFRMControl", "XFRMCore", "XFRMWire", .product(name: "Logging", package: "swift-log")]),
+        .executableTarget(
+            name: "xfrmd",
+            dependencies: [
+                "XFRMDaemon", "XFRMControl", "XFRMCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]),
         .target(name: "XFRMCommandLine", dependencies: ["XFRMWire", "XFRMPacket"]),
         .target(name: "XFRMCore", dependencies: ["XFRMESP", "XFRMPacket"]),
         .target(name: "XFRMControl", dependencies: ["XFRMCore", "XFRMWire", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
@@ -43,7 +58,8 @@ let package = Package(
                 "XFRMSimulatedNIC",
             ]),
         .executableTarget(
-            name: "xfrm", dependencies: ["XFRMOffline", "XFRMCommandLine", "XFRMBenchmarks", "XFRMKernel", "XFRMWire"]),
+            name: "xfrm",
+            dependencies: ["XFRMOffline", "XFRMCommandLine", "XFRMBenchmarks", "XFRMKernel", "XFRMWire", "XFRMDaemon"]),
         .executableTarget(name: "esp-tool", dependencies: ["XFRMESP"]),
         .target(name: "CMallocCounter"),
         .executableTarget(

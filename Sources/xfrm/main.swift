@@ -1,16 +1,19 @@
-// xfrm: the `ip xfrm` command for swift-xfrm. Until the daemon exists every invocation runs against a fresh
-// in-process stack (`--offline`, implied):
+// xfrm: the `ip xfrm` command for swift-xfrm, against one of three XFRM stacks:
 //
-//   xfrm [-s] [--offline] -batch FILE                       run FILE's lines (state, policy, link, addr, route,
-//                                                           monitor, clock advance N, stat), as `ip -batch`
-//   xfrm [-s] [--offline] COMMAND...                        one command
+//   xfrm [-s] [-S PATH] COMMAND...  |  -batch FILE            the xfrmd daemon (default; -S or XFRMD_SOCKET pick
+//                                                           the socket, /run/xfrmd.sock otherwise)
+//   xfrm [-s] --offline -batch FILE | COMMAND...              a fresh in-process stack with a simulated network:
+//                                                           state, policy, link, addr, route, monitor, clock
+//                                                           advance N, stat (as `ip -batch`)
+//   xfrm [-s] --kernel { state | policy | monitor } ...       the Linux kernel's XFRM over NETLINK_XFRM
 //   xfrm [-s] pcap --batch SETUP [--then AFTER] (--output-path | --input-path [--dev NAME]) IN.pcap OUT.pcap
 //   xfrm demo                                               two simulated hosts, every offload mode, no root
-//   xfrm [-s] --kernel { state | policy | monitor } ...     the Linux kernel's XFRM over NETLINK_XFRM, same encoder
+// `pcap` and `demo` always run offline.
 
 import Foundation
 import XFRMBenchmarks
 import XFRMCommandLine
+import XFRMDaemon
 import XFRMKernel
 import XFRMOffline
 import XFRMWire
@@ -24,11 +27,17 @@ var args = Array(CommandLine.arguments.dropFirst())
 var options = XfrmCLIOptions()
 var batch: String? = nil
 var kernel = false
+var offline = false
+var socketPath: String? = nil
 while let a = args.first, a.hasPrefix("-") {
     args.removeFirst()
     switch a {
     case "-s", "-stats", "-statistics", "--stats": options.stats += 1
-    case "--offline", "-offline": break
+    case "--offline", "-offline": offline = true
+    case "-S", "--socket":
+        guard let p = args.first else { fail("Option \"\(a)\" requires an argument") }
+        socketPath = p
+        args.removeFirst()
     case "--kernel", "-kernel": kernel = true
     case "-b", "-batch", "--batch":
         guard let f = args.first else { fail("Option \"\(a)\" requires an argument") }
@@ -36,7 +45,8 @@ while let a = args.first, a.hasPrefix("-") {
         args.removeFirst()
     case "-h", "-help", "--help":
         print("""
-            Usage: xfrm [ -s ] [ --offline ] { -batch FILE | OBJECT COMMAND... }
+            Usage: xfrm [ -s ] [ -S PATH ] { -batch FILE | { state | policy | monitor } COMMAND... }   (xfrmd)
+                   xfrm [ -s ] --offline { -batch FILE | OBJECT COMMAND... }   (an in-process stack)
                    xfrm [ -s ] --kernel { state | policy | monitor } ...   (the Linux kernel, over NETLINK_XFRM)
                    xfrm [ -s ] pcap --batch SETUP [ --then AFTER ] { --output-path | --input-path [ --dev NAME ] } IN.pcap OUT.pcap
             where  OBJECT := { state | policy | monitor | stat | link | addr | route | clock }
@@ -72,6 +82,64 @@ if kernel {
     do throws(CommandError) {
         print(try runXfrmCommand(args, options: options, transport: transport, interfaces: KernelInterfaceNames()),
               terminator: "")
+        exit(0)
+    } catch {
+        FileHandle.standardError.write((error.description + "\n").data(using: .utf8)!)
+        exit(error.exitStatus)
+    }
+}
+
+/// `xfrm [-S PATH]` without --offline or --kernel: the daemon. Only XFRM objects go there (the simulated network
+/// and clock exist offline only).
+if !offline && args.first != "pcap" && args.first != "demo" {
+    let path = socketPath ?? ProcessInfo.processInfo.environment["XFRMD_SOCKET"] ?? "/run/xfrmd.sock"
+    let transport: DaemonTransport
+    do throws(SocketError) {
+        transport = try DaemonTransport(path: path)
+    } catch {
+        fail("xfrm: \(error.description)")
+    }
+    func runOne(_ words: [String]) throws(CommandError) -> String {
+        guard let object = words.first, ["state", "sa", "policy"].contains(where: { $0.hasPrefix(object) }) else {
+            throw CommandError("Error: \"\(words.first ?? "")\" runs against the offline stack only (xfrm --offline).",
+                               exitStatus: 1)
+        }
+        return try runXfrmCommand(words, options: options, transport: transport)
+    }
+    do throws(CommandError) {
+        if let batch {
+            guard args.isEmpty else { fail("Error: -batch takes no command arguments.") }
+            guard let data = FileManager.default.contents(atPath: batch) else {
+                fail("Cannot open file \"\(batch)\" for reading: No such file or directory")
+            }
+            let (commands, missing) = BatchReader.commands(String(decoding: data, as: UTF8.self))
+            for c in commands {
+                let words: [String]
+                do throws(BatchSyntaxError) {
+                    words = OfflineSession.command(try BatchReader.words(c.text))
+                } catch {
+                    fail(error.description)
+                }
+                if words.isEmpty { continue }
+                print(try runOne(words), terminator: "")
+            }
+            if missing { FileHandle.standardError.write(Data("Missing continuation line\n".utf8)) }
+        } else if let object = OfflineSession.command(args).first, "monitor".hasPrefix(object), object.count >= 2 {
+            let ok = transport.monitor { m in
+                if case .error(let errno, _) = m.body, errno == -105 {
+                    // Events were lost (the daemon's ENOBUFS), as ip xfrm monitor reports an overrun.
+                    FileHandle.standardError.write(Data("netlink receive error No buffer space available (105)\n".utf8))
+                    return true
+                }
+                FileHandle.standardOutput.write(Data(formatMonitorEvent(m, options: options).utf8))
+                return true
+            }
+            if !ok { fail("xfrm: the daemon at \(path) went away") }
+        } else if !args.isEmpty {
+            print(try runOne(OfflineSession.command(args)), terminator: "")
+        } else {
+            fail("Usage: xfrm [ -s ] [ -S PATH ] { -batch FILE | OBJECT COMMAND... }; try \"xfrm -help\".")
+        }
         exit(0)
     } catch {
         FileHandle.standardError.write((error.description + "\n").data(using: .utf8)!)

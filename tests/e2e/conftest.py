@@ -34,6 +34,10 @@ def xfrm(tmp_path):
     """Runs the xfrm command; returns (exit status, stdout, stderr)."""
 
     def run(*args, check=True):
+        # The suite drives the offline stack (its batches use the simulated network and clock); pcap and demo are
+        # offline anyway; -S / --kernel pick another stack explicitly.
+        if not {"pcap", "demo", "-S", "--kernel", "--offline"} & set(args):
+            args = ("--offline", *args)
         p = subprocess.run([os.environ["XFRM_TOOL"], *args], capture_output=True, text=True, cwd=tmp_path,
                            timeout=120)
         if check and p.returncode != 0:

@@ -50,7 +50,7 @@ def run_case(case: Case, prior_policies: int, workdir: Path) -> HostResult:
     text, line_no = host_batch(case, prior_policies)
     f = workdir / f"{case.id}.batch"
     f.write_text(text)
-    p = subprocess.run([os.environ["XFRM_TOOL"], "-batch", f.name], capture_output=True, text=True,
+    p = subprocess.run([os.environ["XFRM_TOOL"], "--offline", "-batch", f.name], capture_output=True, text=True,
                        cwd=workdir, timeout=60)
     out, err = p.stdout, p.stderr
     if p.returncode != 0:

@@ -1,0 +1,37 @@
+// What the daemon's control socket speaks beyond the kernel's XFRM netlink: how a client joins the event groups.
+// On NETLINK_XFRM that is setsockopt(NETLINK_ADD_MEMBERSHIP); a Unix socket has no such option, so a client sends
+// one NLMSG_NOOP whose 4-byte body is the bitmask of the XFRMNLGRP_* groups it wants (bit g − 1 for group g).
+
+import XFRMWire
+
+public enum ControlProtocol {
+    /// XFRMNLGRP_ACQUIRE, EXPIRE, SA, POLICY (the groups the daemon's events belong to).
+    public static let groupAcquire: UInt32 = 1
+    public static let groupExpire: UInt32 = 2
+    public static let groupSA: UInt32 = 3
+    public static let groupPolicy: UInt32 = 4
+    /// Every group `ip xfrm monitor` listens to.
+    public static let allGroups: UInt32 = 0xff
+
+    /// The largest datagram either side sends or reads; dumps are split across datagrams below it.
+    public static let maximumDatagram = 64 * 1024
+    static let replyBatch = 32 * 1024
+
+    /// The group-join message.
+    public static func joinMessage(groups: UInt32) -> XfrmMessage {
+        XfrmMessage(type: NetlinkControlType.noop, flags: NetlinkFlags.request, body: .infoRequest(flags: groups))
+    }
+
+    /// The group an event message goes to (≈ xfrm_send_state_notify / xfrm_send_policy_notify / km_*).
+    static func group(of m: XfrmMessage) -> UInt32? {
+        switch XfrmMessageType(rawValue: m.type) {
+        case .acquire: groupAcquire
+        case .expire, .polExpire: groupExpire
+        case .newSA, .updSA, .delSA, .flushSA: groupSA
+        case .newPolicy, .updPolicy, .delPolicy, .flushPolicy: groupPolicy
+        default: nil
+        }
+    }
+
+    static func bit(_ group: UInt32) -> UInt32 { 1 << (group - 1) }
+}

@@ -1,0 +1,222 @@
+// The daemon's control socket: XFRM netlink over a Unix SOCK_SEQPACKET socket (mode 0600; peers must be root or
+// the daemon's own uid), answered by the same XfrmControlServer the offline `xfrm` uses.
+//
+// One thread, one poll loop (sequential by design: the control plane is not on the data path):
+//   accept new clients → read each ready client's datagram → answer every netlink message in it (each checked
+//   against xfrm_msg_min, malformed ones answered with an error, nothing half-applied) → send the stack's events
+//   to the clients that joined their groups (never blocking: a client whose socket is full loses events and is
+//   told with an ENOBUFS error message, as a netlink listener is) → run the lifetime timers once a second.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Logging
+import XFRMControl
+import XFRMCore
+import XFRMWire
+
+public final class ControlSocketServer {
+    private struct Client {
+        var fd: Int32
+        var uid: UInt32
+        var pid: Int32
+        /// XFRMNLGRP_* bitmask (bit g − 1 for group g).
+        var groups: UInt32 = 0
+        /// Events were dropped since the last one delivered: tell the client first.
+        var lost = false
+    }
+
+    public let path: String
+    private let stack: XFRMStack
+    private let server: XfrmControlServer
+    private let logger: Logger
+    private let listenFD: Int32
+    private var clients: [Int32: Client] = [:]
+    private let events: EventBus.Subscription
+    private var buffer = [UInt8](repeating: 0, count: ControlProtocol.maximumDatagram)
+    private var lastTimerRun: UInt64 = 0
+
+    /// Binds and listens at `path`. A path where another daemon answers is refused; a stale socket file is
+    /// replaced. The socket is made mode 0600 before anyone can connect.
+    public init(path: String, stack: XFRMStack, logger: Logger) throws(SocketError) {
+        self.path = path
+        self.stack = stack
+        self.server = XfrmControlServer(stack: stack)
+        self.logger = logger
+        if access(path, F_OK) == 0 {
+            let probe = try UnixAddress.seqpacket()
+            let live = UnixAddress.with(path, { connect(probe, $0, $1) }) == 0
+            close(probe)
+            if live { throw SocketError("another xfrmd is already listening on \(path)", errno: EADDRINUSE) }
+            unlink(path)
+        }
+        let fd = try UnixAddress.seqpacket()
+        let oldMask = umask(0o177)
+        let bound = UnixAddress.with(path, { bind(fd, $0, $1) })
+        umask(oldMask)
+        guard let bound else {
+            close(fd)
+            throw SocketError("socket path \"\(path)\" is too long", errno: ENAMETOOLONG)
+        }
+        guard bound == 0, chmod(path, 0o600) == 0, listen(fd, 64) == 0 else {
+            let e = errno
+            close(fd)
+            throw SocketError("cannot listen on \(path)", errno: e)
+        }
+        self.listenFD = fd
+        self.events = stack.events.subscribe(capacity: 1 << 16, acquire: false)
+    }
+
+    /// Serves until `stop` returns true (checked at least every `tick` milliseconds).
+    public func run(tick: Int32 = 200, until stop: () -> Bool) {
+        while !stop() {
+            var fds = [pollfd(fd: self.listenFD, events: Int16(POLLIN), revents: 0)]
+            for fd in self.clients.keys.sorted() { fds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0)) }
+            let n = poll(&fds, nfds_t(fds.count), tick)
+            if n < 0 && errno != EINTR {
+                self.logger.error("poll failed: \(String(cString: strerror(errno)))")
+                return
+            }
+            if n > 0 {
+                if fds[0].revents & Int16(POLLIN) != 0 { self.accept() }
+                for p in fds.dropFirst() where p.revents != 0 { self.serve(p.fd) }
+            }
+            self.deliverEvents()
+            let now = self.stack.clock.now
+            if now != self.lastTimerRun {
+                self.lastTimerRun = now
+                self.stack.runTimers()
+                self.deliverEvents()
+            }
+        }
+    }
+
+    /// Closes every client and the listening socket and removes the socket file.
+    public func shutdown() {
+        for fd in self.clients.keys { close(fd) }
+        self.clients.removeAll()
+        close(self.listenFD)
+        unlink(self.path)
+        self.stack.events.unsubscribe(self.events)
+    }
+
+    // MARK: - Clients
+
+    private func accept() {
+        let fd = Glibc.accept(self.listenFD, nil, nil)
+        guard fd >= 0 else { return }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        guard let cred = PeerCredentials.of(fd), cred.uid == 0 || cred.uid == geteuid() else {
+            self.logger.warning("refused a control connection from uid \(PeerCredentials.of(fd)?.uid ?? UInt32.max)")
+            close(fd)
+            return
+        }
+        var size: Int32 = 1 << 20
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, socklen_t(MemoryLayout<Int32>.size))
+        self.clients[fd] = Client(fd: fd, uid: cred.uid, pid: cred.pid)
+        self.logger.debug("control client connected", metadata: ["pid": "\(cred.pid)", "uid": "\(cred.uid)"])
+    }
+
+    private func drop(_ fd: Int32) {
+        close(fd)
+        self.clients[fd] = nil
+        self.updateAcquireListening()
+    }
+
+    private func serve(_ fd: Int32) {
+        let n = self.buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+        if n < 0 && (errno == EAGAIN || errno == EINTR) { return }
+        guard n > 0 else {
+            self.drop(fd)
+            return
+        }
+        var replies: [XfrmMessage] = []
+        var off = 0
+        let datagram = Array(self.buffer[0..<n])
+        // Every netlink message in the datagram, each answered on its own (≈ netlink_rcv_skb).
+        while off + 16 <= n {
+            let length = Int(UInt32(datagram[off]) | UInt32(datagram[off + 1]) << 8 | UInt32(datagram[off + 2]) << 16
+                             | UInt32(datagram[off + 3]) << 24)
+            guard length >= 16, off + length <= n else {
+                replies += self.server.request(raw: Array(datagram[off...]))  // the short message's error reply
+                break
+            }
+            let message = Array(datagram[off..<(off + length)])
+            let type = UInt16(message[4]) | UInt16(message[5]) << 8
+            if type == NetlinkControlType.noop {
+                if length >= 20 {
+                    self.clients[fd]?.groups = UInt32(message[16]) | UInt32(message[17]) << 8
+                        | UInt32(message[18]) << 16 | UInt32(message[19]) << 24
+                    self.updateAcquireListening()
+                }
+            } else {
+                replies += self.server.request(raw: message)
+            }
+            off += (length + 3) & ~3
+        }
+        if off < n && off + 16 > n && replies.isEmpty {
+            replies += self.server.request(raw: Array(datagram[off...]))  // trailing bytes shorter than a header
+        }
+        if !self.send(replies, to: fd, blocking: true) { self.drop(fd) }
+    }
+
+    /// Sends messages packed into datagrams of at most 32 KiB (a dump arrives in several, as from the kernel).
+    private func send(_ messages: [XfrmMessage], to fd: Int32, blocking: Bool) -> Bool {
+        var datagram: [UInt8] = []
+        func flush() -> Bool {
+            guard !datagram.isEmpty else { return true }
+            defer { datagram.removeAll(keepingCapacity: true) }
+            while true {
+                let sent = datagram.withUnsafeBytes {
+                    Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL) | (blocking ? 0 : Int32(MSG_DONTWAIT)))
+                }
+                if sent == datagram.count { return true }
+                if sent < 0 && errno == EINTR { continue }
+                if sent < 0 && errno == EAGAIN && blocking {
+                    var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                    if poll(&p, 1, 1000) > 0 { continue }
+                }
+                return false
+            }
+        }
+        for m in messages {
+            let bytes = m.encode()
+            if datagram.count + bytes.count > ControlProtocol.replyBatch && !flush() { return false }
+            datagram += bytes
+            while datagram.count % 4 != 0 { datagram.append(0) }
+        }
+        return flush()
+    }
+
+    // MARK: - Events
+
+    private func updateAcquireListening() {
+        let any = self.clients.values.contains { $0.groups & ControlProtocol.bit(ControlProtocol.groupAcquire) != 0 }
+        self.events.listensForAcquire.store(any, ordering: .relaxed)
+    }
+
+    private func deliverEvents() {
+        let events = self.events.drain()
+        guard !events.isEmpty, !self.clients.isEmpty else { return }
+        for e in events {
+            guard let m = self.server.message(for: e), let group = ControlProtocol.group(of: m) else { continue }
+            let bit = ControlProtocol.bit(group)
+            for fd in self.clients.keys where self.clients[fd]!.groups & bit != 0 {
+                var out: [XfrmMessage] = []
+                if self.clients[fd]!.lost {
+                    // ≈ the ENOBUFS a netlink listener reads after an overrun: resynchronise with a dump.
+                    out.append(XfrmMessage(type: NetlinkControlType.error, flags: 0,
+                                           body: .error(errno: -ENOBUFS, message: "")))
+                }
+                out.append(m)
+                if self.send(out, to: fd, blocking: false) {
+                    self.clients[fd]!.lost = false
+                } else {
+                    self.clients[fd]!.lost = true
+                }
+            }
+        }
+    }
+}

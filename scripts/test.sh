@@ -9,8 +9,9 @@
 # 3. runs the Swift unit tests: `swift test --skip-build --parallel`;
 # 4. runs the interop suite, scapy and tshark as independent ESP peers of esp-tool:
 #    `python -m pytest -q -n 2 tests/interop` with ESP_TOOL=<bin path>/esp-tool;
-# 5. runs the end-to-end suite of the `xfrm` command (offline stack, pcap mode, simulated NICs) with scapy as
-#    the peer: `python -m pytest -q -n 2 tests/e2e` with XFRM_TOOL=<bin path>/xfrm.
+# 5. runs the end-to-end suite of the `xfrm` command (offline stack, pcap mode, simulated NICs, xfrmd's control
+#    socket, --kernel in network namespaces) with scapy as the peer: `python -m pytest -q -n 2 tests/e2e` with
+#    XFRM_TOOL=<bin path>/xfrm (xfrmd is found beside it).
 # 6. runs the kernel comparison: the real Linux kernel (Debian 6.12, booted under qemu with a small initramfs
 #    built and cached under .build/kernel-vm/) against `xfrm` for generated state/policy adds, listings and
 #    refusals, and ESP both ways: `python -m pytest -q -n 2 tests/kernel` with XFRM_TOOL=<bin path>/xfrm.
@@ -113,6 +114,7 @@ ESP_TOOL="$BIN/esp-tool"
 XFRM_TOOL="$BIN/xfrm"
 [ -x "$ESP_TOOL" ] || die "the build did not produce $ESP_TOOL"
 [ -x "$XFRM_TOOL" ] || die "the build did not produce $XFRM_TOOL"
+[ -x "$BIN/xfrmd" ] || die "the build did not produce $BIN/xfrmd"
 echo "build done at ${SECONDS}s"
 
 # --------------------------------------------------------------------------- test

@@ -44,7 +44,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]),
         .target(name: "XFRMCommandLine", dependencies: ["XFRMWire", "XFRMPacket"]),
-        .target(name: "XFRMCore", dependencies: ["XFRMESP", "XFRMPacket"]),
+        .target(name: "XFRMCore", dependencies: ["XFRMESP", "XFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMControl", dependencies: ["XFRMCore", "XFRMWire", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMSimulatedNIC", dependencies: ["XFRMCore", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
         .target(
@@ -60,13 +60,13 @@ let package = Package(
         .executableTarget(
             name: "xfrm",
             dependencies: ["XFRMOffline", "XFRMCommandLine", "XFRMBenchmarks", "XFRMKernel", "XFRMWire", "XFRMDaemon"]),
-        .executableTarget(name: "esp-tool", dependencies: ["XFRMESP"]),
+        .executableTarget(name: "esp-tool", dependencies: ["XFRMESP", "XFRMCrypto", "XFRMPacket"]),
         .target(name: "CMallocCounter"),
         .executableTarget(
             name: "xfrm-bench",
             dependencies: [
-                "XFRMESP", "XFRMCore", "XFRMTestKit", "CXFRMCrypto", "CMallocCounter", "XFRMSimHost", "XFRMSimulatedNIC",
-                "XFRMBenchmarks",
+                "XFRMESP", "XFRMCore", "XFRMCrypto", "XFRMPacket", "XFRMTestKit", "CXFRMCrypto", "CMallocCounter",
+                "XFRMSimHost", "XFRMSimulatedNIC", "XFRMBenchmarks",
             ]
         ),
         .target(name: "XFRMTestKit", dependencies: ["XFRMPacket", "XFRMCore"]),
@@ -75,13 +75,16 @@ let package = Package(
             dependencies: ["XFRMControl", "XFRMCore", "XFRMWire", "XFRMCommandLine", "XFRMPacket"]),
         .testTarget(name: "XFRMPacketTests", dependencies: ["XFRMPacket", "XFRMTestKit"]),
         .testTarget(name: "XFRMCommandLineTests", dependencies: ["XFRMCommandLine", "XFRMWire"]),
-        .testTarget(name: "XFRMCoreTests", dependencies: ["XFRMCore", "XFRMTestKit"]),
-        .testTarget(name: "XFRMSimulatedNICTests", dependencies: ["XFRMSimulatedNIC", "XFRMCore", "XFRMESP", "XFRMTestKit"]),
+        .testTarget(
+            name: "XFRMCoreTests", dependencies: ["XFRMCore", "XFRMCrypto", "XFRMESP", "XFRMPacket", "XFRMTestKit"]),
+        .testTarget(
+            name: "XFRMSimulatedNICTests",
+            dependencies: ["XFRMSimulatedNIC", "XFRMCore", "XFRMCrypto", "XFRMESP", "XFRMPacket", "XFRMTestKit"]),
         .testTarget(
             name: "XFRMCryptoTests", dependencies: ["XFRMCrypto", "XFRMTestKit"], resources: [.copy("Resources")]),
         .testTarget(
             name: "XFRMESPTests",
-            dependencies: ["XFRMESP", "XFRMTestKit"],
+            dependencies: ["XFRMESP", "XFRMCrypto", "XFRMPacket", "XFRMTestKit"],
             resources: [.copy("Vectors")]
         ),
     ]

@@ -33,9 +33,13 @@ let package = Package(
         .target(name: "XFRMESP", dependencies: ["XFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMWire", dependencies: ["XFRMPacket"]),
         .target(name: "XFRMKernel", dependencies: ["XFRMWire", "XFRMCommandLine"]),
+        .target(name: "CXFRMSys"),
         .target(
             name: "XFRMDaemon",
-            dependencies: ["XFRMControl", "XFRMCore", "XFRMWire", .product(name: "Logging", package: "swift-log")]),
+            dependencies: [
+                "CXFRMSys", "XFRMControl", "XFRMCore", "XFRMPacket", "XFRMWire",
+                .product(name: "Logging", package: "swift-log"),
+            ]),
         .executableTarget(
             name: "xfrmd",
             dependencies: [

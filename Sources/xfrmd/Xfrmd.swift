@@ -1,6 +1,6 @@
-// xfrmd: the swift-xfrm daemon. This stage serves the control plane: the SAD, SPD, lifetimes and events of one
-// XFRM stack behind an XFRM-netlink control socket that `xfrm -S PATH` (and any XFRM netlink client speaking
-// over a Unix socket) uses. The data path (TUN, ESP and ESP-in-UDP sockets) is the next stage.
+// xfrmd: the swift-xfrm daemon. One XFRM stack — SAD, SPD, lifetimes, events — behind an XFRM-netlink control
+// socket that `xfrm -S PATH` (and any XFRM netlink client speaking over a Unix socket) uses, and a data path
+// between a TUN device (the inner side) and raw ESP / ESP-in-UDP sockets (the outer side; IPv4 at this stage).
 
 import ArgumentParser
 import Logging
@@ -27,6 +27,15 @@ struct Xfrmd: ParsableCommand {
     @Option(help: "The control socket (a Unix SOCK_SEQPACKET socket, mode 0600).")
     var socket = "/run/xfrmd.sock"
 
+    @Option(help: "The TUN device of the inner side (created if absent).")
+    var tun = "xfrm0"
+
+    @Option(name: .customLong("udp-port"), help: "The ESP-in-UDP (NAT-T, RFC 3948) port.")
+    var udpPort: UInt16 = 4500
+
+    @Flag(name: .customLong("no-raw-esp"), help: "Do not open the raw ESP (IP protocol 50) socket.")
+    var noRawESP = false
+
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel = "info"
 
@@ -50,11 +59,32 @@ struct Xfrmd: ParsableCommand {
             print("xfrmd: \(error.description)", to: &err)
             throw ExitCode(1)
         }
+        let datapath: Datapath
+        do throws(SocketError) {
+            datapath = try Datapath(stack: stack, tunName: self.tun, udpPort: self.udpPort, rawESP: !self.noRawESP,
+                                    logger: logger)
+        } catch {
+            control.shutdown()
+            var err = FileHandleStream.standardError
+            print("xfrmd: \(error.description)", to: &err)
+            throw ExitCode(1)
+        }
+        datapath.start()
         signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
         signal(SIGTERM) { _ in stopRequested.store(true, ordering: .relaxed) }
         signal(SIGPIPE, SIG_IGN)
-        logger.info("listening", metadata: ["socket": "\(self.socket)"])
+        logger.info("listening", metadata: ["socket": "\(self.socket)", "tun": "\(datapath.tunName)",
+                                            "udp-port": "\(self.udpPort)", "raw-esp": "\(!self.noRawESP)"])
         control.run { stopRequested.load(ordering: .relaxed) }
+        datapath.stop()
+        let c = datapath.counters
+        logger.info("data path", metadata: [
+            "tun-read": "\(c.tunRead.load(ordering: .relaxed))", "tun-written": "\(c.tunWritten.load(ordering: .relaxed))",
+            "tun-no-policy": "\(c.tunNoPolicy.load(ordering: .relaxed))",
+            "wire-sent": "\(c.wireSent.load(ordering: .relaxed))",
+            "wire-received": "\(c.wireReceived.load(ordering: .relaxed))",
+            "ike-dropped": "\(c.ikeDropped.load(ordering: .relaxed))",
+            "send-errors": "\(c.sendErrors.load(ordering: .relaxed))"])
         // Leave nothing behind: every SA (and so every key) goes, the socket file too.
         stack.flushStates(proto: 0)
         stack.flushPolicies()

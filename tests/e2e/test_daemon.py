@@ -1,6 +1,7 @@
 """xfrmd's control socket and `xfrm -S`: the XFRM stack behind a Unix SOCK_SEQPACKET socket speaking XFRM netlink.
 
-Each test starts its own xfrmd on a socket in its tmp dir and stops it with SIGTERM. The offline stack (`xfrm
+Each test starts its own xfrmd, in a network namespace of its own, on a socket in its tmp dir, and stops it with
+SIGTERM. The offline stack (`xfrm
 --offline -batch`) is the reference for listings: the same command lines must print the same thing."""
 
 import os
@@ -31,10 +32,19 @@ def xfrmd_path() -> str:
 
 
 @pytest.fixture
-def daemon(tmp_path):
+def netns():
+    name = f"xfrmd-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def daemon(tmp_path, netns):
+    # In a namespace of its own: the daemon creates its TUN device (xfrm0) there, never on the host.
     sock = tmp_path / "xfrmd.sock"
-    p = subprocess.Popen([xfrmd_path(), "--socket", str(sock), "--log-level", "debug"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(["ip", "netns", "exec", netns, xfrmd_path(), "--socket", str(sock), "--log-level", "debug"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 10
     while not sock.exists():
         assert p.poll() is None, p.stderr.read()
@@ -77,10 +87,11 @@ def test_a_batch_goes_to_the_daemon_and_errors_are_the_offline_stacks(daemon, tm
     assert xfrm_s(sock, "state", "count").stdout == "\t SAD count 2\n"
 
 
-def test_the_socket_is_private_and_a_second_daemon_refuses_with_one_line(daemon):
+def test_the_socket_is_private_and_a_second_daemon_refuses_with_one_line(daemon, netns):
     sock, _ = daemon
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
-    second = subprocess.run([xfrmd_path(), "--socket", str(sock)], capture_output=True, text=True, timeout=30)
+    second = subprocess.run(["ip", "netns", "exec", netns, xfrmd_path(), "--socket", str(sock)], capture_output=True,
+                            text=True, timeout=30)
     assert second.returncode != 0
     assert second.stderr.strip().splitlines() == [f"xfrmd: another xfrmd is already listening on {sock}: "
                                                   "Address already in use"]
@@ -142,4 +153,5 @@ def test_sigterm_stops_the_daemon_cleanly_and_removes_its_socket(daemon):
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=10) == 0
     assert not sock.exists()
-    assert "stopped" in p.stderr.read()
+    log = p.stderr.read()
+    assert "stopped" in log and "tun=xfrm0" in log, log

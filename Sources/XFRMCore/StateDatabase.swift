@@ -234,10 +234,10 @@ public final class StateDatabase: @unchecked Sendable {
                 }
                 switch v.state {
                 case .acquiring:
-                    if sa.config.id.spi == 0 || sa.config.selector.matches(flow) { acquiring = true }
+                    if sa.config.id.spi == 0 || sa.config.selector.covers(flow) { acquiring = true }
                     continue
                 case .valid:
-                    guard sa.config.selector.matches(flow) else { continue }
+                    guard sa.config.selector.covers(flow) else { continue }
                     if exactSource {
                         if !v.dying { return .found(sa) }
                         if best == nil { best = sa }

@@ -1,10 +1,11 @@
-// The daemon's data path, this stage: one thread, sequential, IPv4 outer (raw ESP and ESP-in-UDP), any inner family.
+// The daemon's data path, this stage: one thread, sequential; IPv4 and IPv6 outer (raw ESP and ESP-in-UDP), any
+// inner family.
 //
 //   TUN read → XFRMStack.output → the ESP packet leaves through the raw ESP socket (IP_HDRINCL, the stack's outer
 //   header as built) or, for a NAT-T SA, the UDP socket (the ESP after the UDP header, to the SA's port); a packet
 //   that no policy protected has nowhere to go: dropped and counted (`tunNoPolicy`).
-//   raw ESP / UDP read → XFRMStack.input (the UDP datagram framed again as IPv4/UDP so the stack's NAT-T demux sees
-//   what the kernel's would) → delivered or forwarded inner packets are written into the TUN; IKE and keepalives
+//   raw ESP / UDP read → XFRMStack.input (what the socket gives without its headers — UDP datagrams, IPv6 raw
+//   payloads — framed again as the IP packet it arrived in, so the stack's demux sees what the kernel's would) → delivered or forwarded inner packets are written into the TUN; IKE and keepalives
 //   on the UDP port are counted and dropped (no key-manager port yet).
 //
 // The stack's network model has one interface, "wan", holding the host's addresses (read with getifaddrs and
@@ -45,6 +46,8 @@ public final class Datapath: @unchecked Sendable {
     private let tunFD: Int32
     private let rawFD: Int32
     private let udpFD: Int32
+    private let raw6FD: Int32
+    private let udp6FD: Int32
     private let udpPort: UInt16
     private let wanIfindex: Int32
     private let stopping = Atomic<Bool>(false)
@@ -103,6 +106,29 @@ public final class Datapath: @unchecked Sendable {
         }
         self.rawFD = raw
         self.udpFD = udp
+        // IPv6: the same two sockets, without IP_HDRINCL (the kernel writes the IPv6 header from our addresses).
+        var raw6: Int32 = -1
+        if rawESP {
+            raw6 = socket(AF_INET6, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), Int32(IPPROTO_ESP))
+        }
+        let udp6 = socket(AF_INET6, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        for fd in [raw6, udp6] where fd >= 0 {
+            _ = setsockopt(fd, Int32(IPPROTO_IPV6), Sockopt.ipv6RecvPktinfo, &one, socklen_t(MemoryLayout<Int32>.size))
+            _ = setsockopt(fd, Int32(IPPROTO_IPV6), Sockopt.ipv6V6only, &one, socklen_t(MemoryLayout<Int32>.size))
+            _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bufferSize, socklen_t(MemoryLayout<Int32>.size))
+            _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bufferSize, socklen_t(MemoryLayout<Int32>.size))
+        }
+        var addr6 = sockaddr_in6()
+        addr6.sin6_family = sa_family_t(AF_INET6)
+        addr6.sin6_port = udpPort.bigEndian
+        let bound6 = udp6 >= 0 && withUnsafePointer(to: &addr6) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(udp6, $0, socklen_t(MemoryLayout<sockaddr_in6>.size)) }
+        } == 0
+        if !bound6 && udp6 >= 0 { close(udp6) }
+        // A host without IPv6 keeps working on IPv4 (the IPv6 sockets stay closed; sends through them are errors).
+        self.raw6FD = raw6
+        self.udp6FD = bound6 ? udp6 : -1
+
         let net = stack.network
         do throws(NetworkError) {
             let wan = try net.addInterface(name: "wan", kind: "dummy")
@@ -120,9 +146,7 @@ public final class Datapath: @unchecked Sendable {
     }
 
     deinit {
-        close(self.tunFD)
-        if self.rawFD >= 0 { close(self.rawFD) }
-        close(self.udpFD)
+        for fd in [self.tunFD, self.rawFD, self.udpFD, self.raw6FD, self.udp6FD] where fd >= 0 { close(fd) }
     }
 
     /// Runs the loop on its own thread.
@@ -148,16 +172,21 @@ public final class Datapath: @unchecked Sendable {
 
     private func loop() {
         var lastRefresh: UInt64 = 0
-        var fds = [pollfd(fd: self.tunFD, events: Int16(POLLIN), revents: 0),
-                   pollfd(fd: self.udpFD, events: Int16(POLLIN), revents: 0)]
-        if self.rawFD >= 0 { fds.append(pollfd(fd: self.rawFD, events: Int16(POLLIN), revents: 0)) }
+        var fds = [pollfd(fd: self.tunFD, events: Int16(POLLIN), revents: 0)]
+        // The outer sockets, each with how its datagrams are framed for the stack.
+        var outer: [(Int32, Framing)] = [(self.udpFD, .udp4)]
+        if self.rawFD >= 0 { outer.append((self.rawFD, .raw4)) }
+        if self.udp6FD >= 0 { outer.append((self.udp6FD, .udp6)) }
+        if self.raw6FD >= 0 { outer.append((self.raw6FD, .raw6)) }
+        for (fd, _) in outer { fds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0)) }
         while !self.stopping.load(ordering: .relaxed) {
             for i in fds.indices { fds[i].revents = 0 }
             let n = poll(&fds, nfds_t(fds.count), 200)
             if n > 0 {
                 if fds[0].revents & Int16(POLLIN) != 0 { self.drainTUN() }
-                if fds[1].revents & Int16(POLLIN) != 0 { self.drainUDP() }
-                if fds.count > 2 && fds[2].revents & Int16(POLLIN) != 0 { self.drainRaw() }
+                for (i, (fd, framing)) in outer.enumerated() where fds[i + 1].revents & Int16(POLLIN) != 0 {
+                    self.drainOuter(fd, framing)
+                }
             }
             let now = self.stack.clock.now
             if now != lastRefresh {
@@ -202,30 +231,52 @@ public final class Datapath: @unchecked Sendable {
     /// Sends what the stack protected; anything else read from the TUN had no policy and is dropped.
     private func sendToWire(_ buf: PacketBuffer) {
         let p = buf.data
-        guard buf.count >= 20, p.loadByte(at: 0) >> 4 == 4 else {
-            self.counters.tunNoPolicy.wrappingAdd(1, ordering: .relaxed)  // IPv6 outer: not at this stage
-            return
-        }
-        let proto = p.loadByte(at: 9)
-        let ihl = Int(p.loadByte(at: 0) & 0x0f) * 4
-        var dst = sockaddr_in()
-        dst.sin_family = sa_family_t(AF_INET)
-        dst.sin_addr.s_addr = p.load(fromByteOffset: 16, as: UInt32.self)  // already network order
+        let version = buf.count >= 20 ? p.loadByte(at: 0) >> 4 : 0
         let sent: Int
-        if proto == UInt8(IPPROTO_ESP), self.rawFD >= 0 {
-            sent = withUnsafePointer(to: &dst) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(self.rawFD, p, buf.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+        if version == 4 {
+            let proto = p.loadByte(at: 9)
+            let ihl = Int(p.loadByte(at: 0) & 0x0f) * 4
+            var dst = sockaddr_in()
+            dst.sin_family = sa_family_t(AF_INET)
+            dst.sin_addr.s_addr = p.load(fromByteOffset: 16, as: UInt32.self)  // already network order
+            if proto == UInt8(IPPROTO_ESP), self.rawFD >= 0 {
+                sent = withUnsafePointer(to: &dst) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        sendto(self.rawFD, p, buf.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                    }
                 }
+            } else if proto == UInt8(IPPROTO_UDP), buf.count >= ihl + 12, p.loadBE16(at: ihl) == self.udpPort,
+                p.loadBE32(at: ihl + 8) != 0
+            {
+                dst.sin_port = p.loadBE16(at: ihl + 2).bigEndian
+                sent = withUnsafePointer(to: &dst) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        sendto(self.udpFD, p + ihl + 8, buf.count - ihl - 8, 0, $0,
+                               socklen_t(MemoryLayout<sockaddr_in>.size))
+                    }
+                }
+            } else {
+                self.counters.tunNoPolicy.wrappingAdd(1, ordering: .relaxed)
+                return
             }
-        } else if proto == UInt8(IPPROTO_UDP), buf.count >= ihl + 8,
-            p.loadBE16(at: ihl) == self.udpPort, p.loadBE32(at: ihl + 8) != 0
-        {
-            dst.sin_port = p.loadBE16(at: ihl + 2).bigEndian
-            sent = withUnsafePointer(to: &dst) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(self.udpFD, p + ihl + 8, buf.count - ihl - 8, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                }
+        } else if version == 6 && buf.count >= 40 {
+            // The kernel writes the IPv6 header: it gets the payload, the destination and our source (pktinfo).
+            let next = p.loadByte(at: 6)
+            var dst = sockaddr_in6()
+            dst.sin6_family = sa_family_t(AF_INET6)
+            withUnsafeMutableBytes(of: &dst.sin6_addr) {
+                $0.copyMemory(from: UnsafeRawBufferPointer(start: p + 24, count: 16))
+            }
+            if next == UInt8(IPPROTO_ESP), self.raw6FD >= 0 {
+                sent = self.send6(self.raw6FD, p + 40, buf.count - 40, to: &dst, from: p + 8)
+            } else if next == UInt8(IPPROTO_UDP), buf.count >= 52, p.loadBE16(at: 40) == self.udpPort,
+                p.loadBE32(at: 48) != 0, self.udp6FD >= 0
+            {
+                dst.sin6_port = p.loadBE16(at: 42).bigEndian
+                sent = self.send6(self.udp6FD, p + 48, buf.count - 48, to: &dst, from: p + 8)
+            } else {
+                self.counters.tunNoPolicy.wrappingAdd(1, ordering: .relaxed)
+                return
             }
         } else {
             self.counters.tunNoPolicy.wrappingAdd(1, ordering: .relaxed)
@@ -238,27 +289,46 @@ public final class Datapath: @unchecked Sendable {
         }
     }
 
-    private func drainRaw() {
-        for _ in 0..<64 {
-            guard var buf = self.pool.allocate() else {
-                self.counters.noBuffer.wrappingAdd(1, ordering: .relaxed)
-                return
+    /// sendmsg with IPV6_PKTINFO naming the source address (16 bytes at `source`).
+    private func send6(_ fd: Int32, _ payload: UnsafeMutableRawPointer, _ count: Int, to dst: inout sockaddr_in6,
+                       from source: UnsafeMutableRawPointer) -> Int {
+        var control = [UInt8](repeating: 0, count: 40)  // CMSG_SPACE(sizeof(struct in6_pktinfo))
+        control.withUnsafeMutableBytes { c in
+            c.storeBytes(of: 36, toByteOffset: 0, as: Int.self)  // CMSG_LEN(20)
+            c.storeBytes(of: Int32(IPPROTO_IPV6), toByteOffset: 8, as: Int32.self)
+            c.storeBytes(of: Sockopt.ipv6Pktinfo, toByteOffset: 12, as: Int32.self)
+            c.baseAddress!.advanced(by: 16).copyMemory(from: source, byteCount: 16)
+        }
+        var iov = iovec(iov_base: payload, iov_len: count)
+        return withUnsafeMutablePointer(to: &dst) { d in
+            control.withUnsafeMutableBytes { c in
+                withUnsafeMutablePointer(to: &iov) { v in
+                    var msg = msghdr()
+                    msg.msg_name = UnsafeMutableRawPointer(d)
+                    msg.msg_namelen = socklen_t(MemoryLayout<sockaddr_in6>.size)
+                    msg.msg_iov = v
+                    msg.msg_iovlen = 1
+                    msg.msg_control = c.baseAddress
+                    msg.msg_controllen = c.count
+                    return sendmsg(fd, &msg, Int32(MSG_NOSIGNAL))
+                }
             }
-            let room = 2048
-            let p = buf.append(room)
-            let n = recv(self.rawFD, p, room, Int32(MSG_DONTWAIT))
-            guard n > 0 else {
-                self.pool.release(buf)
-                return
-            }
-            buf.trimBack(room - n)
-            self.counters.wireReceived.wrappingAdd(1, ordering: .relaxed)
-            self.input(&buf)
         }
     }
 
-    /// A UDP datagram on the NAT-T port, framed again as the IPv4/UDP packet it arrived in.
-    private func drainUDP() {
+    /// How an outer socket's datagrams become the IP packets they arrived as.
+    enum Framing {
+        /// IPv4 raw: the datagram is the whole packet.
+        case raw4
+        /// IPv6 raw: the payload after the IPv6 header.
+        case raw6
+        /// UDP: the payload after the UDP header.
+        case udp4
+        case udp6
+    }
+
+    /// Up to 64 datagrams of one outer socket: framed as IP packets and given to the input path.
+    private func drainOuter(_ fd: Int32, _ framing: Framing) {
         for _ in 0..<64 {
             guard var buf = self.pool.allocate() else {
                 self.counters.noBuffer.wrappingAdd(1, ordering: .relaxed)
@@ -266,20 +336,20 @@ public final class Datapath: @unchecked Sendable {
             }
             let room = 2048
             let payload = buf.append(room)
-            var from = sockaddr_in()
-            var control = [UInt8](repeating: 0, count: 64)
+            var from = sockaddr_in6()  // large enough for either family
+            var control = [UInt8](repeating: 0, count: 128)
             var iov = iovec(iov_base: payload, iov_len: room)
             let n: Int = withUnsafeMutablePointer(to: &from) { fromPtr in
                 control.withUnsafeMutableBytes { ctl in
                     withUnsafeMutablePointer(to: &iov) { iovPtr in
                         var msg = msghdr()
                         msg.msg_name = UnsafeMutableRawPointer(fromPtr)
-                        msg.msg_namelen = socklen_t(MemoryLayout<sockaddr_in>.size)
+                        msg.msg_namelen = socklen_t(MemoryLayout<sockaddr_in6>.size)
                         msg.msg_iov = iovPtr
                         msg.msg_iovlen = 1
                         msg.msg_control = ctl.baseAddress
                         msg.msg_controllen = ctl.count
-                        return recvmsg(self.udpFD, &msg, Int32(MSG_DONTWAIT))
+                        return recvmsg(fd, &msg, Int32(MSG_DONTWAIT))
                     }
                 }
             }
@@ -288,25 +358,64 @@ public final class Datapath: @unchecked Sendable {
                 return
             }
             buf.trimBack(room - n)
-            // The local address the datagram was sent to (IP_PKTINFO: ipi_ifindex, ipi_spec_dst, ipi_addr).
-            var local: UInt32 = 0
-            if control.count >= 28 {
-                let level = Int32(control[8]) | Int32(control[9]) << 8
-                let type = Int32(control[12]) | Int32(control[13]) << 8
-                if level == Int32(IPPROTO_IP) && type == Int32(IP_PKTINFO) {
-                    local = control.withUnsafeBytes { $0.load(fromByteOffset: 16 + 8, as: UInt32.self) }
+            let local = Self.pktinfoAddress(control)
+            switch framing {
+            case .raw4:
+                break
+            case .udp4:
+                guard case .v4(let dst)? = local else {
+                    self.pool.release(buf)
+                    continue
+                }
+                let sin = withUnsafeBytes(of: from) { $0.load(as: sockaddr_in.self) }
+                let ip = buf.prepend(28)
+                IPv4Header.write(ip, tos: 0, totalLength: buf.count, identification: 0, flags: 0, ttl: 64,
+                                 proto: UInt8(IPPROTO_UDP), source: UInt32(bigEndian: sin.sin_addr.s_addr),
+                                 destination: dst)
+                Self.writeUDP(ip + 20, sport: UInt16(bigEndian: sin.sin_port), dport: self.udpPort, length: 8 + n)
+            case .raw6, .udp6:
+                guard let dst = local, dst.version == 6 else {
+                    self.pool.release(buf)
+                    continue
+                }
+                var sourceBytes = from.sin6_addr
+                let src = withUnsafeMutableBytes(of: &sourceBytes) { IPAddress.loadV6(from: $0.baseAddress!, at: 0) }
+                let udp = framing == .udp6
+                let ip = buf.prepend(udp ? 48 : 40)
+                IPv6Header.write(ip, trafficClass: 0, flowLabel: 0, payloadLength: buf.count - 40,
+                                 nextHeader: udp ? UInt8(IPPROTO_UDP) : UInt8(IPPROTO_ESP), hopLimit: 64, source: src,
+                                 destination: dst)
+                if udp {
+                    Self.writeUDP(ip + 40, sport: UInt16(bigEndian: from.sin6_port), dport: self.udpPort,
+                                  length: 8 + n)
                 }
             }
-            let ip = buf.prepend(28)
-            IPv4Header.write(ip, tos: 0, totalLength: buf.count, identification: 0, flags: 0, ttl: 64,
-                             proto: UInt8(IPPROTO_UDP), source: UInt32(bigEndian: from.sin_addr.s_addr),
-                             destination: UInt32(bigEndian: local))
-            (ip + 20).storeBE16(UInt16(bigEndian: from.sin_port), at: 0)
-            (ip + 20).storeBE16(self.udpPort, at: 2)
-            (ip + 20).storeBE16(UInt16(8 + n), at: 4)
-            (ip + 20).storeBE16(0, at: 6)
             self.counters.wireReceived.wrappingAdd(1, ordering: .relaxed)
             self.input(&buf)
+        }
+    }
+
+    /// A UDP header (checksum 0: the socket already checked the datagram).
+    private static func writeUDP(_ p: UnsafeMutableRawPointer, sport: UInt16, dport: UInt16, length: Int) {
+        p.storeBE16(sport, at: 0)
+        p.storeBE16(dport, at: 2)
+        p.storeBE16(UInt16(truncatingIfNeeded: length), at: 4)
+        p.storeBE16(0, at: 6)
+    }
+
+    /// The destination address from an IP_PKTINFO or IPV6_PKTINFO control message.
+    private static func pktinfoAddress(_ control: [UInt8]) -> IPAddress? {
+        control.withUnsafeBytes { c -> IPAddress? in
+            let length = c.load(fromByteOffset: 0, as: Int.self)
+            let level = c.load(fromByteOffset: 8, as: Int32.self)
+            let type = c.load(fromByteOffset: 12, as: Int32.self)
+            if level == Int32(IPPROTO_IP) && type == Int32(IP_PKTINFO) && length >= 28 {
+                return .v4(UInt32(bigEndian: c.load(fromByteOffset: 24, as: UInt32.self)))
+            }
+            if level == Int32(IPPROTO_IPV6) && type == Sockopt.ipv6Pktinfo && length >= 36 {
+                return IPAddress.loadV6(from: UnsafeMutableRawPointer(mutating: c.baseAddress!), at: 16)
+            }
+            return nil
         }
     }
 
@@ -359,4 +468,11 @@ public final class Datapath: @unchecked Sendable {
             try? self.stack.network.addAddress(IPPrefix(address, length: full), device: "wan")
         }
     }
+}
+
+/// Socket option numbers Glibc does not export to Swift (linux/in6.h).
+enum Sockopt {
+    static let ipv6V6only: Int32 = 26
+    static let ipv6RecvPktinfo: Int32 = 49
+    static let ipv6Pktinfo: Int32 = 50
 }

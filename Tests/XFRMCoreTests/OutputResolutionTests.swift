@@ -61,6 +61,20 @@ struct OutputResolutionTests {
         #expect(Array(wire[20..<24]) == [0, 0, 0x10, 0x02], "the exact source is preferred")
     }
 
+    @Test("an SA whose selector is the wildcard of the outer family serves inner traffic of the other (4in6)")
+    func wildcardSelectorAcrossFamilies() throws {
+        let h = try TwoHosts()
+        try h.a.network.addAddress(IPPrefix("2001:db8::1/64")!, device: "eth0")
+        let t = Template(source: IPAddress("2001:db8::1"), destination: IPAddress("2001:db8::2"), mode: 1, reqid: 1)
+        try h.a.addPolicy(Policy(selector: ab, direction: .outbound, templates: [t]), update: false)
+        var c = try h.sa(from: "2001:db8::1", to: "2001:db8::2", spi: 0x1001, on: h.a).config
+        c.selector = .any(family: 6)  // what an SA added without `sel` gets (copy_from_user_state)
+        try h.a.addState(h.a.makeSA(c))
+        let (r, wire) = h.send(h.packet())
+        #expect(r == .transmit(ifindex: 2))
+        #expect(wire[0] >> 4 == 6 && wire[6] == 50, "IPv4 inside IPv6 ESP")
+    }
+
     @Test("a transport template after a tunnel template takes the tunnel's endpoints")
     func transportAfterTunnel() throws {
         let h = try TwoHosts()

@@ -33,8 +33,9 @@ class Pair:
         run("ip", "link", "add", "veth" + tag, "netns", self.ns["a"], "type", "veth", "peer", "name", "vb" + tag,
             "netns", self.ns["b"])
         self.dev = {"a": "veth" + tag, "b": "vb" + tag}
-        for side, addr in [("a", "192.0.2.1/24"), ("b", "192.0.2.2/24")]:
+        for side, addr, addr6 in [("a", "192.0.2.1/24", "2001:db8::1/64"), ("b", "192.0.2.2/24", "2001:db8::2/64")]:
             self.ip(side, "addr", "add", addr, "dev", self.dev[side])
+            self.ip(side, "addr", "add", addr6, "dev", self.dev[side], "nodad")
             self.ip(side, "link", "set", self.dev[side], "up")
             self.ip(side, "link", "set", "lo", "up")
         xfrmd = str(Path(os.environ["XFRM_TOOL"]).with_name("xfrmd"))
@@ -64,15 +65,16 @@ class Pair:
         assert r.returncode == 0, (line, r.stderr)
         return r.stdout
 
-    def configure(self, natt: bool):
-        encap = " encap espinudp 4500 4500 0.0.0.0" if natt else ""
+    def configure(self, natt: bool, outer6: bool = False):
+        a, b = ("2001:db8::1", "2001:db8::2") if outer6 else ("192.0.2.1", "192.0.2.2")
+        encap = f" encap espinudp 4500 4500 {'::' if outer6 else '0.0.0.0'}" if natt else ""
         for side in "ab":
-            self.xfrm(side, "state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x1001 reqid 1 mode tunnel "
+            self.xfrm(side, f"state add src {a} dst {b} proto esp spi 0x1001 reqid 1 mode tunnel "
                             f"aead rfc4106(gcm(aes)) {K1} 128 replay-window 128" + encap)
-            self.xfrm(side, "state add src 192.0.2.2 dst 192.0.2.1 proto esp spi 0x2002 reqid 2 mode tunnel "
+            self.xfrm(side, f"state add src {b} dst {a} proto esp spi 0x2002 reqid 2 mode tunnel "
                             f"aead rfc4106(gcm(aes)) {K2} 128 replay-window 128" + encap)
-        ab = "tmpl src 192.0.2.1 dst 192.0.2.2 proto esp reqid 1 mode tunnel"
-        ba = "tmpl src 192.0.2.2 dst 192.0.2.1 proto esp reqid 2 mode tunnel"
+        ab = f"tmpl src {a} dst {b} proto esp reqid 1 mode tunnel"
+        ba = f"tmpl src {b} dst {a} proto esp reqid 2 mode tunnel"
         self.xfrm("a", f"policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out {ab}")
         self.xfrm("a", f"policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir in {ba}")
         self.xfrm("b", f"policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir out {ba}")
@@ -101,6 +103,11 @@ def pair(tmp_path):
     p.close()
 
 
+# Every IPv4 and IPv6 packet on the veth except the links' own housekeeping (ARP, IPv6 neighbour discovery and
+# multicast listener reports): with a tunnel up, all of it must be ESP.
+WIRE_FILTER = ("not arp and not (ip6 and (src net fe80::/10 or src host :: or dst net ff00::/8 or "
+               "(icmp6 and (ip6[40] == 135 or ip6[40] == 136))))")
+
 SERVER = """
 import hashlib, socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -128,12 +135,13 @@ print(hashlib.sha256(data).hexdigest(), reply.decode())
 """
 
 
+@pytest.mark.parametrize("outer6", [False, True], ids=["ipv4-outer", "ipv6-outer"])
 @pytest.mark.parametrize("natt", [False, True], ids=["raw-esp", "nat-t"])
-def test_ping_and_a_tcp_transfer_cross_the_tunnel_as_esp_only(pair, natt, tmp_path):
-    pair.configure(natt)
+def test_ping_and_a_tcp_transfer_cross_the_tunnel_as_esp_only(pair, natt, outer6, tmp_path):
+    pair.configure(natt, outer6)
     capture = tmp_path / "veth.pcap"
     dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "-ni", pair.dev["b"], "-w",
-                             str(capture), "ip"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             str(capture), WIRE_FILTER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(1.0)
     ping = pair.exec("a", "busybox", "ping", "-c", "3", "-W", "2", "-I", "10.0.1.1", "10.0.2.1", check=False)
     assert ping.returncode == 0 and "3 packets received" in ping.stdout, ping.stdout + ping.stderr
@@ -152,15 +160,17 @@ def test_ping_and_a_tcp_transfer_cross_the_tunnel_as_esp_only(pair, natt, tmp_pa
     # Everything on the wire between the daemons was ESP (raw, IP protocol 50) or ESP-in-UDP on port 4500.
     listing = run("tcpdump", "-nr", str(capture)).stdout.splitlines()
     assert len(listing) > 100, listing[:5]
+    peer = "2001:db8::" if outer6 else " 192.0.2."
     if natt:
-        assert all(" 192.0.2." in l and ".4500 > " in l and "UDP-encap: ESP" in l for l in listing), \
+        assert all(peer in l and ".4500 > " in l and "UDP-encap: ESP" in l for l in listing), \
             [l for l in listing if "UDP-encap: ESP" not in l][:5]
     else:
-        assert all(": ESP(spi=0x0000" in l for l in listing), [l for l in listing if "ESP(" not in l][:5]
+        assert all(peer in l and ": ESP(spi=0x0000" in l for l in listing), [l for l in listing if "ESP(" not in l][:5]
     # tshark, given the two SAs, decrypts every ESP packet on the wire and finds every ICV good.
     uats = []
     for spi, key in [(0x1001, K1), (0x2002, K2)]:
-        fields = ["IPv4", "*", "*", f"0x{spi:08x}", "AES-GCM with 16 octet ICV [RFC4106]", key, "NULL", ""]
+        fields = ["IPv6" if outer6 else "IPv4", "*", "*", f"0x{spi:08x}", "AES-GCM with 16 octet ICV [RFC4106]", key,
+                  "NULL", ""]
         uats += ["-o", "uat:esp_sa:" + ",".join(f'"{f}"' for f in fields)]
     home = tmp_path / "home"
     home.mkdir()
@@ -184,7 +194,7 @@ def test_a_packet_no_policy_protects_is_dropped_and_counted_never_sent_in_clear(
     pair.ip("a", "route", "add", "10.9.9.0/24", "dev", "xfrm0", "src", "10.0.1.1")
     capture = tmp_path / "veth.pcap"
     dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "-ni", pair.dev["b"], "-w",
-                             str(capture), "ip"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             str(capture), WIRE_FILTER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(1.0)
     pair.exec("a", "busybox", "ping", "-c", "2", "-W", "1", "-I", "10.0.1.1", "10.9.9.9", check=False)
     time.sleep(0.5)

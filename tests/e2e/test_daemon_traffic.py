@@ -1,6 +1,6 @@
 """Real traffic through two xfrmd daemons: two network namespaces joined by a veth pair (192.0.2.1 ⟷ 192.0.2.2),
 each with a daemon whose TUN device xfrm0 carries its protected subnet (10.0.1.0/24, 10.0.2.0/24); the SAs and
-policies go in with `xfrm -S`. ping and a TCP transfer with a verified hash cross the tunnel; tcpdump on the
+policies go in with `xfrm -S`. ping and a TCP transfer with a verified hash (IPv4 and IPv6, inside IPv4 and IPv6) cross the tunnel; tcpdump on the
 veth sees nothing but ESP (or ESP-in-UDP), tshark decrypts all of it with every ICV good, and the SA counters show
 no replay or integrity failure."""
 
@@ -48,11 +48,14 @@ class Pair:
             assert time.time() < deadline and all(p.poll() is None for p in self.procs), \
                 [p.stderr.read() for p in self.procs if p.poll() is not None]
             time.sleep(0.05)
-        for side, me, peer in [("a", "10.0.1.1", "10.0.2.0/24"), ("b", "10.0.2.1", "10.0.1.0/24")]:
+        for side, me, peer, me6, peer6 in [("a", "10.0.1.1", "10.0.2.0/24", "2001:db8:1::1", "2001:db8:2::/64"),
+                                           ("b", "10.0.2.1", "10.0.1.0/24", "2001:db8:2::1", "2001:db8:1::/64")]:
             self.ip(side, "addr", "add", me + "/32", "dev", "xfrm0")
+            self.ip(side, "addr", "add", me6 + "/128", "dev", "xfrm0", "nodad")
             # Below the veth MTU minus the ESP overhead, so TCP segments are never too big once protected.
             self.ip(side, "link", "set", "xfrm0", "mtu", "1400")
             self.ip(side, "route", "add", peer, "dev", "xfrm0", "src", me)
+            self.ip(side, "-6", "route", "add", peer6, "dev", "xfrm0", "src", me6)
 
     def ip(self, side, *args):
         return run("ip", "-n", self.ns[side], *args)
@@ -75,10 +78,11 @@ class Pair:
                             f"aead rfc4106(gcm(aes)) {K2} 128 replay-window 128" + encap)
         ab = f"tmpl src {a} dst {b} proto esp reqid 1 mode tunnel"
         ba = f"tmpl src {b} dst {a} proto esp reqid 2 mode tunnel"
-        self.xfrm("a", f"policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out {ab}")
-        self.xfrm("a", f"policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir in {ba}")
-        self.xfrm("b", f"policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir out {ba}")
-        self.xfrm("b", f"policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir in {ab}")
+        for la, lb in [("10.0.1.0/24", "10.0.2.0/24"), ("2001:db8:1::/64", "2001:db8:2::/64")]:
+            self.xfrm("a", f"policy add src {la} dst {lb} dir out {ab}")
+            self.xfrm("a", f"policy add src {lb} dst {la} dir in {ba}")
+            self.xfrm("b", f"policy add src {lb} dst {la} dir out {ba}")
+            self.xfrm("b", f"policy add src {la} dst {lb} dir in {ab}")
 
     def close(self):
         for p in self.procs:
@@ -110,8 +114,9 @@ WIRE_FILTER = ("not arp and not (ip6 and (src net fe80::/10 or src host :: or ds
 
 SERVER = """
 import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("10.0.2.1", 5001)); s.listen(1); s.settimeout(30)
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 5001)); s.listen(1); s.settimeout(30)
 c, _ = s.accept(); h = hashlib.sha256(); n = 0
 while True:
     b = c.recv(65536)
@@ -124,7 +129,7 @@ print(n, h.hexdigest())
 CLIENT = """
 import hashlib, os, socket, sys
 data = os.urandom(int(sys.argv[1]))
-c = socket.create_connection(("10.0.2.1", 5001), timeout=30, source_address=("10.0.1.1", 0))
+c = socket.create_connection((sys.argv[3], 5001), timeout=30, source_address=(sys.argv[2], 0))
 c.sendall(data); c.shutdown(socket.SHUT_WR)
 reply = b""
 while True:
@@ -135,21 +140,24 @@ print(hashlib.sha256(data).hexdigest(), reply.decode())
 """
 
 
+@pytest.mark.parametrize("inner6", [False, True], ids=["ipv4-inner", "ipv6-inner"])
 @pytest.mark.parametrize("outer6", [False, True], ids=["ipv4-outer", "ipv6-outer"])
 @pytest.mark.parametrize("natt", [False, True], ids=["raw-esp", "nat-t"])
-def test_ping_and_a_tcp_transfer_cross_the_tunnel_as_esp_only(pair, natt, outer6, tmp_path):
+def test_ping_and_a_tcp_transfer_cross_the_tunnel_as_esp_only(pair, natt, outer6, inner6, tmp_path):
     pair.configure(natt, outer6)
+    me, peer = ("2001:db8:1::1", "2001:db8:2::1") if inner6 else ("10.0.1.1", "10.0.2.1")
     capture = tmp_path / "veth.pcap"
     dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "-ni", pair.dev["b"], "-w",
                              str(capture), WIRE_FILTER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(1.0)
-    ping = pair.exec("a", "busybox", "ping", "-c", "3", "-W", "2", "-I", "10.0.1.1", "10.0.2.1", check=False)
+    ping = pair.exec("a", "busybox", "ping6" if inner6 else "ping", "-c", "3", "-W", "2", "-I", me, peer,
+                     check=False)
     assert ping.returncode == 0 and "3 packets received" in ping.stdout, ping.stdout + ping.stderr
-    server = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "python3", "-c", SERVER], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "python3", "-c", SERVER, peer],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
-    size = 4 * 1024 * 1024
-    client = pair.exec("a", "python3", "-c", CLIENT, str(size), timeout=120)
+    size = 2 * 1024 * 1024
+    client = pair.exec("a", "python3", "-c", CLIENT, str(size), me, peer, timeout=120)
     sent_hash, echoed = client.stdout.split()
     out, err = server.communicate(timeout=60)
     n, got_hash = out.split()
@@ -159,7 +167,7 @@ def test_ping_and_a_tcp_transfer_cross_the_tunnel_as_esp_only(pair, natt, outer6
     dump.communicate(timeout=10)
     # Everything on the wire between the daemons was ESP (raw, IP protocol 50) or ESP-in-UDP on port 4500.
     listing = run("tcpdump", "-nr", str(capture)).stdout.splitlines()
-    assert len(listing) > 100, listing[:5]
+    assert len(listing) > 50, listing[:5]
     peer = "2001:db8::" if outer6 else " 192.0.2."
     if natt:
         assert all(peer in l and ".4500 > " in l and "UDP-encap: ESP" in l for l in listing), \

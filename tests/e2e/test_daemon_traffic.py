@@ -214,3 +214,77 @@ def test_a_packet_no_policy_protects_is_dropped_and_counted_never_sent_in_clear(
     # The two echo requests (and whatever else the kernel routed into xfrm0, e.g. IPv6 router solicitations): all
     # dropped as unprotected, none sent.
     assert int(counts["tun-no-policy"]) >= 2 and counts["wire-sent"] == "0", logs[0]
+
+
+SLOW_CLIENT = """
+import hashlib, os, socket, sys, time
+data = os.urandom(int(sys.argv[1]))
+c = socket.create_connection(("10.0.2.1", 5001), timeout=30, source_address=("10.0.1.1", 0))
+for i in range(0, len(data), 32768):
+    c.sendall(data[i:i + 32768]); time.sleep(0.01)
+c.shutdown(socket.SHUT_WR)
+reply = b""
+while True:
+    b = c.recv(1024)
+    if not b: break
+    reply += b
+print(hashlib.sha256(data).hexdigest(), reply.decode())
+"""
+
+
+def retransmits(pair, side):
+    lines = [l.split() for l in pair.exec(side, "cat", "/proc/net/snmp").stdout.splitlines() if l.startswith("Tcp:")]
+    return int(lines[1][lines[0].index("RetransSegs")])
+
+
+def test_rekey_during_a_transfer_loses_nothing_and_sends_nothing_in_clear(pair, tmp_path):
+    """A new SA pair (same reqids, new SPIs, new keys) is added while TCP runs; output moves to the newest SA at
+    once (xfrm_state_find prefers the newest), the old pair is deleted a moment later. The transfer completes with
+    its hash, TCP retransmits nothing, and the veth carries only ESP — first on the old SPIs, then the new."""
+    pair.configure(natt=False)
+    capture = tmp_path / "veth.pcap"
+    dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "-ni", pair.dev["b"], "-w",
+                             str(capture), WIRE_FILTER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    before = retransmits(pair, "a") + retransmits(pair, "b")
+    server = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "python3", "-c", SERVER, "10.0.2.1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    size = 4 * 1024 * 1024
+    client = subprocess.Popen(["ip", "netns", "exec", pair.ns["a"], "python3", "-c", SLOW_CLIENT, str(size)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.6)  # mid-transfer (the client paces itself to ~1.3 s)
+    k3, k4 = "0x" + "31" * 20, "0x" + "42" * 20
+    ab = ("state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x1011 reqid 1 mode tunnel "
+          f"aead rfc4106(gcm(aes)) {k3} 128 replay-window 128")
+    ba = ("state add src 192.0.2.2 dst 192.0.2.1 proto esp spi 0x2012 reqid 2 mode tunnel "
+          f"aead rfc4106(gcm(aes)) {k4} 128 replay-window 128")
+    # Make before break, as a key manager does: each receiver learns the new inbound SA before its sender starts
+    # using it (a sender moves to the newest SA the moment it is added).
+    pair.xfrm("b", ab)
+    pair.xfrm("a", ba)
+    pair.xfrm("a", ab)
+    pair.xfrm("b", ba)
+    time.sleep(0.3)  # what was already in flight on the old SAs arrives
+    for side in "ab":
+        pair.xfrm(side, "state delete src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x1001")
+        pair.xfrm(side, "state delete src 192.0.2.2 dst 192.0.2.1 proto esp spi 0x2002")
+    out, err = client.communicate(timeout=120)
+    assert client.returncode == 0, err
+    sent_hash, echoed = out.split()
+    sout, serr = server.communicate(timeout=60)
+    n, got_hash = sout.split()
+    assert int(n) == size and got_hash == sent_hash == echoed, (sout, serr)
+    assert retransmits(pair, "a") + retransmits(pair, "b") == before, "a packet was lost and TCP resent it"
+    time.sleep(0.5)
+    dump.send_signal(signal.SIGINT)
+    dump.communicate(timeout=10)
+    listing = run("tcpdump", "-nr", str(capture)).stdout.splitlines()
+    assert all(": ESP(spi=0x0000" in l for l in listing), [l for l in listing if "ESP(" not in l][:5]
+    spis = [l.split("spi=")[1].split(",")[0] for l in listing]
+    a_to_b = [s for s in spis if s in ("0x00001001", "0x00001011")]
+    switch = a_to_b.index("0x00001011")
+    assert switch > 0 and set(a_to_b[:switch]) == {"0x00001001"} and set(a_to_b[switch:]) == {"0x00001011"}, \
+        "A moved to the new SA once, for good"
+    stats = pair.xfrm("b", "-s state list")
+    assert "spi 0x00001001" not in stats and "replay-window 0 replay 0 failed 0" in stats, stats

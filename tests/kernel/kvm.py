@@ -45,6 +45,7 @@ OPTIONAL_MODULES = [
     "chacha_generic", "chacha_x86_64", "libpoly1305", "poly1305_generic", "poly1305_x86_64", "chacha20poly1305",
     "authenc", "authencesn", "geniv", "seqiv", "echainiv", "sha1_ssse3", "sha256_ssse3", "sha512_ssse3",
     "udp_tunnel", "ip6_udp_tunnel",
+    "virtio_net",  # the live-peer test's NIC (test_live_peer.py); the other tests boot with -nic none
 ]
 
 BEGIN = "@@KERNEL-VM-BEGIN@@"

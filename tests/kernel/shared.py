@@ -25,6 +25,7 @@ import kvm
 RESULTS = kvm.WORK / "results"
 _groups: dict[str, tuple[str, Callable[[], tuple[str, dict[str, bytes], Callable[[str], object]]]]] = {}
 _memo: dict[str, object] = {}
+_sessions: dict[str, Callable[[], dict]] = {}
 _mutex = threading.Lock()
 
 
@@ -33,6 +34,15 @@ def register(name: str, key: str,
     """key: what the result depends on (besides the initramfs); build() -> (guest script, files,
     parse(output) -> JSON-able result), called only by the worker that boots the group."""
     _groups[name] = (key, build)
+
+
+def register_session(name: str, key: str, runner: Callable[[], dict]) -> None:
+    """A group that is not one guest script but a whole session the host drives (test_live_peer.py: the kernel
+    as a live ESP peer of xfrmd). runner() -> {"rc", "seconds", "output", "result"} as stored for the others; it
+    should record its failures in the result rather than raise (a raise leaves no result, so the next test that
+    needs the group runs the session again)."""
+    _groups[name] = (key, lambda: ("", {}, lambda _: None))
+    _sessions[name] = runner
 
 
 def _token() -> str:
@@ -55,6 +65,11 @@ def get(name: str) -> object:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
             data = json.loads(path.read_text())
+        elif name in _sessions:
+            data = _sessions[name]()
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(data))
+            tmp.replace(path)
         else:
             script, files, parse = build()
             rc, output, seconds = kvm.run(script, files)

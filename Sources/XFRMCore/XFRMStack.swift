@@ -121,6 +121,8 @@ public final class XFRMStack: @unchecked Sendable {
     /// `xfrm policy set offload-priority strict`: refuse inserts that would let a software policy outrank an
     /// offloaded one (the originally posted design) instead of consulting offloaded policies first.
     public let strictOffloadPriority = Atomic<Bool>(false)
+    /// The UDP port on which input looks for ESP-in-UDP (RFC 3948; the daemon's `--udp-port`).
+    public let nattPort = Atomic<UInt16>(4500)
 
     public init(clock: any XFRMClock = SystemClock(), backend: any ESPCryptoBackend = OpenSSLBackend()) {
         self.clock = clock
@@ -370,6 +372,17 @@ public final class XFRMStack: @unchecked Sendable {
     public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, ifID: UInt32 = 0, forwarded: Bool = false)
         -> OutputResult
     {
+        var transformed = false
+        return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, transformed: &transformed)
+    }
+
+    /// `output`, also saying whether an SA transformed the packet: a `.transmit` with `transformed` false is the
+    /// packet as it came (no policy, a bypass policy, only optional templates without SAs) — what a daemon whose
+    /// outer side carries nothing but ESP must not send.
+    public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, ifID: UInt32 = 0, forwarded: Bool = false,
+                       transformed: inout Bool) -> OutputResult
+    {
+        transformed = false
         guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark) else {
             self.statistics.count(.badOutputPacket)
             return .dropped(.outError)
@@ -459,6 +472,7 @@ public final class XFRMStack: @unchecked Sendable {
                 self.statistics.increment(.outError)
                 return .dropped(.outError)
             }
+            transformed = applied > 0
             return self.transmit(&packet, transformed: applied > 0)
         } else if self.defaultAction(.outbound) == .block && !self.network.isLocal(flow.destination) {
             // ≈ xfrm_lookup_with_ifid: the sender gets EPERM and no counter moves; loopback traffic is exempt.
@@ -744,6 +758,15 @@ public final class XFRMStack: @unchecked Sendable {
     /// Runs a received IP packet (from interface `ifindex`) through ESP decapsulation and the inbound policy check.
     public func input(_ packet: inout PacketBuffer, ifindex: Int32 = 0, mark: UInt32 = 0,
                       metadata: OffloadMetadata? = nil) -> InputResult {
+        var decapsulated = false
+        return self.input(&packet, ifindex: ifindex, mark: mark, metadata: metadata, decapsulated: &decapsulated)
+    }
+
+    /// `input`, also saying whether the delivered or forwarded packet came out of ESP (a non-empty secpath, or a
+    /// packet-offload device's decryption): a daemon writes only those into its TUN.
+    public func input(_ packet: inout PacketBuffer, ifindex: Int32 = 0, mark: UInt32 = 0,
+                      metadata: OffloadMetadata? = nil, decapsulated: inout Bool) -> InputResult {
+        decapsulated = false
         var secpath = SecPath()
         let now = self.clock.now
         var cryptoDone = metadata?.cryptoDone ?? false
@@ -758,6 +781,7 @@ public final class XFRMStack: @unchecked Sendable {
                 self.statistics.increment(.inHdrError)
                 return .dropped(.inHdrError)
             }
+            decapsulated = true
             return self.network.isLocal(flow.destination) ? .deliver : self.forwardPrepare(&packet)
         }
         // A packet for another host is transit traffic whatever it carries (ESP, NAT-T, IKE, fragments): it goes
@@ -770,13 +794,14 @@ public final class XFRMStack: @unchecked Sendable {
                                     localIfindex: .some(nil))
         }
         while true {
-            switch ESPClassification.classify(&packet) {
+            switch ESPClassification.classify(&packet, nattPort: self.nattPort.load(ordering: .relaxed)) {
             case .ike:
                 return .ike
             case .drop(let reason):
                 self.statistics.count(reason)
                 return .dropped(reason == .nattKeepalive ? nil : XfrmStatCounter(reason))
             case .notESP:
+                decapsulated = secpath.count > 0
                 return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now,
                                         localIfindex: secpath.count == 0 ? outerLocal : nil)
             case .esp(let info):

@@ -45,13 +45,8 @@ public final class ControlSocketServer {
         self.stack = stack
         self.server = XfrmControlServer(stack: stack)
         self.logger = logger
-        if access(path, F_OK) == 0 {
-            let probe = try UnixAddress.seqpacket()
-            let live = UnixAddress.with(path, { connect(probe, $0, $1) }) == 0
-            close(probe)
-            if live { throw SocketError("another xfrmd is already listening on \(path)", errno: EADDRINUSE) }
-            unlink(path)
-        }
+        try Self.refuseIfLive(path)
+        if access(path, F_OK) == 0 { unlink(path) }
         let fd = try UnixAddress.seqpacket()
         let oldMask = umask(0o177)
         let bound = UnixAddress.with(path, { bind(fd, $0, $1) })
@@ -69,15 +64,26 @@ public final class ControlSocketServer {
         self.events = stack.events.subscribe(capacity: 1 << 16, acquire: false)
     }
 
-    /// Serves until `stop` returns true (checked at least every `tick` milliseconds).
-    public func run(tick: Int32 = 200, until stop: () -> Bool) {
+    /// Throws when a daemon answers at `path` (checked before anything else is set up).
+    public static func refuseIfLive(_ path: String) throws(SocketError) {
+        guard access(path, F_OK) == 0 else { return }
+        let probe = try UnixAddress.seqpacket()
+        let live = UnixAddress.with(path, { connect(probe, $0, $1) }) == 0
+        close(probe)
+        if live { throw SocketError("another xfrmd is already listening on \(path)", errno: EADDRINUSE) }
+    }
+
+    /// Serves until `stop` returns true (checked at least every `tick` milliseconds); false when it had to stop
+    /// on an error.
+    @discardableResult
+    public func run(tick: Int32 = 200, until stop: () -> Bool) -> Bool {
         while !stop() {
             var fds = [pollfd(fd: self.listenFD, events: Int16(POLLIN), revents: 0)]
             for fd in self.clients.keys.sorted() { fds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0)) }
             let n = poll(&fds, nfds_t(fds.count), tick)
             if n < 0 && errno != EINTR {
                 self.logger.error("poll failed: \(String(cString: strerror(errno)))")
-                return
+                return false
             }
             if n > 0 {
                 if fds[0].revents & Int16(POLLIN) != 0 { self.accept() }
@@ -91,6 +97,7 @@ public final class ControlSocketServer {
                 self.deliverEvents()
             }
         }
+        return true
     }
 
     /// Closes every client and the listening socket and removes the socket file.
@@ -104,9 +111,17 @@ public final class ControlSocketServer {
 
     // MARK: - Clients
 
+    /// At most this many clients; further connections are refused (closed) so descriptors never run out.
+    static let maximumClients = 256
+
     private func accept() {
         let fd = Glibc.accept(self.listenFD, nil, nil)
         guard fd >= 0 else { return }
+        guard self.clients.count < Self.maximumClients else {
+            self.logger.warning("refused a control connection: \(Self.maximumClients) clients already")
+            close(fd)
+            return
+        }
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
         guard let cred = PeerCredentials.of(fd), cred.uid == 0 || cred.uid == geteuid() else {
             self.logger.warning("refused a control connection from uid \(PeerCredentials.of(fd)?.uid ?? UInt32.max)")
@@ -165,6 +180,10 @@ public final class ControlSocketServer {
     /// Sends messages packed into datagrams of at most 32 KiB (a dump arrives in several, as from the kernel).
     private func send(_ messages: [XfrmMessage], to fd: Int32, blocking: Bool) -> Bool {
         var datagram: [UInt8] = []
+        // A client gets 2 s in all to take its reply; one that cannot is dropped rather than stall the loop.
+        var clock = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &clock)
+        let deadline = Int(clock.tv_sec) * 1000 + Int(clock.tv_nsec) / 1_000_000 + 2000
         func flush() -> Bool {
             guard !datagram.isEmpty else { return true }
             defer { datagram.removeAll(keepingCapacity: true) }
@@ -175,8 +194,11 @@ public final class ControlSocketServer {
                 if sent == datagram.count { return true }
                 if sent < 0 && errno == EINTR { continue }
                 if sent < 0 && errno == EAGAIN && blocking {
+                    var now = timespec()
+                    clock_gettime(CLOCK_MONOTONIC, &now)
+                    let left = deadline - (Int(now.tv_sec) * 1000 + Int(now.tv_nsec) / 1_000_000)
                     var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-                    if poll(&p, 1, 1000) > 0 { continue }
+                    if left > 0 && poll(&p, 1, Int32(left)) > 0 { continue }
                 }
                 return false
             }
@@ -198,7 +220,11 @@ public final class ControlSocketServer {
     }
 
     private func deliverEvents() {
-        let events = self.events.drain()
+        let (events, lost) = self.events.drainReportingLoss()
+        if lost > 0 {
+            // The daemon's own queue overflowed: every listener missed events and must be told (ENOBUFS).
+            for fd in self.clients.keys where self.clients[fd]!.groups != 0 { self.clients[fd]!.lost = true }
+        }
         guard !events.isEmpty, !self.clients.isEmpty else { return }
         for e in events {
             guard let m = self.server.message(for: e), let group = ControlProtocol.group(of: m) else { continue }

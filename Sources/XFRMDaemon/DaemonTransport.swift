@@ -73,7 +73,15 @@ public final class DaemonTransport: XfrmTransport {
             let n = self.buffer.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress, $0.count, 0) }
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else { return nil }
-            return (try? XfrmMessage.decodeAll(Array(self.buffer[0..<n]))) ?? []
+            do throws(WireError) {
+                return try XfrmMessage.decodeAll(Array(self.buffer[0..<n]))
+            } catch {
+                // An answer we cannot read ends the exchange with an error instead of waiting for another.
+                var m = XfrmMessage(type: NetlinkControlType.error, flags: 0,
+                                    body: .error(errno: -EBADMSG, message: "undecodable reply from xfrmd: \(error)"))
+                m.sequence = self.sequence
+                return [m]
+            }
         }
     }
 

@@ -34,7 +34,21 @@ public final class DatapathCounters: Sendable {
     public let ikeDropped = Atomic<UInt64>(0)
     public let sendErrors = Atomic<UInt64>(0)
     public let noBuffer = Atomic<UInt64>(0)
+    /// Arrived on an outer socket without being ESP for one of our SAs: never written into the TUN.
+    public let notESP = Atomic<UInt64>(0)
+    /// Outer datagrams larger than the receive buffer (truncated by the kernel): dropped.
+    public let truncated = Atomic<UInt64>(0)
     init() {}
+
+    /// Every counter by its metric label.
+    public var snapshot: [String: UInt64] {
+        ["tun_read": self.tunRead.load(ordering: .relaxed), "tun_written": self.tunWritten.load(ordering: .relaxed),
+         "tun_no_policy": self.tunNoPolicy.load(ordering: .relaxed), "wire_sent": self.wireSent.load(ordering: .relaxed),
+         "wire_received": self.wireReceived.load(ordering: .relaxed),
+         "ike_dropped": self.ikeDropped.load(ordering: .relaxed), "send_errors": self.sendErrors.load(ordering: .relaxed),
+         "no_buffer": self.noBuffer.load(ordering: .relaxed), "not_esp": self.notESP.load(ordering: .relaxed),
+         "truncated": self.truncated.load(ordering: .relaxed)]
+    }
 }
 
 public final class Datapath: @unchecked Sendable {
@@ -43,6 +57,8 @@ public final class Datapath: @unchecked Sendable {
     private let stack: XFRMStack
     private let logger: Logger
     private let pool = PacketPool(count: 256, slotSize: 4096, headroom: 256)
+    /// Free packet buffers (a queue-depth view for the metrics).
+    public var poolFree: Int { self.pool.available }
     private let tunFD: Int32
     private let rawFD: Int32
     private let udpFD: Int32
@@ -52,6 +68,8 @@ public final class Datapath: @unchecked Sendable {
     private let wanIfindex: Int32
     private let stopping = Atomic<Bool>(false)
     private var thread: pthread_t? = nil
+    /// Set when the data path had to stop on its own (its TUN device went away): the daemon exits with an error.
+    public let failed = Atomic<Bool>(false)
 
     /// Opens the TUN device and the outer sockets and prepares the stack's network model. Throws one clear error
     /// (missing privileges, no /dev/net/tun, port in use).
@@ -83,6 +101,12 @@ public final class Datapath: @unchecked Sendable {
             _ = setsockopt(raw, Int32(IPPROTO_IP), IP_HDRINCL, &one, socklen_t(MemoryLayout<Int32>.size))
         }
         let udp = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard udp >= 0 else {
+            let e = errno
+            close(fd)
+            if raw >= 0 { close(raw) }
+            throw SocketError("cannot open the UDP socket", errno: e)
+        }
         var one: Int32 = 1
         _ = setsockopt(udp, Int32(IPPROTO_IP), IP_PKTINFO, &one, socklen_t(MemoryLayout<Int32>.size))
         var addr = sockaddr_in()
@@ -137,11 +161,10 @@ public final class Datapath: @unchecked Sendable {
             try net.addRoute(IPPrefix("::/0")!, device: "wan", via: nil)
             self.wanIfindex = wan.index
         } catch {
-            close(fd)
-            if raw >= 0 { close(raw) }
-            close(udp)
+            for f in [fd, raw, udp, self.raw6FD, self.udp6FD] where f >= 0 { close(f) }
             throw SocketError("cannot set up the network model: \(error.message)", errno: EINVAL)
         }
+        stack.nattPort.store(udpPort, ordering: .relaxed)
         self.refreshAddresses()
     }
 
@@ -183,6 +206,11 @@ public final class Datapath: @unchecked Sendable {
             for i in fds.indices { fds[i].revents = 0 }
             let n = poll(&fds, nfds_t(fds.count), 200)
             if n > 0 {
+                if fds[0].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 {
+                    self.logger.error("the TUN device \(self.tunName) went away; the data path stops")
+                    self.failed.store(true, ordering: .relaxed)
+                    return
+                }
                 if fds[0].revents & Int16(POLLIN) != 0 { self.drainTUN() }
                 for (i, (fd, framing)) in outer.enumerated() where fds[i + 1].revents & Int16(POLLIN) != 0 {
                     self.drainOuter(fd, framing)
@@ -218,9 +246,14 @@ public final class Datapath: @unchecked Sendable {
 
     private func output(_ buf: inout PacketBuffer) {
         defer { self.pool.release(buf) }
-        switch self.stack.output(&buf) {
-        case .transmit:
+        var transformed = false
+        switch self.stack.output(&buf, transformed: &transformed) {
+        case .transmit where transformed:
             self.sendToWire(buf)
+        case .transmit:
+            // No SA touched it (no policy, a bypass policy, optional templates only): the outer side carries ESP
+            // and nothing else, so it has nowhere to go.
+            self.counters.tunNoPolicy.wrappingAdd(1, ordering: .relaxed)
         case .icmpError:
             self.writeTUN(buf)  // the error goes back to the inner sender
         case .offload, .dropped:
@@ -334,7 +367,7 @@ public final class Datapath: @unchecked Sendable {
                 self.counters.noBuffer.wrappingAdd(1, ordering: .relaxed)
                 return
             }
-            let room = 2048
+            let room = 3584  // the slot less headroom and the headers we prepend
             let payload = buf.append(room)
             var from = sockaddr_in6()  // large enough for either family
             var control = [UInt8](repeating: 0, count: 128)
@@ -356,6 +389,11 @@ public final class Datapath: @unchecked Sendable {
             guard n >= 0 else {
                 self.pool.release(buf)
                 return
+            }
+            if n > room - 1 {  // as long as the buffer: assume truncated rather than decrypt half a packet
+                self.counters.truncated.wrappingAdd(1, ordering: .relaxed)
+                self.pool.release(buf)
+                continue
             }
             buf.trimBack(room - n)
             let local = Self.pktinfoAddress(control)
@@ -421,9 +459,14 @@ public final class Datapath: @unchecked Sendable {
 
     private func input(_ buf: inout PacketBuffer) {
         defer { self.pool.release(buf) }
-        switch self.stack.input(&buf, ifindex: self.wanIfindex) {
-        case .deliver, .forward:
+        var decapsulated = false
+        switch self.stack.input(&buf, ifindex: self.wanIfindex, decapsulated: &decapsulated) {
+        case .deliver where decapsulated, .forward where decapsulated:
             self.writeTUN(buf)
+        case .deliver, .forward:
+            // Accepted by the policy check but never inside ESP (plaintext, a broadcast, our own port): the inner
+            // side gets only what ESP protected.
+            self.counters.notESP.wrappingAdd(1, ordering: .relaxed)
         case .ike:
             self.counters.ikeDropped.wrappingAdd(1, ordering: .relaxed)
         case .dropped:

@@ -36,6 +36,9 @@ struct Xfrmd: ParsableCommand {
     @Flag(name: .customLong("no-raw-esp"), help: "Do not open the raw ESP (IP protocol 50) socket.")
     var noRawESP = false
 
+    @Option(help: "Serve Prometheus metrics at HOST:PORT (GET /metrics).")
+    var metrics: String? = nil
+
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel = "info"
 
@@ -49,46 +52,53 @@ struct Xfrmd: ParsableCommand {
         LoggingSystem.bootstrap(StreamLogHandler.standardError)
         var logger = Logger(label: "xfrmd")
         logger.logLevel = Logger.Level(rawValue: self.logLevel) ?? .info
-        let stack = XFRMStack()
-        let control: ControlSocketServer
-        do throws(SocketError) {
-            control = try ControlSocketServer(path: self.socket, stack: stack, logger: logger)
-        } catch {
-            // One clear line, then a failing exit status.
-            var err = FileHandleStream.standardError
-            print("xfrmd: \(error.description)", to: &err)
-            throw ExitCode(1)
-        }
-        let datapath: Datapath
-        do throws(SocketError) {
-            datapath = try Datapath(stack: stack, tunName: self.tun, udpPort: self.udpPort, rawESP: !self.noRawESP,
-                                    logger: logger)
-        } catch {
-            control.shutdown()
-            var err = FileHandleStream.standardError
-            print("xfrmd: \(error.description)", to: &err)
-            throw ExitCode(1)
-        }
-        datapath.start()
         signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
         signal(SIGTERM) { _ in stopRequested.store(true, ordering: .relaxed) }
         signal(SIGPIPE, SIG_IGN)
+        func refuse(_ error: SocketError) -> ExitCode {
+            // One clear line, then a failing exit status.
+            var err = FileHandleStream.standardError
+            print("xfrmd: \(error.description)", to: &err)
+            return ExitCode(1)
+        }
+        let stack = XFRMStack()
+        // In this order: nothing is touched while another daemon answers; the control socket comes last, so a
+        // client that can connect finds the data path (and its TUN device) ready.
+        let datapath: Datapath
+        var metricsServer: MetricsServer? = nil
+        let control: ControlSocketServer
+        do throws(SocketError) {
+            try ControlSocketServer.refuseIfLive(self.socket)
+            datapath = try Datapath(stack: stack, tunName: self.tun, udpPort: self.udpPort, rawESP: !self.noRawESP,
+                                    logger: logger)
+            if let address = self.metrics {
+                metricsServer = try MetricsServer(address: address, stack: stack, datapath: datapath, logger: logger)
+            }
+            control = try ControlSocketServer(path: self.socket, stack: stack, logger: logger)
+        } catch {
+            throw refuse(error)
+        }
+        datapath.start()
+        metricsServer?.start()
         logger.info("listening", metadata: ["socket": "\(self.socket)", "tun": "\(datapath.tunName)",
                                             "udp-port": "\(self.udpPort)", "raw-esp": "\(!self.noRawESP)"])
-        control.run { stopRequested.load(ordering: .relaxed) }
+        let served = control.run { stopRequested.load(ordering: .relaxed) || datapath.failed.load(ordering: .relaxed) }
+        metricsServer?.stop()
         datapath.stop()
-        let c = datapath.counters
+        let c = datapath.counters.snapshot
         logger.info("data path", metadata: [
-            "tun-read": "\(c.tunRead.load(ordering: .relaxed))", "tun-written": "\(c.tunWritten.load(ordering: .relaxed))",
-            "tun-no-policy": "\(c.tunNoPolicy.load(ordering: .relaxed))",
-            "wire-sent": "\(c.wireSent.load(ordering: .relaxed))",
-            "wire-received": "\(c.wireReceived.load(ordering: .relaxed))",
-            "ike-dropped": "\(c.ikeDropped.load(ordering: .relaxed))",
-            "send-errors": "\(c.sendErrors.load(ordering: .relaxed))"])
-        // Leave nothing behind: every SA (and so every key) goes, the socket file too.
+            "tun-read": "\(c["tun_read"] ?? 0)", "tun-written": "\(c["tun_written"] ?? 0)",
+            "tun-no-policy": "\(c["tun_no_policy"] ?? 0)", "wire-sent": "\(c["wire_sent"] ?? 0)",
+            "wire-received": "\(c["wire_received"] ?? 0)", "not-esp": "\(c["not_esp"] ?? 0)",
+            "ike-dropped": "\(c["ike_dropped"] ?? 0)", "send-errors": "\(c["send_errors"] ?? 0)"])
+        // Leave nothing behind: every SA (and so every key) goes, the socket file too; the TUN closes with us.
         stack.flushStates(proto: 0)
         stack.flushPolicies()
         control.shutdown()
+        if !served || datapath.failed.load(ordering: .relaxed) {
+            logger.error("stopped on an error")
+            throw ExitCode(1)
+        }
         logger.info("stopped")
     }
 }

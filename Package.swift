@@ -55,7 +55,7 @@ let package = Package(
         .target(name: "XFRMSimulatedNIC", dependencies: ["XFRMCore", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
         .target(
             name: "XFRMBenchmarks",
-            dependencies: ["XFRMCore", "XFRMCrypto", "XFRMESP", "XFRMPacket", "XFRMSimHost", "XFRMSimulatedNIC", "XFRMTestKit"]),
+            dependencies: ["XFRMCore", "XFRMCrypto", "XFRMESP", "XFRMPacket", "XFRMSimHost", "XFRMSimulatedNIC"]),
         .target(name: "XFRMSimHost", dependencies: ["XFRMCore", "XFRMESP", "XFRMPacket", "XFRMSimulatedNIC"]),
         .target(
             name: "XFRMOffline",

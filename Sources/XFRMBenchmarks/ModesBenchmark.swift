@@ -42,7 +42,6 @@ import XFRMESP
 import XFRMPacket
 import XFRMSimHost
 import XFRMSimulatedNIC
-import XFRMTestKit
 
 enum TrafficMode: String, CaseIterable {
     case baseline
@@ -170,7 +169,7 @@ final class ModesTopology {
 
     private func configureIPsec(flow: Int) throws {
         let spec = try ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))",
-                                          key: PacketFactory.pattern(20, seed: UInt8(0x42 + flow)), icvBits: 128)
+                                          key: modesKey(20, seed: UInt8(0x42 + flow)), icvBits: 128)
         let spi = Self.baseSPI + UInt32(flow)
         let reqid = UInt32(1 + flow)
         let template = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1,
@@ -329,13 +328,25 @@ func sendTemplate(_ host: SimHost, _ template: [UInt8]) -> Bool {
     return true
 }
 
-/// The inner packet a sender thread sends: UDP from 10.0.1.1 to 10.0.2.1, `size` bytes in all, one flow per thread.
+/// The inner packet a sender thread sends: UDP from 10.0.1.1 to 10.0.2.1, `size` bytes in all, one flow per thread
+/// (built here with the stack's own header writer, so the benchmark links no test kit).
 func modesTemplate(size: Int, flow: Int) -> [UInt8] {
-    PacketFactory.ipv4(source: "10.0.1.1", destination: "10.0.2.1", proto: 17, identification: UInt16(flow),
-                       payload: PacketFactory.udp(
-                           sourcePort: ModesTopology.sourcePort(flow: flow), destinationPort: 5201,
-                           payload: PacketFactory.pattern(size - 28, seed: UInt8(flow))))
+    var bytes = [UInt8](repeating: 0, count: size)
+    for i in 28..<size { bytes[i] = UInt8(truncatingIfNeeded: i - 28 + flow) }
+    bytes.withUnsafeMutableBytes { b in
+        let p = b.baseAddress!
+        IPv4Header.write(p, tos: 0, totalLength: size, identification: UInt16(flow), flags: IPv4Header.flagDF,
+                         ttl: 64, proto: 17, source: 0x0a00_0101, destination: 0x0a00_0201)
+        (p + 20).storeBE16(ModesTopology.sourcePort(flow: flow), at: 0)
+        (p + 20).storeBE16(5201, at: 2)
+        (p + 20).storeBE16(UInt16(size - 20), at: 4)
+        (p + 20).storeBE16(0, at: 6)
+    }
+    return bytes
 }
+
+/// A fixed test key of `count` bytes (0, 1, 2, ... from `seed`).
+func modesKey(_ count: Int, seed: UInt8) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 &+ Int(seed)) } }
 
 func runModes(_ mode: TrafficMode, threads: Int, options o: ModesOptions) throws -> ModesRun {
     let poolSlots = max(2048, 2 * o.effectiveWindow + 512)

@@ -37,7 +37,11 @@ def pytest_configure(config):
 
 def pytest_collection_finish(session):
     """Starts the VM boots the collected tests need (each test module registers one group named in GROUP)."""
-    groups = sorted({getattr(item.module, "GROUP", None) for item in session.items} - {None})
+    # The longest boots first (a module's GROUP_PRIORITY, default 0), so that with two workers the longest one
+    # runs beside the others in turn rather than after one of them.
+    prio = {getattr(item.module, "GROUP", None): getattr(item.module, "GROUP_PRIORITY", 0) for item in session.items}
+    prio.pop(None, None)
+    groups = sorted(prio, key=lambda g: (-prio[g], g))
     wi = getattr(session.config, "workerinput", None)
     if wi is None and getattr(session.config.option, "numprocesses", None):
         return  # the xdist controller collects too, but runs nothing

@@ -73,11 +73,16 @@ class LiveVM:
         while not self.ctl_path.exists():
             self._check_alive("before creating its control socket")
             if time.monotonic() > deadline:
+                self.close()
                 raise kvm.KernelVMError("qemu did not create its control socket within 30 s")
             time.sleep(0.05)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(self.ctl_path))
-        self._read_until(b"@@ready@@\n", boot_timeout)
+        try:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(str(self.ctl_path))
+            self._read_until(b"@@ready@@\n", boot_timeout)
+        except BaseException:
+            self.close()
+            raise
         self.boot_seconds = time.monotonic() - self.t0
 
     def _check_alive(self, when: str) -> None:

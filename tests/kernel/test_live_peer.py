@@ -114,9 +114,9 @@ WIRE_FILTER = ("not arp and not (ip6 and (src net fe80::/10 or src host :: or ds
 HOST_SERVER = """
 import hashlib, socket, sys
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5001)); s.listen(1); s.settimeout(120)
+s.bind((sys.argv[1], 5001)); s.listen(1); s.settimeout(30)
 print("listening", flush=True)
-c, peer = s.accept(); c.settimeout(120); h = hashlib.sha256(); n = 0
+c, peer = s.accept(); c.settimeout(30); h = hashlib.sha256(); n = 0
 while True:
     b = c.recv(65536)
     if not b: break
@@ -128,7 +128,7 @@ print(n, h.hexdigest(), peer[0])
 HOST_CLIENT = """
 import hashlib, os, socket, sys
 data = os.urandom(int(sys.argv[1]))
-c = socket.create_connection((sys.argv[3], 5002), timeout=120, source_address=(sys.argv[2], 0))
+c = socket.create_connection((sys.argv[3], 5002), timeout=20, source_address=(sys.argv[2], 0))
 c.sendall(data); c.shutdown(socket.SHUT_WR)
 while c.recv(1024): pass
 print(hashlib.sha256(data).hexdigest())
@@ -215,16 +215,16 @@ class Session:
         vm.check(" && ".join("ip xfrm " + " ".join(map(shlex.quote, l.split()))
                              for l in c.state_lines() + c.guest_policies()))
         # Pings, both ways.
-        rc, out = vm.sh(f"ping -c {PINGS} -i 0.3 -W 10 -I {GUEST_IN} {HOST_IN}", timeout=60)
+        rc, out = vm.sh(f"ping -c {PINGS} -i 0.3 -W 5 -I {GUEST_IN} {HOST_IN}", timeout=60)
         r["guest_ping"] = [rc, out]
-        p = self.exec("busybox", "ping", "-c", str(PINGS), "-i", "0.3", "-W", "10", "-I", HOST_IN, GUEST_IN,
+        p = self.exec("busybox", "ping", "-c", str(PINGS), "-i", "0.3", "-W", "5", "-I", HOST_IN, GUEST_IN,
                       check=False)
         r["host_ping"] = [p.returncode, p.stdout + p.stderr]
         # TCP host -> guest: busybox nc listens in the guest, python sends from 10.0.1.1.
-        vm.check("rm -f /tmp/rx; nc -l -p 5002 >/tmp/rx 2>/tmp/nc.err & echo $! >/tmp/nc.pid")
+        vm.check("kill $(cat /tmp/nc.pid 2>/dev/null) 2>/dev/null; rm -f /tmp/rx; nc -l -p 5002 >/tmp/rx 2>/tmp/nc.err & echo $! >/tmp/nc.pid")
         time.sleep(0.3)
         p = self.exec(sys.executable, "-c", HOST_CLIENT, str(TCP_BYTES), HOST_IN, GUEST_IN, check=False,
-                      timeout=180)
+                      timeout=90)
         r["h2g_sent"] = [p.returncode, p.stdout.strip(), p.stderr[-2000:]]
         rc, out = vm.sh("i=0; while kill -0 $(cat /tmp/nc.pid) 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; "
                         "i=$((i+1)); done; wc -c </tmp/rx; sha256sum /tmp/rx; cat /tmp/nc.err", timeout=60)
@@ -237,8 +237,10 @@ class Session:
             assert server.stdout is not None
             assert server.stdout.readline().strip() == "listening", server.communicate(timeout=5)
             rc, out = vm.sh(f"head -c {TCP_BYTES} /dev/urandom >/tmp/tx && sha256sum /tmp/tx && "
-                            f"nc {HOST_IN} 5001 </tmp/tx; echo; echo nc-rc=$?", timeout=180)
+                            f"nc -w 10 {HOST_IN} 5001 </tmp/tx; r=$?; echo; echo nc-rc=$r", timeout=120)
             r["g2h_sent"] = [rc, out]
+            if "nc-rc=0" not in out.split():
+                server.kill()
             sout, serr = server.communicate(timeout=60)
             r["g2h_received"] = [server.returncode, sout.strip(), serr[-2000:]]
         finally:
@@ -321,7 +323,10 @@ def live_session() -> dict:
     finally:
         transcript = "\n".join(s.vm.transcript) if s is not None and s.vm is not None else ""
         if s is not None:
-            s.close()
+            try:
+                s.close()
+            except Exception:
+                result["setup_error"] = (result["setup_error"] or "") + "cleanup: " + traceback.format_exc()
             result["daemon_log"] = s.daemon_log[-20000:]
             if s.vm is not None:
                 result["console_tail"] = kvm._tail(s.vm.console)

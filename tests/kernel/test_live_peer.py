@@ -333,9 +333,13 @@ def live_session() -> dict:
         pcap = work / "tap.pcap"
         if pcap.exists():
             result["wire"] = wire_summary(run("tcpdump", "-nr", str(pcap), check=False).stdout.splitlines())
-    failed = result["setup_error"] is not None or any("error" in c for c in result["cases"].values())
-    if not failed:
-        shutil.rmtree(work, ignore_errors=True)  # else kept: the VM's console, the pcap of tapk
+    def bad(c: dict) -> bool:
+        return "error" in c or c["guest_ping"][0] != 0 or c["host_ping"][0] != 0 or c["h2g_sent"][0] != 0 \
+            or "nc-rc=0" not in c["g2h_sent"][1].split() or c["g2h_received"][0] != 0
+
+    (work / "vm" / "initrd.cpio.gz").unlink(missing_ok=True)
+    if result["setup_error"] is None and not any(bad(c) for c in result["cases"].values()):
+        shutil.rmtree(work, ignore_errors=True)  # else kept for an hour: the VM's console, the pcap of tapk
     return {"rc": 0 if result["setup_error"] is None else 1, "seconds": time.monotonic() - t0,
             "output": transcript, "result": result}
 

@@ -45,15 +45,20 @@ def daemon(tmp_path, netns):
     sock = tmp_path / "xfrmd.sock"
     p = subprocess.Popen(["ip", "netns", "exec", netns, xfrmd_path(), "--socket", str(sock), "--log-level", "debug"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 10
-    while not sock.exists():
-        assert p.poll() is None, p.stderr.read()
-        assert time.time() < deadline, "xfrmd did not create its socket"
-        time.sleep(0.05)
-    yield sock, p
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        p.wait(timeout=10)
+    try:
+        deadline = time.time() + 10
+        while not sock.exists():
+            assert p.poll() is None, p.stderr.read()
+            assert time.time() < deadline, "xfrmd did not create its socket"
+            time.sleep(0.05)
+        yield sock, p
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def xfrm_s(sock, *args, check=False):

@@ -28,6 +28,13 @@ class Pair:
         self.ns = {"a": f"xdA{tag}", "b": f"xdB{tag}"}
         self.sock = {"a": tmp / "a.sock", "b": tmp / "b.sock"}
         self.procs = []
+        try:
+            self._build(tag)
+        except BaseException:
+            self.close()  # a half-built pair leaves no namespace or daemon behind
+            raise
+
+    def _build(self, tag):
         for n in self.ns.values():
             run("ip", "netns", "add", n)
         run("ip", "link", "add", "veth" + tag, "netns", self.ns["a"], "type", "veth", "peer", "name", "vb" + tag,

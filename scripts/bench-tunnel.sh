@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# Tunnel throughput: iperf3 TCP (1 and 4 streams) between two network namespaces joined by a veth pair, through
+# each system in the same run, so the figures are ratios on one machine at one moment:
+#   veth    the bare veth, no tunnel (the ceiling)
+#   xfrmd         two swift-xfrm daemons, tunnel mode, AES-GCM-128, raw ESP, TUN xfrm0 (MTU 1400)
+#   wireguard-go  Debian's wireguard-go (userspace WireGuard, ChaCha20-Poly1305), MTU 1400
+# (strongSwan's kernel-libipsec row is the next step of issue 8.)
+# Prints a table, then one JSON line per row: {"system": ..., "streams": N, "gbps": X}.
+#
+#   scripts/bench-tunnel.sh [SECONDS]        (as root; builds xfrm and xfrmd in release mode first)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+SECS=${1:-5}
+for t in iperf3 wireguard-go wg; do
+  command -v $t >/dev/null || { echo "bench-tunnel: $t is missing (apt-get install iperf3 wireguard-go wireguard-tools)" >&2; exit 1; }
+done
+swift build -c release --product xfrm >/dev/null
+swift build -c release --product xfrmd >/dev/null
+BIN=$(swift build -c release --show-bin-path)
+TAG=bt$$
+A=${TAG}a
+B=${TAG}b
+WORK=$(mktemp -d)
+cleanup() {
+  pkill -f "xfrmd --socket $WORK" 2>/dev/null || true
+  pkill -f "wireguard-go -f wg${TAG}" 2>/dev/null || true
+  sleep 0.3
+  ip netns del "$A" 2>/dev/null || true
+  ip netns del "$B" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+ip netns add "$A"
+ip netns add "$B"
+ip link add va netns "$A" type veth peer name vb netns "$B"
+ip -n "$A" addr add 192.0.2.1/24 dev va
+ip -n "$B" addr add 192.0.2.2/24 dev vb
+for ns in "$A" "$B"; do ip -n "$ns" link set lo up; done
+ip -n "$A" link set va up
+ip -n "$B" link set vb up
+
+# iperf3 from A to B's ADDRESS bound to A's SOURCE with STREAMS streams; prints Gbit/s received.
+measure() {
+  local src=$1 dst=$2 streams=$3
+  ip netns exec "$B" iperf3 -s -B "$dst" -1 >/dev/null 2>&1 &
+  local server=$!
+  sleep 0.5
+  local json
+  json=$(ip netns exec "$A" iperf3 -c "$dst" -B "$src" -t "$SECS" -P "$streams" -J)
+  wait $server || true
+  python3 -c 'import json,sys; print("%.3f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9))' <<<"$json"
+}
+
+ROWS=()
+for streams in 1 4; do ROWS+=("veth $streams $(measure 192.0.2.1 192.0.2.2 $streams)"); done
+
+ip netns exec "$A" "$BIN/xfrmd" --socket "$WORK/a.sock" >"$WORK/a.log" 2>&1 &
+ip netns exec "$B" "$BIN/xfrmd" --socket "$WORK/b.sock" >"$WORK/b.log" 2>&1 &
+for s in "$WORK/a.sock" "$WORK/b.sock"; do
+  for _ in $(seq 100); do [ -S "$s" ] && break; sleep 0.05; done
+done
+ip -n "$A" addr add 10.0.1.1/32 dev xfrm0
+ip -n "$B" addr add 10.0.2.1/32 dev xfrm0
+ip -n "$A" link set xfrm0 mtu 1400
+ip -n "$B" link set xfrm0 mtu 1400
+ip -n "$A" route add 10.0.2.0/24 dev xfrm0 src 10.0.1.1
+ip -n "$B" route add 10.0.1.0/24 dev xfrm0 src 10.0.2.1
+K1=0x0102030405060708090a0b0c0d0e0f1011121314
+K2=0x1112131415161718191a1b1c1d1e1f2021222324
+for s in "$WORK/a.sock" "$WORK/b.sock"; do
+  "$BIN/xfrm" -S "$s" state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x1001 reqid 1 mode tunnel \
+    aead 'rfc4106(gcm(aes))' $K1 128 replay-window 1024
+  "$BIN/xfrm" -S "$s" state add src 192.0.2.2 dst 192.0.2.1 proto esp spi 0x2002 reqid 2 mode tunnel \
+    aead 'rfc4106(gcm(aes))' $K2 128 replay-window 1024
+done
+AB="tmpl src 192.0.2.1 dst 192.0.2.2 proto esp reqid 1 mode tunnel"
+BA="tmpl src 192.0.2.2 dst 192.0.2.1 proto esp reqid 2 mode tunnel"
+"$BIN/xfrm" -S "$WORK/a.sock" policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out $AB
+"$BIN/xfrm" -S "$WORK/a.sock" policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir in $BA
+"$BIN/xfrm" -S "$WORK/b.sock" policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir out $BA
+"$BIN/xfrm" -S "$WORK/b.sock" policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir in $AB
+before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+for streams in 1 4; do ROWS+=("xfrmd $streams $(measure 10.0.1.1 10.0.2.1 $streams)"); done
+after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+# The tunnel must have carried the bytes (a figure near the bare veth would mean it was bypassed).
+carried=$(( (after - before) / 1000000 ))
+[ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the xfrmd runs" >&2; exit 1; }
+
+# wireguard-go: two instances need different interface names (their UAPI sockets share /var/run/wireguard).
+pkill -f "xfrmd --socket $WORK" 2>/dev/null || true
+sleep 0.3
+umask 077
+wg genkey >"$WORK/ka"; wg pubkey <"$WORK/ka" >"$WORK/pa"
+wg genkey >"$WORK/kb"; wg pubkey <"$WORK/kb" >"$WORK/pb"
+for side in a b; do
+  ns=$A; [ $side = b ] && ns=$B
+  WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 ip netns exec "$ns" wireguard-go -f "wg${TAG}${side}" >/dev/null 2>&1 &
+done
+for side in a b; do
+  for _ in $(seq 100); do [ -S "/var/run/wireguard/wg${TAG}${side}.sock" ] && break; sleep 0.05; done
+done
+ip netns exec "$A" wg set "wg${TAG}a" listen-port 51820 private-key "$WORK/ka" peer "$(cat "$WORK/pb")" \
+  endpoint 192.0.2.2:51820 allowed-ips 10.0.4.0/24
+ip netns exec "$B" wg set "wg${TAG}b" listen-port 51820 private-key "$WORK/kb" peer "$(cat "$WORK/pa")" \
+  endpoint 192.0.2.1:51820 allowed-ips 10.0.3.0/24
+ip -n "$A" addr add 10.0.3.1/24 dev "wg${TAG}a"; ip -n "$A" link set "wg${TAG}a" mtu 1400 up
+ip -n "$B" addr add 10.0.4.1/24 dev "wg${TAG}b"; ip -n "$B" link set "wg${TAG}b" mtu 1400 up
+ip -n "$A" route add 10.0.4.0/24 dev "wg${TAG}a"
+ip -n "$B" route add 10.0.3.0/24 dev "wg${TAG}b"
+before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+for streams in 1 4; do ROWS+=("wireguard-go $streams $(measure 10.0.3.1 10.0.4.1 $streams)"); done
+after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+carried=$(( (after - before) / 1000000 ))
+[ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the wireguard-go runs" >&2; exit 1; }
+
+veth1=$(printf '%s\n' "${ROWS[@]}" | awk '$1 == "veth" && $2 == 1 {print $3}')
+printf '%-13s %8s %8s %10s\n' system streams Gbit/s "x veth(1)"
+for r in "${ROWS[@]}"; do
+  set -- $r
+  printf '%-13s %8s %8s %10.3f\n' "$1" "$2" "$3" "$(python3 -c "print($3 / $veth1)")"
+done
+for r in "${ROWS[@]}"; do
+  set -- $r
+  printf '{"system": "%s", "streams": %s, "gbps": %s}\n' "$1" "$2" "$3"
+done

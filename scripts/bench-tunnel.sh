@@ -4,15 +4,18 @@
 #   veth    the bare veth, no tunnel (the ceiling)
 #   xfrmd         two swift-xfrm daemons, tunnel mode, AES-GCM-128, raw ESP, TUN xfrm0 (MTU 1400)
 #   wireguard-go  Debian's wireguard-go (userspace WireGuard, ChaCha20-Poly1305), MTU 1400
-# (strongSwan's kernel-libipsec row is the next step of issue 8.)
+#   strongswan-libipsec  two charons (IKEv2, PSK) with kernel-libipsec: userspace ESP over TUN, AES-GCM-128,
+#                 ESP in UDP 4500 (recipe: ../shared/interop/README.md §4, with esp logging at 1)
 # Prints a table, then one JSON line per row: {"system": ..., "streams": N, "gbps": X}.
 #
 #   scripts/bench-tunnel.sh [SECONDS]        (as root; builds xfrm and xfrmd in release mode first)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECS=${1:-5}
-for t in iperf3 wireguard-go wg; do
-  command -v $t >/dev/null || { echo "bench-tunnel: $t is missing (apt-get install iperf3 wireguard-go wireguard-tools)" >&2; exit 1; }
+for t in iperf3 wireguard-go wg swanctl /usr/lib/ipsec/charon; do
+  command -v $t >/dev/null || { echo "bench-tunnel: $t is missing (apt-get install iperf3 wireguard-go" \
+    "wireguard-tools strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins" \
+    "libstrongswan-extra-plugins)" >&2; exit 1; }
 done
 swift build -c release --product xfrm >/dev/null
 swift build -c release --product xfrmd >/dev/null
@@ -24,6 +27,7 @@ WORK=$(mktemp -d)
 cleanup() {
   pkill -f "xfrmd --socket $WORK" 2>/dev/null || true
   pkill -f "wireguard-go -f wg${TAG}" 2>/dev/null || true
+  [ -n "${CHARONS:-}" ] && kill $CHARONS 2>/dev/null || true
   sleep 0.3
   ip netns del "$A" 2>/dev/null || true
   ip netns del "$B" 2>/dev/null || true
@@ -114,11 +118,40 @@ after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
 carried=$(( (after - before) / 1000000 ))
 [ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the wireguard-go runs" >&2; exit 1; }
 
+# strongSwan: a charon per namespace, each with its own /run; inner addresses on lo; the CHILD_SA comes up by IKE.
+pkill -f "wireguard-go -f wg${TAG}" 2>/dev/null || true
+CHARONS=""
+for side in a b; do
+  ns=$A; LO=192.0.2.1; RO=192.0.2.2; LTS=198.51.100.1/32; RTS=203.0.113.1/32
+  [ $side = b ] && { ns=$B; LO=192.0.2.2; RO=192.0.2.1; LTS=203.0.113.1/32; RTS=198.51.100.1/32; }
+  D=$WORK/ss$side
+  mkdir -p "$D"
+  printf '%s\n' 'charon {' 'load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 x509 pubkey gmp curve25519 kernel-libipsec kernel-netlink socket-default vici updown' \
+    'plugins {' 'vici {' "socket = unix://$D/charon.vici" '}' '}' 'filelog {' 'main {' "path = $D/charon.log" 'default = 1' 'esp = 1' '}' '}' '}' >"$D/strongswan.conf"
+  printf '%s\n' 'connections {' 'peer {' 'version = 2' 'mobike = no' "local_addrs = $LO" "remote_addrs = $RO" 'proposals = aes128-sha256-modp2048' \
+    'local {' 'auth = psk' "id = $side" '}' 'remote {' 'auth = psk' '}' 'children {' 'net {' "local_ts = $LTS" "remote_ts = $RTS" 'esp_proposals = aes128gcm16' \
+    '}' '}' '}' '}' 'secrets {' 'ike-peer {' 'secret = "bench-tunnel-psk-0123456789"' '}' '}' >"$D/swanctl.conf"
+  ip -n "$ns" addr add "${LTS%/32}/32" dev lo
+  ip netns exec "$ns" sh -c "mount -t tmpfs tmpfs /run && STRONGSWAN_CONF=$D/strongswan.conf exec /usr/lib/ipsec/charon" \
+    >/dev/null 2>&1 &
+  CHARONS="$CHARONS $!"
+done
+for side in a b; do
+  for _ in $(seq 100); do swanctl --stats --uri "unix://$WORK/ss$side/charon.vici" >/dev/null 2>&1 && break; sleep 0.1; done
+  swanctl --load-all --file "$WORK/ss$side/swanctl.conf" --uri "unix://$WORK/ss$side/charon.vici" >/dev/null
+done
+swanctl --initiate --child net --uri "unix://$WORK/ssa/charon.vici" >/dev/null
+before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+for streams in 1 4; do ROWS+=("strongswan-libipsec $streams $(measure 198.51.100.1 203.0.113.1 $streams)"); done
+after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+carried=$(( (after - before) / 1000000 ))
+[ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the strongSwan runs" >&2; exit 1; }
+
 veth1=$(printf '%s\n' "${ROWS[@]}" | awk '$1 == "veth" && $2 == 1 {print $3}')
-printf '%-13s %8s %8s %10s\n' system streams Gbit/s "x veth(1)"
+printf '%-20s %8s %8s %10s\n' system streams Gbit/s "x veth(1)"
 for r in "${ROWS[@]}"; do
   set -- $r
-  printf '%-13s %8s %8s %10.3f\n' "$1" "$2" "$3" "$(python3 -c "print($3 / $veth1)")"
+  printf '%-20s %8s %8s %10.3f\n' "$1" "$2" "$3" "$(python3 -c "print($3 / $veth1)")"
 done
 for r in "${ROWS[@]}"; do
   set -- $r

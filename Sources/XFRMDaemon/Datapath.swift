@@ -362,6 +362,7 @@ public final class Datapath: @unchecked Sendable {
 
     /// Up to 64 datagrams of one outer socket: framed as IP packets and given to the input path.
     private func drainOuter(_ fd: Int32, _ framing: Framing) {
+        var control = [UInt8](repeating: 0, count: 128)  // one per drain, cleared per datagram
         for _ in 0..<64 {
             guard var buf = self.pool.allocate() else {
                 self.counters.noBuffer.wrappingAdd(1, ordering: .relaxed)
@@ -370,7 +371,7 @@ public final class Datapath: @unchecked Sendable {
             let room = 3584  // the slot less headroom and the headers we prepend
             let payload = buf.append(room)
             var from = sockaddr_in6()  // large enough for either family
-            var control = [UInt8](repeating: 0, count: 128)
+            control.withUnsafeMutableBytes { $0.initializeMemory(as: UInt8.self, repeating: 0) }
             var iov = iovec(iov_base: payload, iov_len: room)
             let n: Int = withUnsafeMutablePointer(to: &from) { fromPtr in
                 control.withUnsafeMutableBytes { ctl in

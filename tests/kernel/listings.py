@@ -76,6 +76,16 @@ MARKER = re.compile(r"^local 127\.0\.(\d+)\.(\d+) ")
 FAILED = re.compile(r"^Command failed -:(\d+)$")
 
 
+def state_blocks(listing: str) -> dict[int, str]:
+    """An `ip xfrm state` listing split into its entries, by SPI."""
+    out = {}
+    for block in re.split(r"(?m)^(?=src )", listing):
+        m = re.search(r"spi 0x([0-9a-f]{8})", block)
+        if m:
+            out[int(m.group(1), 16)] = block
+    return out
+
+
 def files_of(output: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for m in re.finditer(r"^@@FILE (\S+)\n(.*?)^@@ENDFILE$", output, re.S | re.M):

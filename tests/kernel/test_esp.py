@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 import shared
+from listings import state_blocks
 
 MAC_A, MAC_B = "02:00:00:00:00:01", "02:00:00:00:00:02"
 
@@ -337,15 +338,6 @@ def esp_run():
     r = shared.get(GROUP)["result"]
     assert not r["setup_failed"], f"the guest could not set up the SAs and policies:\n{r['output'][:4000]}"
     return r
-
-
-def state_blocks(listing: str) -> dict[int, str]:
-    out = {}
-    for block in re.split(r"(?m)^(?=src )", listing):
-        m = re.search(r"spi 0x([0-9a-f]{8})", block)
-        if m:
-            out[int(m.group(1), 16)] = block
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ tests

@@ -41,6 +41,7 @@ import pytest
 
 import kvm
 import shared
+from listings import state_blocks
 from livevm import LiveVM
 
 HOST, GUEST = "192.0.2.1", "192.0.2.2"
@@ -358,15 +359,6 @@ def live():
     assert r["setup_error"] is None, f"the live session could not start:\n{r['setup_error']}\n" \
                                      f"daemon log:\n{r['daemon_log'][-3000:]}\nconsole:\n{r.get('console_tail')}"
     return r
-
-
-def state_blocks(listing: str) -> dict[int, str]:
-    out = {}
-    for block in re.split(r"(?m)^(?=src )", listing):
-        m = re.search(r"spi 0x([0-9a-f]{8})", block)
-        if m:
-            out[int(m.group(1), 16)] = block
-    return out
 
 
 def check_counters(listing: str, c: Case, who: str) -> None:

@@ -38,7 +38,7 @@ let package = Package(
         .target(
             name: "XFRMDaemon",
             dependencies: [
-                "CXFRMSys", "XFRMControl", "XFRMCore", "XFRMPacket", "XFRMWire",
+                "CXFRMSys", "XFRMControl", "XFRMCore", "XFRMEngine", "XFRMPacket", "XFRMSimulatedNIC", "XFRMWire",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ]),
@@ -56,7 +56,9 @@ let package = Package(
         .target(
             name: "XFRMBenchmarks",
             dependencies: ["XFRMCore", "XFRMCrypto", "XFRMESP", "XFRMPacket", "XFRMSimHost", "XFRMSimulatedNIC"]),
-        .target(name: "XFRMSimHost", dependencies: ["XFRMCore", "XFRMESP", "XFRMPacket", "XFRMSimulatedNIC"]),
+        .target(name: "XFRMEngine", dependencies: ["XFRMCore", "XFRMPacket"]),
+        .target(
+            name: "XFRMSimHost", dependencies: ["XFRMCore", "XFRMEngine", "XFRMESP", "XFRMPacket", "XFRMSimulatedNIC"]),
         .target(
             name: "XFRMOffline",
             dependencies: [

@@ -1,4 +1,5 @@
 // See include/CXFRMSys.h.
+#define _GNU_SOURCE
 #include "CXFRMSys.h"
 
 #include <errno.h>
@@ -8,6 +9,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
+#include <netinet/in.h>
 #include <unistd.h>
 
 int xfrm_tun_open(const char *name, char *name_out) {
@@ -40,4 +42,73 @@ int xfrm_link_up(const char *name) {
     int e = errno;
     close(s);
     return rc < 0 ? -e : 0;
+}
+
+int xfrm_recv_batch(int fd, void *const *bufs, const size_t *caps, size_t *lens, int *flags,
+                    void *names_, unsigned char *ctl, size_t ctl_size, unsigned n) {
+    struct sockaddr_in6 *names = names_;
+    struct mmsghdr msgs[XFRM_BATCH_MAX];
+    struct iovec iov[XFRM_BATCH_MAX];
+    if (n > XFRM_BATCH_MAX) n = XFRM_BATCH_MAX;
+    for (unsigned i = 0; i < n; i++) {
+        iov[i].iov_base = bufs[i];
+        iov[i].iov_len = caps[i];
+        memset(&msgs[i], 0, sizeof msgs[i]);
+        msgs[i].msg_hdr.msg_name = &names[i];
+        msgs[i].msg_hdr.msg_namelen = sizeof names[i];
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        if (ctl) {
+            memset(ctl + i * ctl_size, 0, ctl_size);
+            msgs[i].msg_hdr.msg_control = ctl + i * ctl_size;
+            msgs[i].msg_hdr.msg_controllen = ctl_size;
+        }
+    }
+    int got = recvmmsg(fd, msgs, n, MSG_DONTWAIT, NULL);
+    if (got < 0) return (errno == EAGAIN || errno == EWOULDBLOCK) ? 0 : -errno;
+    for (int i = 0; i < got; i++) {
+        lens[i] = msgs[i].msg_len;
+        flags[i] = msgs[i].msg_hdr.msg_flags;
+    }
+    return got;
+}
+
+int xfrm_send_batch(int fd, void *const *bufs, const size_t *lens, const void *names_,
+                    unsigned namelen, unsigned char *ctl, const size_t *ctl_lens, size_t ctl_size, unsigned n,
+                    unsigned *failed) {
+    const struct sockaddr_in6 *names = names_;
+    struct mmsghdr msgs[XFRM_BATCH_MAX];
+    struct iovec iov[XFRM_BATCH_MAX];
+    if (n > XFRM_BATCH_MAX) n = XFRM_BATCH_MAX;
+    for (unsigned i = 0; i < n; i++) {
+        iov[i].iov_base = bufs[i];
+        iov[i].iov_len = lens[i];
+        memset(&msgs[i], 0, sizeof msgs[i]);
+        msgs[i].msg_hdr.msg_name = (void *)&names[i];
+        msgs[i].msg_hdr.msg_namelen = namelen;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        if (ctl && ctl_lens[i]) {
+            msgs[i].msg_hdr.msg_control = ctl + i * ctl_size;
+            msgs[i].msg_hdr.msg_controllen = ctl_lens[i];
+        }
+    }
+    unsigned done = 0, sent = 0;
+    *failed = 0;
+    while (done < n) {
+        int k = sendmmsg(fd, msgs + done, n - done, MSG_NOSIGNAL);
+        if (k <= 0) {
+            if (k < 0 && errno == EINTR) continue;
+            (*failed)++;  /* the first one of the rest was refused: skip it */
+            done++;
+            continue;
+        }
+        done += (unsigned)k;
+        sent += (unsigned)k;
+    }
+    return (int)sent;
+}
+
+int xfrm_set_mark(int fd, unsigned mark) {
+    return setsockopt(fd, SOL_SOCKET, SO_MARK, &mark, sizeof mark) < 0 ? -errno : 0;
 }

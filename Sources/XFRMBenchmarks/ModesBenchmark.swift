@@ -362,17 +362,17 @@ func runModes(_ mode: TrafficMode, threads: Int, options o: ModesOptions) throws
         guard sendTemplate(a, templates[i % threads]) else { throw ModesFailure("warm-up: A's pool is empty") }
     }
     let warmDeadline = monotonicNanos() + 5_000_000_000
-    while b.deliveredPackets.load(ordering: .relaxed) < UInt64(warmup) {
+    while b.deliveredPackets < UInt64(warmup) {
         if b.poll(limit: 64) == 0 { usleep(50) }
         if monotonicNanos() > warmDeadline {
-            throw ModesFailure("\(mode)/\(threads): warm-up delivered \(b.deliveredPackets.load(ordering: .relaxed)) "
+            throw ModesFailure("\(mode)/\(threads): warm-up delivered \(b.deliveredPackets) "
                                + "of \(warmup) packets; NIC A: \(topo.nicA.debugDescription)")
         }
     }
     let base = WireCounters(topo)
-    let deliveredBase = b.deliveredPackets.load(ordering: .relaxed)
-    let bytesBase = b.deliveredBytes.load(ordering: .relaxed)
-    let exhaustedBase = a.poolExhausted.load(ordering: .relaxed) + b.poolExhausted.load(ordering: .relaxed)
+    let deliveredBase = b.deliveredPackets
+    let bytesBase = b.deliveredBytes
+    let exhaustedBase = a.poolExhausted + b.poolExhausted
     let target = UInt64(o.packets)
 
     let control = RunControl(threads: 2 * threads)
@@ -394,7 +394,7 @@ func runModes(_ mode: TrafficMode, threads: Int, options o: ModesOptions) throws
             var waitCPU: UInt64 = 0
             var drops = 0
             @inline(__always) func mayContinue() -> Bool {
-                let delivered = Int(b.deliveredPackets.load(ordering: .relaxed) &- deliveredBase)
+                let delivered = Int(b.deliveredPackets &- deliveredBase)
                 let inFlight = control.sent.load(ordering: .relaxed) - delivered
                 return inFlight + burst <= window && a.pool.available > 2 * burst
             }
@@ -441,14 +441,14 @@ func runModes(_ mode: TrafficMode, threads: Int, options o: ModesOptions) throws
             var lastChange = monotonicNanos()
             while true {
                 if b.poll(limit: 64) > 0 { continue }
-                var delivered = b.deliveredPackets.load(ordering: .relaxed) &- deliveredBase
+                var delivered = b.deliveredPackets &- deliveredBase
                 if delivered >= target || control.failed.load(ordering: .relaxed) { break }
                 // Nothing to do: wait until the NIC hands the host something (or the run ends).
                 let w0 = threadCPUNanos()
                 repeat {
                     waits += 1
                     wait.pause()
-                    delivered = b.deliveredPackets.load(ordering: .relaxed) &- deliveredBase
+                    delivered = b.deliveredPackets &- deliveredBase
                     if delivered != lastSeen {
                         lastSeen = delivered
                         lastChange = monotonicNanos()
@@ -479,8 +479,8 @@ func runModes(_ mode: TrafficMode, threads: Int, options o: ModesOptions) throws
     // Checks: every packet delivered, nothing dropped, the wire carried what the mode says.
     a.settle(with: [b])
     let after = WireCounters(topo)
-    let delivered = b.deliveredPackets.load(ordering: .relaxed) - deliveredBase
-    let exhausted = a.poolExhausted.load(ordering: .relaxed) + b.poolExhausted.load(ordering: .relaxed) - exhaustedBase
+    let delivered = b.deliveredPackets - deliveredBase
+    let exhausted = a.poolExhausted + b.poolExhausted - exhaustedBase
     let wirePackets = after.txPackets - base.txPackets
     let wireBytesPerPacket = wirePackets == 0 ? 0 : Double(after.txBytes - base.txBytes) / Double(wirePackets)
     var problems: [String] = []
@@ -542,7 +542,7 @@ func runModes(_ mode: TrafficMode, threads: Int, options o: ModesOptions) throws
     let hostCPU = (0..<2 * threads).reduce(UInt64(0)) { $0 + control.cpu[$1] }
     return ModesRun(
         mode: mode, threads: threads, packets: o.packets, wallSeconds: Double(t1 - t0) / 1e9,
-        deliveredBytes: b.deliveredBytes.load(ordering: .relaxed) - bytesBase, hostCPUNanos: hostCPU,
+        deliveredBytes: b.deliveredBytes - bytesBase, hostCPUNanos: hostCPU,
         hostWaitNanos: (0..<2 * threads).reduce(UInt64(0)) { $0 + control.waitCPU[$1] },
         senderBusyNanos: (0..<threads).reduce(UInt64(0)) { $0 + control.cpu[$1] - control.waitCPU[$1] },
         processCPUNanos: p1 - p0, senderWaits: (0..<threads).reduce(0) { $0 + control.waits[$1] },

@@ -71,7 +71,10 @@ public final class NetworkModel: @unchecked Sendable {
 
     /// `ip link add NAME type KIND [mtu N]`.
     @discardableResult
-    public func addInterface(name: String, kind: String, mtu: Int = 1500) throws(NetworkError) -> Interface {
+    /// `index`: the interface index to take (a daemon mirrors a host device's), nil for the next free one.
+    public func addInterface(name: String, kind: String, mtu: Int = 1500, index: Int32? = nil) throws(NetworkError)
+        -> Interface
+    {
         self.changes.wrappingAdd(1, ordering: .releasing)
         defer { self.changes.wrappingAdd(1, ordering: .releasing) }
         return try self.state.withLock { s throws(NetworkError) -> Interface in
@@ -84,8 +87,11 @@ public final class NetworkModel: @unchecked Sendable {
             guard mtu >= 68 && mtu <= 65535 else {
                 throw NetworkError(22, "Error: mtu greater than device maximum.")
             }
-            let i = Interface(index: s.nextIndex, name: name, kind: kind, mtu: mtu)
-            s.nextIndex += 1
+            if let index, index <= 0 || s.interfaces.contains(where: { $0.index == index }) {
+                throw NetworkError(17, "RTNETLINK answers: File exists")
+            }
+            let i = Interface(index: index ?? s.nextIndex, name: name, kind: kind, mtu: mtu)
+            s.nextIndex = max(s.nextIndex, i.index + 1)
             s.interfaces.append(i)
             return i
         }

@@ -27,6 +27,7 @@ public final class MetricsServer: @unchecked Sendable {
     /// Per-SA gauges, by (destination, SPI, protocol); unregistered when the SA goes.
     private var saGauges: [String: [Gauge]] = [:]
     private let poolFree: Gauge
+    private var workerDepth: [Gauge] = []
     private let sadCount: Gauge
     private let spdCount: Gauge
 
@@ -75,13 +76,18 @@ public final class MetricsServer: @unchecked Sendable {
             self.statCounters.append((c, counter, 0))
         }
         for name in ["tun_read", "tun_written", "tun_no_policy", "wire_sent", "wire_received", "ike_dropped",
-                     "send_errors", "no_buffer", "not_esp", "truncated"] {
+                     "send_errors", "no_buffer", "not_esp", "truncated", "ring_full"] {
             let counter = self.registry.makeCounter(
                 name: "xfrmd_datapath_packets_total", labels: [("event", name)],
                 help: "Packets the data path read, wrote or dropped, by what happened to them")
             self.pathCounters.append((name, counter, 0))
         }
         self.poolFree = self.registry.makeGauge(name: "xfrmd_packet_pool_free", help: "Free packet buffers")
+        for w in 0..<(datapath?.workerCount ?? 0) {
+            self.workerDepth.append(self.registry.makeGauge(
+                name: "xfrmd_worker_queue_depth", labels: [("worker", "\(w)")],
+                help: "Packets waiting in each worker's ring"))
+        }
         self.sadCount = self.registry.makeGauge(name: "xfrm_sad_states", help: "SAs in the SAD")
         self.spdCount = self.registry.makeGauge(name: "xfrm_spd_policies", help: "Policies in the SPD")
     }
@@ -164,6 +170,9 @@ public final class MetricsServer: @unchecked Sendable {
                 self.pathCounters[i].2 = now
             }
             self.poolFree.set(Double(d.poolFree))
+            for (w, depth) in d.workerDepths.enumerated() where w < self.workerDepth.count {
+                self.workerDepth[w].set(Double(depth))
+            }
         }
         let states = self.stack.states.list()
         self.sadCount.set(Double(states.count))

@@ -1,15 +1,18 @@
 // A simulated host: one XFRMStack, its packet pool, and its interfaces — dummy ones (whatever is "transmitted" on
-// them is captured) and simulated NICs (offload devices with their own engines and wires).
+// them is captured) and simulated NICs (offload devices with their own engines and wires) — on the engine's
+// dispatcher (XFRMEngine), with the kernel's rules.
 //
-// Data path of a host worker (synchronous, batch-friendly):
-//   send:    bytes → pooled buffer → stack.output → transmit (dummy: captured; NIC: device TX queue) |
-//            offload (NIC with metadata) | ICMP error (delivered back locally) | drop (counted by the stack)
-//   receive: NIC engine → hostReceive → RX queue → poll(): stack.input → deliver (captured) |
-//            forward → stack.output → as above | drop
-// `settle()` runs until every NIC engine is idle and the RX queue is empty, so offline runs are deterministic.
+// Data path (synchronous, batch-friendly; see the pipeline in XFRMEngine/Engine.swift):
+//   send:    bytes → pooled buffer → a batch of one → Dispatcher: stack.output → interface sink (dummy: captured;
+//            NIC: device TX queue, with the offload metadata) | ICMP error (delivered back locally) | drop
+//   receive: NIC engine → hostReceive → RX ring → poll(): batches → Dispatcher: stack.input → local sink
+//            (captured) | forward → stack.output → as above | drop
+// Callers may send and poll from several threads: each call borrows a lane (a dispatcher with its batch).
+// `settle()` runs until every NIC engine is idle and the RX ring is empty, so offline runs are deterministic.
 
 import Synchronization
 import XFRMCore
+import XFRMEngine
 import XFRMESP
 import XFRMPacket
 import XFRMSimulatedNIC
@@ -25,21 +28,31 @@ public final class SimHost: @unchecked Sendable {
     public let stack: XFRMStack
     public let pool: PacketPool
     private let nicTable = Mutex<[Int32: SimulatedNIC]>([:])
-    private let rxQueue = Mutex<[(PacketBuffer, OffloadMetadata, Int32)]>([])
-    private let captured = Mutex<[[UInt8]]>([])
-    private let deliveredCapture = Mutex<[[UInt8]]>([])
+    /// What the NICs handed to the host, until `poll` runs it (bounded by the pool: it never refuses).
+    private let rxRing: BoundedRing<PacketBatch.Packet>
+    fileprivate let captured = Mutex<[[UInt8]]>([])
+    fileprivate let deliveredCapture = Mutex<[[UInt8]]>([])
+    /// The engine's side: interface sinks (the NICs), the local sink, dummy interfaces, the dispatchers' lanes.
+    private let sinks = InterfaceSinks()
+    public let engineCounters = EngineCounters()
+    private var localSink: LocalSink!
+    private var dummySink: DummySink!
+    /// Lanes not in use (a lane is created when every one is busy; at most one per concurrent caller).
+    private let lanes = BoundedRing<Lane>(capacity: 64)
     /// Capture what leaves dummy interfaces, what NICs put on their wires, and what is delivered locally.
     public let capture: Bool
     /// Counters of the host's own data path (XFRM drops are counted by the stack).
-    public let deliveredPackets = Atomic<UInt64>(0)
-    public let deliveredBytes = Atomic<UInt64>(0)
-    public let transmittedPackets = Atomic<UInt64>(0)
-    public let poolExhausted = Atomic<UInt64>(0)
+    public var deliveredPackets: UInt64 { self.engineCounters.delivered.load(ordering: .relaxed) }
+    public var deliveredBytes: UInt64 { self.engineCounters.deliveredBytes.load(ordering: .relaxed) }
+    public var poolExhausted: UInt64 { self.engineCounters.poolExhausted.load(ordering: .relaxed) }
 
     public init(stack: XFRMStack, poolSlots: Int = 4096, slotSize: Int = 65_536 + 1024, capture: Bool = true) {
         self.stack = stack
         self.pool = PacketPool(count: poolSlots, slotSize: slotSize, headroom: 512)
         self.capture = capture
+        self.rxRing = BoundedRing(capacity: poolSlots)
+        self.localSink = LocalSink(self)
+        self.dummySink = DummySink(self)
     }
 
     deinit {
@@ -87,6 +100,7 @@ public final class SimHost: @unchecked Sendable {
             nic.setMTU(i.mtu)
         }
         self.wire(nic)
+        self.sinks.set(NICSink(nic), ifindex: iface.index)
         if let peer { nic.connect(peer: peer) }
         self.nicTable.withLock { $0[iface.index] = nic }
         return nic
@@ -101,7 +115,7 @@ public final class SimHost: @unchecked Sendable {
                 pool.release(buffer)  // the host is gone: the buffer still goes back
                 return
             }
-            self.rxQueue.withLock { $0.append((buffer, meta, ifindex)) }
+            self.rxRing.push(PacketBatch.Packet(buffer, stage: .input, ifindex: ifindex, metadata: meta))
         }
         nic.limitEvent = { [weak self] _ in self?.stack.deviceLimitEvent() }
         if self.capture {
@@ -116,15 +130,38 @@ public final class SimHost: @unchecked Sendable {
         nic.disconnect()
         nic.shutdown()
         self.nicTable.withLock { _ = $0.removeValue(forKey: nic.ifindex) }
+        self.sinks.set(nil, ifindex: nic.ifindex)
         _ = try? self.stack.network.deleteInterface(name: name)
     }
 
     // MARK: - Data path
 
+    /// A dispatcher and its batch, borrowed by one call at a time.
+    private final class Lane {
+        let dispatcher: Dispatcher
+        var batch = PacketBatch()
+        var taken: [PacketBatch.Packet] = []
+        init(_ d: Dispatcher) {
+            self.dispatcher = d
+            self.taken.reserveCapacity(PacketBatch.defaultCapacity)
+        }
+    }
+
+    private func withLane<R>(_ body: (Lane) -> R) -> R {
+        let lane = self.lanes.popFirst() ?? Lane(self.makeDispatcher())
+        defer { self.lanes.push(lane) }
+        return body(lane)
+    }
+
+    private func makeDispatcher() -> Dispatcher {
+        Dispatcher(stack: self.stack, pool: self.pool, rules: .kernel, counters: self.engineCounters,
+                   interfaces: self.sinks, local: self.localSink, unknownInterface: self.dummySink)
+    }
+
     /// Sends a locally generated IP packet.
     public func send(_ bytes: [UInt8]) {
         guard var buf = self.pool.allocate() else {
-            self.poolExhausted.wrappingAdd(1, ordering: .relaxed)
+            self.engineCounters.poolExhausted.wrappingAdd(1, ordering: .relaxed)
             return
         }
         guard buf.append(contentsOf: bytes) else {
@@ -136,102 +173,49 @@ public final class SimHost: @unchecked Sendable {
 
     /// Sends a packet already in a pooled buffer; the host takes the buffer.
     public func sendBuffer(_ buf: inout PacketBuffer, forwarded: Bool = false) {
-        let result = self.stack.output(&buf, forwarded: forwarded)
-        self.dispatch(result, &buf, forwarded: forwarded)
-    }
-
-    private func dispatch(_ result: OutputResult, _ buf: inout PacketBuffer, forwarded: Bool) {
-        switch result {
-        case .transmit(let ifindex):
-            self.transmittedPackets.wrappingAdd(1, ordering: .relaxed)
-            if let nic = self.nic(ifindex: ifindex) {
-                nic.transmit(buf, metadata: OffloadMetadata())
-            } else {
-                if self.capture { self.captured.withLock { $0.append(buf.bytes) } }
-                self.pool.release(buf)
-            }
-        case .offload(let ifindex, let meta):
-            self.transmittedPackets.wrappingAdd(1, ordering: .relaxed)
-            if let nic = self.nic(ifindex: ifindex) {
-                nic.transmit(buf, metadata: meta)
-            } else {
-                self.pool.release(buf)
-            }
-        case .icmpError:
-            // The error goes back to the sender: delivered here for locally generated traffic, routed back for
-            // forwarded traffic.
-            if !forwarded || XFRMStack.destination(of: buf).map(self.stack.network.isLocal) ?? true {
-                self.deliver(buf)
-            } else {
-                let r = self.stack.output(&buf)
-                if case .icmpError = r {
-                    self.pool.release(buf)  // never answer an error with an error
-                } else {
-                    self.dispatch(r, &buf, forwarded: false)
-                }
-            }
-        case .dropped:
-            self.pool.release(buf)
+        self.withLane { lane in
+            lane.batch.append(PacketBatch.Packet(buf, stage: forwarded ? .forward : .output))
+            lane.dispatcher.run(&lane.batch)
         }
-    }
-
-    private func deliver(_ buf: PacketBuffer) {
-        self.deliveredPackets.wrappingAdd(1, ordering: .relaxed)
-        self.deliveredBytes.wrappingAdd(UInt64(buf.count), ordering: .relaxed)
-        if self.capture {
-            let bytes = buf.bytes
-            self.captured.withLock { $0.append(bytes) }
-            self.deliveredCapture.withLock { $0.append(bytes) }
-        }
-        self.pool.release(buf)
     }
 
     /// Receives a packet on a dummy interface (as if from its wire).
     public func receive(_ bytes: [UInt8], ifindex: Int32) {
         guard var buf = self.pool.allocate() else {
-            self.poolExhausted.wrappingAdd(1, ordering: .relaxed)
+            self.engineCounters.poolExhausted.wrappingAdd(1, ordering: .relaxed)
             return
         }
         guard buf.append(contentsOf: bytes) else {
             self.pool.release(buf)
             return
         }
-        self.handleReceived(&buf, metadata: nil, ifindex: ifindex)
-    }
-
-    private func handleReceived(_ buf: inout PacketBuffer, metadata: OffloadMetadata?, ifindex: Int32) {
-        switch self.stack.input(&buf, ifindex: ifindex, metadata: metadata) {
-        case .deliver:
-            self.deliver(buf)
-        case .forward:
-            self.sendBuffer(&buf, forwarded: true)
-        case .ike, .dropped:
-            self.pool.release(buf)
+        self.withLane { lane in
+            lane.batch.append(PacketBatch.Packet(buf, stage: .input, ifindex: ifindex))
+            lane.dispatcher.run(&lane.batch)
         }
     }
 
-    /// Processes up to `limit` packets the NICs handed to the host; returns how many.
+    /// Processes up to `limit` packets the NICs handed to the host, a batch at a time; returns how many.
     @discardableResult
     public func poll(limit: Int = .max) -> Int {
-        let batch = self.rxQueue.withLock { q -> [(PacketBuffer, OffloadMetadata, Int32)] in
-            if q.count <= limit {
-                let all = q
-                q.removeAll(keepingCapacity: true)
-                return all
+        var total = 0
+        self.withLane { lane in
+            while total < limit {
+                let want = min(limit - total, lane.batch.capacity)
+                let n = self.rxRing.pop(into: &lane.taken, max: want, timeoutMillis: 0)
+                if n == 0 { break }
+                for p in lane.taken { lane.batch.append(p) }
+                lane.taken.removeAll(keepingCapacity: true)
+                lane.dispatcher.run(&lane.batch)
+                total += n
             }
-            let head = Array(q.prefix(limit))
-            q.removeFirst(limit)
-            return head
-        }
-        for var (buf, meta, ifindex) in batch {
-            self.handleReceived(&buf, metadata: meta, ifindex: ifindex)
         }
         self.stack.pollDeviceEvents()
-        return batch.count
+        return total
     }
 
-    /// Packets waiting in the RX queue.
-    public var pendingReceive: Int { self.rxQueue.withLock { $0.count } }
+    /// Packets waiting in the RX ring.
+    public var pendingReceive: Int { self.rxRing.depth }
 
     /// Runs until every NIC (of this host and `others`) is idle and every RX queue is empty.
     public func settle(with others: [SimHost] = []) {
@@ -263,5 +247,47 @@ public final class SimHost: @unchecked Sendable {
             c.removeAll()
             return out
         }
+    }
+}
+
+// MARK: - Sinks
+
+/// A simulated NIC's TX queue: packets with their offload metadata (none: plain frames).
+private final class NICSink: PacketSink {
+    let nic: SimulatedNIC
+    init(_ nic: SimulatedNIC) { self.nic = nic }
+    func write(_ batch: inout PacketBatch) {
+        for i in 0..<batch.count { self.nic.transmit(batch[i].buffer, metadata: batch[i].metadata ?? OffloadMetadata()) }
+        batch.removeAll()
+    }
+}
+
+/// Dummy interfaces: what leaves on them is captured.
+private final class DummySink: PacketSink {
+    unowned let host: SimHost
+    init(_ host: SimHost) { self.host = host }
+    func write(_ batch: inout PacketBatch) {
+        for i in 0..<batch.count {
+            if self.host.capture { self.host.captured.withLock { $0.append(batch[i].buffer.bytes) } }
+            self.host.pool.release(batch[i].buffer)
+        }
+        batch.removeAll()
+    }
+}
+
+/// Local delivery: captured (as delivered and in the capture of everything).
+private final class LocalSink: PacketSink {
+    unowned let host: SimHost
+    init(_ host: SimHost) { self.host = host }
+    func write(_ batch: inout PacketBatch) {
+        for i in 0..<batch.count {
+            if self.host.capture {
+                let bytes = batch[i].buffer.bytes
+                self.host.captured.withLock { $0.append(bytes) }
+                self.host.deliveredCapture.withLock { $0.append(bytes) }
+            }
+            self.host.pool.release(batch[i].buffer)
+        }
+        batch.removeAll()
     }
 }

@@ -93,6 +93,8 @@ struct Hooks: Sendable {
     var wireTap: (@Sendable ([UInt8]) -> Void)?
     var hostReceive: (@Sendable (PacketBuffer, OffloadMetadata) -> Void)?
     var limitEvent: (@Sendable (UInt64) -> Void)?
+    /// The end of the wire when no peer NIC is connected (a real socket): takes the buffer.
+    var wireSend: (@Sendable (PacketBuffer) -> Void)?
     weak var peer: NICCore?
 }
 
@@ -343,6 +345,8 @@ final class NICCore: @unchecked Sendable {
         if let tap = hooks.wireTap { tap(buffer.bytes) }
         if let peer = hooks.peer {
             peer.arriveFromWire(buffer, senderPool: self.pool)
+        } else if let send = hooks.wireSend {
+            send(buffer)
         } else {
             self.pool.release(buffer)
         }

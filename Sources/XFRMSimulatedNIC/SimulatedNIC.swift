@@ -123,6 +123,13 @@ public final class SimulatedNIC: XfrmOffloadDevice, CustomDebugStringConvertible
         set { self.core.hooks.withLock { $0.wireTap = newValue } }
     }
 
+    /// Called on an engine thread with every frame for a wire that has no peer NIC (a daemon's real sockets): it
+    /// takes the buffer and returns it to the pool when sent.
+    public var wireSend: (@Sendable (PacketBuffer) -> Void)? {
+        get { self.core.hooks.withLock { $0.wireSend } }
+        set { self.core.hooks.withLock { $0.wireSend = newValue } }
+    }
+
     /// Called on an engine thread with each packet for the host; the host returns the buffer to the pool.
     public var hostReceive: (@Sendable (PacketBuffer, OffloadMetadata) -> Void)? {
         get { self.core.hooks.withLock { $0.hostReceive } }

@@ -104,7 +104,8 @@ if !offline && args.first != "pcap" && args.first != "demo" {
             throw CommandError("Error: \"\(words.first ?? "")\" runs against the offline stack only (xfrm --offline).",
                                exitStatus: 1)
         }
-        return try runXfrmCommand(words, options: options, transport: transport)
+        // Device names are the host's: the daemon's outer interface carries its TUN device's name and index.
+        return try runXfrmCommand(words, options: options, transport: transport, interfaces: KernelInterfaceNames())
     }
     do throws(CommandError) {
         if let batch {
@@ -131,7 +132,8 @@ if !offline && args.first != "pcap" && args.first != "demo" {
                     FileHandle.standardError.write(Data("netlink receive error No buffer space available (105)\n".utf8))
                     return true
                 }
-                FileHandle.standardOutput.write(Data(formatMonitorEvent(m, options: options).utf8))
+                FileHandle.standardOutput.write(Data(
+                    formatMonitorEvent(m, options: options, interfaces: KernelInterfaceNames()).utf8))
                 return true
             }
             if !ok { fail("xfrm: the daemon at \(path) went away") }

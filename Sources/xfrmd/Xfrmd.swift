@@ -36,13 +36,35 @@ struct Xfrmd: ParsableCommand {
     @Flag(name: .customLong("no-raw-esp"), help: "Do not open the raw ESP (IP protocol 50) socket.")
     var noRawESP = false
 
+    @Option(help: "Worker threads of the data path (default: one per core).")
+    var workers: Int? = nil
+
+    @Option(help: ArgumentHelp(
+        "The mark (SO_MARK) on the daemon's outer sockets, for a routing rule that keeps its ESP out of the TUN; 0: none.",
+        valueName: "MARK"))
+    var mark: String = "0x5846"
+
+    @Option(help: ArgumentHelp(
+        "Put a simulated NIC with this offload (crypto, packet or both) between the stack and the outer sockets.",
+        valueName: "MODE"))
+    var offload: String? = nil
+
     @Option(help: "Serve Prometheus metrics at HOST:PORT (GET /metrics).")
     var metrics: String? = nil
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel = "info"
 
+    var markValue: UInt32? {
+        self.mark.hasPrefix("0x") ? UInt32(self.mark.dropFirst(2), radix: 16) : UInt32(self.mark)
+    }
+
     func validate() throws {
+        if let w = self.workers, w < 1 || w > 64 { throw ValidationError("--workers must be between 1 and 64") }
+        guard self.markValue != nil else { throw ValidationError("--mark must be a 32-bit number (decimal or 0x hex)") }
+        if let o = self.offload, DaemonOffload(rawValue: o) == nil {
+            throw ValidationError("--offload must be crypto, packet or both")
+        }
         guard Logger.Level(rawValue: self.logLevel) != nil else {
             throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
         }
@@ -69,8 +91,10 @@ struct Xfrmd: ParsableCommand {
         let control: ControlSocketServer
         do throws(SocketError) {
             try ControlSocketServer.refuseIfLive(self.socket)
+            let cores = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
             datapath = try Datapath(stack: stack, tunName: self.tun, udpPort: self.udpPort, rawESP: !self.noRawESP,
-                                    logger: logger)
+                                    workers: self.workers ?? max(1, cores), mark: self.markValue ?? 0,
+                                    offload: self.offload.flatMap(DaemonOffload.init(rawValue:)), logger: logger)
             if let address = self.metrics {
                 metricsServer = try MetricsServer(address: address, stack: stack, datapath: datapath, logger: logger)
             }
@@ -81,7 +105,9 @@ struct Xfrmd: ParsableCommand {
         datapath.start()
         metricsServer?.start()
         logger.info("listening", metadata: ["socket": "\(self.socket)", "tun": "\(datapath.tunName)",
-                                            "udp-port": "\(self.udpPort)", "raw-esp": "\(!self.noRawESP)"])
+                                            "udp-port": "\(self.udpPort)", "raw-esp": "\(!self.noRawESP)",
+                                            "workers": "\(datapath.workerCount)", "mark": "\(self.mark)",
+                                            "offload": "\(self.offload ?? "none")"])
         let served = control.run { stopRequested.load(ordering: .relaxed) || datapath.failed.load(ordering: .relaxed) }
         metricsServer?.stop()
         datapath.stop()

@@ -10,4 +10,25 @@ int xfrm_tun_open(const char *name, char *name_out);
 /// Brings the interface `name` up (SIOCSIFFLAGS with IFF_UP). Returns 0 or -errno.
 int xfrm_link_up(const char *name);
 
+#include <stddef.h>
+
+/// The most datagrams one batched call moves.
+#define XFRM_BATCH_MAX 128
+
+/// recvmmsg(MSG_DONTWAIT) of up to `n` (≤ XFRM_BATCH_MAX) datagrams: datagram i into bufs[i] (caps[i] bytes), its
+/// source into names[i] (a struct sockaddr_in6 each), its control messages into ctl + i * ctl_size. Sets lens[i] and flags[i] (MSG_TRUNC when
+/// it did not fit). Returns how many were received (0 when none was waiting), or -errno.
+int xfrm_recv_batch(int fd, void *const *bufs, const size_t *caps, size_t *lens, int *flags,
+                    void *names, unsigned char *ctl, size_t ctl_size, unsigned n);
+
+/// sendmmsg of `n` (≤ XFRM_BATCH_MAX) datagrams: bufs[i] (lens[i] bytes) to names[i] (namelen bytes of it), with the
+/// control messages at ctl + i * ctl_size (ctl_lens[i] bytes; ctl may be NULL). Retries what the kernel did not take
+/// in one call; a datagram the kernel refuses is skipped and counted in *failed. Returns how many were sent.
+int xfrm_send_batch(int fd, void *const *bufs, const size_t *lens, const void *names,
+                    unsigned namelen, unsigned char *ctl, const size_t *ctl_lens, size_t ctl_size, unsigned n,
+                    unsigned *failed);
+
+/// Sets SO_MARK on a socket (needs CAP_NET_ADMIN). Returns 0 or -errno.
+int xfrm_set_mark(int fd, unsigned mark);
+
 #endif

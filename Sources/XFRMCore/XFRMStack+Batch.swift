@@ -1,0 +1,72 @@
+import XFRMPacket
+
+// The stack's batch entry points: one call per batch from the engine's workers; per packet the same work as
+// `output`/`input`, nothing allocated.
+
+extension XFRMStack {
+    /// Runs every pending packet of the batch through the path its stage names and stores the verdict; the buffers
+    /// stay in the batch for the dispatcher.
+    public func process(_ batch: inout PacketBatch) {
+        for i in 0..<batch.count {
+            guard case .pending = batch[i].verdict else { continue }
+            switch batch[i].stage {
+            case .output, .forward:
+                var transformed = false
+                let forwarded = batch[i].stage == .forward
+                let r = self.output(&batch[i].buffer, forwarded: forwarded, transformed: &transformed)
+                batch[i].verdict = .output(r, transformed: transformed)
+            case .input:
+                var decapsulated = false
+                let ifindex = batch[i].ifindex
+                let metadata = batch[i].metadata
+                let r = self.input(&batch[i].buffer, ifindex: ifindex, metadata: metadata, decapsulated: &decapsulated)
+                batch[i].verdict = .input(r, decapsulated: decapsulated)
+            }
+        }
+    }
+
+    /// Which stream of work a packet belongs to, so that an engine gives every packet of one SA to the same worker
+    /// and its sequence numbers leave (and its replay window advances) in order.
+    ///
+    /// Received ESP: its SPI (what the SAD lookup keys on; ESP in UDP after its 8-byte header, non-ESP marker and
+    /// keepalives 0). Outbound: the destination, protocol and reqid of the first template of the OUT policy the
+    /// packet matches (the SA `xfrm_state_find` would pick lives there), or the packet's destination when no policy
+    /// matches. Read-only: no counter, no use time, no acquire.
+    public func affinity(of packet: PacketBuffer, stage: PacketBatch.Stage) -> UInt32 {
+        let p = packet.data
+        let n = packet.count
+        guard n >= 20 else { return 0 }
+        if stage == .input {
+            var offset: Int
+            var proto: UInt8
+            switch p.loadByte(at: 0) >> 4 {
+            case 4:
+                offset = Int(p.loadByte(at: 0) & 0x0f) * 4
+                proto = p.loadByte(at: 9)
+            case 6:
+                guard n >= 40 else { return 0 }
+                offset = 40
+                proto = p.loadByte(at: 6)
+            default:
+                return 0
+            }
+            if proto == 17 {  // ESP in UDP: the SPI after the UDP header (0 for IKE and keepalives)
+                offset += 8
+            } else if proto != 50 {
+                return 0
+            }
+            guard n >= offset + 4 else { return 0 }
+            return p.loadBE32(at: offset)
+        }
+        guard let flow = Flow.parse(p, count: n, mark: 0) else { return 0 }
+        var h = Hasher()
+        if let policy = self.policies.lookup(.outbound, flow), let t = policy.templates.first {
+            h.combine(t.mode == 1 ? (t.destination ?? flow.destination) : flow.destination)
+            h.combine(t.proto)
+            h.combine(t.reqid)
+        } else {
+            h.combine(flow.destination)
+        }
+        return UInt32(truncatingIfNeeded: h.finalize())
+    }
+}

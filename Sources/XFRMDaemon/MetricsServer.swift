@@ -12,6 +12,7 @@ import Logging
 import Prometheus
 import Synchronization
 import XFRMCore
+import XFRMSimulatedNIC
 
 public final class MetricsServer: @unchecked Sendable {
     private let registry = PrometheusCollectorRegistry()
@@ -28,6 +29,8 @@ public final class MetricsServer: @unchecked Sendable {
     private var saGauges: [String: [Gauge]] = [:]
     private let poolFree: Gauge
     private var workerDepth: [Gauge] = []
+    /// The simulated NIC's device counters (`--offload`), as ethtool -S would show them.
+    private var deviceCounters: [(NICCounter, Counter, UInt64)] = []
     private let sadCount: Gauge
     private let spdCount: Gauge
 
@@ -83,6 +86,14 @@ public final class MetricsServer: @unchecked Sendable {
             self.pathCounters.append((name, counter, 0))
         }
         self.poolFree = self.registry.makeGauge(name: "xfrmd_packet_pool_free", help: "Free packet buffers")
+        if let nic = datapath?.nic {
+            for c in NICCounter.allCases {
+                let counter = self.registry.makeCounter(
+                    name: "xfrmd_device_total", labels: [("device", nic.name), ("counter", c.name)],
+                    help: "The simulated NIC's counters (packets, bytes, offloaded ESP, drops by reason)")
+                self.deviceCounters.append((c, counter, 0))
+            }
+        }
         for w in 0..<(datapath?.workerCount ?? 0) {
             self.workerDepth.append(self.registry.makeGauge(
                 name: "xfrmd_worker_queue_depth", labels: [("worker", "\(w)")],
@@ -170,6 +181,14 @@ public final class MetricsServer: @unchecked Sendable {
                 self.pathCounters[i].2 = now
             }
             self.poolFree.set(Double(d.poolFree))
+            if let nic = d.nic {
+                for i in self.deviceCounters.indices {
+                    let (c, counter, last) = self.deviceCounters[i]
+                    let now = nic.counter(c)
+                    if now > last { counter.increment(by: Int64(now - last)) }
+                    self.deviceCounters[i].2 = now
+                }
+            }
             for (w, depth) in d.workerDepths.enumerated() where w < self.workerDepth.count {
                 self.workerDepth[w].set(Double(depth))
             }

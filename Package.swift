@@ -67,7 +67,7 @@ let package = Package(
             ]),
         .executableTarget(
             name: "xfrm",
-            dependencies: ["XFRMOffline", "XFRMCommandLine", "XFRMBenchmarks", "XFRMKernel", "XFRMWire", "XFRMDaemon"]),
+            dependencies: ["XFRMOffline", "XFRMCommandLine", "XFRMKernel", "XFRMWire", "XFRMDaemon"]),
         .executableTarget(name: "esp-tool", dependencies: ["XFRMESP", "XFRMCrypto", "XFRMPacket"]),
         .target(name: "CMallocCounter"),
         .executableTarget(

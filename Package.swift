@@ -81,6 +81,8 @@ let package = Package(
         .testTarget(
             name: "XFRMControlTests",
             dependencies: ["XFRMControl", "XFRMCore", "XFRMWire", "XFRMCommandLine", "XFRMPacket"]),
+        .testTarget(
+            name: "XFRMEngineTests", dependencies: ["XFRMEngine", "XFRMCore", "XFRMCrypto", "XFRMESP", "XFRMPacket", "XFRMTestKit"]),
         .testTarget(name: "XFRMPacketTests", dependencies: ["XFRMPacket", "XFRMTestKit"]),
         .testTarget(name: "XFRMCommandLineTests", dependencies: ["XFRMCommandLine", "XFRMWire"]),
         .testTarget(

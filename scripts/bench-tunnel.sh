@@ -9,6 +9,7 @@
 # Prints a table, then one JSON line per row: {"system": ..., "streams": N, "gbps": X}.
 #
 #   scripts/bench-tunnel.sh [SECONDS]        (as root; builds xfrm and xfrmd in release mode first)
+#   XFRMD_ARGS="--workers 1" scripts/bench-tunnel.sh   (extra xfrmd options, e.g. to compare worker counts)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SECS=${1:-5}
@@ -59,8 +60,8 @@ measure() {
 ROWS=()
 for streams in 1 4; do ROWS+=("veth $streams $(measure 192.0.2.1 192.0.2.2 $streams)"); done
 
-ip netns exec "$A" "$BIN/xfrmd" --socket "$WORK/a.sock" >"$WORK/a.log" 2>&1 &
-ip netns exec "$B" "$BIN/xfrmd" --socket "$WORK/b.sock" >"$WORK/b.log" 2>&1 &
+ip netns exec "$A" "$BIN/xfrmd" --socket "$WORK/a.sock" ${XFRMD_ARGS:-} >"$WORK/a.log" 2>&1 &
+ip netns exec "$B" "$BIN/xfrmd" --socket "$WORK/b.sock" ${XFRMD_ARGS:-} >"$WORK/b.log" 2>&1 &
 for s in "$WORK/a.sock" "$WORK/b.sock"; do
   for _ in $(seq 100); do [ -S "$s" ] && break; sleep 0.05; done
 done

@@ -3,15 +3,17 @@
 #
 #     scripts/test.sh
 #
-# 1. installs what the tests need: tshark (non-interactively), libssl-dev, and a
-#    Python virtualenv (.build/interop-venv) with scapy, cryptography, pytest, pytest-xdist;
+# 1. installs what the tests need: tshark (non-interactively), libssl-dev, strongSwan (its service neither started
+#    nor enabled), and a Python virtualenv (.build/interop-venv) with scapy, cryptography, pytest, pytest-xdist;
 # 2. builds everything once: `swift build --build-tests`;
 # 3. runs the Swift unit tests: `swift test --skip-build --parallel`;
 # 4. runs the interop suite, scapy and tshark as independent ESP peers of esp-tool:
 #    `python -m pytest -q -n 2 tests/interop` with ESP_TOOL=<bin path>/esp-tool;
 # 5. runs the end-to-end suite of the `xfrm` command (offline stack, pcap mode, simulated NICs, xfrmd's control
 #    socket, --kernel in network namespaces) with scapy as the peer: `python -m pytest -q -n 2 tests/e2e` with
-#    XFRM_TOOL=<bin path>/xfrm (xfrmd is found beside it).
+#    XFRM_TOOL=<bin path>/xfrm (xfrmd is found beside it). Its test_strongswan_live.py takes strongSwan's charon
+#    (kernel-libipsec, userspace ESP) as a live IKEv2 peer of xfrmd; the tests start their own charons inside network
+#    namespaces, and the packages' own service never runs (the install keeps it stopped and disabled).
 # 6. runs the kernel comparison: the real Linux kernel (Debian 6.12, booted under qemu with a small initramfs
 #    built and cached under .build/kernel-vm/) against `xfrm` for generated state/policy adds, listings and
 #    refusals, and ESP both ways: `python -m pytest -q -n 2 tests/kernel` with XFRM_TOOL=<bin path>/xfrm.
@@ -36,6 +38,11 @@ APT_PACKAGES=(tshark libssl-dev python3 python3-venv)
 # static frame injector.
 KERNEL_PACKAGES=(qemu-system-x86 linux-image-6.12-amd64 busybox iproute2 tcpdump kmod gcc libc6-dev)
 APT_PACKAGES+=("${KERNEL_PACKAGES[@]}")
+# tests/e2e/test_strongswan_live.py: charon with kernel-libipsec (libcharon-extra-plugins), gcm/openssl (standard
+# plugins), chapoly (extra plugins), swanctl to drive it (../shared/interop/README.md section 4).
+STRONGSWAN_PACKAGES=(strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins
+  libstrongswan-extra-plugins)
+APT_PACKAGES+=("${STRONGSWAN_PACKAGES[@]}")
 # scapy is pinned: the interop tests work around known bugs of this exact release
 # (../shared/interop/README.md).
 PIP_PACKAGES=("scapy==2.8.0" "cryptography" "pytest" "pytest-xdist")
@@ -61,8 +68,25 @@ install_apt() {
   echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections ||
     die "debconf-set-selections failed"
   apt-get update || die "apt-get update failed"
-  apt-get install -y --no-install-recommends "${missing[@]}" ||
-    die "apt-get install ${missing[*]} failed"
+  # strongswan-charon pulls in strongswan-starter, whose postinst starts the host's IPsec service (`invoke-rc.d ipsec
+  # start`, deb-systemd-invoke for strongswan-starter.service). Both ask /usr/sbin/policy-rc.d first, and its exit
+  # status 101 means "do not start": one is put in place for the install if the machine has none.
+  local guard=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# scripts/test.sh: no service starts while packages install\nexit 101\n' >/usr/sbin/policy-rc.d &&
+      chmod 755 /usr/sbin/policy-rc.d && guard=1 || die "could not write /usr/sbin/policy-rc.d"
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # gone even if the install is interrupted
+  fi
+  local rc=0
+  apt-get install -y --no-install-recommends "${missing[@]}" || rc=$?
+  [ -z "$guard" ] || { rm -f /usr/sbin/policy-rc.d; trap - EXIT; }
+  [ $rc -eq 0 ] || die "apt-get install ${missing[*]} failed"
+  # Nor may that service come up at the next boot: the tests run their own charons in network namespaces.
+  if [[ " ${missing[*]} " == *" strongswan-"* ]]; then
+    deb-systemd-helper disable strongswan-starter.service >/dev/null 2>&1 || true
+    [ ! -x /etc/init.d/ipsec ] || update-rc.d ipsec disable >/dev/null 2>&1 ||
+      die "could not disable the ipsec init script (update-rc.d ipsec disable)"
+  fi
 }
 
 install_python() {
@@ -100,9 +124,22 @@ compgen -G '/boot/vmlinuz-6.12*' >/dev/null || die "no /boot/vmlinuz-6.12* after
 for t in busybox tcpdump modprobe depmod cc; do
   command -v "$t" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || die "$t is missing after install"
 done
+command -v swanctl >/dev/null || PATH=$PATH:/usr/sbin command -v swanctl >/dev/null || die "swanctl is missing after install"
+[ -x /usr/lib/ipsec/charon ] || die "/usr/lib/ipsec/charon is missing after install (strongswan-charon)"
+for plugin in kernel-libipsec gcm openssl chapoly curve25519 vici; do
+  [ -e "/usr/lib/ipsec/plugins/libstrongswan-$plugin.so" ] ||
+    die "strongSwan plugin $plugin is missing after install (${STRONGSWAN_PACKAGES[*]})"
+done
+# No strongSwan daemon may run in the host's network namespace (the tests' charons live in their own namespaces).
+for pid in $(for name in charon charon-systemd starter; do pgrep -x "$name" || true; done); do
+  [ "$(readlink "/proc/$pid/ns/net" 2>/dev/null)" != "$(readlink /proc/self/ns/net)" ] ||
+    die "a strongSwan daemon runs on the host (pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline")); stop it and disable" \
+      "strongswan-starter.service / the ipsec init script"
+done
 echo "swift: $(swift --version 2>/dev/null | head -n1)"
 echo "qemu: $(qemu-system-x86_64 --version | head -n1); kernel: $(ls /boot/vmlinuz-6.12* | sort -V | tail -n1)"
 echo "tshark: $(tshark --version 2>/dev/null | head -n1)"
+echo "strongSwan: $(dpkg-query -W -f='${Version}' strongswan-charon)"
 echo "python: $("$PY" -c 'import sys, scapy, cryptography; print(sys.version.split()[0], "scapy", scapy.__version__, "cryptography", cryptography.__version__)')"
 echo "install + checks took ${SECONDS}s"
 

@@ -1,14 +1,19 @@
-// The daemon's data path on the engine (XFRMEngine; its pipeline is written at the top of Engine.swift):
+// The daemon's data path on the engine (XFRMEngine; its pipeline is written at the top of Engine.swift). How many
+// threads run the stack is `--workers N`:
 //
-//   intake thread  [sequential]: poll(2) on the TUN and the outer sockets; reads batches (TUN: read(2) per packet;
-//                  sockets: recvmmsg(2)) and submits them to the workers by affinity — or, with a simulated NIC as
-//                  the outer interface, hands what the sockets received to the NIC's wire side.
-//   workers        [parallel, one SA per worker]: XFRMStack.process over the batch, then the Dispatcher with the
-//                  daemon's rules: only what ESP produced goes to the wire sink (one sendmmsg(2) per socket per
-//                  batch) or the NIC's TX queue; only what came out of ESP goes to the TUN sink; anything else is
-//                  dropped and counted (`tun_no_policy`, `not_esp`, `ike_dropped`).
-//   NIC engines    [parallel, the device's own threads]: offloaded ESP; frames for the wire go out through a
-//                  locked wire sink; packets for the host go to the workers by affinity.
+//   N = 1   one intake thread polls the TUN and the outer sockets and runs every batch to completion itself.
+//   N = 2   two intake threads, each running its batches to completion [parallel]: the TUN intake (read(2) per
+//           packet → output path → one sendmmsg(2) per socket per batch) and the wire intake (recvmmsg(2) → input
+//           path → write(2) into the TUN). An SA is either outbound or inbound, so each SA stays on one thread.
+//   N > 2   the two intakes only read [sequential each] and hand batches to N workers by affinity (the SPI on input,
+//           the OUT policy's first template on output) [parallel across SAs, sequential per SA].
+//
+// Either way, the daemon's dispatcher rules apply: only what ESP produced goes to the wire sink or the NIC's TX
+// queue; only what came out of ESP goes to the TUN sink; anything else is dropped and counted (`tun_no_policy`,
+// `not_esp`, `ike_dropped`). With `--offload`, the NIC's engine threads [parallel, the device's own] do offloaded
+// ESP; frames for the wire go out through a locked wire sink; packets for the host go to a worker by affinity.
+// Run to completion saves a thread wake-up per packet on each side, which is what bounds a single TCP stream
+// through a userspace tunnel on a small machine.
 //
 // The stack's network model has one interface for the outer side, named and numbered as the daemon's TUN device on
 // the host (so that `offload dev xfrm0` names it), holding the host's addresses (read with getifaddrs and refreshed
@@ -81,15 +86,18 @@ public final class Datapath: @unchecked Sendable {
     /// Free packet buffers (a queue-depth view for the metrics).
     public var poolFree: Int { self.pool.available }
     /// Packets waiting per worker.
-    public var workerDepths: [Int] { self.workers.depths }
+    public var workerDepths: [Int] { self.workers?.depths ?? [] }
     private let tunFD: Int32
     private let sockets: OuterSockets
     private let wanIfindex: Int32
-    private var workers: WorkerPool!
+    /// The workers when the intakes hand off (N > 2, or the NIC's host side); nil when the intakes run to completion.
+    private var workers: WorkerPool? = nil
+    /// One dispatcher per intake thread when it runs its batches itself.
+    private var inlineDispatchers: [Dispatcher] = []
     /// The simulated NIC on the outer side (`--offload`), if any.
     public private(set) var nic: SimulatedNIC? = nil
     private let stopping = Atomic<Bool>(false)
-    private var thread: pthread_t? = nil
+    private var threads: [pthread_t] = []
     /// Set when the data path had to stop on its own (its TUN device went away): the daemon exits with an error.
     public let failed = Atomic<Bool>(false)
 
@@ -155,27 +163,37 @@ public final class Datapath: @unchecked Sendable {
         self.sockets.closeAll()
     }
 
-    private func makeWorkers() {
-        let tunSink = TUNSink(fd: self.tunFD, pool: self.pool, counters: self.counters)
+    private func makeDispatcher() -> Dispatcher {
         let engine = self.counters.engine
-        self.workers = WorkerPool(workers: self.workerCount, stack: self.stack, pool: self.pool, counters: engine) {
-            [stack, pool, sockets, counters, wanIfindex, nic] _ in
-            let sinks = InterfaceSinks()
-            if let nic {
-                sinks.set(NICTransmitSink(nic), ifindex: wanIfindex)
-            } else {
-                sinks.set(WireSink(sockets: sockets, pool: pool, counters: counters, engine: engine),
-                          ifindex: wanIfindex)
-            }
-            return Dispatcher(stack: stack, pool: pool, rules: .daemon, counters: engine, interfaces: sinks,
-                              local: tunSink)
+        let sinks = InterfaceSinks()
+        if let nic = self.nic {
+            sinks.set(NICTransmitSink(nic), ifindex: self.wanIfindex)
+        } else {
+            sinks.set(WireSink(sockets: self.sockets, pool: self.pool, counters: self.counters, engine: engine),
+                      ifindex: self.wanIfindex)
         }
-        if let nic {
+        return Dispatcher(stack: self.stack, pool: self.pool, rules: .daemon, counters: engine, interfaces: sinks,
+                          local: self.tunSink)
+    }
+
+    private lazy var tunSink = TUNSink(fd: self.tunFD, pool: self.pool, counters: self.counters)
+
+    private func makeWorkers() {
+        let engine = self.counters.engine
+        let intakes = self.workerCount == 1 ? 1 : 2
+        if self.workerCount <= 2 {
+            self.inlineDispatchers = (0..<intakes).map { _ in self.makeDispatcher() }
+        }
+        // Workers: the configured ones when the intakes hand off; one for the NIC's host side otherwise.
+        if self.workerCount > 2 || self.nic != nil {
+            self.workers = WorkerPool(workers: self.workerCount > 2 ? self.workerCount : 1, stack: self.stack,
+                                      pool: self.pool, counters: engine) { _ in self.makeDispatcher() }
+        }
+        if let nic = self.nic, let workers = self.workers {
             // The device's wire is the sockets; what it hands to the host goes to the workers.
             let wire = LockedSink(WireSink(sockets: self.sockets, pool: self.pool, counters: self.counters,
                                            engine: engine))
             nic.wireSend = { buffer in wire.send(buffer) }
-            let workers = self.workers!
             nic.hostReceive = { buffer, meta in
                 workers.submitOne(PacketBatch.Packet(buffer, stage: .input, ifindex: nic.ifindex, metadata: meta))
             }
@@ -183,79 +201,114 @@ public final class Datapath: @unchecked Sendable {
         }
     }
 
-    /// Starts the workers and the intake thread.
+    /// Starts the workers and the intake threads.
     public func start() {
-        self.workers.start()
-        let context = Unmanaged.passRetained(self).toOpaque()
-        var id = pthread_t()
-        let rc = pthread_create(&id, nil, { arg in
-            let datapath = Unmanaged<Datapath>.fromOpaque(arg!).takeRetainedValue()
-            datapath.intake()
-            return nil
-        }, context)
-        if rc == 0 { self.thread = id } else { Unmanaged<Datapath>.fromOpaque(context).release() }
+        self.workers?.start()
+        let roles: [IntakeRole] = self.workerCount == 1 ? [.all] : [.tun, .wire]
+        for (i, role) in roles.enumerated() {
+            let context = Unmanaged.passRetained(IntakeContext(self, role, i)).toOpaque()
+            var id = pthread_t()
+            let rc = pthread_create(&id, nil, { arg in
+                let c = Unmanaged<IntakeContext>.fromOpaque(arg!).takeRetainedValue()
+                c.datapath.intake(c.role, index: c.index)
+                return nil
+            }, context)
+            if rc == 0 { self.threads.append(id) } else { Unmanaged<IntakeContext>.fromOpaque(context).release() }
+        }
     }
 
-    /// Stops the intake, then the workers (after what is queued), then the NIC; waits for every thread.
+    /// Stops the intakes, then the workers (after what is queued), then the NIC; waits for every thread.
     public func stop() {
         self.stopping.store(true, ordering: .relaxed)
-        if let id = self.thread { pthread_join(id, nil) }
-        self.thread = nil
+        for id in self.threads { pthread_join(id, nil) }
+        self.threads = []
         self.nic?.drain()
-        self.workers.stop()
+        self.workers?.stop()
         self.nic?.shutdown()
+    }
+
+    enum IntakeRole { case all, tun, wire }
+
+    private final class IntakeContext {
+        let datapath: Datapath
+        let role: IntakeRole
+        let index: Int
+        init(_ d: Datapath, _ r: IntakeRole, _ i: Int) {
+            self.datapath = d
+            self.role = r
+            self.index = i
+        }
     }
 
     // MARK: - The intake
 
-    private func intake() {
+    /// One intake thread: polls its descriptors, reads batches and runs them itself (`inlineDispatchers[index]`) or
+    /// submits them to the workers; the TUN (or only) intake also refreshes the host's addresses once a second.
+    private func intake(_ role: IntakeRole, index: Int) {
         var lastRefresh: UInt64 = 0
         var batch = PacketBatch()
         let engine = self.counters.engine
-        let tun = TUNSource(fd: self.tunFD, pool: self.pool, counters: self.counters, engine: engine)
-        var fds = [pollfd(fd: self.tunFD, events: Int16(POLLIN), revents: 0)]
-        var outer: [OuterSource] = []
-        for (fd, framing) in [(self.sockets.udp4, Framing.udp4), (self.sockets.raw4, .raw4),
-                              (self.sockets.udp6, .udp6), (self.sockets.raw6, .raw6)] where fd >= 0 {
-            outer.append(OuterSource(fd: fd, framing: framing, udpPort: self.sockets.udpPort, ifindex: self.wanIfindex,
-                                     pool: self.pool, counters: self.counters, engine: engine))
-            fds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0))
+        let inline = index < self.inlineDispatchers.count ? self.inlineDispatchers[index] : nil
+        let submitter = self.workers?.makeSubmitter()
+        func deliver(_ batch: inout PacketBatch) {
+            if let inline { inline.run(&batch) } else { submitter!.submit(&batch) }
         }
+        var fds: [pollfd] = []
+        var tun: TUNSource? = nil
+        if role != .wire {
+            tun = TUNSource(fd: self.tunFD, pool: self.pool, counters: self.counters, engine: engine)
+            fds.append(pollfd(fd: self.tunFD, events: Int16(POLLIN), revents: 0))
+        }
+        var outer: [OuterSource] = []
+        if role != .tun {
+            for (fd, framing) in [(self.sockets.udp4, Framing.udp4), (self.sockets.raw4, .raw4),
+                                  (self.sockets.udp6, .udp6), (self.sockets.raw6, .raw6)] where fd >= 0 {
+                outer.append(OuterSource(fd: fd, framing: framing, udpPort: self.sockets.udpPort,
+                                         ifindex: self.wanIfindex, pool: self.pool, counters: self.counters,
+                                         engine: engine))
+                fds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0))
+            }
+        }
+        let first = tun == nil ? 0 : 1  // the index of the first outer socket in fds
         defer { for o in outer { o.releaseHeld() } }
-        while !self.stopping.load(ordering: .relaxed) {
+        while !self.stopping.load(ordering: .relaxed) && !self.failed.load(ordering: .relaxed) {
             for i in fds.indices { fds[i].revents = 0 }
             let n = poll(&fds, nfds_t(fds.count), 200)
             if n > 0 {
-                if fds[0].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 {
-                    self.logger.error("the TUN device \(self.tunName) went away; the data path stops")
-                    self.failed.store(true, ordering: .relaxed)
-                    return
-                }
-                // A bounded number of batches per source per wakeup, so one busy source cannot starve the others.
-                if fds[0].revents & Int16(POLLIN) != 0 {
-                    for _ in 0..<4 {
-                        let got = tun.read(into: &batch)
-                        self.workers.submit(&batch)
-                        if got < batch.capacity { break }
+                if let tun {
+                    if fds[0].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 {
+                        self.logger.error("the TUN device \(self.tunName) went away; the data path stops")
+                        self.failed.store(true, ordering: .relaxed)
+                        return
+                    }
+                    // A bounded number of batches per source per wakeup, so one busy source cannot starve another.
+                    if fds[0].revents & Int16(POLLIN) != 0 {
+                        for _ in 0..<4 {
+                            let got = tun.read(into: &batch)
+                            deliver(&batch)
+                            if got < batch.capacity { break }
+                        }
                     }
                 }
-                for (i, source) in outer.enumerated() where fds[i + 1].revents & Int16(POLLIN) != 0 {
+                for (i, source) in outer.enumerated() where fds[first + i].revents & Int16(POLLIN) != 0 {
                     for _ in 0..<4 {
                         let got = source.read(into: &batch)
                         if let nic = self.nic {
                             for j in 0..<batch.count { nic.receiveFromWire(batch[j].buffer) }
                             batch.removeAll()
                         } else {
-                            self.workers.submit(&batch)
+                            deliver(&batch)
                         }
                         if got < EngineConstants.batchSize { break }
                     }
                 }
             }
-            let now = self.stack.clock.now
-            if now != lastRefresh {
-                lastRefresh = now
-                self.refreshAddresses()
+            if role != .wire {
+                let now = self.stack.clock.now
+                if now != lastRefresh {
+                    lastRefresh = now
+                    self.refreshAddresses()
+                }
             }
         }
     }

@@ -12,15 +12,14 @@ import XFRMPacket
 /// names, so the packets of one SA are handled by one worker, in arrival order.
 public final class WorkerPool: @unchecked Sendable {
     public let count: Int
-    private let rings: [BoundedRing<PacketBatch.Packet>]
+    fileprivate let rings: [BoundedRing<PacketBatch.Packet>]
     private let dispatchers: [Dispatcher]
-    private let stack: XFRMStack
-    private let pool: PacketPool
-    private let counters: EngineCounters
+    fileprivate let stack: XFRMStack
+    fileprivate let pool: PacketPool
+    fileprivate let counters: EngineCounters
     private var threads: [pthread_t] = []
     private let stopping = Atomic<Bool>(false)
-    /// The intake's per-worker staging, reused between submits (only the intake thread touches it).
-    private var staging: [[PacketBatch.Packet]]
+    private lazy var defaultSubmitter = Submitter(self)
     /// Called by each worker between batches (and at least every 100 ms when idle), e.g. to run timers.
     private let idle: (@Sendable (_ worker: Int) -> Void)?
 
@@ -36,34 +35,53 @@ public final class WorkerPool: @unchecked Sendable {
         self.idle = idle
         self.rings = (0..<workers).map { _ in BoundedRing(capacity: ringCapacity) }
         self.dispatchers = (0..<workers).map(makeDispatcher)
-        self.staging = (0..<workers).map { _ in
-            var a: [PacketBatch.Packet] = []
-            a.reserveCapacity(EngineConstants.batchSize)
-            return a
-        }
     }
 
     /// Packets waiting in each worker's ring (queue-depth gauges).
     public var depths: [Int] { self.rings.map(\.depth) }
 
-    /// Hands a batch to the workers by affinity; leaves it empty. Only one intake thread may call this at a time.
-    public func submit(_ batch: inout PacketBatch) {
-        if self.count == 1 {
-            for i in 0..<batch.count { self.staging[0].append(batch[i]) }
-        } else {
-            for i in 0..<batch.count {
-                let key = self.stack.affinity(of: batch[i].buffer, stage: batch[i].stage)
-                self.staging[Int(Self.mix(key) % UInt32(self.count))].append(batch[i])
+    /// One intake thread's handle for submitting batches (its staging arrays are its own, so several intakes can
+    /// submit at once; each keeps its own arrival order).
+    public final class Submitter {
+        let pool: WorkerPool
+        var staging: [[PacketBatch.Packet]]
+
+        init(_ pool: WorkerPool) {
+            self.pool = pool
+            self.staging = (0..<pool.count).map { _ in
+                var a: [PacketBatch.Packet] = []
+                a.reserveCapacity(EngineConstants.batchSize)
+                return a
             }
         }
-        batch.removeAll()
-        for w in 0..<self.count where !self.staging[w].isEmpty {
-            self.rings[w].push(contentsOf: &self.staging[w]) { refused in
-                self.counters.ringFull.wrappingAdd(1, ordering: .relaxed)
-                self.pool.release(refused.buffer)
+
+        /// Hands a batch to the workers by affinity; leaves it empty.
+        public func submit(_ batch: inout PacketBatch) {
+            let pool = self.pool
+            if pool.count == 1 {
+                for i in 0..<batch.count { self.staging[0].append(batch[i]) }
+            } else {
+                for i in 0..<batch.count {
+                    let key = pool.stack.affinity(of: batch[i].buffer, stage: batch[i].stage)
+                    self.staging[Int(WorkerPool.mix(key) % UInt32(pool.count))].append(batch[i])
+                }
+            }
+            batch.removeAll()
+            for w in 0..<pool.count where !self.staging[w].isEmpty {
+                pool.rings[w].push(contentsOf: &self.staging[w]) { refused in
+                    pool.counters.ringFull.wrappingAdd(1, ordering: .relaxed)
+                    pool.pool.release(refused.buffer)
+                }
             }
         }
     }
+
+    /// A submitter for one intake thread.
+    public func makeSubmitter() -> Submitter { Submitter(self) }
+
+    /// Hands a batch to the workers by affinity through the pool's own submitter; leaves it empty. Only one thread
+    /// may call this at a time (other intakes use `makeSubmitter()`).
+    public func submit(_ batch: inout PacketBatch) { self.defaultSubmitter.submit(&batch) }
 
     /// Hands one packet to its worker, from any thread (an offload device's engine): one lock per packet.
     public func submitOne(_ packet: PacketBatch.Packet) {

@@ -12,21 +12,34 @@
 #include <netinet/in.h>
 #include <unistd.h>
 
-int xfrm_tun_open(const char *name, char *name_out) {
+static int tun_open(const char *name, char *name_out, int offload) {
     int fd = open("/dev/net/tun", O_RDWR | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return -errno;
     struct ifreq ifr;
     memset(&ifr, 0, sizeof ifr);
-    ifr.ifr_flags = IFF_TUN | IFF_NO_PI;
+    ifr.ifr_flags = IFF_TUN | IFF_NO_PI | (offload ? IFF_VNET_HDR : 0);
     strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
     if (ioctl(fd, TUNSETIFF, &ifr) < 0) {
         int e = errno;
         close(fd);
         return -e;
     }
+    if (offload) {
+        int size = 10; /* sizeof(struct virtio_net_hdr) */
+        if (ioctl(fd, TUNSETVNETHDRSZ, &size) < 0 ||
+            ioctl(fd, TUNSETOFFLOAD, (unsigned long)(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)) < 0) {
+            int e = errno;
+            close(fd);
+            return -e;
+        }
+    }
     memcpy(name_out, ifr.ifr_name, IFNAMSIZ);
     return fd;
 }
+
+int xfrm_tun_open(const char *name, char *name_out) { return tun_open(name, name_out, 0); }
+
+int xfrm_tun_open_offload(const char *name, char *name_out) { return tun_open(name, name_out, 1); }
 
 int xfrm_link_up(const char *name) {
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);

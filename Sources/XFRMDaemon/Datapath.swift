@@ -35,6 +35,11 @@ import XFRMSimulatedNIC
 /// Counters of what the data path did with packets outside the stack's own xfrm_stat counters.
 public final class DatapathCounters: Sendable {
     public let tunRead = Atomic<UInt64>(0)
+    /// TCP superpackets read from the TUN and cut into segments (TSO), and coalesced runs written into it (GRO).
+    public let tunSuperpackets = Atomic<UInt64>(0)
+    public let tunCoalesced = Atomic<UInt64>(0)
+    /// Read from the TUN but unusable (a virtio header that does not fit the packet, a superpacket that is not TCP).
+    public let tunBad = Atomic<UInt64>(0)
     public let tunWritten = Atomic<UInt64>(0)
     public let wireSent = Atomic<UInt64>(0)
     public let wireReceived = Atomic<UInt64>(0)
@@ -58,7 +63,9 @@ public final class DatapathCounters: Sendable {
          "send_errors": self.sendErrors.load(ordering: .relaxed),
          "no_buffer": self.noBuffer.load(ordering: .relaxed),
          "not_esp": self.notESP.load(ordering: .relaxed) + self.engine.notDecapsulated.load(ordering: .relaxed),
-         "truncated": self.truncated.load(ordering: .relaxed),
+         "truncated": self.truncated.load(ordering: .relaxed), "tun_bad": self.tunBad.load(ordering: .relaxed),
+         "tun_superpackets": self.tunSuperpackets.load(ordering: .relaxed),
+         "tun_coalesced": self.tunCoalesced.load(ordering: .relaxed),
          "ring_full": self.engine.ringFull.load(ordering: .relaxed)]
     }
 }
@@ -80,6 +87,8 @@ public final class Datapath: @unchecked Sendable {
     public let tunName: String
     public let counters = DatapathCounters()
     public let workerCount: Int
+    /// The TUN device was opened with IFF_VNET_HDR and TSO/CSUM offloads.
+    public private(set) var tunOffload: Bool
     private let stack: XFRMStack
     private let logger: Logger
     private let pool = PacketPool(count: 4096, slotSize: 4096, headroom: 256)
@@ -104,13 +113,20 @@ public final class Datapath: @unchecked Sendable {
     /// Opens the TUN device and the outer sockets and prepares the stack's network model. Throws one clear error
     /// (missing privileges, no /dev/net/tun, port in use).
     public init(stack: XFRMStack, tunName: String, udpPort: UInt16, rawESP: Bool, workers: Int, mark: UInt32,
-                offload: DaemonOffload?, logger: Logger) throws(SocketError)
+                offload: DaemonOffload?, tunOffload: Bool, logger: Logger) throws(SocketError)
     {
         self.stack = stack
         self.logger = logger
         self.workerCount = max(1, workers)
         var name = [CChar](repeating: 0, count: 17)
-        let fd = xfrm_tun_open(tunName, &name)
+        var offloaded = tunOffload
+        var fd = tunOffload ? xfrm_tun_open_offload(tunName, &name) : xfrm_tun_open(tunName, &name)
+        if fd == -EINVAL && tunOffload {
+            logger.warning("the kernel refuses TUN offloads (IFF_VNET_HDR, TSO); one packet per read and write")
+            offloaded = false
+            fd = xfrm_tun_open(tunName, &name)
+        }
+        self.tunOffload = offloaded
         guard fd >= 0 else { throw SocketError("cannot open TUN device \(tunName) (/dev/net/tun)", errno: -fd) }
         self.tunFD = fd
         self.tunName = String(cString: name)
@@ -172,11 +188,10 @@ public final class Datapath: @unchecked Sendable {
             sinks.set(WireSink(sockets: self.sockets, pool: self.pool, counters: self.counters, engine: engine),
                       ifindex: self.wanIfindex)
         }
+        let tunSink = TUNSink(fd: self.tunFD, pool: self.pool, counters: self.counters, offload: self.tunOffload)
         return Dispatcher(stack: self.stack, pool: self.pool, rules: .daemon, counters: engine, interfaces: sinks,
-                          local: self.tunSink)
+                          local: tunSink)
     }
-
-    private lazy var tunSink = TUNSink(fd: self.tunFD, pool: self.pool, counters: self.counters)
 
     private func makeWorkers() {
         let engine = self.counters.engine
@@ -246,7 +261,8 @@ public final class Datapath: @unchecked Sendable {
     /// submits them to the workers; the TUN (or only) intake also refreshes the host's addresses once a second.
     private func intake(_ role: IntakeRole, index: Int) {
         var lastRefresh: UInt64 = 0
-        var batch = PacketBatch()
+        // Room for a whole superpacket's segments (64 KB at a 1,360-byte MSS is 49).
+        var batch = PacketBatch(capacity: 2 * EngineConstants.batchSize)
         let engine = self.counters.engine
         let inline = index < self.inlineDispatchers.count ? self.inlineDispatchers[index] : nil
         let submitter = self.workers?.makeSubmitter()
@@ -256,7 +272,8 @@ public final class Datapath: @unchecked Sendable {
         var fds: [pollfd] = []
         var tun: TUNSource? = nil
         if role != .wire {
-            tun = TUNSource(fd: self.tunFD, pool: self.pool, counters: self.counters, engine: engine)
+            tun = TUNSource(fd: self.tunFD, pool: self.pool, counters: self.counters, engine: engine,
+                            offload: self.tunOffload)
             fds.append(pollfd(fd: self.tunFD, events: Int16(POLLIN), revents: 0))
         }
         var outer: [OuterSource] = []

@@ -79,7 +79,8 @@ public final class MetricsServer: @unchecked Sendable {
             self.statCounters.append((c, counter, 0))
         }
         for name in ["tun_read", "tun_written", "tun_no_policy", "wire_sent", "wire_received", "ike_dropped",
-                     "send_errors", "no_buffer", "not_esp", "truncated", "ring_full"] {
+                     "send_errors", "no_buffer", "not_esp", "truncated", "ring_full", "tun_bad",
+                     "tun_superpackets", "tun_coalesced"] {
             let counter = self.registry.makeCounter(
                 name: "xfrmd_datapath_packets_total", labels: [("event", name)],
                 help: "Packets the data path read, wrote or dropped, by what happened to them")

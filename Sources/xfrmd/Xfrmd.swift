@@ -36,6 +36,10 @@ struct Xfrmd: ParsableCommand {
     @Flag(name: .customLong("no-raw-esp"), help: "Do not open the raw ESP (IP protocol 50) socket.")
     var noRawESP = false
 
+    @Flag(name: .customLong("no-tun-offload"),
+          help: "Open the TUN without IFF_VNET_HDR and TSO/GRO (one inner packet per read and write).")
+    var noTunOffload = false
+
     @Option(help: "Worker threads of the data path (default: one per core).")
     var workers: Int? = nil
 
@@ -94,7 +98,8 @@ struct Xfrmd: ParsableCommand {
             let cores = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
             datapath = try Datapath(stack: stack, tunName: self.tun, udpPort: self.udpPort, rawESP: !self.noRawESP,
                                     workers: self.workers ?? max(1, cores), mark: self.markValue ?? 0,
-                                    offload: self.offload.flatMap(DaemonOffload.init(rawValue:)), logger: logger)
+                                    offload: self.offload.flatMap(DaemonOffload.init(rawValue:)),
+                                    tunOffload: !self.noTunOffload, logger: logger)
             if let address = self.metrics {
                 metricsServer = try MetricsServer(address: address, stack: stack, datapath: datapath, logger: logger)
             }
@@ -107,7 +112,8 @@ struct Xfrmd: ParsableCommand {
         logger.info("listening", metadata: ["socket": "\(self.socket)", "tun": "\(datapath.tunName)",
                                             "udp-port": "\(self.udpPort)", "raw-esp": "\(!self.noRawESP)",
                                             "workers": "\(datapath.workerCount)", "mark": "\(self.mark)",
-                                            "offload": "\(self.offload ?? "none")"])
+                                            "offload": "\(self.offload ?? "none")",
+                                            "tun-offload": "\(datapath.tunOffload)"])
         let served = control.run { stopRequested.load(ordering: .relaxed) || datapath.failed.load(ordering: .relaxed) }
         metricsServer?.stop()
         datapath.stop()

@@ -7,6 +7,11 @@
 /// (at least 16 bytes). Returns the descriptor, or -errno.
 int xfrm_tun_open(const char *name, char *name_out);
 
+/// As xfrm_tun_open, with IFF_VNET_HDR (a 10-byte struct virtio_net_hdr before every packet) and the offloads
+/// TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 (the kernel may hand over TCP superpackets and partial checksums, and takes
+/// coalesced segments back). Returns the descriptor, or -errno.
+int xfrm_tun_open_offload(const char *name, char *name_out);
+
 /// Brings the interface `name` up (SIOCSIFFLAGS with IFF_UP). Returns 0 or -errno.
 int xfrm_link_up(const char *name);
 

@@ -74,7 +74,7 @@ let package = Package(
             name: "xfrm-bench",
             dependencies: [
                 "XFRMESP", "XFRMCore", "XFRMCrypto", "XFRMPacket", "XFRMTestKit", "CXFRMCrypto", "CMallocCounter",
-                "XFRMSimHost", "XFRMSimulatedNIC", "XFRMBenchmarks",
+                "XFRMSimHost", "XFRMSimulatedNIC", "XFRMBenchmarks", "XFRMEngine",
             ]
         ),
         .target(name: "XFRMTestKit", dependencies: ["XFRMPacket", "XFRMCore"]),

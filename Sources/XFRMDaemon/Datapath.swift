@@ -290,8 +290,10 @@ public final class Datapath: @unchecked Sendable {
         defer { for o in outer { o.releaseHeld() } }
         while !self.stopping.load(ordering: .relaxed) && !self.failed.load(ordering: .relaxed) {
             for i in fds.indices { fds[i].revents = 0 }
-            let n = poll(&fds, nfds_t(fds.count), 200)
-            if n > 0 {
+            // A superpacket half cut (its batch was full, or the pool ran dry) goes on without waiting for the TUN.
+            let pending = tun?.hasPending ?? false
+            let n = poll(&fds, nfds_t(fds.count), pending ? 0 : 200)
+            if n > 0 || pending {
                 if let tun {
                     if fds[0].revents & Int16(POLLERR | POLLHUP | POLLNVAL) != 0 {
                         self.logger.error("the TUN device \(self.tunName) went away; the data path stops")
@@ -299,11 +301,12 @@ public final class Datapath: @unchecked Sendable {
                         return
                     }
                     // A bounded number of batches per source per wakeup, so one busy source cannot starve another.
-                    if fds[0].revents & Int16(POLLIN) != 0 {
+                    if fds[0].revents & Int16(POLLIN) != 0 || pending {
                         for _ in 0..<4 {
                             let got = tun.read(into: &batch)
+                            let full = got == batch.capacity
                             deliver(&batch)
-                            if got < batch.capacity { break }
+                            if !full && !tun.hasPending { break }
                         }
                     }
                 }

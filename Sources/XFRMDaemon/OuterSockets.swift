@@ -148,9 +148,10 @@ final class OuterSource: PacketSource {
             self.engine.poolExhausted.wrappingAdd(1, ordering: .relaxed)
             self.counters.noBuffer.wrappingAdd(1, ordering: .relaxed)
         }
-        guard !self.held.isEmpty else { return 0 }
+        let asked = min(self.held.count, want)
+        guard asked > 0 else { return 0 }
         let got = Int(xfrm_recv_batch(self.fd, self.bufs, self.caps, self.lens, self.flags, self.names, self.control,
-                                      Self.controlSize, UInt32(self.held.count)))
+                                      Self.controlSize, UInt32(asked)))
         var added = 0
         for i in 0..<max(got, 0) {
             var buf = self.held[i]

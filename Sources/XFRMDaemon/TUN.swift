@@ -39,6 +39,9 @@ final class TUNSource: PacketSource {
         self.scratch.deallocate()
     }
 
+    /// Part of a superpacket is still to be cut: the intake must call `read` again without waiting for the TUN.
+    var hasPending: Bool { self.pending != nil }
+
     func read(into batch: inout PacketBatch) -> Int {
         let before = batch.count
         while !batch.isFull {
@@ -79,19 +82,21 @@ final class TUNSource: PacketSource {
         guard let (count, header, offset) = self.pending else { return true }
         let packet = self.readBuffer + VirtioNetHeader.size
         if header.gsoType == VirtioNetHeader.gsoNone {
+            // A buffer first: with none, the packet stays pending (its checksum not yet completed).
+            guard var buf = self.pool.allocate() else {
+                self.noBuffer()
+                return false
+            }
             self.pending = nil
             if header.flags & VirtioNetHeader.needsChecksum != 0 {
                 do throws(TCPOffload.Failure) {
                     try TCPOffload.completeChecksum(packet, count: count, start: Int(header.checksumStart),
                                                     offset: Int(header.checksumOffset))
                 } catch {
+                    self.pool.release(buf)
                     self.counters.tunBad.wrappingAdd(1, ordering: .relaxed)
                     return true
                 }
-            }
-            guard var buf = self.pool.allocate() else {
-                self.noBuffer()
-                return false
             }
             guard buf.append(bytes: UnsafeRawBufferPointer(start: packet, count: count)) else {
                 self.pool.release(buf)
@@ -111,7 +116,11 @@ final class TUNSource: PacketSource {
                     dry = true
                     return
                 }
-                _ = buf.append(bytes: UnsafeRawBufferPointer(start: bytes, count: n))
+                guard buf.append(bytes: UnsafeRawBufferPointer(start: bytes, count: n)) else {
+                    self.pool.release(buf)  // a segment larger than a buffer (an MSS beyond any MTU here)
+                    self.counters.tunBad.wrappingAdd(1, ordering: .relaxed)
+                    return
+                }
                 batch.append(PacketBatch.Packet(buf, stage: .output))
             }
             if dry {
@@ -168,19 +177,24 @@ final class TUNSink: PacketSink {
         var i = 0
         while i < batch.count {
             var j = i + 1
+            // A run starts with a pure ACK whose checksums verify; it takes segments that continue it, verify, and
+            // ends after one with PSH (≈ tcp_gro_receive's flush rules).
             if self.offload, let segment = TCPOffload.payloadLength(batch[i].buffer.data, count: batch[i].buffer.count),
-                segment > 0
+                segment > 0, TCPOffload.flags(batch[i].buffer.data, count: batch[i].buffer.count) == 0x10,
+                TCPOffload.checksumsValid(batch[i].buffer.data, count: batch[i].buffer.count)
             {
                 var run = segment
                 var last = segment
                 while j < batch.count && j - i < Self.maxRun,
                     TCPOffload.continues(first: batch[i].buffer.data, firstCount: batch[i].buffer.count,
                                          next: batch[j].buffer.data, nextCount: batch[j].buffer.count,
-                                         runPayload: run, segmentSize: segment, lastPayload: last)
+                                         runPayload: run, segmentSize: segment, lastPayload: last),
+                    TCPOffload.checksumsValid(batch[j].buffer.data, count: batch[j].buffer.count)
                 {
                     last = TCPOffload.payloadLength(batch[j].buffer.data, count: batch[j].buffer.count) ?? 0
                     run += last
                     j += 1
+                    if TCPOffload.flags(batch[j - 1].buffer.data, count: batch[j - 1].buffer.count) != 0x10 { break }
                 }
                 if j - i > 1 {
                     let lastBuf = batch[j - 1].buffer

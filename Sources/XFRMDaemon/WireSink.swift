@@ -68,6 +68,7 @@ final class WireSink: PacketSink {
     }
 
     func write(_ batch: inout PacketBatch) {
+        precondition(batch.count <= EngineConstants.batchSize, "the dispatcher writes a sink at most a batch at a time")
         for i in 0..<batch.count {
             let buf = batch[i].buffer
             if self.add(buf) {

@@ -37,7 +37,8 @@ public final class Dispatcher {
     private let unknownInterface: (any PacketSink)?
     /// Per sink, the packets going to it from this batch (a handful of sinks: a linear search by identity).
     private var pending: [(sink: any PacketSink, batch: PacketBatch)] = []
-    private var again = PacketBatch()
+    private var again = PacketBatch(capacity: Dispatcher.maximumBatch)
+    private var spare = PacketBatch(capacity: Dispatcher.maximumBatch)
 
     /// - Parameters:
     ///   - interfaces: the sink of each interface (shared by a host's dispatchers).
@@ -56,23 +57,34 @@ public final class Dispatcher {
         self.unknownInterface = unknownInterface
     }
 
-    /// Runs the batch through the stack and hands every buffer on; leaves the batch empty.
+    /// Runs the batch through the stack and hands every buffer on; leaves the batch empty (the caller keeps its
+    /// batch and its capacity).
     public func run(_ batch: inout PacketBatch) {
+        precondition(batch.count <= Self.maximumBatch, "a batch larger than the dispatcher takes")
+        self.runOnce(&batch)
+        // Forwarded packets and routed ICMP errors go round once more (bounded: an error is never answered).
         var round = 0
-        while !batch.isEmpty {
-            self.stack.process(&batch)
-            let table = self.interfaces.snapshot
-            for i in 0..<batch.count { self.route(batch[i], table) }
-            batch.removeAll()
-            self.flush()
-            // Forwarded packets and routed ICMP errors go round once more (bounded: an error is never answered).
-            swap(&batch, &self.again)
+        while !self.again.isEmpty {
             round += 1
+            swap(&self.spare, &self.again)
             if round > 2 {
-                for i in 0..<batch.count { self.pool.release(batch[i].buffer) }
-                batch.removeAll()
+                for i in 0..<self.spare.count { self.pool.release(self.spare[i].buffer) }
+                self.spare.removeAll()
+                break
             }
+            self.runOnce(&self.spare)
         }
+    }
+
+    /// The largest batch `run` takes (each packet can go round once more, so `again` holds as many).
+    public static let maximumBatch = 2 * EngineConstants.batchSize
+
+    private func runOnce(_ batch: inout PacketBatch) {
+        self.stack.process(&batch)
+        let table = self.interfaces.snapshot
+        for i in 0..<batch.count { self.route(batch[i], table) }
+        batch.removeAll()
+        self.flush()
     }
 
     @inline(__always)

@@ -84,9 +84,13 @@ public final class WorkerPool: @unchecked Sendable {
     public func submit(_ batch: inout PacketBatch) { self.defaultSubmitter.submit(&batch) }
 
     /// Hands one packet to its worker, from any thread (an offload device's engine): one lock per packet.
+    /// A packet the device already handled carries its SA's handle: that is its affinity (a packet-offloaded one is
+    /// plaintext by now, with no SPI to read).
     public func submitOne(_ packet: PacketBatch.Packet) {
-        let w = self.count == 1 ? 0 : Int(Self.mix(self.stack.affinity(of: packet.buffer, stage: packet.stage))
-            % UInt32(self.count))
+        let handle = packet.metadata?.handle ?? 0
+        let key = handle != 0 ? UInt32(truncatingIfNeeded: handle ^ handle >> 32)
+            : self.stack.affinity(of: packet.buffer, stage: packet.stage)
+        let w = self.count == 1 ? 0 : Int(Self.mix(key) % UInt32(self.count))
         if !self.rings[w].push(packet) {
             self.counters.ringFull.wrappingAdd(1, ordering: .relaxed)
             self.pool.release(packet.buffer)

@@ -84,8 +84,9 @@ public enum TCPOffload {
         throws(Failure)
     {
         guard start >= 0, start + offset + 2 <= count else { throw .malformed }
-        let sum = InternetChecksum.partial(p + start, count: count - start)
-        p.storeBE16(InternetChecksum.finish(sum), at: start + offset)
+        let sum = InternetChecksum.finish(InternetChecksum.partial(p + start, count: count - start))
+        // UDP (the checksum 6 bytes in) cannot carry 0: it means "none" (RFC 768, RFC 8200 §8.1); send 0xffff.
+        p.storeBE16(sum == 0 && offset == 6 ? 0xffff : sum, at: start + offset)
     }
 
     /// Cuts a TCP superpacket (`count` bytes at `p`, described by `header`) into segments of at most `gsoSize` payload
@@ -141,6 +142,18 @@ public enum TCPOffload {
         return offset
     }
 
+    /// Whether a TCP packet's checksums verify (the IPv4 header's and the TCP one with its pseudo-header): what a
+    /// receiver checks before it merges segments (≈ skb_gro_checksum_validate), since the merged packet is handed
+    /// on with its checksum marked partial and never checked again.
+    public static func checksumsValid(_ p: UnsafeRawPointer, count: Int) -> Bool {
+        guard let (ip, _) = Self.tcpHeaders(p, count: count) else { return false }
+        if p.load(fromByteOffset: 0, as: UInt8.self) >> 4 == 4, InternetChecksum.compute(p, count: ip) != 0 {
+            return false
+        }
+        let sum = Self.pseudoHeader(p, proto: 6, length: count - ip)
+        return InternetChecksum.finish(InternetChecksum.partial(p + ip, count: count - ip, initial: sum)) == 0
+    }
+
     /// The TCP flags byte of a packet `segment` accepts, or nil when it is not TCP.
     public static func flags(_ p: UnsafeRawPointer, count: Int) -> UInt8? {
         guard let (ip, _) = Self.tcpHeaders(p, count: count) else { return nil }
@@ -166,7 +179,7 @@ public enum TCPOffload {
         guard payload > 0, payload <= segmentSize, lastPayload == segmentSize,
             ip + tcp + runPayload + payload <= 65_535
         else { return false }
-        if ip != 40 {
+        if first.load(fromByteOffset: 0, as: UInt8.self) >> 4 == 4 {
             // Version/IHL and TOS; flags and fragment offset, TTL and protocol; the addresses (not the length,
             // identification or checksum). IPv4 options are never coalesced.
             guard ip == 20, memcmpEqual(first, next, 2), memcmpEqual(first + 6, next + 6, 4),
@@ -196,7 +209,7 @@ public enum TCPOffload {
     {
         let (ip, tcp) = Self.tcpHeaders(first, count: firstCount)!
         let total = ip + tcp + totalPayload
-        let v4 = ip != 40
+        let v4 = first.load(fromByteOffset: 0, as: UInt8.self) >> 4 == 4
         if v4 {
             first.storeBE16(UInt16(total), at: 2)
             first.storeBE16(0, at: 10)

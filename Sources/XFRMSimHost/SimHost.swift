@@ -115,7 +115,10 @@ public final class SimHost: @unchecked Sendable {
                 pool.release(buffer)  // the host is gone: the buffer still goes back
                 return
             }
-            self.rxRing.push(PacketBatch.Packet(buffer, stage: .input, ifindex: ifindex, metadata: meta))
+            if !self.rxRing.push(PacketBatch.Packet(buffer, stage: .input, ifindex: ifindex, metadata: meta)) {
+                self.engineCounters.ringFull.wrappingAdd(1, ordering: .relaxed)
+                pool.release(buffer)
+            }
         }
         nic.limitEvent = { [weak self] _ in self?.stack.deviceLimitEvent() }
         if self.capture {

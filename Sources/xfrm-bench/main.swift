@@ -3,6 +3,8 @@
 //   swift run -c release xfrm-bench esp [--seconds S] [--rounds N]     ESP encap/decap vs raw OpenSSL AES-GCM
 //   swift run -c release xfrm-bench spd [--seconds S] [--rounds N] [--policies N[,N...]]
 //                                          SPD lookup (default 1k/10k/100k/1M policies) vs a linear scan
+//   swift run -c release xfrm-bench engine [--check]   the daemon's per-packet path (both dispatchers) vs bare ESP,
+//                                          with allocations per packet (--check: exit 1 if any)
 //   swift run -c release xfrm-bench modes [--packets N] [--rounds N] [--svg PATH]
 //                                          host CPU per packet and throughput: baseline, software, crypto, packet offload
 //
@@ -28,6 +30,7 @@ var seconds = 0.3
 var rounds = 5
 var command: String? = nil
 var policyCounts = [1_000, 10_000, 100_000, 1_000_000]
+var check = false
 while !args.isEmpty {
     let a = args.removeFirst()
     switch a {
@@ -40,6 +43,7 @@ while !args.isEmpty {
         policyCounts = list
     case "--seconds": seconds = Double(args.isEmpty ? "" : args.removeFirst()) ?? 0.3
     case "--rounds": rounds = Int(args.isEmpty ? "" : args.removeFirst()) ?? 5
+    case "--check": check = true
     default: if command == nil { command = a }  // the first word is the command; `modes` parses the rest itself
     }
 }
@@ -47,9 +51,12 @@ switch command {
 case "esp":
     checkAllocationCounter()
     espBenchmark(seconds: seconds, rounds: rounds)
+case "engine":
+    checkAllocationCounter()
+    engineBenchmark(seconds: seconds, rounds: rounds, check: check)
 case "spd": spdBenchmark(seconds: seconds, rounds: rounds, sizes: policyCounts)
 case "modes": modesBenchmark(arguments: Array(CommandLine.arguments.dropFirst()))
 default:
-    FileHandle.standardError.write("usage: xfrm-bench esp|spd [--seconds S] [--rounds N] [--policies N[,N...]] | modes [--packets N] [--rounds N] [--svg PATH]\n".data(using: .utf8)!)
+    FileHandle.standardError.write("usage: xfrm-bench esp|engine|spd [--seconds S] [--rounds N] [--policies N[,N...]] | modes [--packets N] [--rounds N] [--svg PATH]\n".data(using: .utf8)!)
     exit(2)
 }

@@ -128,6 +128,45 @@ struct TCPOffloadTests {
         #expect(Array(completed[(ip + 18)...]) == Array(original[(ip + 18)...]))
     }
 
+    @Test("segments are merged only when their checksums verify; a completed UDP checksum is never 0",
+          arguments: [false, true])
+    func checksums(v6: Bool) throws {
+        let segments = try Self.cut(Self.superpacket(v6: v6), mss: 1_360)
+        let ip = v6 ? 40 : 20
+        func valid(_ p: [UInt8]) -> Bool {
+            p.withUnsafeBytes { TCPOffload.checksumsValid($0.baseAddress!, count: $0.count) }
+        }
+        #expect(segments.allSatisfy(valid))
+        var corrupted = segments[3]
+        corrupted[ip + 32 + 100] ^= 0x40  // one payload bit
+        #expect(!valid(corrupted))
+        if !v6 {
+            var badHeader = segments[3]
+            badHeader[8] &-= 1  // TTL without its header checksum
+            #expect(!valid(badHeader))
+        }
+        // A UDP datagram whose checksum comes out as 0 gets 0xffff (0 means "no checksum").
+        var udp = PacketFactory.ipv4(source: "10.0.1.1", destination: "10.0.2.1", proto: 17,
+                                     payload: PacketFactory.udp(payload: [0, 0]))
+        // The pseudo-header sum the kernel leaves, then payload bytes that make the whole sum 0xffff (checksum 0).
+        let pseudo = InternetChecksum.partial(udp.withUnsafeBytes { $0.baseAddress! + 12 }, count: 8) + 17 + 10
+        var folded = pseudo
+        while folded > 0xffff { folded = (folded & 0xffff) + (folded >> 16) }
+        udp[26] = UInt8(folded >> 8)
+        udp[27] = UInt8(folded & 0xff)
+        let rest = InternetChecksum.partial(udp.withUnsafeBytes { $0.baseAddress! + 20 }, count: 10)
+        var r = rest
+        while r > 0xffff { r = (r & 0xffff) + (r >> 16) }
+        let filler = UInt16(0xffff) - UInt16(r)
+        udp[28] = UInt8(filler >> 8)
+        udp[29] = UInt8(filler & 0xff)
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: udp.count, alignment: 16)
+        defer { buffer.deallocate() }
+        buffer.copyMemory(from: udp, byteCount: udp.count)
+        try TCPOffload.completeChecksum(buffer, count: udp.count, start: 20, offset: 6)
+        #expect(buffer.load(fromByteOffset: 26, as: UInt16.self) == 0xffff)
+    }
+
     @Test("a virtio header survives a store and a load; a truncated superpacket or a non-TCP one is refused")
     func headerAndRefusals() {
         var h = VirtioNetHeader()

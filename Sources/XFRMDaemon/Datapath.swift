@@ -38,6 +38,10 @@ public final class DatapathCounters: Sendable {
     /// TCP superpackets read from the TUN and cut into segments (TSO), and coalesced runs written into it (GRO).
     public let tunSuperpackets = Atomic<UInt64>(0)
     public let tunCoalesced = Atomic<UInt64>(0)
+    /// IKE datagrams relayed to the key manager (`--ike-port`), its replies sent out, and relay failures.
+    public let ikeRelayed = Atomic<UInt64>(0)
+    public let ikeReplies = Atomic<UInt64>(0)
+    public let ikeRelayErrors = Atomic<UInt64>(0)
     /// Read from the TUN but unusable (a virtio header that does not fit the packet, a superpacket that is not TCP).
     public let tunBad = Atomic<UInt64>(0)
     public let tunWritten = Atomic<UInt64>(0)
@@ -66,6 +70,9 @@ public final class DatapathCounters: Sendable {
          "truncated": self.truncated.load(ordering: .relaxed), "tun_bad": self.tunBad.load(ordering: .relaxed),
          "tun_superpackets": self.tunSuperpackets.load(ordering: .relaxed),
          "tun_coalesced": self.tunCoalesced.load(ordering: .relaxed),
+         "ike_relayed": self.ikeRelayed.load(ordering: .relaxed),
+         "ike_replies": self.ikeReplies.load(ordering: .relaxed),
+         "ike_relay_errors": self.ikeRelayErrors.load(ordering: .relaxed),
          "ring_full": self.engine.ringFull.load(ordering: .relaxed)]
     }
 }
@@ -103,6 +110,8 @@ public final class Datapath: @unchecked Sendable {
     private var workers: WorkerPool? = nil
     /// One dispatcher per intake thread when it runs its batches itself.
     private var inlineDispatchers: [Dispatcher] = []
+    /// The key manager's relay (`--ike-port`), if any.
+    private var ikeRelay: IKERelay? = nil
     /// The simulated NIC on the outer side (`--offload`), if any.
     public private(set) var nic: SimulatedNIC? = nil
     private let stopping = Atomic<Bool>(false)
@@ -113,7 +122,8 @@ public final class Datapath: @unchecked Sendable {
     /// Opens the TUN device and the outer sockets and prepares the stack's network model. Throws one clear error
     /// (missing privileges, no /dev/net/tun, port in use).
     public init(stack: XFRMStack, tunName: String, udpPort: UInt16, rawESP: Bool, workers: Int, mark: UInt32,
-                offload: DaemonOffload?, tunOffload: Bool, logger: Logger) throws(SocketError)
+                offload: DaemonOffload?, tunOffload: Bool, ikePort: UInt16? = nil, logger: Logger)
+        throws(SocketError)
     {
         self.stack = stack
         self.logger = logger
@@ -170,6 +180,15 @@ public final class Datapath: @unchecked Sendable {
             nic.setLinkUp(true)
             self.nic = nic
         }
+        if let ikePort {
+            do throws(SocketError) {
+                self.ikeRelay = try IKERelay(port: ikePort, sockets: self.sockets, counters: self.counters)
+            } catch {
+                close(fd)
+                self.sockets.closeAll()
+                throw error
+            }
+        }
         self.refreshAddresses()
         self.makeWorkers()
     }
@@ -190,7 +209,7 @@ public final class Datapath: @unchecked Sendable {
         }
         let tunSink = TUNSink(fd: self.tunFD, pool: self.pool, counters: self.counters, offload: self.tunOffload)
         return Dispatcher(stack: self.stack, pool: self.pool, rules: .daemon, counters: engine, interfaces: sinks,
-                          local: tunSink)
+                          local: tunSink, ike: self.ikeRelay.map { IKESink($0, pool: self.pool) })
     }
 
     private func makeWorkers() {
@@ -287,6 +306,8 @@ public final class Datapath: @unchecked Sendable {
             }
         }
         let first = tun == nil ? 0 : 1  // the index of the first outer socket in fds
+        let relay = role != .tun ? self.ikeRelay : nil
+        if let relay { fds.append(pollfd(fd: relay.fd, events: Int16(POLLIN), revents: 0)) }
         defer { for o in outer { o.releaseHeld() } }
         while !self.stopping.load(ordering: .relaxed) && !self.failed.load(ordering: .relaxed) {
             for i in fds.indices { fds[i].revents = 0 }
@@ -310,6 +331,7 @@ public final class Datapath: @unchecked Sendable {
                         }
                     }
                 }
+                if let relay, fds[fds.count - 1].revents & Int16(POLLIN) != 0 { relay.drainReplies() }
                 for (i, source) in outer.enumerated() where fds[first + i].revents & Int16(POLLIN) != 0 {
                     for _ in 0..<4 {
                         let got = source.read(into: &batch)

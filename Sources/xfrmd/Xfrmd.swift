@@ -33,6 +33,11 @@ struct Xfrmd: ParsableCommand {
     @Option(name: .customLong("udp-port"), help: "The ESP-in-UDP (NAT-T, RFC 3948) port.")
     var udpPort: UInt16 = 4500
 
+    @Option(name: .customLong("ike-port"), help: ArgumentHelp(
+        "Relay IKE from the NAT-T port to a key manager on 127.0.0.1:PORT (and its replies back); default: count and drop.",
+        valueName: "PORT"))
+    var ikePort: UInt16? = nil
+
     @Flag(name: .customLong("no-raw-esp"), help: "Do not open the raw ESP (IP protocol 50) socket.")
     var noRawESP = false
 
@@ -99,7 +104,7 @@ struct Xfrmd: ParsableCommand {
             datapath = try Datapath(stack: stack, tunName: self.tun, udpPort: self.udpPort, rawESP: !self.noRawESP,
                                     workers: self.workers ?? max(1, cores), mark: self.markValue ?? 0,
                                     offload: self.offload.flatMap(DaemonOffload.init(rawValue:)),
-                                    tunOffload: !self.noTunOffload, logger: logger)
+                                    tunOffload: !self.noTunOffload, ikePort: self.ikePort, logger: logger)
             if let address = self.metrics {
                 metricsServer = try MetricsServer(address: address, stack: stack, datapath: datapath, logger: logger)
             }

@@ -5,7 +5,19 @@ public enum InternetChecksum {
     public static func partial(_ p: UnsafeRawPointer, count: Int, initial: UInt64 = 0) -> UInt64 {
         var sum = initial
         var i = 0
-        // 32-bit big-endian words into a 64-bit accumulator: no carry can be lost for packets below 2^32 words.
+        // 32-bit big-endian words into 64-bit accumulators: no carry can be lost for packets below 2^32 words. Four
+        // independent accumulators over 16-byte steps let the additions overlap.
+        var s1: UInt64 = 0
+        var s2: UInt64 = 0
+        var s3: UInt64 = 0
+        while i + 16 <= count {
+            sum &+= UInt64(UInt32(bigEndian: p.loadUnaligned(fromByteOffset: i, as: UInt32.self)))
+            s1 &+= UInt64(UInt32(bigEndian: p.loadUnaligned(fromByteOffset: i + 4, as: UInt32.self)))
+            s2 &+= UInt64(UInt32(bigEndian: p.loadUnaligned(fromByteOffset: i + 8, as: UInt32.self)))
+            s3 &+= UInt64(UInt32(bigEndian: p.loadUnaligned(fromByteOffset: i + 12, as: UInt32.self)))
+            i += 16
+        }
+        sum = sum &+ s1 &+ s2 &+ s3
         while i + 4 <= count {
             sum &+= UInt64(UInt32(bigEndian: p.loadUnaligned(fromByteOffset: i, as: UInt32.self)))
             i += 4

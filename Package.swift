@@ -1,12 +1,22 @@
 // swift-tools-version: 6.2
 import PackageDescription
 
-// Modules by responsibility, dependencies pointing down:
-//   esp-tool, xfrm-bench  (executables)
-//        └─ XFRMESP        ESP transform (RFC 4303), anti-replay, NAT-T
-//             ├─ XFRMCrypto   per-SA pre-keyed ciphers, algorithm registry
-//             │    └─ CXFRMCrypto  C shim over OpenSSL libcrypto
-//             └─ XFRMPacket   packet buffers, pool, IPv4/IPv6/UDP, checksum, pcap
+// Modules by responsibility, dependencies pointing down (an arrow means "imports"):
+//   executables   xfrm (the command: wire types, the offline session, the kernel and daemon transports; no benchmark,
+//                 no test kit), xfrmd (the daemon), esp-tool, xfrm-bench (benchmarks; the only one linking them)
+//   XFRMDaemon    xfrmd's control socket, data path (TUN, ESP sockets), metrics  → Engine, Control, SimulatedNIC
+//   XFRMOffline   the in-process session behind `xfrm --offline`, pcap, demo    → SimHost, Control, CommandLine
+//   XFRMKernel    NETLINK_XFRM to the Linux kernel                               → Wire, CommandLine
+//   XFRMCommandLine  the `ip xfrm` grammar and printers, over wire types only    → Wire
+//   XFRMSimHost   simulated hosts on the engine                                  → Engine, SimulatedNIC
+//   XFRMEngine    batch sources/sinks, rings, dispatcher, workers                → Core
+//   XFRMControl   the XFRM user API server (≈ xfrm_user.c)                       → Core, Wire
+//   XFRMSimulatedNIC  an offload device with engines and a wire                  → Core
+//   XFRMCore      SPD, SAD, lifetimes, events, the output and input paths        → ESP
+//   XFRMESP       ESP transform (RFC 4303), anti-replay, NAT-T                   → Crypto, Packet
+//   XFRMCrypto    per-SA pre-keyed ciphers over OpenSSL (CXFRMCrypto)            → Packet
+//   XFRMWire      uapi structs and the netlink codec; stands alone               → Packet
+//   XFRMPacket    buffers, pool, IPv4/IPv6, checksums, TCP offload helpers, pcap
 let package = Package(
     name: "swift-xfrm",
     products: [

@@ -1,6 +1,7 @@
 // xfrmd: the swift-xfrm daemon. One XFRM stack — SAD, SPD, lifetimes, events — behind an XFRM-netlink control
 // socket that `xfrm -S PATH` (and any XFRM netlink client speaking over a Unix socket) uses, and a data path
-// between a TUN device (the inner side) and raw ESP / ESP-in-UDP sockets (the outer side; IPv4 at this stage).
+// between a TUN device (the inner side, with TSO/GRO offloads) and raw ESP / ESP-in-UDP sockets (the outer side,
+// IPv4 and IPv6, marked so that a routing rule keeps them out of the TUN), on the engine's threads (--workers).
 
 import ArgumentParser
 import Logging

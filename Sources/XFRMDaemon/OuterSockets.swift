@@ -241,4 +241,5 @@ enum Sockopt {
     static let ipv6V6only: Int32 = 26
     static let ipv6RecvPktinfo: Int32 = 49
     static let ipv6Pktinfo: Int32 = 50
+    static let ipv6Tclass: Int32 = 67
 }

@@ -32,7 +32,9 @@ final class WireSink: PacketSink {
         let names: UnsafeMutablePointer<sockaddr_in6>
         let control: UnsafeMutablePointer<UInt8>
         let controlLens: UnsafeMutablePointer<Int>
-        static let controlSize = 40  // CMSG_SPACE(sizeof(struct in6_pktinfo))
+        /// Room for two control messages: the source address (IP_PKTINFO: CMSG_SPACE(12) = 32; IPV6_PKTINFO: 40)
+        /// and the outer TOS / traffic class with its ECN bits (IP_TOS / IPV6_TCLASS, an int: 24).
+        static let controlSize = 64
 
         init(fd: Int32, v6: Bool) {
             self.fd = fd
@@ -81,7 +83,7 @@ final class WireSink: PacketSink {
         batch.removeAll()
         for g in self.groups where g.count > 0 {
             var failed: UInt32 = 0
-            let ok = xfrm_send_batch(g.fd, g.bufs, g.lens, g.names, g.namelen, g.v6 ? g.control : nil, g.controlLens,
+            let ok = xfrm_send_batch(g.fd, g.bufs, g.lens, g.names, g.namelen, g.control, g.controlLens,
                                      Group.controlSize, UInt32(g.count), &failed)
             self.counters.wireSent.wrappingAdd(UInt64(max(ok, 0)), ordering: .relaxed)
             self.counters.sendErrors.wrappingAdd(UInt64(failed), ordering: .relaxed)
@@ -103,6 +105,7 @@ final class WireSink: PacketSink {
             if proto == UInt8(IPPROTO_ESP), self.sockets.raw4 >= 0 {
                 let g = self.groups[Self.raw4]
                 self.name4(g, p.load(fromByteOffset: 16, as: UInt32.self), port: 0)
+                g.controlLens[g.count] = 0  // IP_HDRINCL: the stack's own header, source and TOS included
                 g.bufs[g.count] = p
                 g.lens[g.count] = count
                 g.count += 1
@@ -113,6 +116,16 @@ final class WireSink: PacketSink {
             {
                 let g = self.groups[Self.udp4]
                 self.name4(g, p.load(fromByteOffset: 16, as: UInt32.self), port: p.loadBE16(at: ihl + 2))
+                // The kernel writes the IPv4 header: it gets the SA's source (IP_PKTINFO's ipi_spec_dst) and the
+                // outer TOS the stack chose, ECN included (RFC 6040), as control messages.
+                let c = UnsafeMutableRawPointer(g.control + g.count * Group.controlSize)
+                c.initializeMemory(as: UInt8.self, repeating: 0, count: Group.controlSize)
+                c.storeBytes(of: 28, toByteOffset: 0, as: Int.self)  // CMSG_LEN(sizeof(struct in_pktinfo))
+                c.storeBytes(of: Int32(IPPROTO_IP), toByteOffset: 8, as: Int32.self)
+                c.storeBytes(of: Int32(IP_PKTINFO), toByteOffset: 12, as: Int32.self)
+                (c + 20).copyMemory(from: p + 12, byteCount: 4)  // ipi_spec_dst
+                Self.storeTOS(c + 32, level: Int32(IPPROTO_IP), type: Int32(IP_TOS), value: p.loadByte(at: 1))
+                g.controlLens[g.count] = 56
                 g.bufs[g.count] = p + ihl + 8
                 g.lens[g.count] = count - ihl - 8
                 g.count += 1
@@ -146,6 +159,15 @@ final class WireSink: PacketSink {
         }
     }
 
+    /// A control message carrying an int: IP_TOS or IPV6_TCLASS (CMSG_LEN(4) = 20, CMSG_SPACE(4) = 24).
+    @inline(__always)
+    private static func storeTOS(_ c: UnsafeMutableRawPointer, level: Int32, type: Int32, value: UInt8) {
+        c.storeBytes(of: 20, toByteOffset: 0, as: Int.self)
+        c.storeBytes(of: level, toByteOffset: 8, as: Int32.self)
+        c.storeBytes(of: type, toByteOffset: 12, as: Int32.self)
+        c.storeBytes(of: Int32(value), toByteOffset: 16, as: Int32.self)
+    }
+
     /// IPv6: the payload, to the destination, from our source (an IPV6_PKTINFO control message).
     @inline(__always)
     private func add6(_ g: Group, _ p: UnsafeMutableRawPointer, payload: Int, count: Int, port: UInt16) {
@@ -162,6 +184,9 @@ final class WireSink: PacketSink {
         c.storeBytes(of: Int32(IPPROTO_IPV6), toByteOffset: 8, as: Int32.self)
         c.storeBytes(of: Sockopt.ipv6Pktinfo, toByteOffset: 12, as: Int32.self)
         (c + 16).copyMemory(from: p + 8, byteCount: 16)
+        // The traffic class (ECN included) the stack chose for the outer header.
+        let tclass = UInt8(truncatingIfNeeded: p.loadBE16(at: 0) >> 4)
+        Self.storeTOS(c + 40, level: Int32(IPPROTO_IPV6), type: Sockopt.ipv6Tclass, value: tclass)
         g.controlLens[i] = Group.controlSize
         g.bufs[i] = p + payload
         g.lens[i] = count - payload

@@ -593,3 +593,39 @@ def test_ike_on_the_nat_t_port_is_relayed_to_a_key_manager_and_its_replies_go_ou
         assert m['xfrmd_datapath_packets_total{event="ike_dropped"}'] == 0, m
     finally:
         pair.close()
+
+
+TOS_SENDER = """
+import socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+u = socket.socket(fam, socket.SOCK_DGRAM)
+if fam == socket.AF_INET:
+    u.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, 0xba)
+else:
+    u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, 0xba)
+u.bind((sys.argv[1], 0))
+for _ in range(3):
+    u.sendto(b"dscp-ef-ect0", (sys.argv[2], 9))
+"""
+
+
+@pytest.mark.parametrize("outer6", [False, True], ids=["ipv4-outer", "ipv6-outer"])
+@pytest.mark.parametrize("natt", [False, True], ids=["raw-esp", "nat-t"])
+def test_the_outer_header_keeps_the_inner_dscp_and_ecn_on_every_socket(pair, tmp_path, natt, outer6):
+    """Inner packets marked EF + ECT(0) (0xba) leave with 0xba in the outer TOS / traffic class (DSCP copied, ECN
+    encapsulated as RFC 6040 and the kernel's xfrm tunnel output do), over raw ESP and ESP in UDP, IPv4 and IPv6:
+    the sockets whose headers the kernel writes get it as a control message."""
+    pair.configure(natt, outer6)
+    capture = tmp_path / "veth.pcap"
+    # Immediate mode: three packets must not wait in a capture block when tcpdump is stopped.
+    dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "--immediate-mode", "-ni", pair.dev["b"],
+                             "-w", str(capture), "esp or udp port 4500"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    time.sleep(1.0)
+    pair.exec("a", "python3", "-c", TOS_SENDER, "10.0.1.1", "10.0.2.1")
+    time.sleep(0.5)
+    dump.send_signal(signal.SIGINT)
+    dump.communicate(timeout=10)
+    listing = run("tcpdump", "-vnr", str(capture)).stdout
+    field = "class 0xba" if outer6 else "tos 0xba"
+    assert listing.count(field) == 3, listing

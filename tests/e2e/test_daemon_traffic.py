@@ -308,25 +308,44 @@ ip -6 route add {peer6} dev xfrm0 src {me6} table 5846
 """
 
 
-@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
-def test_transport_mode_between_the_two_hosts_keeps_its_esp_out_of_the_tun(pair, tmp_path, family):
+@pytest.mark.parametrize("family,offload", [(4, "software"), (6, "software"), (4, "crypto"), (4, "packet")],
+                         ids=["ipv4", "ipv6", "ipv4-crypto-offload", "ipv4-packet-offload"])
+def test_transport_mode_between_the_two_hosts_keeps_its_esp_out_of_the_tun(tmp_path, family, offload):
     """Host to host, transport mode: the peer's own address is routed into xfrm0 by a rule for unmarked traffic,
     and the daemon's sockets carry the mark (0x5846), so its ESP to that same address takes the main table (the
-    veth) instead of looping into the TUN. ping and TCP both ways; the veth carries only ESP."""
+    veth) instead of looping into the TUN. ping and TCP both ways; the veth carries only ESP. In software, and with
+    the SAs (and for packet offload the policies) on the simulated NIC."""
+    pair = Pair(tmp_path, daemon_args=[] if offload == "software" else ["--offload", "both"])
+    try:
+        run_transport_mode(pair, tmp_path, family, offload)
+    finally:
+        pair.close()
+
+
+def run_transport_mode(pair, tmp_path, family, offload):
     a, b = ("192.0.2.1", "192.0.2.2") if family == 4 else ("2001:db8::1", "2001:db8::2")
     for side, me4, peer4, me6, peer6 in [("a", "192.0.2.1", "192.0.2.2", "2001:db8::1", "2001:db8::2"),
                                          ("b", "192.0.2.2", "192.0.2.1", "2001:db8::2", "2001:db8::1")]:
         pair.exec(side, "sh", "-c", TRANSPORT_RULES.format(me4=me4, peer4=peer4, me6=me6, peer6=peer6))
         pair.exec(side, "sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.xfrm0.rp_filter=0")
+
+    def off(side, sender):
+        if offload == "software":
+            return " replay-window 128"
+        if side == sender:
+            return f" offload {offload} dev xfrm0 dir out"
+        return f" replay-window 128 offload {offload} dev xfrm0 dir in"
+
+    pol = " offload packet dev xfrm0" if offload == "packet" else ""
     for side in "ab":
         pair.xfrm(side, f"state add src {a} dst {b} proto esp spi 0x1001 reqid 1 mode transport "
-                        f"aead rfc4106(gcm(aes)) {K1} 128 replay-window 128")
+                        f"aead rfc4106(gcm(aes)) {K1} 128" + off(side, "a"))
         pair.xfrm(side, f"state add src {b} dst {a} proto esp spi 0x2002 reqid 2 mode transport "
-                        f"aead rfc4106(gcm(aes)) {K2} 128 replay-window 128")
-    pair.xfrm("a", f"policy add src {a} dst {b} dir out tmpl proto esp reqid 1 mode transport")
-    pair.xfrm("a", f"policy add src {b} dst {a} dir in tmpl proto esp reqid 2 mode transport")
-    pair.xfrm("b", f"policy add src {b} dst {a} dir out tmpl proto esp reqid 2 mode transport")
-    pair.xfrm("b", f"policy add src {a} dst {b} dir in tmpl proto esp reqid 1 mode transport")
+                        f"aead rfc4106(gcm(aes)) {K2} 128" + off(side, "b"))
+    pair.xfrm("a", f"policy add src {a} dst {b} dir out tmpl proto esp reqid 1 mode transport{pol}")
+    pair.xfrm("a", f"policy add src {b} dst {a} dir in tmpl proto esp reqid 2 mode transport{pol}")
+    pair.xfrm("b", f"policy add src {b} dst {a} dir out tmpl proto esp reqid 2 mode transport{pol}")
+    pair.xfrm("b", f"policy add src {a} dst {b} dir in tmpl proto esp reqid 1 mode transport{pol}")
     capture = tmp_path / "veth.pcap"
     dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "-ni", pair.dev["b"], "-w",
                              str(capture), WIRE_FILTER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -353,6 +372,10 @@ def test_transport_mode_between_the_two_hosts_keeps_its_esp_out_of_the_tun(pair,
         assert "replay-window 0 replay 0 failed 0" in stats and " 0(packets)" not in stats, stats
     m = pair.metrics("a")
     assert m['xfrmd_datapath_packets_total{event="not_esp"}'] == 0, m
+    if offload != "software":
+        dev = {k.split('counter="')[1].rstrip('"}'): v for k, v in m.items() if k.startswith("xfrmd_device_total{")}
+        tx, rx = ("crypto_tx", "crypto_rx") if offload == "crypto" else ("esp_tx", "esp_rx")
+        assert dev[tx] > 1000 and dev[rx] > 1000 and dev["icv_errors"] == 0, dev
 
 
 # From 10.0.1.1, routed into xfrm0 towards 10.9.9.9 (no policy): a UDP 4500 → 4500 datagram whose payload starts

@@ -45,3 +45,13 @@ def xfrm(tmp_path):
         return p.returncode, p.stdout, p.stderr
 
     return run
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """Two xfrmd daemons in two namespaces joined by a veth (daemonlib.Pair), torn down afterwards."""
+    from daemonlib import Pair
+
+    p = Pair(tmp_path)
+    yield p
+    p.close()

@@ -130,12 +130,15 @@ class Pair:
 WIRE_FILTER = ("not arp and not (ip6 and (src net fe80::/10 or src host :: or dst net ff00::/8 or "
                "(icmp6 and (ip6[40] == 135 or ip6[40] == 136))))")
 
+# A TCP sink that hashes what it receives and echoes the hash (it says "listening" once it is), and a client that
+# sends N random bytes and prints its hash beside the echoed one. Shared by the daemon and strongSwan suites.
 SERVER = """
 import hashlib, socket, sys
 fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
 s = socket.socket(fam); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], 5001)); s.listen(1); s.settimeout(30)
-c, _ = s.accept(); h = hashlib.sha256(); n = 0
+print("listening", flush=True)
+c, _ = s.accept(); c.settimeout(30); h = hashlib.sha256(); n = 0
 while True:
     b = c.recv(65536)
     if not b: break
@@ -166,7 +169,7 @@ def transfer(pair, client_side, me, peer, size=TRANSFER):
     server_side = "b" if client_side == "a" else "a"
     server = subprocess.Popen(["ip", "netns", "exec", pair.ns[server_side], "python3", "-c", SERVER, peer],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    assert server.stdout.readline().strip() == "listening", server.stderr.read()
     client = pair.exec(client_side, "python3", "-c", CLIENT, str(size), me, peer, timeout=300)
     sent_hash, echoed = client.stdout.split()
     out, err = server.communicate(timeout=60)

@@ -123,7 +123,7 @@ def test_rekey_during_a_transfer_loses_nothing_and_sends_nothing_in_clear(pair, 
     before = retransmits(pair, "a") + retransmits(pair, "b")
     server = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "python3", "-c", SERVER, "10.0.2.1"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
+    assert server.stdout.readline().strip() == "listening", server.stderr.read()
     size = 4 * 1024 * 1024
     client = subprocess.Popen(["ip", "netns", "exec", pair.ns["a"], "python3", "-c", SLOW_CLIENT, str(size)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from daemonlib import CLIENT, SERVER
+
 CHARON = "/usr/lib/ipsec/charon"
 PLUGINS = Path("/usr/lib/ipsec/plugins")
 PSK = "swift-xfrm-live-interop-psk-0123456789"
@@ -305,34 +307,6 @@ class LivePeers:
         for n in self.ns.values():
             run("ip", "netns", "del", n, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-SERVER = """
-import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 5001)); s.listen(1); s.settimeout(20)
-print("listening", flush=True)
-c, _ = s.accept(); c.settimeout(20); h = hashlib.sha256(); n = 0
-while True:
-    b = c.recv(65536)
-    if not b: break
-    h.update(b); n += len(b)
-c.sendall(h.hexdigest().encode()); c.close()
-print(n, h.hexdigest())
-"""
-
-CLIENT = """
-import hashlib, os, socket, sys
-data = os.urandom(int(sys.argv[1]))
-c = socket.create_connection((sys.argv[3], 5001), timeout=20, source_address=(sys.argv[2], 0))
-c.sendall(data); c.shutdown(socket.SHUT_WR)
-reply = b""
-while True:
-    b = c.recv(1024)
-    if not b: break
-    reply += b
-print(hashlib.sha256(data).hexdigest(), reply.decode())
-"""
 
 
 def tcp_transfer(peers: LivePeers, sender: str, receiver: str, size: int):

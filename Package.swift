@@ -11,7 +11,7 @@ import PackageDescription
 //   XFRMSimHost   simulated hosts on the engine                                  → Engine, SimulatedNIC
 //   XFRMEngine    batch sources/sinks, rings, dispatcher, workers                → Core
 //   XFRMControl   the XFRM user API server (≈ xfrm_user.c)                       → Core, Wire
-//   XFRMSimulatedNIC  an offload device with engines and a wire                  → Core
+//   XFRMSimulatedNIC  an offload device with engines and a wire (an engine sink)  → Engine, Core
 //   XFRMCore      SPD, SAD, lifetimes, events, the output and input paths        → ESP
 //   XFRMESP       ESP transform (RFC 4303), anti-replay, NAT-T                   → Crypto, Packet
 //   XFRMCrypto    per-SA pre-keyed ciphers over OpenSSL (CXFRMCrypto)            → Packet
@@ -62,7 +62,8 @@ let package = Package(
         .target(name: "XFRMCommandLine", dependencies: ["XFRMWire", "XFRMPacket"]),
         .target(name: "XFRMCore", dependencies: ["XFRMESP", "XFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMControl", dependencies: ["XFRMCore", "XFRMWire", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
-        .target(name: "XFRMSimulatedNIC", dependencies: ["XFRMCore", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
+        .target(
+            name: "XFRMSimulatedNIC", dependencies: ["XFRMCore", "XFRMEngine", "XFRMESP", "XFRMCrypto", "XFRMPacket"]),
         .target(
             name: "XFRMBenchmarks",
             dependencies: ["XFRMCore", "XFRMCrypto", "XFRMESP", "XFRMPacket", "XFRMSimHost", "XFRMSimulatedNIC"]),

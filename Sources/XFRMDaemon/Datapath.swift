@@ -202,7 +202,7 @@ public final class Datapath: @unchecked Sendable {
         let engine = self.counters.engine
         let sinks = InterfaceSinks()
         if let nic = self.nic {
-            sinks.set(NICTransmitSink(nic), ifindex: self.wanIfindex)
+            sinks.set(nic, ifindex: self.wanIfindex)
         } else {
             sinks.set(WireSink(sockets: self.sockets, pool: self.pool, counters: self.counters, engine: engine),
                       ifindex: self.wanIfindex)
@@ -380,17 +380,6 @@ public final class Datapath: @unchecked Sendable {
             let full: UInt8 = address.version == 4 ? 32 : 128
             try? self.stack.network.addAddress(IPPrefix(address, length: full), device: self.tunName)
         }
-    }
-}
-
-/// The simulated NIC's TX queue, for the workers: plaintext with packet-offload metadata, ESP to seal with
-/// crypto-offload metadata, or ESP already sealed in software.
-final class NICTransmitSink: PacketSink {
-    let nic: SimulatedNIC
-    init(_ nic: SimulatedNIC) { self.nic = nic }
-    func write(_ batch: inout PacketBatch) {
-        for i in 0..<batch.count { self.nic.transmit(batch[i].buffer, metadata: batch[i].metadata ?? OffloadMetadata()) }
-        batch.removeAll()
     }
 }
 

@@ -35,8 +35,8 @@ public final class SimHost: @unchecked Sendable {
     /// The engine's side: interface sinks (the NICs), the local sink, dummy interfaces, the dispatchers' lanes.
     private let sinks = InterfaceSinks()
     public let engineCounters = EngineCounters()
-    private var localSink: LocalSink!
-    private var dummySink: DummySink!
+    private var localSink: CaptureSink!
+    private var dummySink: CaptureSink!
     /// Lanes not in use (a lane is created when every one is busy; at most one per concurrent caller).
     private let lanes = BoundedRing<Lane>(capacity: 64)
     /// Capture what leaves dummy interfaces, what NICs put on their wires, and what is delivered locally.
@@ -51,8 +51,8 @@ public final class SimHost: @unchecked Sendable {
         self.pool = PacketPool(count: poolSlots, slotSize: slotSize, headroom: 512)
         self.capture = capture
         self.rxRing = BoundedRing(capacity: poolSlots)
-        self.localSink = LocalSink(self)
-        self.dummySink = DummySink(self)
+        self.localSink = CaptureSink(self, delivered: true)
+        self.dummySink = CaptureSink(self, delivered: false)
     }
 
     deinit {
@@ -100,7 +100,7 @@ public final class SimHost: @unchecked Sendable {
             nic.setMTU(i.mtu)
         }
         self.wire(nic)
-        self.sinks.set(NICSink(nic), ifindex: iface.index)
+        self.sinks.set(nic, ifindex: iface.index)
         if let peer { nic.connect(peer: peer) }
         self.nicTable.withLock { $0[iface.index] = nic }
         return nic
@@ -255,39 +255,21 @@ public final class SimHost: @unchecked Sendable {
 
 // MARK: - Sinks
 
-/// A simulated NIC's TX queue: packets with their offload metadata (none: plain frames).
-private final class NICSink: PacketSink {
-    let nic: SimulatedNIC
-    init(_ nic: SimulatedNIC) { self.nic = nic }
-    func write(_ batch: inout PacketBatch) {
-        for i in 0..<batch.count { self.nic.transmit(batch[i].buffer, metadata: batch[i].metadata ?? OffloadMetadata()) }
-        batch.removeAll()
-    }
-}
-
-/// Dummy interfaces: what leaves on them is captured.
-private final class DummySink: PacketSink {
+/// What leaves a dummy interface (`delivered` false) or is delivered locally (true): captured — delivered packets
+/// also in the capture of deliveries — and returned to the pool.
+private final class CaptureSink: PacketSink {
     unowned let host: SimHost
-    init(_ host: SimHost) { self.host = host }
-    func write(_ batch: inout PacketBatch) {
-        for i in 0..<batch.count {
-            if self.host.capture { self.host.captured.withLock { $0.append(batch[i].buffer.bytes) } }
-            self.host.pool.release(batch[i].buffer)
-        }
-        batch.removeAll()
+    let delivered: Bool
+    init(_ host: SimHost, delivered: Bool) {
+        self.host = host
+        self.delivered = delivered
     }
-}
-
-/// Local delivery: captured (as delivered and in the capture of everything).
-private final class LocalSink: PacketSink {
-    unowned let host: SimHost
-    init(_ host: SimHost) { self.host = host }
     func write(_ batch: inout PacketBatch) {
         for i in 0..<batch.count {
             if self.host.capture {
                 let bytes = batch[i].buffer.bytes
                 self.host.captured.withLock { $0.append(bytes) }
-                self.host.deliveredCapture.withLock { $0.append(bytes) }
+                if self.delivered { self.host.deliveredCapture.withLock { $0.append(bytes) } }
             }
             self.host.pool.release(batch[i].buffer)
         }

@@ -14,7 +14,7 @@ import PackageDescription
 //   XFRMSimulatedNIC  an offload device with engines and a wire (an engine sink)  → Engine, Core
 //   XFRMCore      SPD, SAD, lifetimes, events, the output and input paths        → ESP
 //   XFRMESP       ESP transform (RFC 4303), anti-replay, NAT-T                   → Crypto, Packet
-//   XFRMCrypto    per-SA pre-keyed ciphers over OpenSSL (CXFRMCrypto)            → Packet
+//   XFRMCrypto    per-SA pre-keyed ciphers: OpenSSL (CXFRMCrypto), ipsec-mb (CXFRMIPsecMB) → Packet
 //   XFRMWire      uapi structs and the netlink codec; stands alone               → Packet
 //   XFRMPacket    buffers, pool, IPv4/IPv6, checksums, TCP offload helpers, pcap
 let package = Package(
@@ -39,8 +39,13 @@ let package = Package(
             cSettings: [.define("OPENSSL_SUPPRESS_DEPRECATED"), .unsafeFlags(["-O2"])],
             linkerSettings: [.linkedLibrary("crypto")]
         ),
+        .target(
+            name: "CXFRMIPsecMB",
+            cSettings: [.unsafeFlags(["-O2"])],
+            linkerSettings: [.linkedLibrary("IPSec_MB")]
+        ),
         .target(name: "XFRMPacket"),
-        .target(name: "XFRMCrypto", dependencies: ["CXFRMCrypto", "XFRMPacket"]),
+        .target(name: "XFRMCrypto", dependencies: ["CXFRMCrypto", "CXFRMIPsecMB", "XFRMPacket"]),
         .target(name: "XFRMESP", dependencies: ["XFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMWire", dependencies: ["XFRMPacket"]),
         .target(name: "XFRMKernel", dependencies: ["XFRMWire", "XFRMCommandLine"]),

@@ -3,12 +3,13 @@
 #
 #     scripts/test.sh
 #
-# 1. installs what the tests need: tshark (non-interactively), libssl-dev, strongSwan (its service neither started
+# 1. installs what the tests need: tshark (non-interactively), libssl-dev, libipsec-mb-dev, strongSwan (its service neither started
 #    nor enabled), and a Python virtualenv (.build/interop-venv) with scapy, cryptography, pytest, pytest-xdist;
 # 2. builds everything once: `swift build --build-tests`;
 # 3. runs the Swift unit tests: `swift test --skip-build --parallel`;
-# 4. runs the interop suite, scapy and tshark as independent ESP peers of esp-tool:
-#    `python -m pytest -q -n 2 tests/interop` with ESP_TOOL=<bin path>/esp-tool;
+# 4. runs the interop suite, scapy and tshark as independent ESP peers of esp-tool, once per crypto backend:
+#    `python -m pytest -q -n 2 tests/interop` with ESP_TOOL=<bin path>/esp-tool and XFRM_CRYPTO=openssl, then
+#    XFRM_CRYPTO=ipsec-mb (each case checks that the backend asked for did the work);
 # 5. runs the end-to-end suite of the `xfrm` command (offline stack, pcap mode, simulated NICs, xfrmd's control
 #    socket, --kernel in network namespaces) with scapy as the peer: `python -m pytest -q -n 2 tests/e2e` with
 #    XFRM_TOOL=<bin path>/xfrm (xfrmd is found beside it). Its test_strongswan_live.py takes strongSwan's charon
@@ -34,7 +35,8 @@ die() {
   exit 1
 }
 
-APT_PACKAGES=(tshark libssl-dev python3 python3-venv)
+# libipsec-mb-dev: the Intel ipsec-mb crypto backend (the default where the CPU has AES-NI).
+APT_PACKAGES=(tshark libssl-dev libipsec-mb-dev python3 python3-venv)
 # tests/kernel: qemu, the kernel under test (its image and modules), and what goes into the guest's initramfs:
 # a dynamic busybox, iproute2, tcpdump, kmod (modprobe/depmod resolve the modules); gcc + libc6-dev build the
 # static frame injector.
@@ -163,9 +165,11 @@ step "swift test --skip-build --parallel"
 swift test --skip-build --parallel || { status=1; echo "test.sh: swift test FAILED" >&2; }
 echo "swift test done at ${SECONDS}s"
 
-step "interop: pytest -n 2 tests/interop (ESP_TOOL=$ESP_TOOL)"
-ESP_TOOL="$ESP_TOOL" "$PY" -m pytest -q -n 2 -p no:cacheprovider tests/interop ||
-  { status=1; echo "test.sh: interop tests FAILED" >&2; }
+for backend in openssl ipsec-mb; do
+  step "interop: pytest -n 2 tests/interop (ESP_TOOL=$ESP_TOOL XFRM_CRYPTO=$backend)"
+  XFRM_CRYPTO=$backend ESP_TOOL="$ESP_TOOL" "$PY" -m pytest -q -n 2 -p no:cacheprovider tests/interop ||
+    { status=1; echo "test.sh: interop tests FAILED with XFRM_CRYPTO=$backend" >&2; }
+done
 
 step "end to end: pytest -n 2 tests/e2e (XFRM_TOOL=$XFRM_TOOL)"
 XFRM_TOOL="$XFRM_TOOL" "$PY" -m pytest -q -n 2 -p no:cacheprovider tests/e2e ||

@@ -170,7 +170,7 @@ public final class SecurityAssociation: @unchecked Sendable {
     public internal(set) var generation: UInt64 = 0
 
     /// Builds an SA; a config without crypto makes a larval one.
-    public init(_ config: SAConfig, addTime: UInt64, backend: some ESPCryptoBackend = OpenSSLBackend())
+    public init(_ config: SAConfig, addTime: UInt64, backend: any ESPCryptoBackend = CryptoBackends.preferred)
         throws(ESPConfigError)
     {
         self.config = config

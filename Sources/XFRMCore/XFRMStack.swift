@@ -124,7 +124,7 @@ public final class XFRMStack: @unchecked Sendable {
     /// The UDP port on which input looks for ESP-in-UDP (RFC 3948; the daemon's `--udp-port`).
     public let nattPort = Atomic<UInt16>(4500)
 
-    public init(clock: any XFRMClock = SystemClock(), backend: any ESPCryptoBackend = OpenSSLBackend()) {
+    public init(clock: any XFRMClock = SystemClock(), backend: any ESPCryptoBackend = CryptoBackends.preferred) {
         self.clock = clock
         self.backend = backend
     }
@@ -154,7 +154,7 @@ public final class XFRMStack: @unchecked Sendable {
 
     /// Creates an SA object (keys checked, cipher keyed) for `config`, stamped with the current time.
     public func makeSA(_ config: SAConfig) throws(ESPConfigError) -> SecurityAssociation {
-        try SecurityAssociation(config, addTime: self.clock.now, backend: AnyBackend(self.backend))
+        try SecurityAssociation(config, addTime: self.clock.now, backend: self.backend)
     }
 
     /// Adds an SA (EEXIST on a duplicate); removes a matching larval entry. With `offload`, binds the SA to a
@@ -1005,14 +1005,6 @@ public final class XFRMStack: @unchecked Sendable {
         }
         return .forward
     }
-}
-
-/// A type-erased backend, so the stack can hold `any ESPCryptoBackend` and pass it where a generic is expected.
-struct AnyBackend: ESPCryptoBackend {
-    let base: any ESPCryptoBackend
-    init(_ base: any ESPCryptoBackend) { self.base = base }
-    var name: String { self.base.name }
-    func makeCipher(_ spec: ESPCryptoSpec) throws(AlgorithmError) -> any ESPCipher { try self.base.makeCipher(spec) }
 }
 
 /// ICMPv6 checksum over the IPv6 pseudo-header (RFC 8200 §8.1).

@@ -9,6 +9,8 @@ import XFRMPacket
 ///
 /// Implementations never allocate and are not thread-safe: one instance per SA, direction and thread.
 public protocol ESPCipher: AnyObject {
+    /// The backend that made this cipher ("openssl", "ipsec-mb"): a backend may hand an algorithm to another.
+    var backendName: String { get }
     /// IV bytes carried in each packet.
     var ivLength: Int { get }
     /// ICV bytes appended to each packet.
@@ -26,8 +28,7 @@ public protocol ESPCipher: AnyObject {
     func open(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool
 }
 
-/// Makes ciphers for SAs. A second backend (e.g. Intel ipsec-mb for AES-GCM) conforms to this and is chosen per SA
-/// without touching ESP code.
+/// Makes ciphers for SAs (OpenSSL, Intel ipsec-mb); chosen per stack or per transform without touching ESP code.
 public protocol ESPCryptoBackend: Sendable {
     /// A short name for listings and benchmarks.
     var name: String { get }

@@ -26,6 +26,7 @@ public struct OpenSSLBackend: ESPCryptoBackend {
 
 /// RFC 4106 AES-GCM, RFC 7634 ChaCha20-Poly1305 and RFC 4543 AES-GMAC.
 final class OpenSSLAEADCipher: ESPCipher {
+    var backendName: String { "openssl" }
     let ctx: OpaquePointer
     let icvLength: Int
     let integrityOnly: Bool
@@ -46,45 +47,24 @@ final class OpenSSLAEADCipher: ESPCipher {
 
     deinit { xfrm_aead_free(self.ctx) }
 
-    /// Drawn per SA (≈ seqiv's salt): the IV is the sequence number XOR it — unique per packet under the key (XOR
-    /// with a constant is a bijection), and a key installed again with the same starting sequence number does not
-    /// repeat the GCM/ChaCha20 nonce.
-    private let ivSalt = UInt64.random(in: .min ... .max)
+    private let ivSalt = AEADIVSalt()
 
     @inline(__always)
-    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) {
-        iv.storeBE64(sequence ^ self.ivSalt, at: 0)
-    }
+    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) { self.ivSalt.write(iv, sequence: sequence) }
 
-    /// Runs seal or open with the AAD of RFC 4106 §5 / RFC 7634 §2.1 / RFC 4543 §3.3:
-    /// SPI || seq (8 bytes), or SPI || seq-hi || seq-lo (12 bytes) with ESN; GMAC also authenticates IV || payload.
     @inline(__always)
     private func run(_ esp: UnsafeMutableRawPointer, _ cryptLength: Int, _ esnHigh: UInt32?, seal: Bool) -> Bool {
-        let iv = esp + 8
-        let payload = esp + 16
-        let tag = payload + cryptLength
-        var aadESN: (UInt32, UInt32, UInt32) = (0, 0, 0)
-        return withUnsafeMutableBytes(of: &aadESN) { buf -> Bool in
-            var aad1 = UnsafeRawPointer(esp)
-            var aad1Len = 8
-            if let hi = esnHigh {
-                let p = buf.baseAddress!
-                p.storeBytes(of: esp.loadUnaligned(fromByteOffset: 0, as: UInt32.self), toByteOffset: 0, as: UInt32.self)
-                p.storeBE32(hi, at: 4)
-                p.storeBytes(of: esp.loadUnaligned(fromByteOffset: 4, as: UInt32.self), toByteOffset: 8, as: UInt32.self)
-                aad1 = UnsafeRawPointer(p)
-                aad1Len = 12
-            }
+        AEADLayout.withAAD(esp, cryptLength, esnHigh) { iv, aad, aadLength, payload, tag -> Bool in
             let rc: Int32
             if self.integrityOnly {
                 // GMAC: everything from the IV to the next header is AAD; nothing is encrypted.
                 rc = seal
-                    ? xfrm_aead_seal(self.ctx, iv, aad1, aad1Len, iv, 8 + cryptLength, nil, 0, tag)
-                    : xfrm_aead_open(self.ctx, iv, aad1, aad1Len, iv, 8 + cryptLength, nil, 0, tag)
+                    ? xfrm_aead_seal(self.ctx, iv, aad, aadLength, iv, 8 + cryptLength, nil, 0, tag)
+                    : xfrm_aead_open(self.ctx, iv, aad, aadLength, iv, 8 + cryptLength, nil, 0, tag)
             } else {
                 rc = seal
-                    ? xfrm_aead_seal(self.ctx, iv, aad1, aad1Len, nil, 0, payload, cryptLength, tag)
-                    : xfrm_aead_open(self.ctx, iv, aad1, aad1Len, nil, 0, payload, cryptLength, tag)
+                    ? xfrm_aead_seal(self.ctx, iv, aad, aadLength, nil, 0, payload, cryptLength, tag)
+                    : xfrm_aead_open(self.ctx, iv, aad, aadLength, nil, 0, payload, cryptLength, tag)
             }
             return rc == 1
         }
@@ -101,6 +81,7 @@ final class OpenSSLAEADCipher: ESPCipher {
 
 /// AES-CBC (RFC 3602) or NULL (RFC 2410) encryption with HMAC-SHA-1/2 (RFC 2404, RFC 4868), encrypt-then-MAC.
 final class OpenSSLCipherAuth: ESPCipher {
+    var backendName: String { "openssl" }
     let cbc: OpaquePointer?
     let hmac: OpaquePointer?
     let ivLength: Int

@@ -50,7 +50,7 @@ public final class ESPTransform: @unchecked Sendable {
     private var ipIdentification: UInt16 = 0
 
     /// Builds the transform; the cipher comes from `backend`.
-    public init(_ config: ESPConfig, backend: some ESPCryptoBackend = OpenSSLBackend()) throws(ESPConfigError) {
+    public init(_ config: ESPConfig, backend: any ESPCryptoBackend = CryptoBackends.preferred) throws(ESPConfigError) {
         try config.validate()
         do {
             try config.crypto.validate()  // whatever the backend checks, an invalid spec never reaches it

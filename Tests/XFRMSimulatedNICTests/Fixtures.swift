@@ -78,7 +78,7 @@ struct SAParams: Sendable, CustomStringConvertible {
     }
 
     /// A software transform for the same SA as `sa(outbound:)` (the peer's end of it), with a replay window.
-    func software(outbound: Bool, backend: some ESPCryptoBackend = OpenSSLBackend()) throws -> ESPTransform {
+    func software(outbound: Bool, backend: any ESPCryptoBackend = CryptoBackends.preferred) throws -> ESPTransform {
         let c = self.config(outbound: outbound)
         return try ESPTransform(
             ESPConfig(
@@ -217,6 +217,7 @@ struct UnsealedBackend: ESPCryptoBackend {
 }
 
 final class UnsealedCipher: ESPCipher {
+    var backendName: String { "unsealed" }
     let ivLength: Int
     let icvLength: Int
     let blockSize: Int

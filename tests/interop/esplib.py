@@ -380,6 +380,12 @@ def run_esp_tool(command: str, params: SAParams, packets: Sequence[bytes], workd
     res = ToolResult(argv, p.returncode, p.stdout, p.stderr)
     if not check_ok:
         return res
+    # Every case runs once per crypto backend (scripts/test.sh sets XFRM_CRYPTO): make sure the one asked for did
+    # the work (ipsec-mb hands ecb(cipher_null) to OpenSSL).
+    wanted = os.environ.get("XFRM_CRYPTO")
+    if wanted:
+        served = "openssl" if params.algo.enc_name == "ecb(cipher_null)" else wanted
+        assert f"esp-tool: crypto {served}\n" in p.stderr, f"expected crypto backend {served}\n" + res.explain()
     assert p.returncode == 0, "esp-tool failed\n" + res.explain()
     out_lines = p.stdout.splitlines()
     assert out_lines and out_lines[-1].startswith("counters "), "no final 'counters' line\n" + res.explain()

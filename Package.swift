@@ -60,7 +60,7 @@ let package = Package(
         .executableTarget(
             name: "xfrmd",
             dependencies: [
-                "XFRMDaemon", "XFRMControl", "XFRMCore",
+                "XFRMDaemon", "XFRMControl", "XFRMCore", "XFRMCrypto",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]),
@@ -89,7 +89,8 @@ let package = Package(
         .executableTarget(
             name: "xfrm-bench",
             dependencies: [
-                "XFRMESP", "XFRMCore", "XFRMCrypto", "XFRMPacket", "XFRMTestKit", "CXFRMCrypto", "CMallocCounter",
+                "XFRMESP", "XFRMCore", "XFRMCrypto", "XFRMPacket", "XFRMTestKit", "CXFRMCrypto", "CXFRMIPsecMB",
+                "CMallocCounter",
                 "XFRMSimHost", "XFRMSimulatedNIC", "XFRMBenchmarks", "XFRMEngine",
             ]
         ),

@@ -1,6 +1,7 @@
 // xfrm-bench: benchmarks that report speed as ratios against a reference measured in the same run.
 //
-//   swift run -c release xfrm-bench esp [--seconds S] [--rounds N]     ESP encap/decap vs raw OpenSSL AES-GCM
+//   swift run -c release xfrm-bench esp [--seconds S] [--rounds N] [--backend openssl|ipsec-mb|all] [--threads N[,N...]]
+//                                          ESP encap/decap vs the backend's raw AES-GCM; scaling over threads
 //   swift run -c release xfrm-bench spd [--seconds S] [--rounds N] [--policies N[,N...]]
 //                                          SPD lookup (default 1k/10k/100k/1M policies) vs a linear scan
 //   swift run -c release xfrm-bench engine [--check]   the daemon's per-packet path (both dispatchers) vs bare ESP,
@@ -13,6 +14,7 @@
 import CMallocCounter
 import Foundation
 import XFRMBenchmarks
+import XFRMCrypto
 
 /// The allocation counter must see allocations, or "0 allocs per packet" would prove nothing.
 func checkAllocationCounter() {
@@ -31,6 +33,8 @@ var rounds = 5
 var command: String? = nil
 var policyCounts = [1_000, 10_000, 100_000, 1_000_000]
 var check = false
+var backends = CryptoBackends.names.filter { CryptoBackends.named($0) != nil }
+var threadCounts: [Int] = []
 while !args.isEmpty {
     let a = args.removeFirst()
     switch a {
@@ -44,19 +48,33 @@ while !args.isEmpty {
     case "--seconds": seconds = Double(args.isEmpty ? "" : args.removeFirst()) ?? 0.3
     case "--rounds": rounds = Int(args.isEmpty ? "" : args.removeFirst()) ?? 5
     case "--check": check = true
+    case "--backend":
+        let b = args.isEmpty ? "" : args.removeFirst()
+        guard b == "all" || CryptoBackends.named(b) != nil else {
+            FileHandle.standardError.write("xfrm-bench esp: --backend takes \(CryptoBackends.names.joined(separator: ", ")) or all (available here)\n".data(using: .utf8)!)
+            exit(2)
+        }
+        if b != "all" { backends = [b] }
+    case "--threads":
+        let list = (args.isEmpty ? "" : args.removeFirst()).split(separator: ",").compactMap { Int($0) }
+        guard !list.isEmpty, list.allSatisfy({ $0 > 0 && $0 <= 64 }) else {
+            FileHandle.standardError.write("xfrm-bench esp: --threads takes N[,N...] (1 to 64)\n".data(using: .utf8)!)
+            exit(2)
+        }
+        threadCounts = list
     default: if command == nil { command = a }  // the first word is the command; `modes` parses the rest itself
     }
 }
 switch command {
 case "esp":
     checkAllocationCounter()
-    espBenchmark(seconds: seconds, rounds: rounds)
+    espBenchmark(seconds: seconds, rounds: rounds, backends: backends, threads: threadCounts)
 case "engine":
     checkAllocationCounter()
     engineBenchmark(seconds: seconds, rounds: rounds, check: check)
 case "spd": spdBenchmark(seconds: seconds, rounds: rounds, sizes: policyCounts)
 case "modes": modesBenchmark(arguments: Array(CommandLine.arguments.dropFirst()))
 default:
-    FileHandle.standardError.write("usage: xfrm-bench esp|engine|spd [--seconds S] [--rounds N] [--policies N[,N...]] | modes [--packets N] [--rounds N] [--svg PATH]\n".data(using: .utf8)!)
+    FileHandle.standardError.write("usage: xfrm-bench esp|engine|spd [--seconds S] [--backend B|all] [--threads N[,N...]] [--rounds N] [--policies N[,N...]] | modes [--packets N] [--rounds N] [--svg PATH]\n".data(using: .utf8)!)
     exit(2)
 }

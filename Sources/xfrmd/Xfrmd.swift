@@ -8,6 +8,7 @@ import Logging
 import Synchronization
 import XFRMControl
 import XFRMCore
+import XFRMCrypto
 import XFRMDaemon
 
 #if canImport(Glibc)
@@ -59,6 +60,11 @@ struct Xfrmd: ParsableCommand {
         valueName: "MODE"))
     var offload: String? = nil
 
+    @Option(help: ArgumentHelp(
+        "The ESP crypto backend: openssl or ipsec-mb (default: ipsec-mb where the CPU runs it, else openssl; or XFRM_CRYPTO).",
+        valueName: "BACKEND"))
+    var crypto: String? = nil
+
     @Option(help: "Serve Prometheus metrics at HOST:PORT (GET /metrics).")
     var metrics: String? = nil
 
@@ -74,6 +80,11 @@ struct Xfrmd: ParsableCommand {
         guard self.markValue != nil else { throw ValidationError("--mark must be a 32-bit number (decimal or 0x hex)") }
         if let o = self.offload, DaemonOffload(rawValue: o) == nil {
             throw ValidationError("--offload must be crypto, packet or both")
+        }
+        if let c = self.crypto, CryptoBackends.named(c) == nil {
+            throw ValidationError(CryptoBackends.names.contains(c)
+                ? "--crypto \(c): this CPU cannot run it (\(IPsecMBBackend.description))"
+                : "--crypto must be one of \(CryptoBackends.names.joined(separator: ", "))")
         }
         guard Logger.Level(rawValue: self.logLevel) != nil else {
             throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
@@ -93,7 +104,8 @@ struct Xfrmd: ParsableCommand {
             print("xfrmd: \(error.description)", to: &err)
             return ExitCode(1)
         }
-        let stack = XFRMStack()
+        let backend = self.crypto.flatMap(CryptoBackends.named) ?? CryptoBackends.preferred
+        let stack = XFRMStack(backend: backend)
         // In this order: nothing is touched while another daemon answers; the control socket comes last, so a
         // client that can connect finds the data path (and its TUN device) ready.
         let datapath: Datapath
@@ -118,7 +130,7 @@ struct Xfrmd: ParsableCommand {
         logger.info("listening", metadata: ["socket": "\(self.socket)", "tun": "\(datapath.tunName)",
                                             "udp-port": "\(self.udpPort)", "raw-esp": "\(!self.noRawESP)",
                                             "workers": "\(datapath.workerCount)", "mark": "\(self.mark)",
-                                            "offload": "\(self.offload ?? "none")",
+                                            "offload": "\(self.offload ?? "none")", "crypto": "\(backend.name)",
                                             "tun-offload": "\(datapath.tunOffload)"])
         let served = control.run { stopRequested.load(ordering: .relaxed) || datapath.failed.load(ordering: .relaxed) }
         metricsServer?.stop()

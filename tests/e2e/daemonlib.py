@@ -19,8 +19,9 @@ def run(*argv, check=True, timeout=60, **kw):
 
 
 class Pair:
-    def __init__(self, tmp: Path, daemon_args=()):
+    def __init__(self, tmp: Path, daemon_args=(), side_args=None):
         self.daemon_args = list(daemon_args)
+        self.side_args = side_args or {}  # extra options for one side's daemon only
         tag = uuid.uuid4().hex[:6]
         self.ns = {"a": f"xdA{tag}", "b": f"xdB{tag}"}
         self.sock = {"a": tmp / "a.sock", "b": tmp / "b.sock"}
@@ -46,7 +47,7 @@ class Pair:
         for side in "ab":
             self.procs.append(subprocess.Popen(["ip", "netns", "exec", self.ns[side], xfrmd, "--socket",
                                                 str(self.sock[side]), "--metrics", "127.0.0.1:9117",
-                                                *self.daemon_args],
+                                                *self.daemon_args, *self.side_args.get(side, [])],
                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         deadline = time.time() + 10
         while not all(s.exists() for s in self.sock.values()):

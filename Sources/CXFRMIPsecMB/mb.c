@@ -13,7 +13,8 @@
 
 static pthread_key_t mgr_key;
 static pthread_once_t mgr_once = PTHREAD_ONCE_INIT;
-static __thread IMB_MGR *tls_mgr;
+// initial-exec: the shim is linked into the executable, so the TLS slot is a fixed offset (no __tls_get_addr).
+static __thread IMB_MGR *tls_mgr __attribute__((tls_model("initial-exec")));
 
 static void mgr_release(void *m) { free_mb_mgr((IMB_MGR *)m); }
 static void mgr_key_make(void) { pthread_key_create(&mgr_key, mgr_release); }

@@ -34,10 +34,24 @@ public final class ESPTransform: @unchecked Sendable {
     public let config: ESPConfig
     public let cipher: any ESPCipher
     /// The last outbound sequence number used (64-bit; only the low half goes on the wire).
-    public private(set) var outboundSequence: UInt64
+    public var outboundSequence: UInt64 { self.state.pointee.outboundSequence }
     /// The inbound anti-replay window.
-    public private(set) var replay: ReplayWindow
-    public private(set) var statistics = ESPStatistics()
+    public var replay: ReplayWindow { self.state.pointee.replay }
+    public var statistics: ESPStatistics { self.state.pointee.statistics }
+    /// The NAT-T ports in use (the SA's, updated when the peer's NAT mapping moves; ≈ x->encap).
+    public var encapsulation: NATTEncapsulation? { self.state.pointee.encapsulation }
+
+    /// Everything a packet changes, behind one pointer. Whoever calls the transform already serializes it (the SA's
+    /// lock, or the one thread that owns it), and a stored `var` of a class would cost Swift's dynamic exclusivity
+    /// check (a thread-local access set) on every read and write, several times per packet.
+    private struct MutableState {
+        var outboundSequence: UInt64
+        var replay: ReplayWindow
+        var statistics = ESPStatistics()
+        var ipIdentification: UInt16 = 0
+        var encapsulation: NATTEncapsulation?
+    }
+    private let state: UnsafeMutablePointer<MutableState>
 
     private let ivLength: Int
     private let icvLength: Int
@@ -47,7 +61,6 @@ public final class ESPTransform: @unchecked Sendable {
     private let mayWrap: Bool
     private let udpLength: Int
     private let outerHeaderLength: Int
-    private var ipIdentification: UInt16 = 0
 
     /// Builds the transform; the cipher comes from `backend`.
     public init(_ config: ESPConfig, backend: any ESPCryptoBackend = CryptoBackends.preferred) throws(ESPConfigError) {
@@ -59,14 +72,14 @@ public final class ESPTransform: @unchecked Sendable {
             throw ESPConfigError(error.description)
         }
         self.config = config
-        self.encapsulation = config.encapsulation
-        self.outboundSequence = config.outboundSequence
-        if let bitmap = config.inboundBitmap {
-            self.replay = ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence,
-                                       bitmap: bitmap)
+        let replay = if let bitmap = config.inboundBitmap {
+            ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence, bitmap: bitmap)
         } else {
-            self.replay = ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence)
+            ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence)
         }
+        self.state = .allocate(capacity: 1)
+        self.state.initialize(to: MutableState(
+            outboundSequence: config.outboundSequence, replay: replay, encapsulation: config.encapsulation))
         self.ivLength = self.cipher.ivLength
         self.icvLength = self.cipher.icvLength
         self.blockSize = self.cipher.blockSize
@@ -81,21 +94,25 @@ public final class ESPTransform: @unchecked Sendable {
         }
     }
 
+    deinit {
+        self.state.deinitialize(count: 1)
+        self.state.deallocate()
+    }
+
     /// Bytes ESP adds in front of the payload (outer IP, UDP, ESP header, IV).
     public var headerOverhead: Int { self.outerHeaderLength + self.udpLength + 8 + self.ivLength }
 
     /// The largest number of bytes ESP can add to a packet (headers, maximum padding, trailer, ICV).
     public var maximumOverhead: Int { self.headerOverhead + self.blockSize - 1 + 2 + self.icvLength }
 
-    /// The NAT-T ports in use (the SA's, updated when the peer's NAT mapping moves; ≈ x->encap).
-    public private(set) var encapsulation: NATTEncapsulation?
 
     /// New NAT-T ports for a UDP-encapsulated SA (≈ the encap copy in xfrm_state_update). Presence cannot change:
     /// returns false for an SA without UDP encapsulation or a nil argument.
     @discardableResult
     public func updateEncapsulation(_ e: NATTEncapsulation?) -> Bool {
-        guard let e, self.encapsulation != nil else { return e == nil && self.encapsulation == nil }
-        self.encapsulation = e
+        let current = self.state.pointee.encapsulation
+        guard let e, current != nil else { return e == nil && current == nil }
+        self.state.pointee.encapsulation = e
         return true
     }
 
@@ -103,15 +120,15 @@ public final class ESPTransform: @unchecked Sendable {
     /// below the current one is refused (returns false): a counter that moved back would reuse nonces/IVs.
     @discardableResult
     public func setOutboundSequence(_ value: UInt64) -> Bool {
-        guard value > self.outboundSequence else { return value == self.outboundSequence }
-        self.outboundSequence = value
+        guard value > self.state.pointee.outboundSequence else { return value == self.state.pointee.outboundSequence }
+        self.state.pointee.outboundSequence = value
         return true
     }
 
     /// Replaces the inbound replay state with an empty window whose highest received number is `top`
     /// (≈ XFRM_MSG_NEWAE setting replay state, as a key manager does when it restores or migrates an SA).
     public func setInboundSequence(_ top: UInt64) {
-        self.replay = ReplayWindow(size: self.config.replayWindow, esn: self.esn, top: top)
+        self.state.pointee.replay = ReplayWindow(size: self.config.replayWindow, esn: self.esn, top: top)
     }
 
     // MARK: - Sequence numbers (≈ xfrm_replay_overflow)
@@ -120,13 +137,13 @@ public final class ESPTransform: @unchecked Sendable {
     /// the SA may wrap) and at 2^64 with ESN. Never wraps silently.
     @inline(__always)
     private func takeSequence() -> UInt64? {
-        let cur = self.outboundSequence
+        let cur = self.state.pointee.outboundSequence
         if self.esn || self.mayWrap {
             guard cur != .max else { return nil }
         } else {
             guard cur < UInt64(UInt32.max) else { return nil }
         }
-        self.outboundSequence = cur &+ 1
+        self.state.pointee.outboundSequence = cur &+ 1
         return cur &+ 1
     }
 
@@ -240,8 +257,8 @@ public final class ESPTransform: @unchecked Sendable {
         } else {
             (esp + 8 + self.ivLength + cryptLength).initializeMemory(as: UInt8.self, repeating: 0, count: self.icvLength)
         }
-        self.statistics.packets &+= 1
-        self.statistics.bytes &+= UInt64(payloadLength)
+        self.state.pointee.statistics.packets &+= 1
+        self.state.pointee.statistics.bytes &+= UInt64(payloadLength)
 
         if self.isTunnel {
             if self.udpLength != 0 { packet.prepend(HeaderSize.udp) }
@@ -258,7 +275,7 @@ public final class ESPTransform: @unchecked Sendable {
                 ip.storeBE16(UInt16(truncatingIfNeeded: packet.count - HeaderSize.ipv6), at: 4)
             }
         }
-        if let encap = self.encapsulation {
+        if let encap = self.state.pointee.encapsulation {
             self.writeUDPHeader(packet: packet, encap: encap, outerV4: outerV4, espOffset: esp - packet.data)
         }
         layout = ESPLayout(espOffset: esp - packet.data, cryptLength: cryptLength, esnHigh: esnHigh, sequence: seq)
@@ -281,9 +298,9 @@ public final class ESPTransform: @unchecked Sendable {
         switch (self.config.tunnelSource!, self.config.tunnelDestination!) {
         case (.v4(let s), .v4(let d)):
             let df = !self.config.flags.contains(.noPMTUDiscovery) && (innerDF || !innerV4)
-            self.ipIdentification &+= 1
+            self.state.pointee.ipIdentification &+= 1
             IPv4Header.write(
-                outer, tos: tos, totalLength: totalLength, identification: self.ipIdentification,
+                outer, tos: tos, totalLength: totalLength, identification: self.state.pointee.ipIdentification,
                 flags: df ? IPv4Header.flagDF : 0, ttl: self.config.outerHopLimit, proto: proto, source: s,
                 destination: d)
         case (let s, let d):
@@ -349,16 +366,16 @@ public final class ESPTransform: @unchecked Sendable {
         if self.blockSize > 4 && cryptLength % self.blockSize != 0 { return .badCipherLength }
 
         let seq: UInt64
-        switch self.replay.check(info.sequence) {
+        switch self.state.pointee.replay.check(info.sequence) {
         case .accept(let s): seq = s
         case .reject(let r):
-            if r == .replayDuplicate { self.statistics.replay &+= 1 }
-            if r == .replayTooOld { self.statistics.replayWindow &+= 1 }
+            if r == .replayDuplicate { self.state.pointee.statistics.replay &+= 1 }
+            if r == .replayTooOld { self.state.pointee.statistics.replayWindow &+= 1 }
             return r
         }
         let esnHigh: UInt32? = self.esn ? UInt32(truncatingIfNeeded: seq >> 32) : nil
         guard cryptoDone || self.cipher.open(esp: esp, cryptLength: cryptLength, esnHigh: esnHigh) else {
-            self.statistics.integrityFailed &+= 1
+            self.state.pointee.statistics.integrityFailed &+= 1
             return .icvFailed
         }
         let plain = esp + header
@@ -372,9 +389,9 @@ public final class ESPTransform: @unchecked Sendable {
             i += 1
         }
         // Authenticated and well-formed: only now may the window move (RFC 4303 §3.4.3).
-        self.replay.advance(seq)
-        self.statistics.packets &+= 1
-        self.statistics.bytes &+= UInt64(payloadLength)
+        self.state.pointee.replay.advance(seq)
+        self.state.pointee.statistics.packets &+= 1
+        self.state.pointee.statistics.bytes &+= UInt64(payloadLength)
         if nextHeader == IPProtocolNumber.noNextHeader { return .tfcDummy }
 
         if self.isTunnel {

@@ -1,6 +1,7 @@
 // xfrm-bench: benchmarks that report speed as ratios against a reference measured in the same run.
 //
 //   swift run -c release xfrm-bench esp [--seconds S] [--rounds N] [--backend openssl|ipsec-mb|all] [--threads N[,N...]]
+//                                          [--sizes N[,N...]]
 //                                          ESP encap/decap vs the backend's raw AES-GCM; scaling over threads
 //   swift run -c release xfrm-bench spd [--seconds S] [--rounds N] [--policies N[,N...]]
 //                                          SPD lookup (default 1k/10k/100k/1M policies) vs a linear scan
@@ -35,6 +36,7 @@ var policyCounts = [1_000, 10_000, 100_000, 1_000_000]
 var check = false
 var backends = CryptoBackends.names.filter { CryptoBackends.named($0) != nil }
 var threadCounts: [Int] = []
+var espSizes = [64, 512, 1420]
 while !args.isEmpty {
     let a = args.removeFirst()
     switch a {
@@ -55,6 +57,13 @@ while !args.isEmpty {
             exit(2)
         }
         if b != "all" { backends = [b] }
+    case "--sizes":
+        let list = (args.isEmpty ? "" : args.removeFirst()).split(separator: ",").compactMap { Int($0) }
+        guard !list.isEmpty, list.allSatisfy({ $0 >= 28 && $0 <= 1500 }) else {
+            FileHandle.standardError.write("xfrm-bench esp: --sizes takes N[,N...] (28 to 1500 bytes)\n".data(using: .utf8)!)
+            exit(2)
+        }
+        espSizes = list
     case "--threads":
         let list = (args.isEmpty ? "" : args.removeFirst()).split(separator: ",").compactMap { Int($0) }
         guard !list.isEmpty, list.allSatisfy({ $0 > 0 && $0 <= 64 }) else {
@@ -68,7 +77,7 @@ while !args.isEmpty {
 switch command {
 case "esp":
     checkAllocationCounter()
-    espBenchmark(seconds: seconds, rounds: rounds, backends: backends, threads: threadCounts)
+    espBenchmark(seconds: seconds, rounds: rounds, backends: backends, threads: threadCounts, sizes: espSizes)
 case "engine":
     checkAllocationCounter()
     engineBenchmark(seconds: seconds, rounds: rounds, check: check)

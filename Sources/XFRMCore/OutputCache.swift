@@ -3,8 +3,8 @@ import XFRMPacket
 
 /// Per-flow memory of output decisions (≈ the dst a connected socket caches, with the xfrm bundle in it for
 /// protected flows): a flow does not redo the route lookup, nor the policy lookup and SA resolution, per packet.
-/// Plain flows (no policy, default accept) and packet-offload flows are cached, so the baseline and packet
-/// offload do the same host work apart from XFRM. Direct-mapped, one lock per slot; an entry is valid only for
+/// Plain flows (no policy, default accept), single-SA bundles in software or crypto offload, and packet-offload
+/// flows are cached, so every mode does the same host work apart from the SA's own. Direct-mapped, one lock per slot; an entry is valid only for
 /// the configuration generation it was made in, so any SPD, SAD, default-policy, device or route change empties
 /// it at once.
 final class OutputCache: @unchecked Sendable {
@@ -14,6 +14,21 @@ final class OutputCache: @unchecked Sendable {
         /// Packet offload through `device` with `sa` (≈ the bundle of an offloaded policy).
         case packetOffload(policyIndex: UInt32, sa: SecurityAssociation, device: any XfrmOffloadDevice,
                            offload: StateOffload, limit: Int, tunnel: Bool)
+        /// A one-SA bundle in software or crypto offload (≈ a dst with its xfrm bundle).
+        case bundle(policyIndex: UInt32, Bundle)
+    }
+
+    /// What a protected flow's packets need besides the SA's own work.
+    struct Bundle {
+        let sa: SecurityAssociation
+        /// The outer packet's route.
+        let ifindex: Int32
+        let mtu: Int
+        /// Tunnel mode: the largest inner packet that fits the path after ESP (nil in transport mode).
+        let limit: Int?
+        /// Crypto offload: the device the route leads to and the SA's binding; each packet still asks the
+        /// driver's offload_ok, and goes in software when the device declines it.
+        let device: (any XfrmOffloadDevice, StateOffload)?
     }
 
     struct Entry {

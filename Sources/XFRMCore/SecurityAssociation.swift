@@ -142,7 +142,7 @@ public final class SecurityAssociation: @unchecked Sendable {
     /// The ESP transform; nil for a larval (acquiring) SA.
     public let transform: ESPTransform?
 
-    private struct Mutable {
+    struct Mutable {
         var state: SAState
         var dying = false
         var lifetime: LifetimeConfig
@@ -163,7 +163,7 @@ public final class SecurityAssociation: @unchecked Sendable {
         /// The device's counters at the last sync, to fold only the increments into the global counters.
         var lastDeviceCounters = DeviceSACounters()
     }
-    private let mutable: Mutex<Mutable>
+    let mutable: Mutex<Mutable>
     /// The if_id, read per packet without a lock; `update` may set it (≈ xfrm_state_update's if_id copy).
     private let ifIDValue: Atomic<UInt32>
     /// Insertion order in the SAD (newer SAs are preferred among equals, and dumps list newest first).
@@ -234,32 +234,14 @@ public final class SecurityAssociation: @unchecked Sendable {
     /// ≈ xfrm_state_check_expire: called per packet before it uses the SA. Sets the use time on first use.
     @inline(__always)
     public func checkExpire(now: UInt64) -> ExpiryCheck {
-        self.mutable.withLock { m in
-            if m.current.useTime == 0 { m.current.useTime = now }
-            if m.state == .expired { return .hardExpired }
-            if m.current.bytes >= m.lifetime.hardByteLimit || m.current.packets >= m.lifetime.hardPacketLimit {
-                m.state = .expired
-                return .hardExpired
-            }
-            if !m.dying && (m.current.bytes >= m.lifetime.softByteLimit
-                || m.current.packets >= m.lifetime.softPacketLimit) {
-                m.dying = true
-                m.softReported = true
-                return .softExpired
-            }
-            return .ok
-        }
+        self.mutable.withLock { m in m.checkExpire(now: now) }
     }
 
     /// Adds a packet of `bytes` to curlft and refreshes the last-used time (≈ x->curlft.bytes += skb->len;
     /// packets++; x->lastused = now).
     @inline(__always)
     public func account(bytes: Int, now: UInt64) {
-        self.mutable.withLock { m in
-            m.current.bytes &+= UInt64(bytes)
-            m.current.packets &+= 1
-            m.lastUsed = now
-        }
+        self.mutable.withLock { m in m.account(bytes: bytes, now: now) }
     }
 
     /// When a packet last used the SA (XFRMA_LASTUSED); 0 if never.
@@ -268,14 +250,7 @@ public final class SecurityAssociation: @unchecked Sendable {
     /// Counts a replay or integrity drop in the SA's stats.
     @inline(__always)
     func countDrop(_ reason: DropReason) {
-        self.mutable.withLock { m in
-            switch reason {
-            case .replayTooOld: m.replayWindowDrops &+= 1
-            case .replayDuplicate: m.replayDrops &+= 1
-            case .icvFailed: m.integrityFailures &+= 1
-            default: break
-            }
-        }
+        self.mutable.withLock { m in m.countDrop(reason) }
     }
 
     /// What the timer decided (≈ xfrm_timer_handler).

@@ -398,6 +398,10 @@ public final class XFRMStack: @unchecked Sendable {
                 if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
                 return self.packetOffloadChecks(&packet, sa: sa, device: device, offload: offload, limit: limit,
                                                 tunnel: tunnel)
+            case .bundle(let policyIndex, let bundle):
+                if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
+                if let r = self.outputCachedBundle(&packet, bundle, now: now, transformed: &transformed) { return r }
+                // The SA is no longer valid: resolve again below.
             }
         }
         // ≈ flowi_oif: the policy lookup sees the interface the route leads to (selectors with `dev IFNAME`).
@@ -416,6 +420,7 @@ public final class XFRMStack: @unchecked Sendable {
             }
             var crypto: (OffloadMetadata, Int32)? = nil
             let single = policy.templates.count == 1
+            var cacheable: (sa: SecurityAssociation, device: (any XfrmOffloadDevice, StateOffload)?)? = nil
             // ≈ xfrm_tmpl_resolve_one: a transport template takes its addresses from the flow or from the previous
             // tunnel's endpoints; a tunnel template from itself, its missing source from the route (xfrm_get_saddr).
             var daddr = flow.destination
@@ -439,7 +444,9 @@ public final class XFRMStack: @unchecked Sendable {
                         !dev.callbacks.contains(.offloadOK) || dev.offloadOK(packet, sa: sa, offload: o)
                     {
                         var layout = ESPLayout()
-                        if let r = self.apply(sa, to: &packet, now: now, deviceLayout: &layout) { return r }
+                        if case .done(let r) = self.apply(sa, to: &packet, now: now, deviceLayout: &layout) {
+                            return r
+                        }
                         // ≈ xfrm_replay_overflow_offload_esn: the high half moved on, so the device must learn it.
                         if sa.config.esn && layout.sequence & 0xffff_ffff == 0 { dev.advanceESN(sa, offload: o) }
                         var meta = OffloadMetadata()
@@ -448,10 +455,16 @@ public final class XFRMStack: @unchecked Sendable {
                         meta.esnHigh = layout.esnHigh
                         meta.handle = o.handle
                         crypto = (meta, o.ifindex)
+                        cacheable = (sa, (dev, o))
                         continue
                     }
+                    // A software SA's bundle is cached; a crypto-offload SA that went to software for this packet
+                    // is not (the device may take the next one).
+                    if single && sa.offload == nil { cacheable = (sa, nil) }
                     var unused = ESPLayout()
-                    if let r = self.apply(sa, to: &packet, now: now, deviceLayout: &unused, seal: true) { return r }
+                    if case .done(let r) = self.apply(sa, to: &packet, now: now, deviceLayout: &unused, seal: true) {
+                        return r
+                    }
                 case .acquiring:
                     if template.optional { continue }
                     self.statistics.increment(.outNoStates)
@@ -468,12 +481,21 @@ public final class XFRMStack: @unchecked Sendable {
             if let (meta, ifindex) = crypto {
                 let r = self.transmit(&packet, transformed: true)
                 guard case .transmit(let out) = r else { return r }
-                if out == ifindex { return .offload(ifindex: ifindex, metadata: meta) }
+                if out == ifindex {
+                    if let c = cacheable { self.cacheBundle(c.sa, device: c.device, flow: flow, key: cacheKey,
+                                                            policy: policy, generation: generation, now: now) }
+                    return .offload(ifindex: ifindex, metadata: meta)
+                }
                 self.statistics.increment(.outError)
                 return .dropped(.outError)
             }
             transformed = applied > 0
-            return self.transmit(&packet, transformed: applied > 0)
+            let r = self.transmit(&packet, transformed: applied > 0)
+            if case .transmit = r, applied == 1, let c = cacheable {
+                self.cacheBundle(c.sa, device: nil, flow: flow, key: cacheKey, policy: policy, generation: generation,
+                                 now: now)
+            }
+            return r
         } else if self.defaultAction(.outbound) == .block && !self.network.isLocal(flow.destination) {
             // ≈ xfrm_lookup_with_ifid: the sender gets EPERM and no counter moves; loopback traffic is exempt.
             return .dropped(nil)
@@ -565,51 +587,63 @@ public final class XFRMStack: @unchecked Sendable {
         return .offload(ifindex: o.ifindex, metadata: meta)
     }
 
-    /// Applies one SA of a bundle; nil to continue, or the final result.
+    /// Applies one SA of a bundle; nil to continue, or the final result. `limit` is the largest inner packet the
+    /// tunnel's path takes (nil: look the route up; transport mode has none). `retryIfInvalid` (a cached bundle):
+    /// an SA that is no longer valid gives `.stale` instead of a drop, so that the caller resolves again.
     @inline(__always)
-    private func apply(_ sa: SecurityAssociation, to packet: inout PacketBuffer, now: UInt64,
-                       deviceLayout: inout ESPLayout, seal: Bool = false) -> OutputResult? {
-        guard let transform = sa.transform, sa.state == .valid else {
+    func apply(_ sa: SecurityAssociation, to packet: inout PacketBuffer, now: UInt64,
+                       deviceLayout: inout ESPLayout, seal: Bool = false, limit cachedLimit: Int? = nil,
+                       retryIfInvalid: Bool = false) -> ApplyOutcome {
+        guard let transform = sa.transform else {
             self.statistics.increment(.outStateInvalid)
-            return .dropped(.outStateInvalid)
+            return .done(.dropped(.outStateInvalid))
         }
         if sa.config.direction == .inbound {
             self.statistics.increment(.outStateDirError)
-            return .dropped(.outStateDirError)
+            return .done(.dropped(.outStateDirError))
         }
-        switch sa.checkExpire(now: now) {
-        case .ok: break
-        case .softExpired: self.events.publish(.expire(sa, hard: false))
+        // Tunnel mode: an inner packet that would not fit the path after ESP is refused with ICMP when it may not
+        // be fragmented (IPv4 DF, or any IPv6), ≈ xfrm4_tunnel_check_size / xfrm6_tunnel_check_size, which run
+        // before the SA's lock is taken.
+        if sa.config.mode == .tunnel,
+            let limit = cachedLimit ?? self.network.egress(to: sa.id.destination).map({
+                transform.maximumPayload(forMTU: $0.mtu) }),
+            packet.count > limit
+        {
+            let p = packet.data
+            let v4DF = p.loadByte(at: 0) >> 4 == 4 && p.loadBE16(at: 6) & IPv4Header.flagDF != 0
+            let v6 = p.loadByte(at: 0) >> 4 == 6
+            if v4DF || v6 {
+                // ≈ xfrm4_tunnel_check_size failing in the outer mode output: XfrmOutStateModeError.
+                self.statistics.increment(.outStateModeError)
+                return .done(self.makePacketTooBig(&packet, mtu: limit) ? .icmpError : .dropped(.outStateModeError))
+            }
+        }
+        // One acquisition of the SA's lock: state, lifetime, sequence number and ESP, accounting.
+        let use = sa.useForOutput(bytes: packet.count, now: now) {
+            seal ? transform.encapsulate(&packet) : transform.encapsulateForDevice(&packet, layout: &deviceLayout)
+        }
+        switch use {
+        case .notValid:
+            if retryIfInvalid { return .stale }
+            self.statistics.increment(.outStateInvalid)
+            return .done(.dropped(.outStateInvalid))
         case .hardExpired:
             self.expireHard(sa)
             self.statistics.increment(.outStateExpired)
-            return .dropped(.outStateExpired)
-        }
-        // Tunnel mode: an inner packet that would not fit the path after ESP is refused with ICMP when it may not
-        // be fragmented (IPv4 DF, or any IPv6), ≈ xfrm4_tunnel_check_size / xfrm6_tunnel_check_size.
-        if sa.config.mode == .tunnel, let iface = self.network.egress(to: sa.id.destination) {
-            let limit = transform.maximumPayload(forMTU: iface.mtu)
-            if packet.count > limit {
-                let p = packet.data
-                let v4DF = p.loadByte(at: 0) >> 4 == 4 && p.loadBE16(at: 6) & IPv4Header.flagDF != 0
-                let v6 = p.loadByte(at: 0) >> 4 == 6
-                if v4DF || v6 {
-                    // ≈ xfrm4_tunnel_check_size failing in the outer mode output: XfrmOutStateModeError.
-                    self.statistics.increment(.outStateModeError)
-                    return self.makePacketTooBig(&packet, mtu: limit) ? .icmpError : .dropped(.outStateModeError)
-                }
+            return .done(.dropped(.outStateExpired))
+        case .used(let reason, let soft):
+            if soft {
+                self.events.publish(.expire(sa, hard: false))
+                // A dying SA gives way to a fresh one at the next resolution: cached bundles resolve again.
+                self.configurationChanged()
             }
+            if let reason {
+                self.statistics.count(reason)
+                return .done(.dropped(XfrmStatCounter(reason)))
+            }
+            return .next
         }
-        let length = packet.count
-        let reason = sa.withLock {
-            seal ? transform.encapsulate(&packet) : transform.encapsulateForDevice(&packet, layout: &deviceLayout)
-        }
-        if let reason {
-            self.statistics.count(reason)
-            return .dropped(XfrmStatCounter(reason))
-        }
-        sa.account(bytes: length, now: now)
-        return nil
     }
 
     /// Routes and transmits a packet (no XFRM work): MTU check against the outgoing interface.
@@ -624,7 +658,7 @@ public final class XFRMStack: @unchecked Sendable {
 
     /// The MTU check of `transmit` on a route already known.
     @inline(__always)
-    private func transmit(_ packet: inout PacketBuffer, ifindex: Int32, mtu: Int, transformed: Bool) -> OutputResult {
+    func transmit(_ packet: inout PacketBuffer, ifindex: Int32, mtu: Int, transformed: Bool) -> OutputResult {
         let p = packet.data
         let version = p.loadByte(at: 0) >> 4
         let iface = (ifindex: ifindex, mtu: mtu)
@@ -814,56 +848,50 @@ public final class XFRMStack: @unchecked Sendable {
                     self.statistics.increment(.inStateDirError)
                     return .dropped(.inStateDirError)
                 }
-                let bound = sa.offload
-                if bound?.type == .packet {
+                let done = cryptoDone
+                cryptoDone = false  // only the outermost ESP was handled by the device
+                let tunnel = sa.config.mode == .tunnel
+                // One acquisition of the SA's lock for the whole packet (≈ xfrm_input's x->lock section).
+                let use = sa.useForInput(now: now, metadata: metadata, cryptoDone: done) {
+                    let r = transform.decapsulate(&packet, info: info, cryptoDone: done)
+                    // ≈ xfrm_input after x->type->input: curlft counts what ESP delivered — the inner packet in
+                    // tunnel mode, the upper-layer payload in transport mode — not the outer ESP packet.
+                    return (r, tunnel ? packet.count : packet.count - info.transportOffset)
+                }
+                switch use {
+                case .packetOffloaded:
                     // A packet-offload SA is used only by its device, never in software (spec §7).
                     self.statistics.increment(.inStateInvalid)
                     return .dropped(.inStateInvalid)
-                }
-                if cryptoDone && (bound?.type != .crypto || bound?.handle != metadata?.handle) {
+                case .mismatch:
                     // The device decrypted with another SA than the one found here: trust nothing.
                     self.statistics.increment(.inStateMismatch)
                     return .dropped(.inStateMismatch)
-                }
-                guard sa.state == .valid else {
-                    self.statistics.increment(sa.state == .expired ? .inStateExpired : .inStateInvalid)
-                    return .dropped(sa.state == .expired ? .inStateExpired : .inStateInvalid)
-                }
-                switch sa.checkExpire(now: now) {
-                case .ok: break
-                case .softExpired: self.events.publish(.expire(sa, hard: false))
+                case .notValid(let expired):
+                    self.statistics.increment(expired ? .inStateExpired : .inStateInvalid)
+                    return .dropped(expired ? .inStateExpired : .inStateInvalid)
                 case .hardExpired:
                     self.expireHard(sa)
                     self.statistics.increment(.inStateExpired)
                     return .dropped(.inStateExpired)
-                }
-                if cryptoDone && !(metadata?.cryptoSuccess ?? false) {
+                case .deviceICVFailed(let soft):
                     // Crypto offload RX: the device found the ICV bad.
-                    sa.countDrop(.icvFailed)
+                    if soft { self.events.publish(.expire(sa, hard: false)) }
                     self.statistics.count(.icvFailed)
                     return .dropped(.inStateProtoError)
+                case .used(let reason, let soft, let highMoved, let bound):
+                    if soft { self.events.publish(.expire(sa, hard: false)) }
+                    // ≈ xfrm_replay_advance_esn → xdo_dev_state_advance_esn: a crypto-offload device tracks the high
+                    // half.
+                    if done && highMoved && sa.config.esn, let o = bound, let dev = self.device(ifindex: o.ifindex),
+                        dev.callbacks.contains(.advanceESN) {
+                        dev.advanceESN(sa, offload: o)
+                    }
+                    if let reason {
+                        self.statistics.count(reason)
+                        return .dropped(reason == .tfcDummy ? nil : XfrmStatCounter(reason))
+                    }
                 }
-                let done = cryptoDone
-                cryptoDone = false  // only the outermost ESP was handled by the device
-                let (reason, highMoved) = sa.withLock { () -> (DropReason?, Bool) in
-                    let before = transform.replay.top >> 32
-                    let r = transform.decapsulate(&packet, info: info, cryptoDone: done)
-                    return (r, transform.replay.top >> 32 != before)
-                }
-                // ≈ xfrm_replay_advance_esn → xdo_dev_state_advance_esn: a crypto-offload device tracks the high half.
-                if done && highMoved && sa.config.esn, let o = sa.offload, let dev = self.device(ifindex: o.ifindex),
-                    dev.callbacks.contains(.advanceESN) {
-                    dev.advanceESN(sa, offload: o)
-                }
-                if let reason {
-                    sa.countDrop(reason)
-                    self.statistics.count(reason)
-                    return .dropped(reason == .tfcDummy ? nil : XfrmStatCounter(reason))
-                }
-                // ≈ xfrm_input after x->type->input: curlft counts what ESP delivered — the inner packet in
-                // tunnel mode, the upper-layer payload in transport mode — not the outer ESP packet.
-                sa.account(bytes: sa.config.mode == .tunnel ? packet.count : packet.count - info.transportOffset,
-                           now: now)
                 guard secpath.append(sa) else {
                     self.statistics.increment(.inBufferError)
                     return .dropped(.inBufferError)
@@ -1005,6 +1033,16 @@ public final class XFRMStack: @unchecked Sendable {
         }
         return .forward
     }
+}
+
+/// What applying one SA of a bundle came to.
+enum ApplyOutcome {
+    /// Protected: go on with the next template.
+    case next
+    /// The packet's fate (a drop, an ICMP error).
+    case done(OutputResult)
+    /// A cached bundle's SA is no longer valid: resolve again.
+    case stale
 }
 
 /// ICMPv6 checksum over the IPv6 pseudo-header (RFC 8200 §8.1).

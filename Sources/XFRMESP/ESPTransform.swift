@@ -37,6 +37,8 @@ public final class ESPTransform: @unchecked Sendable {
     public var outboundSequence: UInt64 { self.state.pointee.outboundSequence }
     /// The inbound anti-replay window.
     public var replay: ReplayWindow { self.state.pointee.replay }
+    /// The highest sequence number received (the window's top), without copying the window.
+    public var replayTop: UInt64 { self.state.pointee.replay.top }
     public var statistics: ESPStatistics { self.state.pointee.statistics }
     /// The NAT-T ports in use (the SA's, updated when the peer's NAT mapping moves; ≈ x->encap).
     public var encapsulation: NATTEncapsulation? { self.state.pointee.encapsulation }

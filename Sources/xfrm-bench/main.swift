@@ -3,6 +3,8 @@
 //   swift run -c release xfrm-bench esp [--seconds S] [--rounds N] [--backend openssl|ipsec-mb|all] [--threads N[,N...]]
 //                                          [--sizes N[,N...]]
 //                                          ESP encap/decap vs the backend's raw AES-GCM; scaling over threads
+//   swift run -c release xfrm-bench stack [--check] [--sizes N[,N...]]
+//                                          the stack's output and input paths per packet vs the bare ESP transform
 //   swift run -c release xfrm-bench spd [--seconds S] [--rounds N] [--policies N[,N...]]
 //                                          SPD lookup (default 1k/10k/100k/1M policies) vs a linear scan
 //   swift run -c release xfrm-bench engine [--check]   the daemon's per-packet path (both dispatchers) vs bare ESP,
@@ -81,9 +83,12 @@ case "esp":
 case "engine":
     checkAllocationCounter()
     engineBenchmark(seconds: seconds, rounds: rounds, check: check)
+case "stack":
+    checkAllocationCounter()
+    stackBenchmark(seconds: seconds, rounds: rounds, sizes: espSizes == [64, 512, 1420] ? [64, 1420] : espSizes, check: check)
 case "spd": spdBenchmark(seconds: seconds, rounds: rounds, sizes: policyCounts)
 case "modes": modesBenchmark(arguments: Array(CommandLine.arguments.dropFirst()))
 default:
-    FileHandle.standardError.write("usage: xfrm-bench esp|engine|spd [--seconds S] [--backend B|all] [--threads N[,N...]] [--rounds N] [--policies N[,N...]] | modes [--packets N] [--rounds N] [--svg PATH]\n".data(using: .utf8)!)
+    FileHandle.standardError.write("usage: xfrm-bench esp|stack|engine|spd [--seconds S] [--backend B|all] [--threads N[,N...]] [--rounds N] [--policies N[,N...]] | modes [--packets N] [--rounds N] [--svg PATH]\n".data(using: .utf8)!)
     exit(2)
 }

@@ -1,0 +1,117 @@
+import XFRMESP
+
+// What one packet does to an SA, under a single acquisition of the SA's lock (≈ the x->lock section of
+// xfrm_output_one and xfrm_input): the state check, the lifetime check (xfrm_state_check_expire), the ESP transform
+// (sequence number or replay window, and the crypto) and curlft accounting. Everything else a packet reads of the
+// SA is immutable (config, transform) or atomic (if_id).
+
+extension SecurityAssociation.Mutable {
+    /// ≈ xfrm_state_check_expire: sets the use time on first use, expires the SA at a hard limit and marks it dying
+    /// (once) at a soft one.
+    @inline(__always)
+    mutating func checkExpire(now: UInt64) -> SecurityAssociation.ExpiryCheck {
+        if self.current.useTime == 0 { self.current.useTime = now }
+        if self.state == .expired { return .hardExpired }
+        if self.current.bytes >= self.lifetime.hardByteLimit || self.current.packets >= self.lifetime.hardPacketLimit {
+            self.state = .expired
+            return .hardExpired
+        }
+        if !self.dying && (self.current.bytes >= self.lifetime.softByteLimit
+            || self.current.packets >= self.lifetime.softPacketLimit) {
+            self.dying = true
+            self.softReported = true
+            return .softExpired
+        }
+        return .ok
+    }
+
+    @inline(__always)
+    mutating func account(bytes: Int, now: UInt64) {
+        self.current.bytes &+= UInt64(bytes)
+        self.current.packets &+= 1
+        self.lastUsed = now
+    }
+
+    @inline(__always)
+    mutating func countDrop(_ reason: DropReason) {
+        switch reason {
+        case .replayTooOld: self.replayWindowDrops &+= 1
+        case .replayDuplicate: self.replayDrops &+= 1
+        case .icvFailed: self.integrityFailures &+= 1
+        default: break
+        }
+    }
+}
+
+extension SecurityAssociation {
+    /// An outbound packet's use of the SA.
+    enum OutputUse {
+        /// The SA is not valid (dead, expired, larval): no sequence number was taken.
+        case notValid
+        /// A hard limit was reached: the SA is now expired and the packet must be dropped.
+        case hardExpired
+        /// The transform ran: `reason` is its drop, nil when the packet is protected (and counted). `softExpired`:
+        /// this packet crossed the soft limit (one EXPIRE hard=0 to send).
+        case used(DropReason?, softExpired: Bool)
+    }
+
+    /// ≈ xfrm_output_one's locked section: state, lifetime, `transform` (the ESP work), accounting of `bytes` (the
+    /// packet before ESP) when it succeeded.
+    @inline(__always)
+    func useForOutput(bytes: Int, now: UInt64, _ transform: () -> DropReason?) -> OutputUse {
+        self.mutable.withLock { m -> OutputUse in
+            guard m.state == .valid else { return .notValid }
+            let check = m.checkExpire(now: now)
+            if check == .hardExpired { return .hardExpired }
+            let reason = transform()
+            if reason == nil { m.account(bytes: bytes, now: now) }
+            return .used(reason, softExpired: check == .softExpired)
+        }
+    }
+
+    /// A received packet's use of the SA.
+    enum InputUse {
+        /// A packet-offload SA: only its device may use it (spec §7).
+        case packetOffloaded
+        /// The device decrypted with another SA than this one.
+        case mismatch
+        /// Not valid; `expired` says whether it expired (XfrmInStateExpired) or is otherwise unusable.
+        case notValid(expired: Bool)
+        case hardExpired
+        /// Crypto offload RX: the device found the ICV bad (counted in the SA's stats).
+        case deviceICVFailed(softExpired: Bool)
+        /// The transform ran: `reason` is its drop (counted in the SA's stats), nil when the packet was opened and
+        /// counted. `highMoved`: the ESN high half of the window moved (a crypto-offload device must learn it);
+        /// `offload` is the SA's device binding.
+        case used(DropReason?, softExpired: Bool, highMoved: Bool, offload: StateOffload?)
+    }
+
+    /// ≈ xfrm_input's locked section for ESP: the device binding and state checks, the lifetime check, then
+    /// `transform` (replay check, ICV, decryption, window advance), which returns its drop reason and the bytes
+    /// curlft counts when it succeeded.
+    @inline(__always)
+    func useForInput(now: UInt64, metadata: OffloadMetadata?, cryptoDone: Bool,
+                     _ transform: () -> (DropReason?, countedBytes: Int)) -> InputUse {
+        self.mutable.withLock { m -> InputUse in
+            let bound = m.offload
+            if bound?.type == .packet { return .packetOffloaded }
+            if cryptoDone && (bound?.type != .crypto || bound?.handle != metadata?.handle) { return .mismatch }
+            guard m.state == .valid else { return .notValid(expired: m.state == .expired) }
+            let check = m.checkExpire(now: now)
+            if check == .hardExpired { return .hardExpired }
+            if cryptoDone && !(metadata?.cryptoSuccess ?? false) {
+                m.countDrop(.icvFailed)
+                return .deviceICVFailed(softExpired: check == .softExpired)
+            }
+            let before = self.transform?.replayTop ?? 0
+            let (reason, bytes) = transform()
+            let highMoved = (self.transform?.replayTop ?? 0) >> 32 != before >> 32
+            if let reason {
+                m.countDrop(reason)
+            } else {
+                m.account(bytes: bytes, now: now)
+            }
+            return .used(reason, softExpired: check == .softExpired, highMoved: highMoved, offload: bound)
+        }
+    }
+}

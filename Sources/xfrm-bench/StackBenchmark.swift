@@ -1,0 +1,133 @@
+// `xfrm-bench stack [--check]`: the whole output and input paths of the XFRM stack per packet on one core — policy
+// lookup (or the flow's cached bundle), SA state and lifetime, ESP, accounting, routing; on input SAD lookup,
+// replay, ESP, policy check — against the bare ESP transform (the same SA parameters and backend) on the same
+// packets in the same run. Thread CPU time, best of N interleaved rounds; allocations per packet from the
+// interposed malloc. `--check` exits 1 if a path allocates (CI runs it).
+
+import CMallocCounter
+import Foundation
+import XFRMCore
+import XFRMCrypto
+import XFRMESP
+import XFRMPacket
+import XFRMTestKit
+
+/// A's output path and B's input path over one packet size, and the bare transform loops to compare with.
+private final class StackWorkload: @unchecked Sendable {  // one thread
+    let (a, b, key) = makeBenchStacks()
+    let pool = PacketPool(count: 8, slotSize: 2048, headroom: 256)
+    let inner: [UInt8]
+    let size: Int
+    var buf: PacketBuffer
+    let ringCount = 256
+    let ring: UnsafeMutableRawPointer
+    let wireSize: Int
+    let rxTransform: ESPTransform
+    let firstSeq: UInt64
+    var slot = 0
+    let bare: ESPWorkload
+
+    init(size: Int) {
+        self.size = size
+        self.inner = PacketFactory.ipv4(source: "10.0.1.1", destination: "10.0.2.1", proto: 17,
+                                        payload: PacketFactory.udp(payload: PacketFactory.pattern(size - 28)))
+        self.buf = self.pool.allocate()!
+        // The ring: 256 consecutive ESP packets from A's own output path.
+        var packets: [[UInt8]] = []
+        for _ in 0..<self.ringCount {
+            var b = self.pool.allocate()!
+            b.append(contentsOf: self.inner)
+            guard case .transmit = self.a.output(&b) else { fatalError("stack output refused the packet") }
+            packets.append(b.bytes)
+            self.pool.release(b)
+        }
+        let wireSize = packets[0].count
+        let ring = UnsafeMutableRawPointer.allocate(byteCount: self.ringCount * wireSize, alignment: 64)
+        for (i, r) in packets.enumerated() {
+            r.withUnsafeBytes { (ring + i * wireSize).copyMemory(from: $0.baseAddress!, byteCount: wireSize) }
+        }
+        (self.ring, self.wireSize) = (ring, wireSize)
+        let sa = self.b.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001), mark: 0)!
+        self.rxTransform = sa.transform!
+        self.firstSeq = self.rxTransform.replayTop
+        self.rxTransform.setInboundSequence(self.firstSeq)
+        self.bare = ESPWorkload(size: size, backend: self.a.backend)
+    }
+
+    deinit {
+        self.pool.release(self.buf)
+        self.ring.deallocate()
+    }
+
+    func output(_ n: Int) {
+        var buf = self.buf
+        defer { self.buf = buf }
+        let (a, inner, headroom, size) = (self.a, self.inner, self.pool.headroom, self.size)
+        for _ in 0..<n {
+            buf.reset(headroom: headroom)
+            let p = buf.append(size)
+            inner.withUnsafeBytes { p.copyMemory(from: $0.baseAddress!, byteCount: 28) }
+            guard case .transmit = a.output(&buf) else { fatalError("stack output dropped a packet") }
+        }
+    }
+
+    func input(_ n: Int) {
+        var buf = self.buf
+        var slot = self.slot
+        defer { (self.buf, self.slot) = (buf, slot) }
+        let (b, ring, wireSize, headroom) = (self.b, self.ring, self.wireSize, self.pool.headroom)
+        for _ in 0..<n {
+            if slot == self.ringCount {
+                slot = 0
+                self.rxTransform.setInboundSequence(self.firstSeq)
+            }
+            buf.reset(headroom: headroom)
+            buf.append(wireSize).copyMemory(from: ring + slot * wireSize, byteCount: wireSize)
+            slot += 1
+            guard case .forward = b.input(&buf, ifindex: 2) else { fatalError("stack input dropped a packet") }
+        }
+    }
+}
+
+func stackBenchmark(seconds: Double, rounds: Int, sizes: [Int], check: Bool) {
+    struct StackRow { let size: Int; let op: String; let pps: Double; let espPPS: Double; let allocs: Double }
+    var rows: [StackRow] = []
+    var backendName = ""
+    for size in sizes {
+        let w = StackWorkload(size: size)
+        backendName = w.a.backend.name
+        var best: [String: (pps: Double, allocs: Double)] = [:]
+        for _ in 0..<rounds {
+            for op in ["esp-encap", "output", "esp-decap", "input"] {
+                let m: (pps: Double, allocs: Double)
+                switch op {
+                case "esp-encap": m = measure(seconds: seconds, w.bare.encap)
+                case "output": m = measure(seconds: seconds, w.output)
+                case "esp-decap": m = measure(seconds: seconds, w.bare.decap)
+                default: m = measure(seconds: seconds, w.input)
+                }
+                if m.pps > best[op]?.pps ?? 0 { best[op] = m }
+            }
+        }
+        rows.append(StackRow(size: size, op: "output", pps: best["output"]!.pps, espPPS: best["esp-encap"]!.pps,
+                             allocs: best["output"]!.allocs))
+        rows.append(StackRow(size: size, op: "input", pps: best["input"]!.pps, espPPS: best["esp-decap"]!.pps,
+                             allocs: best["input"]!.allocs))
+    }
+    print("XFRM stack per packet, one core (IPv4 tunnel, rfc4106(gcm(aes)) 128, \(backendName)): output = policy or "
+          + "cached bundle, SA, ESP, accounting, route; input = SAD, replay, ESP, policy check; vs the bare ESP "
+          + "transform on the same packets; thread CPU time, best of \(rounds) rounds of \(seconds) s")
+    print("size  op       Mpps   ns/pkt   esp Mpps  ratio_to_esp  allocs/pkt")
+    for r in rows {
+        print(String(format: "%4d  %-6@  %6.3f  %7.1f  %9.3f  %12.2f  %10.3f", r.size, r.op as NSString, r.pps / 1e6,
+                     1e9 / r.pps, r.espPPS / 1e6, r.pps / r.espPPS, r.allocs))
+    }
+    for r in rows {
+        print(String(format: "{\"bench\": \"stack\", \"backend\": \"%@\", \"size\": %d, \"op\": \"%@\", \"pps\": %.0f, \"ratio_to_esp\": %.3f, \"allocs_per_packet\": %.3f}",
+                     backendName as NSString, r.size, r.op as NSString, r.pps, r.pps / r.espPPS, r.allocs))
+    }
+    if check && rows.contains(where: { $0.allocs > 0 }) {
+        FileHandle.standardError.write("xfrm-bench stack: the stack path allocates per packet\n".data(using: .utf8)!)
+        exit(1)
+    }
+}

@@ -8,10 +8,15 @@ public protocol XFRMClock: AnyObject, Sendable {
     var now: UInt64 { get }
 }
 
-/// The system's real-time clock.
+/// The system's real-time clock, read per packet: CLOCK_REALTIME_COARSE (≈ ktime_get_real_seconds: the time of the
+/// last tick, always answered by the vDSO without a system call; seconds are all the SAs need).
 public final class SystemClock: XFRMClock {
     public init() {}
-    public var now: UInt64 { UInt64(Date().timeIntervalSince1970) }
+    public var now: UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME_COARSE, &ts)
+        return UInt64(ts.tv_sec)
+    }
 }
 
 /// A clock that moves only when told to (≈ swift-nio's EmbeddedEventLoop time).

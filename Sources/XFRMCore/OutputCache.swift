@@ -31,19 +31,29 @@ final class OutputCache: @unchecked Sendable {
         let device: (any XfrmOffloadDevice, StateOffload)?
     }
 
-    struct Entry {
-        var flow: Flow
-        var generation: UInt64
-        var decision: Decision
-        var lastUse: UInt64
+    /// An immutable decision (a class, so that a lookup hands out one reference instead of copying the enum and
+    /// its payload).
+    final class Entry: Sendable {
+        let flow: Flow
+        let generation: UInt64
+        let decision: Decision
+        init(flow: Flow, generation: UInt64, decision: Decision) {
+            (self.flow, self.generation, self.decision) = (flow, generation, decision)
+        }
+    }
+
+    /// A slot: the entry and when a packet last used it (for the once-a-second policy use time).
+    struct Slot {
+        var entry: Entry?
+        var lastUse: UInt64 = 0
     }
 
     static let slots = 64
-    private let table: UnsafeMutablePointer<Mutex<Entry?>>
+    private let table: UnsafeMutablePointer<Mutex<Slot>>
 
     init() {
         self.table = .allocate(capacity: Self.slots)
-        for i in 0..<Self.slots { (self.table + i).initialize(to: Mutex(nil)) }
+        for i in 0..<Self.slots { (self.table + i).initialize(to: Mutex(Slot())) }
     }
 
     deinit {
@@ -51,26 +61,37 @@ final class OutputCache: @unchecked Sendable {
         self.table.deallocate()
     }
 
+    /// A cheap mix of the fields that tell flows apart (the table is small and direct-mapped; equality decides).
     @inline(__always)
     private func slot(_ flow: Flow) -> Int {
-        var h = Hasher()
-        h.combine(flow)
-        return Int(UInt(bitPattern: h.finalize()) % UInt(Self.slots))
+        var x = UInt64(flow.proto) | UInt64(flow.sourcePort) << 8 | UInt64(flow.destinationPort) << 24
+            | UInt64(flow.mark) << 40
+        switch flow.destination {
+        case .v4(let a): x ^= UInt64(a) &* 0x9e37_79b9_7f4a_7c15
+        case .v6(let h, let l): x ^= (h ^ l) &* 0x9e37_79b9_7f4a_7c15
+        }
+        switch flow.source {
+        case .v4(let a): x ^= UInt64(a) &* 0xc2b2_ae3d_27d4_eb4f
+        case .v6(let h, let l): x ^= (h ^ l) &* 0xc2b2_ae3d_27d4_eb4f
+        }
+        x ^= UInt64(UInt32(bitPattern: flow.ifindex)) ^ UInt64(flow.ifID) << 32
+        x = (x ^ (x >> 29)) &* 0xbf58_476d_1ce4_e5b9
+        return Int(truncatingIfNeeded: (x ^ (x >> 32)) % UInt64(Self.slots))
     }
 
     /// The cached decision for `flow` made in `generation`; stamps its use time and says whether the policy's use
     /// time is due for an update (once per second).
     @inline(__always)
     func lookup(_ flow: Flow, generation: UInt64, now: UInt64) -> (Entry, touchPolicy: Bool)? {
-        self.table[self.slot(flow)].withLock { e -> (Entry, Bool)? in
-            guard let entry = e else { return nil }
+        self.table[self.slot(flow)].withLock { s -> (Entry, Bool)? in
+            guard let entry = s.entry else { return nil }
             guard entry.generation == generation else {
-                e = nil  // stale: let the SA (and its keys) go
+                s.entry = nil  // stale: let the SA (and its keys) go
                 return nil
             }
             guard entry.flow == flow else { return nil }
-            let touch = entry.lastUse != now
-            if touch { e!.lastUse = now }
+            let touch = s.lastUse != now
+            if touch { s.lastUse = now }
             return (entry, touch)
         }
     }
@@ -78,14 +99,14 @@ final class OutputCache: @unchecked Sendable {
     /// Forgets entries made in an older generation, so deleted SAs (and their keys) are not kept alive.
     func dropStale(generation: UInt64) {
         for i in 0..<Self.slots {
-            self.table[i].withLock { e in
-                if let entry = e, entry.generation != generation { e = nil }
+            self.table[i].withLock { s in
+                if let entry = s.entry, entry.generation != generation { s.entry = nil }
             }
         }
     }
 
     @inline(__always)
-    func store(_ entry: Entry) {
-        self.table[self.slot(entry.flow)].withLock { $0 = entry }
+    func store(_ entry: Entry, now: UInt64) {
+        self.table[self.slot(entry.flow)].withLock { $0 = Slot(entry: entry, lastUse: now) }
     }
 }

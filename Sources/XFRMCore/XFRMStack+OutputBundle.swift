@@ -51,6 +51,6 @@ extension XFRMStack {
             sa: sa, ifindex: route.ifindex, mtu: route.mtu,
             limit: tunnel ? transform.maximumPayload(forMTU: route.mtu) : nil, device: device)
         self.outputCache.store(OutputCache.Entry(
-            flow: key, generation: generation, decision: .bundle(policyIndex: policy.index, bundle), lastUse: now))
+            flow: key, generation: generation, decision: .bundle(policyIndex: policy.index, bundle)), now: now)
     }
 }

@@ -502,8 +502,7 @@ public final class XFRMStack: @unchecked Sendable {
         }
         guard let route else { return .dropped(nil) }
         self.outputCache.store(OutputCache.Entry(
-            flow: cacheKey, generation: generation, decision: .plain(ifindex: route.ifindex, mtu: route.mtu),
-            lastUse: now))
+            flow: cacheKey, generation: generation, decision: .plain(ifindex: route.ifindex, mtu: route.mtu)), now: now)
         return self.transmit(&packet, ifindex: route.ifindex, mtu: route.mtu, transformed: false)
     }
 
@@ -551,8 +550,7 @@ public final class XFRMStack: @unchecked Sendable {
         self.outputCache.store(OutputCache.Entry(
             flow: cacheKey, generation: generation,
             decision: .packetOffload(policyIndex: policy.index, sa: sa, device: dev, offload: o, limit: limit,
-                                     tunnel: tunnel),
-            lastUse: now))
+                                     tunnel: tunnel)), now: now)
         return self.packetOffloadChecks(&packet, sa: sa, device: dev, offload: o, limit: limit, tunnel: tunnel)
     }
 

@@ -8,7 +8,7 @@ extension XFRMStack {
     /// Sends `packet` through a cached one-SA bundle; nil when the SA is no longer valid (the caller resolves again
     /// and the packet is untouched).
     @inline(__always)
-    func outputCachedBundle(_ packet: inout PacketBuffer, _ b: OutputCache.Bundle, now: UInt64,
+    func outputCachedBundle(_ packet: inout PacketBuffer, _ b: OutputBundle, now: UInt64,
                             transformed: inout Bool) -> OutputResult? {
         if let (dev, o) = b.device, !dev.callbacks.contains(.offloadOK) || dev.offloadOK(packet, sa: b.sa, offload: o) {
             var layout = ESPLayout()
@@ -47,10 +47,11 @@ extension XFRMStack {
             let transform = sa.transform
         else { return }
         if let (_, o) = device, route.ifindex != o.ifindex { return }
-        let bundle = OutputCache.Bundle(
+        let bundle = OutputBundle(
             sa: sa, ifindex: route.ifindex, mtu: route.mtu,
             limit: tunnel ? transform.maximumPayload(forMTU: route.mtu) : nil, device: device)
-        self.outputCache.store(OutputCache.Entry(
-            flow: key, generation: generation, decision: .bundle(policyIndex: policy.index, bundle)), now: now)
+        self.outputCache.store(
+            OutputCache.Entry(flow: key, generation: generation, value: .bundle(policyIndex: policy.index, bundle)),
+            now: now)
     }
 }

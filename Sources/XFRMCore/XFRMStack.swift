@@ -108,6 +108,7 @@ public final class XFRMStack: @unchecked Sendable {
     /// Bumped by every change that can alter an output decision (SPD, SAD, devices, routes): cache validity.
     let configGeneration = Atomic<UInt64>(1)
     let outputCache = OutputCache()
+    let inputCache = InputCache()
 
     /// The configuration generation output decisions were made in (stack objects + routes and interfaces).
     var currentGeneration: UInt64 {
@@ -314,6 +315,7 @@ public final class XFRMStack: @unchecked Sendable {
     /// and policy lifetimes. Call it when the clock moves (the daemon: every second).
     public func runTimers() {
         self.outputCache.dropStale(generation: self.currentGeneration)
+        self.inputCache.dropStale(generation: self.currentGeneration)
         self.syncDeviceStats()
         let now = self.clock.now
         for sa in self.states.list().reversed() {
@@ -391,7 +393,7 @@ public final class XFRMStack: @unchecked Sendable {
         let now = self.clock.now
         let generation = self.currentGeneration
         if let (hit, touch) = self.outputCache.lookup(flow, generation: generation, now: now) {
-            switch hit.decision {
+            switch hit.value {
             case .plain(let ifindex, let mtu):
                 return self.transmit(&packet, ifindex: ifindex, mtu: mtu, transformed: false)
             case .packetOffload(let policyIndex, let sa, let device, let offload, let limit, let tunnel):
@@ -501,8 +503,10 @@ public final class XFRMStack: @unchecked Sendable {
             return .dropped(nil)
         }
         guard let route else { return .dropped(nil) }
-        self.outputCache.store(OutputCache.Entry(
-            flow: cacheKey, generation: generation, decision: .plain(ifindex: route.ifindex, mtu: route.mtu)), now: now)
+        self.outputCache.store(
+            OutputCache.Entry(flow: cacheKey, generation: generation,
+                              value: .plain(ifindex: route.ifindex, mtu: route.mtu)),
+            now: now)
         return self.transmit(&packet, ifindex: route.ifindex, mtu: route.mtu, transformed: false)
     }
 
@@ -547,10 +551,11 @@ public final class XFRMStack: @unchecked Sendable {
         }
         let limit = transform.maximumPayload(forMTU: iface.mtu)
         let tunnel = sa.config.mode == .tunnel
-        self.outputCache.store(OutputCache.Entry(
-            flow: cacheKey, generation: generation,
-            decision: .packetOffload(policyIndex: policy.index, sa: sa, device: dev, offload: o, limit: limit,
-                                     tunnel: tunnel)), now: now)
+        self.outputCache.store(
+            OutputCache.Entry(flow: cacheKey, generation: generation,
+                              value: .packetOffload(policyIndex: policy.index, sa: sa, device: dev, offload: o,
+                                                    limit: limit, tunnel: tunnel)),
+            now: now)
         return self.packetOffloadChecks(&packet, sa: sa, device: dev, offload: o, limit: limit, tunnel: tunnel)
     }
 
@@ -910,6 +915,17 @@ public final class XFRMStack: @unchecked Sendable {
         // The traffic's if_id is the innermost SA's (≈ xfrmi_decode_session finding the XFRM interface by
         // x->if_id); packets that came through no SA, or through SAs without an if_id, have if_id 0.
         if secpath.count > 0 { flow.ifID = secpath[secpath.count - 1].ifID }
+        // A flow that came through one SA and was allowed before, in this configuration generation, is allowed
+        // again without the lookups below (the verdict depends only on the flow, the SA and the configuration).
+        let generation = self.currentGeneration
+        let cacheTag = secpath.count == 1 ? UInt(bitPattern: ObjectIdentifier(secpath[0])) : 0
+        if cacheTag != 0, let (hit, touch) = self.inputCache.lookup(flow, tag: cacheTag, generation: generation,
+                                                                  now: now) {
+            let d = hit.value
+            if touch { self.policies.markUsed(index: d.policyIndex, direction: d.direction, at: now) }
+            return d.local ? .deliver : self.forwardPrepare(&packet)
+        }
+        let cacheKey = flow
         // ≈ decode_session's flowi_oif from skb_dst: a selector's `dev` is the device of the local route (the one
         // holding the address) for local traffic and the route's output device for forwarded traffic — for the
         // SA selectors below as for the policy lookup.
@@ -961,6 +977,12 @@ public final class XFRMStack: @unchecked Sendable {
         if Self.nonTransport(secpath, from: k) {
             self.statistics.increment(.inTmplMismatch)
             return .dropped(.inTmplMismatch)
+        }
+        if cacheTag != 0 {
+            self.inputCache.store(
+                InputCache.Entry(flow: cacheKey, tag: cacheTag, generation: generation,
+                                 value: InputDecision(local: local, policyIndex: policy.index, direction: direction)),
+                now: now)
         }
         return local ? .deliver : self.forwardPrepare(&packet)
     }

@@ -12,7 +12,8 @@ extension SecurityAssociation.Mutable {
     mutating func checkExpire(now: UInt64) -> SecurityAssociation.ExpiryCheck {
         if self.current.useTime == 0 { self.current.useTime = now }
         if self.state == .expired { return .hardExpired }
-        if self.current.bytes >= self.lifetime.hardByteLimit || self.current.packets >= self.lifetime.hardPacketLimit {
+        if self.current.bytes >= self.lifetime.hardByteLimit
+            || self.current.packets >= self.lifetime.hardPacketLimit {
             self.state = .expired
             return .hardExpired
         }

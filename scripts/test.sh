@@ -18,8 +18,8 @@
 # 6. runs the kernel comparison: the real Linux kernel (Debian 6.12, booted under qemu with a small initramfs
 #    built and cached under .build/kernel-vm/) against `xfrm` for generated state/policy adds, listings and
 #    refusals, and ESP both ways: `python -m pytest -q -n 2 tests/kernel` with XFRM_TOOL=<bin path>/xfrm.
-# 7. builds xfrm-bench in release mode and runs `xfrm-bench engine --check`: 0 allocations per packet on
-#    the daemon's per-packet path.
+# 7. builds xfrm-bench in release mode and runs `xfrm-bench engine --check` and `xfrm-bench stack --check`:
+#    0 allocations per packet on the daemon's per-packet path and on the stack's output and input paths.
 #
 # Every install step fails loudly.  All test suites always run; the script exits
 # non-zero if any failed.  Set SKIP_INSTALL=1 to skip step 1 on a machine that has
@@ -182,10 +182,11 @@ echo "kernel tests done at ${SECONDS}s"
 
 # Allocations are only meaningful optimized: the one release build is the benchmark's, and it checks that the
 # daemon's per-packet path (both dispatchers: lookup, SA, ESP, accounting, routing) allocates nothing.
-step "allocation check: xfrm-bench engine --check (release build of xfrm-bench)"
+step "allocation check: xfrm-bench engine --check and stack --check (release build of xfrm-bench)"
 { swift build -c release --product xfrm-bench &&
-  "$(swift build -c release --show-bin-path)/xfrm-bench" engine --check --rounds 2 --seconds 0.2; } ||
-  { status=1; echo "test.sh: the engine path allocates per packet (or did not build)" >&2; }
+  "$(swift build -c release --show-bin-path)/xfrm-bench" engine --check --rounds 2 --seconds 0.2 &&
+  "$(swift build -c release --show-bin-path)/xfrm-bench" stack --check --rounds 2 --seconds 0.2; } ||
+  { status=1; echo "test.sh: the engine or stack path allocates per packet (or did not build)" >&2; }
 echo "allocation check done at ${SECONDS}s"
 
 echo "total ${SECONDS}s"

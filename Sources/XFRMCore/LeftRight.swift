@@ -8,14 +8,15 @@
 // cache-line-padded counters picked by thread), load which copy is live, read it in place, and leave (one atomic
 // subtract). No loop, no CAS: a read is wait-free. A writer: changes the copy readers are not on, makes it the live
 // one, waits until no reader can still be on the other (toggling the version so that readers arriving meanwhile
-// cannot keep it waiting forever), then applies the same change to the other copy. Every change is thus applied
-// twice, and both copies are equal when `write` returns.
+// cannot keep it waiting forever), then brings the other copy up to date (by running the change again, or, as the
+// SPD does, by copying just what the change wrote). Both copies are equal when `write` returns.
 //
 // Why this and not an atomically swapped snapshot object: a Swift strong reference cannot be loaded and retained
 // atomically without a lock (the retain can race with the writer's last release), and an unmanaged pointer needs a
 // reclamation scheme (hazard pointers, epochs) to know when the old snapshot may be freed — the read indicators
 // here are exactly that, with the bonus that nothing is ever freed: the copies are mutated in place, so an insert
-// costs two in-place index inserts, not a rebuild of a 1,000,000-policy snapshot.
+// costs one in-place index insert plus copying what it wrote into the other copy, not a rebuild of a
+// 1,000,000-policy snapshot.
 //
 // Memory safety: the copy a writer mutates has no reader on it (the indicators guarantee it), so the in-place
 // mutation of its arrays and dictionaries (which may reallocate and free their buffers) cannot pull memory from under
@@ -94,10 +95,11 @@ final class LeftRight<Value>: @unchecked Sendable {
     /// to read: for example to validate a change before making it.
     var writerView: UnsafePointer<Value> { UnsafePointer(self.copies + self.live.load(ordering: .relaxed)) }
 
-    /// Applies `change` to both copies, first to the one no reader is on, and publishes it; returns once no reader
-    /// can see the old state. Callers serialize writes. `change` must be deterministic: it runs twice, and both
-    /// runs must leave equal values.
-    func write(_ change: (inout Value) -> Void) {
+    /// Applies `change` to the copy no reader is on and publishes it, waits until no reader can be on the other
+    /// copy, and brings that one up to date with `replicate` (given the copy to update and the live one, which it
+    /// may only read; it may of course run the same change again). Returns once no reader can see the old state.
+    /// Callers serialize writes.
+    func write(_ change: (inout Value) -> Void, replicate: (inout Value, UnsafePointer<Value>) -> Void) {
         let l = self.live.load(ordering: .relaxed)
         change(&self.copies[1 - l])
         self.live.store(1 - l, ordering: .sequentiallyConsistent)
@@ -107,7 +109,12 @@ final class LeftRight<Value>: @unchecked Sendable {
         self.waitUntilEmpty(version: 1 - v)
         self.version.store(1 - v, ordering: .sequentiallyConsistent)
         self.waitUntilEmpty(version: v)
-        change(&self.copies[l])
+        replicate(&self.copies[l], UnsafePointer(self.copies + (1 - l)))
+    }
+
+    /// Both copies, for checks while no write runs (the caller holds the writers' lock).
+    var bothCopies: (UnsafePointer<Value>, UnsafePointer<Value>) {
+        (UnsafePointer(self.copies), UnsafePointer(self.copies + 1))
     }
 
     private func waitUntilEmpty(version v: Int) {

@@ -6,13 +6,15 @@
 //   (radix trees per direction and kind, index → slot) through a Left-Right pair (LeftRight.swift): two copies,
 //   readers announce themselves on a striped read indicator, load which copy is live and read it in place; they
 //   never wait, retry or lock. A change is applied to the copy no reader is on, that copy is made live, the writer
-//   waits until no reader can still be on the other one, and applies the change there too.
+//   waits until no reader can still be on the other one, and brings that one up to date by copying the tree
+//   nodes, leaves and lists the change wrote (TrackedArray), rather than by walking the trees a second time.
 // - Why not an immutable snapshot swapped atomically: a Swift strong reference cannot be loaded and retained
 //   atomically without a lock, and an unmanaged snapshot pointer would need hazard pointers or epochs to know when
 //   the old snapshot may be freed; worse, a snapshot per change means copying a 1,000,000-policy index per insert
 //   (loading 1M policies would be quadratic). Left-Right's indicators are the reclamation scheme (the writer waits
-//   for exactly the readers that could see the old state) and nothing is copied: each change is applied in place
-//   twice, so an insert costs two index inserts plus a wait that is empty unless a lookup is in flight.
+//   for exactly the readers that could see the old state) and nothing big is copied: an insert costs one index
+//   insert, a copy of the few records it wrote, and a wait that is empty unless a lookup is in flight. Candidate
+//   lists are shared between the copies until one of them changes (copy-on-write), so they are stored once.
 // - The policies themselves are stored once, in PolicySlotTable (fixed chunks that never move), addressed by slot.
 //   A slot is filled before an index pointing to it is published and emptied only after both copies stopped
 //   pointing to it and the write returned (no reader can hold it then); an update's replacement takes a new slot,
@@ -195,6 +197,14 @@ public final class PolicyDatabase: @unchecked Sendable {
             if slot < 0 { return nil }
             slots.markUsed(slot, at: seconds)
             return slots.policy(slot)
+        }
+    }
+
+    /// Whether the two Left-Right copies of the lookup tables are equal, as they must be between writes (tests).
+    func lookupCopiesAgree() -> Bool {
+        self.state.withLock { _ in
+            let (a, b) = self.tables.bothCopies
+            return a.pointee == b.pointee
         }
     }
 

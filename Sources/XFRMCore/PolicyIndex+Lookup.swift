@@ -10,9 +10,9 @@ extension PolicyIndex {
     @inline(__always)
     func lookup(_ flow: Flow, _ best: inout LookupBest) {
         if self.count == 0 { return }
-        self.nodes.withUnsafeBufferPointer { nodes in
-            self.leaves.withUnsafeBufferPointer { leaves in
-                self.lists.withUnsafeBufferPointer { lists in
+        self.nodes.elements.withUnsafeBufferPointer { nodes in
+            self.leaves.elements.withUnsafeBufferPointer { leaves in
+                self.lists.elements.withUnsafeBufferPointer { lists in
                     Self.walk(Tables(nodes: nodes, leaves: leaves, lists: lists), flow, &best)
                 }
             }

@@ -23,14 +23,15 @@
 import XFRMPacket
 
 /// The two-level radix index for one direction and kind of policy.
-struct PolicyIndex: Sendable {
-    // Read by the lookup (PolicyIndex+Lookup.swift).
-    private(set) var nodes: ContiguousArray<TrieNode>
-    private(set) var lists: ContiguousArray<ContiguousArray<PolicyCandidate>> = []
-    private(set) var leaves: ContiguousArray<PolicyLeaf> = []
-    private var freeNodes: [Int32] = []
-    private var freeLeaves: [Int32] = []
-    private var freeLists: [Int32] = []
+struct PolicyIndex: Equatable {
+    // Read by the lookup (PolicyIndex+Lookup.swift). Tracked, so that the other Left-Right copy is updated by
+    // copying what a change wrote (`replicate`), not by running the change again.
+    private(set) var nodes: TrackedArray<TrieNode>
+    private(set) var lists = TrackedArray<ContiguousArray<PolicyCandidate>>()
+    private(set) var leaves = TrackedArray<PolicyLeaf>()
+    private var freeNodes = TrackedIDStack()
+    private var freeLeaves = TrackedIDStack()
+    private var freeLists = TrackedIDStack()
     /// Policies indexed (a family-0 policy counts once).
     private(set) var count = 0
 
@@ -38,10 +39,22 @@ struct PolicyIndex: Sendable {
     static let v6Root: Int32 = 1
 
     init() {
-        self.nodes = [
+        self.nodes = TrackedArray([
             TrieNode(bits: .zero, length: 0, parent: -1),
             TrieNode(bits: .zero, length: 0, parent: -1),
-        ]
+        ])
+    }
+
+    /// Makes this copy equal to `live`, which ran the changes this copy has not seen since its last replication
+    /// (see TrackedArray).
+    mutating func replicate(from live: borrowing PolicyIndex) {
+        self.nodes.replicate(from: live.nodes)
+        self.lists.replicate(from: live.lists)
+        self.leaves.replicate(from: live.leaves)
+        self.freeNodes.replicate(from: live.freeNodes)
+        self.freeLeaves.replicate(from: live.freeLeaves)
+        self.freeLists.replicate(from: live.freeLists)
+        self.count = live.count
     }
 
     // MARK: Insertion and removal
@@ -154,7 +167,7 @@ struct PolicyIndex: Sendable {
         // The list is empty: drop it, then possibly the leaf, the source node, the source tree and the destination
         // node.
         self.lists[Int(list)] = []
-        self.freeLists.append(list)
+        self.freeLists.push(list)
         if portPosition >= 0 {
             self.leaves[Int(leaf)].ports.remove(at: portPosition)
         } else {
@@ -162,7 +175,7 @@ struct PolicyIndex: Sendable {
         }
         guard self.leaves[Int(leaf)].isEmpty else { return }
         self.leaves[Int(leaf)] = PolicyLeaf()
-        self.freeLeaves.append(leaf)
+        self.freeLeaves.push(leaf)
         self.nodes[Int(s)].payload = -1
         self.prune(s)
         let r = self.nodes[Int(srcRoot)]
@@ -259,7 +272,7 @@ struct PolicyIndex: Sendable {
     }
 
     private mutating func allocateNode(_ n: TrieNode) -> Int32 {
-        if let id = self.freeNodes.popLast() {
+        if let id = self.freeNodes.pop() {
             self.nodes[Int(id)] = n
             return id
         }
@@ -269,17 +282,17 @@ struct PolicyIndex: Sendable {
 
     private mutating func freeNode(_ id: Int32) {
         self.nodes[Int(id)] = TrieNode(bits: .zero, length: 0, parent: -1)
-        self.freeNodes.append(id)
+        self.freeNodes.push(id)
     }
 
     private mutating func allocateLeaf() -> Int32 {
-        if let id = self.freeLeaves.popLast() { return id }
+        if let id = self.freeLeaves.pop() { return id }
         self.leaves.append(PolicyLeaf())
         return Int32(self.leaves.count - 1)
     }
 
     private mutating func allocateList() -> Int32 {
-        if let id = self.freeLists.popLast() { return id }
+        if let id = self.freeLists.pop() { return id }
         self.lists.append([])
         return Int32(self.lists.count - 1)
     }

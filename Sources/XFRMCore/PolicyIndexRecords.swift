@@ -56,7 +56,7 @@ struct AddressBits: Equatable, Sendable {
 
 /// One radix-tree node: a prefix, two children and an optional payload (in a destination tree, the root node of a
 /// source tree; in a source tree, a leaf id). -1 means none.
-struct TrieNode: Sendable {
+struct TrieNode: Equatable, Sendable {
     var bits: AddressBits
     var length: Int32
     var parent: Int32
@@ -90,7 +90,7 @@ struct TrieNode: Sendable {
 
 /// What the lookup checks of a policy once its prefixes are known to cover the flow, copied out of the Policy so
 /// the hot path reads a small flat record.
-struct PolicyCandidate: Sendable {
+struct PolicyCandidate: Equatable, Sendable {
     var priority: UInt32
     var slot: Int32
     var generation: UInt64
@@ -142,8 +142,8 @@ struct PolicyCandidate: Sendable {
 
 /// The candidate lists of one (destination, source) prefix pair: policies with an exact destination port (mask
 /// 0xffff) are kept per port, the others in `general`.
-struct PolicyLeaf: Sendable {
-    struct PortList: Sendable {
+struct PolicyLeaf: Equatable, Sendable {
+    struct PortList: Equatable, Sendable {
         var port: UInt16
         var list: Int32
     }

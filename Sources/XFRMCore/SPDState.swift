@@ -8,12 +8,29 @@
 
 import XFRMPacket
 
-/// The lookup side, one Left-Right copy. Readers call only the non-mutating methods.
-struct SPDLookupTables {
+/// The lookup side, one Left-Right copy. Readers call only the non-mutating methods. A change (`link`, `unlink`)
+/// runs on one copy; the other copy then copies what it wrote (`replicate`, see TrackedArray).
+struct SPDLookupTables: Equatable {
     var software = ContiguousArray([PolicyIndex(), PolicyIndex(), PolicyIndex()])
     var offloaded = ContiguousArray([PolicyIndex(), PolicyIndex(), PolicyIndex()])
     /// Policy index → slot. A policy's index encodes its direction (index & 7), so the index alone is the key.
-    var byIndex: [UInt32: Int32] = [:]
+    private(set) var byIndex: [UInt32: Int32] = [:]
+    /// Keys of `byIndex` written since this copy last received a replication.
+    private var byIndexDirty: [UInt32] = []
+
+    static func == (a: Self, b: Self) -> Bool {
+        a.software == b.software && a.offloaded == b.offloaded && a.byIndex == b.byIndex
+    }
+
+    /// Makes this copy equal to `live` (which ran the changes since this copy's last replication).
+    mutating func replicate(from live: UnsafePointer<SPDLookupTables>) {
+        for d in 0..<3 {
+            self.software[d].replicate(from: live.pointee.software[d])
+            self.offloaded[d].replicate(from: live.pointee.offloaded[d])
+        }
+        self.byIndexDirty.removeAll(keepingCapacity: true)
+        for key in live.pointee.byIndexDirty { self.byIndex[key] = live.pointee.byIndex[key] }
+    }
 
     /// The slot of the best policy for `flow`, -1 if none: offloaded policies first, then software ones.
     @inline(__always)
@@ -41,6 +58,7 @@ struct SPDLookupTables {
             self.software[d].insert(candidate, selector: policy.selector)
         }
         self.byIndex[policy.index] = slot
+        self.byIndexDirty.append(policy.index)
     }
 
     mutating func unlink(_ policy: Policy, slot: Int32) {
@@ -52,7 +70,10 @@ struct SPDLookupTables {
             self.software[d].remove(slot: slot, priority: policy.priority, generation: policy.generation,
                                     selector: policy.selector)
         }
-        if self.byIndex[policy.index] == slot { self.byIndex[policy.index] = nil }
+        if self.byIndex[policy.index] == slot {
+            self.byIndex[policy.index] = nil
+            self.byIndexDirty.append(policy.index)
+        }
     }
 }
 
@@ -148,6 +169,8 @@ struct SPDState {
                 case .unlink(let p, let slot): t.unlink(p, slot: slot)
                 }
             }
+        } replicate: { t, live in
+            t.replicate(from: live)
         }
         for case .unlink(_, let slot) in changes {
             self.slots.clear(slot)

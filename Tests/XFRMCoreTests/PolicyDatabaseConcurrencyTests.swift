@@ -244,10 +244,35 @@ struct PolicyDatabaseConcurrencyTests {
         #expect(ops > 500)
         // Quiescent again: the index agrees with the scan, and holds exactly the stable and live policies.
         #expect(db.totalCount == stable.count + live.count)
+        #expect(db.lookupCopiesAgree())
         var q = Mix(state: 1)
         for _ in 0..<2000 {
             let f = randomFlow(&q)
             #expect(db.lookup(.outbound, f) == db.linearLookup(.outbound, f))
+        }
+    }
+
+    @Test("the two lookup copies are equal after every insert, update, delete and flush")
+    func copiesAgree() throws {
+        let db = PolicyDatabase()
+        var r = Mix(state: 42)
+        var keys: [Policy.Key] = []
+        for step in 0..<600 {
+            switch r.below(10) {
+            case 0..<5:
+                let p = Policy(selector: randomSelector(&r), direction: PolicyDirection.allCases[r.below(3)],
+                               priority: UInt32(r.below(50)), offload: r.below(10) == 0 ? PolicyOffload(ifindex: 3) : nil)
+                if let stored = try? db.insert(p, update: r.below(2) == 0) { keys.append(stored.key) }
+            case 5..<9:
+                if !keys.isEmpty { _ = try? db.delete(key: keys.remove(at: r.below(keys.count))) }
+            default:
+                let cut = UInt32(r.below(50))
+                db.flush { $0.priority < cut && $0.priority % 3 == 0 }
+                keys = db.list().map(\.key)
+            }
+            #expect(db.lookupCopiesAgree(), "after step \(step)")
+            let f = randomFlow(&r)
+            for dir in PolicyDirection.allCases { #expect(db.lookup(dir, f) == db.linearLookup(dir, f)) }
         }
     }
 

@@ -17,6 +17,9 @@ struct SPDLookupTables: Equatable {
     private(set) var byIndex: [UInt32: Int32] = [:]
     /// Keys of `byIndex` written since this copy last received a replication.
     private var byIndexDirty: [UInt32] = []
+    /// The indexes a change wrote since this copy last received a replication: bit d for software[d], bit 3 + d
+    /// for offloaded[d].
+    private var touched: UInt8 = 0
 
     static func == (a: Self, b: Self) -> Bool {
         a.software == b.software && a.offloaded == b.offloaded && a.byIndex == b.byIndex
@@ -24,10 +27,13 @@ struct SPDLookupTables: Equatable {
 
     /// Makes this copy equal to `live` (which ran the changes since this copy's last replication).
     mutating func replicate(from live: UnsafePointer<SPDLookupTables>) {
+        // Also the indexes this copy changed last time: their dirty lists are cleared by the replication.
+        let mask = live.pointee.touched | self.touched
         for d in 0..<3 {
-            self.software[d].replicate(from: live.pointee.software[d])
-            self.offloaded[d].replicate(from: live.pointee.offloaded[d])
+            if mask & (1 << d) != 0 { self.software[d].replicate(from: live.pointee.software[d]) }
+            if mask & (8 << d) != 0 { self.offloaded[d].replicate(from: live.pointee.offloaded[d]) }
         }
+        self.touched = 0
         self.byIndexDirty.removeAll(keepingCapacity: true)
         for key in live.pointee.byIndexDirty { self.byIndex[key] = live.pointee.byIndex[key] }
     }
@@ -51,6 +57,7 @@ struct SPDLookupTables: Equatable {
 
     mutating func link(_ policy: Policy, slot: Int32) {
         let d = Int(policy.direction.rawValue)
+        self.touched |= (policy.offload != nil ? 8 : 1) << d
         let candidate = PolicyCandidate(policy, slot: slot)
         if policy.offload != nil {
             self.offloaded[d].insert(candidate, selector: policy.selector)
@@ -63,6 +70,7 @@ struct SPDLookupTables: Equatable {
 
     mutating func unlink(_ policy: Policy, slot: Int32) {
         let d = Int(policy.direction.rawValue)
+        self.touched |= (policy.offload != nil ? 8 : 1) << d
         if policy.offload != nil {
             self.offloaded[d].remove(slot: slot, priority: policy.priority, generation: policy.generation,
                                      selector: policy.selector)

@@ -14,10 +14,11 @@ struct TrackedArray<Element> {
     /// Elements written since this copy last received a replication (duplicates allowed).
     private var dirty: [Int32] = []
 
+    /// Both copies must start from equal `elements`.
     init(_ elements: ContiguousArray<Element> = []) {
         self.elements = elements
-        self.dirty = Array(0..<Int32(elements.count))
     }
+
 
     var count: Int { self.elements.count }
 
@@ -38,7 +39,6 @@ struct TrackedArray<Element> {
     mutating func replicate(from live: borrowing TrackedArray<Element>) {
         self.dirty.removeAll(keepingCapacity: true)
         let source = live.elements
-        if self.elements.count < source.count { self.elements.reserveCapacity(source.count) }
         for i in live.dirty {
             let i = Int(i)
             while self.elements.count <= i { self.elements.append(source[self.elements.count]) }

@@ -99,7 +99,7 @@ public final class PolicyDatabase: @unchecked Sendable {
     @discardableResult
     public func delete(key: Policy.Key) throws(PolicyDatabaseError) -> Policy {
         try self.state.withLock { (s: inout SPDState) throws(PolicyDatabaseError) -> Policy in
-            guard let slot = s.byKey[key] else { throw .notFound }
+            guard let slot = s.slot(key: key) else { throw .notFound }
             defer { self.publishCounts(s) }
             return s.remove(slots: [slot])[0]
         }
@@ -128,7 +128,7 @@ public final class PolicyDatabase: @unchecked Sendable {
     }
 
     public func get(key: Policy.Key) -> Policy? {
-        self.state.withLock { s in s.byKey[key].map { s.policy($0) } }
+        self.state.withLock { s in s.slot(key: key).map { s.policy($0) } }
     }
 
     public func get(index: UInt32, direction: PolicyDirection) -> Policy? {
@@ -165,7 +165,7 @@ public final class PolicyDatabase: @unchecked Sendable {
     }
 
     public var totalCount: Int {
-        self.state.withLock { s in s.byKey.count }
+        self.state.withLock { s in s.count }
     }
 
     /// Every policy in the kernel's dump order: newest first (the kernel links new policies at the head of

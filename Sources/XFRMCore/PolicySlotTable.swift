@@ -81,6 +81,10 @@ final class PolicySlotTable: @unchecked Sendable {
     @inline(__always)
     func policy(_ slot: Int32) -> Policy { self.entry(slot).pointee.policy.unsafelyUnwrapped }
 
+    /// The key of the policy in a live slot.
+    @inline(__always)
+    func key(_ slot: Int32) -> Policy.Key { self.entry(slot).pointee.policy.unsafelyUnwrapped.key }
+
     /// Writer: fills a free slot, use time "never", before any index points to it.
     func store(_ policy: Policy, at slot: Int32) {
         let e = self.entry(slot)

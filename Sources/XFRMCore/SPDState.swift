@@ -101,7 +101,8 @@ struct SPDState {
     var freeSlots: [Int32] = []
     /// Per slot, its position in `dense[direction]`.
     var densePosition: ContiguousArray<Int32> = []
-    var byKey: [Policy.Key: Int32] = [:]
+    /// Policy.Key → slot.
+    private var keys = PolicyKeyTable()
     /// Per direction, the slots of its live policies (unordered; for counts and the linear scan).
     var dense: [ContiguousArray<Int32>] = [[], [], []]
     /// The kernel's net->xfrm.idx_generator.
@@ -122,10 +123,15 @@ struct SPDState {
 
     func policy(_ slot: Int32) -> Policy { self.slots.policy(slot) }
 
+    /// The slot of the policy with this key.
+    func slot(key: Policy.Key) -> Int32? { self.keys.find(key) { self.slots.key($0) } }
+
+    var count: Int { self.keys.count }
+
     /// Inserts (or, with update, replaces) a policy: fills a slot, links it in both lookup copies (one
     /// Left-Right write, together with the unlinking of the policy it replaces), then frees the replaced slot.
     mutating func insert(_ new: Policy, update: Bool) throws(PolicyDatabaseError) -> Policy {
-        let existing = self.byKey[new.key]
+        let existing = self.slot(key: new.key)
         if existing != nil && !update { throw .exists }
         if new.index != 0, let holder = self.view.pointee.byIndex[new.index], holder != existing { throw .exists }
 
@@ -146,7 +152,7 @@ struct SPDState {
         let d = Int(policy.direction.rawValue)
         self.densePosition[Int(slot)] = Int32(self.dense[d].count)
         self.dense[d].append(slot)
-        self.byKey[policy.key] = slot
+        self.keys.insert(policy.key, slot: slot)
         changes.append(.link(policy, slot))
         self.apply(changes)
         return policy
@@ -191,7 +197,7 @@ struct SPDState {
     private mutating func unlinkFromState(slot: Int32) -> Policy {
         let policy = self.slots.policy(slot)
         let d = Int(policy.direction.rawValue)
-        self.byKey[policy.key] = nil
+        self.keys.remove(policy.key, slot: slot)
         let position = Int(self.densePosition[Int(slot)])
         let last = self.dense[d].removeLast()
         if last != slot {
@@ -224,7 +230,7 @@ struct SPDState {
     /// Live slots, newest generation first.
     func slotsInListOrder() -> [Int32] {
         var all: [(generation: UInt64, slot: Int32)] = []
-        all.reserveCapacity(self.byKey.count)
+        all.reserveCapacity(self.count)
         for dir in self.dense {
             for slot in dir { all.append((self.slots.policy(slot).generation, slot)) }
         }

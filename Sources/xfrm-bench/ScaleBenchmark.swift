@@ -165,3 +165,4 @@ func scaleBenchmark(saCounts: [Int] = [1_000, 10_000, 100_000, 100_000],
                      r.bytesPerPolicy, r.heapPerPolicy, r.policyAddsPerSecond, r.policyDeletesPerSecond))
     }
 }
+

@@ -18,7 +18,12 @@
 //
 // Family-0 selectors (AF_UNSPEC, zero-length prefixes) are linked into the /0 root of both families' trees.
 // All nodes of all trees live in one array (indices, not references: no ARC traffic on the hot path); freed nodes,
-// leaves and lists are recycled through free lists.
+// leaves and lists are recycled through free lists. The arrays are TrackedArrays: PolicyDatabase keeps two copies
+// of every index (Left-Right, for lock-free lookups), and the second copy takes over just the records an insert or
+// removal wrote (`replicate`).
+//
+// This file: the structure, insertion and removal. The records are in PolicyIndexRecords.swift, the lookup in
+// PolicyIndex+Lookup.swift.
 
 import XFRMPacket
 

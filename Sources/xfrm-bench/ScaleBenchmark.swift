@@ -4,7 +4,8 @@
 //
 // Each row uses a fresh XFRMStack in this process and goes through the stack's own API, as the control server does:
 // SAs are realistic AES-128-GCM-16 tunnel-mode SAs (rfc4106(gcm(aes)), 20-byte key with salt, replay window 32,
-// distinct SPIs and peers) built with `makeSA` (keys checked, OpenSSL context keyed) and added with `addState`;
+// distinct SPIs and peers, with the algorithm name and key copy the control server keeps for listings) built with
+// `makeSA` (keys checked, OpenSSL context keyed) and added with `addState`;
 // policies are tunnel policies with one ESP template (subnet-to-subnet selectors, out/in/fwd mixed, a few with ports)
 // added with `addPolicy`. Memory is the growth of the process's resident set (/proc/self/statm) over the adds,
 // divided by the count; between rows everything is deleted and malloc_trim returns freed memory to the system, so a
@@ -61,10 +62,13 @@ private func scaleSA(_ i: Int, on stack: XFRMStack) throws -> SecurityAssociatio
     }
     let crypto = try ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))", key: key, icvBits: 128)
     let peer = IPAddress.v4(0xc612_0000 | UInt32(i >> 8))
-    return try stack.makeSA(SAConfig(
+    var config = SAConfig(
         id: SAID(destination: peer, spi: 0x1000 &+ UInt32(truncatingIfNeeded: i)), source: IPAddress("192.0.2.1")!,
         selector: .any(family: 0), reqid: UInt32(truncatingIfNeeded: i) &+ 1, mode: .tunnel, replayWindow: 32,
-        crypto: crypto))
+        crypto: crypto)
+    // As the control server keeps it for listings (XFRMA_ALG_AEAD): the name and a copy of the key.
+    config.algorithms.aead = .init(name: "rfc4106(gcm(aes))", key: SecretKey(key), bits: 128)
+    return try stack.makeSA(config)
 }
 
 /// The i-th policy: 10.a.b.0/24 ↔ 172.16.0.0/12 subnets (distinct per i), direction i % 3, 1 in 8 with a TCP port,

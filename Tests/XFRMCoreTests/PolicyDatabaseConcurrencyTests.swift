@@ -193,9 +193,12 @@ struct PolicyDatabaseConcurrencyTests {
         var live: [Int: Policy] = [:]
         var generation = UInt64(firstChurnGeneration)
         var ops = 0
+        // About 1.2 s and at least 600 changes, but never more than 4 s (a loaded machine, a debug build).
         let clock = ContinuousClock()
-        let end = clock.now + .milliseconds(1200)
-        while clock.now < end && generation + 400 < UInt64(History.capacity) {
+        let start = clock.now
+        while (clock.now - start < .milliseconds(1200) || ops < 600) && clock.now - start < .seconds(4)
+            && generation + 400 < UInt64(History.capacity)
+        {
             let step = history.step.load(ordering: .relaxed) + 1
             ops += 1
             if ops % 500 == 0 {

@@ -14,9 +14,9 @@
 // Why this and not an atomically swapped snapshot object: a Swift strong reference cannot be loaded and retained
 // atomically without a lock (the retain can race with the writer's last release), and an unmanaged pointer needs a
 // reclamation scheme (hazard pointers, epochs) to know when the old snapshot may be freed — the read indicators
-// here are exactly that, with the bonus that nothing is ever freed: the copies are mutated in place, so an insert
-// costs one in-place index insert plus copying what it wrote into the other copy, not a rebuild of a
-// 1,000,000-policy snapshot.
+// here are exactly that (nothing a reader could still hold is freed or changed), and the copies are mutated in
+// place, so an insert costs one in-place index insert plus copying what it wrote into the other copy, not a
+// rebuild of a 1,000,000-policy snapshot.
 //
 // Memory safety: the copy a writer mutates has no reader on it (the indicators guarantee it), so the in-place
 // mutation of its arrays and dictionaries (which may reallocate and free their buffers) cannot pull memory from under

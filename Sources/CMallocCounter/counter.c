@@ -3,6 +3,7 @@
 #include "CMallocCounter.h"
 #include <stddef.h>
 #include <errno.h>
+#include <malloc.h>
 
 extern void *__libc_malloc(size_t);
 extern void *__libc_calloc(size_t, size_t);
@@ -13,6 +14,13 @@ extern void __libc_free(void *);
 static uint64_t allocations;
 
 uint64_t xfrm_malloc_count(void) { return __atomic_load_n(&allocations, __ATOMIC_RELAXED); }
+
+uint64_t xfrm_heap_in_use(void) {
+    struct mallinfo2 m = mallinfo2();
+    return (uint64_t)m.uordblks + (uint64_t)m.hblkhd;
+}
+
+void xfrm_heap_trim(void) { malloc_trim(0); }
 
 static inline void bump(void) { __atomic_fetch_add(&allocations, 1, __ATOMIC_RELAXED); }
 

@@ -8,9 +8,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+/// One EVP context serves both directions: each call re-initialises it with its direction (the key schedule is the
+/// same for sealing and opening, GCM and ChaCha20-Poly1305 only ever run the cipher forwards), which halves the
+/// per-SA OpenSSL memory. Callers already serialise calls per SA (ESPTransform is one caller at a time).
 struct xfrm_aead {
-    EVP_CIPHER_CTX *enc;
-    EVP_CIPHER_CTX *dec;
+    EVP_CIPHER_CTX *evp;
     unsigned char salt[4];
     int icv_len;
 };
@@ -45,9 +47,8 @@ xfrm_aead *xfrm_aead_new(int kind, const void *key, size_t key_len, const void *
     if (!cipher || icv_len < 4 || icv_len > 16) return NULL;
     xfrm_aead *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return NULL;
-    ctx->enc = aead_ctx(cipher, key, 1);
-    ctx->dec = aead_ctx(cipher, key, 0);
-    if (!ctx->enc || !ctx->dec) {
+    ctx->evp = aead_ctx(cipher, key, 1);
+    if (!ctx->evp) {
         xfrm_aead_free(ctx);
         return NULL;
     }
@@ -58,19 +59,18 @@ xfrm_aead *xfrm_aead_new(int kind, const void *key, size_t key_len, const void *
 
 void xfrm_aead_free(xfrm_aead *ctx) {
     if (!ctx) return;
-    EVP_CIPHER_CTX_free(ctx->enc);
-    EVP_CIPHER_CTX_free(ctx->dec);
+    EVP_CIPHER_CTX_free(ctx->evp);
     OPENSSL_cleanse(ctx, sizeof *ctx);
     free(ctx);
 }
 
-static int aead_run(EVP_CIPHER_CTX *c, const unsigned char *salt, const void *iv8, const void *aad1,
+static int aead_run(EVP_CIPHER_CTX *c, int enc, const unsigned char *salt, const void *iv8, const void *aad1,
                     size_t aad1_len, const void *aad2, size_t aad2_len, void *data, size_t data_len) {
     unsigned char nonce[12];
     int outl = 0;
     memcpy(nonce, salt, 4);
     memcpy(nonce + 4, iv8, 8);
-    if (EVP_CipherInit_ex(c, NULL, NULL, NULL, nonce, -1) != 1) return 0;
+    if (EVP_CipherInit_ex(c, NULL, NULL, NULL, nonce, enc) != 1) return 0;
     if (aad1_len && EVP_CipherUpdate(c, NULL, &outl, aad1, (int)aad1_len) != 1) return 0;
     if (aad2_len && EVP_CipherUpdate(c, NULL, &outl, aad2, (int)aad2_len) != 1) return 0;
     if (data_len && EVP_CipherUpdate(c, data, &outl, data, (int)data_len) != 1) return 0;
@@ -81,18 +81,18 @@ int xfrm_aead_seal(xfrm_aead *ctx, const void *iv8, const void *aad1, size_t aad
                    size_t aad2_len, void *data, size_t data_len, void *tag) {
     unsigned char tmp[16];
     int outl = 0;
-    if (!aead_run(ctx->enc, ctx->salt, iv8, aad1, aad1_len, aad2, aad2_len, data, data_len)) return 0;
-    if (EVP_CipherFinal_ex(ctx->enc, tmp, &outl) != 1) return 0;
-    return EVP_CIPHER_CTX_ctrl(ctx->enc, EVP_CTRL_AEAD_GET_TAG, ctx->icv_len, tag) == 1;
+    if (!aead_run(ctx->evp, 1, ctx->salt, iv8, aad1, aad1_len, aad2, aad2_len, data, data_len)) return 0;
+    if (EVP_CipherFinal_ex(ctx->evp, tmp, &outl) != 1) return 0;
+    return EVP_CIPHER_CTX_ctrl(ctx->evp, EVP_CTRL_AEAD_GET_TAG, ctx->icv_len, tag) == 1;
 }
 
 int xfrm_aead_open(xfrm_aead *ctx, const void *iv8, const void *aad1, size_t aad1_len, const void *aad2,
                    size_t aad2_len, void *data, size_t data_len, const void *tag) {
     unsigned char tmp[16];
     int outl = 0;
-    if (!aead_run(ctx->dec, ctx->salt, iv8, aad1, aad1_len, aad2, aad2_len, data, data_len)) return 0;
-    if (EVP_CIPHER_CTX_ctrl(ctx->dec, EVP_CTRL_AEAD_SET_TAG, ctx->icv_len, (void *)tag) != 1) return 0;
-    return EVP_CipherFinal_ex(ctx->dec, tmp, &outl) == 1;
+    if (!aead_run(ctx->evp, 0, ctx->salt, iv8, aad1, aad1_len, aad2, aad2_len, data, data_len)) return 0;
+    if (EVP_CIPHER_CTX_ctrl(ctx->evp, EVP_CTRL_AEAD_SET_TAG, ctx->icv_len, (void *)tag) != 1) return 0;
+    return EVP_CipherFinal_ex(ctx->evp, tmp, &outl) == 1;
 }
 
 struct xfrm_cbc {

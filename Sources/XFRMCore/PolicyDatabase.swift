@@ -1,13 +1,32 @@
 // The Security Policy Database (≈ the SPD half of net/xfrm/xfrm_policy.c): add/update/delete/get/flush/list of
 // policies, index allocation, and the per-packet lookup.
 //
-// Concurrency: all state lives in one struct behind a stdlib `Synchronization.Mutex`. Control-plane calls and the
-// data path's `lookup` both take it; a lookup holds it only for the radix-tree walk and the copy of the result (a
-// few hundred ns at 100,000 policies; the uncontended lock and unlock cost ~30-40 ns of that), and `markUsed` only
-// for a dictionary probe and a store. This is the simple scheme the design
-// allows: lookups from several worker threads serialize on the lock, which at these hold times costs less than
-// keeping RCU-like snapshots of a 100,000-policy index up to date on every insert. A caller whose lookups contend
-// heavily can shard (one database per worker) or cache lookups per flow.
+// Concurrency (≈ the kernel's RCU-protected policy lookup, xfrm_policy_lookup_bytype under rcu_read_lock):
+// - The data path takes no lock. `lookup`, `lookup(_:_:usedAt:)`, `markUsed` and `lastUse` read the lookup index
+//   (radix trees per direction and kind, index → slot) through a Left-Right pair (LeftRight.swift): two copies,
+//   readers announce themselves on a striped read indicator, load which copy is live and read it in place; they
+//   never wait, retry or lock. A change is applied to the copy no reader is on, that copy is made live, the writer
+//   waits until no reader can still be on the other one, and brings that one up to date by copying the tree
+//   nodes, leaves and lists the change wrote (TrackedArray), rather than by walking the trees a second time.
+// - Why not an immutable snapshot swapped atomically: a Swift strong reference cannot be loaded and retained
+//   atomically without a lock, and an unmanaged snapshot pointer would need hazard pointers or epochs to know when
+//   the old snapshot may be freed; worse, a snapshot per change means copying a 1,000,000-policy index per insert
+//   (loading 1M policies would be quadratic). Left-Right's indicators are the reclamation scheme (the writer waits
+//   for exactly the readers that could see the old state) and nothing big is copied: an insert costs one index
+//   insert, a copy of the few records it wrote, and a wait that is empty unless a lookup is in flight. Candidate
+//   lists are shared between the copies until one of them changes (copy-on-write), so they are stored once.
+// - The policies themselves are stored once, in PolicySlotTable (fixed chunks that never move), addressed by slot.
+//   A slot is filled before an index pointing to it is published and emptied only after both copies stopped
+//   pointing to it and the write returned (no reader can hold it then); an update's replacement takes a new slot,
+//   so a reader still on the old copy reads the old policy intact. A lookup copies its result out while on its
+//   copy.
+// - Use time is one atomic per slot, written by the data path at most once per second of the clock
+//   (PolicySlotTable.markUsed stores only when the second changed): `lookup(_:_:usedAt:)` records it in the same
+//   read as the lookup; `markUsed(index:)` (the output cache's once-a-second touch) finds the slot by index the
+//   same way, lock-free.
+// - Control-plane calls (insert, update, delete, flush, get, list, counts) serialize on one `Mutex`, which also
+//   makes them the single Left-Right writer. Per-direction counts are published in an atomic for the input path.
+// - The linear scan (`linearLookup`, the reference) reads under the lock.
 //
 // Semantics follow the kernel where it is observable:
 // - Duplicates are decided by Policy.Key (direction, selector, mark value and mask, if_id). `insert(update: false)`
@@ -44,9 +63,18 @@ extension PolicyDatabaseError {
 }
 
 public final class PolicyDatabase: @unchecked Sendable {
-    private let state = Mutex(SPDState())
+    /// The policies by slot (shared by both lookup copies) and the Left-Right pair of lookup tables.
+    private let slots: PolicySlotTable
+    private let tables: LeftRight<SPDLookupTables>
+    private let state: Mutex<SPDState>
 
-    public init() {}
+    public init() {
+        let slots = PolicySlotTable()
+        let tables = LeftRight { SPDLookupTables() }
+        self.slots = slots
+        self.tables = tables
+        self.state = Mutex(SPDState(slots: slots, tables: tables))
+    }
 
     /// add (update == false: EEXIST "File exists" on a duplicate Policy.Key) or update (replace the duplicate,
     /// keeping its index, like the kernel; with no duplicate, update inserts).
@@ -54,7 +82,7 @@ public final class PolicyDatabase: @unchecked Sendable {
     /// index); a given index must satisfy index & 7 == direction (EINVAL "Policy index doesn't match direction"),
     /// and must not be in use by a different policy (EEXIST).
     /// Stamps `generation` (monotonic insertion counter; ties in priority go to the older = lower generation).
-    /// Returns the stored policy.
+    /// Returns the stored policy. Lookups on other threads see either the old or the new state, never a mix.
     @discardableResult
     public func insert(_ policy: Policy, update: Bool) throws(PolicyDatabaseError) -> Policy {
         if policy.index != 0 && policy.index & 7 != UInt32(policy.direction.rawValue) {
@@ -71,9 +99,9 @@ public final class PolicyDatabase: @unchecked Sendable {
     @discardableResult
     public func delete(key: Policy.Key) throws(PolicyDatabaseError) -> Policy {
         try self.state.withLock { (s: inout SPDState) throws(PolicyDatabaseError) -> Policy in
-            guard let slot = s.byKey[key] else { throw .notFound }
+            guard let slot = s.slot(key: key) else { throw .notFound }
             defer { self.publishCounts(s) }
-            return s.remove(slot: slot)
+            return s.remove(slots: [slot])[0]
         }
     }
 
@@ -82,7 +110,7 @@ public final class PolicyDatabase: @unchecked Sendable {
         try self.state.withLock { (s: inout SPDState) throws(PolicyDatabaseError) -> Policy in
             guard let slot = s.slot(index: index, direction: direction) else { throw .notFound }
             defer { self.publishCounts(s) }
-            return s.remove(slot: slot)
+            return s.remove(slots: [slot])[0]
         }
     }
 
@@ -92,20 +120,19 @@ public final class PolicyDatabase: @unchecked Sendable {
         -> Policy
     {
         try self.state.withLock { (s: inout SPDState) throws(PolicyDatabaseError) -> Policy in
-            guard let slot = s.slot(index: index, direction: direction),
-                s.slots[Int(slot)].policy?.generation == generation
+            guard let slot = s.slot(index: index, direction: direction), s.policy(slot).generation == generation
             else { throw .notFound }
             defer { self.publishCounts(s) }
-            return s.remove(slot: slot)
+            return s.remove(slots: [slot])[0]
         }
     }
 
     public func get(key: Policy.Key) -> Policy? {
-        self.state.withLock { s in s.byKey[key].map { s.slots[Int($0)].policy! } }
+        self.state.withLock { s in s.slot(key: key).map { s.policy($0) } }
     }
 
     public func get(index: UInt32, direction: PolicyDirection) -> Policy? {
-        self.state.withLock { s in s.slot(index: index, direction: direction).map { s.slots[Int($0)].policy! } }
+        self.state.withLock { s in s.slot(index: index, direction: direction).map { s.policy($0) } }
     }
 
     /// Removes every policy (or only those `where` selects, e.g. those offloaded to one device); returns them, in
@@ -114,10 +141,8 @@ public final class PolicyDatabase: @unchecked Sendable {
     @discardableResult
     public func flush(where predicate: (Policy) -> Bool = { _ in true }) -> [Policy] {
         self.state.withLock { s in
-            var removed: [Policy] = []
-            for slot in s.slotsInListOrder() where predicate(s.slots[Int(slot)].policy!) {
-                removed.append(s.remove(slot: slot))
-            }
+            let victims = s.slotsInListOrder().filter { predicate(s.policy($0)) }
+            let removed = victims.isEmpty ? [] : s.remove(slots: victims)
             self.publishCounts(s)
             return removed
         }
@@ -140,70 +165,95 @@ public final class PolicyDatabase: @unchecked Sendable {
     }
 
     public var totalCount: Int {
-        self.state.withLock { s in s.byKey.count }
+        self.state.withLock { s in s.count }
     }
 
     /// Every policy in the kernel's dump order: newest first (the kernel links new policies at the head of
     /// policy_all with list_add and dumps from the head; an update links the replacement as new).
     public func list() -> [Policy] {
-        self.state.withLock { s in s.slotsInListOrder().map { s.slots[Int($0)].policy! } }
+        self.state.withLock { s in s.slotsInListOrder().map { s.policy($0) } }
     }
 
     /// The best policy for a packet: a matching packet-offloaded policy if there is one (lowest priority value,
     /// older on ties), otherwise the matching software policy with the lowest priority value, older on ties.
-    /// A policy matches when its selector and its mark match the flow and its if_id is the flow's. No allocation.
+    /// A policy matches when its selector and its mark match the flow and its if_id is the flow's. No allocation,
+    /// no lock (see Concurrency above).
+    @inline(__always)
     public func lookup(_ direction: PolicyDirection, _ flow: Flow) -> Policy? {
-        var result: Policy? = nil
-        self.state.withLock { s in
-            let slot = s.lookupSlot(direction, flow)
-            if slot >= 0 { result = s.slots[Int(slot)].policy }
+        let slots = self.slots
+        return self.tables.read { t in
+            let slot = t.pointee.lookupSlot(direction, flow)
+            return slot < 0 ? nil : slots.policy(slot)
         }
-        return result
     }
 
-    /// Reference implementation: a linear scan with the same semantics as `lookup`.
+    /// `lookup`, recording a use of the policy found at `seconds` (curlft.use_time, as the kernel's lookup
+    /// does): the per-packet call of the data path, one lock-free read for both.
+    @inline(__always)
+    public func lookup(_ direction: PolicyDirection, _ flow: Flow, usedAt seconds: UInt64) -> Policy? {
+        let slots = self.slots
+        return self.tables.read { t in
+            let slot = t.pointee.lookupSlot(direction, flow)
+            if slot < 0 { return nil }
+            slots.markUsed(slot, at: seconds)
+            return slots.policy(slot)
+        }
+    }
+
+    /// Whether the two Left-Right copies of the lookup tables are equal, as they must be between writes (tests).
+    func lookupCopiesAgree() -> Bool {
+        self.state.withLock { _ in
+            let (a, b) = self.tables.bothCopies
+            return a.pointee == b.pointee
+        }
+    }
+
+    /// Reference implementation: a linear scan with the same semantics as `lookup` (under the lock).
     public func linearLookup(_ direction: PolicyDirection, _ flow: Flow) -> Policy? {
         self.state.withLock { s in
             var bestSlot: Int32 = -1
             var bestOffloaded = false
             var bestPriority: UInt32 = 0
             var bestGeneration: UInt64 = 0
-            s.slots.withUnsafeBufferPointer { slots in
-                for slot in s.dense[Int(direction.rawValue)] {
-                    let p = slots[Int(slot)].policy.unsafelyUnwrapped
-                    guard p.selector.matches(flow), p.mark.matches(flow.mark), p.ifID == flow.ifID else { continue }
-                    let offloaded = p.offload != nil
-                    let better: Bool
-                    if bestSlot < 0 {
-                        better = true
-                    } else if offloaded != bestOffloaded {
-                        better = offloaded
-                    } else {
-                        better = p.priority < bestPriority
-                            || (p.priority == bestPriority && p.generation < bestGeneration)
-                    }
-                    if better {
-                        bestSlot = slot
-                        bestOffloaded = offloaded
-                        bestPriority = p.priority
-                        bestGeneration = p.generation
-                    }
+            for slot in s.dense[Int(direction.rawValue)] {
+                let p = s.policy(slot)
+                guard p.selector.matches(flow), p.mark.matches(flow.mark), p.ifID == flow.ifID else { continue }
+                let offloaded = p.offload != nil
+                let better: Bool
+                if bestSlot < 0 {
+                    better = true
+                } else if offloaded != bestOffloaded {
+                    better = offloaded
+                } else {
+                    better = p.priority < bestPriority
+                        || (p.priority == bestPriority && p.generation < bestGeneration)
+                }
+                if better {
+                    bestSlot = slot
+                    bestOffloaded = offloaded
+                    bestPriority = p.priority
+                    bestGeneration = p.generation
                 }
             }
-            return bestSlot < 0 ? nil : s.slots[Int(bestSlot)].policy
+            return bestSlot < 0 ? nil : s.policy(bestSlot)
         }
     }
 
-    /// Records a use (curlft.use_time) of the policy with this index; unknown indices are ignored.
+    /// Records a use (curlft.use_time) of the policy with this index; unknown indices are ignored. Lock-free; the
+    /// slot's use time is stored only when the second changes.
     public func markUsed(index: UInt32, direction: PolicyDirection, at seconds: UInt64) {
-        self.state.withLock { s in
-            if let slot = s.slot(index: index, direction: direction) { s.slots[Int(slot)].lastUse = seconds }
+        let slots = self.slots
+        self.tables.read { t in
+            if let slot = t.pointee.slot(index: index, direction: direction) { slots.markUsed(slot, at: seconds) }
         }
     }
 
     /// The last recorded use of the policy with this index; nil when it was never used or does not exist.
     public func lastUse(index: UInt32, direction: PolicyDirection) -> UInt64? {
-        self.state.withLock { s in s.slot(index: index, direction: direction).flatMap { s.slots[Int($0)].lastUse } }
+        let slots = self.slots
+        return self.tables.read { t in
+            t.pointee.slot(index: index, direction: direction).flatMap { slots.lastUse($0) }
+        }
     }
 
     /// verify_newpolicy_info's selector checks, plus what this model needs for its index: the prefix addresses
@@ -231,126 +281,5 @@ public final class PolicyDatabase: @unchecked Sendable {
         default:
             throw .invalid("Invalid selector family")
         }
-    }
-}
-
-/// One stored policy (nil policy: a free slot) and its use time.
-struct SPDEntry {
-    var policy: Policy?
-    var lastUse: UInt64?
-    /// Position in `SPDState.dense[direction]`.
-    var densePosition: Int32
-}
-
-/// Everything behind the database's lock.
-struct SPDState {
-    var slots: ContiguousArray<SPDEntry> = []
-    var freeSlots: [Int32] = []
-    var byKey: [Policy.Key: Int32] = [:]
-    var byIndex: [UInt32: Int32] = [:]
-    /// Per direction, the slots of its live policies (unordered; for counts and the linear scan).
-    var dense: [ContiguousArray<Int32>] = [[], [], []]
-    var software: [PolicyIndex] = [PolicyIndex(), PolicyIndex(), PolicyIndex()]
-    var offloaded: [PolicyIndex] = [PolicyIndex(), PolicyIndex(), PolicyIndex()]
-    /// The kernel's net->xfrm.idx_generator.
-    var indexGenerator: UInt32 = 0
-    var nextGeneration: UInt64 = 1
-
-    /// The slot of the best policy for `flow`, -1 if none. `mutating` only so that the indexes are used in place
-    /// (no copy of their array references on the hot path); it changes nothing.
-    mutating func lookupSlot(_ direction: PolicyDirection, _ flow: Flow) -> Int32 {
-        let d = Int(direction.rawValue)
-        var best = LookupBest()
-        self.offloaded[d].lookup(flow, &best)
-        if best.slot < 0 { self.software[d].lookup(flow, &best) }
-        return best.slot
-    }
-
-    func slot(index: UInt32, direction: PolicyDirection) -> Int32? {
-        guard let slot = self.byIndex[index], self.slots[Int(slot)].policy!.direction == direction else { return nil }
-        return slot
-    }
-
-    mutating func insert(_ new: Policy, update: Bool) throws(PolicyDatabaseError) -> Policy {
-        let existing = self.byKey[new.key]
-        if existing != nil && !update { throw .exists }
-        if new.index != 0, let holder = self.byIndex[new.index], holder != existing { throw .exists }
-
-        var policy = new
-        if let existing {
-            policy.index = self.slots[Int(existing)].policy!.index
-            self.remove(slot: existing)
-        } else if policy.index == 0 {
-            policy.index = self.allocateIndex(direction: policy.direction)
-        }
-        policy.generation = self.nextGeneration
-        self.nextGeneration += 1
-
-        let d = Int(policy.direction.rawValue)
-        let entry = SPDEntry(policy: policy, lastUse: nil, densePosition: Int32(self.dense[d].count))
-        let slot: Int32
-        if let free = self.freeSlots.popLast() {
-            slot = free
-            self.slots[Int(slot)] = entry
-        } else {
-            slot = Int32(self.slots.count)
-            self.slots.append(entry)
-        }
-        self.dense[d].append(slot)
-        self.byKey[policy.key] = slot
-        self.byIndex[policy.index] = slot
-        let candidate = PolicyCandidate(policy, slot: slot)
-        if policy.offload != nil {
-            self.offloaded[d].insert(candidate, selector: policy.selector)
-        } else {
-            self.software[d].insert(candidate, selector: policy.selector)
-        }
-        return policy
-    }
-
-    /// xfrm_gen_index: generator | direction, stepping by 8, 0 read as 8, skipping live indices.
-    private mutating func allocateIndex(direction: PolicyDirection) -> UInt32 {
-        while true {
-            var index = self.indexGenerator | UInt32(direction.rawValue)
-            self.indexGenerator &+= 8
-            if index == 0 { index = 8 }
-            if self.byIndex[index] == nil { return index }
-        }
-    }
-
-    @discardableResult
-    mutating func remove(slot: Int32) -> Policy {
-        let entry = self.slots[Int(slot)]
-        let policy = entry.policy!
-        let d = Int(policy.direction.rawValue)
-        if policy.offload != nil {
-            self.offloaded[d].remove(slot: slot, priority: policy.priority, generation: policy.generation,
-                                     selector: policy.selector)
-        } else {
-            self.software[d].remove(slot: slot, priority: policy.priority, generation: policy.generation,
-                                    selector: policy.selector)
-        }
-        self.byKey[policy.key] = nil
-        self.byIndex[policy.index] = nil
-        let position = Int(entry.densePosition)
-        let last = self.dense[d].removeLast()
-        if last != slot {
-            self.dense[d][position] = last
-            self.slots[Int(last)].densePosition = Int32(position)
-        }
-        self.slots[Int(slot)] = SPDEntry(policy: nil, lastUse: nil, densePosition: -1)
-        self.freeSlots.append(slot)
-        return policy
-    }
-
-    /// Live slots, newest generation first.
-    func slotsInListOrder() -> [Int32] {
-        var all: [(generation: UInt64, slot: Int32)] = []
-        all.reserveCapacity(self.byKey.count)
-        for dir in self.dense {
-            for slot in dir { all.append((self.slots[Int(slot)].policy!.generation, slot)) }
-        }
-        all.sort { $0.generation > $1.generation }
-        return all.map(\.slot)
     }
 }

@@ -10,9 +10,47 @@ import XFRMPacket
 public final class StateDatabase: @unchecked Sendable {
     private struct Tables {
         var bySPI: [SAID: [SecurityAssociation]] = [:]
-        /// Every SA, oldest first (dumps walk it backwards: the kernel links new states at the list head).
-        var all: [SecurityAssociation] = []
+        /// Every SA, oldest first (dumps walk it backwards: the kernel links new states at the list head). Sorted
+        /// by generation; a removed SA leaves a nil (found by binary search, so deletes cost O(log n), not a scan and
+        /// a shift of 100,000 entries), and the holes are squeezed out when they are half the array.
+        var all: [(generation: UInt64, sa: SecurityAssociation?)] = []
+        var holes = 0
+        /// Linked SAs that may be larval acquire entries (no crypto, SPI 0): `add` looks for one to replace only
+        /// when there is any, instead of scanning every SA on every add.
+        var maybeLarval = 0
         var generation: UInt64 = 0
+
+        var count: Int { self.all.count - self.holes }
+        var live: [SecurityAssociation] { self.all.compactMap(\.sa) }
+
+        static func mayBeLarval(_ sa: SecurityAssociation) -> Bool { sa.id.spi == 0 && sa.config.crypto == nil }
+
+        mutating func append(_ sa: SecurityAssociation) {
+            self.all.append((sa.generation, sa))
+            if Self.mayBeLarval(sa) { self.maybeLarval += 1 }
+        }
+
+        /// The position of this very SA in `all`, if linked (binary search on the generation).
+        func position(of sa: SecurityAssociation) -> Int? {
+            var lo = 0
+            var hi = self.all.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if self.all[mid].generation < sa.generation { lo = mid + 1 } else { hi = mid }
+            }
+            return lo < self.all.count && self.all[lo].sa === sa ? lo : nil
+        }
+
+        mutating func removeFromAll(_ sa: SecurityAssociation) {
+            guard let i = self.position(of: sa) else { return }
+            self.all[i].sa = nil
+            self.holes += 1
+            if Self.mayBeLarval(sa) { self.maybeLarval -= 1 }
+            if self.holes > 64 && self.holes * 2 > self.all.count {
+                self.all.removeAll { $0.sa == nil }
+                self.holes = 0
+            }
+        }
     }
     private let tables = Mutex(Tables())
     private let changes = Atomic<UInt64>(0)
@@ -24,10 +62,10 @@ public final class StateDatabase: @unchecked Sendable {
 
     @inline(__always) private func changed() { self.changes.wrappingAdd(1, ordering: .releasing) }
 
-    public var count: Int { self.tables.withLock { $0.all.count } }
+    public var count: Int { self.tables.withLock { $0.count } }
 
     /// Every SA in the kernel's dump order (newest first).
-    public func list() -> [SecurityAssociation] { self.tables.withLock { Array($0.all.reversed()) } }
+    public func list() -> [SecurityAssociation] { self.tables.withLock { Array($0.live.reversed()) } }
 
     /// ≈ xfrm_state_lookup: the SA for (destination, SPI, protocol) whose mark matches `mark`.
     @inline(__always)
@@ -74,14 +112,15 @@ public final class StateDatabase: @unchecked Sendable {
             t.generation += 1
             sa.generation = t.generation
             t.bySPI[sa.id, default: []].insert(sa, at: 0)
-            t.all.append(sa)
+            t.append(sa)
             return larval
         }
     }
 
     private static func findLarval(_ t: inout Tables, for sa: SecurityAssociation) -> SecurityAssociation? {
+        if t.maybeLarval == 0 { return nil }
         let c = sa.config
-        return t.all.first { x in
+        return t.live.first { x in
             guard x.state == .acquiring, x.id.spi == 0 else { return false }
             // ≈ xfrm_state_add's __xfrm_find_acq_byseq: the ACQUIRE's sequence number only counts when the
             // protocol and destination agree too.
@@ -95,7 +134,7 @@ public final class StateDatabase: @unchecked Sendable {
     private static func unlink(_ t: inout Tables, _ sa: SecurityAssociation) {
         t.bySPI[sa.id]?.removeAll { $0 === sa }
         if t.bySPI[sa.id]?.isEmpty == true { t.bySPI[sa.id] = nil }
-        t.all.removeAll { $0 === sa }
+        t.removeFromAll(sa)
         sa.markDead()
     }
 
@@ -122,7 +161,7 @@ public final class StateDatabase: @unchecked Sendable {
                 t.generation += 1
                 sa.generation = t.generation
                 t.bySPI[sa.id, default: []].insert(sa, at: 0)
-                t.all.append(sa)
+                t.append(sa)
                 return sa
             }
             // ≈ xfrm_state_update: the encapsulation may change its ports, never its presence or type.
@@ -154,7 +193,7 @@ public final class StateDatabase: @unchecked Sendable {
         self.changed()
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
         return self.tables.withLock { t in
-            guard t.all.contains(where: { $0 === sa }) else { return false }
+            guard t.position(of: sa) != nil else { return false }
             Self.unlink(&t, sa)
             return true
         }
@@ -166,7 +205,7 @@ public final class StateDatabase: @unchecked Sendable {
         self.changed()
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
         return self.tables.withLock { t in
-            let gone = t.all.filter(matching)
+            let gone = t.live.filter(matching)
             for sa in gone { Self.unlink(&t, sa) }
             return gone
         }
@@ -180,7 +219,7 @@ public final class StateDatabase: @unchecked Sendable {
             t.generation += 1
             sa.generation = t.generation
             t.bySPI[sa.id, default: []].insert(sa, at: 0)
-            t.all.append(sa)
+            t.append(sa)
         }
     }
 
@@ -214,7 +253,10 @@ public final class StateDatabase: @unchecked Sendable {
             var i = t.all.count - 1
             let wantMode: ESPMode = template.mode == 1 ? .tunnel : .transport
             while i >= 0 {
-                let sa = t.all[i]
+                guard let sa = t.all[i].sa else {
+                    i -= 1
+                    continue
+                }
                 i -= 1
                 let exactSource = sa.config.source == source
                 guard sa.config.id.proto == template.proto, sa.config.id.destination == destination,

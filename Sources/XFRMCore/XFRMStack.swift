@@ -410,8 +410,7 @@ public final class XFRMStack: @unchecked Sendable {
         let cacheKey = flow
         let route = self.network.egress(to: flow.destination)
         flow.ifindex = route?.ifindex ?? 0
-        if let policy = self.policies.lookup(.outbound, flow) {
-            self.policies.markUsed(index: policy.index, direction: .outbound, at: now)
+        if let policy = self.policies.lookup(.outbound, flow, usedAt: now) {
             if policy.action == .block {
                 self.statistics.increment(.outPolBlock)
                 return .dropped(.outPolBlock)
@@ -941,7 +940,7 @@ public final class XFRMStack: @unchecked Sendable {
         let direction: PolicyDirection = local ? .inbound : .forward
         // ≈ __xfrm_check_nopolicy: no policy in this direction and no secpath — the default decides, no lookup.
         let policy = secpath.count == 0 && self.policies.count(direction) == 0
-            ? nil : self.policies.lookup(direction, flow)
+            ? nil : self.policies.lookup(direction, flow, usedAt: now)
         guard let policy else {
             // No policy: with a blocking default the packet is XfrmInNoPols; otherwise a tunnel-mode SA in the
             // secpath still needs one (XfrmInNoPols), unless a crypto-offload device decrypted it.
@@ -956,7 +955,6 @@ public final class XFRMStack: @unchecked Sendable {
             }
             return local ? .deliver : self.forwardPrepare(&packet)
         }
-        self.policies.markUsed(index: policy.index, direction: direction, at: now)
         if policy.action == .block {
             self.statistics.increment(.inPolBlock)
             return .dropped(.inPolBlock)

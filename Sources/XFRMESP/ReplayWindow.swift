@@ -1,6 +1,9 @@
 /// The anti-replay window of an inbound SA (RFC 4303 §3.4.3 and Appendix A; ≈ xfrm_replay.c's bmp/esn modes).
 ///
-/// A 4096-bit ring indexed by sequence number modulo 4096 records which of the last `size` numbers were received.
+/// A ring of bits indexed by sequence number modulo its length records which of the last `size` numbers were
+/// received: 128 bits stored inline for windows up to 128 (the usual 32 or 64; ≈ the kernel sizing the bitmap to the
+/// window, xfrm_replay_esn bmp_len), 4096 bits in a separate copy-on-write buffer for larger windows, so that an SA
+/// does not carry 512 bytes of bitmap for a 32-packet window.
 /// `check` runs before decryption and changes nothing; `advance` runs only after the ICV verified. Windows from 0
 /// (no replay protection) to 4096 packets. With ESN, `check` infers the high 32 bits from the window
 /// (RFC 4303 Appendix A2.2). Not thread-safe: it lives under its SA's lock.
@@ -14,7 +17,34 @@ public struct ReplayWindow: Sendable {
     public let esn: Bool
     /// The highest authenticated sequence number (64-bit with ESN).
     public private(set) var top: UInt64
-    private var bitmap: InlineArray<64, UInt64>
+    /// The ring for windows up to `smallRingBits`.
+    private var ring: InlineArray<2, UInt64>
+    /// The ring for larger windows (`maximumSize` bits), nil otherwise; copied before a write when shared.
+    private var big: BigRing?
+    /// Ring length in 64-bit words minus one (1 or 63): the word of sequence s is (s >> 6) & wordMask.
+    private let wordMask: Int
+
+    static let smallRingBits = 128
+
+    /// Shared only between copies of a window, and written only when not shared (copy-on-write).
+    private final class BigRing: @unchecked Sendable {
+        var bits: InlineArray<64, UInt64> = InlineArray(repeating: 0)
+        init() {}
+        init(_ other: BigRing) { self.bits = other.bits }
+    }
+
+    @inline(__always)
+    private func word(_ w: Int) -> UInt64 { self.big == nil ? self.ring[w] : self.big.unsafelyUnwrapped.bits[w] }
+
+    @inline(__always)
+    private mutating func setWord(_ w: Int, _ value: UInt64) {
+        if self.big == nil {
+            self.ring[w] = value
+        } else {
+            if !isKnownUniquelyReferenced(&self.big!) { self.big = BigRing(self.big!) }
+            self.big.unsafelyUnwrapped.bits[w] = value
+        }
+    }
 
     /// The outcome of `check`.
     public enum Check: Equatable, Sendable {
@@ -29,7 +59,9 @@ public struct ReplayWindow: Sendable {
         self.size = size
         self.esn = esn
         self.top = esn ? top : top & 0xffff_ffff
-        self.bitmap = InlineArray(repeating: 0)
+        self.ring = InlineArray(repeating: 0)
+        self.big = size > Self.smallRingBits ? BigRing() : nil
+        self.wordMask = size > Self.smallRingBits ? ReplayWindow.maximumSize / 64 - 1 : Self.smallRingBits / 64 - 1
     }
 
     /// The full sequence number a received low half stands for (RFC 4303 A2.2), or nil when it would fall before
@@ -74,8 +106,8 @@ public struct ReplayWindow: Sendable {
     public mutating func advance(_ seq: UInt64) {
         if seq > self.top {
             let diff = seq - self.top
-            if diff >= UInt64(ReplayWindow.maximumSize) {
-                for i in 0..<64 { self.bitmap[i] = 0 }
+            if diff >= UInt64((self.wordMask + 1) * 64) {
+                for i in 0...self.wordMask { self.setWord(i, 0) }
             } else {
                 // Clear the positions of top+1 ... seq; they last held numbers that left the window. Counted by
                 // `remaining`, not by comparing with `seq`, so seq = 2^64 − 1 terminates.
@@ -83,13 +115,13 @@ public struct ReplayWindow: Sendable {
                 var remaining = diff
                 while remaining > 0 {
                     let bit = Int(s & 63)
-                    let word = Int((s >> 6) & 63)
+                    let word = Int(s >> 6) & self.wordMask
                     if bit == 0 && remaining >= 64 {
-                        self.bitmap[word] = 0
+                        self.setWord(word, 0)
                         s &+= 64
                         remaining -= 64
                     } else {
-                        self.bitmap[word] &= ~(1 << UInt64(bit))
+                        self.setWord(word, self.word(word) & ~(1 << UInt64(bit)))
                         s &+= 1
                         remaining -= 1
                     }
@@ -98,13 +130,18 @@ public struct ReplayWindow: Sendable {
             self.top = seq
         }
         guard self.size > 0 else { return }
-        let word = Int((seq >> 6) & 63)
-        self.bitmap[word] |= 1 << (seq & 63)
+        self.mark(seq)
+    }
+
+    @inline(__always)
+    private mutating func mark(_ seq: UInt64) {
+        let word = Int(seq >> 6) & self.wordMask
+        self.setWord(word, self.word(word) | 1 << (seq & 63))
     }
 
     @inline(__always)
     private func isMarked(_ seq: UInt64) -> Bool {
-        self.bitmap[Int((seq >> 6) & 63)] & (1 << (seq & 63)) != 0
+        self.word(Int(seq >> 6) & self.wordMask) & (1 << (seq & 63)) != 0
     }
 
     /// A window restored from the kernel's XFRMA_REPLAY_VAL (`legacy`: bit i is sequence top − i) or
@@ -122,7 +159,7 @@ public struct ReplayWindow: Sendable {
                 let pos = self.ringPosition(distance: i)
                 set = pos / 32 < words.count && words[pos / 32] & (1 << UInt32(pos % 32)) != 0
             }
-            if set { self.bitmap[Int((seq >> 6) & 63)] |= 1 << (seq & 63) }
+            if set { self.mark(seq) }
         }
     }
 

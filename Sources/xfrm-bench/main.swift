@@ -6,7 +6,11 @@
 //   swift run -c release xfrm-bench stack [--check] [--sizes N[,N...]]
 //                                          the stack's output and input paths per packet vs the bare ESP transform
 //   swift run -c release xfrm-bench spd [--seconds S] [--rounds N] [--policies N[,N...]]
-//                                          SPD lookup (default 1k/10k/100k/1M policies) vs a linear scan
+//                                          SPD lookup (default 1k/10k/100k/1M policies) vs a linear scan, and
+//                                          the time to load them
+//   swift run -c release xfrm-bench scale [--sas N[,N...]] [--policies N[,N...]]
+//                                          resident memory per SA and per policy, add/delete rates (rows pair the
+//                                          lists; default 1k/10k/100k/100k SAs with 1k/10k/100k/1M policies)
 //   swift run -c release xfrm-bench engine [--check]   the daemon's per-packet path (both dispatchers) vs bare ESP,
 //                                          with allocations per packet (--check: exit 1 if any)
 //   swift run -c release xfrm-bench modes [--packets N] [--rounds N] [--svg PATH]
@@ -35,6 +39,7 @@ var seconds = 0.3
 var rounds = 5
 var command: String? = nil
 var policyCounts = [1_000, 10_000, 100_000, 1_000_000]
+var saCounts = [1_000, 10_000, 100_000, 100_000]
 var check = false
 var backends = CryptoBackends.names.filter { CryptoBackends.named($0) != nil }
 var threadCounts: [Int] = []
@@ -49,6 +54,13 @@ while !args.isEmpty {
             exit(2)
         }
         policyCounts = list
+    case "--sas":
+        let list = (args.isEmpty ? "" : args.removeFirst()).split(separator: ",").compactMap { Int($0) }
+        guard !list.isEmpty, list.allSatisfy({ $0 > 0 }) else {
+            FileHandle.standardError.write("xfrm-bench scale: --sas takes N[,N...] (positive counts)\n".data(using: .utf8)!)
+            exit(2)
+        }
+        saCounts = list
     case "--seconds": seconds = Double(args.isEmpty ? "" : args.removeFirst()) ?? 0.3
     case "--rounds": rounds = Int(args.isEmpty ? "" : args.removeFirst()) ?? 5
     case "--check": check = true
@@ -87,8 +99,17 @@ case "stack":
     checkAllocationCounter()
     stackBenchmark(seconds: seconds, rounds: rounds, sizes: espSizes == [64, 512, 1420] ? [64, 1420] : espSizes, check: check)
 case "spd": spdBenchmark(seconds: seconds, rounds: rounds, sizes: policyCounts)
+case "scale":
+    guard saCounts.count == policyCounts.count else {
+        FileHandle.standardError.write("xfrm-bench scale: --sas and --policies must list as many counts\n".data(using: .utf8)!)
+        exit(2)
+    }
+    scaleBenchmark(saCounts: saCounts, policyCounts: policyCounts)
 case "modes": modesBenchmark(arguments: Array(CommandLine.arguments.dropFirst()))
 default:
-    FileHandle.standardError.write("usage: xfrm-bench esp|stack|engine|spd [--seconds S] [--backend B|all] [--threads N[,N...]] [--rounds N] [--policies N[,N...]] | modes [--packets N] [--rounds N] [--svg PATH]\n".data(using: .utf8)!)
+    FileHandle.standardError.write(("usage: xfrm-bench esp [--backend B|all] [--threads N[,N...]] [--sizes N[,N...]] | "
+        + "stack [--check] [--sizes N[,N...]] | engine [--check] | spd [--policies N[,N...]] | "
+        + "scale [--sas N[,N...]] [--policies N[,N...]] (all: [--seconds S] [--rounds N]) | "
+        + "modes [--packets N] [--rounds N] [--svg PATH]\n").data(using: .utf8)!)
     exit(2)
 }

@@ -48,7 +48,21 @@ struct XorShift: RandomNumberGenerator {
 
 @Suite("Anti-replay window")
 struct ReplayWindowTests {
-    @Test("agrees with the reference model on random sequences", arguments: [1, 2, 32, 64, 100, 128, 1000, 4096])
+    @Test("a copy of a large window is independent (copy-on-write ring)", arguments: [64, 1024])
+    func copiesAreValues(size: Int) {
+        var a = ReplayWindow(size: size, esn: false)
+        a.advance(5)
+        var b = a
+        b.advance(7)
+        b.advance(3)
+        #expect(a.check(7) == .accept(7))
+        #expect(a.check(3) == .accept(3))
+        #expect(a.check(5) == .reject(.replayDuplicate))
+        #expect(b.check(7) == .reject(.replayDuplicate))
+        #expect(b.check(3) == .reject(.replayDuplicate))
+    }
+
+    @Test("agrees with the reference model on random sequences", arguments: [1, 2, 32, 64, 100, 128, 129, 1000, 4096])
     func matchesModel(size: Int) {
         for esn in [false, true] {
             var rng = XorShift(state: 0x9e37_79b9_7f4a_7c15 &+ UInt64(size) &* 31 &+ (esn ? 7 : 0))

@@ -19,7 +19,8 @@ enum {
 
 typedef struct xfrm_aead xfrm_aead;
 
-/// Creates a pre-keyed AEAD context (one encrypt and one decrypt EVP context). `key` excludes the salt.
+/// Creates a pre-keyed AEAD context (one EVP context, used for both directions; calls on one context must not
+/// overlap). `key` excludes the salt.
 /// Returns NULL on an unsupported kind or key length.
 xfrm_aead *xfrm_aead_new(int kind, const void *key, size_t key_len, const void *salt4, int icv_len);
 /// Frees the context; OpenSSL cleanses the key schedules and we cleanse the salt.

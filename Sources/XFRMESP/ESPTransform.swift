@@ -130,7 +130,7 @@ public final class ESPTransform: @unchecked Sendable {
     /// Replaces the inbound replay state with an empty window whose highest received number is `top`
     /// (≈ XFRM_MSG_NEWAE setting replay state, as a key manager does when it restores or migrates an SA).
     public func setInboundSequence(_ top: UInt64) {
-        self.state.pointee.replay = ReplayWindow(size: self.config.replayWindow, esn: self.esn, top: top)
+        self.state.pointee.replay.reset(top: top)
     }
 
     // MARK: - Sequence numbers (≈ xfrm_replay_overflow)

@@ -64,6 +64,20 @@ public struct ReplayWindow: Sendable {
         self.wordMask = size > Self.smallRingBits ? ReplayWindow.maximumSize / 64 - 1 : Self.smallRingBits / 64 - 1
     }
 
+    /// Empties the window and sets its highest received number to `top`, in place (a key manager restoring
+    /// replay state; no allocation when the large ring is not shared).
+    public mutating func reset(top: UInt64) {
+        self.top = self.esn ? top : top & 0xffff_ffff
+        self.ring = InlineArray(repeating: 0)
+        if self.big != nil {
+            if isKnownUniquelyReferenced(&self.big!) {
+                self.big.unsafelyUnwrapped.bits = InlineArray(repeating: 0)
+            } else {
+                self.big = BigRing()
+            }
+        }
+    }
+
     /// The full sequence number a received low half stands for (RFC 4303 A2.2), or nil when it would fall before
     /// sequence number 0 (necessarily too old).
     @inline(__always)

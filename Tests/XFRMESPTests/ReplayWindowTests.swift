@@ -156,3 +156,20 @@ struct ReplayWindowTests {
         #expect(w.check(100_000 - 4096) == .reject(.replayTooOld))
     }
 }
+
+@Suite("Anti-replay window reset")
+struct ReplayWindowResetTests {
+    @Test("reset empties the window in place and leaves copies taken before it alone", arguments: [32, 4096])
+    func resetInPlace(size: Int) {
+        var w = ReplayWindow(size: size, esn: false, top: 0)
+        for s in UInt64(1)...10 { w.advance(s) }
+        let before = w
+        w.reset(top: 100)
+        #expect(w.top == 100 && w.size == size)
+        let fresh = ReplayWindow(size: size, esn: false, top: 100)
+        for s: UInt32 in [1, 99, 100, 101] { #expect(w.check(s) == fresh.check(s), "as a new window at 100: \(s)") }
+        #expect(w.check(99) == .accept(99), "the reset window holds nothing below its top")
+        #expect(before.check(10) == .reject(.replayDuplicate), "a copy taken before the reset keeps its bits")
+        #expect(before.top == 10)
+    }
+}

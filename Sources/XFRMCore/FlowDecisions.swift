@@ -16,8 +16,9 @@ enum OutputDecision {
     case bundle(policyIndex: UInt32, OutputBundle)
 }
 
-/// What a protected flow's packets need besides the SA's own work.
-struct OutputBundle {
+/// What a protected flow's packets need besides the SA's own work (immutable; a class so that the cache and the
+/// batch memo hand it on with one reference count, not a copy of every field).
+final class OutputBundle: Sendable {
     let sa: SecurityAssociation
     /// The outer packet's route.
     let ifindex: Int32
@@ -27,6 +28,18 @@ struct OutputBundle {
     /// Crypto offload: the device the route leads to and the SA's binding; each packet still asks the driver's
     /// offload_ok, and goes in software when the device declines it.
     let device: (any XfrmOffloadDevice, StateOffload)?
+
+    init(sa: SecurityAssociation, ifindex: Int32, mtu: Int, limit: Int?, device: (any XfrmOffloadDevice, StateOffload)?) {
+        (self.sa, self.ifindex, self.mtu, self.limit, self.device) = (sa, ifindex, mtu, limit, device)
+    }
+}
+
+/// The bundle the previous packet of a batch went through (≈ a socket's own dst: the next packet of the flow needs
+/// no lookup at all while the configuration generation holds).
+struct OutputMemo {
+    let flow: Flow
+    let generation: UInt64
+    let bundle: OutputBundle
 }
 
 /// The input policy checks a flow remembers: for a packet that came through one SA, the verdict of
@@ -39,4 +52,19 @@ struct InputDecision {
     let local: Bool
     let policyIndex: UInt32
     let direction: PolicyDirection
+}
+
+/// What the previous packets of a batch looked up on input, valid for one configuration generation: the outer
+/// destination's local interface, the SA of an SPI, and the inner flow's verdict.
+struct InputMemo {
+    private(set) var generation: UInt64 = 0
+    var outer: (destination: IPAddress, local: Int32?)? = nil
+    var sa: (id: SAID, mark: UInt32, sa: SecurityAssociation)? = nil
+    var verdict: (flow: Flow, tag: UInt, decision: InputDecision)? = nil
+
+    /// Forgets everything when the configuration changed since the memo was made.
+    @inline(__always)
+    mutating func validate(_ generation: UInt64) {
+        if generation != self.generation { self = InputMemo(generation: generation) }
+    }
 }

@@ -6,20 +6,25 @@ import XFRMPacket
 extension XFRMStack {
     /// Runs every pending packet of the batch through the path its stage names and stores the verdict; the buffers
     /// stay in the batch for the dispatcher.
+    /// Consecutive packets of one flow share the work of finding their bundle (the memo of the previous packet).
     public func process(_ batch: inout PacketBatch) {
+        var outputMemo: OutputMemo? = nil
+        var inputMemo = InputMemo()
         for i in 0..<batch.count {
             guard case .pending = batch[i].verdict else { continue }
             switch batch[i].stage {
             case .output, .forward:
                 var transformed = false
                 let forwarded = batch[i].stage == .forward
-                let r = self.output(&batch[i].buffer, forwarded: forwarded, transformed: &transformed)
+                let r = self.output(&batch[i].buffer, mark: 0, ifID: 0, forwarded: forwarded,
+                                    transformed: &transformed, memo: &outputMemo)
                 batch[i].verdict = .output(r, transformed: transformed)
             case .input:
                 var decapsulated = false
                 let ifindex = batch[i].ifindex
                 let metadata = batch[i].metadata
-                let r = self.input(&batch[i].buffer, ifindex: ifindex, metadata: metadata, decapsulated: &decapsulated)
+                let r = self.input(&batch[i].buffer, ifindex: ifindex, mark: 0, metadata: metadata,
+                                   decapsulated: &decapsulated, memo: &inputMemo)
                 batch[i].verdict = .input(r, decapsulated: decapsulated)
             }
         }

@@ -384,6 +384,16 @@ public final class XFRMStack: @unchecked Sendable {
     public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, ifID: UInt32 = 0, forwarded: Bool = false,
                        transformed: inout Bool) -> OutputResult
     {
+        var memo: OutputMemo? = nil
+        return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, transformed: &transformed,
+                           memo: &memo)
+    }
+
+    /// `output` with the bundle of the previous packet of a batch: a packet of the same flow, in the same
+    /// configuration generation, goes straight to it (no cache lookup); `memo` is updated for the next packet.
+    func output(_ packet: inout PacketBuffer, mark: UInt32, ifID: UInt32, forwarded: Bool, transformed: inout Bool,
+                memo: inout OutputMemo?) -> OutputResult
+    {
         transformed = false
         guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark) else {
             self.statistics.count(.badOutputPacket)
@@ -392,6 +402,10 @@ public final class XFRMStack: @unchecked Sendable {
         flow.ifID = ifID
         let now = self.clock.now
         let generation = self.currentGeneration
+        if let m = memo, m.generation == generation, m.flow == flow {
+            if let r = self.outputCachedBundle(&packet, m.bundle, now: now, transformed: &transformed) { return r }
+            memo = nil  // the SA is no longer valid: resolve again below
+        }
         if let (hit, touch) = self.outputCache.lookup(flow, generation: generation, now: now) {
             switch hit.value {
             case .plain(let ifindex, let mtu):
@@ -402,7 +416,9 @@ public final class XFRMStack: @unchecked Sendable {
                                                 tunnel: tunnel)
             case .bundle(let policyIndex, let bundle):
                 if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
+                memo = OutputMemo(flow: flow, generation: generation, bundle: bundle)
                 if let r = self.outputCachedBundle(&packet, bundle, now: now, transformed: &transformed) { return r }
+                memo = nil
                 // The SA is no longer valid: resolve again below.
             }
         }
@@ -802,9 +818,19 @@ public final class XFRMStack: @unchecked Sendable {
     /// packet-offload device's decryption): a daemon writes only those into its TUN.
     public func input(_ packet: inout PacketBuffer, ifindex: Int32 = 0, mark: UInt32 = 0,
                       metadata: OffloadMetadata? = nil, decapsulated: inout Bool) -> InputResult {
+        var memo = InputMemo()
+        return self.input(&packet, ifindex: ifindex, mark: mark, metadata: metadata, decapsulated: &decapsulated,
+                          memo: &memo)
+    }
+
+    /// `input` with what the previous packets of a batch looked up (outer destination, SA, inner verdict), reused
+    /// while the configuration generation holds.
+    func input(_ packet: inout PacketBuffer, ifindex: Int32, mark: UInt32, metadata: OffloadMetadata?,
+               decapsulated: inout Bool, memo: inout InputMemo) -> InputResult {
         decapsulated = false
         var secpath = SecPath()
         let now = self.clock.now
+        memo.validate(self.currentGeneration)
         var cryptoDone = metadata?.cryptoDone ?? false
         if let m = metadata, m.packetOffloaded {
             // Packet offload RX: the device decrypted, checked replay and its copy of the IN policy; the software
@@ -824,10 +850,15 @@ public final class XFRMStack: @unchecked Sendable {
         // straight to the forward policy check, never to our SAD or NAT-T demux.
         // The outer destination's local interface, looked up once: it also serves the policy check of a packet
         // that turns out not to be ESP (its destination is the same).
-        let outerLocal = Self.destination(of: packet).map { self.network.localInterface(owning: $0) }
+        let outerLocal = Self.destination(of: packet).map { d -> Int32? in
+            if let m = memo.outer, m.destination == d { return m.local }
+            let local = self.network.localInterface(owning: d)
+            memo.outer = (d, local)
+            return local
+        }
         if !cryptoDone, let outerLocal, outerLocal == nil {
             return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now,
-                                    localIfindex: .some(nil))
+                                    localIfindex: .some(nil), memo: &memo)
         }
         while true {
             switch ESPClassification.classify(&packet, nattPort: self.nattPort.load(ordering: .relaxed)) {
@@ -839,10 +870,17 @@ public final class XFRMStack: @unchecked Sendable {
             case .notESP:
                 decapsulated = secpath.count > 0
                 return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now,
-                                        localIfindex: secpath.count == 0 ? outerLocal : nil)
+                                        localIfindex: secpath.count == 0 ? outerLocal : nil, memo: &memo)
             case .esp(let info):
                 let id = SAID(destination: info.destination, spi: info.spi, proto: IPProtocolNumber.esp)
-                guard let sa = self.states.lookup(id, mark: mark), let transform = sa.transform else {
+                let found: SecurityAssociation?
+                if let m = memo.sa, m.id == id, m.mark == mark {
+                    found = m.sa
+                } else {
+                    found = self.states.lookup(id, mark: mark)
+                    memo.sa = found.map { (id, mark, $0) }
+                }
+                guard let sa = found, let transform = sa.transform else {
                     self.statistics.count(.noState)
                     return .dropped(.inNoStates)
                 }
@@ -906,7 +944,7 @@ public final class XFRMStack: @unchecked Sendable {
     /// policy requires, and every one of those SAs must cover the inner flow with its selector.
     /// `localIfindex`, when known (.some), is the packet destination's local interface (nil: not local).
     private func policyCheck(_ packet: inout PacketBuffer, secpath: SecPath, ifindex: Int32, mark: UInt32,
-                             now: UInt64, localIfindex known: Int32?? = nil) -> InputResult {
+                             now: UInt64, localIfindex known: Int32?? = nil, memo: inout InputMemo) -> InputResult {
         guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex) else {
             self.statistics.increment(.inHdrError)
             return .dropped(.inHdrError)
@@ -916,12 +954,16 @@ public final class XFRMStack: @unchecked Sendable {
         if secpath.count > 0 { flow.ifID = secpath[secpath.count - 1].ifID }
         // A flow that came through one SA and was allowed before, in this configuration generation, is allowed
         // again without the lookups below (the verdict depends only on the flow, the SA and the configuration).
-        let generation = self.currentGeneration
+        let generation = memo.generation
         let cacheTag = secpath.count == 1 ? UInt(bitPattern: ObjectIdentifier(secpath[0])) : 0
+        if cacheTag != 0, let m = memo.verdict, m.tag == cacheTag, m.flow == flow {
+            return m.decision.local ? .deliver : self.forwardPrepare(&packet)
+        }
         if cacheTag != 0, let (hit, touch) = self.inputCache.lookup(flow, tag: cacheTag, generation: generation,
                                                                   now: now) {
             let d = hit.value
             if touch { self.policies.markUsed(index: d.policyIndex, direction: d.direction, at: now) }
+            memo.verdict = (flow, cacheTag, d)
             return d.local ? .deliver : self.forwardPrepare(&packet)
         }
         let cacheKey = flow

@@ -13,10 +13,12 @@
 
 static pthread_key_t mgr_key;
 static pthread_once_t mgr_once = PTHREAD_ONCE_INIT;
-// initial-exec: the shim is linked into the executable, so the TLS slot is a fixed offset (no __tls_get_addr).
-static __thread IMB_MGR *tls_mgr __attribute__((tls_model("initial-exec")));
+static __thread IMB_MGR *tls_mgr;
 
-static void mgr_release(void *m) { free_mb_mgr((IMB_MGR *)m); }
+static void mgr_release(void *m) {
+    tls_mgr = NULL;  // a later destructor on this thread that encrypts makes a new manager, never uses a freed one
+    free_mb_mgr((IMB_MGR *)m);
+}
 static void mgr_key_make(void) { pthread_key_create(&mgr_key, mgr_release); }
 
 /// The calling thread's manager, made and initialised for the best architecture on first use (the library keeps
@@ -179,16 +181,19 @@ static int aead_run(xfrm_mb_aead *c, const void *iv8, const void *aad1, size_t a
     case XFRM_MB_AES_GMAC:
         if (data_len != 0) return 0;
         gmac_run(m, c, nonce, aad1, aad1_len, aad2, aad2_len, tag);
-        return 1;
+        break;
     case XFRM_MB_AES_GCM:
         if (aad2_len != 0) return 0;
         gcm_run(m, c, nonce, aad1, aad1_len, data, data_len, tag, enc);
-        return 1;
+        break;
     default:
         if (aad2_len != 0) return 0;
         chacha_run(m, c, nonce, aad1, aad1_len, data, data_len, tag, enc);
-        return 1;
+        break;
     }
+    // The direct API reports a refused parameter only through imb_errno (and then does nothing): never let that
+    // pass for a sealed or opened packet.
+    return imb_get_errno(m) == 0;
 }
 
 int xfrm_mb_aead_seal(xfrm_mb_aead *c, const void *iv8, const void *aad1, size_t aad1_len, const void *aad2,
@@ -336,7 +341,9 @@ static int cbc_job(xfrm_mb_cbc *c, uint8_t *esp, size_t crypt_len, int has_esn, 
     IMB_MGR *m = mgr();
     if (m == NULL || crypt_len % 16 != 0) return 0;
     size_t auth_len = 8 + 16 + crypt_len;
-    if (has_esn) memcpy(esp + auth_len, &esn_hi_be, 4);
+    // Only with an ICV: without one there is no room behind the ciphertext, and nothing authenticates the high half.
+    int esn = has_esn && c->hash_alg != IMB_AUTH_NULL;
+    if (esn) memcpy(esp + auth_len, &esn_hi_be, 4);
     IMB_JOB *job = IMB_GET_NEXT_JOB(m);
     job->cipher_direction = enc ? IMB_DIR_ENCRYPT : IMB_DIR_DECRYPT;
     job->chain_order = enc ? IMB_ORDER_CIPHER_HASH : IMB_ORDER_HASH_CIPHER;
@@ -353,7 +360,7 @@ static int cbc_job(xfrm_mb_cbc *c, uint8_t *esp, size_t crypt_len, int has_esn, 
     job->hash_alg = c->hash_alg;
     if (c->hash_alg != IMB_AUTH_NULL) {
         job->hash_start_src_offset_in_bytes = 0;
-        job->msg_len_to_hash_in_bytes = auth_len + (has_esn ? 4 : 0);
+        job->msg_len_to_hash_in_bytes = auth_len + (esn ? 4 : 0);
         job->auth_tag_output = digest;
         job->auth_tag_output_len_in_bytes = (uint64_t)c->digest_len;
         job->u.HMAC._hashed_auth_key_xor_ipad = c->ipad;

@@ -61,7 +61,8 @@ final class FlowCache<Value>: @unchecked Sendable {
         self.table[self.slot(flow, tag)].withLock { s -> (Entry, Bool)? in
             guard let entry = s.entry else { return nil }
             guard entry.generation == generation else {
-                s.entry = nil  // stale: let the SA (and its keys) go
+                // Stale: let the SA (and its keys) go; but an entry newer than this packet's view stays.
+                if entry.generation < generation { s.entry = nil }
                 return nil
             }
             guard entry.tag == tag, entry.flow == flow else { return nil }
@@ -75,13 +76,17 @@ final class FlowCache<Value>: @unchecked Sendable {
     func dropStale(generation: UInt64) {
         for i in 0..<Self.slots {
             self.table[i].withLock { s in
-                if let entry = s.entry, entry.generation != generation { s.entry = nil }
+                if let entry = s.entry, entry.generation < generation { s.entry = nil }
             }
         }
     }
 
     @inline(__always)
     func store(_ entry: Entry, now: UInt64) {
-        self.table[self.slot(entry.flow, entry.tag)].withLock { $0 = Slot(entry: entry, lastUse: now) }
+        self.table[self.slot(entry.flow, entry.tag)].withLock { s in
+            // A worker that read an older generation does not overwrite a newer entry.
+            if let old = s.entry, old.generation > entry.generation { return }
+            s = Slot(entry: entry, lastUse: now)
+        }
     }
 }

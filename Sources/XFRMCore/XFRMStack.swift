@@ -321,7 +321,9 @@ public final class XFRMStack: @unchecked Sendable {
         for sa in self.states.list().reversed() {
             switch sa.timerCheck(now: now) {
             case .none: continue
-            case .soft: self.events.publish(.expire(sa, hard: false))
+            case .soft:
+                self.events.publish(.expire(sa, hard: false))
+                self.configurationChanged()  // as on the data path: cached bundles resolve again (a dying SA yields)
             case .hard: self.expireHard(sa)
             }
         }
@@ -955,6 +957,8 @@ public final class XFRMStack: @unchecked Sendable {
         // A flow that came through one SA and was allowed before, in this configuration generation, is allowed
         // again without the lookups below (the verdict depends only on the flow, the SA and the configuration).
         let generation = memo.generation
+        // The SA's identity as the tag: safe because an SA leaves the SAD only with a generation bump, so no entry
+        // outlives it into a time when its address could belong to another SA.
         let cacheTag = secpath.count == 1 ? UInt(bitPattern: ObjectIdentifier(secpath[0])) : 0
         if cacheTag != 0, let m = memo.verdict, m.tag == cacheTag, m.flow == flow {
             return m.decision.local ? .deliver : self.forwardPrepare(&packet)

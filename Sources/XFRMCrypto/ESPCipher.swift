@@ -7,7 +7,8 @@ import XFRMPacket
 ///
 ///     esp → | SPI 4 | seq 4 | IV ivLength | payload, padding, pad length, next header: cryptLength | ICV |
 ///
-/// Implementations never allocate and are not thread-safe: one instance per SA, direction and thread.
+/// Implementations never allocate and are not thread-safe: one instance per SA, used by one thread at a time (the
+/// one holding the SA's lock).
 public protocol ESPCipher: AnyObject {
     /// The backend that made this cipher ("openssl", "ipsec-mb"): a backend may hand an algorithm to another.
     var backendName: String { get }

@@ -10,7 +10,8 @@
 //   decrypt) → trailer and padding checks → advance the window → strip ESP → (tunnel) the inner packet, ECN/DSCP
 //   per RFC 6040 / (transport) restore the IP header.
 //
-// Not thread-safe: one caller at a time per SA (the XFRM core holds the SA's lock), one cipher per SA and thread.
+// Not thread-safe: one caller at a time per SA (the XFRM core holds the SA's lock); one cipher per SA, used by
+// whichever thread holds that lock. Every accessor below, the read-only ones included, belongs under it too.
 
 import XFRMCrypto
 import XFRMPacket
@@ -33,7 +34,8 @@ public struct ESPStatistics: Sendable, Equatable {
 public final class ESPTransform: @unchecked Sendable {
     public let config: ESPConfig
     public let cipher: any ESPCipher
-    /// The last outbound sequence number used (64-bit; only the low half goes on the wire).
+    /// The last outbound sequence number used (64-bit; only the low half goes on the wire). Like every accessor of
+    /// the per-packet state, read it under the SA's lock (the core's `SecurityAssociation.withLock`).
     public var outboundSequence: UInt64 { self.state.pointee.outboundSequence }
     /// The inbound anti-replay window.
     public var replay: ReplayWindow { self.state.pointee.replay }

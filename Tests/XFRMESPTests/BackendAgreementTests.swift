@@ -73,4 +73,29 @@ struct BackendAgreementTests {
         iv.withUnsafeMutableBytes { mb.writeIV($0.baseAddress!, sequence: 0) }
         #expect(iv != other)
     }
+
+    @Test("encryption without integrity and ESN: both backends agree and write nothing behind the packet",
+          arguments: CryptoBackends.names)
+    func noIntegrityWithESN(backend: String) throws {
+        let spec = try ESPCryptoSpec.cipher(name: "cbc(aes)", key: PacketFactory.pattern(16), authName: nil,
+                                            authKey: [], truncationBits: nil)
+        let config = ESPConfig(spi: 0x77, mode: .tunnel, crypto: spec, tunnelSource: IPAddress("192.0.2.1"),
+                               tunnelDestination: IPAddress("192.0.2.2"), esn: true, replayWindow: 64,
+                               outboundSequence: 0x1_0000_0000, inboundSequence: 0x1_0000_0000)
+        let tx = try ESPTransform(config, backend: CryptoBackends.named(backend)!)
+        let rx = try ESPTransform(config, backend: CryptoBackends.named(backend)!)
+        let pool = PacketPool(count: 1, slotSize: 512, headroom: 128)
+        var buf = pool.allocate()!
+        defer { pool.release(buf) }
+        let inner = PacketFactory.ipv4(proto: 17, payload: PacketFactory.udp(payload: PacketFactory.pattern(44)))
+        buf.append(contentsOf: inner)
+        #expect(tx.encapsulate(&buf) == nil)
+        // Fill the tailroom with a canary: open must leave it as it is.
+        let tail = buf.data + buf.count
+        for i in 0..<16 { tail.storeByte(0xa5, at: i) }
+        guard case .esp(let info) = ESPClassification.classify(&buf) else { Issue.record("not ESP"); return }
+        #expect(rx.decapsulate(&buf, info: info) == nil)
+        #expect(buf.bytes == inner)
+        for i in 0..<16 { #expect(tail.loadByte(at: i) == 0xa5, "byte \(i) behind the packet changed") }
+    }
 }

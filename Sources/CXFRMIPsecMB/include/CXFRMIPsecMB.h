@@ -60,7 +60,8 @@ void xfrm_mb_cbc_make_iv(xfrm_mb_cbc *ctx, uint64_t counter, void *iv16);
 /// the IV are encrypted in place; the ICV is written after them, over SPI .. end of ciphertext and then, with ESN,
 /// the 4-byte high half `esn_hi_be` (big-endian, authenticated, not sent). Returns 1 on success.
 int xfrm_mb_cbc_seal(xfrm_mb_cbc *ctx, void *esp, size_t crypt_len, int has_esn, uint32_t esn_hi_be);
-/// ESP open: verifies the ICV in constant time first, then decrypts in place. Returns 1 when it verifies.
+/// ESP open: one job hashes and decrypts in place, then the ICV is compared in constant time. Returns 1 when it
+/// verifies; otherwise the payload holds unspecified bytes that must be discarded.
 int xfrm_mb_cbc_open(xfrm_mb_cbc *ctx, void *esp, size_t crypt_len, int has_esn, uint32_t esn_hi_be);
 
 /// The benchmark reference: the library's AES-128-GCM direct API on a buffer, nothing around it.

@@ -287,21 +287,18 @@ public final class StateDatabase: @unchecked Sendable {
     /// ≈ xfrm_state_find over the `state_bydst` chains: the SAs for exactly (destination, source, reqid,
     /// protocol), then those with the wildcard source; per-CPU SAs as in Linux 6.13 (`ResolutionScan`).
     public func resolve(_ q: StateQuery) -> Resolution {
-        let exactKey = StateOutputIndex.Key(destination: q.destination, source: q.source, reqid: q.template.reqid,
+        let exactKey = StateOutputIndex.key(destination: q.destination, source: q.source, reqid: q.template.reqid,
                                             proto: q.template.proto)
         let wildcardSource: IPAddress = q.source.version == 4 ? .v4(0) : .v6(0, 0)
+        let wildcardKey = StateOutputIndex.key(destination: q.destination, source: wildcardSource,
+                                               reqid: q.template.reqid, proto: q.template.proto)
         return self.tables.withLock { t in
             var scan = ResolutionScan(q, perCPUPossible: t.output.perCPU > 0)
-            if let list = t.output.bucket(exactKey) {
-                for sa in list.reversed() {
-                    if scan.look(at: sa, exactSource: true) { return scan.result }
-                }
-            }
+            if t.output.visit(exactKey, { scan.look(at: $0, exactSource: true) }) { return scan.result }
             if !q.source.isUnspecified {
-                let key = StateOutputIndex.Key(destination: q.destination, source: wildcardSource,
-                                               reqid: q.template.reqid, proto: q.template.proto)
-                if let list = t.output.bucket(key) {
-                    for sa in list.reversed() { _ = scan.look(at: sa, exactSource: false) }
+                _ = t.output.visit(wildcardKey) { sa in
+                    _ = scan.look(at: sa, exactSource: false)
+                    return false
                 }
             }
             return scan.result

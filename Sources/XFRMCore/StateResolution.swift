@@ -53,7 +53,10 @@ struct ResolutionScan {
     mutating func look(at sa: SecurityAssociation, exactSource: Bool) -> Bool {
         let q = self.query
         let c = sa.config
-        guard c.mode == self.wantMode, q.template.spi == 0 || c.id.spi == q.template.spi,
+        // The index's chains are found by hash: the key's fields are checked here.
+        guard c.id.destination == q.destination, c.reqid == q.template.reqid, c.id.proto == q.template.proto,
+            exactSource ? c.source == q.source : c.source.isUnspecified,
+            c.mode == self.wantMode, q.template.spi == 0 || c.id.spi == q.template.spi,
             c.direction != .inbound, c.mark.matches(q.policyMark), sa.ifID == q.ifID
         else { return false }
         let v = sa.resolutionView

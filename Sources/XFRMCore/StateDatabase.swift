@@ -56,13 +56,17 @@ public final class StateDatabase: @unchecked Sendable {
             }
         }
     }
-    private let tables = Mutex(Tables())
+    private let tables: Mutex<Tables>
     private let changes = Atomic<UInt64>(0)
     /// How many linked SAs are bound to a CPU, readable without the lock (the output cache keys its entries by CPU
     /// only when there are any).
-    private let perCPUCount = Atomic<Int>(0)
+    private let perCPUCount: StateOutputIndex.PublishedCount
 
-    public init() {}
+    public init() {
+        let t = Tables()
+        self.perCPUCount = t.output.published  // shared by reference with the index inside the lock
+        self.tables = Mutex(t)
+    }
 
     /// Bumped on every change (cached output decisions are only valid within one generation).
     public var generation: UInt64 { self.changes.load(ordering: .acquiring) }
@@ -70,7 +74,7 @@ public final class StateDatabase: @unchecked Sendable {
     @inline(__always) private func changed() { self.changes.wrappingAdd(1, ordering: .releasing) }
 
     /// Whether any SA is bound to a CPU (XFRMA_SA_PCPU): output decisions then depend on the CPU.
-    public var hasPerCPUStates: Bool { self.perCPUCount.load(ordering: .relaxed) > 0 }
+    public var hasPerCPUStates: Bool { self.perCPUCount.value.load(ordering: .relaxed) > 0 }
 
     /// Whether a per-CPU SA serves the tunnel to `destination` with this protocol and reqid (the engine then
     /// spreads the tunnel's flows over its workers).
@@ -83,10 +87,6 @@ public final class StateDatabase: @unchecked Sendable {
 
     public var count: Int { self.tables.withLock { $0.count } }
 
-    private func publishPerCPU() {
-        let n = self.tables.withLock { $0.output.perCPU }
-        self.perCPUCount.store(n, ordering: .relaxed)
-    }
 
     /// Every SA in the kernel's dump order (newest first).
     public func list() -> [SecurityAssociation] { self.tables.withLock { Array($0.live.reversed()) } }
@@ -126,7 +126,6 @@ public final class StateDatabase: @unchecked Sendable {
     public func add(_ sa: SecurityAssociation) throws(StateDatabaseError) -> SecurityAssociation? {
         self.changed()
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
-        defer { self.publishPerCPU() }
         return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation? in
             let m = sa.config.mark
             if let list = t.bySPI[sa.id], list.contains(where: { $0.config.mark.matches(m.value & m.mask) }) {
@@ -174,7 +173,6 @@ public final class StateDatabase: @unchecked Sendable {
     public func update(_ sa: SecurityAssociation) throws(StateDatabaseError) -> SecurityAssociation {
         self.changed()
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
-        defer { self.publishPerCPU() }
         return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
             guard let old = t.bySPI[sa.id]?.first(where: { $0.config.mark == sa.config.mark }) else {
                 throw StateDatabaseError(3, "No such process")
@@ -208,7 +206,6 @@ public final class StateDatabase: @unchecked Sendable {
     public func delete(_ id: SAID, mark: Mark) throws(StateDatabaseError) -> SecurityAssociation {
         self.changed()
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
-        defer { self.publishPerCPU() }
         return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
             guard let sa = t.bySPI[id]?.first(where: { $0.config.mark == mark || $0.config.mark.matches(mark.value) })
             else { throw StateDatabaseError(3, "No such process") }
@@ -222,7 +219,6 @@ public final class StateDatabase: @unchecked Sendable {
     public func remove(_ sa: SecurityAssociation) -> Bool {
         self.changed()
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
-        defer { self.publishPerCPU() }
         return self.tables.withLock { t in
             guard t.position(of: sa) != nil else { return false }
             Self.unlink(&t, sa)
@@ -235,7 +231,6 @@ public final class StateDatabase: @unchecked Sendable {
     public func flush(where matching: (SecurityAssociation) -> Bool) -> [SecurityAssociation] {
         self.changed()
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
-        defer { self.publishPerCPU() }
         return self.tables.withLock { t in
             let gone = t.live.filter(matching)
             for sa in gone { Self.unlink(&t, sa) }
@@ -247,7 +242,6 @@ public final class StateDatabase: @unchecked Sendable {
     func insertLarval(_ sa: SecurityAssociation) {
         self.changed()
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
-        defer { self.publishPerCPU() }
         return self.tables.withLock { t in
             t.generation += 1
             sa.generation = t.generation

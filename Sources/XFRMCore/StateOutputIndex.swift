@@ -1,3 +1,4 @@
+import Synchronization
 import XFRMPacket
 
 /// The SAD's index for output resolution (≈ the kernel's `state_bydst` hash in net/xfrm/xfrm_state.c, keyed by
@@ -33,7 +34,15 @@ struct StateOutputIndex {
     private var chains: [Key: Chain] = [:]
     private var perCPUByTarget: [Target: Int] = [:]
     /// Linked SAs bound to a CPU (XFRMA_SA_PCPU).
-    private(set) var perCPU = 0
+    private(set) var perCPU = 0 {
+        didSet { self.published.value.store(self.perCPU, ordering: .relaxed) }
+    }
+    /// `perCPU`, readable without the SAD's lock (the output path asks it per packet).
+    let published = PublishedCount()
+
+    final class PublishedCount: Sendable {
+        let value = Atomic<Int>(0)
+    }
 
     @inline(__always)
     static func key(destination: IPAddress, source: IPAddress, reqid: UInt32, proto: UInt8) -> Key {

@@ -97,7 +97,7 @@ let package = Package(
         .target(name: "XFRMTestKit", dependencies: ["XFRMPacket", "XFRMCore"]),
         .testTarget(
             name: "XFRMControlTests",
-            dependencies: ["XFRMControl", "XFRMCore", "XFRMWire", "XFRMCommandLine", "XFRMPacket"]),
+            dependencies: ["XFRMControl", "XFRMCore", "XFRMWire", "XFRMCommandLine", "XFRMPacket", "XFRMTestKit"]),
         .testTarget(
             name: "XFRMEngineTests", dependencies: ["XFRMEngine", "XFRMCore", "XFRMCrypto", "XFRMESP", "XFRMPacket", "XFRMTestKit"]),
         .testTarget(name: "XFRMPacketTests", dependencies: ["XFRMPacket", "XFRMTestKit"]),

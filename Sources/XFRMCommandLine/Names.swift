@@ -11,7 +11,6 @@ enum RawAttr {
     static let addressFilter: UInt16 = 26
     static let outputMark: UInt16 = 29  // XFRMA_SET_MARK, printed as output-mark
     static let setMarkMask: UInt16 = 30
-    static let saPCPU: UInt16 = 35
 }
 
 enum IPProto {

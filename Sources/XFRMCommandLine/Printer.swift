@@ -122,6 +122,11 @@ struct AttrTable {
         if case .unknown(_, let p)? = self.byType[t] { return p }
         return nil
     }
+    /// XFRMA_SA_PCPU, decoded or (from an older encoder) raw.
+    var pcpuNum: UInt32? {
+        if case .saPCPU(let v)? = self[.saPCPU] { return v }
+        return self.rawU32(XfrmAttributeType.saPCPU.rawValue)
+    }
     func rawU32(_ t: UInt16) -> UInt32? {
         guard let p = self.raw(t) else { return nil }
         var r = WireReader(p + [0, 0, 0, 0])
@@ -436,7 +441,7 @@ struct Printer {
             }
             put(sl)
         }
-        if let v = tb.rawU32(RawAttr.saPCPU) {
+        if let v = tb.pcpuNum {
             put("\tpcpu-num \(v)")
             put(sl)
         }

@@ -405,7 +405,7 @@ struct StateCommand {
         if outputMark.value != 0 { attrs.append(RawAttributes.u32(RawAttr.outputMark, outputMark.value)) }
         if outputMark.mask != 0 { attrs.append(RawAttributes.u32(RawAttr.setMarkMask, outputMark.mask)) }
         if dir != 0 { attrs.append(.saDir(dir)) }
-        if pcpu != 0xffff_ffff { attrs.append(RawAttributes.u32(RawAttr.saPCPU, pcpu)) }
+        if pcpu != 0xffff_ffff { attrs.append(.saPCPU(pcpu)) }
         if info.family == AddressFamily.unspec { info.family = AddressFamily.inet }
 
         try ctx.talk(XfrmMessage(type, flags: NetlinkFlags.request, body: .saInfo(info), attributes: attrs))
@@ -482,7 +482,7 @@ struct StateCommand {
         var attrs: [XfrmAttribute] = []
         if dir != 0 { attrs.append(.saDir(dir)) }
         if mark.mask & mark.value != 0 { attrs.append(.mark(mark)) }
-        if pcpu != 0xffff_ffff { attrs.append(RawAttributes.u32(RawAttr.saPCPU, pcpu)) }
+        if pcpu != 0xffff_ffff { attrs.append(.saPCPU(pcpu)) }
         if spi.info.family == AddressFamily.unspec { spi.info.family = AddressFamily.inet }
 
         let request = XfrmMessage(.allocSPI, flags: NetlinkFlags.request, body: .spiInfo(spi), attributes: attrs)

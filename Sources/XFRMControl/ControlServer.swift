@@ -113,6 +113,10 @@ public final class XfrmControlServer: XfrmTransport {
         case (.allocSPI, .spiInfo(let spi)):
             var config = try self.baseConfig(spi.info, m.attributes)
             config.crypto = nil
+            // ≈ xfrm_alloc_userspi: the CPU must exist (EINVAL here, unlike NEWSA's ERANGE).
+            if let n = config.pcpuNum, n >= self.stack.possibleCPUs.load(ordering: .relaxed) {
+                throw .invalid("pCPU number too big")
+            }
             let sa: SecurityAssociation
             do throws(StateDatabaseError) {
                 sa = try self.stack.allocateSPI(config, min: spi.min, max: spi.max)
@@ -226,6 +230,7 @@ public final class XfrmControlServer: XfrmTransport {
                 guard let dir = SADirection(rawValue: d) else { throw .invalid("Invalid SA direction \(d)") }
                 config.direction = dir
             case .extraFlags(let f): config.extraFlags = f
+            case .saPCPU(let n): config.pcpuNum = n
             case .tfcPad(let v):
                 config.tfcPad = v
                 tfcPadGiven = true
@@ -345,6 +350,14 @@ public final class XfrmControlServer: XfrmTransport {
                 throw .invalid("Replay oseq and oseq_hi should be 0 for input SA")
             }
             if let r = replay, r.oseq != 0 { throw .invalid("Replay oseq should be 0 for input SA") }
+        }
+        // ≈ verify_newsa_info (Linux 6.13): a per-CPU SA must say its direction; then xfrm_state_construct: the CPU
+        // must exist (ERANGE).
+        if let n = config.pcpuNum {
+            if config.direction == nil { throw .invalid("SA_PCPU only supported with SA_DIR") }
+            if n >= self.stack.possibleCPUs.load(ordering: .relaxed) {
+                throw ControlError(Errno.ERANGE, "pCPU number too big")
+            }
         }
         if let e = encap {
             // ≈ esp_init_state: ESP-in-UDP (RFC 3948) only; the pre-RFC non-IKE marker format is gone from Linux.
@@ -467,6 +480,7 @@ public final class XfrmControlServer: XfrmTransport {
             var attrs: [XfrmAttribute] = []
             if c.mark.value != 0 || c.mark.mask != 0 { attrs.append(.mark(XfrmMark(value: c.mark.value, mask: c.mark.mask))) }
             if sa.ifID != 0 { attrs.append(.ifID(sa.ifID)) }
+            if let n = c.pcpuNum { attrs.append(.saPCPU(n)) }
             if let d = c.direction { attrs.append(.saDir(d.rawValue)) }
             return XfrmMessage(type: XfrmMessageType.expire.rawValue, flags: 0, body: .expire(sa.wireInfo, hard: hard),
                                attributes: attrs)
@@ -480,8 +494,10 @@ public final class XfrmControlServer: XfrmTransport {
             a.ealgos = template.encryptionAlgorithms
             a.calgos = template.compressionAlgorithms
             a.seq = state.config.kmSequence
+            // ≈ build_acquire: the CPU a per-CPU acquire asks for.
+            let cpu: [XfrmAttribute] = state.config.pcpuNum.map { [.saPCPU($0)] } ?? []
             return XfrmMessage(type: XfrmMessageType.acquire.rawValue, flags: 0, body: .acquire(a),
-                               attributes: policy.wireAttributes())
+                               attributes: policy.wireAttributes() + cpu)
         case .policyAdded(let p, let update):
             return self.policyMessage(p, type: update ? .updPolicy : .newPolicy)
         case .policyDeleted(let p):

@@ -38,6 +38,8 @@ final class OutputBundle: Sendable {
 /// no lookup at all while the configuration generation holds).
 struct OutputMemo {
     let flow: Flow
+    /// The cache tag (the CPU, with per-CPU SAs).
+    let tag: UInt
     let generation: UInt64
     let bundle: OutputBundle
 }

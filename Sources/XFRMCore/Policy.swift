@@ -106,6 +106,8 @@ public struct Policy: Hashable, Sendable {
     public var mark: Mark
     public var ifID: UInt32
     public var flags: UInt8
+    /// XFRM_POLICY_CPU_ACQUIRE (Linux 6.13, RFC 9611): resolution asks the key manager for an SA per CPU.
+    public static let cpuAcquireFlag: UInt8 = 4
     public var templates: [Template]
     public var lifetime: LifetimeConfig
     /// Packet offload to a device, if any; such policies are consulted before every software policy.

@@ -89,6 +89,10 @@ public struct SAConfig: Sendable {
     /// Whether the replay state travels in XFRMA_REPLAY_ESN_VAL (the legacy window field is then 0, as the kernel
     /// lists it) rather than XFRMA_REPLAY_VAL; nil: ESN or a window above 32 decide, as iproute2 does.
     public var replayESNFormat: Bool?
+    /// The CPU this SA serves (XFRMA_SA_PCPU, `pcpu-num`; RFC 9611 per-CPU SAs); nil: any CPU (the kernel's
+    /// UINT_MAX). Output resolution on another CPU skips it (≈ xfrm_state_look_at); the stack's "CPU" is the
+    /// engine worker that runs the output path.
+    public var pcpuNum: UInt32?
 
     /// True when the replay state is listed through XFRMA_REPLAY_ESN_VAL.
     public var usesReplayESN: Bool { self.replayESNFormat ?? (self.esn || self.replayWindow > 32) }

@@ -19,6 +19,8 @@ public final class StateDatabase: @unchecked Sendable {
         /// when there is any, instead of scanning every SA on every add.
         var maybeLarval = 0
         var generation: UInt64 = 0
+        /// Output resolution's index (≈ state_bydst).
+        var output = StateOutputIndex()
 
         var count: Int { self.all.count - self.holes }
         var live: [SecurityAssociation] { self.all.compactMap(\.sa) }
@@ -27,6 +29,7 @@ public final class StateDatabase: @unchecked Sendable {
 
         mutating func append(_ sa: SecurityAssociation) {
             self.all.append((sa.generation, sa))
+            self.output.insert(sa)
             if Self.mayBeLarval(sa) { self.maybeLarval += 1 }
         }
 
@@ -44,6 +47,7 @@ public final class StateDatabase: @unchecked Sendable {
         mutating func removeFromAll(_ sa: SecurityAssociation) {
             guard let i = self.position(of: sa) else { return }
             self.all[i].sa = nil
+            self.output.remove(sa)
             self.holes += 1
             if Self.mayBeLarval(sa) { self.maybeLarval -= 1 }
             if self.holes > 64 && self.holes * 2 > self.all.count {
@@ -52,17 +56,37 @@ public final class StateDatabase: @unchecked Sendable {
             }
         }
     }
-    private let tables = Mutex(Tables())
+    private let tables: Mutex<Tables>
     private let changes = Atomic<UInt64>(0)
+    /// How many linked SAs are bound to a CPU, readable without the lock (the output cache keys its entries by CPU
+    /// only when there are any).
+    private let perCPUCount: StateOutputIndex.PublishedCount
 
-    public init() {}
+    public init() {
+        let t = Tables()
+        self.perCPUCount = t.output.published  // shared by reference with the index inside the lock
+        self.tables = Mutex(t)
+    }
 
     /// Bumped on every change (cached output decisions are only valid within one generation).
     public var generation: UInt64 { self.changes.load(ordering: .acquiring) }
 
     @inline(__always) private func changed() { self.changes.wrappingAdd(1, ordering: .releasing) }
 
+    /// Whether any SA is bound to a CPU (XFRMA_SA_PCPU): output decisions then depend on the CPU.
+    public var hasPerCPUStates: Bool { self.perCPUCount.value.load(ordering: .relaxed) > 0 }
+
+    /// Whether a per-CPU SA serves the tunnel to `destination` with this protocol and reqid (the engine then
+    /// spreads the tunnel's flows over its workers).
+    public func hasPerCPUStates(destination: IPAddress, proto: UInt8, reqid: UInt32) -> Bool {
+        guard self.hasPerCPUStates else { return false }
+        return self.tables.withLock {
+            $0.output.hasPerCPU(StateOutputIndex.Target(destination: destination, reqid: reqid, proto: proto))
+        }
+    }
+
     public var count: Int { self.tables.withLock { $0.count } }
+
 
     /// Every SA in the kernel's dump order (newest first).
     public func list() -> [SecurityAssociation] { self.tables.withLock { Array($0.live.reversed()) } }
@@ -125,9 +149,12 @@ public final class StateDatabase: @unchecked Sendable {
             // ≈ xfrm_state_add's __xfrm_find_acq_byseq: the ACQUIRE's sequence number only counts when the
             // protocol and destination agree too.
             if c.kmSequence != 0 && x.config.kmSequence == c.kmSequence && x.id.proto == c.id.proto
-                && x.id.destination == c.id.destination { return true }
+                && x.id.destination == c.id.destination && x.config.pcpuNum == c.pcpuNum { return true }
+            // ≈ __find_acq_core (Linux 6.13): the larval SA of a per-CPU acquire is replaced only by an SA for that
+            // CPU.
             return x.config.reqid == c.reqid && x.config.mode == c.mode && x.id.proto == c.id.proto
                 && x.id.destination == c.id.destination && x.config.source == c.source
+                && x.config.pcpuNum == c.pcpuNum
         }
     }
 
@@ -229,8 +256,11 @@ public final class StateDatabase: @unchecked Sendable {
     }
 
     /// The outcome of output SA resolution for one template.
-    public enum Resolution {
+    public enum Resolution: Sendable {
         case found(SecurityAssociation)
+        /// The policy asks for an SA per CPU (XFRM_POLICY_CPU_ACQUIRE) and none serves this CPU yet: this SA carries
+        /// the packet, and the caller asks the key manager for the CPU's own (≈ xfrm_state_find's "fallback").
+        case fallback(SecurityAssociation)
         /// An acquire is already pending for this template and flow.
         case acquiring
         case none
@@ -240,62 +270,32 @@ public final class StateDatabase: @unchecked Sendable {
     /// Outbound-direction or undirected SAs only. As the kernel compares them: the template's reqid exactly (0
     /// matches only 0), the SA's mark against `policyMark` (the policy's value & mask, not the packet's mark), the
     /// SA's if_id equal to the policy's; an SA whose source is the wildcard address is taken only when no SA has
-    /// the exact source (the kernel's second, wildcard pass).
+    /// the exact source (the kernel's second, wildcard pass). Runs on CPU 0 (see `resolve(_:)`).
     @inline(__always)
     public func resolve(_ template: Template, flow: Flow, source: IPAddress, destination: IPAddress,
                         policyMark: UInt32, ifID: UInt32 = 0, packetOffloadDevice: Int32? = nil) -> Resolution {
-        self.tables.withLock { t in
-            var best: SecurityAssociation? = nil
-            var wildcard: SecurityAssociation? = nil
-            var wildcardBest: SecurityAssociation? = nil
-            var acquiring = false
-            // Newest first, so the first non-dying candidate is the one to take.
-            var i = t.all.count - 1
-            let wantMode: ESPMode = template.mode == 1 ? .tunnel : .transport
-            while i >= 0 {
-                guard let sa = t.all[i].sa else {
-                    i -= 1
-                    continue
-                }
-                i -= 1
-                let exactSource = sa.config.source == source
-                guard sa.config.id.proto == template.proto, sa.config.id.destination == destination,
-                    exactSource || sa.config.source.isUnspecified,
-                    sa.config.reqid == template.reqid,
-                    sa.config.mode == wantMode,
-                    template.spi == 0 || sa.config.id.spi == template.spi,
-                    sa.config.direction != .inbound, sa.config.mark.matches(policyMark), sa.ifID == ifID
-                else { continue }
-                let v = sa.resolutionView
-                // A packet-offload policy resolves only to packet-offload SAs on its device; a software policy
-                // never uses a packet-offload SA (spec §4.2).
-                if let dev = packetOffloadDevice {
-                    guard v.offloadType == .packet, v.offloadIfindex == dev else { continue }
-                } else if v.offloadType == .packet {
-                    continue
-                }
-                switch v.state {
-                case .acquiring:
-                    if sa.config.id.spi == 0 || sa.config.selector.covers(flow) { acquiring = true }
-                    continue
-                case .valid:
-                    guard sa.config.selector.covers(flow) else { continue }
-                    if exactSource {
-                        if !v.dying { return .found(sa) }
-                        if best == nil { best = sa }
-                    } else if !v.dying {
-                        if wildcard == nil { wildcard = sa }
-                    } else if wildcardBest == nil {
-                        wildcardBest = sa
-                    }
-                default:
-                    continue
+        self.resolve(StateQuery(template: template, flow: flow, source: source, destination: destination,
+                                policyMark: policyMark, ifID: ifID, packetOffloadDevice: packetOffloadDevice))
+    }
+
+    /// ≈ xfrm_state_find over the `state_bydst` chains: the SAs for exactly (destination, source, reqid,
+    /// protocol), then those with the wildcard source; per-CPU SAs as in Linux 6.13 (`ResolutionScan`).
+    public func resolve(_ q: StateQuery) -> Resolution {
+        let exactKey = StateOutputIndex.key(destination: q.destination, source: q.source, reqid: q.template.reqid,
+                                            proto: q.template.proto)
+        let wildcardSource: IPAddress = q.source.version == 4 ? .v4(0) : .v6(0, 0)
+        let wildcardKey = StateOutputIndex.key(destination: q.destination, source: wildcardSource,
+                                               reqid: q.template.reqid, proto: q.template.proto)
+        return self.tables.withLock { t in
+            var scan = ResolutionScan(q, perCPUPossible: t.output.perCPU > 0)
+            if t.output.visit(exactKey, { scan.look(at: $0, exactSource: true) }) { return scan.result }
+            if !q.source.isUnspecified {
+                _ = t.output.visit(wildcardKey) { sa in
+                    _ = scan.look(at: sa, exactSource: false)
+                    return false
                 }
             }
-            if let best { return .found(best) }
-            if acquiring { return .acquiring }
-            if let w = wildcard ?? wildcardBest { return .found(w) }
-            return .none
+            return scan.result
         }
     }
 }

@@ -5,9 +5,9 @@ import XFRMPacket
 
 extension XFRMStack {
     /// Runs every pending packet of the batch through the path its stage names and stores the verdict; the buffers
-    /// stay in the batch for the dispatcher.
+    /// stay in the batch for the dispatcher. `cpu`: the worker running the batch (picks among per-CPU SAs).
     /// Consecutive packets of one flow share the work of finding their bundle (the memo of the previous packet).
-    public func process(_ batch: inout PacketBatch) {
+    public func process(_ batch: inout PacketBatch, cpu: UInt32 = 0) {
         var outputMemo: OutputMemo? = nil
         var inputMemo = InputMemo()
         for i in 0..<batch.count {
@@ -16,7 +16,7 @@ extension XFRMStack {
             case .output, .forward:
                 var transformed = false
                 let forwarded = batch[i].stage == .forward
-                let r = self.output(&batch[i].buffer, mark: 0, ifID: 0, forwarded: forwarded,
+                let r = self.output(&batch[i].buffer, mark: 0, ifID: 0, forwarded: forwarded, cpu: cpu,
                                     transformed: &transformed, memo: &outputMemo)
                 batch[i].verdict = .output(r, transformed: transformed)
             case .input:
@@ -36,7 +36,8 @@ extension XFRMStack {
     /// Received ESP: its SPI (what the SAD lookup keys on; ESP in UDP after its 8-byte header, non-ESP marker and
     /// keepalives 0). Outbound: the destination, protocol and reqid of the first template of the OUT policy the
     /// packet matches (the SA `xfrm_state_find` would pick lives there), or the packet's destination when no policy
-    /// matches. Read-only: no counter, no use time, no acquire.
+    /// matches; when per-CPU SAs serve that template, the flow itself (addresses, protocol, ports), so one tunnel
+    /// spreads over the workers. Read-only: no counter, no use time, no acquire.
     public func affinity(of packet: PacketBuffer, stage: PacketBatch.Stage) -> UInt32 {
         let p = packet.data
         let n = packet.count
@@ -66,12 +67,29 @@ extension XFRMStack {
         guard let flow = Flow.parse(p, count: n, mark: 0) else { return 0 }
         var h = Hasher()
         if let policy = self.policies.lookup(.outbound, flow), let t = policy.templates.first {
-            h.combine(t.mode == 1 ? (t.destination ?? flow.destination) : flow.destination)
+            let destination = t.mode == 1 ? (t.destination ?? flow.destination) : flow.destination
+            // RFC 9611: a tunnel with per-CPU SAs has one sequence space per CPU, so its flows may spread over the
+            // workers (each flow stays on one, so its packets keep their order).
+            if self.states.hasPerCPUStates(destination: destination, proto: t.proto, reqid: t.reqid) {
+                return Self.flowHash(flow)
+            }
+            h.combine(destination)
             h.combine(t.proto)
             h.combine(t.reqid)
         } else {
             h.combine(flow.destination)
         }
+        return UInt32(truncatingIfNeeded: h.finalize())
+    }
+
+    /// A flow's 5-tuple hash (which worker a flow of a per-CPU tunnel runs on).
+    static func flowHash(_ flow: Flow) -> UInt32 {
+        var h = Hasher()
+        h.combine(flow.source)
+        h.combine(flow.destination)
+        h.combine(flow.proto)
+        h.combine(flow.sourcePort)
+        h.combine(flow.destinationPort)
         return UInt32(truncatingIfNeeded: h.finalize())
     }
 }

@@ -41,7 +41,7 @@ extension XFRMStack {
 
     /// Remembers a flow's one-SA bundle after its first packet went out through it.
     func cacheBundle(_ sa: SecurityAssociation, device: (any XfrmOffloadDevice, StateOffload)?, flow: Flow, key: Flow,
-                     policy: Policy, generation: UInt64, now: UInt64) {
+                     tag: UInt, policy: Policy, generation: UInt64, now: UInt64) {
         let tunnel = sa.config.mode == .tunnel
         guard let route = self.network.egress(to: tunnel ? sa.id.destination : flow.destination),
             let transform = sa.transform
@@ -51,7 +51,7 @@ extension XFRMStack {
             sa: sa, ifindex: route.ifindex, mtu: route.mtu,
             limit: tunnel ? transform.maximumPayload(forMTU: route.mtu) : nil, device: device)
         self.outputCache.store(
-            OutputCache.Entry(flow: key, generation: generation, value: .bundle(policyIndex: policy.index, bundle)),
+            OutputCache.Entry(flow: key, tag: tag, generation: generation, value: .bundle(policyIndex: policy.index, bundle)),
             now: now)
     }
 }

@@ -14,6 +14,7 @@
 //
 // Every drop increments exactly one /proc/net/xfrm_stat counter (and ESP drops also their DropReason counter).
 
+import Foundation
 import Synchronization
 import XFRMCrypto
 import XFRMESP
@@ -124,6 +125,9 @@ public final class XFRMStack: @unchecked Sendable {
     public let strictOffloadPriority = Atomic<Bool>(false)
     /// The UDP port on which input looks for ESP-in-UDP (RFC 3948; the daemon's `--udp-port`).
     public let nattPort = Atomic<UInt16>(4500)
+    /// How many CPUs per-CPU SAs may name (≈ num_possible_cpus(): `pcpu-num` must be below it). The machine's
+    /// processor count by default; xfrmd raises it to its worker count, since its CPUs are its workers.
+    public let possibleCPUs = Atomic<UInt32>(UInt32(clamping: ProcessInfo.processInfo.processorCount))
 
     public init(clock: any XFRMClock = SystemClock(), backend: any ESPCryptoBackend = CryptoBackends.preferred) {
         self.clock = clock
@@ -372,29 +376,30 @@ public final class XFRMStack: @unchecked Sendable {
     /// Runs a locally generated (or, with `forwarded`, a routed) IP packet through the OUT policy and its SAs, then
     /// routes it. See the pipeline at the top of this file.
     /// `ifID` is the XFRM interface id the traffic was routed into (0: ordinary traffic; only policies with that
-    /// exact if_id apply).
-    public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, ifID: UInt32 = 0, forwarded: Bool = false)
-        -> OutputResult
+    /// exact if_id apply). `cpu` is the CPU the output runs on — the engine worker's index — which picks among
+    /// per-CPU SAs (RFC 9611, `pcpu-num`); callers outside an engine run on CPU 0.
+    public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, ifID: UInt32 = 0, forwarded: Bool = false,
+                       cpu: UInt32 = 0) -> OutputResult
     {
         var transformed = false
-        return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, transformed: &transformed)
+        return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu, transformed: &transformed)
     }
 
     /// `output`, also saying whether an SA transformed the packet: a `.transmit` with `transformed` false is the
     /// packet as it came (no policy, a bypass policy, only optional templates without SAs) — what a daemon whose
     /// outer side carries nothing but ESP must not send.
     public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, ifID: UInt32 = 0, forwarded: Bool = false,
-                       transformed: inout Bool) -> OutputResult
+                       cpu: UInt32 = 0, transformed: inout Bool) -> OutputResult
     {
         var memo: OutputMemo? = nil
-        return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, transformed: &transformed,
+        return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu, transformed: &transformed,
                            memo: &memo)
     }
 
     /// `output` with the bundle of the previous packet of a batch: a packet of the same flow, in the same
     /// configuration generation, goes straight to it (no cache lookup); `memo` is updated for the next packet.
-    func output(_ packet: inout PacketBuffer, mark: UInt32, ifID: UInt32, forwarded: Bool, transformed: inout Bool,
-                memo: inout OutputMemo?) -> OutputResult
+    func output(_ packet: inout PacketBuffer, mark: UInt32, ifID: UInt32, forwarded: Bool, cpu: UInt32,
+                transformed: inout Bool, memo: inout OutputMemo?) -> OutputResult
     {
         transformed = false
         guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark) else {
@@ -404,11 +409,14 @@ public final class XFRMStack: @unchecked Sendable {
         flow.ifID = ifID
         let now = self.clock.now
         let generation = self.currentGeneration
-        if let m = memo, m.generation == generation, m.flow == flow {
+        // With per-CPU SAs a flow's bundle depends on the CPU too (≈ the kernel's per-CPU state cache), so each
+        // CPU keeps its own entry; without them every CPU shares one.
+        let tag: UInt = self.states.hasPerCPUStates ? UInt(cpu) &+ 1 &<< 4 : 0
+        if let m = memo, m.generation == generation, m.tag == tag, m.flow == flow {
             if let r = self.outputCachedBundle(&packet, m.bundle, now: now, transformed: &transformed) { return r }
             memo = nil  // the SA is no longer valid: resolve again below
         }
-        if let (hit, touch) = self.outputCache.lookup(flow, generation: generation, now: now) {
+        if let (hit, touch) = self.outputCache.lookup(flow, tag: tag, generation: generation, now: now) {
             switch hit.value {
             case .plain(let ifindex, let mtu):
                 return self.transmit(&packet, ifindex: ifindex, mtu: mtu, transformed: false)
@@ -418,7 +426,7 @@ public final class XFRMStack: @unchecked Sendable {
                                                 tunnel: tunnel)
             case .bundle(let policyIndex, let bundle):
                 if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
-                memo = OutputMemo(flow: flow, generation: generation, bundle: bundle)
+                memo = OutputMemo(flow: flow, tag: tag, generation: generation, bundle: bundle)
                 if let r = self.outputCachedBundle(&packet, bundle, now: now, transformed: &transformed) { return r }
                 memo = nil
                 // The SA is no longer valid: resolve again below.
@@ -434,8 +442,9 @@ public final class XFRMStack: @unchecked Sendable {
                 return .dropped(.outPolBlock)
             }
             if let po = policy.offload {
-                return self.outputPacketOffload(&packet, flow: flow, cacheKey: cacheKey, policy: policy,
-                                                device: po.ifindex, mark: mark, generation: generation, now: now)
+                return self.outputPacketOffload(&packet, flow: flow, cacheKey: cacheKey, tag: tag, policy: policy,
+                                                device: po.ifindex, mark: mark, cpu: cpu, generation: generation,
+                                                now: now)
             }
             var crypto: (OffloadMetadata, Int32)? = nil
             let single = policy.templates.count == 1
@@ -450,8 +459,24 @@ public final class XFRMStack: @unchecked Sendable {
                     self.statistics.increment(.outPolError)  // no route to the tunnel's peer: no source address
                     return .dropped(.outPolError)
                 }
-                switch self.states.resolve(template, flow: flow, source: source, destination: destination,
-                                           policyMark: policy.mark.value & policy.mark.mask, ifID: policy.ifID) {
+                let query = StateQuery(
+                    template: template, flow: flow, source: source, destination: destination,
+                    policyMark: policy.mark.value & policy.mark.mask, ifID: policy.ifID, cpu: cpu,
+                    cpuAcquire: policy.flags & Policy.cpuAcquireFlag != 0)
+                var resolution = self.states.resolve(query)
+                // ≈ xfrm_state_find's state cache: with XFRM_POLICY_CPU_ACQUIRE only the CPU's own SA is remembered.
+                var stopgap = false
+                if case .found(let sa) = resolution, query.cpuAcquire, sa.config.pcpuNum != cpu { stopgap = true }
+                if case .fallback(let sa) = resolution {
+                    // ≈ xfrm_state_find with XFRM_POLICY_CPU_ACQUIRE: ask for this CPU's SA, meanwhile use `sa`
+                    // (not cached: the CPU's own SA is to take over).
+                    self.acquire(template, flow: flow, policy: policy, source: source, destination: destination,
+                                 pcpu: cpu)
+                    resolution = .found(sa)
+                    stopgap = true
+                }
+                switch resolution {
+                case .fallback: fatalError("resolved above")
                 case .found(let sa):
                     daddr = destination
                     saddr = source
@@ -474,12 +499,12 @@ public final class XFRMStack: @unchecked Sendable {
                         meta.esnHigh = layout.esnHigh
                         meta.handle = o.handle
                         crypto = (meta, o.ifindex)
-                        cacheable = (sa, (dev, o))
+                        if !stopgap { cacheable = (sa, (dev, o)) }
                         continue
                     }
                     // A software SA's bundle is cached; a crypto-offload SA that went to software for this packet
                     // is not (the device may take the next one).
-                    if single && sa.offload == nil { cacheable = (sa, nil) }
+                    if single && sa.offload == nil && !stopgap { cacheable = (sa, nil) }
                     var unused = ESPLayout()
                     if case .done(let r) = self.apply(sa, to: &packet, now: now, deviceLayout: &unused, seal: true) {
                         return r
@@ -502,7 +527,8 @@ public final class XFRMStack: @unchecked Sendable {
                 guard case .transmit(let out) = r else { return r }
                 if out == ifindex {
                     if let c = cacheable { self.cacheBundle(c.sa, device: c.device, flow: flow, key: cacheKey,
-                                                            policy: policy, generation: generation, now: now) }
+                                                            tag: tag, policy: policy, generation: generation,
+                                                            now: now) }
                     return .offload(ifindex: ifindex, metadata: meta)
                 }
                 self.statistics.increment(.outError)
@@ -511,8 +537,8 @@ public final class XFRMStack: @unchecked Sendable {
             transformed = applied > 0
             let r = self.transmit(&packet, transformed: applied > 0)
             if case .transmit = r, applied == 1, let c = cacheable {
-                self.cacheBundle(c.sa, device: nil, flow: flow, key: cacheKey, policy: policy, generation: generation,
-                                 now: now)
+                self.cacheBundle(c.sa, device: nil, flow: flow, key: cacheKey, tag: tag, policy: policy,
+                                 generation: generation, now: now)
             }
             return r
         } else if self.defaultAction(.outbound) == .block && !self.network.isLocal(flow.destination) {
@@ -521,7 +547,7 @@ public final class XFRMStack: @unchecked Sendable {
         }
         guard let route else { return .dropped(nil) }
         self.outputCache.store(
-            OutputCache.Entry(flow: cacheKey, generation: generation,
+            OutputCache.Entry(flow: cacheKey, tag: tag, generation: generation,
                               value: .plain(ifindex: route.ifindex, mtu: route.mtu)),
             now: now)
         return self.transmit(&packet, ifindex: route.ifindex, mtu: route.mtu, transformed: false)
@@ -530,8 +556,9 @@ public final class XFRMStack: @unchecked Sendable {
     /// Packet offload TX (≈ xfrm_output_one's PACKET branch + xfrm_dev_offload_ok): no ESP work, no sequence
     /// number, no SA accounting on the host — checks only, then the plaintext goes to the device. Whatever the
     /// device cannot take is dropped as XfrmOutError, never sent in software and never in clear.
-    private func outputPacketOffload(_ packet: inout PacketBuffer, flow: Flow, cacheKey: Flow, policy: Policy,
-                                     device: Int32, mark: UInt32, generation: UInt64, now: UInt64) -> OutputResult {
+    private func outputPacketOffload(_ packet: inout PacketBuffer, flow: Flow, cacheKey: Flow, tag: UInt,
+                                     policy: Policy, device: Int32, mark: UInt32, cpu: UInt32, generation: UInt64,
+                                     now: UInt64) -> OutputResult {
         guard let template = policy.templates.first else {
             // An offloaded allow policy without templates: plaintext through the device.
             return self.transmit(&packet)
@@ -542,10 +569,20 @@ public final class XFRMStack: @unchecked Sendable {
             return .dropped(.outPolError)
         }
         let sa: SecurityAssociation
-        switch self.states.resolve(template, flow: flow, source: source, destination: destination,
-                                   policyMark: policy.mark.value & policy.mark.mask, ifID: policy.ifID,
-                                   packetOffloadDevice: device) {
-        case .found(let s): sa = s
+        var cacheable = true
+        let query = StateQuery(template: template, flow: flow, source: source, destination: destination,
+                               policyMark: policy.mark.value & policy.mark.mask, ifID: policy.ifID,
+                               packetOffloadDevice: device, cpu: cpu,
+                               cpuAcquire: policy.flags & Policy.cpuAcquireFlag != 0)
+        switch self.states.resolve(query) {
+        case .found(let s):
+            sa = s
+            cacheable = !query.cpuAcquire || s.config.pcpuNum == cpu
+        case .fallback(let s):
+            self.acquire(template, flow: flow, policy: policy, source: source, destination: destination,
+                         offload: StateOffload(ifindex: device, direction: .outbound, type: .packet), pcpu: cpu)
+            sa = s
+            cacheable = false
         case .acquiring:
             self.statistics.increment(.outNoStates)
             return .dropped(.outNoStates)
@@ -568,11 +605,13 @@ public final class XFRMStack: @unchecked Sendable {
         }
         let limit = transform.maximumPayload(forMTU: iface.mtu)
         let tunnel = sa.config.mode == .tunnel
-        self.outputCache.store(
-            OutputCache.Entry(flow: cacheKey, generation: generation,
-                              value: .packetOffload(policyIndex: policy.index, sa: sa, device: dev, offload: o,
-                                                    limit: limit, tunnel: tunnel)),
-            now: now)
+        if cacheable {
+            self.outputCache.store(
+                OutputCache.Entry(flow: cacheKey, tag: tag, generation: generation,
+                                  value: .packetOffload(policyIndex: policy.index, sa: sa, device: dev, offload: o,
+                                                        limit: limit, tunnel: tunnel)),
+                now: now)
+        }
         return self.packetOffloadChecks(&packet, sa: sa, device: dev, offload: o, limit: limit, tunnel: tunnel)
     }
 
@@ -768,9 +807,11 @@ public final class XFRMStack: @unchecked Sendable {
     /// ≈ xfrm_state_find's acquire branch: a larval SA (expires in 30 s) and an ACQUIRE to the key manager. As in
     /// xfrm_init_tempstate: the selector is the flow with full prefixes, port masks 0xffff and the output
     /// interface; the SA is `dir out` and takes the policy's mark and if_id. When no key manager listens for
-    /// ACQUIRE (km_query fails), no larval SA is left behind.
+    /// ACQUIRE (km_query fails), no larval SA is left behind. `pcpu`: the CPU a per-CPU acquire asks for (only with
+    /// XFRM_POLICY_CPU_ACQUIRE while another SA carries the flow, as xfrm_state_find sets it); the larval SA and
+    /// the ACQUIRE carry it (XFRMA_SA_PCPU).
     private func acquire(_ template: Template, flow: Flow, policy: Policy, source: IPAddress, destination: IPAddress,
-                         offload: StateOffload? = nil) {
+                         offload: StateOffload? = nil, pcpu: UInt32? = nil) {
         let seq = self.acquireSequence.wrappingAdd(1, ordering: .relaxed).newValue
         var lifetime = LifetimeConfig()
         lifetime.hardAddExpiresSeconds = Self.acquireExpirySeconds
@@ -780,10 +821,11 @@ public final class XFRMStack: @unchecked Sendable {
             destination: IPPrefix(flow.destination, length: full), proto: flow.proto,
             sourcePort: flow.sourcePort, sourcePortMask: 0xffff,
             destinationPort: flow.destinationPort, destinationPortMask: 0xffff, ifindex: flow.ifindex)
-        let config = SAConfig(
+        var config = SAConfig(
             id: SAID(destination: destination, spi: 0, proto: template.proto), source: source, selector: selector,
             reqid: template.reqid, mode: template.mode == 1 ? .tunnel : .transport, mark: policy.mark,
             ifID: policy.ifID, direction: .outbound, lifetime: lifetime, crypto: nil, kmSequence: seq)
+        config.pcpuNum = pcpu
         let larval = try! SecurityAssociation(config, addTime: self.clock.now)
         // A packet-offload policy's larval SA is offered to its device first (≈ xdo_dev_state_add with
         // XFRM_DEV_OFFLOAD_FLAG_ACQ); a device that refuses it leaves no larval SA and sends no ACQUIRE.

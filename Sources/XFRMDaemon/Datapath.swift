@@ -6,7 +6,11 @@
 //           packet → output path → one sendmmsg(2) per socket per batch) and the wire intake (recvmmsg(2) → input
 //           path → write(2) into the TUN). An SA is either outbound or inbound, so each SA stays on one thread.
 //   N > 2   the two intakes only read [sequential each] and hand batches to N workers by affinity (the SPI on input,
-//           the OUT policy's first template on output) [parallel across SAs, sequential per SA].
+//           the OUT policy's first template on output) [parallel across SAs, sequential per SA]. A tunnel whose
+//           template has per-CPU SAs (RFC 9611, `pcpu-num`) is spread by flow instead; worker i is CPU i and uses
+//           the SA with pcpu-num i, or the tunnel's SA without one.
+//
+// Per-CPU SAs with N ≤ 2: all output runs on the TUN intake, which is CPU 0 (pcpu-num 0, else the unbound SA).
 //
 // Either way, the daemon's dispatcher rules apply: only what ESP produced goes to the wire sink or the NIC's TX
 // queue; only what came out of ESP goes to the TUN sink; anything else is dropped and counted (`tun_no_policy`,
@@ -128,6 +132,9 @@ public final class Datapath: @unchecked Sendable {
         self.stack = stack
         self.logger = logger
         self.workerCount = max(1, workers)
+        // The daemon's CPUs are its workers: `pcpu-num` may name any of them (≈ num_possible_cpus()).
+        let cpus = stack.possibleCPUs.load(ordering: .relaxed)
+        stack.possibleCPUs.store(max(cpus, UInt32(self.workerCount)), ordering: .relaxed)
         var name = [CChar](repeating: 0, count: 17)
         var offloaded = tunOffload
         var fd = tunOffload ? xfrm_tun_open_offload(tunName, &name) : xfrm_tun_open(tunName, &name)

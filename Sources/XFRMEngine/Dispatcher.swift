@@ -38,6 +38,9 @@ public final class Dispatcher {
     /// Per sink, the packets going to it from this batch (a handful of sinks: a linear search by identity).
     private var pending: [(sink: any PacketSink, batch: PacketBatch)] = []
     private var again = PacketBatch(capacity: Dispatcher.maximumBatch)
+    /// The CPU this dispatcher's thread stands for (its worker index; 0 for an intake thread running its batches to
+    /// completion): the output path picks per-CPU SAs by it (RFC 9611).
+    public var cpu: UInt32 = 0
     private var spare = PacketBatch(capacity: Dispatcher.maximumBatch)
 
     /// - Parameters:
@@ -80,7 +83,7 @@ public final class Dispatcher {
     public static let maximumBatch = 2 * EngineConstants.batchSize
 
     private func runOnce(_ batch: inout PacketBatch) {
-        self.stack.process(&batch)
+        self.stack.process(&batch, cpu: self.cpu)
         let table = self.interfaces.snapshot
         for i in 0..<batch.count { self.route(batch[i], table) }
         batch.removeAll()

@@ -34,7 +34,12 @@ public final class WorkerPool: @unchecked Sendable {
         self.counters = counters
         self.idle = idle
         self.rings = (0..<workers).map { _ in BoundedRing(capacity: ringCapacity) }
-        self.dispatchers = (0..<workers).map(makeDispatcher)
+        // Worker i is CPU i for per-CPU SAs (RFC 9611): its dispatcher passes i to the output path.
+        self.dispatchers = (0..<workers).map { i in
+            let d = makeDispatcher(i)
+            d.cpu = UInt32(i)
+            return d
+        }
     }
 
     /// Packets waiting in each worker's ring (queue-depth gauges).

@@ -102,6 +102,8 @@ public enum XfrmPolicyAction {
 public enum XfrmPolicyFlag {
     public static let localOK: UInt8 = 1
     public static let icmp: UInt8 = 2
+    /// XFRM_POLICY_CPU_ACQUIRE (Linux 6.13): ask the key manager for an SA per CPU (RFC 9611).
+    public static let cpuAcquire: UInt8 = 4
 }
 public enum XfrmPolicyDefault {
     public static let unset: UInt8 = 0

@@ -82,6 +82,8 @@ public enum XfrmAttribute: Equatable, Sendable {
     case offloadDevice(XfrmUserOffload)
     case ifID(UInt32)
     case saDir(UInt8)
+    /// XFRMA_SA_PCPU (u32): the CPU a per-CPU SA serves (RFC 9611), or on an ACQUIRE the CPU that asks for one.
+    case saPCPU(UInt32)
     case proto(UInt8)
     case unknown(type: UInt16, payload: [UInt8])
 
@@ -107,6 +109,7 @@ public enum XfrmAttribute: Equatable, Sendable {
         case .offloadDevice: XfrmAttributeType.offloadDev.rawValue
         case .ifID: XfrmAttributeType.ifID.rawValue
         case .saDir: XfrmAttributeType.saDir.rawValue
+        case .saPCPU: XfrmAttributeType.saPCPU.rawValue
         case .proto: XfrmAttributeType.proto.rawValue
         case .unknown(let t, _): t
         }
@@ -131,7 +134,7 @@ public enum XfrmAttribute: Equatable, Sendable {
         case .mark(let m):
             w.u32(m.value)
             w.u32(m.mask)
-        case .tfcPad(let v), .extraFlags(let v), .ifID(let v): w.u32(v)
+        case .tfcPad(let v), .extraFlags(let v), .ifID(let v), .saPCPU(let v): w.u32(v)
         case .offloadDevice(let o):
             w.i32(o.ifindex)
             w.u8(o.flags)
@@ -169,6 +172,7 @@ public enum XfrmAttribute: Equatable, Sendable {
         case .offloadDev: return .offloadDevice(XfrmUserOffload(ifindex: try r.i32(), flags: try r.u8()))
         case .ifID: return .ifID(try r.u32())
         case .saDir: return .saDir(try r.u8())
+        case .saPCPU: return .saPCPU(try r.u32())
         case .proto: return .proto(try r.u8())
         default: return .unknown(type: type, payload: p)
         }

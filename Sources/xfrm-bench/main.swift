@@ -11,6 +11,8 @@
 //   swift run -c release xfrm-bench scale [--sas N[,N...]] [--policies N[,N...]]
 //                                          resident memory per SA and per policy, add/delete rates (rows pair the
 //                                          lists; default 1k/10k/100k/100k SAs with 1k/10k/100k/1M policies)
+//   swift run -c release xfrm-bench sad [--seconds S] [--rounds N] [--sas N[,N...]]
+//                                          output SA resolution (a flow's first packet) among 1k/10k/100k SAs
 //   swift run -c release xfrm-bench engine [--check]   the daemon's per-packet path (both dispatchers) vs bare ESP,
 //                                          with allocations per packet (--check: exit 1 if any)
 //   swift run -c release xfrm-bench modes [--packets N] [--rounds N] [--svg PATH]
@@ -105,11 +107,13 @@ case "scale":
         exit(2)
     }
     scaleBenchmark(saCounts: saCounts, policyCounts: policyCounts)
+case "sad": sadBenchmark(seconds: seconds, rounds: rounds,
+                         sizes: saCounts == [1_000, 10_000, 100_000, 100_000] ? [1_000, 10_000, 100_000] : saCounts)
 case "modes": modesBenchmark(arguments: Array(CommandLine.arguments.dropFirst()))
 default:
     FileHandle.standardError.write(("usage: xfrm-bench esp [--backend B|all] [--threads N[,N...]] [--sizes N[,N...]] | "
         + "stack [--check] [--sizes N[,N...]] | engine [--check] | spd [--policies N[,N...]] | "
-        + "scale [--sas N[,N...]] [--policies N[,N...]] (all: [--seconds S] [--rounds N]) | "
+        + "scale [--sas N[,N...]] [--policies N[,N...]] | sad [--sas N[,N...]] (all: [--seconds S] [--rounds N]) | "
         + "modes [--packets N] [--rounds N] [--svg PATH]\n").data(using: .utf8)!)
     exit(2)
 }

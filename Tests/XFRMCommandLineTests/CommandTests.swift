@@ -69,7 +69,7 @@ struct CommandTests {
             .unknown(type: 29, payload: [0x20, 0, 0, 0]),
             .unknown(type: 30, payload: [0xf0, 0, 0, 0]),
             .saDir(XfrmSADir.outbound),
-            .unknown(type: 35, payload: [1, 0, 0, 0]),
+            .saPCPU(1),
         ])
         #expect(t.requests == [expected])
     }

@@ -86,6 +86,18 @@ def test_a_state_add_fails_with_the_kernels_own_message_exactly_as_ip_shows_it(n
     assert xfrm_k(netns, "state", "list").stdout == in_ns(netns, "ip", "xfrm", "state", "list").stdout == ""
 
 
+def test_a_per_cpu_state_without_dir_is_refused_as_the_kernel_refuses_it(netns):
+    """XFRMA_SA_PCPU (`pcpu-num`, Linux 6.13) without XFRMA_SA_DIR: verify_newsa_info refuses it before anything
+    else, so even this ESP-less kernel answers with that message. The in-process stack answers the same."""
+    line = ("state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 reqid 1 mode tunnel "
+            "aead rfc4106(gcm(aes)) 0x0102030405060708090a0b0c0d0e0f1011121314 128 pcpu-num 1").split()
+    kernel = xfrm_k(netns, *line)
+    offline = subprocess.run([os.environ["XFRM_TOOL"], "--offline", *line], capture_output=True, text=True,
+                             timeout=60)
+    assert kernel.stderr == "Error: SA_PCPU only supported with SA_DIR.\n", kernel.stderr
+    assert (offline.returncode, offline.stdout, offline.stderr) == (kernel.returncode, kernel.stdout, kernel.stderr)
+
+
 def test_default_policies_set_and_read_through_the_kernel(netns):
     assert xfrm_k(netns, "policy", "setdefault", "in", "block", "fwd", "accept", "out", "accept").returncode == 0
     assert xfrm_k(netns, "policy", "getdefault").stdout == in_ns(netns, "ip", "xfrm", "policy", "getdefault").stdout

@@ -3,6 +3,7 @@
 # each system in the same run, so the figures are ratios on one machine at one moment:
 #   veth    the bare veth, no tunnel (the ceiling)
 #   xfrmd         two swift-xfrm daemons, tunnel mode, AES-GCM-128, raw ESP, TUN xfrm0 (MTU 1400)
+#   xfrmd-natt    the same SAs as ESP in UDP 4500 (UDP GSO sends and UDP_GRO receives on the outer side)
 #   wireguard-go  Debian's wireguard-go (userspace WireGuard, ChaCha20-Poly1305), MTU 1400
 #   strongswan-libipsec  two charons (IKEv2, PSK) with kernel-libipsec: userspace ESP over TUN, AES-GCM-128,
 #                 ESP in UDP 4500 (recipe: ../shared/interop/README.md §4, with esp logging at 1)
@@ -10,8 +11,10 @@
 #
 #   scripts/bench-tunnel.sh [SECONDS]        (as root; builds xfrm and xfrmd in release mode first)
 #   XFRMD_ARGS="--workers 1" scripts/bench-tunnel.sh   (extra xfrmd options, e.g. to compare worker counts)
+#   scripts/bench-tunnel.sh --modes [SECONDS]   (IPsec modes between two daemons: see scripts/bench-modes.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+[ "${1:-}" = --modes ] && { shift; exec scripts/bench-modes.sh "$@"; }
 SECS=${1:-5}
 for t in iperf3 wireguard-go wg swanctl /usr/lib/ipsec/charon; do
   command -v $t >/dev/null || { echo "bench-tunnel: $t is missing (apt-get install iperf3 wireguard-go" \
@@ -91,6 +94,19 @@ after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
 # The tunnel must have carried the bytes (a figure near the bare veth would mean it was bypassed).
 carried=$(( (after - before) / 1000000 ))
 [ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the xfrmd runs" >&2; exit 1; }
+# The same SAs in UDP 4500 (NAT-T): the policies stay, the states are replaced.
+for s in "$WORK/a.sock" "$WORK/b.sock"; do
+  "$BIN/xfrm" -S "$s" state flush
+  "$BIN/xfrm" -S "$s" state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x1001 reqid 1 mode tunnel \
+    aead 'rfc4106(gcm(aes))' $K1 128 replay-window 1024 encap espinudp 4500 4500 0.0.0.0
+  "$BIN/xfrm" -S "$s" state add src 192.0.2.2 dst 192.0.2.1 proto esp spi 0x2002 reqid 2 mode tunnel \
+    aead 'rfc4106(gcm(aes))' $K2 128 replay-window 1024 encap espinudp 4500 4500 0.0.0.0
+done
+before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+for streams in 1 4; do ROWS+=("xfrmd-natt $streams $(measure 10.0.1.1 10.0.2.1 $streams)"); done
+after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+carried=$(( (after - before) / 1000000 ))
+[ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the xfrmd-natt runs" >&2; exit 1; }
 
 # wireguard-go: two instances need different interface names (their UAPI sockets share /var/run/wireguard).
 pkill -f "xfrmd --socket $WORK" 2>/dev/null || true

@@ -36,51 +36,6 @@ import XFRMEngine
 import XFRMPacket
 import XFRMSimulatedNIC
 
-/// Counters of what the data path did with packets outside the stack's own xfrm_stat counters.
-public final class DatapathCounters: Sendable {
-    public let tunRead = Atomic<UInt64>(0)
-    /// TCP superpackets read from the TUN and cut into segments (TSO), and coalesced runs written into it (GRO).
-    public let tunSuperpackets = Atomic<UInt64>(0)
-    public let tunCoalesced = Atomic<UInt64>(0)
-    /// IKE datagrams relayed to the key manager (`--ike-port`), its replies sent out, and relay failures.
-    public let ikeRelayed = Atomic<UInt64>(0)
-    public let ikeReplies = Atomic<UInt64>(0)
-    public let ikeRelayErrors = Atomic<UInt64>(0)
-    /// Read from the TUN but unusable (a virtio header that does not fit the packet, a superpacket that is not TCP).
-    public let tunBad = Atomic<UInt64>(0)
-    public let tunWritten = Atomic<UInt64>(0)
-    public let wireSent = Atomic<UInt64>(0)
-    public let wireReceived = Atomic<UInt64>(0)
-    public let sendErrors = Atomic<UInt64>(0)
-    public let noBuffer = Atomic<UInt64>(0)
-    /// Arrived on an outer socket without being framable (no destination address): never given to the stack.
-    public let notESP = Atomic<UInt64>(0)
-    /// Outer datagrams larger than the receive buffer (truncated by the kernel): dropped.
-    public let truncated = Atomic<UInt64>(0)
-    /// The engine's counters (unprotected output, undecapsulated input, IKE, full rings).
-    public let engine = EngineCounters()
-    init() {}
-
-    /// Every counter by its metric label.
-    public var snapshot: [String: UInt64] {
-        ["tun_read": self.tunRead.load(ordering: .relaxed), "tun_written": self.tunWritten.load(ordering: .relaxed),
-         "tun_no_policy": self.engine.unprotected.load(ordering: .relaxed),
-         "wire_sent": self.wireSent.load(ordering: .relaxed),
-         "wire_received": self.wireReceived.load(ordering: .relaxed),
-         "ike_dropped": self.engine.ike.load(ordering: .relaxed),
-         "send_errors": self.sendErrors.load(ordering: .relaxed),
-         "no_buffer": self.noBuffer.load(ordering: .relaxed),
-         "not_esp": self.notESP.load(ordering: .relaxed) + self.engine.notDecapsulated.load(ordering: .relaxed),
-         "truncated": self.truncated.load(ordering: .relaxed), "tun_bad": self.tunBad.load(ordering: .relaxed),
-         "tun_superpackets": self.tunSuperpackets.load(ordering: .relaxed),
-         "tun_coalesced": self.tunCoalesced.load(ordering: .relaxed),
-         "ike_relayed": self.ikeRelayed.load(ordering: .relaxed),
-         "ike_replies": self.ikeReplies.load(ordering: .relaxed),
-         "ike_relay_errors": self.ikeRelayErrors.load(ordering: .relaxed),
-         "ring_full": self.engine.ringFull.load(ordering: .relaxed)]
-    }
-}
-
 /// The offload a daemon's outer interface offers (`xfrmd --offload`): a simulated NIC between the stack and the
 /// sockets, with the modes it takes.
 public enum DaemonOffload: String, Sendable, CaseIterable {
@@ -100,6 +55,8 @@ public final class Datapath: @unchecked Sendable {
     public let workerCount: Int
     /// The TUN device was opened with IFF_VNET_HDR and TSO/CSUM offloads.
     public private(set) var tunOffload: Bool
+    /// The TUN also took USO4/USO6 (UDP superpackets both ways; kernel 6.2 and later).
+    public private(set) var tunUSO: Bool = false
     private let stack: XFRMStack
     private let logger: Logger
     private let pool = PacketPool(count: 4096, slotSize: 4096, headroom: 256)
@@ -137,13 +94,15 @@ public final class Datapath: @unchecked Sendable {
         stack.possibleCPUs.store(max(cpus, UInt32(self.workerCount)), ordering: .relaxed)
         var name = [CChar](repeating: 0, count: 17)
         var offloaded = tunOffload
-        var fd = tunOffload ? xfrm_tun_open_offload(tunName, &name) : xfrm_tun_open(tunName, &name)
+        var uso: Int32 = 0
+        var fd = tunOffload ? xfrm_tun_open_offload(tunName, &name, &uso) : xfrm_tun_open(tunName, &name)
         if fd == -EINVAL && tunOffload {
             logger.warning("the kernel refuses TUN offloads (IFF_VNET_HDR, TSO); one packet per read and write")
             offloaded = false
             fd = xfrm_tun_open(tunName, &name)
         }
         self.tunOffload = offloaded
+        self.tunUSO = offloaded && uso != 0
         guard fd >= 0 else { throw SocketError("cannot open TUN device \(tunName) (/dev/net/tun)", errno: -fd) }
         self.tunFD = fd
         self.tunName = String(cString: name)
@@ -214,7 +173,8 @@ public final class Datapath: @unchecked Sendable {
             sinks.set(WireSink(sockets: self.sockets, pool: self.pool, counters: self.counters, engine: engine),
                       ifindex: self.wanIfindex)
         }
-        let tunSink = TUNSink(fd: self.tunFD, pool: self.pool, counters: self.counters, offload: self.tunOffload)
+        let tunSink = TUNSink(fd: self.tunFD, pool: self.pool, counters: self.counters, offload: self.tunOffload,
+                              uso: self.tunUSO)
         return Dispatcher(stack: self.stack, pool: self.pool, rules: .daemon, counters: engine, interfaces: sinks,
                           local: tunSink, ike: self.ikeRelay.map { IKESink($0, pool: self.pool) })
     }
@@ -302,13 +262,18 @@ public final class Datapath: @unchecked Sendable {
                             offload: self.tunOffload)
             fds.append(pollfd(fd: self.tunFD, events: Int16(POLLIN), revents: 0))
         }
-        var outer: [OuterSource] = []
+        var outer: [any OuterReader] = []
         if role != .tun {
-            for (fd, framing) in [(self.sockets.udp4, Framing.udp4), (self.sockets.raw4, .raw4),
-                                  (self.sockets.udp6, .udp6), (self.sockets.raw6, .raw6)] where fd >= 0 {
-                outer.append(OuterSource(fd: fd, framing: framing, udpPort: self.sockets.udpPort,
-                                         ifindex: self.wanIfindex, pool: self.pool, counters: self.counters,
-                                         engine: engine))
+            let s = self.sockets
+            for (fd, framing, gro) in [(s.udp4, Framing.udp4, s.udp4GRO), (s.raw4, .raw4, false),
+                                       (s.udp6, .udp6, s.udp6GRO), (s.raw6, .raw6, false)] where fd >= 0 {
+                if gro {
+                    outer.append(OuterGROSource(fd: fd, framing: framing, udpPort: s.udpPort, ifindex: self.wanIfindex,
+                                                pool: self.pool, counters: self.counters, engine: engine))
+                } else {
+                    outer.append(OuterSource(fd: fd, framing: framing, udpPort: s.udpPort, ifindex: self.wanIfindex,
+                                             pool: self.pool, counters: self.counters, engine: engine))
+                }
                 fds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0))
             }
         }
@@ -319,7 +284,7 @@ public final class Datapath: @unchecked Sendable {
         while !self.stopping.load(ordering: .relaxed) && !self.failed.load(ordering: .relaxed) {
             for i in fds.indices { fds[i].revents = 0 }
             // A superpacket half cut (its batch was full, or the pool ran dry) goes on without waiting for the TUN.
-            let pending = tun?.hasPending ?? false
+            let pending = (tun?.hasPending ?? false) || outer.contains { $0.hasPending }
             let n = poll(&fds, nfds_t(fds.count), pending ? 0 : 200)
             if n > 0 || pending {
                 if let tun {
@@ -339,16 +304,17 @@ public final class Datapath: @unchecked Sendable {
                     }
                 }
                 if let relay, fds[fds.count - 1].revents & Int16(POLLIN) != 0 { relay.drainReplies() }
-                for (i, source) in outer.enumerated() where fds[first + i].revents & Int16(POLLIN) != 0 {
+                for (i, source) in outer.enumerated()
+                where fds[first + i].revents & Int16(POLLIN) != 0 || source.hasPending {
                     for _ in 0..<4 {
-                        let got = source.read(into: &batch)
+                        _ = source.read(into: &batch)
                         if let nic = self.nic {
                             for j in 0..<batch.count { nic.receiveFromWire(batch[j].buffer) }
                             batch.removeAll()
                         } else {
                             deliver(&batch)
                         }
-                        if got < EngineConstants.batchSize { break }
+                        if !source.mayHaveMore { break }
                     }
                 }
             }

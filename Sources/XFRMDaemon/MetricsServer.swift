@@ -80,7 +80,9 @@ public final class MetricsServer: @unchecked Sendable {
         }
         for name in ["tun_read", "tun_written", "tun_no_policy", "wire_sent", "wire_received", "ike_dropped",
                      "send_errors", "no_buffer", "not_esp", "truncated", "ring_full", "tun_bad",
-                     "tun_superpackets", "tun_coalesced", "ike_relayed", "ike_replies", "ike_relay_errors"] {
+                     "tun_superpackets", "tun_coalesced", "ike_relayed", "ike_replies", "ike_relay_errors",
+                     "tun_udp_superpackets", "tun_udp_coalesced", "udp_gso_sends", "udp_gso_segments",
+                     "udp_gso_fallbacks", "udp_gro_receives", "udp_gro_segments"] {
             let counter = self.registry.makeCounter(
                 name: "xfrmd_datapath_packets_total", labels: [("event", name)],
                 help: "Packets the data path read, wrote or dropped, by what happened to them")

@@ -16,11 +16,14 @@ struct OuterSockets {
     var raw6: Int32 = -1
     var udp6: Int32 = -1
     let udpPort: UInt16
+    /// UDP_GRO is on (the kernel may coalesce ESP-in-UDP datagrams; OuterGROSource cuts them again).
+    var udp4GRO = false
+    var udp6GRO = false
 
     var all: [Int32] { [self.raw4, self.udp4, self.raw6, self.udp6].filter { $0 >= 0 } }
 
     /// Opens and binds them. IPv6 is best effort (a host without IPv6 keeps working on IPv4).
-    init(udpPort: UInt16, rawESP: Bool, mark: UInt32) throws(SocketError) {
+    init(udpPort: UInt16, rawESP: Bool, mark: UInt32, gro: Bool = true) throws(SocketError) {
         self.udpPort = udpPort
         var one: Int32 = 1
         var bufferSize: Int32 = 4 << 20  // room for bursts: a full receive queue drops silently
@@ -64,6 +67,10 @@ struct OuterSockets {
         } == 0
         if !bound6 && udp6 >= 0 { close(udp6) }
         self.udp6 = bound6 ? udp6 : -1
+        if gro {
+            self.udp4GRO = xfrm_set_udp_option(self.udp4, 104, 1) == 0  // UDP_GRO (Linux 5.0 and later)
+            self.udp6GRO = self.udp6 >= 0 && xfrm_set_udp_option(self.udp6, 104, 1) == 0
+        }
         for fd in self.all {
             _ = setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bufferSize, intSize)
             _ = setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bufferSize, intSize)
@@ -100,7 +107,8 @@ final class OuterSource: PacketSource {
     let counters: DatapathCounters
     let engine: EngineCounters
     static let room = 3584  // the slot less headroom and the headers we prepend
-    static let controlSize = 64
+    /// Room for the source (IPV6_PKTINFO: CMSG_SPACE(20) = 40) and, with GRO, UDP_GRO (an int: 24).
+    static let controlSize = 96
     private let n = EngineConstants.batchSize
     private let bufs: UnsafeMutablePointer<UnsafeMutableRawPointer?>
     private let caps: UnsafeMutablePointer<Int>
@@ -109,6 +117,8 @@ final class OuterSource: PacketSource {
     private let names: UnsafeMutablePointer<sockaddr_in6>
     private let control: UnsafeMutablePointer<UInt8>
     private var held: [PacketBuffer] = []
+    /// The last read filled the batch: more may be waiting.
+    private(set) var mayHaveMore = false
 
     init(fd: Int32, framing: Framing, udpPort: UInt16, ifindex: Int32, pool: PacketPool, counters: DatapathCounters,
          engine: EngineCounters) {
@@ -149,7 +159,10 @@ final class OuterSource: PacketSource {
             self.counters.noBuffer.wrappingAdd(1, ordering: .relaxed)
         }
         let asked = min(self.held.count, want)
-        guard asked > 0 else { return 0 }
+        guard asked > 0 else {
+            self.mayHaveMore = false
+            return 0
+        }
         let got = Int(xfrm_recv_batch(self.fd, self.bufs, self.caps, self.lens, self.flags, self.names, self.control,
                                       Self.controlSize, UInt32(asked)))
         var added = 0
@@ -162,7 +175,8 @@ final class OuterSource: PacketSource {
             }
             let len = self.lens[i]
             buf.trimBack(Self.room - len)
-            if self.frame(&buf, length: len, from: self.names[i], control: self.control + i * Self.controlSize) {
+            if Self.frame(&buf, length: len, from: self.names[i], control: self.control + i * Self.controlSize,
+                          framing: self.framing, udpPort: self.udpPort) {
                 batch.append(PacketBatch.Packet(buf, stage: .input, ifindex: self.ifindex))
                 added += 1
             } else {
@@ -176,6 +190,7 @@ final class OuterSource: PacketSource {
             for i in 0..<self.held.count { self.bufs[i] = self.held[i].data }
         }
         self.counters.wireReceived.wrappingAdd(UInt64(added), ordering: .relaxed)
+        self.mayHaveMore = got == self.n
         return added
     }
 
@@ -185,9 +200,11 @@ final class OuterSource: PacketSource {
         self.held.removeAll()
     }
 
-    private func frame(_ buf: inout PacketBuffer, length n: Int, from: sockaddr_in6,
-                       control: UnsafeMutablePointer<UInt8>) -> Bool {
-        switch self.framing {
+    /// Frames a datagram (`n` bytes in `buf`) as the IP packet it arrived in, from its source and the destination in
+    /// its control messages; false when there is none.
+    static func frame(_ buf: inout PacketBuffer, length n: Int, from: sockaddr_in6, control: UnsafeMutablePointer<UInt8>,
+                      framing: Framing, udpPort: UInt16) -> Bool {
+        switch framing {
         case .raw4:
             return true
         case .udp4:
@@ -196,18 +213,18 @@ final class OuterSource: PacketSource {
             let ip = buf.prepend(28)
             IPv4Header.write(ip, tos: 0, totalLength: buf.count, identification: 0, flags: 0, ttl: 64,
                              proto: UInt8(IPPROTO_UDP), source: UInt32(bigEndian: sin.sin_addr.s_addr), destination: dst)
-            Self.writeUDP(ip + 20, sport: UInt16(bigEndian: sin.sin_port), dport: self.udpPort, length: 8 + n)
+            Self.writeUDP(ip + 20, sport: UInt16(bigEndian: sin.sin_port), dport: udpPort, length: 8 + n)
             return true
         case .raw6, .udp6:
             guard let dst = Self.pktinfoAddress(control), dst.version == 6 else { return false }
             var sourceBytes = from.sin6_addr
             let src = withUnsafeMutableBytes(of: &sourceBytes) { IPAddress.loadV6(from: $0.baseAddress!, at: 0) }
-            let udp = self.framing == .udp6
+            let udp = framing == .udp6
             let ip = buf.prepend(udp ? 48 : 40)
             IPv6Header.write(ip, trafficClass: 0, flowLabel: 0, payloadLength: buf.count - 40,
                              nextHeader: udp ? UInt8(IPPROTO_UDP) : UInt8(IPPROTO_ESP), hopLimit: 64, source: src,
                              destination: dst)
-            if udp { Self.writeUDP(ip + 40, sport: UInt16(bigEndian: from.sin6_port), dport: self.udpPort, length: 8 + n) }
+            if udp { Self.writeUDP(ip + 40, sport: UInt16(bigEndian: from.sin6_port), dport: udpPort, length: 8 + n) }
             return true
         }
     }
@@ -221,16 +238,30 @@ final class OuterSource: PacketSource {
     }
 
     /// The destination address from an IP_PKTINFO or IPV6_PKTINFO control message.
-    private static func pktinfoAddress(_ c: UnsafeMutablePointer<UInt8>) -> IPAddress? {
-        let raw = UnsafeMutableRawPointer(c)
-        let length = raw.load(fromByteOffset: 0, as: Int.self)
-        let level = raw.load(fromByteOffset: 8, as: Int32.self)
-        let type = raw.load(fromByteOffset: 12, as: Int32.self)
-        if level == Int32(IPPROTO_IP) && type == Int32(IP_PKTINFO) && length >= 28 {
-            return .v4(UInt32(bigEndian: raw.load(fromByteOffset: 24, as: UInt32.self)))
+    static func pktinfoAddress(_ c: UnsafeMutablePointer<UInt8>) -> IPAddress? {
+        guard let (raw, length) = Self.controlMessage(c, level: Int32(IPPROTO_IP), type: Int32(IP_PKTINFO))
+            ?? Self.controlMessage(c, level: Int32(IPPROTO_IPV6), type: Sockopt.ipv6Pktinfo)
+        else { return nil }
+        if raw.load(fromByteOffset: 8, as: Int32.self) == Int32(IPPROTO_IP) {
+            return length >= 28 ? .v4(UInt32(bigEndian: raw.load(fromByteOffset: 24, as: UInt32.self))) : nil
         }
-        if level == Int32(IPPROTO_IPV6) && type == Sockopt.ipv6Pktinfo && length >= 36 {
-            return IPAddress.loadV6(from: raw, at: 16)
+        return length >= 36 ? IPAddress.loadV6(from: raw, at: 16) : nil
+    }
+
+    /// The control message of `level` and `type` in a zeroed area of `controlSize` bytes, and its length
+    /// (≈ CMSG_FIRSTHDR/CMSG_NXTHDR: each header is a size_t length and two ints, aligned to 8 bytes).
+    static func controlMessage(_ c: UnsafeMutablePointer<UInt8>, level: Int32, type: Int32)
+        -> (UnsafeMutableRawPointer, Int)? {
+        let raw = UnsafeMutableRawPointer(c)
+        var offset = 0
+        while offset + 16 <= Self.controlSize {
+            let length = raw.load(fromByteOffset: offset, as: Int.self)
+            guard length >= 16, offset + length <= Self.controlSize else { return nil }
+            if raw.load(fromByteOffset: offset + 8, as: Int32.self) == level
+                && raw.load(fromByteOffset: offset + 12, as: Int32.self) == type {
+                return (raw + offset, length)
+            }
+            offset += (length + 7) & ~7
         }
         return nil
     }

@@ -21,51 +21,104 @@ final class WireSink: PacketSink {
     private var groups: [Group]
     private var sent: [PacketBuffer] = []
 
-    /// The datagrams for one socket.
+    /// The messages for one socket: `count` messages gathering `iovCount` datagrams. On the UDP sockets, a datagram
+    /// that follows one of the same size to the same peer with the same control messages (source address, TOS)
+    /// joins its message, which then leaves as one UDP GSO send (a UDP_SEGMENT control message; the last datagram
+    /// may be shorter, as udp_send_skb cuts it) — what wireguard-go's coalesceMessages does.
     private final class Group {
         let fd: Int32
         let namelen: socklen_t
         let v6: Bool
+        /// Datagrams may be merged into GSO sends (UDP sockets, until the kernel answers a GSO send with EIO).
+        var gso: Bool
         var count = 0
+        var iovCount = 0
         let bufs: UnsafeMutablePointer<UnsafeMutableRawPointer?>
         let lens: UnsafeMutablePointer<Int>
+        let iovStarts: UnsafeMutablePointer<UInt32>
+        let iovCounts: UnsafeMutablePointer<UInt32>
+        /// Per message: the bytes it carries (its segment size is its first datagram's length).
+        let totals: UnsafeMutablePointer<Int>
         let names: UnsafeMutablePointer<sockaddr_in6>
         let control: UnsafeMutablePointer<UInt8>
         let controlLens: UnsafeMutablePointer<Int>
-        /// Room for two control messages: the source address (IP_PKTINFO: CMSG_SPACE(12) = 32; IPV6_PKTINFO: 40)
-        /// and the outer TOS / traffic class with its ECN bits (IP_TOS / IPV6_TCLASS, an int: 24).
-        static let controlSize = 64
+        let refused: UnsafeMutablePointer<Int32>
+        /// Room for three control messages: the source address (IP_PKTINFO: CMSG_SPACE(12) = 32; IPV6_PKTINFO: 40),
+        /// the outer TOS / traffic class with its ECN bits (IP_TOS / IPV6_TCLASS, an int: 24) and, on a GSO send,
+        /// UDP_SEGMENT (a u16: CMSG_SPACE(2) = 24).
+        static let controlSize = 88
 
-        init(fd: Int32, v6: Bool) {
+        init(fd: Int32, v6: Bool, gso: Bool) {
             self.fd = fd
             self.v6 = v6
+            self.gso = gso
             self.namelen = socklen_t(v6 ? MemoryLayout<sockaddr_in6>.size : MemoryLayout<sockaddr_in>.size)
             let n = EngineConstants.batchSize
             self.bufs = .allocate(capacity: n)
             self.lens = .allocate(capacity: n)
+            self.iovStarts = .allocate(capacity: n)
+            self.iovCounts = .allocate(capacity: n)
+            self.totals = .allocate(capacity: n)
             self.names = .allocate(capacity: n)
             self.control = .allocate(capacity: n * Self.controlSize)
             self.controlLens = .allocate(capacity: n)
+            self.refused = .allocate(capacity: n)
         }
 
         deinit {
             self.bufs.deallocate()
             self.lens.deallocate()
+            self.iovStarts.deallocate()
+            self.iovCounts.deallocate()
+            self.totals.deallocate()
             self.names.deallocate()
             self.control.deallocate()
             self.controlLens.deallocate()
+            self.refused.deallocate()
+        }
+
+        /// Takes the datagram (`bufs`/`lens` at `iovCount`) and the message prepared at `count` (its name and
+        /// control messages): merged into the message before it when GSO allows, else as a message of its own.
+        func commit() {
+            let n = self.iovCount
+            let len = self.lens[n]
+            self.iovCount += 1
+            if self.gso && self.count > 0 {
+                let m = self.count - 1
+                let segments = Int(self.iovCounts[m])
+                let size = self.lens[Int(self.iovStarts[m])]
+                if segments < WireSink.maxSegments, len <= size, self.lens[n - 1] == size,
+                    self.totals[m] + len <= WireSink.maxGSOBytes, self.controlLens[m] == self.controlLens[self.count],
+                    memcmp(self.names + m, self.names + self.count, Int(self.namelen)) == 0,
+                    memcmp(self.control + m * Self.controlSize, self.control + self.count * Self.controlSize,
+                           self.controlLens[m]) == 0
+                {
+                    self.iovCounts[m] += 1
+                    self.totals[m] += len
+                    return
+                }
+            }
+            self.iovStarts[self.count] = UInt32(n)
+            self.iovCounts[self.count] = 1
+            self.totals[self.count] = len
+            self.count += 1
         }
     }
 
+    /// The most datagrams one GSO send carries (the kernel's UDP_MAX_SEGMENTS is 128; a sink writes at most a batch).
+    static let maxSegments = 128
+    /// The most bytes one GSO send carries: an IPv4 packet's 65,535 less its IP and UDP headers.
+    static let maxGSOBytes = 65_535 - 20 - 8
+
     private static let raw4 = 0, udp4 = 1, raw6 = 2, udp6 = 3
 
-    init(sockets: OuterSockets, pool: PacketPool, counters: DatapathCounters, engine: EngineCounters) {
+    init(sockets: OuterSockets, pool: PacketPool, counters: DatapathCounters, engine: EngineCounters, gso: Bool = true) {
         self.sockets = sockets
         self.pool = pool
         self.counters = counters
         self.engine = engine
-        self.groups = [Group(fd: sockets.raw4, v6: false), Group(fd: sockets.udp4, v6: false),
-                       Group(fd: sockets.raw6, v6: true), Group(fd: sockets.udp6, v6: true)]
+        self.groups = [Group(fd: sockets.raw4, v6: false, gso: false), Group(fd: sockets.udp4, v6: false, gso: gso),
+                       Group(fd: sockets.raw6, v6: true, gso: false), Group(fd: sockets.udp6, v6: true, gso: gso)]
         self.sent.reserveCapacity(EngineConstants.batchSize)
     }
 
@@ -81,16 +134,66 @@ final class WireSink: PacketSink {
             }
         }
         batch.removeAll()
-        for g in self.groups where g.count > 0 {
-            var failed: UInt32 = 0
-            let ok = xfrm_send_batch(g.fd, g.bufs, g.lens, g.names, g.namelen, g.control, g.controlLens,
-                                     Group.controlSize, UInt32(g.count), &failed)
-            self.counters.wireSent.wrappingAdd(UInt64(max(ok, 0)), ordering: .relaxed)
-            self.counters.sendErrors.wrappingAdd(UInt64(failed), ordering: .relaxed)
-            g.count = 0
-        }
+        for g in self.groups where g.count > 0 { self.flush(g) }
         for b in self.sent { self.pool.release(b) }
         self.sent.removeAll(keepingCapacity: true)
+    }
+
+    /// Sends a group's messages with one sendmmsg(2), a UDP_SEGMENT control message on those that carry several
+    /// datagrams. A GSO send the kernel refuses goes again one datagram at a time (EIO — no checksum offload on the
+    /// way out, as wireguard-go's ErrUDPGSODisabled — also turns GSO off for this socket's sink); every datagram
+    /// that still cannot leave is counted in `send_errors`.
+    private func flush(_ g: Group) {
+        for m in 0..<g.count where g.iovCounts[m] > 1 {
+            let c = UnsafeMutableRawPointer(g.control + m * Group.controlSize) + g.controlLens[m]
+            c.storeBytes(of: 18, toByteOffset: 0, as: Int.self)  // CMSG_LEN(sizeof(u16))
+            c.storeBytes(of: Int32(IPPROTO_UDP), toByteOffset: 8, as: Int32.self)
+            c.storeBytes(of: Int32(103), toByteOffset: 12, as: Int32.self)  // UDP_SEGMENT
+            c.storeBytes(of: UInt16(g.lens[Int(g.iovStarts[m])]), toByteOffset: 16, as: UInt16.self)
+            g.controlLens[m] += 24
+        }
+        _ = xfrm_send_gso_batch(g.fd, g.bufs, g.lens, g.iovStarts, g.iovCounts, g.names, g.namelen, g.control,
+                                g.controlLens, Group.controlSize, UInt32(g.count), g.refused)
+        var sent: UInt64 = 0
+        var failed: UInt64 = 0
+        var gsoSends: UInt64 = 0
+        var gsoSegments: UInt64 = 0
+        for m in 0..<g.count {
+            let segments = Int(g.iovCounts[m])
+            if g.refused[m] == 0 {
+                sent += UInt64(segments)
+                if segments > 1 {
+                    gsoSends += 1
+                    gsoSegments += UInt64(segments)
+                }
+                continue
+            }
+            guard segments > 1 else {
+                failed += 1
+                continue
+            }
+            // The fallback: each datagram alone, with the same name and control messages less UDP_SEGMENT.
+            self.counters.udpGSOFallbacks.wrappingAdd(1, ordering: .relaxed)
+            if g.refused[m] == EIO { g.gso = false }
+            g.controlLens[m] -= 24
+            var one: UInt32 = 1
+            var refused: Int32 = 0
+            for k in 0..<segments {
+                var start = g.iovStarts[m] + UInt32(k)
+                let ok = xfrm_send_gso_batch(g.fd, g.bufs, g.lens, &start, &one, g.names + m, g.namelen,
+                                             g.control + m * Group.controlSize, g.controlLens + m, Group.controlSize,
+                                             1, &refused)
+                if ok == 1 { sent += 1 } else { failed += 1 }
+            }
+        }
+        self.counters.wireSent.wrappingAdd(sent, ordering: .relaxed)
+        self.counters.sendErrors.wrappingAdd(failed, ordering: .relaxed)
+        if gsoSends > 0 {
+            self.counters.udpGSOSends.wrappingAdd(gsoSends, ordering: .relaxed)
+            self.counters.udpGSOSegments.wrappingAdd(gsoSegments, ordering: .relaxed)
+        }
+        g.count = 0
+        g.iovCount = 0
     }
 
     /// Files one packet under its socket; false when it is not ESP (or ESP in UDP from our port) for a socket we have.
@@ -106,9 +209,9 @@ final class WireSink: PacketSink {
                 let g = self.groups[Self.raw4]
                 self.name4(g, p.load(fromByteOffset: 16, as: UInt32.self), port: 0)
                 g.controlLens[g.count] = 0  // IP_HDRINCL: the stack's own header, source and TOS included
-                g.bufs[g.count] = p
-                g.lens[g.count] = count
-                g.count += 1
+                g.bufs[g.iovCount] = p
+                g.lens[g.iovCount] = count
+                g.commit()
                 return true
             }
             if proto == UInt8(IPPROTO_UDP), count >= ihl + 12, p.loadBE16(at: ihl) == self.sockets.udpPort,
@@ -126,9 +229,9 @@ final class WireSink: PacketSink {
                 (c + 20).copyMemory(from: p + 12, byteCount: 4)  // ipi_spec_dst
                 Self.storeTOS(c + 32, level: Int32(IPPROTO_IP), type: Int32(IP_TOS), value: p.loadByte(at: 1))
                 g.controlLens[g.count] = 56
-                g.bufs[g.count] = p + ihl + 8
-                g.lens[g.count] = count - ihl - 8
-                g.count += 1
+                g.bufs[g.iovCount] = p + ihl + 8
+                g.lens[g.iovCount] = count - ihl - 8
+                g.commit()
                 return true
             }
         case 6 where count >= 40:
@@ -187,9 +290,9 @@ final class WireSink: PacketSink {
         // The traffic class (ECN included) the stack chose for the outer header.
         let tclass = UInt8(truncatingIfNeeded: p.loadBE16(at: 0) >> 4)
         Self.storeTOS(c + 40, level: Int32(IPPROTO_IPV6), type: Sockopt.ipv6Tclass, value: tclass)
-        g.controlLens[i] = Group.controlSize
-        g.bufs[i] = p + payload
-        g.lens[i] = count - payload
-        g.count += 1
+        g.controlLens[i] = 64
+        g.bufs[g.iovCount] = p + payload
+        g.lens[g.iovCount] = count - payload
+        g.commit()
     }
 }

@@ -167,8 +167,22 @@ final class NICCore: @unchecked Sendable {
         self.running = threads
         self.sync.unlock()
         for i in 0..<threads {
-            let t = Thread { [self] in self.engineLoop() }
-            t.name = "\(self.name)-engine\(i)"
+            let name = "\(self.name)-engine\(i)"
+            let t = Thread { [self] in
+                // The kernel's name too (/proc/PID/task/TID/comm, at most 15 bytes), so that host CPU can be told
+                // from the device's: Foundation's Thread.name does not set it on Linux, and Glibc does not export
+                // pthread_setname_np to Swift; writing /proc/thread-self/comm is what it does (Linux 3.17+).
+                #if os(Linux)
+                let fd = open("/proc/thread-self/comm", O_WRONLY)
+                if fd >= 0 {
+                    let bytes = Array(name.utf8.prefix(15))
+                    _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+                    close(fd)
+                }
+                #endif
+                self.engineLoop()
+            }
+            t.name = name
             t.start()
         }
     }

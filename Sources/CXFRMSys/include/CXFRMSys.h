@@ -9,8 +9,10 @@ int xfrm_tun_open(const char *name, char *name_out);
 
 /// As xfrm_tun_open, with IFF_VNET_HDR (a 10-byte struct virtio_net_hdr before every packet) and the offloads
 /// TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 (the kernel may hand over TCP superpackets and partial checksums, and takes
-/// coalesced segments back). Returns the descriptor, or -errno.
-int xfrm_tun_open_offload(const char *name, char *name_out);
+/// coalesced segments back), plus TUN_F_USO4 | TUN_F_USO6 (UDP superpackets, VIRTIO_NET_HDR_GSO_UDP_L4; kernel
+/// 6.2 and later) when the kernel takes them: *uso is set to 1 then, 0 otherwise (tun_set_offload refuses unknown
+/// bits with EINVAL). Returns the descriptor, or -errno.
+int xfrm_tun_open_offload(const char *name, char *name_out, int *uso);
 
 /// Brings the interface `name` up (SIOCSIFFLAGS with IFF_UP). Returns 0 or -errno.
 int xfrm_link_up(const char *name);
@@ -32,6 +34,19 @@ int xfrm_recv_batch(int fd, void *const *bufs, const size_t *caps, size_t *lens,
 int xfrm_send_batch(int fd, void *const *bufs, const size_t *lens, const void *names,
                     unsigned namelen, unsigned char *ctl, const size_t *ctl_lens, size_t ctl_size, unsigned n,
                     unsigned *failed);
+
+/// sendmmsg of `n` (≤ XFRM_BATCH_MAX) messages, each gathering iov_counts[i] buffers from bufs/lens starting at
+/// entry iov_starts[i] (all entries at most XFRM_IOV_MAX): a message of several buffers carries a UDP_SEGMENT
+/// control message (Linux UDP GSO: udp_send_skb cuts it) and leaves as that many datagrams. Otherwise as
+/// xfrm_send_batch. A message the kernel refuses is reported in refused[i] (its errno), 0 when sent; returns how
+/// many messages were sent.
+#define XFRM_IOV_MAX 1024
+int xfrm_send_gso_batch(int fd, void *const *bufs, const size_t *lens, const unsigned *iov_starts,
+                        const unsigned *iov_counts, const void *names, unsigned namelen, unsigned char *ctl,
+                        const size_t *ctl_lens, size_t ctl_size, unsigned n, int *refused);
+
+/// Sets an int socket option at level SOL_UDP (UDP_GRO, 104). Returns 0 or -errno.
+int xfrm_set_udp_option(int fd, int option, int value);
 
 /// Sets SO_MARK on a socket (needs CAP_NET_ADMIN). Returns 0 or -errno.
 int xfrm_set_mark(int fd, unsigned mark);

@@ -91,8 +91,6 @@ func run() throws -> Int32 {
     args.removeFirst()
     let (config, iv) = try loadSA(path: args[0])
     let transform = try ESPTransform(config)
-    // The interop suites run once per backend (XFRM_CRYPTO) and check from this line which one did the work.
-    FileHandle.standardError.write("esp-tool: crypto \(transform.cipher.backendName)\n".data(using: .utf8)!)
     if let iv, iv.count != transform.cipher.ivLength {
         throw ToolError("iv: expected \(transform.cipher.ivLength) bytes, got \(iv.count)")
     }
@@ -154,6 +152,9 @@ func run() throws -> Int32 {
     let json = try JSONSerialization.data(withJSONObject: stats, options: [.sortedKeys])
     lines += "counters " + String(decoding: json, as: UTF8.self) + "\n"
     FileHandle.standardOutput.write(lines.data(using: .utf8)!)
+    // On success only (an error stays one line): the interop suites run once per backend (XFRM_CRYPTO) and check
+    // from this line which one did the work.
+    FileHandle.standardError.write("esp-tool: crypto \(transform.cipher.backendName)\n".data(using: .utf8)!)
     return 0
 }
 

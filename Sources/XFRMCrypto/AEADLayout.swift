@@ -25,6 +25,25 @@ enum AEADLayout {
     }
 }
 
+extension AEADLayout {
+    /// One seal or open of an ESP packet through a C shim's call `(iv, aad1, aad1Length, aad2, aad2Length, data,
+    /// dataLength, tag) -> 1 on success`: the payload is encrypted or decrypted in place, except for GMAC
+    /// (`integrityOnly`), where IV ‖ payload is more AAD and nothing is encrypted (RFC 4543 §3.3).
+    @inline(__always)
+    static func run(
+        _ esp: UnsafeMutableRawPointer, _ cryptLength: Int, _ esnHigh: UInt32?, integrityOnly: Bool,
+        _ call: (UnsafeRawPointer, UnsafeRawPointer, Int, UnsafeRawPointer?, Int, UnsafeMutableRawPointer?, Int,
+                 UnsafeMutableRawPointer) -> Int32
+    ) -> Bool {
+        Self.withAAD(esp, cryptLength, esnHigh) { iv, aad, aadLength, payload, tag -> Bool in
+            let rc = integrityOnly
+                ? call(iv, aad, aadLength, iv, 8 + cryptLength, nil, 0, tag)
+                : call(iv, aad, aadLength, nil, 0, payload, cryptLength, tag)
+            return rc == 1
+        }
+    }
+}
+
 /// The per-packet IV of the AEADs, drawn per SA (≈ seqiv's salt): the sequence number XOR a random salt — unique per
 /// packet under the key (XOR with a constant is a bijection), and a key installed again with the same starting
 /// sequence number does not repeat the GCM/ChaCha20 nonce.

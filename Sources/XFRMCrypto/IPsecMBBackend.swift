@@ -66,29 +66,16 @@ final class IPsecMBAEADCipher: ESPCipher {
     @inline(__always)
     func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) { self.ivSalt.write(iv, sequence: sequence) }
 
-    @inline(__always)
-    private func run(_ esp: UnsafeMutableRawPointer, _ cryptLength: Int, _ esnHigh: UInt32?, seal: Bool) -> Bool {
-        AEADLayout.withAAD(esp, cryptLength, esnHigh) { iv, aad, aadLength, payload, tag -> Bool in
-            let rc: Int32
-            if self.integrityOnly {
-                rc = seal
-                    ? xfrm_mb_aead_seal(self.ctx, iv, aad, aadLength, iv, 8 + cryptLength, nil, 0, tag)
-                    : xfrm_mb_aead_open(self.ctx, iv, aad, aadLength, iv, 8 + cryptLength, nil, 0, tag)
-            } else {
-                rc = seal
-                    ? xfrm_mb_aead_seal(self.ctx, iv, aad, aadLength, nil, 0, payload, cryptLength, tag)
-                    : xfrm_mb_aead_open(self.ctx, iv, aad, aadLength, nil, 0, payload, cryptLength, tag)
-            }
-            return rc == 1
+    func seal(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
+        AEADLayout.run(esp, cryptLength, esnHigh, integrityOnly: self.integrityOnly) {
+            xfrm_mb_aead_seal(self.ctx, $0, $1, $2, $3, $4, $5, $6, $7)
         }
     }
 
-    func seal(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
-        self.run(esp, cryptLength, esnHigh, seal: true)
-    }
-
     func open(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
-        self.run(esp, cryptLength, esnHigh, seal: false)
+        AEADLayout.run(esp, cryptLength, esnHigh, integrityOnly: self.integrityOnly) {
+            xfrm_mb_aead_open(self.ctx, $0, $1, $2, $3, $4, $5, $6, $7)
+        }
     }
 }
 

@@ -43,6 +43,27 @@ public struct VirtioNetHeader: Equatable, Sendable {
 }
 
 public enum TCPOffload {
+    /// One segment of a superpacket into `s`: the `headers` bytes of `p` (IP and transport), then `chunk` payload
+    /// bytes from `offset`, with the IP length (and for IPv4 the ID and header checksum) made the segment's
+    /// (≈ the IP part of inet_gso_segment / ipv6_gso_segment). Returns the segment's length; the transport header is
+    /// the caller's to finish.
+    @inline(__always)
+    public static func writeSegment(_ s: UnsafeMutableRawPointer, from p: UnsafeRawPointer, headers: Int,
+                                    ipHeader ip: Int, v4: Bool, offset: Int, chunk: Int, id: UInt16) -> Int {
+        s.copyMemory(from: p, byteCount: headers)
+        (s + headers).copyMemory(from: p + headers + offset, byteCount: chunk)
+        let length = headers + chunk
+        if v4 {
+            s.storeBE16(UInt16(length), at: 2)
+            s.storeBE16(id, at: 4)
+            s.storeBE16(0, at: 10)
+            s.storeBE16(InternetChecksum.compute(s, count: ip), at: 10)
+        } else {
+            s.storeBE16(UInt16(length - 40), at: 4)
+        }
+        return length
+    }
+
     /// Why a packet from the TUN could not be used.
     public enum Failure: Error, Equatable { case malformed, unsupported }
 
@@ -115,17 +136,8 @@ public enum TCPOffload {
             let chunk = min(mss, payload - offset)
             let last = offset + chunk == payload
             let s = scratch
-            s.copyMemory(from: p, byteCount: headers)
-            (s + headers).copyMemory(from: p + headers + offset, byteCount: chunk)
-            let length = headers + chunk
-            if v4 {
-                s.storeBE16(UInt16(length), at: 2)
-                s.storeBE16(firstID &+ UInt16(truncatingIfNeeded: n), at: 4)
-                s.storeBE16(0, at: 10)
-                s.storeBE16(InternetChecksum.compute(s, count: ip), at: 10)
-            } else {
-                s.storeBE16(UInt16(length - 40), at: 4)
-            }
+            let length = TCPOffload.writeSegment(s, from: p, headers: headers, ipHeader: ip, v4: v4, offset: offset,
+                                                 chunk: chunk, id: firstID &+ UInt16(truncatingIfNeeded: n))
             s.storeBE32(firstSeq &+ UInt32(truncatingIfNeeded: offset), at: ip + 4)
             var f = flags
             if !last { f &= ~0x09 }  // FIN and PSH only on the last segment

@@ -56,17 +56,8 @@ public enum UDPOffload {
             let n = offset / size
             let chunk = min(size, payload - offset)
             let s = scratch
-            s.copyMemory(from: p, byteCount: headers)
-            (s + headers).copyMemory(from: p + headers + offset, byteCount: chunk)
-            let length = headers + chunk
-            if v4 {
-                s.storeBE16(UInt16(length), at: 2)
-                s.storeBE16(firstID &+ UInt16(truncatingIfNeeded: n), at: 4)
-                s.storeBE16(0, at: 10)
-                s.storeBE16(InternetChecksum.compute(s, count: ip), at: 10)
-            } else {
-                s.storeBE16(UInt16(length - 40), at: 4)
-            }
+            let length = TCPOffload.writeSegment(s, from: p, headers: headers, ipHeader: ip, v4: v4, offset: offset,
+                                                 chunk: chunk, id: firstID &+ UInt16(truncatingIfNeeded: n))
             s.storeBE16(UInt16(8 + chunk), at: ip + 4)
             s.storeBE16(0, at: ip + 6)
             let sum = TCPOffload.pseudoHeader(s, proto: 17, length: 8 + chunk)

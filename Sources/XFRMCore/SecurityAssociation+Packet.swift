@@ -26,6 +26,14 @@ extension SecurityAssociation.Mutable {
         return .ok
     }
 
+    /// Whether `checkExpire` would expire the SA or mark it dying now (no side effects).
+    @inline(__always)
+    var lifetimeLimitReached: Bool {
+        self.current.bytes >= self.lifetime.hardByteLimit || self.current.packets >= self.lifetime.hardPacketLimit
+            || (!self.dying && (self.current.bytes >= self.lifetime.softByteLimit
+                || self.current.packets >= self.lifetime.softPacketLimit))
+    }
+
     @inline(__always)
     mutating func account(bytes: Int, now: UInt64) {
         self.current.bytes &+= UInt64(bytes)
@@ -56,15 +64,15 @@ extension SecurityAssociation {
         case used(DropReason?, softExpired: Bool)
     }
 
-    /// ≈ xfrm_output_one's locked section: state, lifetime, `transform` (the ESP work), accounting of `bytes` (the
-    /// packet before ESP) when it succeeded.
+    /// ≈ xfrm_output_one's locked section: state, lifetime, `transform` (the ESP work), which returns its drop
+    /// reason and the bytes curlft counts (what ESP carries), accounted when it succeeded.
     @inline(__always)
-    func useForOutput(bytes: Int, now: UInt64, _ transform: () -> DropReason?) -> OutputUse {
+    func useForOutput(now: UInt64, _ transform: () -> (DropReason?, countedBytes: Int)) -> OutputUse {
         self.mutable.withLock { m -> OutputUse in
             guard m.state == .valid else { return .notValid }
             let check = m.checkExpire(now: now)
             if check == .hardExpired { return .hardExpired }
-            let reason = transform()
+            let (reason, bytes) = transform()
             if reason == nil { m.account(bytes: bytes, now: now) }
             return .used(reason, softExpired: check == .softExpired)
         }
@@ -76,8 +84,9 @@ extension SecurityAssociation {
         case packetOffloaded
         /// The device decrypted with another SA than this one.
         case mismatch
-        /// Not valid; `expired` says whether it expired (XfrmInStateExpired) or is otherwise unusable.
-        case notValid(expired: Bool)
+        /// Not valid: larval (`acquiring`, XfrmAcquireError) or expired/dead (XfrmInStateInvalid), as xfrm_input
+        /// counts a state that is not XFRM_STATE_VALID.
+        case notValid(larval: Bool)
         case hardExpired
         /// Crypto offload RX: the device found the ICV bad (counted in the SA's stats).
         case deviceICVFailed(softExpired: Bool)
@@ -87,17 +96,22 @@ extension SecurityAssociation {
         case used(DropReason?, softExpired: Bool, highMoved: Bool, offload: StateOffload?)
     }
 
-    /// ≈ xfrm_input's locked section for ESP: the device binding and state checks, the lifetime check, then
-    /// `transform` (replay check, ICV, decryption, window advance), which returns its drop reason and the bytes
-    /// curlft counts when it succeeded.
+    /// ≈ xfrm_input's locked section for ESP: the device binding and state checks, `screen` (the encapsulation
+    /// and replay checks) before the lifetime check as the kernel orders them, then `transform` (replay recheck,
+    /// ICV, decryption, window advance), which returns its drop reason and the bytes curlft counts when it
+    /// succeeded. `screen` runs only when a lifetime limit is due, the one case where the order shows.
     @inline(__always)
-    func useForInput(now: UInt64, metadata: OffloadMetadata?, cryptoDone: Bool,
+    func useForInput(now: UInt64, metadata: OffloadMetadata?, cryptoDone: Bool, screen: () -> DropReason?,
                      _ transform: () -> (DropReason?, countedBytes: Int)) -> InputUse {
         self.mutable.withLock { m -> InputUse in
             let bound = m.offload
             if bound?.type == .packet { return .packetOffloaded }
             if cryptoDone && (bound?.type != .crypto || bound?.handle != metadata?.handle) { return .mismatch }
-            guard m.state == .valid else { return .notValid(expired: m.state == .expired) }
+            guard m.state == .valid else { return .notValid(larval: m.state == .acquiring) }
+            if m.lifetimeLimitReached, let reason = screen() {
+                m.countDrop(reason)
+                return .used(reason, softExpired: false, highMoved: false, offload: bound)
+            }
             let check = m.checkExpire(now: now)
             if check == .hardExpired { return .hardExpired }
             if cryptoDone && !(metadata?.cryptoSuccess ?? false) {

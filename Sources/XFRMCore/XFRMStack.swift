@@ -679,8 +679,10 @@ public final class XFRMStack: @unchecked Sendable {
             }
         }
         // One acquisition of the SA's lock: state, lifetime, sequence number and ESP, accounting.
-        let use = sa.useForOutput(bytes: packet.count, now: now) {
-            seal ? transform.encapsulate(&packet) : transform.encapsulateForDevice(&packet, layout: &deviceLayout)
+        let use = sa.useForOutput(now: now) {
+            let reason = seal ? transform.encapsulate(&packet, layout: &deviceLayout)
+                : transform.encapsulateForDevice(&packet, layout: &deviceLayout)
+            return (reason, deviceLayout.payloadLength)
         }
         switch use {
         case .notValid:
@@ -924,19 +926,26 @@ public final class XFRMStack: @unchecked Sendable {
                     found = self.states.lookup(id, mark: mark)
                     memo.sa = found.map { (id, mark, $0) }
                 }
-                guard let sa = found, let transform = sa.transform else {
+                guard let sa = found else {
                     self.statistics.count(.noState)
                     return .dropped(.inNoStates)
                 }
+                // ≈ xfrm_input: the direction right after the lookup, then the state under the lock.
                 if sa.config.direction == .outbound {
                     self.statistics.increment(.inStateDirError)
                     return .dropped(.inStateDirError)
+                }
+                guard let transform = sa.transform else {
+                    // A larval SA (ALLOCSPI gave it this SPI; the key manager has not filled it in yet).
+                    self.statistics.increment(.acquireError)
+                    return .dropped(.acquireError)
                 }
                 let done = cryptoDone
                 cryptoDone = false  // only the outermost ESP was handled by the device
                 let tunnel = sa.config.mode == .tunnel
                 // One acquisition of the SA's lock for the whole packet (≈ xfrm_input's x->lock section).
-                let use = sa.useForInput(now: now, metadata: metadata, cryptoDone: done) {
+                let use = sa.useForInput(now: now, metadata: metadata, cryptoDone: done,
+                                         screen: { transform.screen(info) }) {
                     let r = transform.decapsulate(&packet, info: info, cryptoDone: done)
                     // ≈ xfrm_input after x->type->input: curlft counts what ESP delivered — the inner packet in
                     // tunnel mode, the upper-layer payload in transport mode — not the outer ESP packet.
@@ -951,9 +960,9 @@ public final class XFRMStack: @unchecked Sendable {
                     // The device decrypted with another SA than the one found here: trust nothing.
                     self.statistics.increment(.inStateMismatch)
                     return .dropped(.inStateMismatch)
-                case .notValid(let expired):
-                    self.statistics.increment(expired ? .inStateExpired : .inStateInvalid)
-                    return .dropped(expired ? .inStateExpired : .inStateInvalid)
+                case .notValid(let larval):
+                    self.statistics.increment(larval ? .acquireError : .inStateInvalid)
+                    return .dropped(larval ? .acquireError : .inStateInvalid)
                 case .hardExpired:
                     self.expireHard(sa)
                     self.statistics.increment(.inStateExpired)

@@ -162,6 +162,13 @@ public final class ESPTransform: @unchecked Sendable {
         return self.encapsulate(&packet, fixedIV: fixedIV, seal: true, layout: &layout)
     }
 
+    /// Protects the packet in place as `encapsulate(_:)` does and says in `layout` where ESP went and how many bytes
+    /// it carries.
+    @inline(__always)
+    public func encapsulate(_ packet: inout PacketBuffer, layout: inout ESPLayout) -> DropReason? {
+        self.encapsulate(&packet, fixedIV: nil, seal: true, layout: &layout)
+    }
+
     /// Builds ESP around the packet but leaves sealing to an offload device (crypto offload TX, ≈ esp_xmit with
     /// CRYPTO_FALLBACK off): the headers, IV, padding and trailer are in place, the payload is still plaintext and
     /// the ICV room is zero. `layout` says where the device must seal.
@@ -282,7 +289,8 @@ public final class ESPTransform: @unchecked Sendable {
         if let encap = self.state.pointee.encapsulation {
             self.writeUDPHeader(packet: packet, encap: encap, outerV4: outerV4, espOffset: esp - packet.data)
         }
-        layout = ESPLayout(espOffset: esp - packet.data, cryptLength: cryptLength, esnHigh: esnHigh, sequence: seq)
+        layout = ESPLayout(espOffset: esp - packet.data, cryptLength: cryptLength, esnHigh: esnHigh, sequence: seq,
+                           payloadLength: payloadLength)
         return nil
     }
 
@@ -370,12 +378,9 @@ public final class ESPTransform: @unchecked Sendable {
         if self.blockSize > 4 && cryptLength % self.blockSize != 0 { return .badCipherLength }
 
         let seq: UInt64
-        switch self.state.pointee.replay.check(info.sequence) {
+        switch self.replayCheck(info.sequence) {
         case .accept(let s): seq = s
-        case .reject(let r):
-            if r == .replayDuplicate { self.state.pointee.statistics.replay &+= 1 }
-            if r == .replayTooOld { self.state.pointee.statistics.replayWindow &+= 1 }
-            return r
+        case .reject(let r): return r
         }
         let esnHigh: UInt32? = self.esn ? UInt32(truncatingIfNeeded: seq >> 32) : nil
         guard cryptoDone || self.cipher.open(esp: esp, cryptLength: cryptLength, esnHigh: esnHigh) else {
@@ -404,6 +409,28 @@ public final class ESPTransform: @unchecked Sendable {
         }
         return self.stripTransport(&packet, info: info, header: header, payloadLength: payloadLength,
                                    nextHeader: nextHeader)
+    }
+
+    /// The checks xfrm_input makes under the SA's lock before its lifetime check: the encapsulation type
+    /// (XfrmInStateMismatch), then the replay window (`x->repl->check`, XfrmInStateSeqError). A packet rejected here
+    /// never reaches the lifetime check, so a replayed packet can neither expire an SA nor make it dying.
+    /// `decapsulate` repeats both (≈ `x->repl->recheck`); nothing changes in between under the SA's lock.
+    @inline(__always)
+    public func screen(_ info: ESPPacketInfo) -> DropReason? {
+        if info.udpEncapsulated != (self.config.encapsulation != nil) { return .encapsulationMismatch }
+        if case .reject(let r) = self.replayCheck(info.sequence) { return r }
+        return nil
+    }
+
+    /// The replay window's verdict on a received sequence number, counting a rejection in the ESP statistics.
+    @inline(__always)
+    private func replayCheck(_ low: UInt32) -> ReplayWindow.Check {
+        let verdict = self.state.pointee.replay.check(low)
+        if case .reject(let r) = verdict {
+            if r == .replayDuplicate { self.state.pointee.statistics.replay &+= 1 }
+            if r == .replayTooOld { self.state.pointee.statistics.replayWindow &+= 1 }
+        }
+        return verdict
     }
 
     /// Tunnel mode: the inner packet becomes the packet (≈ xfrm4_remove_tunnel_encap). Bytes behind the inner IP
@@ -485,12 +512,17 @@ public struct ESPLayout: Sendable, Equatable {
     public var esnHigh: UInt32? = nil
     /// The full sequence number used.
     public var sequence: UInt64 = 0
+    /// The bytes ESP carries: the inner packet in tunnel mode, what follows the IP header (and the IPv6 headers
+    /// before the insertion point) in transport mode. It is what the SA's curlft counts, as the kernel counts
+    /// skb->len after xfrm_outer_mode_output (xfrm4/6_transport_output pull the header first).
+    public var payloadLength: Int = 0
     public init() {}
-    public init(espOffset: Int, cryptLength: Int, esnHigh: UInt32?, sequence: UInt64) {
+    public init(espOffset: Int, cryptLength: Int, esnHigh: UInt32?, sequence: UInt64, payloadLength: Int = 0) {
         self.espOffset = espOffset
         self.cryptLength = cryptLength
         self.esnHigh = esnHigh
         self.sequence = sequence
+        self.payloadLength = payloadLength
     }
 }
 

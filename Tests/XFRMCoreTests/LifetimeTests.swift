@@ -209,4 +209,23 @@ struct StateUpdateTests {
         #expect(sa.lastUsed == first + 5)
         #expect(sa.current.useTime == first, "use_time stays the first use")
     }
+
+    @Test("sent bytes count what ESP carries: the inner packet in tunnel mode, the payload after the IP header in transport mode")
+    func sentBytesByMode() throws {
+        let h = try TwoHosts()
+        try h.tunnel()
+        let inner = h.packet(size: 100)
+        #expect(h.send(inner).0 == .transmit(ifindex: 2))
+        let tunnelSA = try #require(h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001)))
+        #expect(tunnelSA.current.bytes == UInt64(inner.count))
+
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 0, reqid: 7)
+        let hosts = Selector(family: 4, source: IPPrefix("192.0.2.1/32")!, destination: IPPrefix("192.0.2.2/32")!)
+        try h.a.addPolicy(Policy(selector: hosts, direction: .outbound, templates: [t]), update: false)
+        try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x3003, mode: .transport, reqid: 7, on: h.a))
+        let direct = h.packet(from: "192.0.2.1", to: "192.0.2.2", size: 100)
+        #expect(h.send(direct).0 == .transmit(ifindex: 2))
+        let transportSA = try #require(h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x3003)))
+        #expect(transportSA.current.bytes == UInt64(direct.count - 20))
+    }
 }

@@ -231,21 +231,30 @@ def xfrm_run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([os.environ["XFRM_TOOL"], *args], capture_output=True, text=True, cwd=cwd, timeout=120)
 
 
-def make_host_esp(workdir: Path) -> dict[int, bytes]:
-    """xfrm pcap --output-path for every HOST_OUT flow -> {k: raw IP pcap bytes}."""
-    out = {}
+def make_host_esp(workdir: Path) -> tuple[dict[int, bytes], dict[int, str]]:
+    """xfrm pcap --output-path for every HOST_OUT flow -> ({k: raw IP pcap bytes}, {k: `-s state list` after})."""
+    out, listings = {}, {}
     for f in HOST_OUT:
         d = workdir / f"host-out-{f.k}"
         d.mkdir(parents=True, exist_ok=True)
         (d / "setup").write_text(host_setup(f, False, "out"))
+        (d / "after").write_text("-s state list\n")
         write_pcap(d / "in.pcap", 101, inner_packets(f))
-        p = xfrm_run(["pcap", "--batch", "setup", "--output-path", "in.pcap", "out.pcap"], d)
+        p = xfrm_run(["pcap", "--batch", "setup", "--then", "after", "--output-path", "in.pcap", "out.pcap"], d)
         if p.returncode != 0:
             out[f.k] = b""
             (d / "error").write_text(p.stderr)
             continue
         out[f.k] = (d / "out.pcap").read_bytes()
-    return out
+        listings[f.k] = p.stdout
+    return out, listings
+
+
+def lifetime_bytes(block: str) -> int:
+    """curlft bytes from one `ip -s xfrm state` block."""
+    m = re.search(r"lifetime current:\n\s+(\d+)\(bytes\)", block)
+    assert m, block
+    return int(m.group(1))
 
 
 # ------------------------------------------------------------------------------------------------ guest
@@ -312,7 +321,7 @@ def _build():
     work = kvm.WORK / "esp-host"  # what the host made, kept for a look after the run (one builder at a time)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    pcaps = make_host_esp(work)
+    pcaps, listings = make_host_esp(work)
     files = {f"inj-{k}.pcap": v for k, v in pcaps.items() if v}
     errors = {k: (work / f"host-out-{k}" / "error").read_text() for k, v in pcaps.items() if not v}
 
@@ -322,6 +331,7 @@ def _build():
         res = files_of(output)
         res["host_pcaps"] = {str(k): base64.b64encode(v).decode() for k, v in pcaps.items()}
         res["host_errors"] = {str(k): v for k, v in errors.items()}
+        res["host_listings"] = {str(k): v for k, v in listings.items()}
         res["setup_failed"] = "@@SETUP-FAILED" in output
         res["output"] = output
         return res
@@ -377,6 +387,12 @@ def test_kernel_esp_decrypts_in_xfrm(flow: Flow, esp_run, tmp_path, xfrm):
         assert len(data) == 24 + flow.k
     blk = state_blocks(out)[spi(flow, True)]
     assert f"{PINGS}(packets)" in blk and "replay 0 failed 0" in blk, blk
+    # curlft bytes: what ESP carried (tunnel: the inner packet; transport: the payload after the IP header) is
+    # counted alike by the kernel's output (after xfrm4/6_transport_output pulls the header) and our input.
+    kernel_blk = state_blocks(esp_run["state-s"]).get(spi(flow, True))
+    assert kernel_blk, esp_run["state-s"]
+    assert lifetime_bytes(blk) == lifetime_bytes(kernel_blk), (
+        f"bytes: xfrm's inbound SA\n{blk}\nthe kernel's outbound SA\n{kernel_blk}")
     if flow.tx:  # the sequence crossed 2^32: the receiver moved its high half
         assert "seq-hi 0x1," in blk, blk
 
@@ -400,6 +416,10 @@ def test_xfrm_esp_accepted_by_kernel(flow: Flow, esp_run):
         f"the kernel's SA after {INJECT} ESP packets from xfrm pcap (packets; replay-window, replay, failed):\n"
         f"{blk}\nxfrm_stat:\n{esp_run['xfrm_stat']}\nline: {state_line(flow, False, sender=False)}\n"
         f"encap socket: {esp_run['encap.log']}")
+    # curlft bytes: our output counts what the kernel's input counts for the same packets.
+    ours = state_blocks(esp_run["host_listings"][str(flow.k)]).get(spi(flow, False))
+    assert ours, esp_run["host_listings"][str(flow.k)]
+    assert lifetime_bytes(ours) == int(m.group(1)), f"bytes: xfrm's outbound SA\n{ours}\nthe kernel's inbound SA\n{blk}"
     if flow.tx:  # the sequence crossed 2^32: the kernel inferred the high half from the ICV
         assert "seq-hi 0x1," in blk, blk
 

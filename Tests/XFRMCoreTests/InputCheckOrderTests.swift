@@ -1,0 +1,72 @@
+import Testing
+import XFRMCore
+import XFRMESP
+import XFRMPacket
+import XFRMTestKit
+
+/// xfrm_input's order under the SA's lock: state (larval → XfrmAcquireError, otherwise not valid →
+/// XfrmInStateInvalid), encapsulation, replay, and only then the lifetime check (xfrm_state_check_expire).
+@Suite("Input check order (xfrm_input)")
+struct InputCheckOrderTests {
+    private static let inbound = SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001)
+
+    /// B's inbound SA 0x1001 replaced by one with `lifetime` (before any traffic), so A's side keeps no limit.
+    private func hostsWithInboundLimit(_ lifetime: LifetimeConfig) throws -> TwoHosts {
+        let h = try TwoHosts()
+        try h.tunnel()
+        try h.b.updateState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, lifetime: lifetime, on: h.b))
+        _ = h.eventsB.drain()
+        return h
+    }
+
+    @Test("a replayed packet at the hard packet limit is a sequence error and leaves the SA valid; a new one expires it")
+    func replayBeforeHardExpiry() throws {
+        var l = LifetimeConfig()
+        l.hardPacketLimit = 2
+        let h = try self.hostsWithInboundLimit(l)
+        let wires = (0..<3).map { _ in h.send(h.packet()).1 }
+        #expect(h.receive(wires[0]).0 == .deliver)
+        #expect(h.receive(wires[1]).0 == .deliver)
+        #expect(h.receive(wires[1]).0 == .dropped(.inStateSeqError))
+        let sa = try #require(h.b.states.lookup(Self.inbound))
+        #expect(sa.state == .valid)
+        #expect(sa.stats.replay == 1)
+        #expect(h.b.statistics[.inStateExpired] == 0)
+        #expect(h.eventsB.expires().isEmpty)
+        #expect(h.receive(wires[2]).0 == .dropped(.inStateExpired))
+        #expect(h.b.statistics[.inStateSeqError] == 1)
+        #expect(h.b.statistics[.inStateExpired] == 1)
+        #expect(h.eventsB.expires().map(\.1) == [true])
+    }
+
+    @Test("a replayed packet at the soft packet limit sends no soft EXPIRE; the next new packet does")
+    func replayBeforeSoftExpiry() throws {
+        var l = LifetimeConfig()
+        l.softPacketLimit = 1
+        let h = try self.hostsWithInboundLimit(l)
+        let wires = (0..<2).map { _ in h.send(h.packet()).1 }
+        #expect(h.receive(wires[0]).0 == .deliver)
+        #expect(h.receive(wires[0]).0 == .dropped(.inStateSeqError))
+        let sa = try #require(h.b.states.lookup(Self.inbound))
+        #expect(!sa.isDying)
+        #expect(h.eventsB.expires().isEmpty)
+        #expect(h.receive(wires[1]).0 == .deliver)
+        #expect(sa.isDying)
+        #expect(h.eventsB.expires().map(\.1) == [false])
+    }
+
+    @Test("ESP for a larval SA (ALLOCSPI, not yet filled in) counts XfrmAcquireError, not XfrmInNoStates")
+    func larvalIsAcquireError() throws {
+        let h = try TwoHosts()
+        try h.tunnel()
+        // A's SA 0x1001 goes to B, where only a larval SA holds that SPI.
+        try h.b.deleteState(Self.inbound, mark: Mark())
+        let config = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, on: h.b).config
+        let larval = try h.b.allocateSPI(config, min: 0x1001, max: 0x1001)
+        #expect(larval.state == .acquiring)
+        let (_, wire) = h.send(h.packet())
+        #expect(h.receive(wire).0 == .dropped(.acquireError))
+        #expect(h.b.statistics[.acquireError] == 1)
+        #expect(h.b.statistics[.inNoStates] == 0)
+    }
+}

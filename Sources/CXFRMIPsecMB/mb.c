@@ -4,6 +4,7 @@
 #include <intel-ipsec-mb.h>
 #include <immintrin.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,14 +61,54 @@ static void *aligned(size_t n) {
 
 // MARK: - AEADs
 
-struct xfrm_mb_aead {
-    struct gcm_key_data gcm;  // first: 64-byte aligned by the allocation
-    uint8_t chacha_key[32];
+// An AEAD context is one 64-byte aligned allocation: the key material first (a struct gcm_key_data, only as long as
+// this machine's code path uses, or the ChaCha20 key), then this header. `xfrm_mb_aead *` points at the key.
+struct xfrm_mb_aead_info {
     uint8_t salt[4];
     int kind;
     int key_len;
     int icv_len;
 };
+
+/// The key region of every AEAD context of this process (set with the first context; a race writes the same value).
+static size_t aead_key_region;
+
+static struct xfrm_mb_aead_info *aead_info(xfrm_mb_aead *c) {
+    return (struct xfrm_mb_aead_info *)(void *)((uint8_t *)c + aead_key_region);
+}
+
+#define GCM_KEY(c) ((struct gcm_key_data *)(void *)(c))
+
+/// How much of a struct gcm_key_data the GCM code of this manager's architecture fills and reads: the expanded AES
+/// keys and the hash keys of its layout (intel-ipsec-mb.h: SSE and AVX use `sse_avx`, 256 bytes; AVX2 uses
+/// `avx2_avx512`, 128 bytes; only the VAES AVX-512 code needs the 768-byte `vaes_avx512` that makes the struct
+/// 1 KiB). Checked once at run time: a precomputation into a full struct filled with a pattern must leave every
+/// byte past the short length untouched, or the full struct is used.
+static size_t gcm_key_size(IMB_MGR *m) {
+    static size_t size;  // 0: not known yet (a race only repeats the check)
+    if (__builtin_expect(size != 0, 1)) return size;
+    const size_t full = sizeof(struct gcm_key_data);
+    const size_t short_size = offsetof(struct gcm_key_data, ghash_keys) + sizeof(((struct gcm_key_data *)0)->ghash_keys.sse_avx);
+    size_t chosen = full;
+    if (m->used_arch == IMB_ARCH_SSE || m->used_arch == IMB_ARCH_AVX || m->used_arch == IMB_ARCH_AVX2) {
+        struct gcm_key_data *probe = aligned(full);
+        if (probe != NULL) {
+            static const uint8_t k[32] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+                                          17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32};
+            memset(probe, 0x5a, full);
+            IMB_AES128_GCM_PRE(m, k, probe);
+            IMB_AES192_GCM_PRE(m, k, probe);
+            IMB_AES256_GCM_PRE(m, k, probe);
+            int untouched = 1;
+            for (size_t i = short_size; i < full; i++) untouched &= ((uint8_t *)probe)[i] == 0x5a;
+            if (untouched) chosen = short_size;
+            wipe(probe, full);
+            free(probe);
+        }
+    }
+    size = chosen;
+    return chosen;
+}
 
 xfrm_mb_aead *xfrm_mb_aead_new(int kind, const void *key, size_t key_len, const void *salt4, int icv_len) {
     IMB_MGR *m = mgr();
@@ -84,46 +125,50 @@ xfrm_mb_aead *xfrm_mb_aead_new(int kind, const void *key, size_t key_len, const 
     default:
         return NULL;
     }
-    xfrm_mb_aead *c = aligned(sizeof(*c));
+    aead_key_region = gcm_key_size(m);  // ≥ 32: also holds a ChaCha20 key
+    size_t size = aead_key_region + sizeof(struct xfrm_mb_aead_info);
+    xfrm_mb_aead *c = aligned(size);
     if (c == NULL) return NULL;
-    c->kind = kind;
-    c->key_len = (int)key_len;
-    c->icv_len = icv_len;
-    memcpy(c->salt, salt4, 4);
+    struct xfrm_mb_aead_info *info = aead_info(c);
+    info->kind = kind;
+    info->key_len = (int)key_len;
+    info->icv_len = icv_len;
+    memcpy(info->salt, salt4, 4);
     if (kind == XFRM_MB_CHACHA20_POLY1305) {
-        memcpy(c->chacha_key, key, 32);
+        memcpy(c, key, 32);
     } else if (key_len == 16) {
-        IMB_AES128_GCM_PRE(m, key, &c->gcm);
+        IMB_AES128_GCM_PRE(m, key, GCM_KEY(c));
     } else if (key_len == 24) {
-        IMB_AES192_GCM_PRE(m, key, &c->gcm);
+        IMB_AES192_GCM_PRE(m, key, GCM_KEY(c));
     } else {
-        IMB_AES256_GCM_PRE(m, key, &c->gcm);
+        IMB_AES256_GCM_PRE(m, key, GCM_KEY(c));
     }
     return c;
 }
 
 void xfrm_mb_aead_free(xfrm_mb_aead *c) {
     if (c == NULL) return;
-    wipe(c, sizeof(*c));
+    wipe(c, aead_key_region + sizeof(struct xfrm_mb_aead_info));
     free(c);
 }
 
 /// Runs GCM (enc != 0: seal) over data with AAD aad1; writes the tag to `tag`.
 static void gcm_run(IMB_MGR *m, xfrm_mb_aead *c, const uint8_t nonce[12], const void *aad, size_t aad_len,
                     void *data, size_t len, void *tag, int enc) {
+    const struct xfrm_mb_aead_info *i = aead_info(c);
     struct gcm_context_data ctx;
-    switch (c->key_len) {
+    switch (i->key_len) {
     case 16:
-        if (enc) IMB_AES128_GCM_ENC(m, &c->gcm, &ctx, data, data, len, nonce, aad, aad_len, tag, c->icv_len);
-        else IMB_AES128_GCM_DEC(m, &c->gcm, &ctx, data, data, len, nonce, aad, aad_len, tag, c->icv_len);
+        if (enc) IMB_AES128_GCM_ENC(m, GCM_KEY(c), &ctx, data, data, len, nonce, aad, aad_len, tag, i->icv_len);
+        else IMB_AES128_GCM_DEC(m, GCM_KEY(c), &ctx, data, data, len, nonce, aad, aad_len, tag, i->icv_len);
         break;
     case 24:
-        if (enc) IMB_AES192_GCM_ENC(m, &c->gcm, &ctx, data, data, len, nonce, aad, aad_len, tag, c->icv_len);
-        else IMB_AES192_GCM_DEC(m, &c->gcm, &ctx, data, data, len, nonce, aad, aad_len, tag, c->icv_len);
+        if (enc) IMB_AES192_GCM_ENC(m, GCM_KEY(c), &ctx, data, data, len, nonce, aad, aad_len, tag, i->icv_len);
+        else IMB_AES192_GCM_DEC(m, GCM_KEY(c), &ctx, data, data, len, nonce, aad, aad_len, tag, i->icv_len);
         break;
     default:
-        if (enc) IMB_AES256_GCM_ENC(m, &c->gcm, &ctx, data, data, len, nonce, aad, aad_len, tag, c->icv_len);
-        else IMB_AES256_GCM_DEC(m, &c->gcm, &ctx, data, data, len, nonce, aad, aad_len, tag, c->icv_len);
+        if (enc) IMB_AES256_GCM_ENC(m, GCM_KEY(c), &ctx, data, data, len, nonce, aad, aad_len, tag, i->icv_len);
+        else IMB_AES256_GCM_DEC(m, GCM_KEY(c), &ctx, data, data, len, nonce, aad, aad_len, tag, i->icv_len);
         break;
     }
     wipe(&ctx, sizeof(ctx));
@@ -132,25 +177,26 @@ static void gcm_run(IMB_MGR *m, xfrm_mb_aead *c, const uint8_t nonce[12], const 
 /// GMAC (RFC 4543): everything is AAD, in two pieces.
 static void gmac_run(IMB_MGR *m, xfrm_mb_aead *c, const uint8_t nonce[12], const void *a1, size_t l1, const void *a2,
                      size_t l2, void *tag) {
+    const struct xfrm_mb_aead_info *i = aead_info(c);
     struct gcm_context_data ctx;
-    switch (c->key_len) {
+    switch (i->key_len) {
     case 16:
-        IMB_AES128_GMAC_INIT(m, &c->gcm, &ctx, nonce, 12);
-        if (l1) IMB_AES128_GMAC_UPDATE(m, &c->gcm, &ctx, a1, l1);
-        if (l2) IMB_AES128_GMAC_UPDATE(m, &c->gcm, &ctx, a2, l2);
-        IMB_AES128_GMAC_FINALIZE(m, &c->gcm, &ctx, tag, c->icv_len);
+        IMB_AES128_GMAC_INIT(m, GCM_KEY(c), &ctx, nonce, 12);
+        if (l1) IMB_AES128_GMAC_UPDATE(m, GCM_KEY(c), &ctx, a1, l1);
+        if (l2) IMB_AES128_GMAC_UPDATE(m, GCM_KEY(c), &ctx, a2, l2);
+        IMB_AES128_GMAC_FINALIZE(m, GCM_KEY(c), &ctx, tag, i->icv_len);
         break;
     case 24:
-        IMB_AES192_GMAC_INIT(m, &c->gcm, &ctx, nonce, 12);
-        if (l1) IMB_AES192_GMAC_UPDATE(m, &c->gcm, &ctx, a1, l1);
-        if (l2) IMB_AES192_GMAC_UPDATE(m, &c->gcm, &ctx, a2, l2);
-        IMB_AES192_GMAC_FINALIZE(m, &c->gcm, &ctx, tag, c->icv_len);
+        IMB_AES192_GMAC_INIT(m, GCM_KEY(c), &ctx, nonce, 12);
+        if (l1) IMB_AES192_GMAC_UPDATE(m, GCM_KEY(c), &ctx, a1, l1);
+        if (l2) IMB_AES192_GMAC_UPDATE(m, GCM_KEY(c), &ctx, a2, l2);
+        IMB_AES192_GMAC_FINALIZE(m, GCM_KEY(c), &ctx, tag, i->icv_len);
         break;
     default:
-        IMB_AES256_GMAC_INIT(m, &c->gcm, &ctx, nonce, 12);
-        if (l1) IMB_AES256_GMAC_UPDATE(m, &c->gcm, &ctx, a1, l1);
-        if (l2) IMB_AES256_GMAC_UPDATE(m, &c->gcm, &ctx, a2, l2);
-        IMB_AES256_GMAC_FINALIZE(m, &c->gcm, &ctx, tag, c->icv_len);
+        IMB_AES256_GMAC_INIT(m, GCM_KEY(c), &ctx, nonce, 12);
+        if (l1) IMB_AES256_GMAC_UPDATE(m, GCM_KEY(c), &ctx, a1, l1);
+        if (l2) IMB_AES256_GMAC_UPDATE(m, GCM_KEY(c), &ctx, a2, l2);
+        IMB_AES256_GMAC_FINALIZE(m, GCM_KEY(c), &ctx, tag, i->icv_len);
         break;
     }
     wipe(&ctx, sizeof(ctx));
@@ -159,12 +205,12 @@ static void gmac_run(IMB_MGR *m, xfrm_mb_aead *c, const uint8_t nonce[12], const
 static void chacha_run(IMB_MGR *m, xfrm_mb_aead *c, const uint8_t nonce[12], const void *aad, size_t aad_len,
                        void *data, size_t len, void *tag, int enc) {
     struct chacha20_poly1305_context_data ctx;
-    IMB_CHACHA20_POLY1305_INIT(m, c->chacha_key, &ctx, nonce, aad, aad_len);
+    IMB_CHACHA20_POLY1305_INIT(m, c, &ctx, nonce, aad, aad_len);
     if (enc) {
-        IMB_CHACHA20_POLY1305_ENC_UPDATE(m, c->chacha_key, &ctx, data, data, len);
+        IMB_CHACHA20_POLY1305_ENC_UPDATE(m, c, &ctx, data, data, len);
         IMB_CHACHA20_POLY1305_ENC_FINALIZE(m, &ctx, tag, 16);
     } else {
-        IMB_CHACHA20_POLY1305_DEC_UPDATE(m, c->chacha_key, &ctx, data, data, len);
+        IMB_CHACHA20_POLY1305_DEC_UPDATE(m, c, &ctx, data, data, len);
         IMB_CHACHA20_POLY1305_DEC_FINALIZE(m, &ctx, tag, 16);
     }
     wipe(&ctx, sizeof(ctx));
@@ -175,9 +221,9 @@ static int aead_run(xfrm_mb_aead *c, const void *iv8, const void *aad1, size_t a
     IMB_MGR *m = mgr();
     if (m == NULL) return 0;
     uint8_t nonce[12];
-    memcpy(nonce, c->salt, 4);
+    memcpy(nonce, aead_info(c)->salt, 4);
     memcpy(nonce + 4, iv8, 8);
-    switch (c->kind) {
+    switch (aead_info(c)->kind) {
     case XFRM_MB_AES_GMAC:
         if (data_len != 0) return 0;
         gmac_run(m, c, nonce, aad1, aad1_len, aad2, aad2_len, tag);
@@ -205,7 +251,7 @@ int xfrm_mb_aead_open(xfrm_mb_aead *c, const void *iv8, const void *aad1, size_t
                       size_t aad2_len, void *data, size_t data_len, const void *tag) {
     uint8_t computed[16];
     if (!aead_run(c, iv8, aad1, aad1_len, aad2, aad2_len, data, data_len, computed, 0)) return 0;
-    return ct_equal(computed, tag, (size_t)c->icv_len);
+    return ct_equal(computed, tag, (size_t)aead_info(c)->icv_len);
 }
 
 // MARK: - AES-CBC with HMAC-SHA-1/2 (the job API)

@@ -278,8 +278,10 @@ public final class XfrmControlServer: XfrmTransport {
                 guard crypt == nil && auth == nil && authTrunc == nil else {
                     throw AlgorithmError("An AEAD algorithm cannot be combined with enc or auth")
                 }
-                config.crypto = try .aead(name: aead.name, key: aead.key, icvBits: Int(aead.lengthBits))
-                config.algorithms.aead = .init(name: AEADAlgorithm(name: aead.name)!.name, key: SecretKey(aead.key),
+                let spec = try ESPCryptoSpec.aead(name: aead.name, key: aead.key, icvBits: Int(aead.lengthBits))
+                config.crypto = spec
+                // The listing's copy shares the spec's key storage (one wiped copy per SA, not two).
+                config.algorithms.aead = .init(name: AEADAlgorithm(name: aead.name)!.name, key: spec.keys.key,
                                                bits: Int(aead.lengthBits))
             } else if let crypt {
                 let a = authTrunc ?? auth
@@ -287,11 +289,13 @@ public final class XfrmControlServer: XfrmTransport {
                 if let t = authTrunc { trunc = Int(t.lengthBits) } else if let a = auth, let alg = AuthAlgorithm(name: a.name) {
                     trunc = alg.kernelDefaultTruncationBits
                 }
-                config.crypto = try .cipher(name: crypt.name, key: crypt.key, authName: a?.name, authKey: a?.key ?? [],
-                                            truncationBits: trunc)
-                config.algorithms.encryption = .init(name: CipherAlgorithm(name: crypt.name)!.name, key: SecretKey(crypt.key))
+                let spec = try ESPCryptoSpec.cipher(name: crypt.name, key: crypt.key, authName: a?.name,
+                                                    authKey: a?.key ?? [], truncationBits: trunc)
+                config.crypto = spec
+                config.algorithms.encryption = .init(name: CipherAlgorithm(name: crypt.name)!.name, key: spec.keys.key)
                 if let a, let alg = AuthAlgorithm(name: a.name) {
-                    config.algorithms.authentication = .init(name: alg.name, key: SecretKey(a.key), bits: trunc ?? 0)
+                    config.algorithms.authentication = .init(name: alg.name, key: spec.keys.authKey ?? SecretKey(a.key),
+                                                             bits: trunc ?? 0)
                 }
             } else {
                 throw AlgorithmError("ESP requires an encryption (enc) or AEAD (aead) algorithm")

@@ -9,7 +9,7 @@ import XFRMPacket
 /// reqid. Read-mostly: the data path takes the table lock only for the lookup itself; per-SA state has its own lock.
 public final class StateDatabase: @unchecked Sendable {
     private struct Tables {
-        var bySPI: [SAID: [SecurityAssociation]] = [:]
+        var bySPI: [SAID: SAChain] = [:]
         /// Every SA, oldest first (dumps walk it backwards: the kernel links new states at the list head). Sorted
         /// by generation; a removed SA leaves a nil (found by binary search, so deletes cost O(log n), not a scan and
         /// a shift of 100,000 entries), and the holes are squeezed out when they are half the array.
@@ -135,7 +135,7 @@ public final class StateDatabase: @unchecked Sendable {
             if let larval { Self.unlink(&t, larval) }
             t.generation += 1
             sa.generation = t.generation
-            t.bySPI[sa.id, default: []].insert(sa, at: 0)
+            t.bySPI.link(sa, under: sa.id)
             t.append(sa)
             return larval
         }
@@ -159,8 +159,7 @@ public final class StateDatabase: @unchecked Sendable {
     }
 
     private static func unlink(_ t: inout Tables, _ sa: SecurityAssociation) {
-        t.bySPI[sa.id]?.removeAll { $0 === sa }
-        if t.bySPI[sa.id]?.isEmpty == true { t.bySPI[sa.id] = nil }
+        t.bySPI.unlink(sa, under: sa.id)
         t.removeFromAll(sa)
         sa.markDead()
     }
@@ -187,7 +186,7 @@ public final class StateDatabase: @unchecked Sendable {
                 Self.unlink(&t, old)
                 t.generation += 1
                 sa.generation = t.generation
-                t.bySPI[sa.id, default: []].insert(sa, at: 0)
+                t.bySPI.link(sa, under: sa.id)
                 t.append(sa)
                 return sa
             }
@@ -245,7 +244,7 @@ public final class StateDatabase: @unchecked Sendable {
         return self.tables.withLock { t in
             t.generation += 1
             sa.generation = t.generation
-            t.bySPI[sa.id, default: []].insert(sa, at: 0)
+            t.bySPI.link(sa, under: sa.id)
             t.append(sa)
         }
     }

@@ -25,13 +25,7 @@ struct StateOutputIndex {
         let proto: UInt8
     }
 
-    /// Most chains hold one SA: kept inline, without an array of its own.
-    private enum Chain {
-        case one(SecurityAssociation)
-        case many([SecurityAssociation])
-    }
-
-    private var chains: [Key: Chain] = [:]
+    private var chains: [Key: SAChain] = [:]
     private var perCPUByTarget: [Target: Int] = [:]
     /// Linked SAs bound to a CPU (XFRMA_SA_PCPU).
     private(set) var perCPU = 0 {
@@ -65,15 +59,7 @@ struct StateOutputIndex {
 
     /// Links an SA; it must be newer (a higher generation) than every SA already linked.
     mutating func insert(_ sa: SecurityAssociation) {
-        let key = Self.key(sa)
-        switch self.chains[key] {
-        case nil: self.chains[key] = .one(sa)
-        case .one(let first)?: self.chains[key] = .many([first, sa])
-        case .many(var list)?:
-            self.chains[key] = nil  // keep the array uniquely referenced while it grows
-            list.append(sa)
-            self.chains[key] = .many(list)
-        }
+        self.chains.link(sa, under: Self.key(sa))
         if sa.config.pcpuNum != nil {
             self.perCPU += 1
             self.perCPUByTarget[Self.target(sa), default: 0] += 1
@@ -81,18 +67,7 @@ struct StateOutputIndex {
     }
 
     mutating func remove(_ sa: SecurityAssociation) {
-        let key = Self.key(sa)
-        switch self.chains[key] {
-        case .one(let x)? where x === sa:
-            self.chains[key] = nil
-        case .many(var list)?:
-            guard let i = list.lastIndex(where: { $0 === sa }) else { return }
-            self.chains[key] = nil
-            list.remove(at: i)
-            self.chains[key] = list.count == 1 ? .one(list[0]) : .many(list)
-        default:
-            return
-        }
+        guard self.chains.unlink(sa, under: Self.key(sa)) else { return }
         if sa.config.pcpuNum != nil {
             self.perCPU -= 1
             let t = Self.target(sa)
@@ -103,13 +78,9 @@ struct StateOutputIndex {
     /// Calls `body` with the chain's SAs, newest first, until it returns true; returns whether it did.
     @inline(__always)
     func visit(_ key: Key, _ body: (SecurityAssociation) -> Bool) -> Bool {
-        switch self.chains[key] {
-        case nil: return false
-        case .one(let sa)?: return body(sa)
-        case .many(let list)?:
-            for sa in list.reversed() where body(sa) { return true }
-            return false
-        }
+        guard let chain = self.chains[key] else { return false }
+        for sa in chain where body(sa) { return true }
+        return false
     }
 
     /// Whether any per-CPU SA serves this tunnel.

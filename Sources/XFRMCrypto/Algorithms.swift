@@ -182,6 +182,14 @@ public enum ESPCryptoSpec: Sendable {
     /// Encryption plus optional integrity (nil only for encryption-only SAs such as RFC 3602's test cases).
     case cipher(CipherAlgorithm, key: SecretKey, auth: AuthAlgorithm?, authKey: SecretKey?, truncationBits: Int)
 
+    /// The key storage: the AEAD or encryption key, and the integrity key if any.
+    public var keys: (key: SecretKey, authKey: SecretKey?) {
+        switch self {
+        case .aead(_, let key, _): return (key, nil)
+        case .cipher(_, let key, _, let authKey, _): return (key, authKey)
+        }
+    }
+
     /// Validates an AEAD choice: `ip xfrm state ... aead NAME KEY ICV-BITS`.
     public static func aead(name: String, key: [UInt8], icvBits: Int) throws(AlgorithmError) -> ESPCryptoSpec {
         guard let alg = AEADAlgorithm(name: name) else {

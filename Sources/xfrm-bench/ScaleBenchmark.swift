@@ -5,7 +5,7 @@
 // Each row uses a fresh XFRMStack in this process and goes through the stack's own API, as the control server does:
 // SAs are realistic AES-128-GCM-16 tunnel-mode SAs (rfc4106(gcm(aes)), 20-byte key with salt, replay window 32,
 // distinct SPIs and peers, with the algorithm name and key copy the control server keeps for listings) built with
-// `makeSA` (keys checked, OpenSSL context keyed) and added with `addState`;
+// `makeSA` (keys checked, the stack's crypto backend keyed: ipsec-mb where it runs) and added with `addState`;
 // policies are tunnel policies with one ESP template (subnet-to-subnet selectors, out/in/fwd mixed, a few with ports)
 // added with `addPolicy`. Memory is the growth of the process's resident set (/proc/self/statm) over the adds,
 // divided by the count; between rows everything is deleted and malloc_trim returns freed memory to the system, so a
@@ -39,7 +39,7 @@ private struct ScaleRow {
     var sas = 0
     var bytesPerSA = 0.0
     var heapPerSA = 0.0
-    /// Of the heap per SA: the OpenSSL cipher (its pre-keyed EVP context and the shim's wrapper).
+    /// Of the heap per SA: the cipher of the stack's backend (its pre-keyed context and the wrapper).
     var cipherHeapPerSA = 0.0
     var saAddsPerSecond = 0.0
     var saDeletesPerSecond = 0.0
@@ -66,8 +66,8 @@ private func scaleSA(_ i: Int, on stack: XFRMStack) throws -> SecurityAssociatio
         id: SAID(destination: peer, spi: 0x1000 &+ UInt32(truncatingIfNeeded: i)), source: IPAddress("192.0.2.1")!,
         selector: .any(family: 0), reqid: UInt32(truncatingIfNeeded: i) &+ 1, mode: .tunnel, replayWindow: 32,
         crypto: crypto)
-    // As the control server keeps it for listings (XFRMA_ALG_AEAD): the name and a copy of the key.
-    config.algorithms.aead = .init(name: "rfc4106(gcm(aes))", key: SecretKey(key), bits: 128)
+    // As the control server keeps it for listings (XFRMA_ALG_AEAD): the name and the key (sharing the spec's storage).
+    config.algorithms.aead = .init(name: "rfc4106(gcm(aes))", key: crypto.keys.key, bits: 128)
     return try stack.makeSA(config)
 }
 
@@ -117,7 +117,7 @@ func scaleBenchmark(saCounts: [Int] = [1_000, 10_000, 100_000, 100_000],
         row.bytesPerSA = Double(residentBytes() - r0 - idsBytes) / Double(sas)
         row.heapPerSA = Double(heapBytes() - h0 - idsBytes) / Double(sas)
         do {
-            // The share of the OpenSSL cipher alone: as many ciphers as SAs, same keys, nothing else.
+            // The share of the cipher alone: as many ciphers of the stack's backend as SAs, nothing else.
             let n = min(sas, 10_000)
             let h = heapBytes()
             var ciphers: [any ESPCipher] = []
@@ -126,7 +126,7 @@ func scaleBenchmark(saCounts: [Int] = [1_000, 10_000, 100_000, 100_000],
             for i in 0..<n {
                 let spec = try! ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))", key: [UInt8](repeating: UInt8(i & 0xff), count: 20),
                                                    icvBits: 128)
-                ciphers.append(try! OpenSSLBackend().makeCipher(spec))
+                ciphers.append(try! stack.backend.makeCipher(spec))
             }
             row.cipherHeapPerSA = Double(heapBytes() - h - arrayBytes) / Double(n)
         }

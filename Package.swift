@@ -3,7 +3,8 @@ import PackageDescription
 
 // Modules by responsibility, dependencies pointing down (an arrow means "imports"):
 //   executables   xfrm (the command: wire types, the offline session, the kernel and daemon transports; no benchmark,
-//                 no test kit), xfrmd (the daemon), esp-tool, xfrm-bench (benchmarks; the only one linking them)
+//                 no test kit), xfrmd (the daemon), esp-tool, xfrm-bench (benchmarks; the only one linking them),
+//                 xfrm-bridge (C) with libxfrmbridge.so (CXFRMBridge, C): NETLINK_XFRM of any program to xfrmd
 //   XFRMDaemon    xfrmd's control socket, data path (TUN, ESP sockets), metrics  → Engine, Control, SimulatedNIC
 //   XFRMOffline   the in-process session behind `xfrm --offline`, pcap, demo    → SimHost, Control, CommandLine
 //   XFRMKernel    NETLINK_XFRM to the Linux kernel                               → Wire, CommandLine
@@ -27,6 +28,10 @@ let package = Package(
         .executable(name: "esp-tool", targets: ["esp-tool"]),
         .executable(name: "xfrm-bench", targets: ["xfrm-bench"]),
         .executable(name: "xfrmd", targets: ["xfrmd"]),
+        // An unmodified XFRM-netlink program (iproute2's `ip xfrm`, strongSwan's charon) driving xfrmd:
+        // `xfrm-bridge [-S PATH] COMMAND…` preloads libxfrmbridge.so (C, no Swift runtime) into COMMAND.
+        .library(name: "xfrmbridge", type: .dynamic, targets: ["CXFRMBridge"]),
+        .executable(name: "xfrm-bridge", targets: ["xfrm-bridge"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -44,6 +49,11 @@ let package = Package(
             cSettings: [.unsafeFlags(["-O2"])],
             linkerSettings: [.linkedLibrary("IPSec_MB")]
         ),
+        .target(
+            name: "CXFRMBridge", cSettings: [.unsafeFlags(["-O2", "-fvisibility=hidden"])],
+            // Preloaded into C programs: no Swift runtime among its dependencies.
+            linkerSettings: [.unsafeFlags(["-Xlinker", "--as-needed"])]),
+        .executableTarget(name: "xfrm-bridge"),
         .target(name: "XFRMPacket"),
         .target(name: "XFRMCrypto", dependencies: ["CXFRMCrypto", "CXFRMIPsecMB", "XFRMPacket"]),
         .target(name: "XFRMESP", dependencies: ["XFRMCrypto", "XFRMPacket"]),

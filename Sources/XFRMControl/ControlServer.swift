@@ -14,8 +14,11 @@ public final class XfrmControlServer: XfrmTransport {
 
     public init(stack: XFRMStack) { self.stack = stack }
 
+    /// The acknowledgement of a request that succeeded: only when it asked with NLM_F_ACK (≈ netlink_rcv_skb, which
+    /// acks a success only then; iproute2's `deleteall` sends without it and takes any reply for an error).
     private func ack(_ m: XfrmMessage) -> [XfrmMessage] {
-        [Self.errorReply(to: NetlinkHeader(length: UInt32(m.encode().count), type: m.type, flags: m.flags,
+        guard m.flags & NetlinkFlags.ack != 0 else { return [] }
+        return [Self.errorReply(to: NetlinkHeader(length: UInt32(m.encode().count), type: m.type, flags: m.flags,
                                            sequence: m.sequence, portID: m.portID), errno: 0, message: "")]
     }
 

@@ -451,6 +451,13 @@ public struct XfrmReplayStateESN: Equatable, Sendable {
         s.oseqHi = try r.u32()
         s.seqHi = try r.u32()
         s.replayWindow = try r.u32()
+        if bytes.count == 24 {
+            // The header alone stands for a zero bitmap of bmp_len words (≈ verify_replay, which accepts exactly
+            // sizeof(struct xfrm_replay_state_esn), and xfrm_alloc_replay_state_esn, which zero-fills the rest):
+            // iproute2's `ip xfrm state add … flag esn` sends it so.
+            s.bitmap = [UInt32](repeating: 0, count: Int(n))
+            return s
+        }
         for _ in 0..<n { s.bitmap.append(try r.u32("bitmap")) }
         return s
     }

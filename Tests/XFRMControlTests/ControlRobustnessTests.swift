@@ -48,7 +48,23 @@ struct ControlRobustnessTests {
         }
     }
 
-    @Test("mutated and random requests never crash the server and get an answer")
+    @Test("a success is acknowledged only with NLM_F_ACK; an error is always answered (netlink_rcv_skb)")
+    func acknowledgements() throws {
+        let rec = Recorder(XfrmControlServer(stack: XFRMStack(clock: ManualClock())))
+        _ = try runXfrmCommand(Self.commands[0], options: XfrmCLIOptions(), transport: rec)
+        var add = try #require(rec.requests.first)
+        #expect(add.flags & NetlinkFlags.ack != 0)
+        let server = XfrmControlServer(stack: XFRMStack(clock: ManualClock()))
+        add.flags &= ~NetlinkFlags.ack
+        #expect(server.request(add).isEmpty)
+        guard case .error(let errno, _)? = server.request(add).first?.body else {
+            Issue.record("a duplicate add without NLM_F_ACK got no error")
+            return
+        }
+        #expect(errno == -17)
+    }
+
+    @Test("mutated and random requests never crash the server and get an answer (silence only for a success not asking for NLM_F_ACK)")
     func mutations() throws {
         let stack = XFRMStack(clock: ManualClock())
         let server = XfrmControlServer(stack: stack)
@@ -74,7 +90,8 @@ struct ControlRobustnessTests {
             for m in msgs where m.flags & NetlinkFlags.request != 0 {
                 decoded += 1
                 let replies = server.request(m)
-                if !replies.isEmpty { answered += 1 }
+                // ≈ netlink_rcv_skb: a success is acknowledged only when asked; an error always is.
+                if !replies.isEmpty || m.flags & NetlinkFlags.ack == 0 { answered += 1 }
             }
         }
         #expect(decoded > 100)

@@ -47,6 +47,18 @@ struct ReplayStateTests {
         #expect(r.bitmap == [0x8000_0001, 0x0000_0010])
     }
 
+    @Test("XFRMA_REPLAY_ESN_VAL without its bitmap (iproute2's form) is a zero bitmap of bmp_len words; a cut bitmap is refused")
+    func esnHeaderOnly() throws {
+        // bmp_len 2, oseq 0, seq 5, oseq_hi 0, seq_hi 0, replay_window 64: 24 bytes, as `ip xfrm state add … flag esn`
+        // sends them (≈ verify_replay accepting sizeof(struct xfrm_replay_state_esn)).
+        var header: [UInt8] = []
+        for v: UInt32 in [2, 0, 5, 0, 0, 64] { withUnsafeBytes(of: v.littleEndian) { header += $0 } }
+        let r = try XfrmReplayStateESN.decode(header)
+        #expect(r.bitmap == [0, 0])
+        #expect((r.seq, r.replayWindow) == (5, 64))
+        #expect(throws: WireError.self) { try XfrmReplayStateESN.decode(header + [0, 0, 0, 0]) }
+    }
+
     @Test("a legacy bitmap given with XFRMA_REPLAY_VAL is restored and dumped back")
     func legacyBitmap() throws {
         let cmd = "state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 mode tunnel aead rfc4106(gcm(aes)) "

@@ -1,0 +1,132 @@
+"""xfrm-bridge: unmodified programs that speak XFRM netlink (iproute2's `ip xfrm`, a Python netlink socket) drive
+xfrmd through libxfrmbridge.so (LD_PRELOAD), while everything else they do (NETLINK_ROUTE) stays with the kernel.
+
+Each test starts its own xfrmd in a network namespace of its own (the fixtures of test_daemon.py). The kernel of this
+host answers XFRM policy requests, so a policy that reached the kernel instead of the daemon would show in the
+namespace's own `ip xfrm policy` listing: each test checks that it stays empty."""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from test_daemon import KEY, LINES, daemon, netns, xfrm_s  # noqa: F401 (fixtures)
+
+
+def bridge_path() -> str:
+    return str(Path(os.environ["XFRM_TOOL"]).with_name("xfrm-bridge"))
+
+
+def bridged(netns, sock, *argv, check=False, timeout=60):
+    return subprocess.run(["ip", "netns", "exec", netns, bridge_path(), "-S", str(sock), *argv], capture_output=True,
+                          text=True, timeout=timeout, check=check)
+
+
+def kernel_xfrm(netns, what):
+    return subprocess.run(["ip", "netns", "exec", netns, "ip", "xfrm", what, "list"], capture_output=True, text=True,
+                          timeout=30, check=True).stdout
+
+
+def test_ip_xfrm_through_the_bridge_configures_the_daemon_and_lists_what_xfrm_lists(daemon, netns):
+    sock, _ = daemon
+    for line in LINES:
+        r = bridged(netns, sock, "ip", "xfrm", *line.split())
+        assert r.returncode == 0, (line, r.stderr)
+    for what in ["state", "policy"]:
+        via_ip = bridged(netns, sock, "ip", "xfrm", what, "list")
+        assert via_ip.returncode == 0, via_ip.stderr
+        assert via_ip.stdout == xfrm_s(sock, what, "list").stdout != "", what
+        assert kernel_xfrm(netns, what) == "", f"the kernel got the {what}s"
+    r = bridged(netns, sock, "ip", "xfrm", "state", "deleteall")
+    assert r.returncode == 0, r.stderr
+    assert xfrm_s(sock, "state", "count").stdout == "\t SAD count 0\n"
+
+
+def test_errors_come_back_as_the_kernel_words_them(daemon, netns):
+    sock, _ = daemon
+    assert bridged(netns, sock, "ip", "xfrm", *LINES[0].split()).returncode == 0
+    r = bridged(netns, sock, "ip", "xfrm", *LINES[0].split())
+    assert (r.returncode, r.stderr) == (2, "RTNETLINK answers: File exists\n")
+    r = bridged(netns, sock, "ip", "xfrm", "state", "get", "src", "192.0.2.1", "dst", "192.0.2.9", "proto", "esp",
+                "spi", "0x999")
+    assert (r.returncode, r.stderr) == (2, "RTNETLINK answers: No such process\n")
+
+
+def test_monitor_through_the_bridge_sees_what_another_client_changes(daemon, netns):
+    sock, _ = daemon
+    mon = subprocess.Popen(["ip", "netns", "exec", netns, bridge_path(), "-S", str(sock), "ip", "xfrm", "monitor"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # let it join the groups
+        add = ["state", "add", "src", "192.0.2.1", "dst", "192.0.2.3", "proto", "esp", "spi", "0x301", "reqid", "3",
+               "mode", "tunnel", "aead", "rfc4106(gcm(aes))", KEY, "128"]
+        assert xfrm_s(sock, *add).returncode == 0
+        assert xfrm_s(sock, "state", "delete", "src", "192.0.2.1", "dst", "192.0.2.3", "proto", "esp", "spi",
+                      "0x301").returncode == 0
+        time.sleep(0.5)
+    finally:
+        mon.terminate()
+        out, err = mon.communicate(timeout=10)
+    listing = xfrm_s(sock, *add[:1], "list").stdout  # nothing left
+    assert listing == ""
+    assert out.count("proto esp spi 0x00000301 reqid 3 mode tunnel") == 2, (out, err)
+    assert "\nDeleted src 192.0.2.1 dst 192.0.2.3\n" in "\n" + out, out
+
+
+NETLINK_PROBE = r"""
+import socket, struct
+SOL_NETLINK, ADD, DROP, EXT_ACK = 270, 1, 2, 11
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 6)
+s.bind((0, 1 << 1))                       # group 2 (EXPIRE) by the legacy bitmask
+pid, groups = s.getsockname()
+s.setsockopt(SOL_NETLINK, ADD, 3)         # and group 3 (SA)
+s.setsockopt(SOL_NETLINK, DROP, 2)
+s.setsockopt(SOL_NETLINK, EXT_ACK, 1)
+print(pid == __import__("os").getpid(), groups, s.getsockname()[1], s.getsockopt(SOL_NETLINK, EXT_ACK),
+      s.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN), s.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL))
+# XFRM_MSG_GETSA dump (type 0x12, NLM_F_REQUEST|NLM_F_DUMP), header pid 0: the answer carries our port id.
+s.sendto(struct.pack("=IHHII", 16, 0x12, 0x301, 77, 0), (0, 0))
+data, addr = s.recvfrom(65536)
+length, kind, flags, seq, rpid = struct.unpack("=IHHII", data[:16])
+print(addr, kind, seq, rpid == pid)
+other = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 6)
+other.bind((0, 0))
+print(other.getsockname()[0] not in (0, pid))
+try:
+    s.sendto(struct.pack("=IHHII", 16, 0x12, 0x301, 78, 0), (4242, 0))
+    print("sent to a user port")
+except ConnectionRefusedError:
+    print("refused")
+"""
+
+
+def test_a_netlink_socket_keeps_netlink_semantics_through_the_bridge(daemon, netns):
+    sock, _ = daemon
+    assert bridged(netns, sock, "ip", "xfrm", *LINES[0].split()).returncode == 0
+    r = bridged(netns, sock, "python3", "-c", NETLINK_PROBE)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "True 2 4 1 16 6",          # pid = process id; groups 2 → 2|3 → 3 only (mask 4); EXT_ACK kept; netlink, XFRM
+        "(0, 0) 16 77 True",        # from the kernel's address; XFRM_MSG_NEWSA (16) answering seq 77 to our port
+        "True",                     # a second socket gets another port id
+        "refused",                  # only port 0 (the kernel) can be sent to
+    ], r.stdout
+
+
+def test_route_netlink_and_other_sockets_stay_with_the_kernel(daemon, netns):
+    sock, _ = daemon
+    plain = subprocess.run(["ip", "netns", "exec", netns, "ip", "-o", "link", "show"], capture_output=True, text=True,
+                           timeout=30, check=True).stdout
+    via = bridged(netns, sock, "ip", "-o", "link", "show")
+    assert via.returncode == 0 and via.stdout == plain != "", via.stderr
+    assert "xfrm0" in via.stdout  # the daemon's TUN device, seen through the kernel's NETLINK_ROUTE
+
+
+def test_the_bridge_says_in_one_line_when_no_daemon_is_there(tmp_path):
+    r = subprocess.run([bridge_path(), "-S", str(tmp_path / "none.sock"), "ip", "xfrm", "state", "list"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"xfrm-bridge: no xfrmd is running at {tmp_path / 'none.sock'} (") and \
+        r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run([bridge_path()], capture_output=True, text=True, timeout=30)
+    assert (r.returncode, r.stderr) == (2, "usage: xfrm-bridge [-S PATH] COMMAND [ARG...]\n")

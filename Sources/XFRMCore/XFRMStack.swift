@@ -240,12 +240,10 @@ public final class XFRMStack: @unchecked Sendable {
         var candidate = min
         let span = UInt64(max) - UInt64(min) + 1
         var tries: UInt64 = 0
-        var seed = UInt32(truncatingIfNeeded: self.clock.now &* 2_654_435_761)
         while tries < Swift.min(span, 65536) {
-            if span > 1 {
-                seed = seed &* 1_103_515_245 &+ 12345
-                candidate = min &+ UInt32(UInt64(seed) % span)
-            }
+            // Random, as xfrm_alloc_spi's get_random_u32_inclusive: two hosts (or daemons) asking in the same second
+            // must not get the same SPI, and nobody may predict the next one.
+            if span > 1 { candidate = UInt32(truncatingIfNeeded: UInt64(min) + UInt64.random(in: 0..<span)) }
             if self.states.isFree(destination: config.id.destination, spi: candidate, proto: config.id.proto) {
                 var c = config
                 c.id.spi = candidate

@@ -5,8 +5,10 @@ scapy is the independent ESP peer. The suite fails (never skips) when the xfrm b
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,40 @@ def pair(tmp_path):
     p = Pair(tmp_path)
     yield p
     p.close()
+
+
+# xfrmd in a network namespace of its own (test_daemon.py, test_bridge.py): the daemon creates its TUN device (xfrm0)
+# there, never on the host.
+
+def xfrmd_path() -> str:
+    return str(Path(os.environ["XFRM_TOOL"]).with_name("xfrmd"))
+
+
+@pytest.fixture
+def netns():
+    name = f"xfrmd-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def daemon(tmp_path, netns):
+    # In a namespace of its own: the daemon creates its TUN device (xfrm0) there, never on the host.
+    sock = tmp_path / "xfrmd.sock"
+    p = subprocess.Popen(["ip", "netns", "exec", netns, xfrmd_path(), "--socket", str(sock), "--log-level", "debug"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 10
+        while not sock.exists():
+            assert p.poll() is None, p.stderr.read()
+            assert time.time() < deadline, "xfrmd did not create its socket"
+            time.sleep(0.05)
+        yield sock, p
+    finally:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()

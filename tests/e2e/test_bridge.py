@@ -1,7 +1,7 @@
 """xfrm-bridge: unmodified programs that speak XFRM netlink (iproute2's `ip xfrm`, a Python netlink socket) drive
 xfrmd through libxfrmbridge.so (LD_PRELOAD), while everything else they do (NETLINK_ROUTE) stays with the kernel.
 
-Each test starts its own xfrmd in a network namespace of its own (the fixtures of test_daemon.py). The kernel of this
+Each test starts its own xfrmd in a network namespace of its own (the `daemon` fixture of conftest.py). The kernel of this
 host answers XFRM policy requests, so a policy that reached the kernel instead of the daemon would show in the
 namespace's own `ip xfrm policy` listing: each test checks that it stays empty."""
 
@@ -10,7 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from test_daemon import KEY, LINES, daemon, netns, xfrm_s  # noqa: F401 (fixtures)
+from test_daemon import KEY, LINES, xfrm_s
 
 
 def bridge_path() -> str:

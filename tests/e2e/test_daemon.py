@@ -11,9 +11,8 @@ import stat
 import struct
 import subprocess
 import time
-from pathlib import Path
 
-import pytest
+from conftest import xfrmd_path
 
 KEY = "0x0102030405060708090a0b0c0d0e0f1011121314"
 LINES = [
@@ -25,40 +24,6 @@ LINES = [
     "reqid 1 mode tunnel",
     "policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir in action block mark 7 mask 0xff",
 ]
-
-
-def xfrmd_path() -> str:
-    return str(Path(os.environ["XFRM_TOOL"]).with_name("xfrmd"))
-
-
-@pytest.fixture
-def netns():
-    name = f"xfrmd-{os.getpid()}-{time.monotonic_ns() % 100000}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    yield name
-    subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-@pytest.fixture
-def daemon(tmp_path, netns):
-    # In a namespace of its own: the daemon creates its TUN device (xfrm0) there, never on the host.
-    sock = tmp_path / "xfrmd.sock"
-    p = subprocess.Popen(["ip", "netns", "exec", netns, xfrmd_path(), "--socket", str(sock), "--log-level", "debug"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 10
-        while not sock.exists():
-            assert p.poll() is None, p.stderr.read()
-            assert time.time() < deadline, "xfrmd did not create its socket"
-            time.sleep(0.05)
-        yield sock, p
-    finally:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 def xfrm_s(sock, *args, check=False):

@@ -28,18 +28,12 @@ from pathlib import Path
 
 import pytest
 
+from charonlib import Charon, parse_swanctl_raw, require_tools, run
 from daemonlib import CLIENT, SERVER, split_gso
 
-CHARON = "/usr/lib/ipsec/charon"
-PLUGINS = Path("/usr/lib/ipsec/plugins")
-PSK = "swift-xfrm-live-interop-psk-0123456789"
 INNER = {"a": "198.51.100.1", "b": "203.0.113.1"}
 OUTER = {False: {"a": "192.0.2.1", "b": "192.0.2.2"}, True: {"a": "2001:db8::1", "b": "2001:db8::2"}}
 TRANSFER = 3 * 1024 * 1024
-
-
-def run(*argv, check=True, timeout=60, **kw):
-    return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=check, **kw)
 
 
 # strongSwan's ESP proposal → what `swanctl --list-sas` reports for it, and the ALGO-LIST words of
@@ -55,31 +49,6 @@ ALGORITHMS = {
     "aes128-sha256": ({"encr-alg": "AES_CBC", "encr-keysize": "128", "integ-alg": "HMAC_SHA2_256_128"}, 16, 32,
                       lambda enc, integ: f"enc cbc(aes) 0x{enc.hex()} auth-trunc hmac(sha256) 0x{integ.hex()} 128"),
 }
-
-
-def require_tools():
-    """The suite never skips: a missing strongSwan piece is a failure that names the package to install."""
-    missing = [t for t in ("swanctl", "tcpdump", "busybox", "python3") if shutil.which(t) is None]
-    missing += [p for p in (CHARON,) if not os.access(p, os.X_OK)]
-    for plugin, package in [("kernel-libipsec", "libcharon-extra-plugins"), ("chapoly", "libstrongswan-extra-plugins"),
-                            ("gcm", "libstrongswan-standard-plugins"), ("openssl", "libstrongswan-standard-plugins"),
-                            ("vici", "strongswan-charon"), ("curve25519", "libstrongswan-standard-plugins")]:
-        if not (PLUGINS / f"libstrongswan-{plugin}.so").exists():
-            missing.append(f"{PLUGINS}/libstrongswan-{plugin}.so ({package})")
-    if missing:
-        pytest.fail("strongSwan live interop cannot run, missing: " + ", ".join(missing) +
-                    " (apt-get install strongswan-charon strongswan-swanctl libcharon-extra-plugins "
-                    "libstrongswan-standard-plugins libstrongswan-extra-plugins tcpdump busybox; scripts/test.sh "
-                    "installs them)", pytrace=False)
-
-
-def parse_swanctl_raw(text: str) -> dict:
-    """`swanctl --list-sas --raw` of a single IKE_SA with a single CHILD_SA → {"ike": {...}, "child": {...}}: the
-    key=value pairs of each level (lists such as local-ts are kept as their bracketed text)."""
-    body = text.split("list-sa event", 1)[1] if "list-sa event" in text else ""
-    ike_part, _, child_part = body.partition("child-sas {")
-    pairs = lambda s: dict(re.findall(r"([\w-]+)=(\[[^\]]*\]|[^\s{}]+)", s))
-    return {"ike": pairs(ike_part), "child": pairs(child_part)}
 
 
 def parse_child_keys(log: str) -> tuple[dict, dict]:
@@ -126,7 +95,7 @@ class LivePeers:
         self.dev = {"a": f"sa{tag}", "b": f"sb{tag}"}
         # Short: the vici and control sockets are Unix sockets (108-byte paths), which pytest's tmp_path can exceed.
         self.dir = Path(tempfile.mkdtemp(prefix="xss-", dir="/tmp"))
-        self.charon: dict[str, subprocess.Popen] = {}
+        self.charons: dict[str, Charon] = {}
         self.xfrmd: subprocess.Popen | None = None
         self.xfrmd_log = ""
         self.sock = self.dir / "xfrmd.sock"
@@ -144,17 +113,11 @@ class LivePeers:
     def exec(self, side, *argv, **kw):
         return run("ip", "netns", "exec", self.ns[side], *argv, **kw)
 
-    def vici(self, side):
-        return f"unix://{self.dir / side / 'charon.vici'}"
-
     def swanctl(self, side, *args, timeout=30):
-        r = run("swanctl", *args, "--uri", self.vici(side), check=False, timeout=timeout)
-        assert r.returncode == 0, (f"swanctl {' '.join(args)} on {side} failed", r.stdout, r.stderr, self.diag())
-        return r.stdout
+        return self.charons[side].swanctl(*args, timeout=timeout, diag=self.diag)
 
     def log(self, side) -> str:
-        p = self.dir / side / "charon.log"
-        return p.read_text(errors="replace") if p.exists() else ""
+        return self.charons[side].log() if side in self.charons else ""
 
     def diag(self) -> str:
         """The tails of both charon logs and xfrmd's output, for assertion messages."""
@@ -180,41 +143,10 @@ class LivePeers:
 
     def _charons(self):
         for side, peer in [("a", "b"), ("b", "a")]:
-            d = self.dir / side
-            d.mkdir()
-            # strongSwan's parser wants one setting a line.
-            (d / "strongswan.conf").write_text("\n".join([
-                "charon {",
-                "load = random nonce openssl aes sha1 sha2 hmac gcm chapoly kdf pem pkcs1 x509 pubkey gmp "
-                "curve25519 kernel-libipsec kernel-netlink socket-default vici updown",
-                "plugins {", "vici {", f"socket = {self.vici(side)}", "}", "}",
-                "filelog {", "main {", f"path = {d / 'charon.log'}", "flush_line = yes", "default = 1", "chd = 4",
-                "esp = 2", "}", "}",
-                "}", ""]))
-            (d / "swanctl.conf").write_text("\n".join([
-                "connections {", "peer {", "version = 2", "mobike = no",
-                f"local_addrs = {self.outer[side]}", f"remote_addrs = {self.outer[peer]}",
-                "proposals = aes128-sha256-modp2048",
-                "local {", "auth = psk", f"id = {side}.example", "}", "remote {", "auth = psk", "}",
-                "children {", "net {", f"local_ts = {INNER[side]}/32", f"remote_ts = {INNER[peer]}/32",
-                f"esp_proposals = {self.proposal}", "}", "}",
-                "}", "}",
-                "secrets {", "ike-peer {", f'secret = "{PSK}"', "}", "}", ""]))
-            # `ip netns exec` gives the command its own mount namespace: a private /run holds charon's pid file, so
-            # charons of parallel tests never meet. The vici socket lives in our directory, reachable from here.
-            # exec all the way down: the Popen's pid is charon's.
-            self.charon[side] = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns[side], "sh", "-c",
-                 f"mount -t tmpfs tmpfs /run && STRONGSWAN_CONF={d / 'strongswan.conf'} exec {CHARON}"],
-                stdout=open(d / "charon.out", "w"), stderr=subprocess.STDOUT)
+            self.charons[side] = Charon(self.ns[side], self.dir / side, side, self.outer[side], self.outer[peer],
+                                        f"{INNER[side]}/32", f"{INNER[peer]}/32", self.proposal, "kernel-libipsec")
         for side in "ab":
-            deadline = time.time() + 15
-            while run("swanctl", "--stats", "--uri", self.vici(side), check=False).returncode != 0:
-                assert self.charon[side].poll() is None, \
-                    f"charon {side} exited: {(self.dir / side / 'charon.out').read_text()}\n{self.diag()}"
-                assert time.time() < deadline, f"charon {side}'s vici socket never answered\n{self.diag()}"
-                time.sleep(0.1)
-            self.swanctl(side, "--load-all", "--file", str(self.dir / side / "swanctl.conf"))
+            self.charons[side].load(diag=self.diag)
 
     # ------------------------------------------------------------------ the negotiation and the takeover
     def negotiate(self):
@@ -249,8 +181,7 @@ class LivePeers:
     def take_over(self, outbound, inbound):
         """SIGKILL A's charon (no DELETE reaches B), start xfrmd in A with the same SAs, policies from the traffic
         selectors, and a route into its TUN."""
-        self.charon["a"].kill()
-        self.charon["a"].wait(timeout=10)
+        self.charons["a"].stop()
         # libipsec's TUN (and its routes in table 220) went with the process; UDP 4500 is free for xfrmd.
         deadline = time.time() + 5
         while "ipsec0" in self.ip("a", "-o", "link").stdout:
@@ -300,10 +231,8 @@ class LivePeers:
             except subprocess.TimeoutExpired:
                 self.xfrmd.kill()
                 self.xfrmd.communicate()
-        for p in self.charon.values():
-            if p.poll() is None:
-                p.kill()  # nothing to say goodbye to: the namespaces go next
-            p.wait(timeout=10)
+        for c in self.charons.values():
+            c.stop()
         for n in self.ns.values():
             run("ip", "netns", "del", n, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -58,7 +58,8 @@ class Charon:
     one connection `peer` with one CHILD_SA `net` authenticated by PSK. `wrapper` runs before charon (xfrm-bridge)."""
 
     def __init__(self, ns: str, d: Path, side: str, local: str, remote: str, local_ts: str, remote_ts: str,
-                 esp_proposal: str, plugins: str, settings=(), wrapper=(), log_levels=("chd = 4", "esp = 2")):
+                 esp_proposal: str, plugins: str, settings=(), wrapper=(), log_levels=("chd = 4", "esp = 2"),
+                 child_settings=()):
         self.ns, self.dir, self.side = ns, d, side
         d.mkdir(parents=True, exist_ok=True)
         # strongSwan's parser wants one setting a line.
@@ -74,7 +75,7 @@ class Charon:
             "proposals = aes128-sha256-modp2048",
             "local {", "auth = psk", f"id = {side}.example", "}", "remote {", "auth = psk", "}",
             "children {", "net {", f"local_ts = {local_ts}", f"remote_ts = {remote_ts}",
-            f"esp_proposals = {esp_proposal}", "}", "}",
+            f"esp_proposals = {esp_proposal}", *child_settings, "}", "}",
             "}", "}",
             "secrets {", "ike-peer {", f'secret = "{PSK}"', "}", "}", ""]))
         # `ip netns exec` gives the command its own mount namespace: a private /run holds charon's pid file, so

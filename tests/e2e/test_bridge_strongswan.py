@@ -15,9 +15,12 @@ removes every SA and policy it installed from both daemons."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from charonlib import Charon, parse_swanctl_raw, require_tools
-from daemonlib import Pair, check_tunnel
+from daemonlib import WIRE_FILTER, Pair, check_tunnel, transfer
 
 SIZE = 16 * 1024 * 1024  # bytes per TCP transfer
 OUTER = {False: {"a": "192.0.2.1", "b": "192.0.2.2"}, True: {"a": "2001:db8::1", "b": "2001:db8::2"}}
@@ -60,9 +63,10 @@ def tshark_sas(listing: str) -> list:
     return sas
 
 
-@pytest.mark.parametrize("outer6", [False, True], ids=["ipv4", "ipv6"])
-@pytest.mark.parametrize("proposal", list(PROPOSALS))
-def test_charon_through_the_bridge_programs_xfrmd_and_traffic_flows(tmp_path, proposal, outer6):
+@contextlib.contextmanager
+def bridged_peers(tmp_path, proposal, outer6, child_settings=()):
+    """Two namespaces, each with an xfrmd and a charon started through xfrm-bridge, connection loaded; yields
+    (pair, charons, diag)."""
     require_tools(plugins=())
     bridge = str(Path(os.environ["XFRM_TOOL"]).with_name("xfrm-bridge"))
     # Short: the vici sockets are Unix sockets (108-byte paths), which pytest's tmp_path can exceed.
@@ -78,9 +82,23 @@ def test_charon_through_the_bridge_programs_xfrmd_and_traffic_flows(tmp_path, pr
         for side, peer in [("a", "b"), ("b", "a")]:
             charons[side] = Charon(pair.ns[side], d / side, side, outer[side], outer[peer], TS[side], TS[peer],
                                    proposal, plugins="", settings=("install_routes = no",),
-                                   wrapper=(bridge, "-S", str(pair.sock[side])), log_levels=("knl = 2",))
+                                   wrapper=(bridge, "-S", str(pair.sock[side])), log_levels=("knl = 2", "chd = 1"),
+                                   child_settings=child_settings)
         for c in charons.values():
             c.load(diag=diag)
+        yield pair, charons, diag
+    finally:
+        for c in charons.values():
+            c.stop()
+        pair.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("outer6", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("proposal", list(PROPOSALS))
+def test_charon_through_the_bridge_programs_xfrmd_and_traffic_flows(tmp_path, proposal, outer6):
+    with bridged_peers(tmp_path, proposal, outer6) as (pair, charons, diag):
+        outer = OUTER[outer6]
         charons["a"].swanctl("--initiate", "--child", "net", "--timeout", "20", diag=diag)
         listed = {s: parse_swanctl_raw(c.swanctl("--list-sas", "--raw", diag=diag))["child"]
                   for s, c in charons.items()}
@@ -124,8 +142,58 @@ def test_charon_through_the_bridge_programs_xfrmd_and_traffic_flows(tmp_path, pr
         for side in "ab":
             kernel = pair.ip(side, "xfrm", "policy", "list").stdout
             assert "\tdir " not in kernel and kernel.count("\tsocket ") >= 2, (side, kernel)
-    finally:
-        for c in charons.values():
-            c.stop()
-        pair.close()
-        shutil.rmtree(d, ignore_errors=True)
+
+
+REKEY_BYTES = 4 * 1024 * 1024  # charon's rekey_bytes: xfrmd's soft byte limit on each SA
+
+
+def test_xfrmd_soft_expiry_makes_charon_rekey_while_a_transfer_runs(tmp_path):
+    """charon installs its byte limits (rekey_bytes soft, life_bytes hard) into xfrmd; xfrmd counts the bytes and sends
+    EXPIRE hard=0 at the soft limit; charon, listening on XFRMNLGRP_EXPIRE through the bridge, rekeys the CHILD_SA
+    (new SAs into xfrmd, then the old ones deleted) while TCP keeps running, again and again."""
+    settings = (f"rekey_bytes = {REKEY_BYTES}", f"life_bytes = {4 * REKEY_BYTES}", "rand_bytes = 0")
+    with bridged_peers(tmp_path, "aes128gcm16", False, child_settings=settings) as (pair, charons, diag):
+        charons["a"].swanctl("--initiate", "--child", "net", "--timeout", "20", diag=diag)
+        first = parse_swanctl_raw(charons["a"].swanctl("--list-sas", "--raw", diag=diag))["child"]
+        limits = pair.xfrm("a", "-s state list")
+        assert f"limit: soft {REKEY_BYTES}(bytes), hard {4 * REKEY_BYTES}(bytes)" in limits, limits
+
+        capture = tmp_path / "veth.pcap"
+        dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "-ni", pair.dev["b"], "-w",
+                                 str(capture), "-s", "96", WIRE_FILTER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        try:
+            transfer(pair, "a", "10.0.1.1", "10.0.2.1", 6 * REKEY_BYTES)  # hash checked at both ends
+            transfer(pair, "b", "10.0.2.1", "10.0.1.1", 6 * REKEY_BYTES)
+            time.sleep(1.0)
+        finally:
+            dump.send_signal(signal.SIGINT)
+            dump.communicate(timeout=10)
+
+        # The EXPIREs came from xfrmd's accounting and charon acted on them: rekeyed CHILD_SAs with new SPIs.
+        log = charons["a"].log() + charons["b"].log()
+        expires = len(re.findall(r"received a XFRM_MSG_EXPIRE", log))
+        assert expires >= 4, (expires, diag())
+        now = parse_swanctl_raw(charons["a"].swanctl("--list-sas", "--raw", diag=diag))["child"]
+        assert now["state"] == "INSTALLED" and now["spi-in"] != first["spi-in"], (first, now)
+        # Each daemon ends with the current pair only: every old SA is deleted (charon keeps a rekeyed inbound SA
+        # for delete_rekeyed_delay, 5 s, for packets still in flight).
+        deadline = time.time() + 15
+        while any(pair.xfrm(side, "state list").count("\tproto esp spi") != 2 for side in "ab"):
+            assert time.time() < deadline, ([pair.xfrm(side, "state list") for side in "ab"], diag())
+            time.sleep(0.2)
+        assert f"spi 0x{now['spi-in']}" in pair.xfrm("a", "state list")
+
+        # Nothing left in clear: every frame between the hosts was ESP or IKE (UDP 500).
+        listing = subprocess.run(["tcpdump", "-nr", str(capture)], capture_output=True, text=True,
+                                 timeout=120).stdout.splitlines()
+        assert len(listing) > 6 * REKEY_BYTES // 1400, len(listing)
+        clear = [l for l in listing if ": ESP(spi=0x" not in l and ".500 > " not in l]
+        assert not clear, clear[:5]
+        spis = {l.split("ESP(spi=")[1][:10] for l in listing if "ESP(spi=" in l}
+        assert len(spis) >= 4, spis
+        # No packet met a missing or dead SA, a replay or an ICV failure on either side.
+        for side in "ab":
+            m = pair.metrics(side)
+            moved = {k: v for k, v in m.items() if k.startswith("xfrm_stat_total{") and v}
+            assert not moved, (side, moved)

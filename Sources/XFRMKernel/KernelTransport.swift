@@ -21,14 +21,6 @@ public struct KernelNetlinkError: Error, CustomStringConvertible {
     }
 }
 
-/// struct sockaddr_nl (linux/netlink.h), which Glibc does not export to Swift: 12 bytes, naturally aligned.
-struct SockaddrNetlink {
-    var family: UInt16 = UInt16(AF_NETLINK)
-    var pad: UInt16 = 0
-    var portID: UInt32 = 0
-    var groups: UInt32 = 0
-}
-
 /// netlink numbers not exported to Swift by Glibc (linux/netlink.h, linux/xfrm.h).
 enum NetlinkConstant {
     static let netlinkXFRM: Int32 = 6

@@ -65,6 +65,11 @@ struct Xfrmd: ParsableCommand {
         valueName: "BACKEND"))
     var crypto: String? = nil
 
+    @Flag(name: .customLong("route-policies"), help: ArgumentHelp(
+        "Keep a kernel route into the TUN for the destination of every OUT policy (for a key manager that installs "
+            + "policies only, such as strongSwan with install_routes = no)."))
+    var routePolicies = false
+
     @Option(help: "Serve Prometheus metrics at HOST:PORT (GET /metrics).")
     var metrics: String? = nil
 
@@ -111,6 +116,7 @@ struct Xfrmd: ParsableCommand {
         let datapath: Datapath
         var metricsServer: MetricsServer? = nil
         let control: ControlSocketServer
+        var routes: PolicyRoutes? = nil
         do throws(SocketError) {
             try ControlSocketServer.refuseIfLive(self.socket)
             let cores = Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))
@@ -121,11 +127,13 @@ struct Xfrmd: ParsableCommand {
             if let address = self.metrics {
                 metricsServer = try MetricsServer(address: address, stack: stack, datapath: datapath, logger: logger)
             }
+            if self.routePolicies { routes = try PolicyRoutes(stack: stack, tunName: datapath.tunName, logger: logger) }
             control = try ControlSocketServer(path: self.socket, stack: stack, logger: logger)
         } catch {
             throw refuse(error)
         }
         datapath.start()
+        routes?.start()
         metricsServer?.start()
         logger.info("listening", metadata: ["socket": "\(self.socket)", "tun": "\(datapath.tunName)",
                                             "udp-port": "\(self.udpPort)", "raw-esp": "\(!self.noRawESP)",
@@ -134,6 +142,7 @@ struct Xfrmd: ParsableCommand {
                                             "tun-offload": "\(datapath.tunOffload)"])
         let served = control.run { stopRequested.load(ordering: .relaxed) || datapath.failed.load(ordering: .relaxed) }
         metricsServer?.stop()
+        routes?.stop()
         datapath.stop()
         let c = datapath.counters.snapshot
         logger.info("data path", metadata: [

@@ -19,8 +19,9 @@ def run(*argv, check=True, timeout=60, **kw):
 
 
 class Pair:
-    def __init__(self, tmp: Path, daemon_args=(), side_args=None):
+    def __init__(self, tmp: Path, daemon_args=(), side_args=None, routes=True):
         self.daemon_args = list(daemon_args)
+        self.routes = routes  # False: the routes into xfrm0 are left to the daemon (--route-policies)
         self.side_args = side_args or {}  # extra options for one side's daemon only
         tag = uuid.uuid4().hex[:6]
         self.ns = {"a": f"xdA{tag}", "b": f"xdB{tag}"}
@@ -60,8 +61,9 @@ class Pair:
             self.ip(side, "addr", "add", me6 + "/128", "dev", "xfrm0", "nodad")
             # Below the veth MTU minus the ESP overhead, so TCP segments are never too big once protected.
             self.ip(side, "link", "set", "xfrm0", "mtu", "1400")
-            self.ip(side, "route", "add", peer, "dev", "xfrm0", "src", me)
-            self.ip(side, "-6", "route", "add", peer6, "dev", "xfrm0", "src", me6)
+            if self.routes:
+                self.ip(side, "route", "add", peer, "dev", "xfrm0", "src", me)
+                self.ip(side, "-6", "route", "add", peer6, "dev", "xfrm0", "src", me6)
 
     def metrics(self, side) -> dict:
         """The daemon's Prometheus metrics (scraped inside its namespace), by series."""

@@ -5,7 +5,8 @@ CHILD_SA for 10.0.1.0/24,2001:db8:1::/64 ⟷ 10.0.2.0/24,2001:db8:2::/64; each c
 (ALLOCSPI, NEWSA, UPDSA, policies), and the data plane is xfrmd's alone.
 
 No NAT: ESP is raw (IP protocol 50) and IKE stays on UDP 500, so the daemons leave UDP 4500 to charon (their NAT-T
-port is moved aside). Routes into the daemons' TUN devices are the test's (charon runs with install_routes = no).
+port is moved aside). charon runs with install_routes = no; the daemons route what their OUT policies protect into
+their TUN devices (`xfrmd --route-policies`).
 
 Checked per ESP proposal and family: the SAs and policies in xfrmd carry charon's SPIs and traffic selectors; ping
 and a TCP transfer both ways with a verified hash; the veth carried only ESP on those SPIs, sequence numbers one by
@@ -71,7 +72,9 @@ def bridged_peers(tmp_path, proposal, outer6, child_settings=()):
     bridge = str(Path(os.environ["XFRM_TOOL"]).with_name("xfrm-bridge"))
     # Short: the vici sockets are Unix sockets (108-byte paths), which pytest's tmp_path can exceed.
     d = Path(tempfile.mkdtemp(prefix="xbs-", dir="/tmp"))
-    pair = Pair(tmp_path, daemon_args=["--udp-port", "14500"])
+    # The daemons route what their OUT policies protect into their TUN devices (--route-policies), as charon
+    # would route into the kernel's: nothing else is configured for the inner traffic.
+    pair = Pair(tmp_path, daemon_args=["--udp-port", "14500", "--route-policies"], routes=False)
     charons = {}
 
     def diag():
@@ -122,6 +125,13 @@ def test_charon_through_the_bridge_programs_xfrmd_and_traffic_flows(tmp_path, pr
                 assert f"src {theirs} dst {mine} \n\tdir in" in policies, (side, policies)
                 assert f"src {theirs} dst {mine} \n\tdir fwd" in policies, (side, policies)
 
+            # --route-policies: one route into the TUN per OUT policy destination.
+            routes = pair.ip(side, "-4", "route", "show", "dev", "xfrm0").stdout + \
+                pair.ip(side, "-6", "route", "show", "dev", "xfrm0").stdout
+            for theirs in TS[peer].split(","):
+                assert f"{theirs} proto static scope link" in routes or f"{theirs} proto static metric" in routes, \
+                    (side, routes)
+
         # The data plane: ping, TCP both ways, only ESP on the wire, every ICV good, counters clean.
         check_tunnel(pair, tmp_path, natt=False, outer6=outer6, inner6=outer6, size=SIZE, gso=False,
                      sas=tshark_sas(pair.xfrm("b", "state list")))
@@ -136,6 +146,12 @@ def test_charon_through_the_bridge_programs_xfrmd_and_traffic_flows(tmp_path, pr
         deadline = time.time() + 10
         while any(pair.xfrm(s, "state list") or pair.xfrm(s, "policy list") for s in "ab"):
             assert time.time() < deadline, [(pair.xfrm(s, "state list"), pair.xfrm(s, "policy list")) for s in "ab"]
+            time.sleep(0.1)
+        # With the policies gone, so are the daemons' routes.
+        deadline = time.time() + 5
+        while any("proto static" in pair.ip(s, "-4", "route", "show", "dev", "xfrm0").stdout
+                  + pair.ip(s, "-6", "route", "show", "dev", "xfrm0").stdout for s in "ab"):
+            assert time.time() < deadline, [pair.ip(s, "route", "show", "dev", "xfrm0").stdout for s in "ab"]
             time.sleep(0.1)
         # No SPD entry went to the kernel's own XFRM tables; all it holds are the per-socket bypass policies charon
         # sets on its IKE sockets (setsockopt IP_XFRM_POLICY: kernel sockets, so the kernel's, listed as `socket`).

@@ -50,7 +50,7 @@ let package = Package(
             linkerSettings: [.linkedLibrary("IPSec_MB")]
         ),
         .target(
-            name: "CXFRMBridge", cSettings: [.unsafeFlags(["-O2", "-fvisibility=hidden"])],
+            name: "CXFRMBridge", dependencies: ["CXFRMSys"], cSettings: [.unsafeFlags(["-O2", "-fvisibility=hidden"])],
             // Preloaded into C programs: no Swift runtime among its dependencies.
             linkerSettings: [.unsafeFlags(["-Xlinker", "--as-needed"])]),
         .executableTarget(name: "xfrm-bridge"),

@@ -18,11 +18,17 @@
 //                             source address is the kernel's (AF_NETLINK, port id 0), so a caller that ignores
 //                             messages from user space (strongSwan checks nl_pid) takes them;
 //   getsockopt SO_DOMAIN/SO_PROTOCOL/SO_TYPE  AF_NETLINK, NETLINK_XFRM and the type asked for.
+// With XFRM_BRIDGE_NATT_PORT (xfrm-bridge --share-natt-port), a UDP socket bound to that port joins xfrmd's socket
+// there (xfrm_natt_join: SO_REUSEPORT and a steering program): datagrams with the zero non-ESP marker (IKE) reach
+// the program, everything else (ESP) the daemon — the split the kernel makes with UDP_ENCAP.
 // A daemon that goes away reads as end of file (recv returns 0), so a client stops instead of hanging.
 #define _GNU_SOURCE
+#include "CXFRMSys.h"
+
 #include <dlfcn.h>
 #include <errno.h>
 #include <linux/netlink.h>
+#include <netinet/in.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -179,8 +185,36 @@ EXPORT int close(int fd) {
     return get_close()(fd);
 }
 
+/// XFRM_BRIDGE_NATT_PORT (xfrm-bridge --share-natt-port): the UDP port whose sockets join xfrmd's NAT-T port.
+static int natt_port(void) {
+    const char *p = getenv("XFRM_BRIDGE_NATT_PORT");
+    return p != NULL ? atoi(p) : 0;
+}
+
+/// A UDP socket binding the shared NAT-T port (IPv4 or IPv6).
+static int binds_natt_port(int fd, const struct sockaddr *addr, socklen_t len) {
+    int port = natt_port();
+    if (port <= 0 || addr == NULL) return 0;
+    int p;
+    if (addr->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
+        p = ntohs(((const struct sockaddr_in *)addr)->sin_port);
+    } else if (addr->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
+        p = ntohs(((const struct sockaddr_in6 *)addr)->sin6_port);
+    } else {
+        return 0;
+    }
+    int proto = 0;
+    socklen_t n = sizeof(proto);
+    return p == port && get_getsockopt()(fd, SOL_SOCKET, SO_PROTOCOL, &proto, &n) == 0 && proto == IPPROTO_UDP;
+}
+
 EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len) {
     struct bridged *b = lookup(fd);
+    if (b == NULL && binds_natt_port(fd, addr, len)) {
+        // The key manager's IKE socket on the NAT-T port: it joins xfrmd's socket there; IKE comes here, ESP there.
+        return xfrm_natt_join(fd, addr, len, (int (*)(int, const struct sockaddr *, unsigned))get_bind(),
+                              XFRM_NATT_IKE);
+    }
     if (b == NULL) return get_bind()(fd, addr, len);
     const struct sockaddr_nl *nl = (const struct sockaddr_nl *)addr;
     if (len < sizeof(*nl) || nl->nl_family != AF_NETLINK) {

@@ -83,8 +83,8 @@ public final class Datapath: @unchecked Sendable {
     /// Opens the TUN device and the outer sockets and prepares the stack's network model. Throws one clear error
     /// (missing privileges, no /dev/net/tun, port in use).
     public init(stack: XFRMStack, tunName: String, udpPort: UInt16, rawESP: Bool, workers: Int, mark: UInt32,
-                offload: DaemonOffload?, tunOffload: Bool, ikePort: UInt16? = nil, logger: Logger)
-        throws(SocketError)
+                offload: DaemonOffload?, tunOffload: Bool, ikePort: UInt16? = nil, shareUDPPort: Bool = false,
+                logger: Logger) throws(SocketError)
     {
         self.stack = stack
         self.logger = logger
@@ -112,7 +112,7 @@ public final class Datapath: @unchecked Sendable {
             throw SocketError("cannot bring \(self.tunName) up", errno: -up)
         }
         do throws(SocketError) {
-            self.sockets = try OuterSockets(udpPort: udpPort, rawESP: rawESP, mark: mark)
+            self.sockets = try OuterSockets(udpPort: udpPort, rawESP: rawESP, mark: mark, shareUDPPort: shareUDPPort)
         } catch {
             close(fd)
             throw error

@@ -23,7 +23,9 @@ struct OuterSockets {
     var all: [Int32] { [self.raw4, self.udp4, self.raw6, self.udp6].filter { $0 >= 0 } }
 
     /// Opens and binds them. IPv6 is best effort (a host without IPv6 keeps working on IPv4).
-    init(udpPort: UInt16, rawESP: Bool, mark: UInt32, gro: Bool = true) throws(SocketError) {
+    /// `shareUDPPort`: the NAT-T port is shared with a key manager's IKE socket (xfrm_natt_join: SO_REUSEPORT and a
+    /// steering program; `xfrmd --share-natt-port`).
+    init(udpPort: UInt16, rawESP: Bool, mark: UInt32, gro: Bool = true, shareUDPPort: Bool = false) throws(SocketError) {
         self.udpPort = udpPort
         var one: Int32 = 1
         var bufferSize: Int32 = 4 << 20  // room for bursts: a full receive queue drops silently
@@ -45,7 +47,8 @@ struct OuterSockets {
         addr.sin_port = udpPort.bigEndian
         let bound = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(self.udp4, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                shareUDPPort ? xfrm_natt_join(self.udp4, $0, UInt32(MemoryLayout<sockaddr_in>.size), nil, XFRM_NATT_ESP)
+                    : bind(self.udp4, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
             }
         }
         guard bound == 0 else { throw fail("cannot bind UDP port \(udpPort)", errno) }
@@ -62,7 +65,8 @@ struct OuterSockets {
         addr6.sin6_port = udpPort.bigEndian
         let bound6 = udp6 >= 0 && withUnsafePointer(to: &addr6) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(udp6, $0, socklen_t(MemoryLayout<sockaddr_in6>.size))
+                shareUDPPort ? xfrm_natt_join(udp6, $0, UInt32(MemoryLayout<sockaddr_in6>.size), nil, XFRM_NATT_ESP)
+                    : bind(udp6, $0, socklen_t(MemoryLayout<sockaddr_in6>.size))
             }
         } == 0
         if !bound6 && udp6 >= 0 { close(udp6) }

@@ -1,5 +1,7 @@
-// xfrm-bridge [-S PATH] COMMAND [ARG...]: runs COMMAND with its NETLINK_XFRM sockets given to xfrmd instead of the
-// kernel (LD_PRELOAD of libxfrmbridge.so, found beside this program). The daemon's socket is found as `xfrm` finds
+// xfrm-bridge [-S PATH] [--share-natt-port] [--natt-port N] COMMAND [ARG...]: runs COMMAND with its NETLINK_XFRM
+// sockets given to xfrmd instead of the kernel (LD_PRELOAD of libxfrmbridge.so, found beside this program). With
+// --share-natt-port, COMMAND's UDP sockets on the NAT-T port (4500, or --natt-port N) share it with
+// `xfrmd --share-natt-port`: IKE comes to COMMAND, ESP goes to the daemon. The daemon's socket is found as `xfrm` finds
 // it: -S, else XFRMD_SOCKET, else /run/xfrmd.sock. Everything else COMMAND does (NETLINK_ROUTE, UDP, TUN) stays with
 // the kernel. Exit status: COMMAND's; 1 with one line on stderr when xfrmd is not there or the library is missing.
 #define _GNU_SOURCE
@@ -14,16 +16,25 @@
 #include <unistd.h>
 
 static int usage(void) {
-    fprintf(stderr, "usage: xfrm-bridge [-S PATH] COMMAND [ARG...]\n");
+    fprintf(stderr, "usage: xfrm-bridge [-S PATH] [--share-natt-port] [--natt-port N] COMMAND [ARG...]\n");
     return 2;
 }
 
 int main(int argc, char **argv) {
     const char *path = NULL;
+    const char *natt = NULL;  // the NAT-T port shared with xfrmd --share-natt-port
     int i = 1;
     for (; i < argc && argv[i][0] == '-'; i++) {
         if ((strcmp(argv[i], "-S") == 0 || strcmp(argv[i], "--socket") == 0) && i + 1 < argc) {
             path = argv[++i];
+        } else if (strcmp(argv[i], "--share-natt-port") == 0) {
+            natt = "4500";
+        } else if (strcmp(argv[i], "--natt-port") == 0 && i + 1 < argc) {
+            natt = argv[++i];
+            if (atoi(natt) <= 0 || atoi(natt) > 65535) {
+                fprintf(stderr, "xfrm-bridge: --natt-port must be a UDP port, got \"%s\"\n", natt);
+                return 2;
+            }
         } else if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
             usage();
             return 0;
@@ -75,6 +86,7 @@ int main(int argc, char **argv) {
     }
     setenv("LD_PRELOAD", preload, 1);
     setenv("XFRMD_SOCKET", path, 1);
+    if (natt != NULL) setenv("XFRM_BRIDGE_NATT_PORT", natt, 1);
     execvp(argv[i], argv + i);
     fprintf(stderr, "xfrm-bridge: %s: %s\n", argv[i], strerror(errno));
     return 127;

@@ -65,6 +65,11 @@ struct Xfrmd: ParsableCommand {
         valueName: "BACKEND"))
     var crypto: String? = nil
 
+    @Flag(name: .customLong("share-natt-port"), help: ArgumentHelp(
+        "Share the NAT-T port with a key manager started through xfrm-bridge --share-natt-port: IKE (zero non-ESP "
+            + "marker) goes to its socket, ESP to the daemon's (SO_REUSEPORT and a steering program)."))
+    var shareNATTPort = false
+
     @Flag(name: .customLong("route-policies"), help: ArgumentHelp(
         "Keep a kernel route into the TUN for the destination of every OUT policy (for a key manager that installs "
             + "policies only, such as strongSwan with install_routes = no)."))
@@ -82,6 +87,9 @@ struct Xfrmd: ParsableCommand {
 
     func validate() throws {
         if let w = self.workers, w < 1 || w > 64 { throw ValidationError("--workers must be between 1 and 64") }
+        if self.shareNATTPort && self.ikePort != nil {
+            throw ValidationError("--share-natt-port and --ike-port are two ways to hand IKE over: choose one")
+        }
         guard self.markValue != nil else { throw ValidationError("--mark must be a 32-bit number (decimal or 0x hex)") }
         if let o = self.offload, DaemonOffload(rawValue: o) == nil {
             throw ValidationError("--offload must be crypto, packet or both")
@@ -123,7 +131,8 @@ struct Xfrmd: ParsableCommand {
             datapath = try Datapath(stack: stack, tunName: self.tun, udpPort: self.udpPort, rawESP: !self.noRawESP,
                                     workers: self.workers ?? max(1, cores), mark: self.markValue ?? 0,
                                     offload: self.offload.flatMap(DaemonOffload.init(rawValue:)),
-                                    tunOffload: !self.noTunOffload, ikePort: self.ikePort, logger: logger)
+                                    tunOffload: !self.noTunOffload, ikePort: self.ikePort,
+                                    shareUDPPort: self.shareNATTPort, logger: logger)
             if let address = self.metrics {
                 metricsServer = try MetricsServer(address: address, stack: stack, datapath: datapath, logger: logger)
             }

@@ -51,4 +51,17 @@ int xfrm_set_udp_option(int fd, int option, int value);
 /// Sets SO_MARK on a socket (needs CAP_NET_ADMIN). Returns 0 or -errno.
 int xfrm_set_mark(int fd, unsigned mark);
 
+/// The NAT-T port shared by ESP and IKE (RFC 3948), as the kernel splits it with UDP_ENCAP: xfrmd's socket and the
+/// key manager's (through xfrm-bridge) both bind it with SO_REUSEPORT, and a classic BPF program on the group
+/// (SO_ATTACH_REUSEPORT_CBPF) sends a datagram whose first 4 bytes are zero (IKE behind its non-ESP marker) to the
+/// key manager's socket and every other one (ESP, keepalives) to the daemon's. A group's sockets are numbered in
+/// the order they joined, so whoever joins second (the port was taken) is 1 and attaches the program for that order;
+/// the first attaches it for its own. `role` is XFRM_NATT_ESP (the daemon) or XFRM_NATT_IKE (the key manager);
+/// `bindfn` does the binding (NULL: bind; the bridge passes the real one). Returns 0 or -1 with errno.
+struct sockaddr;
+#define XFRM_NATT_ESP 0
+#define XFRM_NATT_IKE 1
+int xfrm_natt_join(int fd, const void *addr, unsigned addrlen, int (*bindfn)(int, const struct sockaddr *, unsigned),
+                   int role);
+
 #endif

@@ -24,11 +24,13 @@ import signal
 import subprocess
 import tempfile
 import time
+import types
+import uuid
 from pathlib import Path
 
 import pytest
 
-from charonlib import Charon, parse_swanctl_raw, require_tools
+from charonlib import Charon, parse_swanctl_raw, require_tools, run
 from daemonlib import WIRE_FILTER, Pair, check_tunnel, transfer
 
 SIZE = 16 * 1024 * 1024  # bytes per TCP transfer
@@ -213,3 +215,110 @@ def test_xfrmd_soft_expiry_makes_charon_rekey_while_a_transfer_runs(tmp_path):
             m = pair.metrics(side)
             moved = {k: v for k, v in m.items() if k.startswith("xfrm_stat_total{") and v}
             assert not moved, (side, moved)
+
+
+def test_nat_t_port_shared_with_charon_against_strongswan_kernel_libipsec(tmp_path):
+    """A: xfrmd --share-natt-port and charon through xfrm-bridge --share-natt-port, both on UDP 4500; B: charon with
+    kernel-libipsec (its own userspace ESP, always in UDP 4500). IKE moves to 4500 and keeps working there (rekeys
+    of the IKE SA and the CHILD_SA after traffic) while A's ESP in UDP 4500 is xfrmd's: the kernel steers each
+    datagram by its first four bytes, as UDP_ENCAP would."""
+    require_tools()
+    bridge = str(Path(os.environ["XFRM_TOOL"]).with_name("xfrm-bridge"))
+    xfrmd = str(Path(os.environ["XFRM_TOOL"]).with_name("xfrmd"))
+    tag = uuid.uuid4().hex[:6]
+    ns = {"a": f"bnA{tag}", "b": f"bnB{tag}"}
+    dev = {"a": f"na{tag}", "b": f"nb{tag}"}
+    inner = {"a": "10.0.1.1", "b": "10.0.2.1"}
+    d = Path(tempfile.mkdtemp(prefix="xbn-", dir="/tmp"))
+    sock = d / "x.sock"
+    procs, charons = [], {}
+
+    def ip(side, *args):
+        return run("ip", "-n", ns[side], *args)
+
+    def diag():
+        return "\n".join(f"--- charon {s} log (tail) ---\n" + "\n".join(c.log().splitlines()[-30:])
+                         for s, c in charons.items())
+    try:
+        for n in ns.values():
+            run("ip", "netns", "add", n)
+        run("ip", "link", "add", dev["a"], "netns", ns["a"], "type", "veth", "peer", "name", dev["b"], "netns", ns["b"])
+        for side, n in [("a", 1), ("b", 2)]:
+            ip(side, "addr", "add", f"192.0.2.{n}/24", "dev", dev[side])
+            ip(side, "link", "set", "lo", "up")
+            ip(side, "link", "set", dev[side], "up")
+        ip("b", "addr", "add", inner["b"] + "/32", "dev", "lo")
+        procs.append(subprocess.Popen(["ip", "netns", "exec", ns["a"], xfrmd, "--socket", str(sock),
+                                       "--share-natt-port", "--route-policies", "--metrics", "127.0.0.1:9117"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        deadline = time.time() + 10
+        while not sock.exists():
+            assert procs[0].poll() is None and time.time() < deadline, procs[0].stderr.read()
+            time.sleep(0.05)
+        ip("a", "addr", "add", inner["a"] + "/32", "dev", "xfrm0")
+        ip("a", "link", "set", "xfrm0", "mtu", "1400")
+        charons["a"] = Charon(ns["a"], d / "a", "a", "192.0.2.1", "192.0.2.2", "10.0.1.1/32", "10.0.2.1/32",
+                              "aes128gcm16", plugins="", settings=("install_routes = no",),
+                              wrapper=(bridge, "-S", str(sock), "--share-natt-port"), log_levels=("knl = 2", "net = 2"))
+        charons["b"] = Charon(ns["b"], d / "b", "b", "192.0.2.2", "192.0.2.1", "10.0.2.1/32", "10.0.1.1/32",
+                              "aes128gcm16", plugins="kernel-libipsec", log_levels=("net = 2",))
+        for c in charons.values():
+            c.load(diag=diag)
+        charons["a"].swanctl("--initiate", "--child", "net", "--timeout", "20", diag=diag)
+        child = parse_swanctl_raw(charons["b"].swanctl("--list-sas", "--raw", diag=diag))
+        assert child["child"].get("encap") == "yes" and child["ike"].get("local-port") == "4500", (child, diag())
+        states = run(os.environ["XFRM_TOOL"], "-S", str(sock), "state", "list").stdout
+        assert states.count("encap type espinudp sport 4500 dport 4500") == 2, states
+
+        capture = d / "veth.pcap"
+        dump = subprocess.Popen(["ip", "netns", "exec", ns["b"], "tcpdump", "-ni", dev["b"], "-w", str(capture),
+                                 "-s", "128", WIRE_FILTER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        try:
+            for src, dst in [("a", "b"), ("b", "a")]:
+                r = run("ip", "netns", "exec", ns[src], "busybox", "ping", "-c", "3", "-W", "2", "-I", inner[src],
+                        inner[dst], check=False)
+                assert r.returncode == 0 and "3 packets received" in r.stdout, (src, r.stdout, diag())
+            peers = types.SimpleNamespace(ns=ns, exec=lambda side, *argv, **kw: run("ip", "netns", "exec", ns[side],
+                                                                                    *argv, **kw))
+            transfer(peers, "a", inner["a"], inner["b"], 4 * 1024 * 1024)
+            transfer(peers, "b", inner["b"], inner["a"], 4 * 1024 * 1024)
+            # IKE over the shared port after ESP flowed: rekey the IKE SA (from A) and the CHILD_SA (from B).
+            charons["a"].swanctl("--rekey", "--ike", "peer", diag=diag)
+            charons["b"].swanctl("--rekey", "--child", "net", diag=diag)
+            time.sleep(1.0)
+            r = run("ip", "netns", "exec", ns["a"], "busybox", "ping", "-c", "3", "-W", "2", "-I", inner["a"],
+                    inner["b"], check=False)
+            assert r.returncode == 0 and "3 packets received" in r.stdout, (r.stdout, diag())
+        finally:
+            dump.send_signal(signal.SIGINT)
+            dump.communicate(timeout=10)
+        # On the wire: UDP only (IKE on 500, then IKE and ESP on 4500), nothing in clear.
+        listing = run("tcpdump", "-nr", str(capture)).stdout.splitlines()
+        assert len(listing) > 1000, len(listing)  # xfrmd's ESP leaves as UDP GSO batches: one frame each here
+        assert all(re.search(r" 192\.0\.2\.[12]\.(500|4500) > 192\.0\.2\.[12]\.(500|4500): ", l) for l in listing), \
+            [l for l in listing if not re.search(r"\.(500|4500) > ", l)][:5]
+        ike_4500 = [l for l in listing if ".4500 > " in l and "UDP-encap: ESP" not in l and "isakmp" in l.lower()]
+        assert len(ike_4500) >= 4, ("IKE on 4500", listing[:20])
+        # IKE never reached xfrmd (it would count ike_dropped) and ESP never reached charon (every packet counted).
+        text = run("ip", "netns", "exec", ns["a"], "python3", "-c", "import urllib.request; print(urllib.request."
+                   "urlopen('http://127.0.0.1:9117/metrics', timeout=5).read().decode())").stdout
+        metrics = {l.rsplit(" ", 1)[0]: float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l and l[0] != "#"}
+        assert metrics.get('xfrmd_datapath_packets_total{event="ike_dropped"}') == 0, metrics
+        b_child = parse_swanctl_raw(charons["b"].swanctl("--list-sas", "--raw", diag=diag))["child"]
+        assert b_child["state"] == "INSTALLED", b_child
+        log_b = charons["b"].log()
+        assert not re.search(r"ICV verification failed|sequence number verification failed", log_b), diag()
+    finally:
+        for c in charons.values():
+            c.stop()
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+            try:
+                p.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        for n in ns.values():
+            run("ip", "netns", "del", n, check=False)
+        shutil.rmtree(d, ignore_errors=True)

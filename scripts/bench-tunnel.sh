@@ -5,6 +5,7 @@
 #   xfrmd         two swift-xfrm daemons, tunnel mode, AES-GCM-128, raw ESP, TUN xfrm0 (MTU 1400)
 #   xfrmd-natt    the same SAs as ESP in UDP 4500 (UDP GSO sends and UDP_GRO receives on the outer side)
 #   wireguard-go  Debian's wireguard-go (userspace WireGuard, ChaCha20-Poly1305), MTU 1400
+#   charon+xfrmd  the xfrmd pair keyed by two charons (IKEv2, PSK, kernel-netlink) through xfrm-bridge, AES-GCM-128
 #   strongswan-libipsec  two charons (IKEv2, PSK) with kernel-libipsec: userspace ESP over TUN, AES-GCM-128,
 #                 ESP in UDP 4500 (recipe: ../shared/interop/README.md §4, with esp logging at 1)
 # Prints a table, then one JSON line per row: {"system": ..., "streams": N, "gbps": X}.
@@ -65,8 +66,9 @@ for streams in 1 4; do ROWS+=("veth $streams $(measure 192.0.2.1 192.0.2.2 $stre
 
 ip netns exec "$A" "$BIN/xfrmd" --socket "$WORK/a.sock" ${XFRMD_ARGS:-} >"$WORK/a.log" 2>&1 &
 ip netns exec "$B" "$BIN/xfrmd" --socket "$WORK/b.sock" ${XFRMD_ARGS:-} >"$WORK/b.log" 2>&1 &
-for s in "$WORK/a.sock" "$WORK/b.sock"; do
-  for _ in $(seq 100); do [ -S "$s" ] && break; sleep 0.05; done
+for s in a b; do
+  for _ in $(seq 400); do [ -S "$WORK/$s.sock" ] && break; sleep 0.05; done
+  [ -S "$WORK/$s.sock" ] || { echo "bench-tunnel: xfrmd $s did not start:" >&2; cat "$WORK/$s.log" >&2; exit 1; }
 done
 ip -n "$A" addr add 10.0.1.1/32 dev xfrm0
 ip -n "$B" addr add 10.0.2.1/32 dev xfrm0
@@ -107,6 +109,41 @@ for streams in 1 4; do ROWS+=("xfrmd-natt $streams $(measure 10.0.1.1 10.0.2.1 $
 after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
 carried=$(( (after - before) / 1000000 ))
 [ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the xfrmd-natt runs" >&2; exit 1; }
+
+# charon+xfrmd: the same daemons, now keyed by a charon each (kernel-netlink) through xfrm-bridge: IKEv2 installs
+# the CHILD_SA (AES-GCM-128) and its policies into xfrmd, which carries the traffic (raw ESP: no NAT, IKE on 500).
+swift build -c release --product xfrm-bridge >/dev/null
+swift build -c release --product xfrmbridge >/dev/null
+for s in "$WORK/a.sock" "$WORK/b.sock"; do "$BIN/xfrm" -S "$s" state flush; "$BIN/xfrm" -S "$s" policy flush; done
+CHARONS=""
+for side in a b; do
+  ns=$A; LO=192.0.2.1; RO=192.0.2.2; LTS=10.0.1.0/24; RTS=10.0.2.0/24; SOCK=$WORK/a.sock
+  [ $side = b ] && { ns=$B; LO=192.0.2.2; RO=192.0.2.1; LTS=10.0.2.0/24; RTS=10.0.1.0/24; SOCK=$WORK/b.sock; }
+  D=$WORK/sx$side
+  mkdir -p "$D"
+  printf '%s\n' 'charon {' 'install_routes = no' 'load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 x509 pubkey gmp curve25519 kernel-netlink socket-default vici updown' \
+    'plugins {' 'vici {' "socket = unix://$D/charon.vici" '}' '}' 'filelog {' 'main {' "path = $D/charon.log" 'default = 1' '}' '}' '}' >"$D/strongswan.conf"
+  printf '%s\n' 'connections {' 'peer {' 'version = 2' 'mobike = no' "local_addrs = $LO" "remote_addrs = $RO" 'proposals = aes128-sha256-modp2048' \
+    'local {' 'auth = psk' "id = $side" '}' 'remote {' 'auth = psk' '}' 'children {' 'net {' "local_ts = $LTS" "remote_ts = $RTS" 'esp_proposals = aes128gcm16' \
+    '}' '}' '}' '}' 'secrets {' 'ike-peer {' 'secret = "bench-tunnel-psk-0123456789"' '}' '}' >"$D/swanctl.conf"
+  ip netns exec "$ns" sh -c "mount -t tmpfs tmpfs /run && STRONGSWAN_CONF=$D/strongswan.conf exec $BIN/xfrm-bridge -S $SOCK /usr/lib/ipsec/charon" \
+    >/dev/null 2>&1 &
+  CHARONS="$CHARONS $!"
+done
+for side in a b; do
+  for _ in $(seq 100); do swanctl --stats --uri "unix://$WORK/sx$side/charon.vici" >/dev/null 2>&1 && break; sleep 0.1; done
+  swanctl --load-all --file "$WORK/sx$side/swanctl.conf" --uri "unix://$WORK/sx$side/charon.vici" >/dev/null
+done
+swanctl --initiate --child net --uri "unix://$WORK/sxa/charon.vici" >/dev/null
+[ "$("$BIN/xfrm" -S "$WORK/a.sock" state count)" = "$(printf '\t SAD count 2')" ] ||
+  { echo "bench-tunnel: charon did not install its CHILD_SA into xfrmd" >&2; exit 1; }
+before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+for streams in 1 4; do ROWS+=("charon+xfrmd $streams $(measure 10.0.1.1 10.0.2.1 $streams)"); done
+after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+carried=$(( (after - before) / 1000000 ))
+[ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the charon+xfrmd runs" >&2; exit 1; }
+kill $CHARONS 2>/dev/null || true
+sleep 0.5
 
 # wireguard-go: two instances need different interface names (their UAPI sockets share /var/run/wireguard).
 pkill -f "xfrmd --socket $WORK" 2>/dev/null || true

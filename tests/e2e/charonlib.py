@@ -59,7 +59,7 @@ class Charon:
 
     def __init__(self, ns: str, d: Path, side: str, local: str, remote: str, local_ts: str, remote_ts: str,
                  esp_proposal: str, plugins: str, settings=(), wrapper=(), log_levels=("chd = 4", "esp = 2"),
-                 child_settings=()):
+                 child_settings=(), conn_settings=()):
         self.ns, self.dir, self.side = ns, d, side
         d.mkdir(parents=True, exist_ok=True)
         # strongSwan's parser wants one setting a line.
@@ -72,7 +72,7 @@ class Charon:
         (d / "swanctl.conf").write_text("\n".join([
             "connections {", "peer {", "version = 2", "mobike = no",
             f"local_addrs = {local}", f"remote_addrs = {remote}",
-            "proposals = aes128-sha256-modp2048",
+            "proposals = aes128-sha256-modp2048", *conn_settings,
             "local {", "auth = psk", f"id = {side}.example", "}", "remote {", "auth = psk", "}",
             "children {", "net {", f"local_ts = {local_ts}", f"remote_ts = {remote_ts}",
             f"esp_proposals = {esp_proposal}", *child_settings, "}", "}",

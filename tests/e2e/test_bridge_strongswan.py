@@ -222,8 +222,8 @@ def test_xfrmd_soft_expiry_makes_charon_rekey_while_a_transfer_runs(tmp_path):
 def test_nat_t_port_shared_with_charon_against_strongswan_kernel_libipsec(tmp_path):
     """A: xfrmd --share-natt-port and charon through xfrm-bridge --share-natt-port, both on UDP 4500; B: charon with
     kernel-libipsec (its own userspace ESP, always in UDP 4500). IKE moves to 4500 and keeps working there (rekeys
-    of the IKE SA and the CHILD_SA after traffic) while A's ESP in UDP 4500 is xfrmd's: the kernel steers each
-    datagram by its first four bytes, as UDP_ENCAP would."""
+    of the IKE SA and the CHILD_SA after traffic, dead-peer detection while idle) while A's ESP in UDP 4500 is
+    xfrmd's: the kernel steers each datagram by its first four bytes, as UDP_ENCAP would."""
     require_tools()
     bridge = str(Path(os.environ["XFRM_TOOL"]).with_name("xfrm-bridge"))
     xfrmd = str(Path(os.environ["XFRM_TOOL"]).with_name("xfrmd"))
@@ -261,7 +261,8 @@ def test_nat_t_port_shared_with_charon_against_strongswan_kernel_libipsec(tmp_pa
         ip("a", "link", "set", "xfrm0", "mtu", "1400")
         charons["a"] = Charon(ns["a"], d / "a", "a", "192.0.2.1", "192.0.2.2", "10.0.1.1/32", "10.0.2.1/32",
                               "aes128gcm16", plugins="", settings=("install_routes = no",),
-                              wrapper=(bridge, "-S", str(sock), "--share-natt-port"), log_levels=("knl = 2", "net = 2"))
+                              wrapper=(bridge, "-S", str(sock), "--share-natt-port"), log_levels=("knl = 2", "net = 2"),
+                              conn_settings=("dpd_delay = 1s",))
         charons["b"] = Charon(ns["b"], d / "b", "b", "192.0.2.2", "192.0.2.1", "10.0.2.1/32", "10.0.1.1/32",
                               "aes128gcm16", plugins="kernel-libipsec", log_levels=("net = 2",))
         for c in charons.values():
@@ -295,6 +296,13 @@ def test_nat_t_port_shared_with_charon_against_strongswan_kernel_libipsec(tmp_pa
         finally:
             dump.send_signal(signal.SIGINT)
             dump.communicate(timeout=10)
+        # Dead-peer detection over the shared port: idle, A's charon asks B every second and gets its answers.
+        time.sleep(4)
+        log_a = charons["a"].log()
+        assert len(re.findall(r"sending DPD request", log_a)) >= 2, diag()
+        assert not re.search(r"giving up|retransmit \d+ of request", log_a), diag()
+        assert parse_swanctl_raw(charons["a"].swanctl("--list-sas", "--raw", diag=diag))["ike"]["state"] == \
+            "ESTABLISHED", diag()
         # On the wire: UDP only (IKE on 500, then IKE and ESP on 4500), nothing in clear.
         listing = run("tcpdump", "-nr", str(capture)).stdout.splitlines()
         assert len(listing) > 1000, len(listing)  # xfrmd's ESP leaves as UDP GSO batches: one frame each here

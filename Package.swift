@@ -108,6 +108,10 @@ let package = Package(
             name: "XFRMSimulatedNICTests",
             dependencies: ["XFRMSimulatedNIC", "XFRMCore", "XFRMCrypto", "XFRMESP", "XFRMPacket", "XFRMTestKit"]),
         .testTarget(
+            name: "XFRMFaultTests",
+            dependencies: ["XFRMSimHost", "XFRMSimulatedNIC", "XFRMEngine", "XFRMCore", "XFRMCrypto", "XFRMESP",
+                           "XFRMPacket", "XFRMTestKit"]),
+        .testTarget(
             name: "XFRMCryptoTests", dependencies: ["XFRMCrypto", "XFRMTestKit"], resources: [.copy("Resources")]),
         .testTarget(
             name: "XFRMESPTests",

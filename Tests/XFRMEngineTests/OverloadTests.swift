@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Testing
 import XFRMCore
 import XFRMEngine
@@ -28,6 +31,9 @@ struct EngineOverloadTests {
         #expect(refused == 100 - 16)
         #expect(p.pool.available == p.pool.slotCount - 16, "refused buffers went back to the pool")
         workers.start()
+        // The load falls: the worker empties its ring (bounded wait).
+        for _ in 0..<500 where workers.depths[0] > 0 { usleep(2000) }
+        #expect(workers.depths[0] == 0)
         for i in 0..<10 {
             batch.append(PacketBatch.Packet(p.packet(tunnel: 1, index: i), stage: .output))
         }

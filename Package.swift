@@ -53,7 +53,7 @@ let package = Package(
         .target(
             name: "XFRMDaemon",
             dependencies: [
-                "CXFRMSys", "XFRMControl", "XFRMCore", "XFRMEngine", "XFRMPacket", "XFRMSimulatedNIC", "XFRMWire",
+                "CXFRMSys", "XFRMControl", "XFRMCore", "XFRMEngine", "XFRMESP", "XFRMPacket", "XFRMSimulatedNIC", "XFRMWire",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ]),

@@ -239,16 +239,7 @@ final class NICCore: @unchecked Sendable {
         }
         // Stopping: the last thread out releases what is still queued.
         self.running -= 1
-        if self.running == 0 {
-            while let item = self.txQueue.pop() {
-                self.pool.release(item.buffer)
-                self.counters.txDrop(.txShutdown)
-            }
-            while let b = self.rxQueue.pop() {
-                self.pool.release(b)
-                self.counters.rxDrop(.rxShutdown)
-            }
-        }
+        if self.running == 0 { self.releaseQueued() }
         self.sync.broadcastIdle()
         self.sync.unlock()
     }
@@ -290,6 +281,13 @@ final class NICCore: @unchecked Sendable {
     /// Drops (and counts) everything queued, as a device that vanished loses its rings.
     func dropQueued() {
         self.sync.lock()
+        self.releaseQueued()
+        self.sync.broadcastIdle()
+        self.sync.unlock()
+    }
+
+    /// Returns everything queued to the pool, counted as shutdown drops. Call with `sync` locked.
+    private func releaseQueued() {
         while let item = self.txQueue.pop() {
             self.pool.release(item.buffer)
             self.counters.txDrop(.txShutdown)
@@ -298,8 +296,6 @@ final class NICCore: @unchecked Sendable {
             self.pool.release(b)
             self.counters.rxDrop(.rxShutdown)
         }
-        self.sync.broadcastIdle()
-        self.sync.unlock()
     }
 
     // MARK: - Queues

@@ -32,14 +32,15 @@ final class FaultTopology: @unchecked Sendable {
             (self.a, "192.0.2.1/24", "10.0.1.1/24", "10.0.2.0/24", "192.0.2.2"),
             (self.b, "192.0.2.2/24", "10.0.2.1/24", "10.0.1.0/24", "192.0.2.1"),
         ] {
-            let net = host.stack.network
-            try net.modify(name: "sim0") { (i: inout Interface) throws(NetworkError) in i.isUp = true }
-            try net.addAddress(IPPrefix(outer)!, device: "sim0")
-            _ = try net.addInterface(name: "lan0", kind: "dummy")
-            try net.modify(name: "lan0") { (i: inout Interface) throws(NetworkError) in i.isUp = true }
-            try net.addAddress(IPPrefix(inner)!, device: "lan0")
-            try net.addRoute(IPPrefix(remote)!, device: "sim0", via: IPAddress(gateway)!)
+            try host.configureGateway(outer: outer, inner: inner, remote: remote, gateway: gateway)
         }
+    }
+
+    /// The policies and one offloaded SA pair (SPI 0x1001): the tunnel carries traffic.
+    func addTunnel() throws {
+        try self.addPolicies()
+        try self.addInbound(spi: 0x1001)
+        try self.addOutbound(spi: 0x1001)
     }
 
     /// A's OUT and B's IN policy (offloaded to the NICs in packet mode).

@@ -72,9 +72,7 @@ struct NICFaultTests {
             #expect(t.a.stack.policies.list().isEmpty && t.nicA.policyCount == 0)
             t.expectConsistent()
         }
-        try t.addPolicies()
-        try t.addInbound(spi: 0x1001)
-        try t.addOutbound(spi: 0x1001)
+        try t.addTunnel()
         t.expectConsistent()
         t.send(50)
         t.settle()
@@ -173,9 +171,7 @@ struct NICFaultTests {
           arguments: [OffloadType.packet, .crypto])
     func stall(_ mode: OffloadType) throws {
         let t = try FaultTopology(mode: mode)
-        try t.addPolicies()
-        try t.addInbound(spi: 0x1001)
-        try t.addOutbound(spi: 0x1001)
+        try t.addTunnel()
         t.nicA.setStalled(true)
         let sent = 1500
         t.send(sent)
@@ -202,9 +198,7 @@ struct NICFaultTests {
           arguments: [OffloadType.packet, .crypto])
     func vanish(_ mode: OffloadType) throws {
         let t = try FaultTopology(mode: mode)
-        try t.addPolicies()
-        try t.addInbound(spi: 0x1001)
-        try t.addOutbound(spi: 0x1001)
+        try t.addTunnel()
         let state = SenderState()
         let sender = Thread {
             let deadline = Date().addingTimeInterval(10)

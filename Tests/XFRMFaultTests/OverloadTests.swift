@@ -12,9 +12,7 @@ struct OverloadTests {
           arguments: [OffloadType.packet, .crypto])
     func poolExhaustion(_ mode: OffloadType) throws {
         let t = try FaultTopology(mode: mode, poolSlots: 64)
-        try t.addPolicies()
-        try t.addInbound(spi: 0x1001)
-        try t.addOutbound(spi: 0x1001)
+        try t.addTunnel()
         // A stalled NIC holds every buffer A hands it: the pool runs dry.
         t.nicA.setStalled(true)
         t.send(200)

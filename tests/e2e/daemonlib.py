@@ -119,6 +119,18 @@ class Pair:
             self.xfrm("b", f"policy add src {lb} dst {la} dir out {ba}{pol}")
             self.xfrm("b", f"policy add src {la} dst {lb} dir in {ab}{pol}")
 
+    def ipv4_policies(self, sides="ab"):
+        """The IPv4 tunnel policies between A's 10.0.1.0/24 and B's 10.0.2.0/24 (reqid 1 a → b, reqid 2 b → a)."""
+        a, b = "192.0.2.1", "192.0.2.2"
+        ab = f"tmpl src {a} dst {b} proto esp reqid 1 mode tunnel"
+        ba = f"tmpl src {b} dst {a} proto esp reqid 2 mode tunnel"
+        if "a" in sides:
+            self.xfrm("a", f"policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out {ab}")
+            self.xfrm("a", f"policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir in {ba}")
+        if "b" in sides:
+            self.xfrm("b", f"policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir out {ba}")
+            self.xfrm("b", f"policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir in {ab}")
+
     def close(self):
         for p in self.procs:
             if p.poll() is None:

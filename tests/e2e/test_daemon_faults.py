@@ -136,14 +136,7 @@ def configure_restart(pair, side_a_only=False, out_spi=0x1001):
     if side_a_only:
         pair.xfrm("b", f"state add src {a} dst {b} proto esp spi {out_spi:#x} reqid 1 mode tunnel "
                        f"aead rfc4106(gcm(aes)) {K1} 128 replay-window 128")
-    ab, ba = (f"tmpl src {a} dst {b} proto esp reqid 1 mode tunnel", f"tmpl src {b} dst {a} proto esp reqid 2 mode tunnel")
-    for side in sides:
-        if side == "a":
-            pair.xfrm("a", f"policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out {ab}")
-            pair.xfrm("a", f"policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir in {ba}")
-        else:
-            pair.xfrm("b", f"policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir out {ba}")
-            pair.xfrm("b", f"policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir in {ab}")
+    pair.ipv4_policies(sides)
 
 
 def wait_live(pair, side):

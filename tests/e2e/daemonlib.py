@@ -56,7 +56,7 @@ class Pair:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_for_sockets(self):
-        deadline = time.time() + 10
+        deadline = time.time() + 30  # a loaded 2-core machine can take seconds to start two debug daemons
         while not all(s.exists() for s in self.sock.values()):
             assert time.time() < deadline and all(p.poll() is None for p in self.procs), \
                 [p.stderr.read() for p in self.procs if p.poll() is not None]

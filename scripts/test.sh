@@ -4,7 +4,8 @@
 #     scripts/test.sh
 #
 # 1. installs what the tests need: tshark (non-interactively), libssl-dev, libipsec-mb-dev, iperf3, strongSwan
-#    (its service neither started nor enabled), and a Python virtualenv (.build/interop-venv) with scapy, cryptography, pytest, pytest-xdist;
+#    (its service neither started nor enabled), and a Python virtualenv (.build/interop-venv) with scapy,
+#    cryptography, pytest, pytest-xdist;
 # 2. builds everything once: `swift build --build-tests`;
 # 3. runs the Swift unit tests: `swift test --skip-build --parallel`;
 # 4. runs the interop suite, scapy and tshark as independent ESP peers of esp-tool, once per crypto backend:

@@ -98,12 +98,19 @@ def kernel_drops(pair: Pair, side: str) -> dict:
     snmp = pair.exec(side, "cat", "/proc/net/snmp").stdout.splitlines()
     udp = [l.split()[1:] for l in snmp if l.startswith("Udp:")]
     udp_fields = dict(zip(udp[0], map(int, udp[1])))
+    ip = [l.split()[1:] for l in snmp if l.startswith("Ip:")]
+    ip_fields = dict(zip(ip[0], map(int, ip[1])))
     raw_drops = 0
     for f in ("/proc/net/raw", "/proc/net/raw6"):
         for l in pair.exec(side, "cat", f).stdout.splitlines()[1:]:
             raw_drops += int(l.split()[-1])
     link = json.loads(pair.exec(side, "ip", "-s", "-j", "link", "show", "dev", pair.dev[side]).stdout)[0]
     return {"udp_rcvbuf_errors": udp_fields["RcvbufErrors"], "raw_drops": raw_drops,
+            # Not in the flood's identity (none of these happens to a flooded packet), but where else a lost
+            # packet could be counted: the soak reports them.
+            "udp_in_errors": udp_fields["InErrors"], "udp_csum_errors": udp_fields["InCsumErrors"],
+            "udp_no_ports": udp_fields["NoPorts"], "ip_in_discards": ip_fields["InDiscards"],
+            "ip_in_hdr_errors": ip_fields["InHdrErrors"], "ip_in_addr_errors": ip_fields["InAddrErrors"],
             "veth_rx_dropped": link["stats64"]["rx"]["dropped"],
             "veth_tx_dropped": link["stats64"]["tx"]["dropped"]}
 

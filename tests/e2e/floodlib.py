@@ -109,7 +109,7 @@ def kernel_drops(pair: Pair, side: str) -> dict:
             # Not in the flood's identity (none of these happens to a flooded packet), but where else a lost
             # packet could be counted: the soak reports them.
             "udp_in_errors": udp_fields["InErrors"], "udp_csum_errors": udp_fields["InCsumErrors"],
-            "udp_no_ports": udp_fields["NoPorts"], "ip_in_discards": ip_fields["InDiscards"],
+            "udp_no_ports": udp_fields["NoPorts"], "udp_mem_errors": udp_fields.get("MemErrors", 0), "ip_in_discards": ip_fields["InDiscards"],
             "ip_in_hdr_errors": ip_fields["InHdrErrors"], "ip_in_addr_errors": ip_fields["InAddrErrors"],
             "veth_rx_dropped": link["stats64"]["rx"]["dropped"],
             "veth_tx_dropped": link["stats64"]["tx"]["dropped"]}

@@ -63,7 +63,7 @@ let package = Package(
         .target(
             name: "XFRMDaemon",
             dependencies: [
-                "CXFRMSys", "XFRMControl", "XFRMCore", "XFRMEngine", "XFRMPacket", "XFRMSimulatedNIC", "XFRMWire",
+                "CXFRMSys", "XFRMControl", "XFRMCore", "XFRMEngine", "XFRMESP", "XFRMPacket", "XFRMSimulatedNIC", "XFRMWire",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Prometheus", package: "swift-prometheus"),
             ]),
@@ -117,6 +117,10 @@ let package = Package(
         .testTarget(
             name: "XFRMSimulatedNICTests",
             dependencies: ["XFRMSimulatedNIC", "XFRMCore", "XFRMCrypto", "XFRMESP", "XFRMPacket", "XFRMTestKit"]),
+        .testTarget(
+            name: "XFRMFaultTests",
+            dependencies: ["XFRMSimHost", "XFRMSimulatedNIC", "XFRMEngine", "XFRMCore", "XFRMCrypto", "XFRMESP",
+                           "XFRMPacket", "XFRMTestKit"]),
         .testTarget(
             name: "XFRMCryptoTests", dependencies: ["XFRMCrypto", "XFRMTestKit"], resources: [.copy("Resources")]),
         .testTarget(

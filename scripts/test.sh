@@ -3,8 +3,9 @@
 #
 #     scripts/test.sh
 #
-# 1. installs what the tests need: tshark (non-interactively), libssl-dev, libipsec-mb-dev, strongSwan (its service neither started
-#    nor enabled), and a Python virtualenv (.build/interop-venv) with scapy, cryptography, pytest, pytest-xdist;
+# 1. installs what the tests need: tshark (non-interactively), libssl-dev, libipsec-mb-dev, iperf3, strongSwan
+#    (its service neither started nor enabled), and a Python virtualenv (.build/interop-venv) with scapy,
+#    cryptography, pytest, pytest-xdist;
 # 2. builds everything once: `swift build --build-tests`;
 # 3. runs the Swift unit tests: `swift test --skip-build --parallel`;
 # 4. runs the interop suite, scapy and tshark as independent ESP peers of esp-tool, once per crypto backend:
@@ -37,6 +38,8 @@ die() {
 
 # libipsec-mb-dev: the Intel ipsec-mb crypto backend (the default where the CPU has AES-NI).
 APT_PACKAGES=(tshark libssl-dev libipsec-mb-dev python3 python3-venv)
+# tests/e2e/test_daemon_flood.py: iperf3 carries the legitimate stream under the flood.
+APT_PACKAGES+=(iperf3)
 # tests/kernel: qemu, the kernel under test (its image and modules), and what goes into the guest's initramfs:
 # a dynamic busybox, iproute2, tcpdump, kmod (modprobe/depmod resolve the modules); gcc + libc6-dev build the
 # static frame injector.
@@ -125,7 +128,7 @@ from scapy.layers.ipsec import SecurityAssociation
 assert conf.crypto_valid, "scapy cannot use cryptography"' || die "the Python test dependencies do not work"
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 is missing after install"
 compgen -G '/boot/vmlinuz-6.12*' >/dev/null || die "no /boot/vmlinuz-6.12* after installing linux-image-6.12-amd64"
-for t in busybox tcpdump modprobe depmod cc; do
+for t in busybox tcpdump modprobe depmod cc iperf3; do
   command -v "$t" >/dev/null || PATH=$PATH:/usr/sbin:/sbin command -v "$t" >/dev/null || die "$t is missing after install"
 done
 command -v swanctl >/dev/null || PATH=$PATH:/usr/sbin command -v swanctl >/dev/null || die "swanctl is missing after install"

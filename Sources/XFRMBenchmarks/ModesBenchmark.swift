@@ -154,13 +154,7 @@ final class ModesTopology {
             (self.b, "192.0.2.2/24", "10.0.2.1/24", "10.0.1.0/24", "192.0.2.1"),
         ]
         for (host, outer, inner, remote, gateway) in sides {
-            let net = host.stack.network
-            try net.modify(name: "sim0") { (i: inout Interface) throws(NetworkError) in i.isUp = true }
-            try net.addAddress(IPPrefix(outer)!, device: "sim0")
-            _ = try net.addInterface(name: "lan0", kind: "dummy")
-            try net.modify(name: "lan0") { (i: inout Interface) throws(NetworkError) in i.isUp = true }
-            try net.addAddress(IPPrefix(inner)!, device: "lan0")
-            try net.addRoute(IPPrefix(remote)!, device: "sim0", via: IPAddress(gateway)!)
+            try host.configureGateway(outer: outer, inner: inner, remote: remote, gateway: gateway)
         }
         if mode != .baseline {
             for flow in 0..<flows { try self.configureIPsec(flow: flow) }

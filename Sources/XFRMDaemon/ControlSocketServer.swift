@@ -178,6 +178,7 @@ public final class ControlSocketServer {
     }
 
     /// Sends messages packed into datagrams of at most 32 KiB (a dump arrives in several, as from the kernel).
+    /// `blocking`: wait (at most 2 s in all) for a full socket to take the rest; otherwise give up at once.
     private func send(_ messages: [XfrmMessage], to fd: Int32, blocking: Bool) -> Bool {
         var datagram: [UInt8] = []
         // A client gets 2 s in all to take its reply; one that cannot is dropped rather than stall the loop.
@@ -188,8 +189,11 @@ public final class ControlSocketServer {
             guard !datagram.isEmpty else { return true }
             defer { datagram.removeAll(keepingCapacity: true) }
             while true {
+                // Never a blocking send (the client sockets are blocking ones): a client that does not read would
+                // hold the loop, and every other client, for as long as it stays connected. `blocking` waits for
+                // room with poll(2), up to the deadline.
                 let sent = datagram.withUnsafeBytes {
-                    Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL) | (blocking ? 0 : Int32(MSG_DONTWAIT)))
+                    Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
                 }
                 if sent == datagram.count { return true }
                 if sent < 0 && errno == EINTR { continue }

@@ -60,6 +60,11 @@ public final class DatapathCounters: Sendable {
          "ike_relayed": self.ikeRelayed.load(ordering: .relaxed),
          "ike_replies": self.ikeReplies.load(ordering: .relaxed),
          "ike_relay_errors": self.ikeRelayErrors.load(ordering: .relaxed),
-         "ring_full": self.engine.ringFull.load(ordering: .relaxed)]
+         "ring_full": self.engine.ringFull.load(ordering: .relaxed),
+         // The parts of the accounting identity (issue 10): what the stack delivered into the TUN, input that never
+         // was ESP, and what arrived unframable (`not_esp` is the sum of the last two).
+         "delivered": self.engine.delivered.load(ordering: .relaxed),
+         "not_decapsulated": self.engine.notDecapsulated.load(ordering: .relaxed),
+         "unframed": self.notESP.load(ordering: .relaxed)]
     }
 }

@@ -12,6 +12,7 @@ import Logging
 import Prometheus
 import Synchronization
 import XFRMCore
+import XFRMESP
 import XFRMSimulatedNIC
 
 public final class MetricsServer: @unchecked Sendable {
@@ -82,7 +83,8 @@ public final class MetricsServer: @unchecked Sendable {
                      "send_errors", "no_buffer", "not_esp", "truncated", "ring_full", "tun_bad",
                      "tun_superpackets", "tun_coalesced", "ike_relayed", "ike_replies", "ike_relay_errors",
                      "tun_udp_superpackets", "tun_udp_coalesced", "udp_gso_sends", "udp_gso_segments",
-                     "udp_gso_fallbacks", "udp_gro_receives", "udp_gro_segments"] {
+                     "udp_gso_fallbacks", "udp_gro_receives", "udp_gro_segments", "delivered", "not_decapsulated",
+                     "unframed", "natt_keepalives", "tfc_dummies"] {
             let counter = self.registry.makeCounter(
                 name: "xfrmd_datapath_packets_total", labels: [("event", name)],
                 help: "Packets the data path read, wrote or dropped, by what happened to them")
@@ -176,7 +178,10 @@ public final class MetricsServer: @unchecked Sendable {
             self.statCounters[i].2 = now
         }
         if let d = self.datapath {
-            let values = d.counters.snapshot
+            var values = d.counters.snapshot
+            // Consumed by the stack and counted by reason only (not errors, so not in xfrm_stat).
+            values["natt_keepalives"] = self.stack.statistics.drops[.nattKeepalive]
+            values["tfc_dummies"] = self.stack.statistics.drops[.tfcDummy]
             for i in self.pathCounters.indices {
                 let (name, counter, last) = self.pathCounters[i]
                 let now = values[name] ?? 0

@@ -135,6 +135,8 @@ enum NetworkCommands {
             }
             if before.isUp && !after.isUp { host.stack.deviceDown(ifindex: after.index) }
             return ""
+        case "fault":
+            return try self.fault(a, host)
         case "del", "delete":
             guard a.count >= 2 else { throw NetworkError(22, "Not enough information: \"dev\" argument is required.") }
             let name = a[1] == "dev" && a.count >= 3 ? a[2] : a[1]

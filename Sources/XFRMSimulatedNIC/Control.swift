@@ -25,6 +25,9 @@ extension NICCore {
         // validation and program nothing (handle 0 finds no table entry on delete/free).
         if offload.acquire { return 0 }
         try self.validate(c, offload: offload)
+        // An injected fault (Faults.swift) refuses the command before anything is programmed; a timed-out add is
+        // unwound by the driver, so every failure leaves the tables as they were.
+        try self.checkFault(.stateAdd, "SA")
 
         var transform: ESPTransform? = nil
         var cipher: DeviceCipher? = nil
@@ -45,6 +48,7 @@ extension NICCore {
             }
         }
         let added: UInt64? = self.tables.withLock { t in
+            self.releaseStuckSlots(&t)
             guard let slot = t.sas.firstIndex(where: { $0 == nil }) else { return nil }
             let order = t.nextOrder
             t.nextOrder += 1
@@ -144,22 +148,24 @@ extension NICCore {
         let freed: SAEntry? = self.tables.withLock { t in
             guard let e = t.find(handle: offload.handle, sa: sa, direction: offload.direction) else { return nil }
             e.deleted.store(true, ordering: .releasing)
-            t.sas[e.slot] = nil
+            // The hardware would not release the slot: the entry carries no traffic and is released later.
+            if !self.releaseFails(.stateFree, slot: e.slot) { t.sas[e.slot] = nil }
             t.rebuild()
             return e
         }
         freed?.wipe()
+        self.faults.withLock { _ = $0.lastStats.removeValue(forKey: offload.handle) }
     }
 
     /// ≈ xdo_dev_state_update_stats: the device's counts for the SA (zero if the device does not know it).
     func updateStats(_ sa: SecurityAssociation, offload: StateOffload) -> DeviceSACounters {
         self.calls.withLock { $0.record(.updateStats(spi: sa.id.spi)) }
         guard let e = self.tables.withLock({ $0.find(handle: offload.handle, sa: sa, direction: offload.direction) })
-        else { return DeviceSACounters() }
+        else { return self.reportStats(handle: offload.handle) { DeviceSACounters() } }
         // Take the core's current limits (an `update` may have changed them); a raised hard limit revives traffic.
         let limits = sa.lifetime
         e.lifetimeBox.withLock { $0 = limits }
-        return e.state.withLock { s in
+        return self.reportStats(handle: offload.handle) { e.state.withLock { s in
             if !s.hardReached(limits) {
                 e.expired.store(false, ordering: .relaxed)
                 s.hardRaised = false
@@ -168,7 +174,7 @@ extension NICCore {
                 s.softRaised = false  // raised limits: the next crossing raises its event again
             }
             return s.counters
-        }
+        } }
     }
 
     /// The counters of the SA a handle names (tests and tools).
@@ -219,7 +225,9 @@ extension NICCore {
         guard policy.direction != .forward || self.supportsForwardPolicies else {
             throw DeviceError(EINVAL, "Cannot offload forward policy")
         }
+        try self.checkFault(.policyAdd, "policy")
         let ok = self.tables.withLock { t in
+            self.releaseStuckSlots(&t)
             guard let slot = t.policies.firstIndex(where: { $0 == nil }) else { return false }
             t.policies[slot] = PolicyEntry(slot: slot, order: t.nextOrder, policy: policy)
             t.nextOrder += 1
@@ -245,7 +253,7 @@ extension NICCore {
         self.tables.withLock { t in
             guard let e = t.find(policy: policy, deleted: true) ?? t.find(policy: policy, deleted: nil) else { return }
             e.deleted.store(true, ordering: .releasing)
-            t.policies[e.slot] = nil
+            if !self.releaseFails(.policyFree, slot: e.slot) { t.policies[e.slot] = nil }
             t.rebuild()
         }
     }

@@ -125,6 +125,10 @@ final class NICCore: @unchecked Sendable {
     /// offload_ok calls (a per-packet callback, so counted apart from `calls`).
     let offloadOKCalls = Atomic<Int>(0)
     let hooks = Mutex(Hooks())
+    /// Injected faults (Faults.swift).
+    let faults = Mutex(FaultPlan())
+    /// The device vanished (Faults.swift): it carries nothing and refuses every add.
+    let vanished = Atomic<Bool>(false)
 
     // Queue state, guarded by `sync`.
     let sync = EngineSync()
@@ -133,6 +137,8 @@ final class NICCore: @unchecked Sendable {
     private var busy = 0
     private var running = 0
     private var stopping = false
+    /// An injected stall: the engine takes nothing from its queues.
+    private var stalled = false
     private var engineThreadIDs: [pthread_t] = []
 
     /// Items an engine thread takes per lock round.
@@ -202,7 +208,9 @@ final class NICCore: @unchecked Sendable {
         self.sync.lock()
         self.engineThreadIDs.append(pthread_self())
         while true {
-            while self.txQueue.isEmpty && self.rxQueue.isEmpty && !self.stopping { self.sync.waitForWork() }
+            while (self.stalled || self.txQueue.isEmpty && self.rxQueue.isEmpty) && !self.stopping {
+                self.sync.waitForWork()
+            }
             if self.stopping { break }
             var nt = 0
             while nt < NICCore.batch, let item = self.txQueue.pop() {
@@ -231,16 +239,7 @@ final class NICCore: @unchecked Sendable {
         }
         // Stopping: the last thread out releases what is still queued.
         self.running -= 1
-        if self.running == 0 {
-            while let item = self.txQueue.pop() {
-                self.pool.release(item.buffer)
-                self.counters.txDrop(.txShutdown)
-            }
-            while let b = self.rxQueue.pop() {
-                self.pool.release(b)
-                self.counters.rxDrop(.rxShutdown)
-            }
-        }
+        if self.running == 0 { self.releaseQueued() }
         self.sync.broadcastIdle()
         self.sync.unlock()
     }
@@ -257,15 +256,46 @@ final class NICCore: @unchecked Sendable {
     }
 
     /// Blocks until both queues are empty and no engine thread is working (returns at once on an engine thread,
-    /// which cannot wait for itself, and after shutdown).
+    /// which cannot wait for itself, and after shutdown; while stalled it waits only for the batch in hand).
     func drain() {
         self.sync.lock()
         if !self.onEngineThread {
-            while self.running > 0 && (self.busy > 0 || !self.txQueue.isEmpty || !self.rxQueue.isEmpty) {
+            while self.running > 0
+                && (self.busy > 0 || !self.stalled && (!self.txQueue.isEmpty || !self.rxQueue.isEmpty))
+            {
                 self.sync.waitForIdle()
             }
         }
         self.sync.unlock()
+    }
+
+    /// Starts or ends an injected stall.
+    func setStalled(_ stalled: Bool) {
+        self.sync.lock()
+        self.stalled = stalled
+        self.sync.broadcastWork()
+        self.sync.broadcastIdle()
+        self.sync.unlock()
+    }
+
+    /// Drops (and counts) everything queued, as a device that vanished loses its rings.
+    func dropQueued() {
+        self.sync.lock()
+        self.releaseQueued()
+        self.sync.broadcastIdle()
+        self.sync.unlock()
+    }
+
+    /// Returns everything queued to the pool, counted as shutdown drops. Call with `sync` locked.
+    private func releaseQueued() {
+        while let item = self.txQueue.pop() {
+            self.pool.release(item.buffer)
+            self.counters.txDrop(.txShutdown)
+        }
+        while let b = self.rxQueue.pop() {
+            self.pool.release(b)
+            self.counters.rxDrop(.rxShutdown)
+        }
     }
 
     // MARK: - Queues

@@ -144,7 +144,10 @@ public final class SimulatedNIC: XfrmOffloadDevice, CustomDebugStringConvertible
     }
 
     /// Sets the link state (`ip link set up|down`): a device that is down drops everything, in both directions.
-    public func setLinkUp(_ up: Bool) { self.core.linkUp.store(up, ordering: .releasing) }
+    /// A vanished device stays down.
+    public func setLinkUp(_ up: Bool) {
+        self.core.linkUp.store(up && !self.core.vanished.load(ordering: .acquiring), ordering: .releasing)
+    }
 
     /// Follows `ip link set ... mtu N`.
     public func setMTU(_ mtu: Int) { self.core.mtuValue.store(mtu, ordering: .relaxed) }

@@ -44,26 +44,35 @@ class Pair:
             self.ip(side, "addr", "add", addr6, "dev", self.dev[side], "nodad")
             self.ip(side, "link", "set", self.dev[side], "up")
             self.ip(side, "link", "set", "lo", "up")
-        xfrmd = str(Path(os.environ["XFRM_TOOL"]).with_name("xfrmd"))
+        self.procs = [self.start_daemon(side) for side in "ab"]
+        self.wait_for_sockets()
         for side in "ab":
-            self.procs.append(subprocess.Popen(["ip", "netns", "exec", self.ns[side], xfrmd, "--socket",
-                                                str(self.sock[side]), "--metrics", "127.0.0.1:9117",
-                                                *self.daemon_args, *self.side_args.get(side, [])],
-                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-        deadline = time.time() + 10
+            self.setup_tun(side)
+
+    def start_daemon(self, side):
+        """Starts side's xfrmd (its TUN xfrm0 appears; `setup_tun` addresses and routes it)."""
+        xfrmd = str(Path(os.environ["XFRM_TOOL"]).with_name("xfrmd"))
+        return subprocess.Popen(["ip", "netns", "exec", self.ns[side], xfrmd, "--socket", str(self.sock[side]),
+                                 "--metrics", "127.0.0.1:9117", *self.daemon_args, *self.side_args.get(side, [])],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for_sockets(self):
+        deadline = time.time() + 30  # a loaded 2-core machine can take seconds to start two debug daemons
         while not all(s.exists() for s in self.sock.values()):
             assert time.time() < deadline and all(p.poll() is None for p in self.procs), \
                 [p.stderr.read() for p in self.procs if p.poll() is not None]
             time.sleep(0.05)
-        for side, me, peer, me6, peer6 in [("a", "10.0.1.1", "10.0.2.0/24", "2001:db8:1::1", "2001:db8:2::/64"),
-                                           ("b", "10.0.2.1", "10.0.1.0/24", "2001:db8:2::1", "2001:db8:1::/64")]:
-            self.ip(side, "addr", "add", me + "/32", "dev", "xfrm0")
-            self.ip(side, "addr", "add", me6 + "/128", "dev", "xfrm0", "nodad")
-            # Below the veth MTU minus the ESP overhead, so TCP segments are never too big once protected.
-            self.ip(side, "link", "set", "xfrm0", "mtu", "1400")
-            if self.routes:
-                self.ip(side, "route", "add", peer, "dev", "xfrm0", "src", me)
-                self.ip(side, "-6", "route", "add", peer6, "dev", "xfrm0", "src", me6)
+
+    def setup_tun(self, side):
+        me, peer, me6, peer6 = {"a": ("10.0.1.1", "10.0.2.0/24", "2001:db8:1::1", "2001:db8:2::/64"),
+                                "b": ("10.0.2.1", "10.0.1.0/24", "2001:db8:2::1", "2001:db8:1::/64")}[side]
+        self.ip(side, "addr", "add", me + "/32", "dev", "xfrm0")
+        self.ip(side, "addr", "add", me6 + "/128", "dev", "xfrm0", "nodad")
+        # Below the veth MTU minus the ESP overhead, so TCP segments are never too big once protected.
+        self.ip(side, "link", "set", "xfrm0", "mtu", "1400")
+        if self.routes:
+            self.ip(side, "route", "add", peer, "dev", "xfrm0", "src", me)
+            self.ip(side, "-6", "route", "add", peer6, "dev", "xfrm0", "src", me6)
 
     def metrics(self, side) -> dict:
         """The daemon's Prometheus metrics (scraped inside its namespace), by series."""
@@ -111,6 +120,18 @@ class Pair:
             self.xfrm("a", f"policy add src {lb} dst {la} dir in {ba}{pol}")
             self.xfrm("b", f"policy add src {lb} dst {la} dir out {ba}{pol}")
             self.xfrm("b", f"policy add src {la} dst {lb} dir in {ab}{pol}")
+
+    def ipv4_policies(self, sides="ab"):
+        """The IPv4 tunnel policies between A's 10.0.1.0/24 and B's 10.0.2.0/24 (reqid 1 a → b, reqid 2 b → a)."""
+        a, b = "192.0.2.1", "192.0.2.2"
+        ab = f"tmpl src {a} dst {b} proto esp reqid 1 mode tunnel"
+        ba = f"tmpl src {b} dst {a} proto esp reqid 2 mode tunnel"
+        if "a" in sides:
+            self.xfrm("a", f"policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out {ab}")
+            self.xfrm("a", f"policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir in {ba}")
+        if "b" in sides:
+            self.xfrm("b", f"policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir out {ba}")
+            self.xfrm("b", f"policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir in {ab}")
 
     def close(self):
         for p in self.procs:

@@ -33,12 +33,7 @@ def configure(pair, cpus=(0, 1, 2)):
     for side in "ab":
         pair.xfrm(side, f"state add src {B} dst {A} proto esp spi 0x2002 reqid 2 mode tunnel "
                         f"aead rfc4106(gcm(aes)) {K2} 128 replay-window 128")
-    ab = f"tmpl src {A} dst {B} proto esp reqid 1 mode tunnel"
-    ba = f"tmpl src {B} dst {A} proto esp reqid 2 mode tunnel"
-    pair.xfrm("a", f"policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out {ab}")
-    pair.xfrm("a", f"policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir in {ba}")
-    pair.xfrm("b", f"policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir out {ba}")
-    pair.xfrm("b", f"policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir in {ab}")
+    pair.ipv4_policies()
 
 
 def sa_packets(listing):

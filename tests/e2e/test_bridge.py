@@ -129,4 +129,5 @@ def test_the_bridge_says_in_one_line_when_no_daemon_is_there(tmp_path):
     assert r.stderr.startswith(f"xfrm-bridge: no xfrmd is running at {tmp_path / 'none.sock'} (") and \
         r.stderr.count("\n") == 1, r.stderr
     r = subprocess.run([bridge_path()], capture_output=True, text=True, timeout=30)
-    assert (r.returncode, r.stderr) == (2, "usage: xfrm-bridge [-S PATH] COMMAND [ARG...]\n")
+    assert (r.returncode, r.stderr) == (2, "usage: xfrm-bridge [-S PATH] [--share-natt-port] [--natt-port N] COMMAND "
+                                           "[ARG...]\n")

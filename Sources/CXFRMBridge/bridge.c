@@ -21,12 +21,15 @@
 // With XFRM_BRIDGE_NATT_PORT (xfrm-bridge --share-natt-port), a UDP socket bound to that port joins xfrmd's socket
 // there (xfrm_natt_join: SO_REUSEPORT and a steering program): datagrams with the zero non-ESP marker (IKE) reach
 // the program, everything else (ESP) the daemon — the split the kernel makes with UDP_ENCAP.
-// A daemon that goes away reads as end of file (recv returns 0), so a client stops instead of hanging.
+// A daemon that goes away is connected to again (the in-flight request sent again; the caller reads ENOBUFS, as
+// after lost messages); if it does not come back the socket stays silent. It never reads as end of file: netlink
+// users spin on that.
 #define _GNU_SOURCE
 #include "CXFRMSys.h"
 
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/netlink.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -57,6 +60,8 @@ struct bridged {
     int options[16];   // SOL_NETLINK options by number
     dev_t dev;         // the Unix socket's identity: an fd number closed behind our back (close_range, dup2)
     ino_t ino;         // and reused is not taken for a bridged socket
+    uint8_t *last;     // the last datagram sent, sent again after a reconnection (the request then in flight)
+    size_t last_len;
 };
 
 static struct bridged table[MAX_FD];
@@ -110,10 +115,73 @@ static int send_join(int fd, struct bridged *b) {
     return n == (ssize_t)sizeof(m) ? 0 : -1;
 }
 
+/// A Unix SOCK_SEQPACKET socket connected to the daemon, or -1 with errno.
+static int connect_daemon(int cloexec) {
+    int fd = get_socket()(AF_UNIX, SOCK_SEQPACKET | cloexec, 0);
+    if (fd < 0) return -1;
+    struct sockaddr_un a = {.sun_family = AF_UNIX};
+    const char *path = daemon_path();
+    if (strlen(path) >= sizeof(a.sun_path)) {
+        get_close()(fd);
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    strcpy(a.sun_path, path);
+    if (get_connect()(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+        int e = errno;
+        get_close()(fd);
+        errno = e;
+        return -1;
+    }
+    return fd;
+}
+
+/// Puts `replacement` in place of the bridged socket `fd` (same number, same blocking mode and close-on-exec).
+static void replace_socket(int fd, struct bridged *b, int replacement) {
+    int status = fcntl(fd, F_GETFL);
+    int fdflags = fcntl(fd, F_GETFD);
+    dup3(replacement, fd, (fdflags >= 0 && (fdflags & FD_CLOEXEC)) ? O_CLOEXEC : 0);
+    get_close()(replacement);
+    if (status >= 0) fcntl(fd, F_SETFL, status);
+    struct stat st;
+    if (fstat(fd, &st) == 0) {
+        b->dev = st.st_dev;
+        b->ino = st.st_ino;
+    }
+}
+
+static int send_join(int fd, struct bridged *b);
+
+/// The daemon closed the socket. A kernel's netlink socket never reads as end of file, and its users (charon's
+/// watcher and request loops) spin on one, so: connect again (for up to 5 s: a restarting daemon), join the same
+/// groups, and send the request that was in flight again; the caller reads ENOBUFS, netlink's "you missed
+/// messages" (a listener resynchronises). If the daemon does not come back the socket becomes a silent kernel (one
+/// end of a socket pair nobody writes to): requests go unanswered, nothing spins.
+static void daemon_lost(int fd, struct bridged *b) {
+    for (int i = 0; i < 50; i++) {
+        int s = connect_daemon(0);
+        if (s >= 0) {
+            replace_socket(fd, b, s);
+            send_join(fd, b);
+            if (b->last != NULL) get_send()(fd, b->last, b->last_len, MSG_NOSIGNAL);
+            fprintf(stderr, "xfrm-bridge: xfrmd at %s went away; connected again\n", daemon_path());
+            return;
+        }
+        usleep(100000);
+    }
+    int pair[2];
+    if (socketpair(AF_UNIX, SOCK_SEQPACKET, 0, pair) == 0) replace_socket(fd, b, pair[0]);  // pair[1] stays open
+    fprintf(stderr, "xfrm-bridge: xfrmd at %s went away and does not answer; this netlink socket stays silent\n",
+            daemon_path());
+}
+
 /// ≈ netlink_autobind: the process id first, then -4096, -4097, …
 static void autobind(struct bridged *b) {
-    if (b->portid != 0) return;
     pthread_mutex_lock(&lock);
+    if (b->portid != 0) {
+        pthread_mutex_unlock(&lock);
+        return;
+    }
     if (!pid_taken) {
         pid_taken = 1;
         b->portid = (uint32_t)getpid();
@@ -131,20 +199,10 @@ EXPORT int socket(int domain, int type, int protocol) {
         errno = ESOCKTNOSUPPORT;
         return -1;
     }
-    int fd = get_socket()(AF_UNIX, SOCK_SEQPACKET | (flags & SOCK_CLOEXEC), 0);
-    if (fd < 0) return -1;
-    struct sockaddr_un a = {.sun_family = AF_UNIX};
-    const char *path = daemon_path();
-    if (strlen(path) >= sizeof(a.sun_path)) {
-        get_close()(fd);
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    strcpy(a.sun_path, path);
-    if (get_connect()(fd, (struct sockaddr *)&a, sizeof(a)) != 0) {
+    int fd = connect_daemon(flags & SOCK_CLOEXEC);
+    if (fd < 0) {
         int e = errno;
-        fprintf(stderr, "xfrm-bridge: cannot reach xfrmd at %s: %s\n", path, strerror(e));
-        get_close()(fd);
+        fprintf(stderr, "xfrm-bridge: cannot reach xfrmd at %s: %s\n", daemon_path(), strerror(e));
         errno = e;
         return -1;
     }
@@ -179,6 +237,8 @@ EXPORT int close(int fd) {
     if (b != NULL) {
         pthread_mutex_lock(&lock);
         if (b->portid == (uint32_t)getpid()) pid_taken = 0;
+        free(b->last);
+        b->last = NULL;
         b->used = 0;
         pthread_mutex_unlock(&lock);
     }
@@ -217,7 +277,7 @@ EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len) {
     }
     if (b == NULL) return get_bind()(fd, addr, len);
     const struct sockaddr_nl *nl = (const struct sockaddr_nl *)addr;
-    if (len < sizeof(*nl) || nl->nl_family != AF_NETLINK) {
+    if (nl == NULL || len < sizeof(*nl) || nl->nl_family != AF_NETLINK) {
         errno = EINVAL;
         return -1;
     }
@@ -254,6 +314,10 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len) {
 EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len) {
     struct bridged *b = lookup(fd);
     if (b == NULL) return get_getsockname()(fd, addr, len);
+    if (addr == NULL || len == NULL) {
+        errno = EFAULT;
+        return -1;
+    }
     struct sockaddr_nl nl = {.nl_family = AF_NETLINK, .nl_pid = b->portid, .nl_groups = b->groups};
     size_t n = *len < sizeof(nl) ? *len : sizeof(nl);
     memcpy(addr, &nl, n);
@@ -319,6 +383,10 @@ EXPORT int getsockopt(int fd, int level, int name, void *value, socklen_t *len) 
     } else {
         return get_getsockopt()(fd, level, name, value, len);
     }
+    if (value == NULL || len == NULL) {
+        errno = EFAULT;
+        return -1;
+    }
     if (*len < sizeof(int)) {
         errno = EINVAL;
         return -1;
@@ -365,8 +433,20 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
     struct iovec iov = {buf, total};
     struct msghdr out = {.msg_iov = &iov, .msg_iovlen = 1};
     ssize_t n = get_sendmsg()(fd, &out, (flags & (MSG_DONTWAIT)) | MSG_NOSIGNAL);
+    if (n < 0 && (errno == EPIPE || errno == ECONNRESET || errno == ENOTCONN || errno == ECONNREFUSED)) {
+        free(b->last);  // the request goes once, below, not twice
+        b->last = NULL;
+        daemon_lost(fd, b);
+        n = get_sendmsg()(fd, &out, (flags & (MSG_DONTWAIT)) | MSG_NOSIGNAL);
+    }
     int e = errno;
-    free(buf);
+    if (n == (ssize_t)total) {
+        free(b->last);  // kept: sent again if the daemon goes away before answering
+        b->last = buf;
+        b->last_len = total;
+    } else {
+        free(buf);
+    }
     errno = e;
     if (n < 0 && errno == EPIPE) errno = ECONNREFUSED;
     return n;
@@ -393,6 +473,12 @@ EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
     msg->msg_namelen = 0;
     ssize_t n = get_recvmsg()(fd, msg, flags & (MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT | MSG_WAITALL));
     msg->msg_name = name;
+    if (n == 0 || (n < 0 && (errno == ECONNRESET || errno == ENOTCONN))) {
+        // The daemon closed the socket (it never sends an empty datagram) or went away with messages unread.
+        daemon_lost(fd, b);
+        errno = ENOBUFS;
+        n = -1;
+    }
     if (n < 0) {
         msg->msg_namelen = namelen;
         return n;

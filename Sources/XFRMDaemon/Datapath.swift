@@ -112,7 +112,10 @@ public final class Datapath: @unchecked Sendable {
             throw SocketError("cannot bring \(self.tunName) up", errno: -up)
         }
         do throws(SocketError) {
-            self.sockets = try OuterSockets(udpPort: udpPort, rawESP: rawESP, mark: mark, shareUDPPort: shareUDPPort)
+            // UDP_GRO stays off on a shared port: the GRO lookup picks a socket without the steering program, and a merged
+            // batch could mix IKE into ESP (a datagram lost to each side).
+            self.sockets = try OuterSockets(udpPort: udpPort, rawESP: rawESP, mark: mark, gro: !shareUDPPort,
+                                            shareUDPPort: shareUDPPort)
         } catch {
             close(fd)
             throw error

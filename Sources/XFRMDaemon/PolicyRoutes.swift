@@ -18,7 +18,9 @@ import XFRMWire
 /// that protects (allow, with templates) — is computed from the SPD and compared with the routes this daemon added.
 /// A route is added with NLM_F_EXCL in the main table (protocol static, scope link); one that already exists belongs
 /// to somebody else and is neither taken over nor removed. Never routed: /0 prefixes (a default route into the TUN
-/// would also carry the tunnel's own ESP and IKE) and any prefix holding a template's tunnel endpoint; each is logged.
+/// would also carry the tunnel's own ESP and IKE), a transport-mode policy's destination (the peer itself), and any
+/// prefix holding a tunnel endpoint of any policy or SA; each is logged. Routes are not re-checked against the
+/// kernel between policy changes (one the kernel dropped, e.g. with the TUN going down, comes back at the next change).
 /// Routes this daemon added are removed when their last policy goes and when it stops.
 public final class PolicyRoutes: @unchecked Sendable {
     private let stack: XFRMStack
@@ -92,22 +94,48 @@ public final class PolicyRoutes: @unchecked Sendable {
         }
     }
 
-    /// The routes the SPD asks for now.
+    /// The routes the SPD asks for now: the destination (its network address) of each OUT policy that protects,
+    /// unless it is /0, a transport-mode policy's (its destination is the peer itself), or holds any tunnel endpoint
+    /// of any policy or SA (it would route the tunnel's own ESP and IKE into the TUN).
     func wanted() -> Set<Route> {
+        let policies = self.stack.policies.list()
+        var endpoints: [IPAddress] = []
+        for p in policies {
+            for t in p.templates {
+                if let d = t.destination { endpoints.append(d) }
+                if let s = t.source { endpoints.append(s) }
+            }
+        }
+        for sa in self.stack.states.list() { endpoints += [sa.id.destination, sa.config.source] }
         var out: Set<Route> = []
-        for p in self.stack.policies.list() where p.direction == .outbound && p.action == .allow && !p.templates.isEmpty {
-            let dst = p.selector.destination
+        for p in policies where p.direction == .outbound && p.action == .allow && !p.templates.isEmpty {
             guard p.selector.family == 4 || p.selector.family == 6 else { continue }
+            let dst = Self.network(p.selector.destination)
             let route = Route(prefix: dst)
-            if dst.length == 0 || p.templates.contains(where: { t in t.destination.map(dst.contains) ?? false }) {
+            let transport = p.templates.contains { $0.mode == 0 || $0.destination == nil }
+            if dst.length == 0 || transport || endpoints.contains(where: dst.contains) {
                 if self.refused.insert(route).inserted {
-                    self.logger.warning("--route-policies: not routing \(dst) into the TUN (a default route, or it holds the tunnel endpoint)")
+                    self.logger.warning("--route-policies: not routing \(dst) into the TUN (a default route, a transport-mode peer, or it holds a tunnel endpoint)")
                 }
                 continue
             }
             out.insert(route)
         }
         return out
+    }
+
+    /// The prefix with its host bits cleared: a selector may carry them, a route may not.
+    static func network(_ p: IPPrefix) -> IPPrefix {
+        let n = Int(p.length)
+        switch p.address {
+        case .v4(let a):
+            let mask: UInt32 = n == 0 ? 0 : n >= 32 ? ~0 : ~(UInt32.max >> UInt32(n))
+            return IPPrefix(.v4(a & mask), length: p.length)
+        case .v6(let high, let low):
+            let mh: UInt64 = n == 0 ? 0 : n >= 64 ? ~0 : ~(UInt64.max >> UInt64(n))
+            let ml: UInt64 = n <= 64 ? 0 : n >= 128 ? ~0 : ~(UInt64.max >> UInt64(n - 64))
+            return IPPrefix(.v6(high & mh, low & ml), length: p.length)
+        }
     }
 
     func sync() {
@@ -119,12 +147,7 @@ public final class PolicyRoutes: @unchecked Sendable {
     /// RTM_NEWROUTE (NLM_F_CREATE | NLM_F_EXCL) or RTM_DELROUTE for `r` via the TUN; true when the kernel agreed
     /// (an add that found a route there already is false: that route is not ours).
     private func change(_ r: Route, add: Bool) -> Bool {
-        // The network address: a selector may carry host bits, a route may not.
-        var address = r.prefix.address.bytes
-        for i in 0..<address.count {
-            let keep = max(0, min(8, Int(r.prefix.length) - 8 * i))
-            address[i] &= keep == 8 ? 0xff : ~(UInt8(0xff) >> keep)
-        }
+        let address = r.prefix.address.bytes  // a network address (`network`)
         let family: UInt8 = r.prefix.address.version == 4 ? UInt8(AF_INET) : UInt8(AF_INET6)
         var m: [UInt8] = []
         func u16(_ v: UInt16) { withUnsafeBytes(of: v.littleEndian) { m += $0 } }

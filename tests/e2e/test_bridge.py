@@ -6,10 +6,12 @@ host answers XFRM policy requests, so a policy that reached the kernel instead o
 namespace's own `ip xfrm policy` listing: each test checks that it stays empty."""
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
+from conftest import xfrmd_path
 from test_daemon import KEY, LINES, xfrm_s
 
 
@@ -131,3 +133,49 @@ def test_the_bridge_says_in_one_line_when_no_daemon_is_there(tmp_path):
     r = subprocess.run([bridge_path()], capture_output=True, text=True, timeout=30)
     assert (r.returncode, r.stderr) == (2, "usage: xfrm-bridge [-S PATH] [--share-natt-port] [--natt-port N] COMMAND "
                                            "[ARG...]\n")
+
+
+def test_a_restarted_daemon_is_connected_to_again_and_a_listener_keeps_listening(tmp_path, netns):
+    """A netlink socket never reads as end of file (charon's loops would spin on one): when xfrmd goes away the bridge
+    connects again, joins the same groups, and the program reads ENOBUFS (missed messages). `ip xfrm monitor` through
+    the bridge hears a change made after the daemon's restart; with no daemon at all it stays silent, it does not spin."""
+    sock = tmp_path / "r.sock"
+
+    def start():
+        p = subprocess.Popen(["ip", "netns", "exec", netns, xfrmd_path(), "--socket", str(sock)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 30
+        while not sock.exists():
+            assert p.poll() is None and time.time() < deadline, p.stderr.read()
+            time.sleep(0.05)
+        return p
+
+    def stop(p):
+        p.send_signal(signal.SIGTERM)
+        p.wait(timeout=10)
+
+    daemon_proc = start()
+    mon = subprocess.Popen(["ip", "netns", "exec", netns, bridge_path(), "-S", str(sock), "ip", "xfrm", "monitor"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)
+        stop(daemon_proc)
+        daemon_proc = start()
+        time.sleep(1.0)  # the bridge connects again (it retries every 0.1 s)
+        add = ["state", "add", "src", "192.0.2.1", "dst", "192.0.2.7", "proto", "esp", "spi", "0x707", "reqid", "7",
+               "mode", "tunnel", "aead", "rfc4106(gcm(aes))", KEY, "128"]
+        assert xfrm_s(sock, *add).returncode == 0
+        time.sleep(0.5)
+        stop(daemon_proc)
+        time.sleep(6.0)  # gives up after 5 s and stays silent
+        cpu = float(subprocess.run(["ps", "-o", "time=", "-p", str(mon.pid)], capture_output=True, text=True)
+                    .stdout.strip().replace(":", "") or 0)
+        assert mon.poll() is None, ("ip xfrm monitor exited when the daemon went away", mon.communicate()[1])
+    finally:
+        mon.terminate()
+        out, err = mon.communicate(timeout=10)
+        if daemon_proc.poll() is None:
+            stop(daemon_proc)
+    assert "proto esp spi 0x00000707 reqid 7 mode tunnel" in out, (out, err)
+    assert "xfrm-bridge: xfrmd at" in err and "connected again" in err and "stays silent" in err, err
+    assert cpu < 2, f"the monitor used {cpu} s of CPU while the daemon was away"

@@ -2,7 +2,7 @@
 // session's `ip xfrm` grammar, with inbound SAs of every algorithm the stack offers (AES-GCM 128/192/256 with each
 // ICV length, ChaCha20-Poly1305, AES-GMAC, AES-CBC with HMAC-SHA-1/256/384/512, NULL with HMAC), tunnel and
 // transport mode, IPv4 and IPv6 outer, ESP-in-UDP, ESN, windows 0, 32, 128 and 4096, and the IN/FWD policies
-// that cover them.
+// that cover them; and an outbound SA and OUT policy per outer family for what the daemon's TUN side sends.
 import XFRMCore
 import XFRMCrypto
 import XFRMESP
@@ -45,7 +45,7 @@ public final class ESPFixture {
             "\(v4) spi 0x1007 mode tunnel enc cbc(aes) \(key32) auth-trunc hmac(sha256) \(key32) 128 replay-window 32 flag esn",
             "\(v4) spi 0x1008 mode tunnel enc cbc(aes) \(key24) auth-trunc hmac(sha384) \(key48) 192",
             "\(v4) spi 0x1009 mode tunnel enc cbc(aes) \(key16) auth-trunc hmac(sha512) \(key64) 256 encap espinudp 4500 4500 0.0.0.0",
-            "\(v4) spi 0x100a mode tunnel enc ecb(cipher_null) "" auth-trunc hmac(sha256) \(key32) 128",
+            "\(v4) spi 0x100a mode tunnel enc ecb(cipher_null) \"\" auth-trunc hmac(sha256) \(key32) 128",
             "\(v4) spi 0x100b mode transport \(gcm) \(key20) 128",
             "\(v4) spi 0x100c mode tunnel \(gcm) \(key20) 128 replay-window 0",
             "\(v6) spi 0x100d mode tunnel \(gcm) \(key20) 128",
@@ -66,6 +66,14 @@ public final class ESPFixture {
             "xfrm policy add src 2001:db8:a::/64 dst 2001:db8:b::/64 dir in \(t6) mode tunnel",
             "xfrm policy add src 192.0.2.1/32 dst 192.0.2.2/32 dir in \(t4) mode transport",
             "xfrm policy add src 2001:db8:1::1/128 dst 2001:db8:2::2/128 dir in \(t6) mode transport",
+            // The way out (what the daemon's TUN side takes): one outbound SA per outer family.
+            "xfrm state add src 192.0.2.2 dst 192.0.2.1 proto esp spi 0x2001 mode tunnel \(gcm) \(key20) 128",
+            "xfrm state add src 2001:db8:2::2 dst 2001:db8:1::1 proto esp spi 0x2002 mode tunnel "
+                + "aead rfc7539esp(chacha20,poly1305) \(key36) 128 encap espinudp 4500 4500 ::",
+            "xfrm policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir out "
+                + "tmpl src 192.0.2.2 dst 192.0.2.1 proto esp mode tunnel",
+            "xfrm policy add src 2001:db8:b::/64 dst 2001:db8:a::/64 dir out "
+                + "tmpl src 2001:db8:2::2 dst 2001:db8:1::1 proto esp mode tunnel",
         ]
     }()
 

@@ -21,6 +21,8 @@
 #    refusals, and ESP both ways: `python -m pytest -q -n 2 tests/kernel` with XFRM_TOOL=<bin path>/xfrm.
 # 7. builds xfrm-bench in release mode and runs `xfrm-bench engine --check` and `xfrm-bench stack --check`:
 #    0 allocations per packet on the daemon's per-packet path and on the stack's output and input paths.
+# 8. builds the libFuzzer harnesses (Fuzz/, with the address sanitizer) and runs each for 10 seconds from its seed
+#    corpus: `scripts/fuzz.sh all 10`.
 #
 # Every install step fails loudly.  All test suites always run; the script exits
 # non-zero if any failed.  Set SKIP_INSTALL=1 to skip step 1 on a machine that has
@@ -191,6 +193,14 @@ step "allocation check: xfrm-bench engine --check and stack --check (release bui
   "$(swift build -c release --show-bin-path)/xfrm-bench" stack --check --rounds 2 --seconds 0.2; } ||
   { status=1; echo "test.sh: the engine or stack path allocates per packet (or did not build)" >&2; }
 echo "allocation check done at ${SECONDS}s"
+
+# libFuzzer harnesses (Fuzz/, README "Fuzzing"): each runs a short fixed time from its checked-in corpus, so that a
+# change that makes one of them crash, leak or trap fails CI. Their build is the release + ASan + coverage build of
+# the modules they use, in .build/fuzz.
+step "fuzz: scripts/fuzz.sh all 10 (each harness 10 s)"
+fuzz_start=$SECONDS
+scripts/fuzz.sh all 10 || { status=1; echo "test.sh: a fuzz harness FAILED" >&2; }
+echo "fuzz done at ${SECONDS}s ($((SECONDS - fuzz_start))s with the build)"
 
 echo "total ${SECONDS}s"
 if [ $status -ne 0 ]; then

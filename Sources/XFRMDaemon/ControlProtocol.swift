@@ -2,6 +2,7 @@
 // On NETLINK_XFRM that is setsockopt(NETLINK_ADD_MEMBERSHIP); a Unix socket has no such option, so a client sends
 // one NLMSG_NOOP whose 4-byte body is the bitmask of the XFRMNLGRP_* groups it wants (bit g − 1 for group g).
 
+import XFRMControl
 import XFRMWire
 
 public enum ControlProtocol {
@@ -34,4 +35,37 @@ public enum ControlProtocol {
     }
 
     static func bit(_ group: UInt32) -> UInt32 { 1 << (group - 1) }
+
+    /// Answers every netlink message in one datagram from a client, each on its own (≈ netlink_rcv_skb): a
+    /// message whose length runs past the datagram (or is below a header) gets its error reply and ends the
+    /// datagram; trailing bytes shorter than a header get one too; an NLMSG_NOOP with a 4-byte body is the
+    /// group join, passed to `join` and not answered.
+    public static func answer(datagram: [UInt8], server: XfrmControlServer, join: (UInt32) -> Void) -> [XfrmMessage] {
+        let n = datagram.count
+        var replies: [XfrmMessage] = []
+        var off = 0
+        while off + 16 <= n {
+            let length = Int(UInt32(datagram[off]) | UInt32(datagram[off + 1]) << 8 | UInt32(datagram[off + 2]) << 16
+                             | UInt32(datagram[off + 3]) << 24)
+            guard length >= 16, off + length <= n else {
+                replies += server.request(raw: Array(datagram[off...]))  // the short message's error reply
+                break
+            }
+            let message = Array(datagram[off..<(off + length)])
+            let type = UInt16(message[4]) | UInt16(message[5]) << 8
+            if type == NetlinkControlType.noop {
+                if length >= 20 {
+                    join(UInt32(message[16]) | UInt32(message[17]) << 8 | UInt32(message[18]) << 16
+                         | UInt32(message[19]) << 24)
+                }
+            } else {
+                replies += server.request(raw: message)
+            }
+            off += (length + 3) & ~3
+        }
+        if off < n && off + 16 > n && replies.isEmpty {
+            replies += server.request(raw: Array(datagram[off...]))  // trailing bytes shorter than a header
+        }
+        return replies
+    }
 }

@@ -147,32 +147,9 @@ public final class ControlSocketServer {
             self.drop(fd)
             return
         }
-        var replies: [XfrmMessage] = []
-        var off = 0
-        let datagram = Array(self.buffer[0..<n])
-        // Every netlink message in the datagram, each answered on its own (≈ netlink_rcv_skb).
-        while off + 16 <= n {
-            let length = Int(UInt32(datagram[off]) | UInt32(datagram[off + 1]) << 8 | UInt32(datagram[off + 2]) << 16
-                             | UInt32(datagram[off + 3]) << 24)
-            guard length >= 16, off + length <= n else {
-                replies += self.server.request(raw: Array(datagram[off...]))  // the short message's error reply
-                break
-            }
-            let message = Array(datagram[off..<(off + length)])
-            let type = UInt16(message[4]) | UInt16(message[5]) << 8
-            if type == NetlinkControlType.noop {
-                if length >= 20 {
-                    self.clients[fd]?.groups = UInt32(message[16]) | UInt32(message[17]) << 8
-                        | UInt32(message[18]) << 16 | UInt32(message[19]) << 24
-                    self.updateAcquireListening()
-                }
-            } else {
-                replies += self.server.request(raw: message)
-            }
-            off += (length + 3) & ~3
-        }
-        if off < n && off + 16 > n && replies.isEmpty {
-            replies += self.server.request(raw: Array(datagram[off...]))  // trailing bytes shorter than a header
+        let replies = ControlProtocol.answer(datagram: Array(self.buffer[0..<n]), server: self.server) { groups in
+            self.clients[fd]?.groups = groups
+            self.updateAcquireListening()
         }
         if !self.send(replies, to: fd, blocking: true) { self.drop(fd) }
     }

@@ -143,22 +143,31 @@ final class OuterGROSource: OuterReader {
             }
             let n = min(size, length - self.offset)
             self.offset += n
-            guard n <= OuterSource.room,
-                buf.append(bytes: UnsafeRawBufferPointer(start: area + (self.offset - n), count: n))
-            else {
-                self.counters.truncated.wrappingAdd(1, ordering: .relaxed)  // larger than any buffer here
-                self.pool.release(buf)
-                continue
-            }
-            if OuterSource.frame(&buf, length: n, from: self.names[i], control: control, framing: self.framing,
-                                 udpPort: self.udpPort)
-            {
-                batch.append(PacketBatch.Packet(buf, stage: .input, ifindex: self.ifindex))
-            } else {
-                self.counters.notESP.wrappingAdd(1, ordering: .relaxed)
-                self.pool.release(buf)
-            }
+            Self.take(UnsafeRawBufferPointer(start: area + (self.offset - n), count: n), in: buf,
+                      from: self.names[i], control: control, framing: self.framing, udpPort: self.udpPort,
+                      ifindex: self.ifindex, pool: self.pool, counters: self.counters, into: &batch)
         }
         return true
+    }
+
+    /// One datagram cut from a coalesced read, copied into `buf` and framed as the IP packet it arrived in, onto
+    /// `batch`; one larger than a buffer is counted `truncated`, one without its destination `not_esp`.
+    static func take(_ datagram: UnsafeRawBufferPointer, in buf: PacketBuffer, from: sockaddr_in6,
+                     control: UnsafeMutablePointer<UInt8>, framing: Framing, udpPort: UInt16, ifindex: Int32,
+                     pool: PacketPool, counters: DatapathCounters, into batch: inout PacketBatch) {
+        var buf = buf
+        guard datagram.count <= OuterSource.room, buf.append(bytes: datagram) else {
+            counters.truncated.wrappingAdd(1, ordering: .relaxed)  // larger than any buffer here
+            pool.release(buf)
+            return
+        }
+        if OuterSource.frame(&buf, length: datagram.count, from: from, control: control, framing: framing,
+                             udpPort: udpPort)
+        {
+            batch.append(PacketBatch.Packet(buf, stage: .input, ifindex: ifindex))
+        } else {
+            counters.notESP.wrappingAdd(1, ordering: .relaxed)
+            pool.release(buf)
+        }
     }
 }

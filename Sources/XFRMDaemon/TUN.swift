@@ -65,16 +65,40 @@ final class TUNSource: PacketSource {
                 continue
             }
             let n = Glibc.read(self.fd, self.readBuffer, Self.readSize)
-            guard n > VirtioNetHeader.size else {
-                if n >= 0 && n <= VirtioNetHeader.size { self.counters.tunBad.wrappingAdd(1, ordering: .relaxed) }
-                if n < 0 { break }
-                continue
-            }
-            self.pending = (n - VirtioNetHeader.size, VirtioNetHeader(from: self.readBuffer), 0)
+            if n < 0 { break }
+            self.received(n)
         }
         let added = batch.count - before
         self.counters.tunRead.wrappingAdd(UInt64(added), ordering: .relaxed)
         return added
+    }
+
+    /// Takes a read of `n` bytes in `readBuffer`: a virtio-net header and the packet (or superpacket) behind it,
+    /// left pending for `cut`; a read no longer than the header is counted (`tun_bad`).
+    private func received(_ n: Int) {
+        guard n > VirtioNetHeader.size else {
+            self.counters.tunBad.wrappingAdd(1, ordering: .relaxed)
+            return
+        }
+        self.pending = (n - VirtioNetHeader.size, VirtioNetHeader(from: self.readBuffer), 0)
+    }
+
+    /// A read that is already in memory (`bytes`, at most `readSize`: virtio-net header and packet), cut into
+    /// `batch` as `read` cuts one from the device; with `hasPending`, call `read` or `cut` again
+    /// (DaemonIntake, for the fuzz harness).
+    func take(_ bytes: UnsafeRawBufferPointer, into batch: inout PacketBatch) {
+        precondition(self.pending == nil && self.offload && bytes.count <= Self.readSize)
+        if let base = bytes.baseAddress { self.readBuffer.copyMemory(from: base, byteCount: bytes.count) }
+        self.received(bytes.count)
+        while self.pending != nil && !batch.isFull && self.cut(into: &batch) {}
+    }
+
+    /// Cuts more of the pending read into `batch` (after `take`); false when the pool ran dry.
+    func resume(into batch: inout PacketBatch) -> Bool {
+        while self.pending != nil && !batch.isFull {
+            if !self.cut(into: &batch) { return false }
+        }
+        return true
     }
 
     /// Turns (part of) the pending read into packets; false when the pool ran dry (the rest stays pending).

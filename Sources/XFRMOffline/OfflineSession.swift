@@ -173,8 +173,13 @@ public final class OfflineSession {
         guard let data = FileManager.default.contents(atPath: path) else {
             throw SessionError("Cannot open file \"\(path)\" for reading: No such file or directory")
         }
+        return try self.runBatch(text: String(decoding: data, as: UTF8.self), name: path)
+    }
+
+    /// `runBatch(path:)` on a batch's text; `name` stands for the file in "Command failed NAME:LINE".
+    public func runBatch(text: String, name path: String) throws(SessionError) -> String {
         var out = ""
-        let (commands, missing) = BatchReader.commands(String(decoding: data, as: UTF8.self))
+        let (commands, missing) = BatchReader.commands(text)
         for c in commands {
             let words: [String]
             do throws(BatchSyntaxError) {

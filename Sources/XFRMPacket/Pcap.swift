@@ -18,7 +18,11 @@ public struct PcapError: Error, CustomStringConvertible {
 /// 14-byte header, and of 802.1Q tags; non-IP frames are skipped).
 public func readPcapIPPackets(path: String) throws(PcapError) -> [[UInt8]] {
     guard let data = FileManager.default.contents(atPath: path) else { throw PcapError("\(path): cannot read file") }
-    let bytes = [UInt8](data)
+    return try parsePcapIPPackets([UInt8](data), name: path)
+}
+
+/// `readPcapIPPackets` on a file's bytes (`name` prefixes the errors): any bytes give packets or a PcapError.
+public func parsePcapIPPackets(_ bytes: [UInt8], name path: String) throws(PcapError) -> [[UInt8]] {
     guard bytes.count >= 24 else { throw PcapError("\(path): too short for a pcap header") }
     let magic = UInt32(bytes[0]) | UInt32(bytes[1]) << 8 | UInt32(bytes[2]) << 16 | UInt32(bytes[3]) << 24
     let little: Bool
@@ -60,6 +64,13 @@ public func readPcapIPPackets(path: String) throws(PcapError) -> [[UInt8]] {
 
 /// Writes IP packets to a classic pcap file with LINKTYPE_RAW.
 public func writePcapIPPackets(_ packets: [[UInt8]], path: String) throws(PcapError) {
+    guard FileManager.default.createFile(atPath: path, contents: Data(pcapFileBytes(packets))) else {
+        throw PcapError("\(path): cannot write file")
+    }
+}
+
+/// The bytes of a classic pcap file (LINKTYPE_RAW) holding `packets`, as `writePcapIPPackets` writes it.
+public func pcapFileBytes(_ packets: [[UInt8]]) -> [UInt8] {
     var out: [UInt8] = []
     func put32(_ v: UInt32) { out += [UInt8(v & 0xff), UInt8(v >> 8 & 0xff), UInt8(v >> 16 & 0xff), UInt8(v >> 24)] }
     func put16(_ v: UInt16) { out += [UInt8(v & 0xff), UInt8(v >> 8)] }
@@ -77,7 +88,5 @@ public func writePcapIPPackets(_ packets: [[UInt8]], path: String) throws(PcapEr
         put32(UInt32(p.count))
         out += p
     }
-    guard FileManager.default.createFile(atPath: path, contents: Data(out)) else {
-        throw PcapError("\(path): cannot write file")
-    }
+    return out
 }

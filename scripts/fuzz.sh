@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Runs one libFuzzer harness (or all) with its seed corpus:
+#
+#     scripts/fuzz.sh TARGET SECONDS      TARGET: esp-input control batch pcap daemon-intake replay, or all
+#
+# Builds the harnesses once (Fuzz/, a package of their own, into .build/fuzz; later calls rebuild only what
+# changed), copies the checked-in seeds (Fuzz/Corpus/TARGET) into a working corpus (.build/fuzz-corpus/TARGET,
+# which keeps what libFuzzer finds between runs), runs SECONDS seconds and prints the executions. A crash, a leak
+# the address sanitizer reports or a harness's own check (a trap) fails the script; the input is kept as
+# .build/fuzz-artifacts/TARGET-crash-*. FUZZ_RUNS=N stops after N executions instead (the campaign); FUZZ_ARGS
+# passes more libFuzzer options.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+TARGETS=(esp-input control batch pcap daemon-intake replay)
+[ $# -eq 2 ] || { echo "usage: scripts/fuzz.sh TARGET|all SECONDS  (TARGET: ${TARGETS[*]})" >&2; exit 2; }
+target=$1
+seconds=$2
+[[ "$seconds" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: SECONDS must be a whole number, got \"$seconds\"" >&2; exit 2; }
+if [ "$target" != all ] && [[ ! " ${TARGETS[*]} " == *" $target "* ]]; then
+  echo "fuzz.sh: unknown target \"$target\" (${TARGETS[*]}, all)" >&2
+  exit 2
+fi
+
+# `--sanitize fuzzer --sanitize address` alone gives swiftc two -sanitize= options, and the last one wins: the Swift
+# code would get ASan but no coverage instrumentation (libFuzzer then sees 1 edge). The combined -Xswiftc option
+# comes last and gives both.
+echo "==> building the fuzz harnesses (swift build --package-path Fuzz, release, fuzzer + address sanitizer)"
+nice -n 10 swift build --package-path Fuzz --scratch-path "$ROOT/.build/fuzz" -c release \
+  --sanitize fuzzer --sanitize address -Xswiftc -sanitize=fuzzer,address
+BIN="$ROOT/.build/fuzz/release"
+
+run_one() {
+  local t=$1
+  local corpus="$ROOT/.build/fuzz-corpus/$t" artifacts="$ROOT/.build/fuzz-artifacts"
+  mkdir -p "$corpus" "$artifacts"
+  cp -n "$ROOT/Fuzz/Corpus/$t/"* "$corpus/" 2>/dev/null || true
+  local limits=(-max_total_time="$seconds")
+  [ -z "${FUZZ_RUNS:-}" ] || limits=(-runs="$FUZZ_RUNS")
+  local extra=()
+  # A replay input of 1 KiB is ~340 steps: longer ones only slow the differential down.
+  [ "$t" != replay ] || extra=(-max_len=1024)
+  echo "==> fuzz-$t ${limits[*]}"
+  local log="$ROOT/.build/fuzz-$t.log" rc=0
+  # SWIFT_BACKTRACE=enable=no: a backtracer left behind by a crash can hold the output pipe open.
+  SWIFT_BACKTRACE=enable=no nice -n 10 "$BIN/fuzz-$t" "${limits[@]}" "${extra[@]}" ${FUZZ_ARGS:-} \
+    -print_final_stats=1 -artifact_prefix="$artifacts/$t-" "$corpus" >"$log" 2>&1 || rc=$?
+  local execs rate
+  execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log")
+  rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log")
+  echo "fuzz-$t: ${execs:-?} executions, ${rate:-?} exec/s, corpus $(ls "$corpus" | wc -l) inputs"
+  if [ $rc -ne 0 ]; then
+    grep -E "ERROR|Fatal error|SUMMARY|Test unit written" "$log" >&2 || tail -n 20 "$log" >&2
+    echo "fuzz.sh: fuzz-$t FAILED (exit $rc; log $log)" >&2
+    return 1
+  fi
+}
+
+status=0
+if [ "$target" = all ]; then
+  for t in "${TARGETS[@]}"; do run_one "$t" || status=1; done
+else
+  run_one "$target" || status=1
+fi
+exit $status

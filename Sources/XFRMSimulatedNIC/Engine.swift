@@ -120,11 +120,11 @@ final class NICCore: @unchecked Sendable {
     let algorithms: NICAlgorithms
     let pool: PacketPool
     let counters = CounterSet()
-    let tables: Mutex<Tables>
-    let calls = Mutex(CallRecord())
+    let tables: XFRMMutex<Tables>
+    let calls = XFRMMutex(CallRecord())
     /// offload_ok calls (a per-packet callback, so counted apart from `calls`).
     let offloadOKCalls = Atomic<Int>(0)
-    let hooks = Mutex(Hooks())
+    let hooks = XFRMMutex(Hooks())
 
     // Queue state, guarded by `sync`.
     let sync = EngineSync()
@@ -148,7 +148,7 @@ final class NICCore: @unchecked Sendable {
         self.mtuValue = Atomic(mtu)
         self.supportsForwardPolicies = supportsForwardPolicies
         self.pool = pool
-        self.tables = Mutex(Tables(saCapacity: saCapacity, policyCapacity: policyCapacity))
+        self.tables = XFRMMutex(Tables(saCapacity: saCapacity, policyCapacity: policyCapacity))
         self.txQueue = Ring(capacity: queueDepth)
         self.rxQueue = Ring(capacity: queueDepth)
     }

@@ -10,7 +10,7 @@ import XFRMTestKit
 /// A sink that records the bytes it was given (from any worker) and returns the buffers to their pool.
 final class RecordingSink: PacketSink, @unchecked Sendable {
     let pool: PacketPool
-    let packets = Mutex<[[UInt8]]>([])
+    let packets = XFRMMutex<[[UInt8]]>([])
     init(pool: PacketPool) { self.pool = pool }
     func write(_ batch: inout PacketBatch) {
         for i in 0..<batch.count {

@@ -24,7 +24,7 @@ public enum XfrmEvent: Sendable {
 public final class EventBus: @unchecked Sendable {
     /// One subscriber's queue.
     public final class Subscription: @unchecked Sendable {
-        fileprivate let queue: Mutex<[XfrmEvent]>
+        fileprivate let queue: XFRMMutex<[XfrmEvent]>
         fileprivate let capacity: Int
         private let droppedCount = Atomic<UInt64>(0)
         private let reportedDrops = Atomic<UInt64>(0)
@@ -32,7 +32,7 @@ public final class EventBus: @unchecked Sendable {
         public let listensForAcquire: Atomic<Bool>
         fileprivate init(capacity: Int, acquire: Bool) {
             self.capacity = capacity
-            self.queue = Mutex([])
+            self.queue = XFRMMutex([])
             self.listensForAcquire = Atomic(acquire)
         }
         /// Events lost because the queue was full.
@@ -64,7 +64,7 @@ public final class EventBus: @unchecked Sendable {
         }
     }
 
-    private let subscribers = Mutex<[Subscription]>([])
+    private let subscribers = XFRMMutex<[Subscription]>([])
 
     public init() {}
 

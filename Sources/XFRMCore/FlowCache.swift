@@ -24,11 +24,11 @@ final class FlowCache<Value>: @unchecked Sendable {
     }
 
     static var slots: Int { 64 }
-    private let table: UnsafeMutablePointer<Mutex<Slot>>
+    private let table: UnsafeMutablePointer<XFRMMutex<Slot>>
 
     init() {
         self.table = .allocate(capacity: Self.slots)
-        for i in 0..<Self.slots { (self.table + i).initialize(to: Mutex(Slot())) }
+        for i in 0..<Self.slots { (self.table + i).initialize(to: XFRMMutex(Slot())) }
     }
 
     deinit {

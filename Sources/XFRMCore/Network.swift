@@ -42,12 +42,12 @@ public final class NetworkModel: @unchecked Sendable {
         var routes: [Route] = []
         var nextIndex: Int32 = 2
     }
-    private let state = Mutex(State())
+    private let state = XFRMMutex(State())
     private let changes = Atomic<UInt64>(0)
 
     public init() {}
 
-    private let observers = Mutex<[@Sendable (Interface) -> Void]>([])
+    private let observers = XFRMMutex<[@Sendable (Interface) -> Void]>([])
 
     /// Calls `observer` with an interface after every `modify` of it (link state, MTU): devices follow their
     /// interface whatever changed it.

@@ -66,14 +66,14 @@ public final class PolicyDatabase: @unchecked Sendable {
     /// The policies by slot (shared by both lookup copies) and the Left-Right pair of lookup tables.
     private let slots: PolicySlotTable
     private let tables: LeftRight<SPDLookupTables>
-    private let state: Mutex<SPDState>
+    private let state: XFRMMutex<SPDState>
 
     public init() {
         let slots = PolicySlotTable()
         let tables = LeftRight { SPDLookupTables() }
         self.slots = slots
         self.tables = tables
-        self.state = Mutex(SPDState(slots: slots, tables: tables))
+        self.state = XFRMMutex(SPDState(slots: slots, tables: tables))
     }
 
     /// add (update == false: EEXIST "File exists" on a duplicate Policy.Key) or update (replace the duplicate,

@@ -167,7 +167,7 @@ public final class SecurityAssociation: @unchecked Sendable {
         /// The device's counters at the last sync, to fold only the increments into the global counters.
         var lastDeviceCounters = DeviceSACounters()
     }
-    let mutable: Mutex<Mutable>
+    let mutable: XFRMMutex<Mutable>
     /// The if_id, read per packet without a lock; `update` may set it (≈ xfrm_state_update's if_id copy).
     private let ifIDValue: Atomic<UInt32>
     /// Insertion order in the SAD (newer SAs are preferred among equals, and dumps list newest first).
@@ -202,7 +202,7 @@ public final class SecurityAssociation: @unchecked Sendable {
         m.outputMark = config.outputMark
         self.ifIDValue = Atomic(config.ifID)
         m.current.addTime = addTime
-        self.mutable = Mutex(m)
+        self.mutable = XFRMMutex(m)
     }
 
     public var id: SAID { self.config.id }

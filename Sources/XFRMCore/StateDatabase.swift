@@ -56,7 +56,7 @@ public final class StateDatabase: @unchecked Sendable {
             }
         }
     }
-    private let tables: Mutex<Tables>
+    private let tables: XFRMMutex<Tables>
     private let changes = Atomic<UInt64>(0)
     /// How many linked SAs are bound to a CPU, readable without the lock (the output cache keys its entries by CPU
     /// only when there are any).
@@ -65,7 +65,7 @@ public final class StateDatabase: @unchecked Sendable {
     public init() {
         let t = Tables()
         self.perCPUCount = t.output.published  // shared by reference with the index inside the lock
-        self.tables = Mutex(t)
+        self.tables = XFRMMutex(t)
     }
 
     /// Bumped on every change (cached output decisions are only valid within one generation).

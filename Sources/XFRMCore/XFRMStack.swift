@@ -103,9 +103,9 @@ public final class XFRMStack: @unchecked Sendable {
     private let acquireSequence = Atomic<UInt32>(0)
     private let ipIdentification = Atomic<UInt16>(0)
     /// Last POLEXPIRE hard=0 time per policy index (soft expiry repeats every 30 s).
-    private let policySoftSent = Mutex<[UInt32: UInt64]>([:])
+    private let policySoftSent = XFRMMutex<[UInt32: UInt64]>([:])
     /// Offload devices by interface index, and device-raised limit events waiting for the core.
-    let deviceTable = Mutex<DeviceTable>(DeviceTable())
+    let deviceTable = XFRMMutex<DeviceTable>(DeviceTable())
     /// Bumped by every change that can alter an output decision (SPD, SAD, devices, routes): cache validity.
     let configGeneration = Atomic<UInt64>(1)
     let outputCache = OutputCache()

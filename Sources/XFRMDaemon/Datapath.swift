@@ -362,7 +362,7 @@ public final class Datapath: @unchecked Sendable {
 /// A sink for callers on several threads (the NIC's engine threads), one packet at a time under a lock.
 final class LockedSink: @unchecked Sendable {
     private let sink: any PacketSink
-    private let lock = Mutex(())
+    private let lock = XFRMMutex(())
     private var batch = PacketBatch(capacity: 1)
 
     init(_ sink: any PacketSink) { self.sink = sink }

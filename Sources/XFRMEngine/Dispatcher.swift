@@ -177,7 +177,7 @@ public final class InterfaceSinks: @unchecked Sendable {
     private struct Table: @unchecked Sendable {
         var sinks: [Int32: any PacketSink] = [:]
     }
-    private let table = Mutex(Table())
+    private let table = XFRMMutex(Table())
 
     public init() {}
 

@@ -19,7 +19,7 @@ public final class WorkerPool: @unchecked Sendable {
     fileprivate let counters: EngineCounters
     private var threads: [pthread_t] = []
     private let stopping = Atomic<Bool>(false)
-    private lazy var defaultSubmitter = Submitter(self)
+    private lazy var defaultStaging = Staging(workers: self.count)
     /// Called by each worker between batches (and at least every 100 ms when idle), e.g. to run timers.
     private let idle: (@Sendable (_ worker: Int) -> Void)?
 
@@ -49,31 +49,43 @@ public final class WorkerPool: @unchecked Sendable {
     /// submit at once; each keeps its own arrival order).
     public final class Submitter {
         let pool: WorkerPool
-        var staging: [[PacketBatch.Packet]]
+        let staging: Staging
 
         init(_ pool: WorkerPool) {
             self.pool = pool
-            self.staging = (0..<pool.count).map { _ in
+            self.staging = Staging(workers: pool.count)
+        }
+
+        /// Hands a batch to the workers by affinity; leaves it empty.
+        public func submit(_ batch: inout PacketBatch) { self.staging.submit(&batch, to: self.pool) }
+    }
+
+    /// An intake's per-worker staging arrays. It holds no reference to the pool, so the pool keeps its own
+    /// (`submit`) without a reference cycle: a pool that held a submitter holding the pool was never freed, nor
+    /// its stack, dispatchers, rings or packet pool (found by LeakSanitizer, issue 10).
+    final class Staging {
+        var perWorker: [[PacketBatch.Packet]]
+
+        init(workers: Int) {
+            self.perWorker = (0..<workers).map { _ in
                 var a: [PacketBatch.Packet] = []
                 a.reserveCapacity(EngineConstants.batchSize)
                 return a
             }
         }
 
-        /// Hands a batch to the workers by affinity; leaves it empty.
-        public func submit(_ batch: inout PacketBatch) {
-            let pool = self.pool
+        func submit(_ batch: inout PacketBatch, to pool: WorkerPool) {
             if pool.count == 1 {
-                for i in 0..<batch.count { self.staging[0].append(batch[i]) }
+                for i in 0..<batch.count { self.perWorker[0].append(batch[i]) }
             } else {
                 for i in 0..<batch.count {
                     let key = pool.stack.affinity(of: batch[i].buffer, stage: batch[i].stage)
-                    self.staging[Int(WorkerPool.mix(key) % UInt32(pool.count))].append(batch[i])
+                    self.perWorker[Int(WorkerPool.mix(key) % UInt32(pool.count))].append(batch[i])
                 }
             }
             batch.removeAll()
-            for w in 0..<pool.count where !self.staging[w].isEmpty {
-                pool.rings[w].push(contentsOf: &self.staging[w]) { refused in
+            for w in 0..<pool.count where !self.perWorker[w].isEmpty {
+                pool.rings[w].push(contentsOf: &self.perWorker[w]) { refused in
                     pool.counters.ringFull.wrappingAdd(1, ordering: .relaxed)
                     pool.pool.release(refused.buffer)
                 }
@@ -84,9 +96,9 @@ public final class WorkerPool: @unchecked Sendable {
     /// A submitter for one intake thread.
     public func makeSubmitter() -> Submitter { Submitter(self) }
 
-    /// Hands a batch to the workers by affinity through the pool's own submitter; leaves it empty. Only one thread
+    /// Hands a batch to the workers by affinity through the pool's own staging arrays; leaves it empty. Only one thread
     /// may call this at a time (other intakes use `makeSubmitter()`).
-    public func submit(_ batch: inout PacketBatch) { self.defaultSubmitter.submit(&batch) }
+    public func submit(_ batch: inout PacketBatch) { self.defaultStaging.submit(&batch, to: self) }
 
     /// Hands one packet to its worker, from any thread (an offload device's engine): one lock per packet.
     /// A packet the device already handled carries its SA's handle: that is its affinity (a packet-offloaded one is

@@ -13,7 +13,7 @@ public final class PacketPool: @unchecked Sendable {
     public let slotCount: Int
     public let headroom: Int
     private let memory: UnsafeMutableRawPointer
-    private let free: Mutex<FreeList>
+    private let free: XFRMMutex<FreeList>
 
     private struct FreeList: ~Copyable {
         var stack: UnsafeMutablePointer<Int32>
@@ -30,7 +30,7 @@ public final class PacketPool: @unchecked Sendable {
         self.memory.initializeMemory(as: UInt8.self, repeating: 0, count: count * slotSize)
         let stack = UnsafeMutablePointer<Int32>.allocate(capacity: count)
         for i in 0..<count { stack[i] = Int32(count - 1 - i) }
-        self.free = Mutex(FreeList(stack: stack, top: count))
+        self.free = XFRMMutex(FreeList(stack: stack, top: count))
     }
 
     deinit {

@@ -27,11 +27,11 @@ public struct HostError: Error, CustomStringConvertible {
 public final class SimHost: @unchecked Sendable {
     public let stack: XFRMStack
     public let pool: PacketPool
-    private let nicTable = Mutex<[Int32: SimulatedNIC]>([:])
+    private let nicTable = XFRMMutex<[Int32: SimulatedNIC]>([:])
     /// What the NICs handed to the host, until `poll` runs it (bounded by the pool: it never refuses).
     private let rxRing: BoundedRing<PacketBatch.Packet>
-    fileprivate let captured = Mutex<[[UInt8]]>([])
-    fileprivate let deliveredCapture = Mutex<[[UInt8]]>([])
+    fileprivate let captured = XFRMMutex<[[UInt8]]>([])
+    fileprivate let deliveredCapture = XFRMMutex<[[UInt8]]>([])
     /// The engine's side: interface sinks (the NICs), the local sink, dummy interfaces, the dispatchers' lanes.
     private let sinks = InterfaceSinks()
     public let engineCounters = EngineCounters()

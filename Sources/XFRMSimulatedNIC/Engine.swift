@@ -120,13 +120,13 @@ final class NICCore: @unchecked Sendable {
     let algorithms: NICAlgorithms
     let pool: PacketPool
     let counters = CounterSet()
-    let tables: Mutex<Tables>
-    let calls = Mutex(CallRecord())
+    let tables: XFRMMutex<Tables>
+    let calls = XFRMMutex(CallRecord())
     /// offload_ok calls (a per-packet callback, so counted apart from `calls`).
     let offloadOKCalls = Atomic<Int>(0)
-    let hooks = Mutex(Hooks())
+    let hooks = XFRMMutex(Hooks())
     /// Injected faults (Faults.swift).
-    let faults = Mutex(FaultPlan())
+    let faults = XFRMMutex(FaultPlan())
     /// The device vanished (Faults.swift): it carries nothing and refuses every add.
     let vanished = Atomic<Bool>(false)
 
@@ -154,7 +154,7 @@ final class NICCore: @unchecked Sendable {
         self.mtuValue = Atomic(mtu)
         self.supportsForwardPolicies = supportsForwardPolicies
         self.pool = pool
-        self.tables = Mutex(Tables(saCapacity: saCapacity, policyCapacity: policyCapacity))
+        self.tables = XFRMMutex(Tables(saCapacity: saCapacity, policyCapacity: policyCapacity))
         self.txQueue = Ring(capacity: queueDepth)
         self.rxQueue = Ring(capacity: queueDepth)
     }

@@ -84,7 +84,7 @@ final class SAEntry: @unchecked Sendable {
     let esn: Bool
     /// The limits the device enforces; refreshed from the core's SA on every stats update (an `update` with new
     /// limits reaches the device that way).
-    let lifetimeBox: Mutex<LifetimeConfig>
+    let lifetimeBox: XFRMMutex<LifetimeConfig>
     var lifetime: LifetimeConfig { self.lifetimeBox.withLock { $0 } }
     /// A larval (acquire) SA: recorded, never programmed for traffic (as mlx5 does).
     let larval: Bool
@@ -93,7 +93,7 @@ final class SAEntry: @unchecked Sendable {
     let deleted = Atomic<Bool>(false)
     /// The hard limit was reached: traffic is dropped.
     let expired = Atomic<Bool>(false)
-    let state: Mutex<SAEntryState>
+    let state: XFRMMutex<SAEntryState>
 
     init(slot: Int, handle: UInt64, order: UInt64, config c: SAConfig, offload: StateOffload,
          transform: ESPTransform?, cipher: DeviceCipher?) {
@@ -109,7 +109,7 @@ final class SAEntry: @unchecked Sendable {
         self.selector = c.selector
         self.encapsulated = c.encapsulation != nil
         self.esn = c.esn
-        self.lifetimeBox = Mutex(c.lifetime)
+        self.lifetimeBox = XFRMMutex(c.lifetime)
         self.larval = c.crypto == nil
         let window = min(max(c.replayWindow, 0), ReplayWindow.maximumSize)
         var s = SAEntryState(
@@ -117,7 +117,7 @@ final class SAEntry: @unchecked Sendable {
             esnTracker: ReplayWindow(size: window, esn: c.esn, top: c.inboundSequence))
         s.counters.inboundSequence = c.inboundSequence
         s.counters.outboundSequence = c.outboundSequence
-        self.state = Mutex(s)
+        self.state = XFRMMutex(s)
     }
 
     /// Usable for traffic right now (not deleted, not larval).

@@ -12,11 +12,11 @@ public final class FakeOffloadDevice: XfrmOffloadDevice, @unchecked Sendable {
     /// The next stateAdd/policyAdd fails with this error (once).
     public var failNextAdd: DeviceError?
     /// Every call in order, e.g. "stateAdd 0x1000", "stateDelete 0x1000", "stateFree 0x1000".
-    public let calls = Mutex<[String]>([])
+    public let calls = XFRMMutex<[String]>([])
     /// Counters updateStats returns, by SPI.
-    public let counters = Mutex<[UInt32: DeviceSACounters]>([:])
+    public let counters = XFRMMutex<[UInt32: DeviceSACounters]>([:])
     /// Packets the host handed to the device.
-    public let transmitted = Mutex<[([UInt8], OffloadMetadata)]>([])
+    public let transmitted = XFRMMutex<[([UInt8], OffloadMetadata)]>([])
     public var acceptOffloadOK = true
     private var nextHandle: UInt64 = 0x8000_0000
 

@@ -65,7 +65,7 @@ private final class History: @unchecked Sendable {
     let step = Atomic<UInt64>(0)
     let stop = Atomic<Bool>(false)
     let lookups = Atomic<Int>(0)
-    let failures = Mutex<[String]>([])
+    let failures = XFRMMutex<[String]>([])
 
     init() {
         self.added = .allocate(capacity: Self.capacity)

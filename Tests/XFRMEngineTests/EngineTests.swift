@@ -10,7 +10,7 @@ import XFRMTestKit
 /// A sink that records the bytes it was given (from any worker) and returns the buffers to their pool.
 final class RecordingSink: PacketSink, @unchecked Sendable {
     let pool: PacketPool
-    let packets = Mutex<[[UInt8]]>([])
+    let packets = XFRMMutex<[[UInt8]]>([])
     init(pool: PacketPool) { self.pool = pool }
     func write(_ batch: inout PacketBatch) {
         for i in 0..<batch.count {
@@ -176,6 +176,33 @@ struct EngineTests {
             #expect(counters.notDecapsulated.load(ordering: .relaxed) == (expectDropped ? 1 : 0))
             #expect(wire.count == (expectDropped ? 1 : 2) && local.count == (expectDropped ? 0 : 1))
         }
+        #expect(p.pool.available == p.pool.slotCount)
+    }
+
+    @Test("a stopped worker pool that was submitted to is freed with its last reference (no cycle through its staging)")
+    func stoppedPoolIsFreed() throws {
+        let p = try EnginePair(tunnels: 2)
+        weak var freed: WorkerPool?
+        do {
+            let counters = EngineCounters()
+            let wire = RecordingSink(pool: p.pool)
+            let workers = WorkerPool(workers: 2, stack: p.a, pool: p.pool, counters: counters) { _ in
+                let sinks = InterfaceSinks()
+                sinks.set(wire, ifindex: 2)
+                return Dispatcher(stack: p.a, pool: p.pool, rules: .daemon, counters: counters, interfaces: sinks,
+                                  local: RecordingSink(pool: p.pool))
+            }
+            freed = workers
+            workers.start()
+            var batch = PacketBatch()
+            batch.append(PacketBatch.Packet(p.packet(tunnel: 1, index: 0), stage: .output))
+            workers.submit(&batch)  // the pool's own staging
+            batch.append(PacketBatch.Packet(p.packet(tunnel: 2, index: 0), stage: .output))
+            workers.makeSubmitter().submit(&batch)  // an intake's
+            workers.stop()
+            #expect(wire.count == 2)
+        }
+        #expect(freed == nil)
         #expect(p.pool.available == p.pool.slotCount)
     }
 }

@@ -10,7 +10,7 @@ import XFRMTestKit
 
 /// True exactly once.
 final class Once: Sendable {
-    private let fired = Mutex(false)
+    private let fired = XFRMMutex(false)
     func take() -> Bool {
         self.fired.withLock { f in
             defer { f = true }

@@ -10,7 +10,7 @@ import XFRMTestKit
 
 /// A thread-safe list the engine threads append to.
 final class Recorder<T: Sendable>: Sendable {
-    private let items = Mutex<[T]>([])
+    private let items = XFRMMutex<[T]>([])
     func append(_ t: T) { self.items.withLock { $0.append(t) } }
     var all: [T] { self.items.withLock { $0 } }
     var count: Int { self.items.withLock { $0.count } }

@@ -26,7 +26,15 @@ public final class ControlSocketServer {
         var groups: UInt32 = 0
         /// Events were dropped since the last one delivered: tell the client first.
         var lost = false
+        /// Reply datagrams its socket had no room for yet, oldest first, and their bytes. While any wait, the
+        /// client's requests are not read (it is answered in order, and a client that never reads stalls only
+        /// itself); past `maximumQueued` it is dropped.
+        var queue: [[UInt8]] = []
+        var queued = 0
     }
+
+    /// The most reply bytes a client may leave unread before it is dropped (a dump of ~30,000 SAs).
+    static let maximumQueued = 16 << 20
 
     public let path: String
     private let stack: XFRMStack
@@ -79,7 +87,10 @@ public final class ControlSocketServer {
     public func run(tick: Int32 = 200, until stop: () -> Bool) -> Bool {
         while !stop() {
             var fds = [pollfd(fd: self.listenFD, events: Int16(POLLIN), revents: 0)]
-            for fd in self.clients.keys.sorted() { fds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0)) }
+            for (fd, c) in self.clients.sorted(by: { $0.key < $1.key }) {
+                // A client with replies waiting is asked for room, not for more requests.
+                fds.append(pollfd(fd: fd, events: Int16(c.queue.isEmpty ? POLLIN : POLLOUT), revents: 0))
+            }
             let n = poll(&fds, nfds_t(fds.count), tick)
             if n < 0 && errno != EINTR {
                 self.logger.error("poll failed: \(String(cString: strerror(errno)))")
@@ -87,7 +98,14 @@ public final class ControlSocketServer {
             }
             if n > 0 {
                 if fds[0].revents & Int16(POLLIN) != 0 { self.accept() }
-                for p in fds.dropFirst() where p.revents != 0 { self.serve(p.fd) }
+                for p in fds.dropFirst() where p.revents != 0 {
+                    if self.clients[p.fd]?.queue.isEmpty == false {
+                        if p.revents & Int16(POLLOUT) != 0 && self.flushQueue(p.fd) { continue }
+                        self.drop(p.fd)  // gone (POLLHUP/POLLERR) or the socket refused
+                    } else {
+                        self.serve(p.fd)
+                    }
+                }
             }
             self.deliverEvents()
             let now = self.stack.clock.now
@@ -151,46 +169,62 @@ public final class ControlSocketServer {
             self.clients[fd]?.groups = groups
             self.updateAcquireListening()
         }
-        if !self.send(replies, to: fd, blocking: true) { self.drop(fd) }
+        if !self.send(replies, to: fd, queueing: true) { self.drop(fd) }
     }
 
-    /// Sends messages packed into datagrams of at most 32 KiB (a dump arrives in several, as from the kernel).
-    /// `blocking`: wait (at most 2 s in all) for a full socket to take the rest; otherwise give up at once.
-    private func send(_ messages: [XfrmMessage], to fd: Int32, blocking: Bool) -> Bool {
-        var datagram: [UInt8] = []
-        // A client gets 2 s in all to take its reply; one that cannot is dropped rather than stall the loop.
-        var clock = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &clock)
-        let deadline = Int(clock.tv_sec) * 1000 + Int(clock.tv_nsec) / 1_000_000 + 2000
-        func flush() -> Bool {
-            guard !datagram.isEmpty else { return true }
-            defer { datagram.removeAll(keepingCapacity: true) }
-            while true {
-                // Never a blocking send (the client sockets are blocking ones): a client that does not read would
-                // hold the loop, and every other client, for as long as it stays connected. `blocking` waits for
-                // room with poll(2), up to the deadline.
-                let sent = datagram.withUnsafeBytes {
-                    Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
-                }
-                if sent == datagram.count { return true }
-                if sent < 0 && errno == EINTR { continue }
-                if sent < 0 && errno == EAGAIN && blocking {
-                    var now = timespec()
-                    clock_gettime(CLOCK_MONOTONIC, &now)
-                    let left = deadline - (Int(now.tv_sec) * 1000 + Int(now.tv_nsec) / 1_000_000)
-                    var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-                    if left > 0 && poll(&p, 1, Int32(left)) > 0 { continue }
-                }
-                return false
+    /// Sends what waits in the client's queue while its socket takes it; false when the socket refused (the
+    /// client is then dropped).
+    private func flushQueue(_ fd: Int32) -> Bool {
+        while let next = self.clients[fd]?.queue.first {
+            let sent = next.withUnsafeBytes {
+                Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
             }
+            if sent < 0 && (errno == EAGAIN || errno == EINTR) { return true }
+            guard sent == next.count else { return false }
+            self.clients[fd]!.queue.removeFirst()
+            self.clients[fd]!.queued -= next.count
         }
+        return true
+    }
+
+    /// Sends messages packed into datagrams of at most 32 KiB (a dump arrives in several, as from the kernel), never
+    /// waiting: the kernel's netlink never blocks on a reader either. `queueing` (replies): what the socket has no
+    /// room for waits in the client's queue, sent as the client reads (false when the queue would pass
+    /// `maximumQueued`); otherwise (events) a full socket fails the send at once. False: drop the client / count
+    /// the loss.
+    private func send(_ messages: [XfrmMessage], to fd: Int32, queueing: Bool) -> Bool {
+        var datagrams: [[UInt8]] = []
+        var datagram: [UInt8] = []
         for m in messages {
             let bytes = m.encode()
-            if datagram.count + bytes.count > ControlProtocol.replyBatch && !flush() { return false }
+            if !datagram.isEmpty && datagram.count + bytes.count > ControlProtocol.replyBatch {
+                datagrams.append(datagram)
+                datagram = []
+            }
             datagram += bytes
             while datagram.count % 4 != 0 { datagram.append(0) }
         }
-        return flush()
+        if !datagram.isEmpty { datagrams.append(datagram) }
+        guard let client = self.clients[fd] else { return false }
+        var rest = datagrams[...]
+        if client.queue.isEmpty {
+            while let next = rest.first {
+                let sent = next.withUnsafeBytes {
+                    Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL) | Int32(MSG_DONTWAIT))
+                }
+                if sent < 0 && errno == EINTR { continue }
+                if sent < 0 && errno == EAGAIN { break }
+                guard sent == next.count else { return false }
+                rest = rest.dropFirst()
+            }
+        }
+        if rest.isEmpty { return true }
+        guard queueing else { return false }
+        let bytes = rest.reduce(0) { $0 + $1.count }
+        guard client.queued + bytes <= Self.maximumQueued else { return false }
+        self.clients[fd]!.queue += rest
+        self.clients[fd]!.queued += bytes
+        return true
     }
 
     // MARK: - Events
@@ -218,7 +252,7 @@ public final class ControlSocketServer {
                                            body: .error(errno: -ENOBUFS, message: "")))
                 }
                 out.append(m)
-                if self.send(out, to: fd, blocking: false) {
+                if self.send(out, to: fd, queueing: false) {
                     self.clients[fd]!.lost = false
                 } else {
                     self.clients[fd]!.lost = true

@@ -70,11 +70,12 @@ struct xfrm_mb_aead_info {
     int icv_len;
 };
 
-/// The key region of every AEAD context of this process (set with the first context; a race writes the same value).
+/// The key region of every AEAD context of this process (stored with each new context, always the same value;
+/// atomic, since contexts are made and used on several threads).
 static size_t aead_key_region;
 
 static struct xfrm_mb_aead_info *aead_info(xfrm_mb_aead *c) {
-    return (struct xfrm_mb_aead_info *)(void *)((uint8_t *)c + aead_key_region);
+    return (struct xfrm_mb_aead_info *)(void *)((uint8_t *)c + __atomic_load_n(&aead_key_region, __ATOMIC_ACQUIRE));
 }
 
 #define GCM_KEY(c) ((struct gcm_key_data *)(void *)(c))
@@ -85,8 +86,9 @@ static struct xfrm_mb_aead_info *aead_info(xfrm_mb_aead *c) {
 /// 1 KiB). Checked once at run time: a precomputation into a full struct filled with a pattern must leave every
 /// byte past the short length untouched, or the full struct is used.
 static size_t gcm_key_size(IMB_MGR *m) {
-    static size_t size;  // 0: not known yet (a race only repeats the check)
-    if (__builtin_expect(size != 0, 1)) return size;
+    static size_t size;  // 0: not known yet (threads racing to the first context each check; same answer)
+    size_t known = __atomic_load_n(&size, __ATOMIC_ACQUIRE);
+    if (__builtin_expect(known != 0, 1)) return known;
     const size_t full = sizeof(struct gcm_key_data);
     const size_t short_size = offsetof(struct gcm_key_data, ghash_keys) + sizeof(((struct gcm_key_data *)0)->ghash_keys.sse_avx);
     size_t chosen = full;
@@ -106,7 +108,7 @@ static size_t gcm_key_size(IMB_MGR *m) {
             free(probe);
         }
     }
-    size = chosen;
+    __atomic_store_n(&size, chosen, __ATOMIC_RELEASE);
     return chosen;
 }
 
@@ -125,8 +127,8 @@ xfrm_mb_aead *xfrm_mb_aead_new(int kind, const void *key, size_t key_len, const 
     default:
         return NULL;
     }
-    aead_key_region = gcm_key_size(m);  // ≥ 32: also holds a ChaCha20 key
-    size_t size = aead_key_region + sizeof(struct xfrm_mb_aead_info);
+    __atomic_store_n(&aead_key_region, gcm_key_size(m), __ATOMIC_RELEASE);  // ≥ 32: also holds a ChaCha20 key
+    size_t size = __atomic_load_n(&aead_key_region, __ATOMIC_ACQUIRE) + sizeof(struct xfrm_mb_aead_info);
     xfrm_mb_aead *c = aligned(size);
     if (c == NULL) return NULL;
     struct xfrm_mb_aead_info *info = aead_info(c);
@@ -148,7 +150,7 @@ xfrm_mb_aead *xfrm_mb_aead_new(int kind, const void *key, size_t key_len, const 
 
 void xfrm_mb_aead_free(xfrm_mb_aead *c) {
     if (c == NULL) return;
-    wipe(c, aead_key_region + sizeof(struct xfrm_mb_aead_info));
+    wipe(c, __atomic_load_n(&aead_key_region, __ATOMIC_ACQUIRE) + sizeof(struct xfrm_mb_aead_info));
     free(c);
 }
 

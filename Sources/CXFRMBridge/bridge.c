@@ -325,6 +325,22 @@ EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len) {
     return 0;
 }
 
+/// The SOL_NETLINK flags kept and read back (their effects are the daemon's fixed behaviour).
+static int kept_option(int name) {
+    switch (name) {
+    case NETLINK_PKTINFO:
+    case NETLINK_BROADCAST_ERROR:
+    case NETLINK_NO_ENOBUFS:
+    case NETLINK_LISTEN_ALL_NSID:
+    case NETLINK_CAP_ACK:
+    case NETLINK_EXT_ACK:
+    case NETLINK_GET_STRICT_CHK:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
 EXPORT int setsockopt(int fd, int level, int name, const void *value, socklen_t len) {
     struct bridged *b = lookup(fd);
     if (b == NULL || level != SOL_NETLINK) return get_setsockopt()(fd, level, name, value, len);
@@ -344,18 +360,13 @@ EXPORT int setsockopt(int fd, int level, int name, const void *value, socklen_t 
         if (name == NETLINK_ADD_MEMBERSHIP) b->groups |= 1u << (v - 1);
         else b->groups &= ~(1u << (v - 1));
         return send_join(fd, b);
-    case NETLINK_PKTINFO:
-    case NETLINK_BROADCAST_ERROR:
-    case NETLINK_NO_ENOBUFS:
-    case NETLINK_LISTEN_ALL_NSID:
-    case NETLINK_CAP_ACK:
-    case NETLINK_EXT_ACK:
-    case NETLINK_GET_STRICT_CHK:
+    default:
+        if (!kept_option(name)) {
+            errno = ENOPROTOOPT;
+            return -1;
+        }
         b->options[name] = v != 0;
         return 0;
-    default:
-        errno = ENOPROTOOPT;
-        return -1;
     }
 }
 
@@ -366,20 +377,11 @@ EXPORT int getsockopt(int fd, int level, int name, void *value, socklen_t *len) 
     if (level == SOL_SOCKET && (name == SO_DOMAIN || name == SO_PROTOCOL || name == SO_TYPE)) {
         v = name == SO_DOMAIN ? AF_NETLINK : name == SO_PROTOCOL ? NETLINK_XFRM : b->type;
     } else if (level == SOL_NETLINK) {
-        switch (name) {
-        case NETLINK_PKTINFO:
-        case NETLINK_BROADCAST_ERROR:
-        case NETLINK_NO_ENOBUFS:
-        case NETLINK_LISTEN_ALL_NSID:
-        case NETLINK_CAP_ACK:
-        case NETLINK_EXT_ACK:
-        case NETLINK_GET_STRICT_CHK:
-            v = b->options[name];
-            break;
-        default:
+        if (!kept_option(name)) {
             errno = ENOPROTOOPT;
             return -1;
         }
+        v = b->options[name];
     } else {
         return get_getsockopt()(fd, level, name, value, len);
     }

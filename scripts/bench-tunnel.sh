@@ -61,6 +61,33 @@ measure() {
   python3 -c 'import json,sys; print("%.3f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9))' <<<"$json"
 }
 
+# Two charons (IKEv2, PSK, one AES-GCM-128 CHILD_SA between TS_A and TS_B), files in $WORK/TAGa and $WORK/TAGb:
+# PLUGINS besides the common ones, SETTING one more strongswan.conf line, RUN_A/RUN_B what starts each charon (empty,
+# or xfrm-bridge and its options). Started, loaded, initiated from A; their pids go into CHARONS.
+start_charons() {
+  local tag=$1 ts_a=$2 ts_b=$3 plugins=$4 setting=$5 run_a=$6 run_b=$7 side ns lo ro lts rts run d
+  CHARONS=""
+  for side in a b; do
+    ns=$A; lo=192.0.2.1; ro=192.0.2.2; lts=$ts_a; rts=$ts_b; run=$run_a
+    [ $side = b ] && { ns=$B; lo=192.0.2.2; ro=192.0.2.1; lts=$ts_b; rts=$ts_a; run=$run_b; }
+    d=$WORK/$tag$side
+    mkdir -p "$d"
+    printf '%s\n' 'charon {' "$setting" "load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 x509 pubkey gmp curve25519 $plugins kernel-netlink socket-default vici updown" \
+      'plugins {' 'vici {' "socket = unix://$d/charon.vici" '}' '}' 'filelog {' 'main {' "path = $d/charon.log" 'default = 1' 'esp = 1' '}' '}' '}' >"$d/strongswan.conf"
+    printf '%s\n' 'connections {' 'peer {' 'version = 2' 'mobike = no' "local_addrs = $lo" "remote_addrs = $ro" 'proposals = aes128-sha256-modp2048' \
+      'local {' 'auth = psk' "id = $side" '}' 'remote {' 'auth = psk' '}' 'children {' 'net {' "local_ts = $lts" "remote_ts = $rts" 'esp_proposals = aes128gcm16' \
+      '}' '}' '}' '}' 'secrets {' 'ike-peer {' 'secret = "bench-tunnel-psk-0123456789"' '}' '}' >"$d/swanctl.conf"
+    ip netns exec "$ns" sh -c "mount -t tmpfs tmpfs /run && STRONGSWAN_CONF=$d/strongswan.conf exec $run /usr/lib/ipsec/charon" \
+      >/dev/null 2>&1 &
+    CHARONS="$CHARONS $!"
+  done
+  for side in a b; do
+    for _ in $(seq 100); do swanctl --stats --uri "unix://$WORK/$tag$side/charon.vici" >/dev/null 2>&1 && break; sleep 0.1; done
+    swanctl --load-all --file "$WORK/$tag$side/swanctl.conf" --uri "unix://$WORK/$tag$side/charon.vici" >/dev/null
+  done
+  swanctl --initiate --child net --uri "unix://$WORK/${tag}a/charon.vici" >/dev/null
+}
+
 ROWS=()
 for streams in 1 4; do ROWS+=("veth $streams $(measure 192.0.2.1 192.0.2.2 $streams)"); done
 
@@ -115,26 +142,8 @@ carried=$(( (after - before) / 1000000 ))
 swift build -c release --product xfrm-bridge >/dev/null
 swift build -c release --product xfrmbridge >/dev/null
 for s in "$WORK/a.sock" "$WORK/b.sock"; do "$BIN/xfrm" -S "$s" state flush; "$BIN/xfrm" -S "$s" policy flush; done
-CHARONS=""
-for side in a b; do
-  ns=$A; LO=192.0.2.1; RO=192.0.2.2; LTS=10.0.1.0/24; RTS=10.0.2.0/24; SOCK=$WORK/a.sock
-  [ $side = b ] && { ns=$B; LO=192.0.2.2; RO=192.0.2.1; LTS=10.0.2.0/24; RTS=10.0.1.0/24; SOCK=$WORK/b.sock; }
-  D=$WORK/sx$side
-  mkdir -p "$D"
-  printf '%s\n' 'charon {' 'install_routes = no' 'load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 x509 pubkey gmp curve25519 kernel-netlink socket-default vici updown' \
-    'plugins {' 'vici {' "socket = unix://$D/charon.vici" '}' '}' 'filelog {' 'main {' "path = $D/charon.log" 'default = 1' '}' '}' '}' >"$D/strongswan.conf"
-  printf '%s\n' 'connections {' 'peer {' 'version = 2' 'mobike = no' "local_addrs = $LO" "remote_addrs = $RO" 'proposals = aes128-sha256-modp2048' \
-    'local {' 'auth = psk' "id = $side" '}' 'remote {' 'auth = psk' '}' 'children {' 'net {' "local_ts = $LTS" "remote_ts = $RTS" 'esp_proposals = aes128gcm16' \
-    '}' '}' '}' '}' 'secrets {' 'ike-peer {' 'secret = "bench-tunnel-psk-0123456789"' '}' '}' >"$D/swanctl.conf"
-  ip netns exec "$ns" sh -c "mount -t tmpfs tmpfs /run && STRONGSWAN_CONF=$D/strongswan.conf exec $BIN/xfrm-bridge -S $SOCK /usr/lib/ipsec/charon" \
-    >/dev/null 2>&1 &
-  CHARONS="$CHARONS $!"
-done
-for side in a b; do
-  for _ in $(seq 100); do swanctl --stats --uri "unix://$WORK/sx$side/charon.vici" >/dev/null 2>&1 && break; sleep 0.1; done
-  swanctl --load-all --file "$WORK/sx$side/swanctl.conf" --uri "unix://$WORK/sx$side/charon.vici" >/dev/null
-done
-swanctl --initiate --child net --uri "unix://$WORK/sxa/charon.vici" >/dev/null
+start_charons sx 10.0.1.0/24 10.0.2.0/24 "" "install_routes = no" "$BIN/xfrm-bridge -S $WORK/a.sock" \
+  "$BIN/xfrm-bridge -S $WORK/b.sock"
 [ "$("$BIN/xfrm" -S "$WORK/a.sock" state count)" = "$(printf '\t SAD count 2')" ] ||
   { echo "bench-tunnel: charon did not install its CHILD_SA into xfrmd" >&2; exit 1; }
 before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
@@ -174,27 +183,9 @@ carried=$(( (after - before) / 1000000 ))
 
 # strongSwan: a charon per namespace, each with its own /run; inner addresses on lo; the CHILD_SA comes up by IKE.
 pkill -f "wireguard-go -f wg${TAG}" 2>/dev/null || true
-CHARONS=""
-for side in a b; do
-  ns=$A; LO=192.0.2.1; RO=192.0.2.2; LTS=198.51.100.1/32; RTS=203.0.113.1/32
-  [ $side = b ] && { ns=$B; LO=192.0.2.2; RO=192.0.2.1; LTS=203.0.113.1/32; RTS=198.51.100.1/32; }
-  D=$WORK/ss$side
-  mkdir -p "$D"
-  printf '%s\n' 'charon {' 'load = random nonce openssl aes sha1 sha2 hmac gcm kdf pem pkcs1 x509 pubkey gmp curve25519 kernel-libipsec kernel-netlink socket-default vici updown' \
-    'plugins {' 'vici {' "socket = unix://$D/charon.vici" '}' '}' 'filelog {' 'main {' "path = $D/charon.log" 'default = 1' 'esp = 1' '}' '}' '}' >"$D/strongswan.conf"
-  printf '%s\n' 'connections {' 'peer {' 'version = 2' 'mobike = no' "local_addrs = $LO" "remote_addrs = $RO" 'proposals = aes128-sha256-modp2048' \
-    'local {' 'auth = psk' "id = $side" '}' 'remote {' 'auth = psk' '}' 'children {' 'net {' "local_ts = $LTS" "remote_ts = $RTS" 'esp_proposals = aes128gcm16' \
-    '}' '}' '}' '}' 'secrets {' 'ike-peer {' 'secret = "bench-tunnel-psk-0123456789"' '}' '}' >"$D/swanctl.conf"
-  ip -n "$ns" addr add "${LTS%/32}/32" dev lo
-  ip netns exec "$ns" sh -c "mount -t tmpfs tmpfs /run && STRONGSWAN_CONF=$D/strongswan.conf exec /usr/lib/ipsec/charon" \
-    >/dev/null 2>&1 &
-  CHARONS="$CHARONS $!"
-done
-for side in a b; do
-  for _ in $(seq 100); do swanctl --stats --uri "unix://$WORK/ss$side/charon.vici" >/dev/null 2>&1 && break; sleep 0.1; done
-  swanctl --load-all --file "$WORK/ss$side/swanctl.conf" --uri "unix://$WORK/ss$side/charon.vici" >/dev/null
-done
-swanctl --initiate --child net --uri "unix://$WORK/ssa/charon.vici" >/dev/null
+ip -n "$A" addr add 198.51.100.1/32 dev lo
+ip -n "$B" addr add 203.0.113.1/32 dev lo
+start_charons ss 198.51.100.1/32 203.0.113.1/32 kernel-libipsec "" "" ""
 before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
 for streams in 1 4; do ROWS+=("strongswan-libipsec $streams $(measure 198.51.100.1 203.0.113.1 $streams)"); done
 after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)

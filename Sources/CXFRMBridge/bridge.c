@@ -21,6 +21,8 @@
 // With XFRM_BRIDGE_NATT_PORT (xfrm-bridge --share-natt-port), a UDP socket bound to that port joins xfrmd's socket
 // there (xfrm_natt_join: SO_REUSEPORT and a steering program): datagrams with the zero non-ESP marker (IKE) reach
 // the program, everything else (ESP) the daemon — the split the kernel makes with UDP_ENCAP.
+// ioctl(SIOCETHTOOL, ETHTOOL_GFEATURES) on a bridged socket shows esp-hw-offload on the interfaces where xfrmd has an
+// offload device (`xfrmd --offload-dev`), so that a key manager asks the daemon for offload there (see the end).
 // A daemon that goes away is connected to again (the in-flight request sent again; the caller reads ENOBUFS, as
 // after lost messages); if it does not come back the socket stays silent. It never reads as end of file: netlink
 // users spin on that.
@@ -30,7 +32,10 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/ethtool.h>
 #include <linux/netlink.h>
+#include <linux/sockios.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -41,6 +46,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -517,4 +523,103 @@ EXPORT ssize_t __recvfrom_chk(int fd, void *data, size_t len, size_t buflen, int
                               socklen_t *fromlen) {
     if (len > buflen) abort();
     return recvfrom(fd, data, len, flags, from, fromlen);
+}
+
+// ---- ethtool: the daemon's offload devices have esp-hw-offload ----
+//
+// A key manager asks the kernel's ethtool whether the interface holding its outer address has the esp-hw-offload
+// feature before it names that interface in XFRMA_OFFLOAD_DEV (strongSwan's and libreswan's kernel-netlink code,
+// through their NETLINK_XFRM socket). On a bridged socket that question is the daemon's to answer: the kernel's
+// answer is kept, and the feature is added (available, requested, active) when xfrmd has an ESP offload device on
+// that interface (its XFRMD_MSG_GETOFFLOADDEV, asked on a connection of its own).
+
+#define XFRMD_MSG_GETOFFLOADDEV 0x7ff0
+#define XFRMA_OFFLOAD_DEV_TYPE 28  // XFRMA_OFFLOAD_DEV
+
+REAL(ioctl, int, int, unsigned long, void *)
+
+/// Whether xfrmd has an ESP offload device on interface `ifindex`.
+static int daemon_offloads(uint32_t ifindex) {
+    int s = connect_daemon(SOCK_CLOEXEC);
+    if (s < 0) return 0;
+    struct timeval tv = {2, 0};
+    get_setsockopt()(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    struct nlmsghdr q = {sizeof(q), XFRMD_MSG_GETOFFLOADDEV, NLM_F_REQUEST, 1, 0};
+    int found = 0;
+    uint8_t buf[4096] __attribute__((aligned(4)));
+    if (get_send()(s, &q, sizeof(q), MSG_NOSIGNAL) == (ssize_t)sizeof(q)) {
+        ssize_t n = get_recv()(s, buf, sizeof(buf), 0);
+        const struct nlmsghdr *h = (const void *)buf;
+        if (n >= (ssize_t)NLMSG_HDRLEN && h->nlmsg_type == XFRMD_MSG_GETOFFLOADDEV && h->nlmsg_len <= (size_t)n) {
+            for (size_t off = NLMSG_HDRLEN; off + NLA_HDRLEN <= h->nlmsg_len;) {
+                const struct nlattr *a = (const void *)(buf + off);
+                if (a->nla_len < NLA_HDRLEN || off + a->nla_len > h->nlmsg_len) break;
+                int32_t index;
+                if (a->nla_type == XFRMA_OFFLOAD_DEV_TYPE && a->nla_len >= NLA_HDRLEN + sizeof(index)) {
+                    memcpy(&index, buf + off + NLA_HDRLEN, sizeof(index));
+                    if ((uint32_t)index == ifindex) found = 1;
+                }
+                off += NLA_ALIGN(a->nla_len);
+            }
+        }
+    }
+    get_close()(s);
+    return found;
+}
+
+/// The position of esp-hw-offload in the kernel's feature strings (ETH_SS_FEATURES), or -1.
+static int esp_feature_bit(int fd, const char *ifname) {
+    static int cached = -2;
+    if (cached != -2) return cached;
+    struct {
+        struct ethtool_sset_info info;
+        uint32_t count;
+    } sset = {{.cmd = ETHTOOL_GSSET_INFO, .sset_mask = 1ULL << ETH_SS_FEATURES}, 0};
+    struct ifreq ifr = {0};
+    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
+    ifr.ifr_data = (void *)&sset;
+    if (get_ioctl()(fd, SIOCETHTOOL, &ifr) != 0 || sset.info.sset_mask != 1ULL << ETH_SS_FEATURES) return -1;
+    struct ethtool_gstrings *names = calloc(1, sizeof(*names) + (size_t)sset.count * ETH_GSTRING_LEN);
+    if (names == NULL) return -1;
+    names->cmd = ETHTOOL_GSTRINGS;
+    names->string_set = ETH_SS_FEATURES;
+    ifr.ifr_data = (void *)names;
+    int bit = -1;
+    if (get_ioctl()(fd, SIOCETHTOOL, &ifr) == 0) {
+        for (uint32_t i = 0; i < names->len && i < sset.count; i++) {
+            if (strncmp((const char *)names->data + (size_t)i * ETH_GSTRING_LEN, "esp-hw-offload", ETH_GSTRING_LEN) == 0) {
+                bit = (int)i;
+                break;
+            }
+        }
+    }
+    free(names);
+    cached = bit;
+    return bit;
+}
+
+EXPORT int ioctl(int fd, unsigned long request, ...) {
+    va_list ap;
+    va_start(ap, request);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    struct ifreq *ifr = arg;
+    if (request != SIOCETHTOOL || ifr == NULL || ifr->ifr_data == NULL || lookup(fd) == NULL) {
+        return get_ioctl()(fd, request, arg);
+    }
+    struct ethtool_gfeatures *g = (void *)ifr->ifr_data;
+    uint32_t cmd = g->cmd, blocks = g->size;  // the kernel rewrites size with its own count
+    int rc = get_ioctl()(fd, request, arg);
+    if (rc != 0 || cmd != ETHTOOL_GFEATURES) return rc;
+    int saved = errno;
+    int bit = esp_feature_bit(fd, ifr->ifr_name);
+    unsigned idx = if_nametoindex(ifr->ifr_name);
+    if (bit >= 0 && (uint32_t)bit / 32 < blocks && idx != 0 && daemon_offloads(idx)) {
+        uint32_t m = 1U << (bit % 32);
+        g->features[bit / 32].available |= m;
+        g->features[bit / 32].requested |= m;
+        g->features[bit / 32].active |= m;
+    }
+    errno = saved;
+    return rc;
 }

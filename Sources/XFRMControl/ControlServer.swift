@@ -12,7 +12,16 @@ import XFRMWire
 public final class XfrmControlServer: XfrmTransport {
     public let stack: XFRMStack
 
-    public init(stack: XFRMStack) { self.stack = stack }
+    /// An interface whose offload requests are served in packet mode (`xfrmd --offload-promote`), for key managers
+    /// that predate packet offload (strongSwan before 5.9.10 and libreswan 4 ask for crypto offload only): a NEWSA or
+    /// UPDSA asking for crypto offload on it gets packet offload, and every IPsec policy (allow, with templates) that
+    /// names no device is offloaded to it in packet mode, so that the device counts and enforces both.
+    public let packetOffloadPromotion: Int32?
+
+    public init(stack: XFRMStack, packetOffloadPromotion: Int32? = nil) {
+        self.stack = stack
+        self.packetOffloadPromotion = packetOffloadPromotion
+    }
 
     /// The acknowledgement of a request that succeeded: only when it asked with NLM_F_ACK (≈ netlink_rcv_skb, which
     /// acks a success only then; iproute2's `deleteall` sends without it and takes any reply for an error).
@@ -396,8 +405,9 @@ public final class XfrmControlServer: XfrmTransport {
             throw .invalid("Mismatched SA and offload direction")
         }
         if sa.config.tfcPad != 0 { throw .invalid("TFC padding can't be offloaded") }
+        let promoted = self.packetOffloadPromotion.map { $0 == o.ifindex } ?? false
         return OffloadRequest(ifindex: o.ifindex, direction: inbound ? .inbound : .outbound,
-                              type: o.flags & XfrmOffloadFlag.packet != 0 ? .packet : .crypto)
+                              type: o.flags & XfrmOffloadFlag.packet != 0 || promoted ? .packet : .crypto)
     }
 
     // MARK: - Building policies (≈ verify_newpolicy_info + xfrm_policy_construct)
@@ -427,6 +437,9 @@ public final class XfrmControlServer: XfrmTransport {
                 p.offload = PolicyOffload(ifindex: o.ifindex)
             default: break
             }
+        }
+        if let dev = self.packetOffloadPromotion, p.offload == nil, action == .allow, !p.templates.isEmpty {
+            p.offload = PolicyOffload(ifindex: dev)
         }
         return p
     }

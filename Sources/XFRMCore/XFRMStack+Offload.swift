@@ -45,6 +45,14 @@ extension XFRMStack {
         self.deviceTable.withLock { $0.devices[ifindex] }
     }
 
+    /// The interfaces with an ESP offload device and the offload types each takes, by ifindex (what a key manager
+    /// learns from the device's `esp-hw-offload` feature before it names the interface in XFRMA_OFFLOAD_DEV).
+    public func offloadDevices() -> [(ifindex: Int32, types: Set<OffloadType>)] {
+        self.deviceTable.withLock { t in
+            t.devices.filter { $0.value.features.contains(.hwESP) }.map { ($0.key, $0.value.supportedTypes) }
+        }.sorted { $0.ifindex < $1.ifindex }
+    }
+
     /// Called by a device (from any thread) when an SA crossed a limit; the core pulls counts at the next poll.
     public func deviceLimitEvent() {
         self.deviceTable.withLock { $0.pendingLimitEvents += 1 }

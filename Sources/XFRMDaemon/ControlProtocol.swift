@@ -1,8 +1,11 @@
 // What the daemon's control socket speaks beyond the kernel's XFRM netlink: how a client joins the event groups.
 // On NETLINK_XFRM that is setsockopt(NETLINK_ADD_MEMBERSHIP); a Unix socket has no such option, so a client sends
 // one NLMSG_NOOP whose 4-byte body is the bitmask of the XFRMNLGRP_* groups it wants (bit g − 1 for group g).
+// And what a key manager asks the kernel's ethtool about (does this interface have `esp-hw-offload`?) is the
+// daemon's to answer for its own devices: `xfrm-bridge` asks with one XFRMD_MSG_GETOFFLOADDEV (below).
 
 import XFRMControl
+import XFRMCore
 import XFRMWire
 
 public enum ControlProtocol {
@@ -13,6 +16,20 @@ public enum ControlProtocol {
     public static let groupPolicy: UInt32 = 4
     /// Every group `ip xfrm monitor` listens to.
     public static let allGroups: UInt32 = 0xff
+
+    /// XFRMD_MSG_GETOFFLOADDEV, the daemon's own message type (far above XFRM_MSG_MAX): a request with no body is
+    /// answered by one message of the same type carrying an XFRMA_OFFLOAD_DEV attribute per interface with an ESP
+    /// offload device (flags XFRM_OFFLOAD_PACKET when it takes packet offload).
+    public static let getOffloadDevices: UInt16 = 0x7ff0
+
+    /// The answer to XFRMD_MSG_GETOFFLOADDEV.
+    static func offloadDevices(_ stack: XFRMStack, sequence: UInt32, portID: UInt32) -> XfrmMessage {
+        XfrmMessage(type: getOffloadDevices, flags: 0, sequence: sequence, portID: portID, body: .empty,
+                    attributes: stack.offloadDevices().map { d in
+                        .offloadDevice(XfrmUserOffload(ifindex: d.ifindex,
+                                                       flags: d.types.contains(.packet) ? XfrmOffloadFlag.packet : 0))
+                    })
+    }
 
     /// The largest datagram either side sends or reads; dumps are split across datagrams below it.
     public static let maximumDatagram = 64 * 1024
@@ -58,6 +75,9 @@ public enum ControlProtocol {
                     join(UInt32(message[16]) | UInt32(message[17]) << 8 | UInt32(message[18]) << 16
                          | UInt32(message[19]) << 24)
                 }
+            } else if type == getOffloadDevices {
+                let h = NetlinkHeader(bytes: message) ?? NetlinkHeader()
+                replies.append(offloadDevices(server.stack, sequence: h.sequence, portID: h.portID))
             } else {
                 replies += server.request(raw: message)
             }

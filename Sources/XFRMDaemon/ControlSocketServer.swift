@@ -48,10 +48,13 @@ public final class ControlSocketServer {
 
     /// Binds and listens at `path`. A path where another daemon answers is refused; a stale socket file is
     /// replaced. The socket is made mode 0600 before anyone can connect.
-    public init(path: String, stack: XFRMStack, logger: Logger) throws(SocketError) {
+    /// `packetOffloadPromotion`: see `XfrmControlServer.packetOffloadPromotion` (`xfrmd --offload-promote`).
+    public init(path: String, stack: XFRMStack, packetOffloadPromotion: Int32? = nil, logger: Logger)
+        throws(SocketError)
+    {
         self.path = path
         self.stack = stack
-        self.server = XfrmControlServer(stack: stack)
+        self.server = XfrmControlServer(stack: stack, packetOffloadPromotion: packetOffloadPromotion)
         self.logger = logger
         try Self.refuseIfLive(path)
         if access(path, F_OK) == 0 { unlink(path) }

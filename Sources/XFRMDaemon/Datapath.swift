@@ -67,6 +67,8 @@ public final class Datapath: @unchecked Sendable {
     private let tunFD: Int32
     private let sockets: OuterSockets
     private let wanIfindex: Int32
+    /// The outer interface in the stack's network model: the TUN's name, or the kernel interface the NIC stands for.
+    public let outerName: String
     /// The workers when the intakes hand off (N > 2, or the NIC's host side); nil when the intakes run to completion.
     private var workers: WorkerPool? = nil
     /// One dispatcher per intake thread when it runs its batches itself.
@@ -82,9 +84,12 @@ public final class Datapath: @unchecked Sendable {
 
     /// Opens the TUN device and the outer sockets and prepares the stack's network model. Throws one clear error
     /// (missing privileges, no /dev/net/tun, port in use).
+    ///
+    /// `offloadDevice`: the kernel interface the simulated NIC stands for (its name and index), so that a key manager
+    /// that finds the interface holding its outer address can name it in XFRMA_OFFLOAD_DEV; default: the TUN's.
     public init(stack: XFRMStack, tunName: String, udpPort: UInt16, rawESP: Bool, workers: Int, mark: UInt32,
-                offload: DaemonOffload?, tunOffload: Bool, ikePort: UInt16? = nil, shareUDPPort: Bool = false,
-                logger: Logger) throws(SocketError)
+                offload: DaemonOffload?, offloadDevice: String? = nil, tunOffload: Bool, ikePort: UInt16? = nil,
+                shareUDPPort: Bool = false, logger: Logger) throws(SocketError)
     {
         self.stack = stack
         self.logger = logger
@@ -121,13 +126,19 @@ public final class Datapath: @unchecked Sendable {
             throw error
         }
         let net = stack.network
-        let hostIndex = Int32(bitPattern: if_nametoindex(self.tunName))
+        self.outerName = offloadDevice ?? self.tunName
+        let hostIndex = Int32(bitPattern: if_nametoindex(self.outerName))
+        if offloadDevice != nil && hostIndex <= 0 {
+            close(fd)
+            self.sockets.closeAll()
+            throw SocketError("--offload-dev \(self.outerName): no such interface", errno: ENODEV)
+        }
         do throws(NetworkError) {
-            let wan = try net.addInterface(name: self.tunName, kind: offload == nil ? "dummy" : "simnic",
+            let wan = try net.addInterface(name: self.outerName, kind: offload == nil ? "dummy" : "simnic",
                                            index: hostIndex > 0 ? hostIndex : nil)
-            try net.modify(name: self.tunName) { (i: inout Interface) throws(NetworkError) in i.isUp = true }
-            try net.addRoute(IPPrefix("0.0.0.0/0")!, device: self.tunName, via: nil)
-            try net.addRoute(IPPrefix("::/0")!, device: self.tunName, via: nil)
+            try net.modify(name: self.outerName) { (i: inout Interface) throws(NetworkError) in i.isUp = true }
+            try net.addRoute(IPPrefix("0.0.0.0/0")!, device: self.outerName, via: nil)
+            try net.addRoute(IPPrefix("::/0")!, device: self.outerName, via: nil)
             self.wanIfindex = wan.index
         } catch {
             close(fd)
@@ -136,7 +147,7 @@ public final class Datapath: @unchecked Sendable {
         }
         stack.nattPort.store(udpPort, ordering: .relaxed)
         if let offload {
-            let nic = SimulatedNIC(name: self.tunName, ifindex: self.wanIfindex, modes: offload.modes, saCapacity: 1024,
+            let nic = SimulatedNIC(name: self.outerName, ifindex: self.wanIfindex, modes: offload.modes, saCapacity: 1024,
                                    mtu: 1500, supportsForwardPolicies: true, algorithms: .all, pool: self.pool,
                                    engineThreads: 1)
             do throws(DeviceError) {
@@ -339,7 +350,7 @@ public final class Datapath: @unchecked Sendable {
         var list: UnsafeMutablePointer<ifaddrs>? = nil
         guard getifaddrs(&list) == 0 else { return }
         defer { freeifaddrs(list) }
-        let known = Set(self.stack.network.interface(named: self.tunName)?.addresses.map(\.address) ?? [])
+        let known = Set(self.stack.network.interface(named: self.outerName)?.addresses.map(\.address) ?? [])
         var cursor = list
         while let ifa = cursor {
             defer { cursor = ifa.pointee.ifa_next }
@@ -354,7 +365,7 @@ public final class Datapath: @unchecked Sendable {
             }
             guard let address, !known.contains(address) else { continue }
             let full: UInt8 = address.version == 4 ? 32 : 128
-            try? self.stack.network.addAddress(IPPrefix(address, length: full), device: self.tunName)
+            try? self.stack.network.addAddress(IPPrefix(address, length: full), device: self.outerName)
         }
     }
 }

@@ -60,6 +60,18 @@ struct Xfrmd: ParsableCommand {
         valueName: "MODE"))
     var offload: String? = nil
 
+    @Option(name: .customLong("offload-dev"), help: ArgumentHelp(
+        "The kernel interface the simulated NIC stands for (it takes its name and index; default: the TUN's), so that "
+            + "a key manager finding the interface of its outer address asks for offload on it (xfrm-bridge answers "
+            + "its ethtool query: esp-hw-offload).",
+        valueName: "IFNAME"))
+    var offloadDev: String? = nil
+
+    @Flag(name: .customLong("offload-promote"), help: ArgumentHelp(
+        "Serve crypto-offload requests on the NIC in packet mode, and offload every IPsec policy to it (for key "
+            + "managers that ask for crypto offload only, such as strongSwan 5.9.8). Needs --offload packet or both."))
+    var offloadPromote = false
+
     @Option(help: ArgumentHelp(
         "The ESP crypto backend: openssl or ipsec-mb (default: ipsec-mb where the CPU runs it, else openssl; or XFRM_CRYPTO).",
         valueName: "BACKEND"))
@@ -93,6 +105,12 @@ struct Xfrmd: ParsableCommand {
         guard self.markValue != nil else { throw ValidationError("--mark must be a 32-bit number (decimal or 0x hex)") }
         if let o = self.offload, DaemonOffload(rawValue: o) == nil {
             throw ValidationError("--offload must be crypto, packet or both")
+        }
+        if self.offloadDev != nil && self.offload == nil {
+            throw ValidationError("--offload-dev names the interface of the simulated NIC: it needs --offload")
+        }
+        if self.offloadPromote && ![DaemonOffload.packet, .both].contains(self.offload.flatMap(DaemonOffload.init)) {
+            throw ValidationError("--offload-promote serves requests in packet mode: it needs --offload packet or both")
         }
         if let c = self.crypto, CryptoBackends.named(c) == nil {
             throw ValidationError(CryptoBackends.names.contains(c)
@@ -131,13 +149,15 @@ struct Xfrmd: ParsableCommand {
             datapath = try Datapath(stack: stack, tunName: self.tun, udpPort: self.udpPort, rawESP: !self.noRawESP,
                                     workers: self.workers ?? max(1, cores), mark: self.markValue ?? 0,
                                     offload: self.offload.flatMap(DaemonOffload.init(rawValue:)),
-                                    tunOffload: !self.noTunOffload, ikePort: self.ikePort,
+                                    offloadDevice: self.offloadDev, tunOffload: !self.noTunOffload, ikePort: self.ikePort,
                                     shareUDPPort: self.shareNATTPort, logger: logger)
             if let address = self.metrics {
                 metricsServer = try MetricsServer(address: address, stack: stack, datapath: datapath, logger: logger)
             }
             if self.routePolicies { routes = try PolicyRoutes(stack: stack, tunName: datapath.tunName, logger: logger) }
-            control = try ControlSocketServer(path: self.socket, stack: stack, logger: logger)
+            control = try ControlSocketServer(path: self.socket, stack: stack,
+                                              packetOffloadPromotion: self.offloadPromote ? datapath.nic?.ifindex : nil,
+                                              logger: logger)
         } catch {
             throw refuse(error)
         }
@@ -147,7 +167,8 @@ struct Xfrmd: ParsableCommand {
         logger.info("listening", metadata: ["socket": "\(self.socket)", "tun": "\(datapath.tunName)",
                                             "udp-port": "\(self.udpPort)", "raw-esp": "\(!self.noRawESP)",
                                             "workers": "\(datapath.workerCount)", "mark": "\(self.mark)",
-                                            "offload": "\(self.offload ?? "none")", "crypto": "\(backend.name)",
+                                            "offload": "\(self.offload ?? "none")",
+                                            "outer": "\(datapath.outerName)", "crypto": "\(backend.name)",
                                             "tun-offload": "\(datapath.tunOffload)"])
         let served = control.run { stopRequested.load(ordering: .relaxed) || datapath.failed.load(ordering: .relaxed) }
         metricsServer?.stop()

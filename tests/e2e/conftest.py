@@ -4,6 +4,7 @@ scapy is the independent ESP peer. The suite fails (never skips) when the xfrm b
 .build/debug/xfrm) or scapy is missing; scripts/test.sh builds and installs both.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -77,9 +78,15 @@ def netns():
 @pytest.fixture
 def daemon(tmp_path, netns):
     # In a namespace of its own: the daemon creates its TUN device (xfrm0) there, never on the host.
-    sock = tmp_path / "xfrmd.sock"
-    p = subprocess.Popen(["ip", "netns", "exec", netns, xfrmd_path(), "--socket", str(sock), "--log-level", "debug"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with running_daemon(netns, tmp_path / "xfrmd.sock") as d:
+        yield d
+
+
+@contextlib.contextmanager
+def running_daemon(netns, sock, *args):
+    """An xfrmd in `netns` with its control socket at `sock` (and `args`); yields (sock, process), stops it after."""
+    p = subprocess.Popen(["ip", "netns", "exec", netns, xfrmd_path(), "--socket", str(sock), "--log-level", "debug",
+                          *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 10
         while not sock.exists():

@@ -50,10 +50,12 @@ class Pair:
             self.setup_tun(side)
 
     def start_daemon(self, side):
-        """Starts side's xfrmd (its TUN xfrm0 appears; `setup_tun` addresses and routes it)."""
+        """Starts side's xfrmd (its TUN xfrm0 appears; `setup_tun` addresses and routes it). "{dev}" in an option
+        stands for the side's veth."""
         xfrmd = str(Path(os.environ["XFRM_TOOL"]).with_name("xfrmd"))
+        args = [a.replace("{dev}", self.dev[side]) for a in [*self.daemon_args, *self.side_args.get(side, [])]]
         return subprocess.Popen(["ip", "netns", "exec", self.ns[side], xfrmd, "--socket", str(self.sock[side]),
-                                 "--metrics", "127.0.0.1:9117", *self.daemon_args, *self.side_args.get(side, [])],
+                                 "--metrics", "127.0.0.1:9117", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def wait_for_sockets(self):

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import xfrmd_path
+from conftest import running_daemon, xfrmd_path
 from test_daemon import KEY, LINES, xfrm_s
 
 
@@ -113,6 +113,54 @@ def test_a_netlink_socket_keeps_netlink_semantics_through_the_bridge(daemon, net
         "True",                     # a second socket gets another port id
         "refused",                  # only port 0 (the kernel) can be sent to
     ], r.stdout
+
+
+# Asks ethtool (SIOCETHTOOL on a NETLINK_XFRM socket, as strongSwan's and libreswan's offload checks do) whether each
+# interface in argv has esp-hw-offload active: prints "NAME 0|1" per interface.
+ETHTOOL_PROBE = r"""
+import ctypes, fcntl, socket, struct, sys
+SIOCETHTOOL, GSSET_INFO, GSTRINGS, GFEATURES, ETH_SS_FEATURES = 0x8946, 0x37, 0x1b, 0x3a, 4
+s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 6)
+def ethtool(name, request):
+    data = ctypes.create_string_buffer(request, len(request))
+    fcntl.ioctl(s.fileno(), SIOCETHTOOL, struct.pack("16sQ16x", name.encode(), ctypes.addressof(data)))
+    return data.raw
+count = struct.unpack_from("I", ethtool("lo", struct.pack("IIQI", GSSET_INFO, 0, 1 << ETH_SS_FEATURES, 0)), 16)[0]
+names = ethtool("lo", struct.pack("III", GSTRINGS, ETH_SS_FEATURES, 0) + bytes(32 * count))
+bit = [names[12 + 32 * i:44 + 32 * i].rstrip(b"\0") for i in range(count)].index(b"esp-hw-offload")
+blocks = (count + 31) // 32
+for name in sys.argv[1:]:
+    features = ethtool(name, struct.pack("II", GFEATURES, blocks) + bytes(16 * blocks))
+    active = struct.unpack_from("I", features, 8 + 16 * (bit // 32) + 8)[0]
+    print(name, (active >> (bit % 32)) & 1)
+"""
+
+
+def test_ethtool_through_the_bridge_shows_esp_offload_where_the_daemon_has_its_nic(tmp_path, netns):
+    """A key manager offers an SA to a device only when ethtool says the interface of its outer address has
+    esp-hw-offload; on a bridged socket the bridge adds that feature exactly where xfrmd has an offload device (its
+    --offload-dev), and the kernel's answer stands everywhere else."""
+    subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "add", "dum0", "type", "veth", "peer", "name", "dum1"],
+                   check=True)
+    plain = subprocess.run(["ip", "netns", "exec", netns, "python3", "-c", ETHTOOL_PROBE, "dum0", "dum1", "lo"],
+                           capture_output=True, text=True, timeout=30)
+    assert (plain.returncode, plain.stdout) == (0, "dum0 0\ndum1 0\nlo 0\n"), plain.stderr  # the kernel's answer
+    with running_daemon(netns, tmp_path / "nic.sock", "--offload", "crypto", "--offload-dev", "dum0") as (sock, _):
+        r = bridged(netns, sock, "python3", "-c", ETHTOOL_PROBE, "dum0", "dum1", "lo")
+        assert (r.returncode, r.stdout) == (0, "dum0 1\ndum1 0\nlo 0\n"), r.stderr
+    with running_daemon(netns, tmp_path / "plain.sock") as (sock, _):  # no NIC: the daemon offloads nowhere
+        r = bridged(netns, sock, "python3", "-c", ETHTOOL_PROBE, "dum0", "xfrm0")
+        assert (r.returncode, r.stdout) == (0, "dum0 0\nxfrm0 0\n"), r.stderr
+    # The options' misuses are refused with one clear line, before anything is set up.
+    for args, words in [(["--offload-dev", "dum0"], "--offload-dev names the interface of the simulated NIC: it "
+                                                    "needs --offload"),
+                        (["--offload", "crypto", "--offload-promote"], "--offload-promote serves requests in packet "
+                                                                       "mode: it needs --offload packet or both"),
+                        (["--offload", "crypto", "--offload-dev", "nosuch0"], "--offload-dev nosuch0: no such "
+                                                                              "interface")]:
+        r = subprocess.run(["ip", "netns", "exec", netns, xfrmd_path(), "--socket", str(tmp_path / "bad.sock"), *args],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode != 0 and words in r.stderr, (args, r.stderr)
 
 
 def test_route_netlink_and_other_sockets_stay_with_the_kernel(daemon, netns):

@@ -68,7 +68,7 @@ def tshark_sas(listing: str) -> list:
 
 
 @contextlib.contextmanager
-def bridged_peers(tmp_path, proposal, outer6, child_settings=()):
+def bridged_peers(tmp_path, proposal, outer6, child_settings=(), daemon_args=()):
     """Two namespaces, each with an xfrmd and a charon started through xfrm-bridge, connection loaded; yields
     (pair, charons, diag)."""
     require_tools(plugins=())
@@ -77,7 +77,7 @@ def bridged_peers(tmp_path, proposal, outer6, child_settings=()):
     d = Path(tempfile.mkdtemp(prefix="xbs-", dir="/tmp"))
     # The daemons route what their OUT policies protect into their TUN devices (--route-policies), as charon
     # would route into the kernel's: nothing else is configured for the inner traffic.
-    pair = Pair(tmp_path, daemon_args=["--udp-port", "14500", "--route-policies"], routes=False)
+    pair = Pair(tmp_path, daemon_args=["--udp-port", "14500", "--route-policies", *daemon_args], routes=False)
     charons = {}
 
     def diag():
@@ -164,20 +164,53 @@ def test_charon_through_the_bridge_programs_xfrmd_and_traffic_flows(tmp_path, pr
             assert "\tdir " not in kernel and kernel.count("\tsocket ") >= 2, (side, kernel)
 
 
+def check_offload(pair, mode):
+    """Every SA in each daemon sits where `mode` puts it: on the NIC named after the side's veth, in crypto or
+    packet mode, both directions; with packet offload the policies are on the NIC too."""
+    for side in "ab":
+        states = pair.xfrm(side, "state list")
+        blocks = [b for b in re.split(r"(?m)^(?=src )", states) if "proto esp" in b]
+        assert blocks, (side, states)
+        for b in blocks:
+            offload = re.search(r"crypto offload parameters: dev (\S+) dir (in|out) mode (\w+)", b)
+            if mode == "software":
+                assert offload is None, (side, b)
+            else:
+                assert offload and offload[1] == pair.dev[side] and offload[3] == mode.split("-")[0], (side, b)
+        policies = pair.xfrm(side, "policy list")
+        offloaded = re.findall(rf"crypto offload parameters: dev {pair.dev[side]} mode packet", policies)
+        assert len(offloaded) == (6 if mode == "packet-offload" else 0), (side, policies)
+
+
 REKEY_BYTES = 4 * 1024 * 1024  # charon's rekey_bytes: xfrmd's soft byte limit on each SA
+# Where the SAs live: xfrmd's options, and charon's child settings. charon 5.9.8 asks for crypto offload only
+# (hw_offload = yes: the SA fails unless the interface of its outer address shows esp-hw-offload, which the bridge
+# answers for the daemon's --offload-dev); --offload-promote serves those requests in packet mode.
+REKEY_MODES = {
+    "software": ((), ()),
+    "crypto-offload": (("--offload", "crypto", "--offload-dev", "{dev}"), ("hw_offload = yes",)),
+    "packet-offload": (("--offload", "packet", "--offload-dev", "{dev}", "--offload-promote"), ("hw_offload = yes",)),
+}
 
 
-def test_xfrmd_soft_expiry_makes_charon_rekey_while_a_transfer_runs(tmp_path):
+@pytest.mark.parametrize("mode", list(REKEY_MODES))
+def test_xfrmd_soft_expiry_makes_charon_rekey_while_a_transfer_runs(tmp_path, mode):
     """charon installs its byte limits (rekey_bytes soft, life_bytes hard) into xfrmd; xfrmd counts the bytes and sends
     EXPIRE hard=0 at the soft limit; charon, listening on XFRMNLGRP_EXPIRE through the bridge, rekeys the CHILD_SA
-    (new SAs into xfrmd, then the old ones deleted) while TCP keeps running, again and again."""
+    (new SAs into xfrmd, then the old ones deleted) while TCP keeps running, again and again. With the SAs in
+    software, with simulated-NIC crypto offload, and with packet offload, where the NIC counts and the core learns
+    the counts (and so the soft limit) through the device's stats sync."""
+    daemon_args, offload_settings = REKEY_MODES[mode]
     # The hard limit far above the soft one: a CPU-starved charon still rekeys before any packet meets it.
-    settings = (f"rekey_bytes = {REKEY_BYTES}", f"life_bytes = {16 * REKEY_BYTES}", "rand_bytes = 0")
-    with bridged_peers(tmp_path, "aes128gcm16", False, child_settings=settings) as (pair, charons, diag):
+    settings = (f"rekey_bytes = {REKEY_BYTES}", f"life_bytes = {16 * REKEY_BYTES}", "rand_bytes = 0",
+                *offload_settings)
+    with bridged_peers(tmp_path, "aes128gcm16", False, child_settings=settings,
+                       daemon_args=daemon_args) as (pair, charons, diag):
         charons["a"].swanctl("--initiate", "--child", "net", "--timeout", "20", diag=diag)
         first = parse_swanctl_raw(charons["a"].swanctl("--list-sas", "--raw", diag=diag))["child"]
         limits = pair.xfrm("a", "-s state list")
         assert f"limit: soft {REKEY_BYTES}(bytes), hard {16 * REKEY_BYTES}(bytes)" in limits, limits
+        check_offload(pair, mode)
 
         capture = tmp_path / "veth.pcap"
         dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "-ni", pair.dev["b"], "-w",
@@ -204,6 +237,7 @@ def test_xfrmd_soft_expiry_makes_charon_rekey_while_a_transfer_runs(tmp_path):
             assert time.time() < deadline, ([pair.xfrm(side, "state list") for side in "ab"], diag())
             time.sleep(0.2)
         assert f"spi 0x{now['spi-in']}" in pair.xfrm("a", "state list")
+        check_offload(pair, mode)  # the rekeyed SAs are where the first ones were
 
         # Nothing left in clear: every frame between the hosts was ESP or IKE (UDP 500).
         listing = subprocess.run(["tcpdump", "-nr", str(capture)], capture_output=True, text=True,

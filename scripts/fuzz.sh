@@ -8,7 +8,8 @@
 # which keeps what libFuzzer finds between runs), runs SECONDS seconds and prints the executions. A crash, a leak
 # the address sanitizer reports or a harness's own check (a trap) fails the script; the input is kept as
 # .build/fuzz-artifacts/TARGET-crash-*. FUZZ_RUNS=N stops after N executions instead (the campaign); FUZZ_ARGS
-# passes more libFuzzer options.
+# passes more libFuzzer options. FUZZ_CONFIG=debug builds without optimisation (a faster build, slower
+# executions: what CI's short runs use); the default, release, is for campaigns.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -25,10 +26,12 @@ fi
 # `--sanitize fuzzer --sanitize address` alone gives swiftc two -sanitize= options, and the last one wins: the Swift
 # code would get ASan but no coverage instrumentation (libFuzzer then sees 1 edge). The combined -Xswiftc option
 # comes last and gives both.
-echo "==> building the fuzz harnesses (swift build --package-path Fuzz, release, fuzzer + address sanitizer)"
-nice -n 10 swift build --package-path Fuzz --scratch-path "$ROOT/.build/fuzz" -c release \
+config=${FUZZ_CONFIG:-release}
+[[ "$config" =~ ^(debug|release)$ ]] || { echo "fuzz.sh: FUZZ_CONFIG must be debug or release, got \"$config\"" >&2; exit 2; }
+echo "==> building the fuzz harnesses (swift build --package-path Fuzz, $config, fuzzer + address sanitizer)"
+nice -n 10 swift build --package-path Fuzz --scratch-path "$ROOT/.build/fuzz" -c "$config" \
   --sanitize fuzzer --sanitize address -Xswiftc -sanitize=fuzzer,address
-BIN="$ROOT/.build/fuzz/release"
+BIN="$ROOT/.build/fuzz/$config"
 
 run_one() {
   local t=$1

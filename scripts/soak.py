@@ -104,6 +104,12 @@ def host_drops(pair: Pair, side: str) -> dict:
     tun = json.loads(pair.exec(side, "ip", "-s", "-j", "link", "show", "dev", "xfrm0").stdout)[0]["stats64"]
     d["tun_tx_dropped"] = tun["tx"]["dropped"]
     d["tun_rx_dropped"] = tun["rx"]["dropped"]
+    # The backlog queue (netdev_max_backlog) a TUN write lands in: per CPU and for the whole host, not the namespace.
+    d["softnet_dropped"] = sum(int(l.split()[1], 16)
+                               for l in pair.exec(side, "cat", "/proc/net/softnet_stat").stdout.splitlines())
+    netstat = pair.exec(side, "cat", "/proc/net/netstat").stdout.splitlines()
+    ipext = [l.split()[1:] for l in netstat if l.startswith("IpExt:")]
+    d["ip_in_truncated"] = dict(zip(ipext[0], map(int, ipext[1]))).get("InTruncatedPkts", 0) if ipext else 0
     return d
 
 

@@ -35,6 +35,7 @@ import XFRMCore
 import XFRMEngine
 import XFRMPacket
 import XFRMSimulatedNIC
+import XFRMWire
 
 /// The offload a daemon's outer interface offers (`xfrmd --offload`): a simulated NIC between the stack and the
 /// sockets, with the modes it takes.
@@ -65,6 +66,10 @@ public final class Datapath: @unchecked Sendable {
     /// Packets waiting per worker.
     public var workerDepths: [Int] { self.workers?.depths ?? [] }
     private let tunFD: Int32
+    /// A NETLINK_ROUTE socket in the IPv4 and IPv6 address groups: an address added on the host counts as local from
+    /// the packet after (as the kernel's local table does), not from the next once-a-second refresh; -1 if the
+    /// kernel refused it (the refresh alone then).
+    private let addressEvents: Int32
     private let sockets: OuterSockets
     private let wanIfindex: Int32
     /// The outer interface in the stack's network model: the TUN's name, or the kernel interface the NIC stands for.
@@ -169,12 +174,14 @@ public final class Datapath: @unchecked Sendable {
                 throw error
             }
         }
+        self.addressEvents = Self.openAddressEvents()
         self.refreshAddresses()
         self.makeWorkers()
     }
 
     deinit {
         close(self.tunFD)
+        if self.addressEvents >= 0 { close(self.addressEvents) }
         self.sockets.closeAll()
     }
 
@@ -294,6 +301,9 @@ public final class Datapath: @unchecked Sendable {
         let first = tun == nil ? 0 : 1  // the index of the first outer socket in fds
         let relay = role != .tun ? self.ikeRelay : nil
         if let relay { fds.append(pollfd(fd: relay.fd, events: Int16(POLLIN), revents: 0)) }
+        // The address events go with the refresh, to the TUN (or only) intake: after the relay, last.
+        let addresses = role != .wire && self.addressEvents >= 0 ? fds.count : nil
+        if addresses != nil { fds.append(pollfd(fd: self.addressEvents, events: Int16(POLLIN), revents: 0)) }
         defer { for o in outer { o.releaseHeld() } }
         while !self.stopping.load(ordering: .relaxed) && !self.failed.load(ordering: .relaxed) {
             for i in fds.indices { fds[i].revents = 0 }
@@ -317,7 +327,11 @@ public final class Datapath: @unchecked Sendable {
                         }
                     }
                 }
-                if let relay, fds[fds.count - 1].revents & Int16(POLLIN) != 0 { relay.drainReplies() }
+                if let relay, fds[first + outer.count].revents & Int16(POLLIN) != 0 { relay.drainReplies() }
+                if let a = addresses, fds[a].revents & Int16(POLLIN) != 0 {
+                    Self.drain(self.addressEvents)
+                    self.refreshAddresses()
+                }
                 for (i, source) in outer.enumerated()
                 where fds[first + i].revents & Int16(POLLIN) != 0 || source.hasPending {
                     for _ in 0..<4 {
@@ -343,6 +357,30 @@ public final class Datapath: @unchecked Sendable {
     }
 
     // MARK: - Host addresses
+
+    /// A non-blocking NETLINK_ROUTE socket joined to RTMGRP_IPV4_IFADDR and RTMGRP_IPV6_IFADDR, or -1.
+    private static func openAddressEvents() -> Int32 {
+        let fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue)
+                            | Int32(SOCK_NONBLOCK.rawValue), netlinkRoute)
+        guard fd >= 0 else { return -1 }
+        var local = SockaddrNetlink(groups: 0x10 | 0x100)  // RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+        let bound = withUnsafePointer(to: &local) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(fd, $0, socklen_t(MemoryLayout<SockaddrNetlink>.size))
+            }
+        }
+        guard bound == 0 else {
+            close(fd)
+            return -1
+        }
+        return fd
+    }
+
+    /// Reads whatever the socket holds (the messages only say "something changed"; an overrun, ENOBUFS, too).
+    private static func drain(_ fd: Int32) {
+        var scratch = [UInt8](repeating: 0, count: 8192)
+        while scratch.withUnsafeMutableBytes({ recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }) > 0 {}
+    }
 
     /// Puts the host's current addresses on the outer interface, so ESP for them counts as local (≈ the kernel's
     /// local routes).

@@ -18,6 +18,8 @@
 #    XFRM_TOOL=<bin path>/xfrm (xfrmd is found beside it). Its test_strongswan_live.py takes strongSwan's charon
 #    (kernel-libipsec, userspace ESP) as a live IKEv2 peer of xfrmd; the tests start their own charons inside network
 #    namespaces, and the packages' own service never runs (the install keeps it stopped and disabled).
+#    test_bridge_libreswan.py runs libreswan's pluto through xfrm-bridge from Debian's .deb unpacked under
+#    .build/libreswan (never installed: the package conflicts with strongSwan's).
 # 6. runs the kernel comparison: the real Linux kernel (Debian 6.12, booted under qemu with a small initramfs
 #    built and cached under .build/kernel-vm/) against `xfrm` for generated state/policy adds, listings and
 #    refusals, and ESP both ways: `python -m pytest -q -n 2 tests/kernel` with XFRM_TOOL=<bin path>/xfrm.
@@ -54,6 +56,14 @@ APT_PACKAGES+=("${KERNEL_PACKAGES[@]}")
 STRONGSWAN_PACKAGES=(strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins
   libstrongswan-extra-plugins)
 APT_PACKAGES+=("${STRONGSWAN_PACKAGES[@]}")
+# tests/e2e/test_bridge_libreswan.py: libreswan's pluto through xfrm-bridge. Debian's libreswan package conflicts with
+# strongSwan's (strongswan-starter, strongswan-libcharon), so it is never installed: its .deb is unpacked under
+# .build/libreswan (install_libreswan) and only the libraries pluto, whack and addconn link are installed, with
+# certutil (libnss3-tools) for the tests' NSS databases.
+LIBRESWAN_LIBS=(libnss3-tools libnss3 libnspr4 libldns3 libunbound8 libevent-core-2.1-7 libevent-pthreads-2.1-7
+  libcurl3-nss libcap-ng0 libaudit1 libldap-2.5-0 libpam0g libselinux1 libsystemd0 libcrypt1)
+APT_PACKAGES+=("${LIBRESWAN_LIBS[@]}")
+LIBRESWAN_ROOT="$ROOT/.build/libreswan"
 # scapy is pinned: the interop tests work around known bugs of this exact release
 # (../shared/interop/README.md).
 PIP_PACKAGES=("scapy==2.8.0" "cryptography" "pytest" "pytest-xdist")
@@ -100,6 +110,22 @@ install_apt() {
   fi
 }
 
+install_libreswan() {
+  if [ -x "$LIBRESWAN_ROOT/usr/libexec/ipsec/pluto" ]; then
+    echo "libreswan already unpacked in $LIBRESWAN_ROOT"
+    return
+  fi
+  step "apt-get download libreswan; dpkg-deb -x into $LIBRESWAN_ROOT (not installed: it conflicts with strongSwan)"
+  local tmp
+  tmp=$(mktemp -d) || die "mktemp failed"
+  chown _apt "$tmp" 2>/dev/null || true  # apt downloads as _apt where it can
+  (cd "$tmp" && apt-get download libreswan) || { apt-get update && (cd "$tmp" && apt-get download libreswan); } ||
+    die "apt-get download libreswan failed"
+  mkdir -p "$LIBRESWAN_ROOT" && dpkg-deb -x "$tmp"/libreswan_*.deb "$LIBRESWAN_ROOT" ||
+    die "could not unpack the libreswan package into $LIBRESWAN_ROOT"
+  rm -rf "$tmp"
+}
+
 install_python() {
   if [ ! -x "$PY" ]; then
     step "python3 -m venv $VENV"
@@ -117,6 +143,7 @@ install_python() {
 
 if [ "${SKIP_INSTALL:-0}" != 1 ]; then
   install_apt
+  install_libreswan
   install_python
 fi
 
@@ -147,10 +174,16 @@ for pid in $(for name in charon charon-systemd starter; do pgrep -x "$name" || t
     die "a strongSwan daemon runs on the host (pid $pid: $(tr '\0' ' ' <"/proc/$pid/cmdline")); stop it and disable" \
       "strongswan-starter.service / the ipsec init script"
 done
+[ -x "$LIBRESWAN_ROOT/usr/libexec/ipsec/pluto" ] ||
+  die "no libreswan under $LIBRESWAN_ROOT (run without SKIP_INSTALL=1: it unpacks Debian's libreswan .deb there)"
+"$LIBRESWAN_ROOT/usr/libexec/ipsec/pluto" --version 2>&1 | grep -q 'Libreswan 4' ||
+  die "$LIBRESWAN_ROOT/usr/libexec/ipsec/pluto does not run: $("$LIBRESWAN_ROOT/usr/libexec/ipsec/pluto" --version 2>&1 | head -n3)"
+command -v certutil >/dev/null || die "certutil is missing after install (libnss3-tools)"
 echo "swift: $(swift --version 2>/dev/null | head -n1)"
 echo "qemu: $(qemu-system-x86_64 --version | head -n1); kernel: $(ls /boot/vmlinuz-6.12* | sort -V | tail -n1)"
 echo "tshark: $(tshark --version 2>/dev/null | head -n1)"
 echo "strongSwan: $(dpkg-query -W -f='${Version}' strongswan-charon)"
+echo "libreswan: $("$LIBRESWAN_ROOT/usr/libexec/ipsec/pluto" --version 2>&1 | head -n1) (unpacked in $LIBRESWAN_ROOT)"
 echo "python: $("$PY" -c 'import sys, scapy, cryptography; print(sys.version.split()[0], "scapy", scapy.__version__, "cryptography", cryptography.__version__)')"
 echo "install + checks took ${SECONDS}s"
 

@@ -106,16 +106,25 @@ public final class PolicyRoutes: @unchecked Sendable {
                 if let s = t.source { endpoints.append(s) }
             }
         }
-        for sa in self.stack.states.list() { endpoints += [sa.id.destination, sa.config.source] }
+        // Not a larval SA's: an ACQUIRE for a template without addresses fills them from the packet (its inner
+        // addresses), and the trap's route must stay for the SA that answers it.
+        for sa in self.stack.states.list() where sa.state != .acquiring {
+            endpoints += [sa.id.destination, sa.config.source]
+        }
         var out: Set<Route> = []
         for p in policies where p.direction == .outbound && p.action == .allow && !p.templates.isEmpty {
             guard p.selector.family == 4 || p.selector.family == 6 else { continue }
             let dst = Self.network(p.selector.destination)
             let route = Route(prefix: dst)
-            let transport = p.templates.contains { $0.mode == 0 || $0.destination == nil }
-            if dst.length == 0 || transport || endpoints.contains(where: dst.contains) {
+            // A transport template's destination is the peer itself: routing it would send IKE and ESP into the
+            // TUN. A template without addresses (an IKE daemon's on-demand trap, filled in at ACQUIRE time) leaves
+            // the peer unknown: a host selector may be that peer, a wider one is the traffic to key.
+            let transport = p.templates.contains { $0.mode == 0 && $0.destination != nil }
+            let host = dst.length == (p.selector.family == 4 ? 32 : 128)
+            let unknownPeer = host && p.templates.contains { $0.destination == nil }
+            if dst.length == 0 || transport || unknownPeer || endpoints.contains(where: dst.contains) {
                 if self.refused.insert(route).inserted {
-                    self.logger.warning("--route-policies: not routing \(dst) into the TUN (a default route, a transport-mode peer, or it holds a tunnel endpoint)")
+                    self.logger.warning("--route-policies: not routing \(dst) into the TUN (a default route, a transport-mode peer, a host that may be the peer, or it holds a tunnel endpoint)")
                 }
                 continue
             }

@@ -14,11 +14,15 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 TARGETS=(esp-input control batch pcap daemon-intake replay)
-[ $# -eq 2 ] || { echo "usage: scripts/fuzz.sh TARGET|all SECONDS  (TARGET: ${TARGETS[*]})" >&2; exit 2; }
+# `scripts/fuzz.sh build` builds the harnesses and runs nothing (scripts/test.sh builds them in the background).
+if [ "${1:-}" = build ] && [ $# -eq 1 ]; then
+  set -- build 0
+fi
+[ $# -eq 2 ] || { echo "usage: scripts/fuzz.sh TARGET|all SECONDS, or scripts/fuzz.sh build  (TARGET: ${TARGETS[*]})" >&2; exit 2; }
 target=$1
 seconds=$2
 [[ "$seconds" =~ ^[0-9]+$ ]] || { echo "fuzz.sh: SECONDS must be a whole number, got \"$seconds\"" >&2; exit 2; }
-if [ "$target" != all ] && [[ ! " ${TARGETS[*]} " == *" $target "* ]]; then
+if [ "$target" != all ] && [ "$target" != build ] && [[ ! " ${TARGETS[*]} " == *" $target "* ]]; then
   echo "fuzz.sh: unknown target \"$target\" (${TARGETS[*]}, all)" >&2
   exit 2
 fi
@@ -32,6 +36,7 @@ echo "==> building the fuzz harnesses (swift build --package-path Fuzz, $config,
 nice -n 10 swift build --package-path Fuzz --scratch-path "$ROOT/.build/fuzz" -c "$config" \
   --sanitize fuzzer --sanitize address -Xswiftc -sanitize=fuzzer,address
 BIN="$ROOT/.build/fuzz/$config"
+[ "$target" != build ] || exit 0
 
 run_one() {
   local t=$1

@@ -26,7 +26,7 @@
 # 7. builds xfrm-bench in release mode and runs `xfrm-bench engine --check` and `xfrm-bench stack --check`:
 #    0 allocations per packet on the daemon's per-packet path and on the stack's output and input paths.
 # 8. builds the libFuzzer harnesses (Fuzz/, with the address sanitizer) and runs each for 10 seconds from its seed
-#    corpus: `scripts/fuzz.sh all 5` (leak detection off there; see README "Fuzzing").
+#    corpus: `scripts/fuzz.sh all 5` (leak detection on, Fuzz/lsan.supp; see README "Fuzzing").
 #
 # Every install step fails loudly.  All test suites always run; the script exits
 # non-zero if any failed.  Set SKIP_INSTALL=1 to skip step 1 on a machine that has

@@ -536,7 +536,12 @@ EXPORT ssize_t __recvfrom_chk(int fd, void *data, size_t len, size_t buflen, int
 #define XFRMD_MSG_GETOFFLOADDEV 0x7ff0
 #define XFRMA_OFFLOAD_DEV_TYPE 28  // XFRMA_OFFLOAD_DEV
 
-REAL(ioctl, int, int, unsigned long, void *)
+// glibc's ioctl is variadic: called through a pointer of the same type.
+static int (*real_ioctl)(int, unsigned long, ...);
+static int (*get_ioctl(void))(int, unsigned long, ...) {
+    if (real_ioctl == NULL) real_ioctl = (int (*)(int, unsigned long, ...))dlsym(RTLD_NEXT, "ioctl");
+    return real_ioctl;
+}
 
 /// Whether xfrmd has an ESP offload device on interface `ifindex`.
 static int daemon_offloads(uint32_t ifindex) {
@@ -569,8 +574,9 @@ static int daemon_offloads(uint32_t ifindex) {
 
 /// The position of esp-hw-offload in the kernel's feature strings (ETH_SS_FEATURES), or -1.
 static int esp_feature_bit(int fd, const char *ifname) {
-    static int cached = -2;
-    if (cached != -2) return cached;
+    static int cached = -2;  // -2: not looked up yet (threads may look it up twice; they find the same)
+    int known = __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    if (known != -2) return known;
     struct {
         struct ethtool_sset_info info;
         uint32_t count;
@@ -578,7 +584,7 @@ static int esp_feature_bit(int fd, const char *ifname) {
     struct ifreq ifr = {0};
     strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
     ifr.ifr_data = (void *)&sset;
-    if (get_ioctl()(fd, SIOCETHTOOL, &ifr) != 0 || sset.info.sset_mask != 1ULL << ETH_SS_FEATURES) return -1;
+    if (get_ioctl()(fd, SIOCETHTOOL, &ifr) != 0 || sset.info.sset_mask != 1ULL << ETH_SS_FEATURES) return -1;  // retried next time
     struct ethtool_gstrings *names = calloc(1, sizeof(*names) + (size_t)sset.count * ETH_GSTRING_LEN);
     if (names == NULL) return -1;
     names->cmd = ETHTOOL_GSTRINGS;
@@ -594,7 +600,7 @@ static int esp_feature_bit(int fd, const char *ifname) {
         }
     }
     free(names);
-    cached = bit;
+    __atomic_store_n(&cached, bit, __ATOMIC_RELAXED);
     return bit;
 }
 
@@ -608,9 +614,11 @@ EXPORT int ioctl(int fd, unsigned long request, ...) {
         return get_ioctl()(fd, request, arg);
     }
     struct ethtool_gfeatures *g = (void *)ifr->ifr_data;
-    uint32_t cmd = g->cmd, blocks = g->size;  // the kernel rewrites size with its own count
+    uint32_t cmd = g->cmd;  // every ethtool command starts with its u32 number
+    if (cmd != ETHTOOL_GFEATURES) return get_ioctl()(fd, request, arg);
+    uint32_t blocks = g->size;  // the kernel rewrites size with its own count
     int rc = get_ioctl()(fd, request, arg);
-    if (rc != 0 || cmd != ETHTOOL_GFEATURES) return rc;
+    if (rc != 0) return rc;
     int saved = errno;
     int bit = esp_feature_bit(fd, ifr->ifr_name);
     unsigned idx = if_nametoindex(ifr->ifr_name);

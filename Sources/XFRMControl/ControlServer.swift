@@ -14,8 +14,10 @@ public final class XfrmControlServer: XfrmTransport {
 
     /// An interface whose offload requests are served in packet mode (`xfrmd --offload-promote`), for key managers
     /// that predate packet offload (strongSwan before 5.9.10 and libreswan 4 ask for crypto offload only): a NEWSA or
-    /// UPDSA asking for crypto offload on it gets packet offload, and every IPsec policy (allow, with templates) that
-    /// names no device is offloaded to it in packet mode, so that the device counts and enforces both.
+    /// UPDSA asking for crypto offload on it (or on no usable interface) gets packet offload, and every IPsec policy
+    /// with one ESP template that names no device is offloaded to it in packet mode, so that the device counts and
+    /// enforces both. Offloaded policies are looked up before software ones, as in the kernel: a software policy
+    /// (a bypass, a drop shunt) no longer outranks a promoted one by priority.
     public let packetOffloadPromotion: Int32?
 
     public init(stack: XFRMStack, packetOffloadPromotion: Int32? = nil) {
@@ -405,7 +407,12 @@ public final class XfrmControlServer: XfrmTransport {
             throw .invalid("Mismatched SA and offload direction")
         }
         if sa.config.tfcPad != 0 { throw .invalid("TFC padding can't be offloaded") }
-        let promoted = self.packetOffloadPromotion.map { $0 == o.ifindex } ?? false
+        // The promoted device, or no usable ifindex (0, or one the stack does not know: the route decides, and in
+        // xfrmd it leads to the NIC) — else a software SA under a promoted policy would only ever ACQUIRE.
+        let promoted = self.packetOffloadPromotion.map { dev in
+            dev == o.ifindex || o.ifindex == 0
+                || self.stack.device(ifindex: o.ifindex) == nil && self.stack.network.interface(index: o.ifindex) == nil
+        } ?? false
         return OffloadRequest(ifindex: o.ifindex, direction: inbound ? .inbound : .outbound,
                               type: o.flags & XfrmOffloadFlag.packet != 0 || promoted ? .packet : .crypto)
     }
@@ -438,7 +445,9 @@ public final class XfrmControlServer: XfrmTransport {
             default: break
             }
         }
-        if let dev = self.packetOffloadPromotion, p.offload == nil, action == .allow, !p.templates.isEmpty {
+        // What a packet-offload device can take: one ESP template (not AH, not IPComp before ESP).
+        if let dev = self.packetOffloadPromotion, p.offload == nil, action == .allow, p.templates.count == 1,
+            p.templates[0].proto == XfrmProto.esp {
             p.offload = PolicyOffload(ifindex: dev)
         }
         return p

@@ -106,9 +106,10 @@ public final class PolicyRoutes: @unchecked Sendable {
                 if let s = t.source { endpoints.append(s) }
             }
         }
-        // Not a larval SA's: an ACQUIRE for a template without addresses fills them from the packet (its inner
-        // addresses), and the trap's route must stay for the SA that answers it.
-        for sa in self.stack.states.list() where sa.state != .acquiring {
+        // Not an ACQUIRE's larval SA (SPI 0): for a template without addresses it takes the packet's (inner)
+        // addresses, and the trap's route must stay for the SA that answers it. ALLOCSPI's larval SAs carry the
+        // peers' addresses and count.
+        for sa in self.stack.states.list() where sa.state != .acquiring || sa.id.spi != 0 {
             endpoints += [sa.id.destination, sa.config.source]
         }
         var out: Set<Route> = []

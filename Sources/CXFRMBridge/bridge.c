@@ -22,20 +22,18 @@
 // there (xfrm_natt_join: SO_REUSEPORT and a steering program): datagrams with the zero non-ESP marker (IKE) reach
 // the program, everything else (ESP) the daemon — the split the kernel makes with UDP_ENCAP.
 // ioctl(SIOCETHTOOL, ETHTOOL_GFEATURES) on a bridged socket shows esp-hw-offload on the interfaces where xfrmd has an
-// offload device (`xfrmd --offload-dev`), so that a key manager asks the daemon for offload there (see the end).
+// offload device (`xfrmd --offload-dev`), so that a key manager asks the daemon for offload there (ethtool.c).
 // A daemon that goes away is connected to again (the in-flight request sent again; the caller reads ENOBUFS, as
 // after lost messages); if it does not come back the socket stays silent. It never reads as end of file: netlink
 // users spin on that.
 #define _GNU_SOURCE
 #include "CXFRMSys.h"
+#include "bridge.h"
 
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/ethtool.h>
 #include <linux/netlink.h>
-#include <linux/sockios.h>
-#include <net/if.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -46,7 +44,6 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -96,7 +93,7 @@ REAL(send, ssize_t, int, const void *, size_t, int)
 REAL(recvfrom, ssize_t, int, void *, size_t, int, struct sockaddr *, socklen_t *)
 REAL(recv, ssize_t, int, void *, size_t, int)
 
-static struct bridged *lookup(int fd) {
+struct bridged *bridge_lookup(int fd) {
     if (fd < 0 || fd >= MAX_FD || !table[fd].used) return NULL;
     struct stat st;
     if (fstat(fd, &st) != 0 || st.st_dev != table[fd].dev || st.st_ino != table[fd].ino) {
@@ -122,7 +119,7 @@ static int send_join(int fd, struct bridged *b) {
 }
 
 /// A Unix SOCK_SEQPACKET socket connected to the daemon, or -1 with errno.
-static int connect_daemon(int cloexec) {
+int bridge_connect_daemon(int cloexec) {
     int fd = get_socket()(AF_UNIX, SOCK_SEQPACKET | cloexec, 0);
     if (fd < 0) return -1;
     struct sockaddr_un a = {.sun_family = AF_UNIX};
@@ -165,7 +162,7 @@ static int send_join(int fd, struct bridged *b);
 /// end of a socket pair nobody writes to): requests go unanswered, nothing spins.
 static void daemon_lost(int fd, struct bridged *b) {
     for (int i = 0; i < 50; i++) {
-        int s = connect_daemon(0);
+        int s = bridge_connect_daemon(0);
         if (s >= 0) {
             replace_socket(fd, b, s);
             send_join(fd, b);
@@ -205,7 +202,7 @@ EXPORT int socket(int domain, int type, int protocol) {
         errno = ESOCKTNOSUPPORT;
         return -1;
     }
-    int fd = connect_daemon(flags & SOCK_CLOEXEC);
+    int fd = bridge_connect_daemon(flags & SOCK_CLOEXEC);
     if (fd < 0) {
         int e = errno;
         fprintf(stderr, "xfrm-bridge: cannot reach xfrmd at %s: %s\n", daemon_path(), strerror(e));
@@ -239,7 +236,7 @@ EXPORT int socket(int domain, int type, int protocol) {
 }
 
 EXPORT int close(int fd) {
-    struct bridged *b = lookup(fd);
+    struct bridged *b = bridge_lookup(fd);
     if (b != NULL) {
         pthread_mutex_lock(&lock);
         if (b->portid == (uint32_t)getpid()) pid_taken = 0;
@@ -275,7 +272,7 @@ static int binds_natt_port(int fd, const struct sockaddr *addr, socklen_t len) {
 }
 
 EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len) {
-    struct bridged *b = lookup(fd);
+    struct bridged *b = bridge_lookup(fd);
     if (b == NULL && binds_natt_port(fd, addr, len)) {
         // The key manager's IKE socket on the NAT-T port: it joins xfrmd's socket there; IKE comes here, ESP there.
         return xfrm_natt_join(fd, addr, len, (int (*)(int, const struct sockaddr *, unsigned))get_bind(),
@@ -302,7 +299,7 @@ EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len) {
 }
 
 EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len) {
-    struct bridged *b = lookup(fd);
+    struct bridged *b = bridge_lookup(fd);
     if (b == NULL) return get_connect()(fd, addr, len);
     const struct sockaddr_nl *nl = (const struct sockaddr_nl *)addr;
     if (len < sizeof(*nl) || nl->nl_family != AF_NETLINK) {
@@ -318,7 +315,7 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len) {
 }
 
 EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len) {
-    struct bridged *b = lookup(fd);
+    struct bridged *b = bridge_lookup(fd);
     if (b == NULL) return get_getsockname()(fd, addr, len);
     if (addr == NULL || len == NULL) {
         errno = EFAULT;
@@ -348,7 +345,7 @@ static int kept_option(int name) {
 }
 
 EXPORT int setsockopt(int fd, int level, int name, const void *value, socklen_t len) {
-    struct bridged *b = lookup(fd);
+    struct bridged *b = bridge_lookup(fd);
     if (b == NULL || level != SOL_NETLINK) return get_setsockopt()(fd, level, name, value, len);
     if (len < sizeof(int) || value == NULL) {
         errno = EINVAL;
@@ -377,7 +374,7 @@ EXPORT int setsockopt(int fd, int level, int name, const void *value, socklen_t 
 }
 
 EXPORT int getsockopt(int fd, int level, int name, void *value, socklen_t *len) {
-    struct bridged *b = lookup(fd);
+    struct bridged *b = bridge_lookup(fd);
     if (b == NULL) return get_getsockopt()(fd, level, name, value, len);
     int v;
     if (level == SOL_SOCKET && (name == SO_DOMAIN || name == SO_PROTOCOL || name == SO_TYPE)) {
@@ -405,7 +402,7 @@ EXPORT int getsockopt(int fd, int level, int name, void *value, socklen_t *len) 
 }
 
 EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
-    struct bridged *b = lookup(fd);
+    struct bridged *b = bridge_lookup(fd);
     if (b == NULL) return get_sendmsg()(fd, msg, flags);
     if (msg->msg_name != NULL && msg->msg_namelen != 0) {
         const struct sockaddr_nl *to = msg->msg_name;
@@ -461,19 +458,19 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags) {
 }
 
 EXPORT ssize_t sendto(int fd, const void *data, size_t len, int flags, const struct sockaddr *to, socklen_t tolen) {
-    if (lookup(fd) == NULL) return get_sendto()(fd, data, len, flags, to, tolen);
+    if (bridge_lookup(fd) == NULL) return get_sendto()(fd, data, len, flags, to, tolen);
     struct iovec iov = {(void *)data, len};
     struct msghdr m = {.msg_name = (void *)to, .msg_namelen = to ? tolen : 0, .msg_iov = &iov, .msg_iovlen = 1};
     return sendmsg(fd, &m, flags);
 }
 
 EXPORT ssize_t send(int fd, const void *data, size_t len, int flags) {
-    if (lookup(fd) == NULL) return get_send()(fd, data, len, flags);
+    if (bridge_lookup(fd) == NULL) return get_send()(fd, data, len, flags);
     return sendto(fd, data, len, flags, NULL, 0);
 }
 
 EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
-    struct bridged *b = lookup(fd);
+    struct bridged *b = bridge_lookup(fd);
     if (b == NULL) return get_recvmsg()(fd, msg, flags);
     void *name = msg->msg_name;
     socklen_t namelen = msg->msg_namelen;
@@ -500,7 +497,7 @@ EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags) {
 }
 
 EXPORT ssize_t recvfrom(int fd, void *data, size_t len, int flags, struct sockaddr *from, socklen_t *fromlen) {
-    if (lookup(fd) == NULL) return get_recvfrom()(fd, data, len, flags, from, fromlen);
+    if (bridge_lookup(fd) == NULL) return get_recvfrom()(fd, data, len, flags, from, fromlen);
     struct iovec iov = {data, len};
     struct msghdr m = {.msg_name = from, .msg_namelen = fromlen ? *fromlen : 0, .msg_iov = &iov, .msg_iovlen = 1};
     ssize_t n = recvmsg(fd, &m, flags);
@@ -509,7 +506,7 @@ EXPORT ssize_t recvfrom(int fd, void *data, size_t len, int flags, struct sockad
 }
 
 EXPORT ssize_t recv(int fd, void *data, size_t len, int flags) {
-    if (lookup(fd) == NULL) return get_recv()(fd, data, len, flags);
+    if (bridge_lookup(fd) == NULL) return get_recv()(fd, data, len, flags);
     return recvfrom(fd, data, len, flags, NULL, NULL);
 }
 
@@ -523,111 +520,4 @@ EXPORT ssize_t __recvfrom_chk(int fd, void *data, size_t len, size_t buflen, int
                               socklen_t *fromlen) {
     if (len > buflen) abort();
     return recvfrom(fd, data, len, flags, from, fromlen);
-}
-
-// ---- ethtool: the daemon's offload devices have esp-hw-offload ----
-//
-// A key manager asks the kernel's ethtool whether the interface holding its outer address has the esp-hw-offload
-// feature before it names that interface in XFRMA_OFFLOAD_DEV (strongSwan's and libreswan's kernel-netlink code,
-// through their NETLINK_XFRM socket). On a bridged socket that question is the daemon's to answer: the kernel's
-// answer is kept, and the feature is added (available, requested, active) when xfrmd has an ESP offload device on
-// that interface (its XFRMD_MSG_GETOFFLOADDEV, asked on a connection of its own).
-
-#define XFRMD_MSG_GETOFFLOADDEV 0x7ff0
-#define XFRMA_OFFLOAD_DEV_TYPE 28  // XFRMA_OFFLOAD_DEV
-
-// glibc's ioctl is variadic: called through a pointer of the same type.
-static int (*real_ioctl)(int, unsigned long, ...);
-static int (*get_ioctl(void))(int, unsigned long, ...) {
-    if (real_ioctl == NULL) real_ioctl = (int (*)(int, unsigned long, ...))dlsym(RTLD_NEXT, "ioctl");
-    return real_ioctl;
-}
-
-/// Whether xfrmd has an ESP offload device on interface `ifindex`.
-static int daemon_offloads(uint32_t ifindex) {
-    int s = connect_daemon(SOCK_CLOEXEC);
-    if (s < 0) return 0;
-    struct timeval tv = {2, 0};
-    get_setsockopt()(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    struct nlmsghdr q = {sizeof(q), XFRMD_MSG_GETOFFLOADDEV, NLM_F_REQUEST, 1, 0};
-    int found = 0;
-    uint8_t buf[4096] __attribute__((aligned(4)));
-    if (get_send()(s, &q, sizeof(q), MSG_NOSIGNAL) == (ssize_t)sizeof(q)) {
-        ssize_t n = get_recv()(s, buf, sizeof(buf), 0);
-        const struct nlmsghdr *h = (const void *)buf;
-        if (n >= (ssize_t)NLMSG_HDRLEN && h->nlmsg_type == XFRMD_MSG_GETOFFLOADDEV && h->nlmsg_len <= (size_t)n) {
-            for (size_t off = NLMSG_HDRLEN; off + NLA_HDRLEN <= h->nlmsg_len;) {
-                const struct nlattr *a = (const void *)(buf + off);
-                if (a->nla_len < NLA_HDRLEN || off + a->nla_len > h->nlmsg_len) break;
-                int32_t index;
-                if (a->nla_type == XFRMA_OFFLOAD_DEV_TYPE && a->nla_len >= NLA_HDRLEN + sizeof(index)) {
-                    memcpy(&index, buf + off + NLA_HDRLEN, sizeof(index));
-                    if ((uint32_t)index == ifindex) found = 1;
-                }
-                off += NLA_ALIGN(a->nla_len);
-            }
-        }
-    }
-    get_close()(s);
-    return found;
-}
-
-/// The position of esp-hw-offload in the kernel's feature strings (ETH_SS_FEATURES), or -1.
-static int esp_feature_bit(int fd, const char *ifname) {
-    static int cached = -2;  // -2: not looked up yet (threads may look it up twice; they find the same)
-    int known = __atomic_load_n(&cached, __ATOMIC_RELAXED);
-    if (known != -2) return known;
-    struct {
-        struct ethtool_sset_info info;
-        uint32_t count;
-    } sset = {{.cmd = ETHTOOL_GSSET_INFO, .sset_mask = 1ULL << ETH_SS_FEATURES}, 0};
-    struct ifreq ifr = {0};
-    strncpy(ifr.ifr_name, ifname, IFNAMSIZ - 1);
-    ifr.ifr_data = (void *)&sset;
-    if (get_ioctl()(fd, SIOCETHTOOL, &ifr) != 0 || sset.info.sset_mask != 1ULL << ETH_SS_FEATURES) return -1;  // retried next time
-    struct ethtool_gstrings *names = calloc(1, sizeof(*names) + (size_t)sset.count * ETH_GSTRING_LEN);
-    if (names == NULL) return -1;
-    names->cmd = ETHTOOL_GSTRINGS;
-    names->string_set = ETH_SS_FEATURES;
-    ifr.ifr_data = (void *)names;
-    int bit = -1;
-    if (get_ioctl()(fd, SIOCETHTOOL, &ifr) == 0) {
-        for (uint32_t i = 0; i < names->len && i < sset.count; i++) {
-            if (strncmp((const char *)names->data + (size_t)i * ETH_GSTRING_LEN, "esp-hw-offload", ETH_GSTRING_LEN) == 0) {
-                bit = (int)i;
-                break;
-            }
-        }
-    }
-    free(names);
-    __atomic_store_n(&cached, bit, __ATOMIC_RELAXED);
-    return bit;
-}
-
-EXPORT int ioctl(int fd, unsigned long request, ...) {
-    va_list ap;
-    va_start(ap, request);
-    void *arg = va_arg(ap, void *);
-    va_end(ap);
-    struct ifreq *ifr = arg;
-    if (request != SIOCETHTOOL || ifr == NULL || ifr->ifr_data == NULL || lookup(fd) == NULL) {
-        return get_ioctl()(fd, request, arg);
-    }
-    struct ethtool_gfeatures *g = (void *)ifr->ifr_data;
-    uint32_t cmd = g->cmd;  // every ethtool command starts with its u32 number
-    if (cmd != ETHTOOL_GFEATURES) return get_ioctl()(fd, request, arg);
-    uint32_t blocks = g->size;  // the kernel rewrites size with its own count
-    int rc = get_ioctl()(fd, request, arg);
-    if (rc != 0) return rc;
-    int saved = errno;
-    int bit = esp_feature_bit(fd, ifr->ifr_name);
-    unsigned idx = if_nametoindex(ifr->ifr_name);
-    if (bit >= 0 && (uint32_t)bit / 32 < blocks && idx != 0 && daemon_offloads(idx)) {
-        uint32_t m = 1U << (bit % 32);
-        g->features[bit / 32].available |= m;
-        g->features[bit / 32].requested |= m;
-        g->features[bit / 32].active |= m;
-    }
-    errno = saved;
-    return rc;
 }

@@ -45,12 +45,17 @@ def require_tools(plugins=("kernel-libipsec",)):
 
 
 def parse_swanctl_raw(text: str) -> dict:
-    """`swanctl --list-sas --raw` of a single IKE_SA with a single CHILD_SA → {"ike": {...}, "child": {...}}: the
-    key=value pairs of each level (lists such as local-ts are kept as their bracketed text)."""
+    """`swanctl --list-sas --raw` of a single IKE_SA → {"ike": {...}, "children": [{...}, ...], "child": {...}}: the
+    key=value pairs of each level (lists such as local-ts are kept as their bracketed text). Right after a rekey
+    charon lists the old CHILD_SA too (DELETED, its inbound SA kept for `delete_rekeyed_delay`), so "child" is the
+    INSTALLED one when there is one, else the first listed."""
     body = text.split("list-sa event", 1)[1] if "list-sa event" in text else ""
     ike_part, _, child_part = body.partition("child-sas {")
     pairs = lambda s: dict(re.findall(r"([\w-]+)=(\[[^\]]*\]|[^\s{}]+)", s))
-    return {"ike": pairs(ike_part), "child": pairs(child_part)}
+    children = [pairs(block) for _, block in re.findall(r"([\w.-]+)\s*\{([^{}]*)\}", child_part)]
+    installed = [c for c in children if c.get("state") == "INSTALLED"]
+    child = installed[0] if installed else (children[0] if children else {})
+    return {"ike": pairs(ike_part), "children": children, "child": child}
 
 
 class Charon:

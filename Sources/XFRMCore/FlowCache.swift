@@ -25,6 +25,10 @@ final class FlowCache<Value>: @unchecked Sendable {
 
     static var slots: Int { 64 }
     private let table: UnsafeMutablePointer<XFRMMutex<Slot>>
+    /// The generation the last sweep (`dropStale`) removed everything older than: a sweep at the same generation has
+    /// nothing to do, and `store` refuses an entry older than it (made by a worker that read the generation before
+    /// the change), so none outlives the sweep.
+    private let swept = Atomic<UInt64>(0)
 
     init() {
         self.table = .allocate(capacity: Self.slots)
@@ -74,6 +78,16 @@ final class FlowCache<Value>: @unchecked Sendable {
 
     /// Forgets entries made in an older generation, so deleted SAs (and their keys) are not kept alive.
     func dropStale(generation: UInt64) {
+        // Publish the generation before taking any slot's lock: a `store` that takes a slot's lock after this sweep
+        // did sees it and refuses an older entry; one that took it before is swept.
+        var seen = self.swept.load(ordering: .acquiring)
+        while true {
+            guard seen < generation else { return }
+            let (done, now) = self.swept.compareExchange(expected: seen, desired: generation,
+                                                          ordering: .sequentiallyConsistent)
+            if done { break }
+            seen = now
+        }
         for i in 0..<Self.slots {
             self.table[i].withLock { s in
                 if let entry = s.entry, entry.generation < generation { s.entry = nil }
@@ -86,6 +100,7 @@ final class FlowCache<Value>: @unchecked Sendable {
         self.table[self.slot(entry.flow, entry.tag)].withLock { s in
             // A worker that read an older generation does not overwrite a newer entry.
             if let old = s.entry, old.generation > entry.generation { return }
+            if entry.generation < self.swept.load(ordering: .relaxed) { return }
             s = Slot(entry: entry, lastUse: now)
         }
     }

@@ -44,6 +44,12 @@ public struct LifetimeConfig: Hashable, Sendable {
     public var softUseExpiresSeconds: UInt64 = 0
     public var hardUseExpiresSeconds: UInt64 = 0
     public init() {}
+
+    /// Whether a timer can end or warn about it (any of the four time limits set).
+    public var hasTimeLimit: Bool {
+        (self.softAddExpiresSeconds | self.hardAddExpiresSeconds | self.softUseExpiresSeconds
+            | self.hardUseExpiresSeconds) != 0
+    }
 }
 
 /// A policy's template: one transform the matching traffic must go through (≈ struct xfrm_tmpl).

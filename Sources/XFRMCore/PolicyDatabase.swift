@@ -174,6 +174,23 @@ public final class PolicyDatabase: @unchecked Sendable {
         self.state.withLock { s in s.slotsInListOrder().map { s.policy($0) } }
     }
 
+    /// The policies with a time limit (add or use, soft or hard), in list order: what the timers look at. Without
+    /// any (the usual SPD), no pass at all; otherwise one pass that copies only the timed ones.
+    public func timedList() -> [Policy] {
+        self.state.withLock { s in
+            guard s.timed > 0 else { return [] }
+            var timed: [(generation: UInt64, policy: Policy)] = []
+            for dir in s.dense {
+                for slot in dir {
+                    let p = s.policy(slot)
+                    if p.lifetime.hasTimeLimit { timed.append((p.generation, p)) }
+                }
+            }
+            timed.sort { $0.generation > $1.generation }
+            return timed.map(\.policy)
+        }
+    }
+
     /// The best policy for a packet: a matching packet-offloaded policy if there is one (lowest priority value,
     /// older on ties), otherwise the matching software policy with the lowest priority value, older on ties.
     /// A policy matches when its selector and its mark match the flow and its if_id is the flow's. No allocation,

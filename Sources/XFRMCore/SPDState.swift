@@ -108,6 +108,8 @@ struct SPDState {
     /// The kernel's net->xfrm.idx_generator.
     var indexGenerator: UInt32 = 0
     var nextGeneration: UInt64 = 1
+    /// Live policies with a time limit (the timers' work: none, and they skip the SPD).
+    var timed = 0
 
     init(slots: PolicySlotTable, tables: LeftRight<SPDLookupTables>) {
         self.slots = slots
@@ -149,6 +151,7 @@ struct SPDState {
 
         let slot = self.allocateSlot()
         self.slots.store(policy, at: slot)
+        if policy.lifetime.hasTimeLimit { self.timed += 1 }
         let d = Int(policy.direction.rawValue)
         self.densePosition[Int(slot)] = Int32(self.dense[d].count)
         self.dense[d].append(slot)
@@ -197,6 +200,7 @@ struct SPDState {
     private mutating func unlinkFromState(slot: Int32) -> Policy {
         let policy = self.slots.policy(slot)
         let d = Int(policy.direction.rawValue)
+        if policy.lifetime.hasTimeLimit { self.timed -= 1 }
         self.keys.remove(policy.key, slot: slot)
         let position = Int(self.densePosition[Int(slot)])
         let last = self.dense[d].removeLast()

@@ -137,9 +137,12 @@ extension XFRMStack {
     /// Pulls every offloaded SA's counters from its device and runs the normal soft/hard expiry on them
     /// (≈ xfrm_state_update_stats + xfrm_state_check_expire). Called on every timer run, before every dump of the
     /// SAD, and before the counters are printed.
-    public func syncDeviceStats() {
+    public func syncDeviceStats() { self.syncDeviceStats(self.states.list()) }
+
+    /// `syncDeviceStats` over `states` (the timers' one listing of the SAD).
+    func syncDeviceStats(_ states: [SecurityAssociation]) {
         let now = self.clock.now
-        for sa in self.states.list() {
+        for sa in states {
             guard let o = sa.offload, !o.acquire, let device = self.device(ifindex: o.ifindex),
                 device.callbacks.contains(.updateStats)
             else { continue }

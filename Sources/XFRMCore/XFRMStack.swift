@@ -318,9 +318,10 @@ public final class XFRMStack: @unchecked Sendable {
     public func runTimers() {
         self.outputCache.dropStale(generation: self.currentGeneration)
         self.inputCache.dropStale(generation: self.currentGeneration)
-        self.syncDeviceStats()
+        let states = self.states.list()
+        self.syncDeviceStats(states)
         let now = self.clock.now
-        for sa in self.states.list().reversed() {
+        for sa in states.reversed() {
             switch sa.timerCheck(now: now) {
             case .none: continue
             case .soft:
@@ -329,7 +330,7 @@ public final class XFRMStack: @unchecked Sendable {
             case .hard: self.expireHard(sa)
             }
         }
-        for p in self.policies.list().reversed() {
+        for p in self.policies.timedList().reversed() {
             let l = p.lifetime
             let use = self.policies.lastUse(index: p.index, direction: p.direction) ?? 0
             let useBase = use == 0 ? p.addTime : use

@@ -43,6 +43,22 @@ struct FlowCacheTests {
         #expect(out.count < 200 || out[9] != 17, "nothing may leave in clear")
     }
 
+    @Test("a deleted SA a cached bundle and verdict referred to is freed (with its keys) by the next timer run")
+    func deletedSAIsNotKeptByTheCaches() throws {
+        let h = try TwoHosts()
+        try h.tunnel()
+        for _ in 0..<3 { #expect(h.receive(h.send(h.packet()).1).0 == .deliver) }
+        weak let outbound = try h.a.deleteState(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001), mark: Mark())
+        weak let inbound = try h.b.deleteState(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001), mark: Mark())
+        _ = (h.eventsA.drain(), h.eventsB.drain())  // the delete events hold the SAs too
+        h.a.runTimers()
+        h.b.runTimers()
+        #expect(outbound == nil && inbound == nil)
+        // A second run at the same configuration skips the sweep; the caches still hand out nothing stale.
+        h.a.runTimers()
+        #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
+    }
+
     @Test("a cached output bundle moves to the new SA after a rekey")
     func outputBundleFollowsRekey() throws {
         let h = try TwoHosts()

@@ -56,6 +56,30 @@ private struct SplitMix: RandomNumberGenerator {
 
 @Suite("Policy database")
 struct PolicyDatabaseTests {
+    @Test("the timers see only policies with a time limit, newest first, through updates, deletes and flushes")
+    func timedList() throws {
+        let db = PolicyDatabase()
+        var timed = LifetimeConfig()
+        timed.hardUseExpiresSeconds = 30
+        var a = policy(selector("10.0.0.0/24", "10.1.0.0/24"))
+        a.lifetime = timed
+        let b = policy(selector("10.0.1.0/24", "10.1.0.0/24"))
+        var c = policy(selector("10.0.2.0/24", "10.1.0.0/24"), .inbound)
+        c.lifetime = timed
+        let (ia, _, ic) = (try db.insert(a, update: false), try db.insert(b, update: false), try db.insert(c, update: false))
+        #expect(db.timedList().map(\.index) == [ic.index, ia.index])
+        var untimed = a
+        untimed.lifetime = LifetimeConfig()
+        try db.insert(untimed, update: true)  // the update drops a's time limit
+        #expect(db.timedList().map(\.index) == [ic.index])
+        try db.delete(index: ic.index, direction: .inbound)
+        #expect(db.timedList().isEmpty)
+        try db.insert(c, update: false)
+        #expect(db.timedList().count == 1)
+        db.flush()
+        #expect(db.timedList().isEmpty)
+    }
+
     @Test("a lower priority value wins, whatever the prefix lengths")
     func priorityOrder() throws {
         let db = PolicyDatabase()

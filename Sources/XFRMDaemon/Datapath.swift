@@ -215,10 +215,11 @@ public final class Datapath: @unchecked Sendable {
             // The device's wire is the sockets; what it hands to the host goes to the workers.
             let wire = LockedSink(WireSink(sockets: self.sockets, pool: self.pool, counters: self.counters,
                                            engine: engine))
-            nic.wireSend = { buffer in wire.send(buffer) }
-            nic.hostReceive = { buffer, meta in
-                workers.submitOne(PacketBatch.Packet(buffer, stage: .input, ifindex: nic.ifindex, metadata: meta))
-            }
+            nic.wireSend = { batch in wire.write(&batch) }
+            // One submitter per engine thread (its staging arrays are the thread's own): one push per worker ring
+            // per engine batch.
+            let submitters = (0..<nic.engineThreads).map { _ in SendableSubmitter(workers.makeSubmitter()) }
+            nic.hostReceiveBatch = { batch, thread in submitters[thread].submitter.submit(&batch) }
             nic.limitEvent = { [weak stack] _ in stack?.deviceLimitEvent() }
         }
     }
@@ -408,18 +409,21 @@ public final class Datapath: @unchecked Sendable {
     }
 }
 
-/// A sink for callers on several threads (the NIC's engine threads), one packet at a time under a lock.
+/// A worker pool submitter that only one NIC engine thread uses (the thread whose index it has).
+struct SendableSubmitter: @unchecked Sendable {
+    let submitter: WorkerPool.Submitter
+    init(_ submitter: WorkerPool.Submitter) { self.submitter = submitter }
+}
+
+/// A sink for callers on several threads (the NIC's engine threads): each hands over its engine batch of frames
+/// under one lock, so the sockets see one sendmmsg(2) per engine batch instead of one sendto per frame.
 final class LockedSink: @unchecked Sendable {
     private let sink: any PacketSink
     private let lock = XFRMMutex(())
-    private var batch = PacketBatch(capacity: 1)
 
     init(_ sink: any PacketSink) { self.sink = sink }
 
-    func send(_ buffer: PacketBuffer) {
-        self.lock.withLock { _ in
-            self.batch.append(PacketBatch.Packet(buffer, stage: .output))
-            self.sink.write(&self.batch)
-        }
+    func write(_ batch: inout PacketBatch) {
+        self.lock.withLock { _ in self.sink.write(&batch) }
     }
 }

@@ -79,8 +79,8 @@ public final class WorkerPool: @unchecked Sendable {
                 for i in 0..<batch.count { self.perWorker[0].append(batch[i]) }
             } else {
                 for i in 0..<batch.count {
-                    let key = pool.stack.affinity(of: batch[i].buffer, stage: batch[i].stage)
-                    self.perWorker[Int(WorkerPool.mix(key) % UInt32(pool.count))].append(batch[i])
+                    self.perWorker[Int(WorkerPool.mix(pool.affinity(of: batch[i])) % UInt32(pool.count))]
+                        .append(batch[i])
                 }
             }
             batch.removeAll()
@@ -100,18 +100,13 @@ public final class WorkerPool: @unchecked Sendable {
     /// may call this at a time (other intakes use `makeSubmitter()`).
     public func submit(_ batch: inout PacketBatch) { self.defaultStaging.submit(&batch, to: self) }
 
-    /// Hands one packet to its worker, from any thread (an offload device's engine): one lock per packet.
-    /// A packet the device already handled carries its SA's handle: that is its affinity (a packet-offloaded one is
-    /// plaintext by now, with no SPI to read).
-    public func submitOne(_ packet: PacketBatch.Packet) {
+    /// What picks a packet's worker: the stack's affinity (the SPI, or the inner flow), or, for a packet an offload
+    /// device already handled, its SA's handle (a packet-offloaded one is plaintext by now, with no SPI to read).
+    @inline(__always)
+    func affinity(of packet: PacketBatch.Packet) -> UInt32 {
         let handle = packet.metadata?.handle ?? 0
-        let key = handle != 0 ? UInt32(truncatingIfNeeded: handle ^ handle >> 32)
+        return handle != 0 ? UInt32(truncatingIfNeeded: handle ^ handle >> 32)
             : self.stack.affinity(of: packet.buffer, stage: packet.stage)
-        let w = self.count == 1 ? 0 : Int(Self.mix(key) % UInt32(self.count))
-        if !self.rings[w].push(packet) {
-            self.counters.ringFull.wrappingAdd(1, ordering: .relaxed)
-            self.pool.release(packet.buffer)
-        }
     }
 
     /// Spreads SPIs and hashes over the workers (SPIs are often sequential).

@@ -93,9 +93,46 @@ struct Hooks: Sendable {
     var wireTap: (@Sendable ([UInt8]) -> Void)?
     var hostReceive: (@Sendable (PacketBuffer, OffloadMetadata) -> Void)?
     var limitEvent: (@Sendable (UInt64) -> Void)?
-    /// The end of the wire when no peer NIC is connected (a real socket): takes the buffer.
-    var wireSend: (@Sendable (PacketBuffer) -> Void)?
+    /// The end of the wire when no peer NIC is connected (a real socket): takes every buffer of the batch.
+    var wireSend: (@Sendable (inout PacketBatch) -> Void)?
+    /// The host's batch intake (preferred over `hostReceive`): the engine thread's index and its packets for the host.
+    var hostReceiveBatch: (@Sendable (inout PacketBatch, _ engineThread: Int) -> Void)?
     weak var peer: NICCore?
+    /// The engine thread's frames for `wireSend` and packets for `hostReceiveBatch`, handed over once per engine
+    /// batch (set on the thread's own copy of the hooks).
+    var outbox: EngineOutbox?
+}
+
+/// One engine thread's output: frames for the end of the wire and packets for the host, collected while the thread
+/// works through its batch, then handed over in one call each (in the daemon: one lock and one sendmmsg(2) for the
+/// wire, one push per worker ring for the host, instead of one of each per packet).
+final class EngineOutbox: @unchecked Sendable {
+    let thread: Int
+    var wire = PacketBatch(capacity: NICCore.batch)
+    var host = PacketBatch(capacity: NICCore.batch)
+
+    init(thread: Int) { self.thread = thread }
+
+    /// Queues a frame for the wire or a packet for the host, handing everything over first if its batch is full
+    /// (an engine batch makes at most 32 of each, so only if that ever changes).
+    @inline(__always)
+    func add(_ packet: PacketBatch.Packet, forHost: Bool, hooks: Hooks) {
+        if forHost ? self.host.isFull : self.wire.isFull { self.flush(hooks) }
+        if forHost { self.host.append(packet) } else { self.wire.append(packet) }
+    }
+
+    /// Hands over what the thread collected (the callees take every buffer).
+    @inline(__always)
+    func flush(_ hooks: Hooks) {
+        if self.wire.count > 0, let send = hooks.wireSend {
+            send(&self.wire)
+            self.wire.removeAll()
+        }
+        if self.host.count > 0, let receive = hooks.hostReceiveBatch {
+            receive(&self.host, self.thread)
+            self.host.removeAll()
+        }
+    }
 }
 
 /// A packet from the host with its metadata.
@@ -186,7 +223,7 @@ final class NICCore: @unchecked Sendable {
                     close(fd)
                 }
                 #endif
-                self.engineLoop()
+                self.engineLoop(index: i)
             }
             t.name = name
             t.start()
@@ -198,9 +235,10 @@ final class NICCore: @unchecked Sendable {
         return self.engineThreadIDs.contains { pthread_equal($0, me) != 0 }
     }
 
-    private func engineLoop() {
+    private func engineLoop(index: Int) {
         let txBatch = UnsafeMutablePointer<TXItem>.allocate(capacity: NICCore.batch)
         let rxBatch = UnsafeMutablePointer<PacketBuffer>.allocate(capacity: NICCore.batch)
+        let outbox = EngineOutbox(thread: index)
         defer {
             txBatch.deallocate()
             rxBatch.deallocate()
@@ -225,13 +263,15 @@ final class NICCore: @unchecked Sendable {
             self.busy += 1
             self.sync.unlock()
 
-            let hooks = self.hooks.withLock { $0 }
+            var hooks = self.hooks.withLock { $0 }
+            hooks.outbox = hooks.wireSend == nil && hooks.hostReceiveBatch == nil ? nil : outbox
             let snapshot = self.tables.withLock { $0.snapshot }
             for i in 0..<nr { self.receiveOne((rxBatch + i).move(), hooks: hooks, snapshot: snapshot) }
             for i in 0..<nt {
                 let item = (txBatch + i).move()
                 self.transmitOne(item.buffer, metadata: item.metadata, hooks: hooks, snapshot: snapshot)
             }
+            outbox.flush(hooks)
 
             self.sync.lock()
             self.busy -= 1
@@ -389,8 +429,8 @@ final class NICCore: @unchecked Sendable {
         if let tap = hooks.wireTap { tap(buffer.bytes) }
         if let peer = hooks.peer {
             peer.arriveFromWire(buffer, senderPool: self.pool)
-        } else if let send = hooks.wireSend {
-            send(buffer)
+        } else if let outbox = hooks.outbox, hooks.wireSend != nil {
+            outbox.add(PacketBatch.Packet(buffer, stage: .output), forHost: false, hooks: hooks)
         } else {
             self.pool.release(buffer)
         }
@@ -399,6 +439,11 @@ final class NICCore: @unchecked Sendable {
     /// Hands a packet to the host (which returns the buffer to the pool).
     @inline(__always)
     func deliverToHost(_ buffer: PacketBuffer, _ metadata: OffloadMetadata, hooks: Hooks) {
+        if let outbox = hooks.outbox, hooks.hostReceiveBatch != nil {
+            let packet = PacketBatch.Packet(buffer, stage: .input, ifindex: self.ifindex, metadata: metadata)
+            outbox.add(packet, forHost: true, hooks: hooks)
+            return
+        }
         guard let host = hooks.hostReceive else {
             self.pool.release(buffer)
             self.counters.rxDrop(.rxNoHost)

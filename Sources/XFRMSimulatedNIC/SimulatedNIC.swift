@@ -123,11 +123,20 @@ public final class SimulatedNIC: XfrmOffloadDevice, CustomDebugStringConvertible
         set { self.core.hooks.withLock { $0.wireTap = newValue } }
     }
 
-    /// Called on an engine thread with every frame for a wire that has no peer NIC (a daemon's real sockets): it
-    /// takes the buffer and returns it to the pool when sent.
-    public var wireSend: (@Sendable (PacketBuffer) -> Void)? {
+    /// Called on an engine thread with the frames for a wire that has no peer NIC (a daemon's real sockets), once
+    /// per engine batch (up to 32, in the order the thread sent them): it takes every buffer (the batch's `.output`
+    /// packets) and returns each to the pool when sent.
+    public var wireSend: (@Sendable (inout PacketBatch) -> Void)? {
         get { self.core.hooks.withLock { $0.wireSend } }
         set { self.core.hooks.withLock { $0.wireSend = newValue } }
+    }
+
+    /// Called on an engine thread with its packets for the host (`.input` packets with this device's ifindex and
+    /// their offload metadata), once per engine batch, and the thread's index (0 ..< engineThreads): one intake
+    /// per thread can stage them for workers. It takes every buffer. When set, `hostReceive` is not called.
+    public var hostReceiveBatch: (@Sendable (inout PacketBatch, _ engineThread: Int) -> Void)? {
+        get { self.core.hooks.withLock { $0.hostReceiveBatch } }
+        set { self.core.hooks.withLock { $0.hostReceiveBatch = newValue } }
     }
 
     /// Called on an engine thread with each packet for the host; the host returns the buffer to the pool.

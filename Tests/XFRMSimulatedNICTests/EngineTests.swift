@@ -21,6 +21,56 @@ final class Once: Sendable {
 
 @Suite("SimulatedNIC engine, queues and wire")
 struct EngineTests {
+    @Test("frames for a wire without a peer go to wireSend once per engine batch, in order, every buffer given")
+    func wireSendTakesEngineBatches() throws {
+        let h = Harness(poolSize: 128)
+        let calls = Recorder<[[UInt8]]>()
+        let pool = h.pool
+        h.nic.wireSend = { batch in
+            calls.append((0..<batch.count).map { batch[$0].buffer.bytes })
+            for i in 0..<batch.count { pool.release(batch[i].buffer) }
+            batch.removeAll()
+        }
+        // Stalled, the engine lets 70 frames queue up; restarted, it takes them 32 at a time.
+        h.nic.setStalled(true)
+        let sent = (0..<70).map { i in SAParams(family: 4, mode: .tunnel).plaintext(20 + i, seed: UInt8(i)) }
+        for x in sent { h.send(x) }
+        h.nic.setStalled(false)
+        h.nic.drain()
+        #expect(calls.all.map(\.count) == [32, 32, 6])
+        #expect(calls.all.flatMap { $0 } == sent, "no policy: each frame out as it came, in order")
+        #expect(h.wire.count == 70, "the tap still sees every frame")
+        h.finish()
+    }
+
+    @Test("packets for the host go to hostReceiveBatch once per engine batch with the thread's index, ifindex, metadata")
+    func hostReceiveTakesEngineBatches() throws {
+        let h = Harness(poolSize: 128)
+        let calls = Recorder<(Int, [[UInt8]])>()
+        let pool = h.pool
+        h.nic.hostReceiveBatch = { batch, thread in
+            var frames: [[UInt8]] = []
+            for i in 0..<batch.count {
+                let p = batch[i]
+                precondition(p.stage == .input && p.ifindex == 7 && p.metadata != nil)
+                frames.append(p.buffer.bytes)
+                pool.release(p.buffer)
+            }
+            calls.append((thread, frames))
+            batch.removeAll()
+        }
+        h.nic.setStalled(true)
+        let sent = (0..<40).map { i in SAParams(family: 4, mode: .tunnel).plaintext(20 + i, seed: UInt8(i)) }
+        for x in sent { h.nic.receiveFromWire(x) }
+        h.nic.setStalled(false)
+        h.nic.drain()
+        #expect(calls.all.map(\.1.count) == [32, 8])
+        #expect(calls.all.allSatisfy { $0.0 == 0 }, "one engine thread: index 0")
+        #expect(calls.all.flatMap(\.1) == sent, "not ESP: up to the host as it came, in order")
+        #expect(h.host.count == 0, "hostReceive is not called when the batch hook is set")
+        h.finish()
+    }
+
     @Test("two NICs joined by a wire: packet offload end to end", arguments: [false, true])
     func twoNICs(sharedPool: Bool) throws {
         let shared = PacketPool(count: 64)

@@ -298,7 +298,7 @@ def check_wire(capture, tmp_path, natt, outer6, inner, gso=None, sas=CONFIGURED_
     sequence numbers go up one by one, and tshark decrypts every packet with its ICV good, finding one of the
     `inner` protocols inside (`sas`: the two SAs for tshark; empty for an algorithm tshark cannot decrypt)."""
     if natt:
-        # ESP-in-UDP leaves as UDP GSO sends (from the stack; the simulated NIC sends one at a time): the tap sees
+        # ESP-in-UDP leaves as UDP GSO sends (from the stack's batches and the simulated NIC engine's): the tap sees
         # each as one frame; check the datagrams it carries.
         cut = split_gso(capture, tmp_path / "split.pcap")
         assert cut > 0 if (natt if gso is None else gso) else cut == 0, cut

@@ -2,9 +2,11 @@ import XFRMPacket
 
 extension Flow {
     /// Reads the flow of an IP packet (≈ the kernel's decode_session): addresses, upper protocol and ports, or ICMP
-    /// type/code in the port fields. Nil when the IP header is malformed.
+    /// type/code in the port fields. Nil when the IP header is malformed. `verifyChecksum: false` skips the IPv4
+    /// header checksum of a header the caller verified or wrote itself (a packet it just decapsulated).
     @inline(__always)
-    public static func parse(_ p: UnsafeMutableRawPointer, count n: Int, mark: UInt32 = 0, ifindex: Int32 = 0) -> Flow? {
+    public static func parse(_ p: UnsafeMutableRawPointer, count n: Int, mark: UInt32 = 0, ifindex: Int32 = 0,
+                             verifyChecksum: Bool = true) -> Flow? {
         guard n >= 1 else { return nil }
         let version = p.loadByte(at: 0) >> 4
         var proto: UInt8
@@ -13,7 +15,7 @@ extension Flow {
         var fragment = false
         var flow: Flow
         if version == 4 {
-            guard let ip = IPv4Header.parse(p, available: n) else { return nil }
+            guard let ip = IPv4Header.parse(p, available: n, verifyChecksum: verifyChecksum) else { return nil }
             proto = ip.proto
             off = ip.headerLength
             end = ip.totalLength

@@ -679,8 +679,9 @@ public final class XFRMStack: @unchecked Sendable {
         }
         // One acquisition of the SA's lock: state, lifetime, sequence number and ESP, accounting.
         let use = sa.useForOutput(now: now) {
-            let reason = seal ? transform.encapsulate(&packet, layout: &deviceLayout)
-                : transform.encapsulateForDevice(&packet, layout: &deviceLayout)
+            // The header was verified by Flow.parse at the start of output, or written by the previous SA.
+            let reason = seal ? transform.encapsulate(&packet, layout: &deviceLayout, innerHeaderChecked: true)
+                : transform.encapsulateForDevice(&packet, layout: &deviceLayout, innerHeaderChecked: true)
             return (reason, deviceLayout.payloadLength)
         }
         switch use {
@@ -997,7 +998,11 @@ public final class XFRMStack: @unchecked Sendable {
     /// `localIfindex`, when known (.some), is the packet destination's local interface (nil: not local).
     private func policyCheck(_ packet: inout PacketBuffer, secpath: SecPath, ifindex: Int32, mark: UInt32,
                              now: UInt64, localIfindex known: Int32?? = nil, memo: inout InputMemo) -> InputResult {
-        guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex) else {
+        // After a decapsulation the inner IPv4 header was verified (tunnel mode) or rewritten with its checksum
+        // (transport mode) by the ESP transform a moment ago: one checksum per header, as ip_rcv does.
+        guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex,
+                                    verifyChecksum: secpath.count == 0)
+        else {
             self.statistics.increment(.inHdrError)
             return .dropped(.inHdrError)
         }

@@ -163,23 +163,27 @@ public final class ESPTransform: @unchecked Sendable {
     }
 
     /// Protects the packet in place as `encapsulate(_:)` does and says in `layout` where ESP went and how many bytes
-    /// it carries.
+    /// it carries. `innerHeaderChecked`: the caller verified the IPv4 header's checksum already (the stack's output
+    /// path, which parsed the flow), so it is not summed again; every other check stays.
     @inline(__always)
-    public func encapsulate(_ packet: inout PacketBuffer, layout: inout ESPLayout) -> DropReason? {
-        self.encapsulate(&packet, fixedIV: nil, seal: true, layout: &layout)
+    public func encapsulate(_ packet: inout PacketBuffer, layout: inout ESPLayout, innerHeaderChecked: Bool = false)
+        -> DropReason?
+    {
+        self.encapsulate(&packet, fixedIV: nil, seal: true, layout: &layout, verifyChecksum: !innerHeaderChecked)
     }
 
     /// Builds ESP around the packet but leaves sealing to an offload device (crypto offload TX, ≈ esp_xmit with
     /// CRYPTO_FALLBACK off): the headers, IV, padding and trailer are in place, the payload is still plaintext and
     /// the ICV room is zero. `layout` says where the device must seal.
     @inline(__always)
-    public func encapsulateForDevice(_ packet: inout PacketBuffer, layout: inout ESPLayout) -> DropReason? {
-        self.encapsulate(&packet, fixedIV: nil, seal: false, layout: &layout)
+    public func encapsulateForDevice(_ packet: inout PacketBuffer, layout: inout ESPLayout,
+                                     innerHeaderChecked: Bool = false) -> DropReason? {
+        self.encapsulate(&packet, fixedIV: nil, seal: false, layout: &layout, verifyChecksum: !innerHeaderChecked)
     }
 
     @inline(__always)
-    func encapsulate(_ packet: inout PacketBuffer, fixedIV: UnsafeRawPointer?, seal: Bool, layout: inout ESPLayout)
-        -> DropReason?
+    func encapsulate(_ packet: inout PacketBuffer, fixedIV: UnsafeRawPointer?, seal: Bool, layout: inout ESPLayout,
+                     verifyChecksum: Bool = true) -> DropReason?
     {
         let p = packet.data
         let n = packet.count
@@ -191,7 +195,9 @@ public final class ESPTransform: @unchecked Sendable {
         var df = true
         let nextHeader: UInt8
         if version == 4 {
-            guard let ip = IPv4Header.parse(p, available: n) else { return .badOutputPacket }
+            guard let ip = IPv4Header.parse(p, available: n, verifyChecksum: verifyChecksum) else {
+                return .badOutputPacket
+            }
             if ip.totalLength < n { packet.trimBack(n - ip.totalLength) }
             tos = p.loadByte(at: 1)
             df = p.loadBE16(at: 6) & IPv4Header.flagDF != 0

@@ -14,9 +14,10 @@ public enum IPv4Header {
         public var isFragment: Bool
     }
 
-    /// Validates version, IHL, total length against `available` bytes, and the header checksum.
+    /// Validates version, IHL, total length against `available` bytes, and the header checksum (unless
+    /// `verifyChecksum` is false: a header this code verified or wrote a moment ago, on the same packet path).
     @inline(__always)
-    public static func parse(_ p: UnsafeMutableRawPointer, available: Int) -> Info? {
+    public static func parse(_ p: UnsafeMutableRawPointer, available: Int, verifyChecksum: Bool = true) -> Info? {
         guard available >= HeaderSize.ipv4Minimum else { return nil }
         let vihl = p.loadByte(at: 0)
         guard vihl >> 4 == 4 else { return nil }
@@ -24,7 +25,7 @@ public enum IPv4Header {
         guard ihl >= HeaderSize.ipv4Minimum, ihl <= available else { return nil }
         let total = Int(p.loadBE16(at: 2))
         guard total >= ihl, total <= available else { return nil }
-        guard InternetChecksum.compute(p, count: ihl) == 0 else { return nil }
+        guard !verifyChecksum || InternetChecksum.compute(p, count: ihl) == 0 else { return nil }
         let frag = p.loadBE16(at: 6)
         return Info(
             headerLength: ihl, totalLength: total, proto: p.loadByte(at: 9),

@@ -8,6 +8,28 @@ import XFRMTestKit
 /// What a peer can and cannot inject after decapsulation (≈ __xfrm_policy_check and xfrm_policy_ok).
 @Suite("Input security: selectors, if_id, template check, defaults")
 struct InputSecurityTests {
+    @Test("an IPv4 header with a bad checksum is refused once on each path: at output before ESP, in ESP after decryption")
+    func headerChecksumIsCheckedOncePerPath() throws {
+        let h = try TwoHosts()
+        try h.tunnel()
+        var bad = h.packet()
+        bad[10] ^= 0x5a  // the header checksum
+        let (out, wire) = h.send(bad)
+        #expect(out == .dropped(.outError))
+        #expect(wire == bad, "nothing encrypted, nothing sent")
+        // A's own SA, told the header was checked, seals the bad header; B's decapsulation must still refuse it.
+        let peer = try TwoHosts()
+        let sa = try peer.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: peer.a)
+        let (sealed, esp) = h.buffers.with(bad) { b -> DropReason? in
+            var layout = ESPLayout()
+            return sa.transform!.encapsulate(&b, layout: &layout, innerHeaderChecked: true)
+        }
+        #expect(sealed == nil)
+        let before = h.b.statistics[.inStateModeError]
+        #expect(h.receive(esp).0 == .dropped(.inStateModeError))
+        #expect(h.b.statistics[.inStateModeError] == before + 1)
+    }
+
     /// A wide IN/FWD policy (any source into 10.0.2.0/24) on B, and A's SA whose selector covers only
     /// 10.0.1.0/24 → 10.0.2.0/24 on B's side.
     private func narrowSA(_ h: TwoHosts) throws {

@@ -174,6 +174,9 @@ public final class PolicyDatabase: @unchecked Sendable {
         self.state.withLock { s in s.slotsInListOrder().map { s.policy($0) } }
     }
 
+    /// Whether any policy has a time limit.
+    public var hasTimedPolicies: Bool { self.state.withLock { $0.timed > 0 } }
+
     /// The policies with a time limit (add or use, soft or hard), in list order: what the timers look at. Without
     /// any (the usual SPD), no pass at all; otherwise one pass that copies only the timed ones.
     public func timedList() -> [Policy] {

@@ -360,6 +360,16 @@ public final class XFRMStack: @unchecked Sendable {
         }
     }
 
+    /// Whether timer runs can change anything while the clock moves and no packet flows: an SA or a policy with a
+    /// time limit (larval entries have one), an offloaded SA (its device's counters), or an SA that hit a hard limit
+    /// and waits for the next run. False: one run after any stretch of time does what a run every second would.
+    public var timersArmed: Bool {
+        if self.policies.hasTimedPolicies { return true }
+        return self.states.list().contains { sa in
+            sa.offload != nil || sa.lifetime.hasTimeLimit || sa.state != .valid
+        }
+    }
+
     /// Deletes an SA that hit a hard limit and reports EXPIRE hard=1 — a larval acquire entry too, with SPI 0
     /// (≈ xfrm_timer_handler's `expired:` path), so the key manager knows its negotiation timed out.
     func expireHard(_ sa: SecurityAssociation) {

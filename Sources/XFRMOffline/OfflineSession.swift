@@ -130,13 +130,15 @@ public final class OfflineSession {
             guard args.count == 3, args[1] == "advance", let n = UInt64(args[2]) else {
                 throw SessionError("Error: usage: clock advance SECONDS")
             }
-            // One timer run per second, as the kernel's timers would have fired.
-            for _ in 0..<min(n, 86_400) {
+            // One timer run per second, as the kernel's timers would have fired — or, when no timer is armed (time
+            // alone cannot change anything), one run at the end.
+            let everySecond = self.stack.timersArmed ? min(n, 86_400) : 0
+            for _ in 0..<everySecond {
                 self.clock.advance(by: 1)
                 self.stack.runTimers()
             }
-            if n > 86_400 {
-                self.clock.advance(by: n - 86_400)
+            if n > everySecond {
+                self.clock.advance(by: n - everySecond)
                 self.stack.runTimers()
             }
         case "link", "addr", "address", "route":

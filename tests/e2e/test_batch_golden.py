@@ -113,6 +113,25 @@ def test_lifetimes_on_the_simulated_clock(tmp_path, xfrm):
     assert out == sa + "Expired " + expired + "\thard 0\n" + "Expired " + expired + "\thard 1\n" + "\t SAD count 0\n"
 
 
+def test_a_clock_jump_with_no_timer_armed_keeps_everything_and_later_limits_count_from_the_new_time(tmp_path, xfrm):
+    """Nothing with a time limit: `clock advance` of ten years is one timer run (nothing can fire), not one per
+    second; the SA and policy stay. An SA added afterwards expires at its own add time + its limit."""
+    _, out, _ = batch(tmp_path, xfrm, NET + f"""\
+        state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 reqid 1 mode tunnel aead rfc4106(gcm(aes)) {KEY} 128
+        policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out tmpl src 192.0.2.1 dst 192.0.2.2 proto esp reqid 1 mode tunnel
+        clock advance 315360000
+        state count
+        policy count
+        state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x200 reqid 2 mode tunnel aead rfc4106(gcm(aes)) {KEY} 128 limit time-hard 5
+        clock advance 4
+        state count
+        clock advance 1
+        state count
+        """)
+    assert [line.strip() for line in out.splitlines()] == \
+        ["SAD count 1", "SPD IN  0 OUT 1 FWD 0", "SAD count 2", "SAD count 1"], out
+
+
 def test_policy_lifetimes_repeat_soft_every_30_seconds_then_delete(tmp_path, xfrm):
     _, out, _ = batch(tmp_path, xfrm, NET + """\
         policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out tmpl src 192.0.2.1 dst 192.0.2.2 proto esp reqid 9 mode tunnel limit time-soft 5 limit time-hard 40

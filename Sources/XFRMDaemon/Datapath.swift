@@ -248,6 +248,10 @@ public final class Datapath: @unchecked Sendable {
         self.nic?.drain()
         self.workers?.stop()
         self.nic?.shutdown()
+        // The hooks hold the workers and the wire sink, which (through the dispatchers' interface sinks) hold the
+        // NIC: let go of them so that a stopped datapath is freed.
+        self.nic?.wireSend = nil
+        self.nic?.hostReceiveBatch = nil
     }
 
     enum IntakeRole { case all, tun, wire }
@@ -416,7 +420,8 @@ struct SendableSubmitter: @unchecked Sendable {
 }
 
 /// A sink for callers on several threads (the NIC's engine threads): each hands over its engine batch of frames
-/// under one lock, so the sockets see one sendmmsg(2) per engine batch instead of one sendto per frame.
+/// under one lock, so the wire sink groups them as it does the stack's batches (one sendmmsg(2) per socket, UDP GSO
+/// where the datagrams allow) instead of one send per frame.
 final class LockedSink: @unchecked Sendable {
     private let sink: any PacketSink
     private let lock = XFRMMutex(())

@@ -1,7 +1,9 @@
 // The device's own execution context: `engineThreads` real threads run the engine beside the host's threads, as
 // the NIC's silicon runs beside the host CPU. Two bounded queues feed it — host → device (`transmit`) and
-// wire → device (`receiveFromWire`) — and it produces frames on the wire (`wireTap`, a connected peer) and packets
-// for the host (`hostReceive`). Every buffer comes from and goes back to the pool, on every path.
+// wire → device (`receiveFromWire`) — and it produces frames on the wire (`wireTap`, then a connected peer or
+// `wireSend`) and packets for the host (`hostReceiveBatch` or `hostReceive`); `wireSend` and `hostReceiveBatch` get
+// each engine thread's output once per engine run (`EngineOutbox`). Every buffer comes from and goes back to the
+// pool, on every path.
 
 #if canImport(Glibc)
 import Glibc
@@ -118,7 +120,9 @@ final class EngineOutbox: @unchecked Sendable {
     @inline(__always)
     func add(_ packet: PacketBatch.Packet, forHost: Bool, hooks: Hooks) {
         if forHost ? self.host.isFull : self.wire.isFull { self.flush(hooks) }
-        if forHost { self.host.append(packet) } else { self.wire.append(packet) }
+        // The hooks take every buffer they are given, so a flushed batch is empty; a full one here would lose it.
+        let added = forHost ? self.host.append(packet) : self.wire.append(packet)
+        precondition(added, "a NIC hook kept the buffers it was handed")
     }
 
     /// Hands over what the thread collected (the callees take every buffer).

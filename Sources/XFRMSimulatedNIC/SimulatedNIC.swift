@@ -2,8 +2,8 @@
 // with mlx5's packet-offload rules and data path): its own bounded SA and policy tables, its own engine threads,
 // a wire (tap or a peer NIC) and a host side.
 //
-//   host ──transmit──▶ [TX queue] ──▶ engine threads ──▶ wire (wireTap, connected peer)
-//   host ◀─hostReceive─ engine threads ◀── [RX queue] ◀──receiveFromWire── wire
+//   host ──transmit──▶ [TX queue] ──▶ engine threads ──▶ wire (wireTap; a connected peer, or wireSend in batches)
+//   host ◀─hostReceiveBatch / hostReceive── engine threads ◀── [RX queue] ◀──receiveFromWire── wire
 //
 // The core calls the XfrmOffloadDevice callbacks on the control path; `transmit` and `receiveFromWire` return at
 // once (bounded queues that drop and count when full); `drain()` waits until the engine is idle.

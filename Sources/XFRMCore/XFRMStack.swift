@@ -1153,8 +1153,7 @@ public final class XFRMStack: @unchecked Sendable {
         if p.loadByte(at: 0) >> 4 == 4 {
             let ttl = p.loadByte(at: 8)
             guard ttl > 1 else { return .dropped(nil) }
-            p.storeByte(ttl - 1, at: 8)
-            IPv4Header.updateChecksum(p, headerLength: Int(p.loadByte(at: 0) & 0x0f) * 4)
+            IPv4Header.decrementTTL(p)
         } else {
             let hl = p.loadByte(at: 7)
             guard hl > 1 else { return .dropped(nil) }

@@ -51,6 +51,15 @@ public enum IPv4Header {
         p.storeBE16(InternetChecksum.compute(p, count: 20), at: 10)
     }
 
+    /// Lowers the TTL by one and updates the checksum incrementally (RFC 1624; ≈ ip_decrease_ttl): the TTL is the
+    /// high byte of the 16-bit word at offset 8, so the checksum grows by 0x0100 with the end-around carry.
+    @inline(__always)
+    public static func decrementTTL(_ p: UnsafeMutableRawPointer) {
+        p.storeByte(p.loadByte(at: 8) &- 1, at: 8)
+        let check = UInt32(p.loadBE16(at: 10)) + 0x0100
+        p.storeBE16(UInt16(truncatingIfNeeded: check + (check >= 0xFFFF ? 1 : 0)), at: 10)
+    }
+
     /// Recomputes the header checksum over `headerLength` bytes.
     @inline(__always)
     public static func updateChecksum(_ p: UnsafeMutableRawPointer, headerLength: Int) {

@@ -14,6 +14,26 @@ struct PacketTests {
         #expect(InternetChecksum.compute([0xab]) == ~UInt16(0xab00))
     }
 
+    @Test("a TTL decrement's incremental checksum verifies like a full recompute, for every TTL and many headers")
+    func ttlDecrementChecksum() {
+        var rng = SystemRandomNumberGenerator()
+        for ttl in 2...255 {
+            for _ in 0..<40 {
+                var hdr = (0..<20).map { _ in UInt8.random(in: 0...255, using: &rng) }
+                hdr[0] = 0x45
+                hdr[8] = UInt8(ttl)
+                hdr[10] = 0
+                hdr[11] = 0
+                hdr.withUnsafeMutableBytes { b in
+                    IPv4Header.updateChecksum(b.baseAddress!, headerLength: 20)
+                    IPv4Header.decrementTTL(b.baseAddress!)
+                }
+                #expect(hdr[8] == UInt8(ttl - 1))
+                #expect(InternetChecksum.compute(hdr) == 0, "header \(hdr)")
+            }
+        }
+    }
+
     @Test("addresses parse and print in canonical form", arguments: [
         ("192.0.2.1", "192.0.2.1"), ("2001:db8::1", "2001:db8::1"), ("2001:0db8:0:0:1:0:0:1", "2001:db8::1:0:0:1"),
         ("::", "::"), ("::ffff:192.0.2.1", "::ffff:c000:201"), ("fe80::", "fe80::"), ("1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8"),

@@ -917,7 +917,9 @@ public final class XFRMStack: @unchecked Sendable {
                                     localIfindex: .some(nil), memo: &memo)
         }
         while true {
-            switch ESPClassification.classify(&packet, nattPort: self.nattPort.load(ordering: .relaxed)) {
+            // After a decapsulation the header is the one the ESP transform verified or rewrote a moment ago.
+            switch ESPClassification.classify(&packet, nattPort: self.nattPort.load(ordering: .relaxed),
+                                              verifyChecksum: secpath.count == 0) {
             case .ike:
                 return .ike
             case .drop(let reason):

@@ -36,7 +36,11 @@ extension ESPClassification {
     /// Classifies an IP packet. Trailing bytes beyond the IP length (link padding) are trimmed from `packet`.
     /// `nattPort` is the UDP port on which ESP-in-UDP is accepted (4500 by default; nil disables NAT-T).
     @inline(__always)
-    public static func classify(_ packet: inout PacketBuffer, nattPort: UInt16? = 4500) -> ESPClassification {
+    /// `verifyChecksum: false` skips the IPv4 header checksum of a header the caller verified or wrote itself (the
+    /// inner packet of a decapsulation, classified again for nested ESP).
+    public static func classify(_ packet: inout PacketBuffer, nattPort: UInt16? = 4500, verifyChecksum: Bool = true)
+        -> ESPClassification
+    {
         let p = packet.data
         let n = packet.count
         guard n >= 1 else { return .drop(.truncated) }
@@ -48,7 +52,7 @@ extension ESPClassification {
         let dst: IPAddress
         if version == 4 {
             guard n >= HeaderSize.ipv4Minimum else { return .drop(.truncated) }
-            guard let ip = IPv4Header.parse(p, available: n) else {
+            guard let ip = IPv4Header.parse(p, available: n, verifyChecksum: verifyChecksum) else {
                 let total = Int(p.loadBE16(at: 2))
                 return .drop(total > n ? .truncated : .badIPHeader)
             }

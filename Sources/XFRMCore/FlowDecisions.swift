@@ -35,13 +35,41 @@ final class OutputBundle: Sendable {
 }
 
 /// The bundle the previous packet of a batch went through (≈ a socket's own dst: the next packet of the flow needs
-/// no lookup at all while the configuration generation holds).
+/// no lookup at all while the configuration generation holds). Lives for one batch, in place: the key is compared
+/// field by field and the bundle is lent out unretained, so a memo hit costs no copy and no reference count.
 struct OutputMemo {
-    let flow: Flow
+    private var flow = Flow(source: .v4(0), destination: .v4(0))
     /// The cache tag (the CPU, with per-CPU SAs).
-    let tag: UInt
-    let generation: UInt64
-    let bundle: OutputBundle
+    private var tag: UInt = 0
+    /// 0: empty (configuration generations start at 1).
+    private var generation: UInt64 = 0
+    /// Keeps the bundle alive while the memo holds it (the cache may drop its entry during the batch).
+    private var owner: OutputBundle? = nil
+    private var bundle: Unmanaged<OutputBundle>? = nil
+
+    /// Whether a packet of `flow` in this generation may go straight to the memo's bundle.
+    @inline(__always)
+    func matches(_ flow: Flow, tag: UInt, generation: UInt64) -> Bool {
+        self.bundle != nil && self.generation == generation && self.tag == tag && self.flow.sameFlow(flow)
+    }
+
+    /// Runs `body` with the bundle borrowed (+0): `owner` keeps it alive, and `body` cannot change the memo.
+    @inline(__always)
+    func withBundle<R>(_ body: (OutputBundle) -> R) -> R {
+        self.bundle.unsafelyUnwrapped._withUnsafeGuaranteedRef(body)
+    }
+
+    mutating func set(_ flow: Flow, tag: UInt, generation: UInt64, bundle: OutputBundle) {
+        (self.flow, self.tag, self.generation) = (flow, tag, generation)
+        self.owner = bundle
+        self.bundle = Unmanaged.passUnretained(bundle)
+    }
+
+    mutating func clear() {
+        self.generation = 0
+        self.owner = nil
+        self.bundle = nil
+    }
 }
 
 /// The input policy checks a flow remembers: for a packet that came through one SA, the verdict of

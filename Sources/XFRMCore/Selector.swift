@@ -82,6 +82,15 @@ public struct Flow: Hashable, Sendable {
 
     /// 4 or 6.
     public var version: Int { self.destination.version }
+
+    /// `==`, inlined into the per-packet memo checks (the synthesized one is an out-of-line call); the cheap integer
+    /// fields first.
+    @inline(__always)
+    func sameFlow(_ o: Flow) -> Bool {
+        self.sourcePort == o.sourcePort && self.destinationPort == o.destinationPort && self.proto == o.proto
+            && self.mark == o.mark && self.ifindex == o.ifindex && self.ifID == o.ifID
+            && self.destination == o.destination && self.source == o.source
+    }
 }
 
 /// Which traffic a policy or SA applies to (≈ struct xfrm_selector; matching ≈ xfrm_selector_match).

@@ -8,8 +8,10 @@ extension XFRMStack {
     /// stay in the batch for the dispatcher. `cpu`: the worker running the batch (picks among per-CPU SAs).
     /// Consecutive packets of one flow share the work of finding their bundle (the memo of the previous packet).
     public func process(_ batch: inout PacketBatch, cpu: UInt32 = 0) {
-        var outputMemo: OutputMemo? = nil
+        var outputMemo = OutputMemo()
         var inputMemo = InputMemo()
+        // One clock read per batch: lifetimes and use times have one-second resolution, a batch takes microseconds.
+        let now = self.clock.now
         for i in 0..<batch.count {
             guard case .pending = batch[i].verdict else { continue }
             switch batch[i].stage {
@@ -17,14 +19,14 @@ extension XFRMStack {
                 var transformed = false
                 let forwarded = batch[i].stage == .forward
                 let r = self.output(&batch[i].buffer, mark: 0, ifID: 0, forwarded: forwarded, cpu: cpu,
-                                    transformed: &transformed, memo: &outputMemo)
+                                    now: now, transformed: &transformed, memo: &outputMemo)
                 batch[i].verdict = .output(r, transformed: transformed)
             case .input:
                 var decapsulated = false
                 let ifindex = batch[i].ifindex
                 let metadata = batch[i].metadata
                 let r = self.input(&batch[i].buffer, ifindex: ifindex, mark: 0, metadata: metadata,
-                                   decapsulated: &decapsulated, memo: &inputMemo)
+                                   now: now, decapsulated: &decapsulated, memo: &inputMemo)
                 batch[i].verdict = .input(r, decapsulated: decapsulated)
             }
         }

@@ -51,7 +51,7 @@ public enum DefaultPolicyAction: UInt8, Sendable {
 }
 
 /// The SAs a received packet came through, outermost first (≈ struct sec_path; at most XFRM_MAX_DEPTH = 6).
-struct SecPath {
+struct SecPath: ~Copyable {
     var entries: (SecurityAssociation?, SecurityAssociation?, SecurityAssociation?, SecurityAssociation?,
                   SecurityAssociation?, SecurityAssociation?) = (nil, nil, nil, nil, nil, nil)
     var count = 0
@@ -400,15 +400,16 @@ public final class XFRMStack: @unchecked Sendable {
     public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, ifID: UInt32 = 0, forwarded: Bool = false,
                        cpu: UInt32 = 0, transformed: inout Bool) -> OutputResult
     {
-        var memo: OutputMemo? = nil
-        return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu, transformed: &transformed,
-                           memo: &memo)
+        var memo = OutputMemo()
+        return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu, now: self.clock.now,
+                           transformed: &transformed, memo: &memo)
     }
 
     /// `output` with the bundle of the previous packet of a batch: a packet of the same flow, in the same
     /// configuration generation, goes straight to it (no cache lookup); `memo` is updated for the next packet.
-    func output(_ packet: inout PacketBuffer, mark: UInt32, ifID: UInt32, forwarded: Bool, cpu: UInt32,
-                transformed: inout Bool, memo: inout OutputMemo?) -> OutputResult
+    /// `now`: the clock, read once per batch.
+    func output(_ packet: inout PacketBuffer, mark: UInt32, ifID: UInt32, forwarded: Bool, cpu: UInt32, now: UInt64,
+                transformed: inout Bool, memo: inout OutputMemo) -> OutputResult
     {
         transformed = false
         guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark) else {
@@ -416,14 +417,15 @@ public final class XFRMStack: @unchecked Sendable {
             return .dropped(.outError)
         }
         flow.ifID = ifID
-        let now = self.clock.now
         let generation = self.currentGeneration
         // With per-CPU SAs a flow's bundle depends on the CPU too (≈ the kernel's per-CPU state cache), so each
         // CPU keeps its own entry; without them every CPU shares one.
         let tag: UInt = self.states.hasPerCPUStates ? UInt(cpu) &+ 1 &<< 4 : 0
-        if let m = memo, m.generation == generation, m.tag == tag, m.flow == flow {
-            if let r = self.outputCachedBundle(&packet, m.bundle, now: now, transformed: &transformed) { return r }
-            memo = nil  // the SA is no longer valid: resolve again below
+        if memo.matches(flow, tag: tag, generation: generation) {
+            // The memo holds its bundle strongly; borrowing it here costs no reference count per packet.
+            let r = memo.withBundle { self.outputCachedBundle(&packet, $0, now: now, transformed: &transformed) }
+            if let r { return r }
+            memo.clear()  // the SA is no longer valid: resolve again below
         }
         if let (hit, touch) = self.outputCache.lookup(flow, tag: tag, generation: generation, now: now) {
             switch hit.value {
@@ -435,9 +437,9 @@ public final class XFRMStack: @unchecked Sendable {
                                                 tunnel: tunnel)
             case .bundle(let policyIndex, let bundle):
                 if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
-                memo = OutputMemo(flow: flow, tag: tag, generation: generation, bundle: bundle)
+                memo.set(flow, tag: tag, generation: generation, bundle: bundle)
                 if let r = self.outputCachedBundle(&packet, bundle, now: now, transformed: &transformed) { return r }
-                memo = nil
+                memo.clear()
                 // The SA is no longer valid: resolve again below.
             }
         }
@@ -875,17 +877,16 @@ public final class XFRMStack: @unchecked Sendable {
     public func input(_ packet: inout PacketBuffer, ifindex: Int32 = 0, mark: UInt32 = 0,
                       metadata: OffloadMetadata? = nil, decapsulated: inout Bool) -> InputResult {
         var memo = InputMemo()
-        return self.input(&packet, ifindex: ifindex, mark: mark, metadata: metadata, decapsulated: &decapsulated,
-                          memo: &memo)
+        return self.input(&packet, ifindex: ifindex, mark: mark, metadata: metadata, now: self.clock.now,
+                          decapsulated: &decapsulated, memo: &memo)
     }
 
     /// `input` with what the previous packets of a batch looked up (outer destination, SA, inner verdict), reused
-    /// while the configuration generation holds.
-    func input(_ packet: inout PacketBuffer, ifindex: Int32, mark: UInt32, metadata: OffloadMetadata?,
+    /// while the configuration generation holds. `now`: the clock, read once per batch.
+    func input(_ packet: inout PacketBuffer, ifindex: Int32, mark: UInt32, metadata: OffloadMetadata?, now: UInt64,
                decapsulated: inout Bool, memo: inout InputMemo) -> InputResult {
         decapsulated = false
         var secpath = SecPath()
-        let now = self.clock.now
         memo.validate(self.currentGeneration)
         var cryptoDone = metadata?.cryptoDone ?? false
         if let m = metadata, m.packetOffloaded {
@@ -1008,7 +1009,7 @@ public final class XFRMStack: @unchecked Sendable {
     /// ≈ __xfrm_policy_check: the packet (after any decapsulation) must have come through the SAs its IN or FWD
     /// policy requires, and every one of those SAs must cover the inner flow with its selector.
     /// `localIfindex`, when known (.some), is the packet destination's local interface (nil: not local).
-    private func policyCheck(_ packet: inout PacketBuffer, secpath: SecPath, ifindex: Int32, mark: UInt32,
+    private func policyCheck(_ packet: inout PacketBuffer, secpath: borrowing SecPath, ifindex: Int32, mark: UInt32,
                              now: UInt64, localIfindex known: Int32?? = nil, memo: inout InputMemo) -> InputResult {
         // After a decapsulation the inner IPv4 header was verified (tunnel mode) or rewritten with its checksum
         // (transport mode) by the ESP transform a moment ago: one checksum per header, as ip_rcv does.
@@ -1027,7 +1028,7 @@ public final class XFRMStack: @unchecked Sendable {
         // The SA's identity as the tag: safe because an SA leaves the SAD only with a generation bump, so no entry
         // outlives it into a time when its address could belong to another SA.
         let cacheTag = secpath.count == 1 ? UInt(bitPattern: ObjectIdentifier(secpath[0])) : 0
-        if cacheTag != 0, let m = memo.verdict, m.tag == cacheTag, m.flow == flow {
+        if cacheTag != 0, let m = memo.verdict, m.tag == cacheTag, m.flow.sameFlow(flow) {
             return m.decision.local ? .deliver : self.forwardPrepare(&packet)
         }
         if cacheTag != 0, let (hit, touch) = self.inputCache.lookup(flow, tag: cacheTag, generation: generation,
@@ -1102,7 +1103,7 @@ public final class XFRMStack: @unchecked Sendable {
     /// on a mismatch. An optional transport template consumes nothing; otherwise non-matching transport-mode
     /// entries are skipped until a matching entry (consumed) or a non-matching tunnel entry (a mismatch for a
     /// required template; an optional one then consumes nothing).
-    static func templateConsumes(_ t: Template, _ sp: SecPath, from start: Int, flow: Flow) -> Int? {
+    static func templateConsumes(_ t: Template, _ sp: borrowing SecPath, from start: Int, flow: Flow) -> Int? {
         if t.optional && t.mode == 0 { return start }
         var i = start
         while i < sp.count {
@@ -1114,7 +1115,7 @@ public final class XFRMStack: @unchecked Sendable {
     }
 
     /// ≈ secpath_has_nontransport: a tunnel-mode SA at or after `start`.
-    static func nonTransport(_ sp: SecPath, from start: Int) -> Bool {
+    static func nonTransport(_ sp: borrowing SecPath, from start: Int) -> Bool {
         var i = start
         while i < sp.count {
             if sp[i].config.mode != .transport { return true }

@@ -17,8 +17,11 @@ public struct ReplayWindow: Sendable {
     public let esn: Bool
     /// The highest authenticated sequence number (64-bit with ESN).
     public private(set) var top: UInt64
-    /// The ring for windows up to `smallRingBits`.
-    private var ring: InlineArray<2, UInt64>
+    /// The ring for windows up to `smallRingBits`: two words as two fields, each read and written on its own (an
+    /// `InlineArray` subscript copied both words through the stack, and a 16-byte load right after an 8-byte store
+    /// to the same place cannot be forwarded: a stall on every packet).
+    private var ring0: UInt64 = 0
+    private var ring1: UInt64 = 0
     /// The ring for larger windows (`maximumSize` bits), nil otherwise; copied before a write when shared.
     private var big: BigRing?
     /// Ring length in 64-bit words minus one (1 or 63): the word of sequence s is (s >> 6) & wordMask.
@@ -27,19 +30,30 @@ public struct ReplayWindow: Sendable {
     static let smallRingBits = 128
 
     /// Shared only between copies of a window, and written only when not shared (copy-on-write).
+    /// Its words are behind a pointer, so one word is read or written without copying the 512 bytes.
     private final class BigRing: @unchecked Sendable {
-        var bits: InlineArray<64, UInt64> = InlineArray(repeating: 0)
-        init() {}
-        init(_ other: BigRing) { self.bits = other.bits }
+        static let words = ReplayWindow.maximumSize / 64
+        let bits: UnsafeMutablePointer<UInt64>
+        init() {
+            self.bits = .allocate(capacity: Self.words)
+            self.bits.initialize(repeating: 0, count: Self.words)
+        }
+        init(_ other: BigRing) {
+            self.bits = .allocate(capacity: Self.words)
+            self.bits.initialize(from: other.bits, count: Self.words)
+        }
+        deinit { self.bits.deallocate() }
     }
 
     @inline(__always)
-    private func word(_ w: Int) -> UInt64 { self.big == nil ? self.ring[w] : self.big.unsafelyUnwrapped.bits[w] }
+    private func word(_ w: Int) -> UInt64 {
+        self.big == nil ? (w == 0 ? self.ring0 : self.ring1) : self.big.unsafelyUnwrapped.bits[w]
+    }
 
     @inline(__always)
     private mutating func setWord(_ w: Int, _ value: UInt64) {
         if self.big == nil {
-            self.ring[w] = value
+            if w == 0 { self.ring0 = value } else { self.ring1 = value }
         } else {
             if !isKnownUniquelyReferenced(&self.big!) { self.big = BigRing(self.big!) }
             self.big.unsafelyUnwrapped.bits[w] = value
@@ -59,7 +73,6 @@ public struct ReplayWindow: Sendable {
         self.size = size
         self.esn = esn
         self.top = esn ? top : top & 0xffff_ffff
-        self.ring = InlineArray(repeating: 0)
         self.big = size > Self.smallRingBits ? BigRing() : nil
         self.wordMask = size > Self.smallRingBits ? ReplayWindow.maximumSize / 64 - 1 : Self.smallRingBits / 64 - 1
     }
@@ -68,10 +81,10 @@ public struct ReplayWindow: Sendable {
     /// replay state; no allocation when the large ring is not shared).
     public mutating func reset(top: UInt64) {
         self.top = self.esn ? top : top & 0xffff_ffff
-        self.ring = InlineArray(repeating: 0)
+        (self.ring0, self.ring1) = (0, 0)
         if self.big != nil {
             if isKnownUniquelyReferenced(&self.big!) {
-                self.big.unsafelyUnwrapped.bits = InlineArray(repeating: 0)
+                self.big.unsafelyUnwrapped.bits.update(repeating: 0, count: BigRing.words)
             } else {
                 self.big = BigRing()
             }

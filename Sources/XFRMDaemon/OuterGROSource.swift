@@ -136,7 +136,7 @@ final class OuterGROSource: OuterReader {
         let area = self.bufs[i]!
         while self.offset < length {
             if batch.isFull { return false }
-            guard var buf = self.pool.allocate() else {
+            guard let buf = self.pool.allocate() else {
                 self.engine.poolExhausted.wrappingAdd(1, ordering: .relaxed)
                 self.counters.noBuffer.wrappingAdd(1, ordering: .relaxed)
                 return false

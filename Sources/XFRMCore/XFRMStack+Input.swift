@@ -1,0 +1,346 @@
+// The input path (≈ xfrm_input, __xfrm_policy_check): classification, SAD lookup, ESP under the SA's lock,
+// nested decapsulation, then the IN/FWD policy check against the secpath. The pipeline is in XFRMStack.swift's
+// header.
+
+import Foundation
+import Synchronization
+import XFRMCrypto
+import XFRMESP
+import XFRMPacket
+
+/// The SAs a received packet came through, outermost first (≈ struct sec_path; at most XFRM_MAX_DEPTH = 6).
+struct SecPath: ~Copyable {
+    var entries: (SecurityAssociation?, SecurityAssociation?, SecurityAssociation?, SecurityAssociation?,
+                  SecurityAssociation?, SecurityAssociation?) = (nil, nil, nil, nil, nil, nil)
+    var count = 0
+    static let capacity = 6
+
+    mutating func append(_ sa: SecurityAssociation) -> Bool {
+        guard self.count < Self.capacity else { return false }
+        switch self.count {
+        case 0: self.entries.0 = sa
+        case 1: self.entries.1 = sa
+        case 2: self.entries.2 = sa
+        case 3: self.entries.3 = sa
+        case 4: self.entries.4 = sa
+        default: self.entries.5 = sa
+        }
+        self.count += 1
+        return true
+    }
+
+    subscript(i: Int) -> SecurityAssociation {
+        switch i {
+        case 0: self.entries.0!
+        case 1: self.entries.1!
+        case 2: self.entries.2!
+        case 3: self.entries.3!
+        case 4: self.entries.4!
+        default: self.entries.5!
+        }
+    }
+}
+
+extension XFRMStack {
+    // MARK: - Input path
+
+    /// Runs a received IP packet (from interface `ifindex`) through ESP decapsulation and the inbound policy check.
+    public func input(_ packet: inout PacketBuffer, ifindex: Int32 = 0, mark: UInt32 = 0,
+                      metadata: OffloadMetadata? = nil) -> InputResult {
+        var decapsulated = false
+        return self.input(&packet, ifindex: ifindex, mark: mark, metadata: metadata, decapsulated: &decapsulated)
+    }
+
+    /// `input`, also saying whether the delivered or forwarded packet came out of ESP (a non-empty secpath, or a
+    /// packet-offload device's decryption): a daemon writes only those into its TUN.
+    public func input(_ packet: inout PacketBuffer, ifindex: Int32 = 0, mark: UInt32 = 0,
+                      metadata: OffloadMetadata? = nil, decapsulated: inout Bool) -> InputResult {
+        var memo = InputMemo()
+        return self.input(&packet, ifindex: ifindex, mark: mark, metadata: metadata, now: self.clock.now,
+                          decapsulated: &decapsulated, memo: &memo)
+    }
+
+    /// `input` with what the previous packets of a batch looked up (outer destination, SA, inner verdict), reused
+    /// while the configuration generation holds. `now`: the clock, read once per batch.
+    func input(_ packet: inout PacketBuffer, ifindex: Int32, mark: UInt32, metadata: OffloadMetadata?, now: UInt64,
+               decapsulated: inout Bool, memo: inout InputMemo) -> InputResult {
+        decapsulated = false
+        var secpath = SecPath()
+        memo.validate(self.currentGeneration)
+        var cryptoDone = metadata?.cryptoDone ?? false
+        if let m = metadata, m.packetOffloaded {
+            // Packet offload RX: the device decrypted, checked replay and its copy of the IN policy; the software
+            // ESP and policy checks are skipped (≈ __xfrm_policy_check's PACKET branch). A failed status drops.
+            guard m.cryptoDone && m.cryptoSuccess else {
+                self.statistics.increment(.inError)
+                return .dropped(.inError)
+            }
+            guard let flow = Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex) else {
+                self.statistics.increment(.inHdrError)
+                return .dropped(.inHdrError)
+            }
+            decapsulated = true
+            return self.network.isLocal(flow.destination) ? .deliver : self.forwardPrepare(&packet)
+        }
+        // A packet for another host is transit traffic whatever it carries (ESP, NAT-T, IKE, fragments): it goes
+        // straight to the forward policy check, never to our SAD or NAT-T demux.
+        // The outer destination's local interface, looked up once: it also serves the policy check of a packet
+        // that turns out not to be ESP (its destination is the same).
+        let outerLocal = Self.destination(of: packet).map { d -> Int32? in
+            if let m = memo.outer, m.destination == d { return m.local }
+            let local = self.network.localInterface(owning: d)
+            memo.outer = (d, local)
+            return local
+        }
+        if !cryptoDone, let outerLocal, outerLocal == nil {
+            return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now,
+                                    localIfindex: .some(nil), memo: &memo)
+        }
+        while true {
+            // After a decapsulation the header is the one the ESP transform verified or rewrote a moment ago.
+            switch ESPClassification.classify(&packet, nattPort: self.nattPort.load(ordering: .relaxed),
+                                              verifyChecksum: secpath.count == 0) {
+            case .ike:
+                return .ike
+            case .drop(let reason):
+                self.statistics.count(reason)
+                return .dropped(reason == .nattKeepalive ? nil : XfrmStatCounter(reason))
+            case .notESP:
+                decapsulated = secpath.count > 0
+                return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now,
+                                        localIfindex: secpath.count == 0 ? outerLocal : nil, memo: &memo)
+            case .esp(let info):
+                let id = SAID(destination: info.destination, spi: info.spi, proto: IPProtocolNumber.esp)
+                let found: SecurityAssociation?
+                if let m = memo.sa, m.id == id, m.mark == mark {
+                    found = m.sa
+                } else {
+                    found = self.states.lookup(id, mark: mark)
+                    memo.sa = found.map { (id, mark, $0) }
+                }
+                guard let sa = found else {
+                    self.statistics.count(.noState)
+                    return .dropped(.inNoStates)
+                }
+                // ≈ xfrm_input: the direction right after the lookup, then the state under the lock.
+                if sa.config.direction == .outbound {
+                    self.statistics.increment(.inStateDirError)
+                    return .dropped(.inStateDirError)
+                }
+                guard let transform = sa.transform else {
+                    // A larval SA (ALLOCSPI gave it this SPI; the key manager has not filled it in yet).
+                    self.statistics.increment(.acquireError)
+                    return .dropped(.acquireError)
+                }
+                let done = cryptoDone
+                cryptoDone = false  // only the outermost ESP was handled by the device
+                let tunnel = sa.config.mode == .tunnel
+                // One acquisition of the SA's lock for the whole packet (≈ xfrm_input's x->lock section).
+                let use = sa.useForInput(now: now, metadata: metadata, cryptoDone: done,
+                                         screen: { transform.screen(info) }) {
+                    let r = transform.decapsulate(&packet, info: info, cryptoDone: done)
+                    // ≈ xfrm_input after x->type->input: curlft counts what ESP delivered — the inner packet in
+                    // tunnel mode, the upper-layer payload in transport mode — not the outer ESP packet.
+                    return (r, tunnel ? packet.count : packet.count - info.transportOffset)
+                }
+                switch use {
+                case .packetOffloaded:
+                    // A packet-offload SA is used only by its device, never in software (spec §7).
+                    self.statistics.increment(.inStateInvalid)
+                    return .dropped(.inStateInvalid)
+                case .mismatch:
+                    // The device decrypted with another SA than the one found here: trust nothing.
+                    self.statistics.increment(.inStateMismatch)
+                    return .dropped(.inStateMismatch)
+                case .notValid(let larval):
+                    self.statistics.increment(larval ? .acquireError : .inStateInvalid)
+                    return .dropped(larval ? .acquireError : .inStateInvalid)
+                case .hardExpired:
+                    self.expireHard(sa)
+                    self.statistics.increment(.inStateExpired)
+                    return .dropped(.inStateExpired)
+                case .deviceICVFailed(let soft):
+                    // Crypto offload RX: the device found the ICV bad.
+                    if soft { self.events.publish(.expire(sa, hard: false)) }
+                    self.statistics.count(.icvFailed)
+                    return .dropped(.inStateProtoError)
+                case .used(let reason, let soft, let highMoved, let bound):
+                    if soft { self.events.publish(.expire(sa, hard: false)) }
+                    // ≈ xfrm_replay_advance_esn → xdo_dev_state_advance_esn: a crypto-offload device tracks the high
+                    // half.
+                    if done && highMoved && sa.config.esn, let o = bound, let dev = self.device(ifindex: o.ifindex),
+                        dev.callbacks.contains(.advanceESN) {
+                        dev.advanceESN(sa, offload: o)
+                    }
+                    if let reason {
+                        self.statistics.count(reason)
+                        return .dropped(reason == .tfcDummy ? nil : XfrmStatCounter(reason))
+                    }
+                }
+                guard secpath.append(sa) else {
+                    self.statistics.increment(.inBufferError)
+                    return .dropped(.inBufferError)
+                }
+            }
+        }
+    }
+
+    /// ≈ __xfrm_policy_check: the packet (after any decapsulation) must have come through the SAs its IN or FWD
+    /// policy requires, and every one of those SAs must cover the inner flow with its selector.
+    /// `localIfindex`, when known (.some), is the packet destination's local interface (nil: not local).
+    func policyCheck(_ packet: inout PacketBuffer, secpath: borrowing SecPath, ifindex: Int32, mark: UInt32,
+                             now: UInt64, localIfindex known: Int32?? = nil, memo: inout InputMemo) -> InputResult {
+        // After a decapsulation the inner IPv4 header was verified (tunnel mode) or rewritten with its checksum
+        // (transport mode) by the ESP transform a moment ago: one checksum per header, as ip_rcv does.
+        guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex,
+                                    verifyChecksum: secpath.count == 0)
+        else {
+            self.statistics.increment(.inHdrError)
+            return .dropped(.inHdrError)
+        }
+        // The traffic's if_id is the innermost SA's (≈ xfrmi_decode_session finding the XFRM interface by
+        // x->if_id); packets that came through no SA, or through SAs without an if_id, have if_id 0.
+        if secpath.count > 0 { flow.ifID = secpath[secpath.count - 1].ifID }
+        // A flow that came through one SA and was allowed before, in this configuration generation, is allowed
+        // again without the lookups below (the verdict depends only on the flow, the SA and the configuration).
+        let generation = memo.generation
+        // The SA's identity as the tag: safe because an SA leaves the SAD only with a generation bump, so no entry
+        // outlives it into a time when its address could belong to another SA.
+        let cacheTag = secpath.count == 1 ? UInt(bitPattern: ObjectIdentifier(secpath[0])) : 0
+        if cacheTag != 0, let m = memo.verdict, m.tag == cacheTag, m.flow.sameFlow(flow) {
+            return m.decision.local ? .deliver : self.forwardPrepare(&packet)
+        }
+        if cacheTag != 0, let (hit, touch) = self.inputCache.lookup(flow, tag: cacheTag, generation: generation,
+                                                                  now: now) {
+            let d = hit.value
+            if touch { self.policies.markUsed(index: d.policyIndex, direction: d.direction, at: now) }
+            memo.verdict = (flow, cacheTag, d)
+            return d.local ? .deliver : self.forwardPrepare(&packet)
+        }
+        let cacheKey = flow
+        // ≈ decode_session's flowi_oif from skb_dst: a selector's `dev` is the device of the local route (the one
+        // holding the address) for local traffic and the route's output device for forwarded traffic — for the
+        // SA selectors below as for the policy lookup.
+        let localIfindex = known ?? self.network.localInterface(owning: flow.destination)
+        let local = localIfindex != nil
+        flow.ifindex = localIfindex ?? self.network.egress(to: flow.destination)?.ifindex ?? 0
+        // A peer may only inject traffic its SAs' selectors allow: without this, one SA's holder could send inner
+        // addresses belonging to another SA whenever the policy is wider than the SA selectors.
+        for i in 0..<secpath.count where !secpath[i].config.selector.covers(flow) {
+            self.statistics.increment(.inStateMismatch)
+            return .dropped(.inStateMismatch)
+        }
+        let direction: PolicyDirection = local ? .inbound : .forward
+        // ≈ __xfrm_check_nopolicy: no policy in this direction and no secpath — the default decides, no lookup.
+        let policy = secpath.count == 0 && self.policies.count(direction) == 0
+            ? nil : self.policies.lookup(direction, flow, usedAt: now)
+        guard let policy else {
+            // No policy: with a blocking default the packet is XfrmInNoPols; otherwise a tunnel-mode SA in the
+            // secpath still needs one (XfrmInNoPols), unless a crypto-offload device decrypted it.
+            if self.defaultAction(direction) == .block {
+                self.statistics.increment(.inNoPols)
+                return .dropped(.inNoPols)
+            }
+            let cryptoOffloaded = secpath.count > 0 && secpath[secpath.count - 1].offload?.type == .crypto
+            if !cryptoOffloaded && Self.nonTransport(secpath, from: 0) {
+                self.statistics.increment(.inNoPols)
+                return .dropped(.inNoPols)
+            }
+            return local ? .deliver : self.forwardPrepare(&packet)
+        }
+        if policy.action == .block {
+            self.statistics.increment(.inPolBlock)
+            return .dropped(.inPolBlock)
+        }
+        // Template check: templates are applied innermost first on output, so the secpath (outermost first) meets
+        // them from the last template backwards (≈ the loop over xfrm_policy_ok in __xfrm_policy_check).
+        var k = 0
+        var t = policy.templates.count - 1
+        while t >= 0 {
+            guard let next = Self.templateConsumes(policy.templates[t], secpath, from: k, flow: flow) else {
+                self.statistics.increment(.inTmplMismatch)
+                return .dropped(.inTmplMismatch)
+            }
+            k = next
+            t -= 1
+        }
+        // SAs the policy did not ask for: tunnel-mode ones are a mismatch (transport extras are tolerated).
+        if Self.nonTransport(secpath, from: k) {
+            self.statistics.increment(.inTmplMismatch)
+            return .dropped(.inTmplMismatch)
+        }
+        if cacheTag != 0 {
+            self.inputCache.store(
+                InputCache.Entry(flow: cacheKey, tag: cacheTag, generation: generation,
+                                 value: InputDecision(local: local, policyIndex: policy.index, direction: direction)),
+                now: now)
+        }
+        return local ? .deliver : self.forwardPrepare(&packet)
+    }
+
+    /// ≈ xfrm_policy_ok: where the secpath check continues after template `t`, starting at entry `start`, or nil
+    /// on a mismatch. An optional transport template consumes nothing; otherwise non-matching transport-mode
+    /// entries are skipped until a matching entry (consumed) or a non-matching tunnel entry (a mismatch for a
+    /// required template; an optional one then consumes nothing).
+    static func templateConsumes(_ t: Template, _ sp: borrowing SecPath, from start: Int, flow: Flow) -> Int? {
+        if t.optional && t.mode == 0 { return start }
+        var i = start
+        while i < sp.count {
+            if Self.templateMatches(t, sp[i], flow: flow) { return i + 1 }
+            if sp[i].config.mode != .transport { break }
+            i += 1
+        }
+        return t.optional ? start : nil
+    }
+
+    /// ≈ secpath_has_nontransport: a tunnel-mode SA at or after `start`.
+    static func nonTransport(_ sp: borrowing SecPath, from start: Int) -> Bool {
+        var i = start
+        while i < sp.count {
+            if sp[i].config.mode != .transport { return true }
+            i += 1
+        }
+        return false
+    }
+
+    /// The destination address of an IP packet, if its header is long enough to have one.
+    @inline(__always)
+    public static func destination(of packet: PacketBuffer) -> IPAddress? {
+        let p = packet.data
+        guard packet.count >= 20 else { return nil }
+        switch p.loadByte(at: 0) >> 4 {
+        case 4: return .loadV4(from: p, at: 16)
+        case 6: return packet.count >= 40 ? .loadV6(from: p, at: 24) : nil
+        default: return nil
+        }
+    }
+
+    /// ≈ xfrm_state_ok: does this SA satisfy the template? (On input a template's reqid 0 matches any SA, and the
+    /// SA's if_id must be the traffic's when the traffic has one.)
+    static func templateMatches(_ t: Template, _ sa: SecurityAssociation, flow: Flow) -> Bool {
+        let c = sa.config
+        guard c.id.proto == t.proto, t.spi == 0 || t.spi == c.id.spi, t.reqid == 0 || t.reqid == c.reqid,
+            c.mode == (t.mode == 1 ? .tunnel : .transport), flow.ifID == 0 || sa.ifID == flow.ifID
+        else { return false }
+        if c.mode == .tunnel {
+            if let d = t.destination, d != c.id.destination { return false }
+            if let s = t.source, s != c.source { return false }
+        }
+        return true
+    }
+
+    /// Forwarding: TTL / hop limit decrement (a packet at TTL 1 is dropped).
+    func forwardPrepare(_ packet: inout PacketBuffer) -> InputResult {
+        let p = packet.data
+        if p.loadByte(at: 0) >> 4 == 4 {
+            let ttl = p.loadByte(at: 8)
+            guard ttl > 1 else { return .dropped(nil) }
+            IPv4Header.decrementTTL(p)
+        } else {
+            let hl = p.loadByte(at: 7)
+            guard hl > 1 else { return .dropped(nil) }
+            p.storeByte(hl - 1, at: 7)
+        }
+        return .forward
+    }
+}

@@ -1,0 +1,422 @@
+// The output path (≈ xfrm_lookup, xfrm_tmpl_resolve, xfrm_output): OUT policy lookup or the flow's cached
+// bundle, SA resolution and acquire, ESP under the SA's lock, packet-offload hand-off. The pipeline is in
+// XFRMStack.swift's header.
+
+import Foundation
+import Synchronization
+import XFRMCrypto
+import XFRMESP
+import XFRMPacket
+
+extension XFRMStack {
+    // MARK: - Output path
+
+    /// Runs a locally generated (or, with `forwarded`, a routed) IP packet through the OUT policy and its SAs, then
+    /// routes it. See the pipeline at the top of this file.
+    /// `ifID` is the XFRM interface id the traffic was routed into (0: ordinary traffic; only policies with that
+    /// exact if_id apply). `cpu` is the CPU the output runs on — the engine worker's index — which picks among
+    /// per-CPU SAs (RFC 9611, `pcpu-num`); callers outside an engine run on CPU 0.
+    public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, ifID: UInt32 = 0, forwarded: Bool = false,
+                       cpu: UInt32 = 0) -> OutputResult
+    {
+        var transformed = false
+        return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu, transformed: &transformed)
+    }
+
+    /// `output`, also saying whether an SA transformed the packet: a `.transmit` with `transformed` false is the
+    /// packet as it came (no policy, a bypass policy, only optional templates without SAs) — what a daemon whose
+    /// outer side carries nothing but ESP must not send.
+    public func output(_ packet: inout PacketBuffer, mark: UInt32 = 0, ifID: UInt32 = 0, forwarded: Bool = false,
+                       cpu: UInt32 = 0, transformed: inout Bool) -> OutputResult
+    {
+        var memo = OutputMemo()
+        return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu, now: self.clock.now,
+                           transformed: &transformed, memo: &memo)
+    }
+
+    /// `output` with the bundle of the previous packet of a batch: a packet of the same flow, in the same
+    /// configuration generation, goes straight to it (no cache lookup); `memo` is updated for the next packet.
+    /// `now`: the clock, read once per batch.
+    func output(_ packet: inout PacketBuffer, mark: UInt32, ifID: UInt32, forwarded: Bool, cpu: UInt32, now: UInt64,
+                transformed: inout Bool, memo: inout OutputMemo) -> OutputResult
+    {
+        transformed = false
+        guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark) else {
+            self.statistics.count(.badOutputPacket)
+            return .dropped(.outError)
+        }
+        flow.ifID = ifID
+        let generation = self.currentGeneration
+        // With per-CPU SAs a flow's bundle depends on the CPU too (≈ the kernel's per-CPU state cache), so each
+        // CPU keeps its own entry; without them every CPU shares one.
+        let tag: UInt = self.states.hasPerCPUStates ? UInt(cpu) &+ 1 &<< 4 : 0
+        if memo.matches(flow, tag: tag, generation: generation) {
+            // The memo holds its bundle strongly; borrowing it here costs no reference count per packet.
+            let r = memo.withBundle { self.outputCachedBundle(&packet, $0, now: now, transformed: &transformed) }
+            if let r { return r }
+            memo.clear()  // the SA is no longer valid: resolve again below
+        }
+        if let (hit, touch) = self.outputCache.lookup(flow, tag: tag, generation: generation, now: now) {
+            switch hit.value {
+            case .plain(let ifindex, let mtu):
+                return self.transmit(&packet, ifindex: ifindex, mtu: mtu, transformed: false)
+            case .packetOffload(let policyIndex, let sa, let device, let offload, let limit, let tunnel):
+                if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
+                return self.packetOffloadChecks(&packet, sa: sa, device: device, offload: offload, limit: limit,
+                                                tunnel: tunnel)
+            case .bundle(let policyIndex, let bundle):
+                if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
+                memo.set(flow, tag: tag, generation: generation, bundle: bundle)
+                if let r = self.outputCachedBundle(&packet, bundle, now: now, transformed: &transformed) { return r }
+                memo.clear()
+                // The SA is no longer valid: resolve again below.
+            }
+        }
+        // ≈ flowi_oif: the policy lookup sees the interface the route leads to (selectors with `dev IFNAME`).
+        let cacheKey = flow
+        let route = self.network.egress(to: flow.destination)
+        flow.ifindex = route?.ifindex ?? 0
+        if let policy = self.policies.lookup(.outbound, flow, usedAt: now) {
+            if policy.action == .block {
+                self.statistics.increment(.outPolBlock)
+                return .dropped(.outPolBlock)
+            }
+            if let po = policy.offload {
+                return self.outputPacketOffload(&packet, flow: flow, cacheKey: cacheKey, tag: tag, policy: policy,
+                                                device: po.ifindex, mark: mark, cpu: cpu, generation: generation,
+                                                now: now)
+            }
+            var crypto: (OffloadMetadata, Int32)? = nil
+            let single = policy.templates.count == 1
+            var cacheable: (sa: SecurityAssociation, device: (any XfrmOffloadDevice, StateOffload)?)? = nil
+            // ≈ xfrm_tmpl_resolve_one: a transport template takes its addresses from the flow or from the previous
+            // tunnel's endpoints; a tunnel template from itself, its missing source from the route (xfrm_get_saddr).
+            var daddr = flow.destination
+            var saddr = flow.source
+            var applied = 0
+            for template in policy.templates {
+                guard let (source, destination) = self.templateAddresses(template, daddr: daddr, saddr: saddr) else {
+                    self.statistics.increment(.outPolError)  // no route to the tunnel's peer: no source address
+                    return .dropped(.outPolError)
+                }
+                let query = StateQuery(
+                    template: template, flow: flow, source: source, destination: destination,
+                    policyMark: policy.mark.value & policy.mark.mask, ifID: policy.ifID, cpu: cpu,
+                    cpuAcquire: policy.flags & Policy.cpuAcquireFlag != 0)
+                var resolution = self.states.resolve(query)
+                // ≈ xfrm_state_find's state cache: with XFRM_POLICY_CPU_ACQUIRE only the CPU's own SA is remembered.
+                var stopgap = false
+                if case .found(let sa) = resolution, query.cpuAcquire, sa.config.pcpuNum != cpu { stopgap = true }
+                if case .fallback(let sa) = resolution {
+                    // ≈ xfrm_state_find with XFRM_POLICY_CPU_ACQUIRE: ask for this CPU's SA, meanwhile use `sa`
+                    // (not cached: the CPU's own SA is to take over).
+                    self.acquire(template, flow: flow, policy: policy, source: source, destination: destination,
+                                 pcpu: cpu)
+                    resolution = .found(sa)
+                    stopgap = true
+                }
+                switch resolution {
+                case .fallback: fatalError("resolved above")
+                case .found(let sa):
+                    daddr = destination
+                    saddr = source
+                    applied += 1
+                    // Crypto offload: a single-transform bundle whose route leads to the SA's device, if the device
+                    // takes the packet; otherwise the SA silently works in software (≈ xfrm_dev_offload_ok).
+                    if single, let o = sa.offload, o.type == .crypto, let dev = self.device(ifindex: o.ifindex),
+                        let egress = self.network.egress(to: sa.id.destination), egress.ifindex == o.ifindex,
+                        !dev.callbacks.contains(.offloadOK) || dev.offloadOK(packet, sa: sa, offload: o)
+                    {
+                        var layout = ESPLayout()
+                        if case .done(let r) = self.apply(sa, to: &packet, now: now, deviceLayout: &layout) {
+                            return r
+                        }
+                        // ≈ xfrm_replay_overflow_offload_esn: the high half moved on, so the device must learn it.
+                        if sa.config.esn && layout.sequence & 0xffff_ffff == 0 { dev.advanceESN(sa, offload: o) }
+                        var meta = OffloadMetadata()
+                        meta.espOffset = layout.espOffset
+                        meta.cryptLength = layout.cryptLength
+                        meta.esnHigh = layout.esnHigh
+                        meta.handle = o.handle
+                        crypto = (meta, o.ifindex)
+                        if !stopgap { cacheable = (sa, (dev, o)) }
+                        continue
+                    }
+                    // A software SA's bundle is cached; a crypto-offload SA that went to software for this packet
+                    // is not (the device may take the next one).
+                    if single && sa.offload == nil && !stopgap { cacheable = (sa, nil) }
+                    var unused = ESPLayout()
+                    if case .done(let r) = self.apply(sa, to: &packet, now: now, deviceLayout: &unused, seal: true) {
+                        return r
+                    }
+                case .acquiring:
+                    if template.optional { continue }
+                    self.statistics.increment(.outNoStates)
+                    return .dropped(.outNoStates)
+                case .none:
+                    // xfrm_state_find queries the key manager for optional templates too; the packet then goes on
+                    // without that transform.
+                    self.acquire(template, flow: flow, policy: policy, source: source, destination: destination)
+                    if template.optional { continue }
+                    self.statistics.increment(.outNoStates)
+                    return .dropped(.outNoStates)
+                }
+            }
+            if let (meta, ifindex) = crypto {
+                let r = self.transmit(&packet, transformed: true)
+                guard case .transmit(let out) = r else { return r }
+                if out == ifindex {
+                    if let c = cacheable { self.cacheBundle(c.sa, device: c.device, flow: flow, key: cacheKey,
+                                                            tag: tag, policy: policy, generation: generation,
+                                                            now: now) }
+                    return .offload(ifindex: ifindex, metadata: meta)
+                }
+                self.statistics.increment(.outError)
+                return .dropped(.outError)
+            }
+            transformed = applied > 0
+            let r = self.transmit(&packet, transformed: applied > 0)
+            if case .transmit = r, applied == 1, let c = cacheable {
+                self.cacheBundle(c.sa, device: nil, flow: flow, key: cacheKey, tag: tag, policy: policy,
+                                 generation: generation, now: now)
+            }
+            return r
+        } else if self.defaultAction(.outbound) == .block && !self.network.isLocal(flow.destination) {
+            // ≈ xfrm_lookup_with_ifid: the sender gets EPERM and no counter moves; loopback traffic is exempt.
+            return .dropped(nil)
+        }
+        guard let route else { return .dropped(nil) }
+        self.outputCache.store(
+            OutputCache.Entry(flow: cacheKey, tag: tag, generation: generation,
+                              value: .plain(ifindex: route.ifindex, mtu: route.mtu)),
+            now: now)
+        return self.transmit(&packet, ifindex: route.ifindex, mtu: route.mtu, transformed: false)
+    }
+
+    /// Packet offload TX (≈ xfrm_output_one's PACKET branch + xfrm_dev_offload_ok): no ESP work, no sequence
+    /// number, no SA accounting on the host — checks only, then the plaintext goes to the device. Whatever the
+    /// device cannot take is dropped as XfrmOutError, never sent in software and never in clear.
+    func outputPacketOffload(_ packet: inout PacketBuffer, flow: Flow, cacheKey: Flow, tag: UInt,
+                                     policy: Policy, device: Int32, mark: UInt32, cpu: UInt32, generation: UInt64,
+                                     now: UInt64) -> OutputResult {
+        guard let template = policy.templates.first else {
+            // An offloaded allow policy without templates: plaintext through the device.
+            return self.transmit(&packet)
+        }
+        guard let (source, destination) = self.templateAddresses(template, daddr: flow.destination,
+                                                                 saddr: flow.source) else {
+            self.statistics.increment(.outPolError)
+            return .dropped(.outPolError)
+        }
+        let sa: SecurityAssociation
+        var cacheable = true
+        let query = StateQuery(template: template, flow: flow, source: source, destination: destination,
+                               policyMark: policy.mark.value & policy.mark.mask, ifID: policy.ifID,
+                               packetOffloadDevice: device, cpu: cpu,
+                               cpuAcquire: policy.flags & Policy.cpuAcquireFlag != 0)
+        switch self.states.resolve(query) {
+        case .found(let s):
+            sa = s
+            cacheable = !query.cpuAcquire || s.config.pcpuNum == cpu
+        case .fallback(let s):
+            self.acquire(template, flow: flow, policy: policy, source: source, destination: destination,
+                         offload: StateOffload(ifindex: device, direction: .outbound, type: .packet), pcpu: cpu)
+            sa = s
+            cacheable = false
+        case .acquiring:
+            self.statistics.increment(.outNoStates)
+            return .dropped(.outNoStates)
+        case .none:
+            self.acquire(template, flow: flow, policy: policy, source: source, destination: destination,
+                         offload: StateOffload(ifindex: device, direction: .outbound, type: .packet))
+            self.statistics.increment(.outNoStates)
+            return .dropped(.outNoStates)
+        }
+        guard let o = sa.offload, o.type == .packet, let dev = self.device(ifindex: o.ifindex),
+            let transform = sa.transform
+        else {
+            self.statistics.increment(.outError)
+            return .dropped(.outError)
+        }
+        let routeTo = sa.config.mode == .tunnel ? sa.id.destination : flow.destination
+        guard let iface = self.network.egress(to: routeTo), iface.ifindex == o.ifindex else {
+            self.statistics.increment(.outError)  // the route leads to another device
+            return .dropped(.outError)
+        }
+        let limit = transform.maximumPayload(forMTU: iface.mtu)
+        let tunnel = sa.config.mode == .tunnel
+        if cacheable {
+            self.outputCache.store(
+                OutputCache.Entry(flow: cacheKey, tag: tag, generation: generation,
+                                  value: .packetOffload(policyIndex: policy.index, sa: sa, device: dev, offload: o,
+                                                        limit: limit, tunnel: tunnel)),
+                now: now)
+        }
+        return self.packetOffloadChecks(&packet, sa: sa, device: dev, offload: o, limit: limit, tunnel: tunnel)
+    }
+
+    /// The per-packet part of packet offload TX (≈ xfrm_dev_offload_ok): what the device cannot take is dropped as
+    /// XfrmOutError — IPv4 options, IPv6 extension headers, more than the SA's MTU (tunnel mode with DF answers with
+    /// ICMP) — and the driver's offload_ok has the last word.
+    @inline(__always)
+    func packetOffloadChecks(_ packet: inout PacketBuffer, sa: SecurityAssociation,
+                                     device: any XfrmOffloadDevice, offload o: StateOffload, limit: Int,
+                                     tunnel: Bool) -> OutputResult {
+        let p = packet.data
+        let v4 = p.loadByte(at: 0) >> 4 == 4
+        if v4 ? p.loadByte(at: 0) & 0x0f != 5 : IPv6Header.isExtensionHeader(p.loadByte(at: 6)) {
+            self.statistics.increment(.outError)  // IPv4 options or IPv6 extension headers
+            return .dropped(.outError)
+        }
+        if packet.count > limit {
+            // The stack never fragments for the device.
+            let df = !v4 || p.loadBE16(at: 6) & IPv4Header.flagDF != 0
+            self.statistics.increment(.outError)
+            if tunnel && df {
+                return self.makePacketTooBig(&packet, mtu: limit) ? .icmpError : .dropped(.outError)
+            }
+            return .dropped(.outError)
+        }
+        if device.callbacks.contains(.offloadOK) && !device.offloadOK(packet, sa: sa, offload: o) {
+            self.statistics.increment(.outError)
+            return .dropped(.outError)
+        }
+        var meta = OffloadMetadata()
+        meta.handle = o.handle
+        return .offload(ifindex: o.ifindex, metadata: meta)
+    }
+
+    /// Applies one SA of a bundle; nil to continue, or the final result. `limit` is the largest inner packet the
+    /// tunnel's path takes (nil: look the route up; transport mode has none). `retryIfInvalid` (a cached bundle):
+    /// an SA that is no longer valid gives `.stale` instead of a drop, so that the caller resolves again.
+    @inline(__always)
+    func apply(_ sa: SecurityAssociation, to packet: inout PacketBuffer, now: UInt64,
+                       deviceLayout: inout ESPLayout, seal: Bool = false, limit cachedLimit: Int? = nil,
+                       retryIfInvalid: Bool = false) -> ApplyOutcome {
+        guard let transform = sa.transform else {
+            self.statistics.increment(.outStateInvalid)
+            return .done(.dropped(.outStateInvalid))
+        }
+        if sa.config.direction == .inbound {
+            self.statistics.increment(.outStateDirError)
+            return .done(.dropped(.outStateDirError))
+        }
+        // Tunnel mode: an inner packet that would not fit the path after ESP is refused with ICMP when it may not
+        // be fragmented (IPv4 DF, or any IPv6), ≈ xfrm4_tunnel_check_size / xfrm6_tunnel_check_size, which run
+        // before the SA's lock is taken.
+        if sa.config.mode == .tunnel,
+            let limit = cachedLimit ?? self.network.egress(to: sa.id.destination).map({
+                transform.maximumPayload(forMTU: $0.mtu) }),
+            packet.count > limit
+        {
+            let p = packet.data
+            let v4DF = p.loadByte(at: 0) >> 4 == 4 && p.loadBE16(at: 6) & IPv4Header.flagDF != 0
+            let v6 = p.loadByte(at: 0) >> 4 == 6
+            if v4DF || v6 {
+                // ≈ xfrm4_tunnel_check_size failing in the outer mode output: XfrmOutStateModeError.
+                self.statistics.increment(.outStateModeError)
+                return .done(self.makePacketTooBig(&packet, mtu: limit) ? .icmpError : .dropped(.outStateModeError))
+            }
+        }
+        // One acquisition of the SA's lock: state, lifetime, sequence number and ESP, accounting.
+        let use = sa.useForOutput(now: now) {
+            // The header was verified by Flow.parse at the start of output, or written by the previous SA.
+            let reason = seal ? transform.encapsulate(&packet, layout: &deviceLayout, innerHeaderChecked: true)
+                : transform.encapsulateForDevice(&packet, layout: &deviceLayout, innerHeaderChecked: true)
+            return (reason, deviceLayout.payloadLength)
+        }
+        switch use {
+        case .notValid:
+            if retryIfInvalid { return .stale }
+            self.statistics.increment(.outStateInvalid)
+            return .done(.dropped(.outStateInvalid))
+        case .hardExpired:
+            self.expireHard(sa)
+            self.statistics.increment(.outStateExpired)
+            return .done(.dropped(.outStateExpired))
+        case .used(let reason, let soft):
+            if soft {
+                self.events.publish(.expire(sa, hard: false))
+                // A dying SA gives way to a fresh one at the next resolution: cached bundles resolve again.
+                self.configurationChanged()
+            }
+            if let reason {
+                self.statistics.count(reason)
+                return .done(.dropped(XfrmStatCounter(reason)))
+            }
+            return .next
+        }
+    }
+
+    /// Routes and transmits a packet (no XFRM work): MTU check against the outgoing interface.
+
+    /// The (local, remote) addresses an output template is resolved with (≈ the top of xfrm_tmpl_resolve_one's
+    /// loop): transport mode takes `saddr`/`daddr` (the flow's, or the previous tunnel's endpoints); tunnel mode
+    /// takes the template's, a missing source from the route toward the destination (xfrm_get_saddr). nil when
+    /// there is no route to take a source from.
+    @inline(__always)
+    func templateAddresses(_ t: Template, daddr: IPAddress, saddr: IPAddress) -> (IPAddress, IPAddress)? {
+        guard t.mode == 1 else { return (saddr, daddr) }
+        let remote = t.destination ?? daddr
+        if let local = t.source, !local.isUnspecified { return (local, remote) }
+        guard let egress = self.network.egress(to: remote),
+            let local = self.network.sourceAddress(ifindex: egress.ifindex, version: remote.version)
+        else { return nil }
+        return (local, remote)
+    }
+
+    /// ≈ xfrm_state_find's acquire branch: a larval SA (expires in 30 s) and an ACQUIRE to the key manager. As in
+    /// xfrm_init_tempstate: the selector is the flow with full prefixes, port masks 0xffff and the output
+    /// interface; the SA is `dir out` and takes the policy's mark and if_id. When no key manager listens for
+    /// ACQUIRE (km_query fails), no larval SA is left behind. `pcpu`: the CPU a per-CPU acquire asks for (only with
+    /// XFRM_POLICY_CPU_ACQUIRE while another SA carries the flow, as xfrm_state_find sets it); the larval SA and
+    /// the ACQUIRE carry it (XFRMA_SA_PCPU).
+    func acquire(_ template: Template, flow: Flow, policy: Policy, source: IPAddress, destination: IPAddress,
+                         offload: StateOffload? = nil, pcpu: UInt32? = nil) {
+        let seq = self.acquireSequence.wrappingAdd(1, ordering: .relaxed).newValue
+        var lifetime = LifetimeConfig()
+        lifetime.hardAddExpiresSeconds = Self.acquireExpirySeconds
+        let full = flow.version == 4 ? UInt8(32) : 128
+        let selector = Selector(
+            family: flow.version, source: IPPrefix(flow.source, length: full),
+            destination: IPPrefix(flow.destination, length: full), proto: flow.proto,
+            sourcePort: flow.sourcePort, sourcePortMask: 0xffff,
+            destinationPort: flow.destinationPort, destinationPortMask: 0xffff, ifindex: flow.ifindex)
+        var config = SAConfig(
+            id: SAID(destination: destination, spi: 0, proto: template.proto), source: source, selector: selector,
+            reqid: template.reqid, mode: template.mode == 1 ? .tunnel : .transport, mark: policy.mark,
+            ifID: policy.ifID, direction: .outbound, lifetime: lifetime, crypto: nil, kmSequence: seq)
+        config.pcpuNum = pcpu
+        let larval = try! SecurityAssociation(config, addTime: self.clock.now)
+        // A packet-offload policy's larval SA is offered to its device first (≈ xdo_dev_state_add with
+        // XFRM_DEV_OFFLOAD_FLAG_ACQ); a device that refuses it leaves no larval SA and sends no ACQUIRE.
+        if var o = offload {
+            o.acquire = true
+            guard let dev = self.device(ifindex: o.ifindex), dev.callbacks.contains(.stateAdd) else { return }
+            do throws(DeviceError) {
+                o.handle = try dev.stateAdd(larval, offload: o)
+            } catch {
+                return
+            }
+            larval.setOffload(o)
+        }
+        // km_query after the device add, as xfrm_state_find orders them: with no listener the larval SA goes,
+        // from the device too.
+        guard self.events.hasAcquireListeners else {
+            self.releaseFromDevice(larval)
+            return
+        }
+        self.states.insertLarval(larval)
+        self.events.publish(.acquire(state: larval, template: template, policy: policy))
+    }
+}
+
+/// What applying one SA of a bundle came to.
+enum ApplyOutcome {
+    /// Protected: go on with the next template.
+    case next
+    /// The packet's fate (a drop, an ICMP error).
+    case done(OutputResult)
+    /// A cached bundle's SA is no longer valid: resolve again.
+    case stale
+}

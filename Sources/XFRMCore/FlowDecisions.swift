@@ -53,7 +53,8 @@ struct OutputMemo {
         self.bundle != nil && self.generation == generation && self.tag == tag && self.flow.sameFlow(flow)
     }
 
-    /// Runs `body` with the bundle borrowed (+0): `owner` keeps it alive, and `body` cannot change the memo.
+    /// Runs `body` with the bundle borrowed (+0): `owner` keeps it alive — a stored property of the caller's memo,
+    /// which nothing can change while `body` runs (the memo is `inout` to the batch loop and `body` does not see it).
     @inline(__always)
     func withBundle<R>(_ body: (OutputBundle) -> R) -> R {
         self.bundle.unsafelyUnwrapped._withUnsafeGuaranteedRef(body)

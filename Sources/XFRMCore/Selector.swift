@@ -87,9 +87,11 @@ public struct Flow: Hashable, Sendable {
     /// fields first.
     @inline(__always)
     func sameFlow(_ o: Flow) -> Bool {
-        self.sourcePort == o.sourcePort && self.destinationPort == o.destinationPort && self.proto == o.proto
+        let same = self.sourcePort == o.sourcePort && self.destinationPort == o.destinationPort && self.proto == o.proto
             && self.mark == o.mark && self.ifindex == o.ifindex && self.ifID == o.ifID
             && self.destination == o.destination && self.source == o.source
+        assert(same == (self == o), "Flow gained a field sameFlow does not compare")
+        return same
     }
 }
 

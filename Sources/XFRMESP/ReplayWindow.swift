@@ -32,7 +32,8 @@ public struct ReplayWindow: Sendable {
     /// Shared only between copies of a window, and written only when not shared (copy-on-write).
     /// Its words are behind a pointer, so one word is read or written without copying the 512 bytes.
     private final class BigRing: @unchecked Sendable {
-        static let words = ReplayWindow.maximumSize / 64
+        /// `maximumSize` / 64, as a literal (a `static let` is a lazy global behind a check).
+        static var words: Int { 64 }
         let bits: UnsafeMutablePointer<UInt64>
         init() {
             self.bits = .allocate(capacity: Self.words)
@@ -47,11 +48,13 @@ public struct ReplayWindow: Sendable {
 
     @inline(__always)
     private func word(_ w: Int) -> UInt64 {
-        self.big == nil ? (w == 0 ? self.ring0 : self.ring1) : self.big.unsafelyUnwrapped.bits[w]
+        assert(w >= 0 && w <= self.wordMask)
+        return self.big == nil ? (w == 0 ? self.ring0 : self.ring1) : self.big.unsafelyUnwrapped.bits[w]
     }
 
     @inline(__always)
     private mutating func setWord(_ w: Int, _ value: UInt64) {
+        assert(w >= 0 && w <= self.wordMask)
         if self.big == nil {
             if w == 0 { self.ring0 = value } else { self.ring1 = value }
         } else {

@@ -14,6 +14,47 @@ struct PacketTests {
         #expect(InternetChecksum.compute([0xab]) == ~UInt16(0xab00))
     }
 
+    @Test("a written header's checksum (summed from the field values) is the byte-wise checksum of what was stored")
+    func writtenHeaderChecksum() {
+        var rng = SystemRandomNumberGenerator()
+        var hdr = [UInt8](repeating: 0xee, count: 20)
+        for _ in 0..<5000 {
+            let (tos, ttl, proto) = (UInt8.random(in: 0...255, using: &rng), UInt8.random(in: 0...255, using: &rng),
+                                     UInt8.random(in: 0...255, using: &rng))
+            let total = Int.random(in: 20...65535, using: &rng)
+            let (id, flags) = (UInt16.random(in: 0...0xffff, using: &rng), UInt16.random(in: 0...0xffff, using: &rng))
+            let (src, dst) = (UInt32.random(in: 0...0xffff_ffff, using: &rng), UInt32.random(in: 0...0xffff_ffff, using: &rng))
+            hdr.withUnsafeMutableBytes { b in
+                IPv4Header.write(b.baseAddress!, tos: tos, totalLength: total, identification: id, flags: flags,
+                                 ttl: ttl, proto: proto, source: src, destination: dst)
+            }
+            #expect(InternetChecksum.compute(hdr) == 0, "header \(hdr)")
+            var copy = hdr
+            copy[10] = 0
+            copy[11] = 0
+            let c = InternetChecksum.compute(copy)
+            #expect(hdr[10] == UInt8(c >> 8) && hdr[11] == UInt8(c & 0xff))
+        }
+    }
+
+    @Test("the checksum check of a 20-byte header (five words, no loop) agrees with the byte-wise sum, options too")
+    func headerChecksumCheck() {
+        var rng = SystemRandomNumberGenerator()
+        for length in [20, 24, 60] {
+            for _ in 0..<3000 {
+                var hdr = (0..<length).map { _ in UInt8.random(in: 0...255, using: &rng) }
+                if Bool.random(using: &rng) {  // half of them with a correct checksum
+                    hdr[10] = 0
+                    hdr[11] = 0
+                    let c = InternetChecksum.compute(hdr)
+                    (hdr[10], hdr[11]) = (UInt8(c >> 8), UInt8(c & 0xff))
+                }
+                let valid = hdr.withUnsafeMutableBytes { IPv4Header.checksumIsValid($0.baseAddress!, headerLength: length) }
+                #expect(valid == (InternetChecksum.compute(hdr) == 0), "header \(hdr)")
+            }
+        }
+    }
+
     @Test("a TTL decrement's incremental checksum verifies like a full recompute, for every TTL and many headers")
     func ttlDecrementChecksum() {
         var rng = SystemRandomNumberGenerator()

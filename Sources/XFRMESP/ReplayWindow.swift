@@ -233,9 +233,14 @@ public struct ReplayWindow: Sendable {
 }
 
 /// A replay bitmap as the kernel's user API carries it (see `ReplayWindow.init(size:esn:top:bitmap:)`).
+///
+/// The array case comes first on purpose: Swift keeps a multi-payload enum's case tag in the spare bits of its
+/// payload, and the first payload case's tag is 0, so `.ring`'s array pointer is stored unchanged. Second, it would
+/// carry the tag in its high bits, and LeakSanitizer, which looks for exact addresses, would report the array an SA
+/// keeps in its configuration as leaked (the control fuzz harness did; README "Fuzzing").
 public enum ReplayBitmap: Sendable, Equatable {
-    /// xfrm_replay_state.bitmap: bit i is sequence top − i.
-    case legacy(UInt32)
     /// xfrm_replay_state_esn.bmp: a ring, sequence s at bit (s − 1) mod window.
     case ring([UInt32])
+    /// xfrm_replay_state.bitmap: bit i is sequence top − i.
+    case legacy(UInt32)
 }

@@ -90,12 +90,29 @@ struct InputDecision {
 struct InputMemo {
     private(set) var generation: UInt64 = 0
     var outer: (destination: IPAddress, local: Int32?)? = nil
-    var sa: (id: SAID, mark: UInt32, sa: SecurityAssociation)? = nil
+    /// The SA the last outermost SPI and mark found (nil: none, or not found), lent out unretained: `saOwner`
+    /// keeps it alive. Written only for a packet's outermost ESP header, before the packet borrows it.
+    private(set) var sa: Unmanaged<SecurityAssociation>? = nil
+    private var saKey: (id: SAID, mark: UInt32)? = nil
+    private var saOwner: SecurityAssociation? = nil
     var verdict: (flow: Flow, tag: UInt, decision: InputDecision)? = nil
 
     /// Forgets everything when the configuration changed since the memo was made.
     @inline(__always)
     mutating func validate(_ generation: UInt64) {
         if generation != self.generation { self = InputMemo(generation: generation) }
+    }
+
+    /// Whether `sa` is what this SPI and mark found (a lookup that found nothing is not kept).
+    @inline(__always)
+    func holdsSA(_ id: SAID, mark: UInt32) -> Bool {
+        guard let k = self.saKey else { return false }
+        return k.id.spi == id.spi && k.mark == mark && k.id.destination == id.destination && k.id.proto == id.proto
+    }
+
+    mutating func setSA(_ id: SAID, mark: UInt32, _ sa: SecurityAssociation?) {
+        self.saKey = sa == nil ? nil : (id, mark)
+        self.saOwner = sa
+        self.sa = sa.map { Unmanaged.passUnretained($0) }
     }
 }

@@ -91,7 +91,8 @@ extension SecurityAssociation {
         /// Crypto offload RX: the device found the ICV bad (counted in the SA's stats).
         case deviceICVFailed(softExpired: Bool)
         /// The transform ran: `reason` is its drop (counted in the SA's stats), nil when the packet was opened and
-        /// counted. `highMoved`: the ESN high half of the window moved (a crypto-offload device must learn it);
+        /// counted. `highMoved`: the ESN high half of the window moved (a crypto-offload device must learn it; only
+        /// reported for a packet the device decrypted on an ESN SA, the one case that needs it);
         /// `offload` is the SA's device binding.
         case used(DropReason?, softExpired: Bool, highMoved: Bool, offload: StateOffload?)
     }
@@ -108,19 +109,28 @@ extension SecurityAssociation {
             if bound?.type == .packet { return .packetOffloaded }
             if cryptoDone && (bound?.type != .crypto || bound?.handle != metadata?.handle) { return .mismatch }
             guard m.state == .valid else { return .notValid(larval: m.state == .acquiring) }
-            if m.lifetimeLimitReached, let reason = screen() {
-                m.countDrop(reason)
-                return .used(reason, softExpired: false, highMoved: false, offload: bound)
+            let check: ExpiryCheck
+            if m.lifetimeLimitReached {
+                if let reason = screen() {
+                    m.countDrop(reason)
+                    return .used(reason, softExpired: false, highMoved: false, offload: bound)
+                }
+                check = m.checkExpire(now: now)
+                if check == .hardExpired { return .hardExpired }
+            } else {
+                // No limit due (the usual packet): all `checkExpire` would do is set the first use time.
+                if m.current.useTime == 0 { m.current.useTime = now }
+                check = .ok
             }
-            let check = m.checkExpire(now: now)
-            if check == .hardExpired { return .hardExpired }
             if cryptoDone && !(metadata?.cryptoSuccess ?? false) {
                 m.countDrop(.icvFailed)
                 return .deviceICVFailed(softExpired: check == .softExpired)
             }
-            let before = self.transform?.replayTop ?? 0
+            // Only a crypto-offload device with ESN needs to hear that the window's high half moved.
+            let trackHigh = cryptoDone && self.config.esn
+            let before = trackHigh ? self.transform?.replayTop ?? 0 : 0
             let (reason, bytes) = transform()
-            let highMoved = (self.transform?.replayTop ?? 0) >> 32 != before >> 32
+            let highMoved = trackHigh && (self.transform?.replayTop ?? 0) >> 32 != before >> 32
             if let reason {
                 m.countDrop(reason)
             } else {

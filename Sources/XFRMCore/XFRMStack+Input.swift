@@ -9,36 +9,75 @@ import XFRMESP
 import XFRMPacket
 
 /// The SAs a received packet came through, outermost first (≈ struct sec_path; at most XFRM_MAX_DEPTH = 6).
+///
+/// Entries are unretained references. One the secpath keeps alive itself (`append`) is marked in `owned` and released
+/// with the secpath; a lent one (`appendLent`: the outermost SA, which the input memo holds for the packet's whole
+/// input) costs no reference count.
 struct SecPath: ~Copyable {
-    var entries: (SecurityAssociation?, SecurityAssociation?, SecurityAssociation?, SecurityAssociation?,
-                  SecurityAssociation?, SecurityAssociation?) = (nil, nil, nil, nil, nil, nil)
-    var count = 0
+    private var entries: (Unmanaged<SecurityAssociation>?, Unmanaged<SecurityAssociation>?,
+                          Unmanaged<SecurityAssociation>?, Unmanaged<SecurityAssociation>?,
+                          Unmanaged<SecurityAssociation>?, Unmanaged<SecurityAssociation>?) = (nil, nil, nil, nil, nil, nil)
+    private(set) var count = 0
+    /// Bit i: entry i was retained by `append` and is released in deinit.
+    private var owned: UInt8 = 0
     static let capacity = 6
 
+    deinit {
+        guard self.owned != 0 else { return }
+        for i in 0..<self.count where self.owned & (1 << i) != 0 { self.entry(i).release() }
+    }
+
+    /// Appends `sa`, retained by the secpath; false when the secpath is full.
     mutating func append(_ sa: SecurityAssociation) -> Bool {
         guard self.count < Self.capacity else { return false }
-        switch self.count {
-        case 0: self.entries.0 = sa
-        case 1: self.entries.1 = sa
-        case 2: self.entries.2 = sa
-        case 3: self.entries.3 = sa
-        case 4: self.entries.4 = sa
-        default: self.entries.5 = sa
-        }
-        self.count += 1
+        self.owned |= 1 << self.count
+        self.put(Unmanaged.passRetained(sa))
         return true
     }
 
-    subscript(i: Int) -> SecurityAssociation {
+    /// Appends an SA the caller keeps alive for as long as the secpath lives, unretained; false when full.
+    mutating func appendLent(_ sa: Unmanaged<SecurityAssociation>) -> Bool {
+        guard self.count < Self.capacity else { return false }
+        self.put(sa)
+        return true
+    }
+
+    private mutating func put(_ e: Unmanaged<SecurityAssociation>) {
+        switch self.count {
+        case 0: self.entries.0 = e
+        case 1: self.entries.1 = e
+        case 2: self.entries.2 = e
+        case 3: self.entries.3 = e
+        case 4: self.entries.4 = e
+        default: self.entries.5 = e
+        }
+        self.count += 1
+    }
+
+    @inline(__always)
+    private func entry(_ i: Int) -> Unmanaged<SecurityAssociation> {
+        assert(i >= 0 && i < self.count)
         switch i {
-        case 0: self.entries.0!
-        case 1: self.entries.1!
-        case 2: self.entries.2!
-        case 3: self.entries.3!
-        case 4: self.entries.4!
-        default: self.entries.5!
+        case 0: return self.entries.0.unsafelyUnwrapped
+        case 1: return self.entries.1.unsafelyUnwrapped
+        case 2: return self.entries.2.unsafelyUnwrapped
+        case 3: return self.entries.3.unsafelyUnwrapped
+        case 4: return self.entries.4.unsafelyUnwrapped
+        default: return self.entries.5.unsafelyUnwrapped
         }
     }
+
+    subscript(i: Int) -> SecurityAssociation { self.entry(i).takeUnretainedValue() }
+
+    /// Runs `body` with entry `i` borrowed (no reference count): the secpath or the memo that lent it keeps it.
+    @inline(__always)
+    func with<R>(_ i: Int, _ body: (SecurityAssociation) -> R) -> R {
+        self.entry(i)._withUnsafeGuaranteedRef(body)
+    }
+
+    /// Entry `i`'s identity (the input cache's tag).
+    @inline(__always)
+    func identity(_ i: Int) -> UInt { UInt(bitPattern: self.entry(i).toOpaque()) }
 }
 
 extension XFRMStack {
@@ -111,77 +150,101 @@ extension XFRMStack {
                                         localIfindex: secpath.count == 0 ? outerLocal : nil, memo: &memo)
             case .esp(let info):
                 let id = SAID(destination: info.destination, spi: info.spi, proto: IPProtocolNumber.esp)
-                let found: SecurityAssociation?
-                if let m = memo.sa, m.id == id, m.mark == mark {
-                    found = m.sa
-                } else {
-                    found = self.states.lookup(id, mark: mark)
-                    memo.sa = found.map { (id, mark, $0) }
-                }
-                guard let sa = found else {
-                    self.statistics.count(.noState)
-                    return .dropped(.inNoStates)
-                }
-                // ≈ xfrm_input: the direction right after the lookup, then the state under the lock.
-                if sa.config.direction == .outbound {
-                    self.statistics.increment(.inStateDirError)
-                    return .dropped(.inStateDirError)
-                }
-                guard let transform = sa.transform else {
-                    // A larval SA (ALLOCSPI gave it this SPI; the key manager has not filled it in yet).
-                    self.statistics.increment(.acquireError)
-                    return .dropped(.acquireError)
-                }
                 let done = cryptoDone
                 cryptoDone = false  // only the outermost ESP was handled by the device
-                let tunnel = sa.config.mode == .tunnel
-                // One acquisition of the SA's lock for the whole packet (≈ xfrm_input's x->lock section).
-                let use = sa.useForInput(now: now, metadata: metadata, cryptoDone: done,
-                                         screen: { transform.screen(info) }) {
-                    let r = transform.decapsulate(&packet, info: info, cryptoDone: done)
-                    // ≈ xfrm_input after x->type->input: curlft counts what ESP delivered — the inner packet in
-                    // tunnel mode, the upper-layer payload in transport mode — not the outer ESP packet.
-                    return (r, tunnel ? packet.count : packet.count - info.transportOffset)
-                }
-                switch use {
-                case .packetOffloaded:
-                    // A packet-offload SA is used only by its device, never in software (spec §7).
-                    self.statistics.increment(.inStateInvalid)
-                    return .dropped(.inStateInvalid)
-                case .mismatch:
-                    // The device decrypted with another SA than the one found here: trust nothing.
-                    self.statistics.increment(.inStateMismatch)
-                    return .dropped(.inStateMismatch)
-                case .notValid(let larval):
-                    self.statistics.increment(larval ? .acquireError : .inStateInvalid)
-                    return .dropped(larval ? .acquireError : .inStateInvalid)
-                case .hardExpired:
-                    self.expireHard(sa)
-                    self.statistics.increment(.inStateExpired)
-                    return .dropped(.inStateExpired)
-                case .deviceICVFailed(let soft):
-                    // Crypto offload RX: the device found the ICV bad.
-                    if soft { self.events.publish(.expire(sa, hard: false)) }
-                    self.statistics.count(.icvFailed)
-                    return .dropped(.inStateProtoError)
-                case .used(let reason, let soft, let highMoved, let bound):
-                    if soft { self.events.publish(.expire(sa, hard: false)) }
-                    // ≈ xfrm_replay_advance_esn → xdo_dev_state_advance_esn: a crypto-offload device tracks the high
-                    // half.
-                    if done && highMoved && sa.config.esn, let o = bound, let dev = self.device(ifindex: o.ifindex),
-                        dev.callbacks.contains(.advanceESN) {
-                        dev.advanceESN(sa, offload: o)
+                if secpath.count == 0 {
+                    // The outermost SA: the memo's (one SAD lookup per batch and SPI), lent to the secpath. The memo
+                    // is written only here, before it lends the SA, so its reference keeps the SA alive until this
+                    // packet is done even if the SAD drops it meanwhile.
+                    if !memo.holdsSA(id, mark: mark) { memo.setSA(id, mark: mark, self.states.lookup(id, mark: mark)) }
+                    guard let lent = memo.sa else {
+                        self.statistics.count(.noState)
+                        return .dropped(.inNoStates)
                     }
-                    if let reason {
-                        self.statistics.count(reason)
-                        return .dropped(reason == .tfcDummy ? nil : XfrmStatCounter(reason))
+                    if let verdict = lent._withUnsafeGuaranteedRef({
+                        self.inputLayer($0, &packet, info: info, metadata: metadata, cryptoDone: done, now: now)
+                    }) {
+                        return verdict
                     }
-                }
-                guard secpath.append(sa) else {
-                    self.statistics.increment(.inBufferError)
-                    return .dropped(.inBufferError)
+                    _ = secpath.appendLent(lent)
+                } else {
+                    // A nested layer looks up without the memo and keeps its SA in the secpath.
+                    guard let sa = self.states.lookup(id, mark: mark) else {
+                        self.statistics.count(.noState)
+                        return .dropped(.inNoStates)
+                    }
+                    if let verdict = self.inputLayer(sa, &packet, info: info, metadata: metadata, cryptoDone: done,
+                                                     now: now) {
+                        return verdict
+                    }
+                    guard secpath.append(sa) else {
+                        self.statistics.increment(.inBufferError)
+                        return .dropped(.inBufferError)
+                    }
                 }
             }
+        }
+    }
+
+    /// One ESP layer of `input` through `sa`: the direction and larval checks, then the SA's locked section (state,
+    /// lifetime, replay, ICV, decryption, accounting). nil when the packet was decapsulated and goes on; otherwise
+    /// its verdict, counted.
+    @inline(__always)
+    private func inputLayer(_ sa: SecurityAssociation, _ packet: inout PacketBuffer, info: ESPPacketInfo,
+                            metadata: OffloadMetadata?, cryptoDone done: Bool, now: UInt64) -> InputResult? {
+        // ≈ xfrm_input: the direction right after the lookup, then the state under the lock.
+        if sa.config.direction == .outbound {
+            self.statistics.increment(.inStateDirError)
+            return .dropped(.inStateDirError)
+        }
+        guard let transform = sa.transform else {
+            // A larval SA (ALLOCSPI gave it this SPI; the key manager has not filled it in yet).
+            self.statistics.increment(.acquireError)
+            return .dropped(.acquireError)
+        }
+        let tunnel = sa.config.mode == .tunnel
+        // One acquisition of the SA's lock for the whole packet (≈ xfrm_input's x->lock section).
+        let use = sa.useForInput(now: now, metadata: metadata, cryptoDone: done,
+                                 screen: { transform.screen(info) }) {
+            let r = transform.decapsulate(&packet, info: info, cryptoDone: done)
+            // ≈ xfrm_input after x->type->input: curlft counts what ESP delivered — the inner packet in
+            // tunnel mode, the upper-layer payload in transport mode — not the outer ESP packet.
+            return (r, tunnel ? packet.count : packet.count - info.transportOffset)
+        }
+        switch use {
+        case .packetOffloaded:
+            // A packet-offload SA is used only by its device, never in software (spec §7).
+            self.statistics.increment(.inStateInvalid)
+            return .dropped(.inStateInvalid)
+        case .mismatch:
+            // The device decrypted with another SA than the one found here: trust nothing.
+            self.statistics.increment(.inStateMismatch)
+            return .dropped(.inStateMismatch)
+        case .notValid(let larval):
+            self.statistics.increment(larval ? .acquireError : .inStateInvalid)
+            return .dropped(larval ? .acquireError : .inStateInvalid)
+        case .hardExpired:
+            self.expireHard(sa)
+            self.statistics.increment(.inStateExpired)
+            return .dropped(.inStateExpired)
+        case .deviceICVFailed(let soft):
+            // Crypto offload RX: the device found the ICV bad.
+            if soft { self.events.publish(.expire(sa, hard: false)) }
+            self.statistics.count(.icvFailed)
+            return .dropped(.inStateProtoError)
+        case .used(let reason, let soft, let highMoved, let bound):
+            if soft { self.events.publish(.expire(sa, hard: false)) }
+            // ≈ xfrm_replay_advance_esn → xdo_dev_state_advance_esn: a crypto-offload device tracks the high
+            // half.
+            if done && highMoved && sa.config.esn, let o = bound, let dev = self.device(ifindex: o.ifindex),
+                dev.callbacks.contains(.advanceESN) {
+                dev.advanceESN(sa, offload: o)
+            }
+            if let reason {
+                self.statistics.count(reason)
+                return .dropped(reason == .tfcDummy ? nil : XfrmStatCounter(reason))
+            }
+            return nil
         }
     }
 
@@ -200,13 +263,13 @@ extension XFRMStack {
         }
         // The traffic's if_id is the innermost SA's (≈ xfrmi_decode_session finding the XFRM interface by
         // x->if_id); packets that came through no SA, or through SAs without an if_id, have if_id 0.
-        if secpath.count > 0 { flow.ifID = secpath[secpath.count - 1].ifID }
+        if secpath.count > 0 { flow.ifID = secpath.with(secpath.count - 1) { $0.ifID } }
         // A flow that came through one SA and was allowed before, in this configuration generation, is allowed
         // again without the lookups below (the verdict depends only on the flow, the SA and the configuration).
         let generation = memo.generation
         // The SA's identity as the tag: safe because an SA leaves the SAD only with a generation bump, so no entry
         // outlives it into a time when its address could belong to another SA.
-        let cacheTag = secpath.count == 1 ? UInt(bitPattern: ObjectIdentifier(secpath[0])) : 0
+        let cacheTag = secpath.count == 1 ? secpath.identity(0) : 0
         if cacheTag != 0, let m = memo.verdict, m.tag == cacheTag, m.flow.sameFlow(flow) {
             return m.decision.local ? .deliver : self.forwardPrepare(&packet)
         }

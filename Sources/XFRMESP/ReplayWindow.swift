@@ -134,6 +134,12 @@ public struct ReplayWindow: Sendable {
     /// Records an authenticated sequence number, sliding the window when it is the new highest (≈ advance).
     @inline(__always)
     public mutating func advance(_ seq: UInt64) {
+        // The usual case, the next number in order: its one position would be cleared and then marked.
+        if seq &- self.top == 1 && seq != 0 {
+            self.top = seq
+            if self.size > 0 { self.mark(seq) }
+            return
+        }
         if seq > self.top {
             let diff = seq - self.top
             if diff >= UInt64((self.wordMask + 1) * 64) {

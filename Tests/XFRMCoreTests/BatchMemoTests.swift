@@ -1,3 +1,5 @@
+import Foundation
+import Synchronization
 import Testing
 import XFRMCore
 import XFRMCrypto
@@ -83,4 +85,57 @@ struct BatchMemoTests {
             #expect(verdict == want, "packet \(i) from \(sources[i])")
         }
     }
+
+    /// The input memo lends the batch's outermost SA to each packet's secpath without a reference count; its own
+    /// reference must keep the SA alive while another thread deletes it (run under the address sanitizer in CI).
+    @Test("an SA deleted and added again while batches run: each packet is delivered or counted as a missing or dead SA")
+    func saReplacedWhileBatchesRun() throws {
+        let h = try TwoHosts()
+        try h.tunnel()
+        // 60 batches of 64 packets from A, in sequence order: the SA B has at any moment accepts them (a new one
+        // starts with an empty window; the old one has seen only lower numbers).
+        let batches = (0..<60).map { _ in Self.run(h.a, (0..<64).map { _ in h.packet() }, stage: .output).map(\.1) }
+        let shared = SharedHosts(h)
+        let stop = Atomic<Bool>(false)
+        let replaced = Atomic<Int>(0)
+        let done = DispatchSemaphore(value: 0)
+        let churn = Thread {
+            let id = SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001)
+            while !stop.load(ordering: .acquiring) {
+                _ = try? shared.hosts.b.deleteState(id, mark: Mark())
+                if let sa = try? shared.hosts.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: shared.hosts.b) {
+                    try? shared.hosts.b.addState(sa)
+                }
+                replaced.add(1, ordering: .relaxed)
+            }
+            done.signal()
+        }
+        churn.start()
+        var delivered = 0, noState = 0, dead = 0, other: [PacketBatch.Verdict] = []
+        for wire in batches {
+            for (verdict, _) in Self.run(h.b, wire, stage: .input) {
+                switch verdict {
+                case .input(.deliver, decapsulated: true): delivered += 1
+                case .input(.dropped(.inNoStates), decapsulated: false): noState += 1
+                // Deleted between its lookup and its locked section (the kernel's XfrmInStateInvalid too).
+                case .input(.dropped(.inStateInvalid), decapsulated: false): dead += 1
+                default: other.append(verdict)
+                }
+            }
+        }
+        stop.store(true, ordering: .releasing)
+        done.wait()
+        #expect(other.isEmpty, "unexpected verdicts: \(other.prefix(5))")
+        #expect(delivered + noState + dead == 60 * 64)
+        #expect(delivered > 0)
+        #expect(replaced.load(ordering: .relaxed) > 0)
+        #expect(Int(h.b.statistics[.inNoStates]) == noState && Int(h.b.statistics[.inStateInvalid]) == dead)
+    }
+}
+
+/// The two hosts, handed to a thread that changes B's SAD while the test's thread runs B's input (the stacks are
+/// thread-safe; the fixture's own fields are not touched meanwhile).
+private final class SharedHosts: @unchecked Sendable {
+    let hosts: TwoHosts
+    init(_ hosts: TwoHosts) { self.hosts = hosts }
 }

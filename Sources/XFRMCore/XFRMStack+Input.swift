@@ -136,9 +136,16 @@ extension XFRMStack {
                                     localIfindex: .some(nil), memo: &memo)
         }
         while true {
+            let nattPort = self.nattPort.load(ordering: .relaxed)
+            // The usual decapsulated packet (IPv4, neither ESP nor NAT-T) is plain by its protocol alone: the policy
+            // check, as `.notESP` below, without classifying it in full.
+            if secpath.count > 0 && ESPClassification.isPlainIPv4(packet, nattPort: nattPort) {
+                decapsulated = true
+                return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now,
+                                        localIfindex: nil, memo: &memo)
+            }
             // After a decapsulation the header is the one the ESP transform verified or rewrote a moment ago.
-            switch ESPClassification.classify(&packet, nattPort: self.nattPort.load(ordering: .relaxed),
-                                              verifyChecksum: secpath.count == 0) {
+            switch ESPClassification.classify(&packet, nattPort: nattPort, verifyChecksum: secpath.count == 0) {
             case .ike:
                 return .ike
             case .drop(let reason):

@@ -112,4 +112,23 @@ extension ESPClassification {
                 nextHeaderFieldOffset: nhField, udpEncapsulated: udp, spi: p.loadBE32(at: off),
                 sequence: p.loadBE32(at: off + 4)))
     }
+
+    /// Whether `classify(_:nattPort:verifyChecksum: false)` would answer `.notESP` for this packet and leave it as it
+    /// is, decided from the IPv4 protocol alone: a 20-byte header whose total length is the packet's, carrying
+    /// neither ESP nor UDP, or unfragmented UDP not to the NAT-T port. For the inner packet of a decapsulation, whose
+    /// header the transform has verified (the common case of nested-ESP detection); false means "ask `classify`",
+    /// never "is ESP".
+    @inline(__always)
+    public static func isPlainIPv4(_ packet: PacketBuffer, nattPort: UInt16?) -> Bool {
+        let p = packet.data
+        let n = packet.count
+        guard n >= HeaderSize.ipv4Minimum, p.loadByte(at: 0) == 0x45, Int(p.loadBE16(at: 2)) == n else { return false }
+        let proto = p.loadByte(at: 9)
+        if proto == IPProtocolNumber.esp { return false }
+        if proto != IPProtocolNumber.udp { return true }
+        // UDP: a fragment is classify's drop; to the NAT-T port it may be ESP, IKE or a keepalive.
+        guard p.loadBE16(at: 6) & 0x3fff == 0 else { return false }
+        guard let port = nattPort else { return true }
+        return n >= HeaderSize.ipv4Minimum + HeaderSize.udp && p.loadBE16(at: 22) != port
+    }
 }

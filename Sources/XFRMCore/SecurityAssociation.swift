@@ -145,6 +145,9 @@ public final class SecurityAssociation: @unchecked Sendable {
     public let config: SAConfig
     /// The ESP transform; nil for a larval (acquiring) SA.
     public let transform: ESPTransform?
+    /// `transform` unretained, which the strong `transform` keeps alive as long as the SA: the packet paths borrow it
+    /// (`_withUnsafeGuaranteedRef`) instead of counting a reference per packet.
+    let transformRef: Unmanaged<ESPTransform>?
 
     struct Mutable {
         var state: SAState
@@ -197,6 +200,7 @@ public final class SecurityAssociation: @unchecked Sendable {
         } else {
             self.transform = nil
         }
+        self.transformRef = self.transform.map { Unmanaged.passUnretained($0) }
         var m = Mutable(state: config.crypto == nil ? .acquiring : .valid, lifetime: config.lifetime)
         m.encapsulation = config.encapsulation
         m.outputMark = config.outputMark

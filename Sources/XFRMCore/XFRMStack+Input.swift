@@ -204,11 +204,21 @@ extension XFRMStack {
             self.statistics.increment(.inStateDirError)
             return .dropped(.inStateDirError)
         }
-        guard let transform = sa.transform else {
+        guard let transform = sa.transformRef else {
             // A larval SA (ALLOCSPI gave it this SPI; the key manager has not filled it in yet).
             self.statistics.increment(.acquireError)
             return .dropped(.acquireError)
         }
+        return transform._withUnsafeGuaranteedRef {
+            self.inputLayer(sa, $0, &packet, info: info, metadata: metadata, cryptoDone: done, now: now)
+        }
+    }
+
+    /// `inputLayer` with the SA's transform borrowed.
+    @inline(__always)
+    private func inputLayer(_ sa: SecurityAssociation, _ transform: ESPTransform, _ packet: inout PacketBuffer,
+                            info: ESPPacketInfo, metadata: OffloadMetadata?, cryptoDone done: Bool,
+                            now: UInt64) -> InputResult? {
         let tunnel = sa.config.mode == .tunnel
         // One acquisition of the SA's lock for the whole packet (≈ xfrm_input's x->lock section).
         let use = sa.useForInput(now: now, metadata: metadata, cryptoDone: done,

@@ -293,10 +293,21 @@ extension XFRMStack {
     func apply(_ sa: SecurityAssociation, to packet: inout PacketBuffer, now: UInt64,
                        deviceLayout: inout ESPLayout, seal: Bool = false, limit cachedLimit: Int? = nil,
                        retryIfInvalid: Bool = false) -> ApplyOutcome {
-        guard let transform = sa.transform else {
+        guard let transform = sa.transformRef else {
             self.statistics.increment(.outStateInvalid)
             return .done(.dropped(.outStateInvalid))
         }
+        return transform._withUnsafeGuaranteedRef {
+            self.apply(sa, $0, to: &packet, now: now, deviceLayout: &deviceLayout, seal: seal, limit: cachedLimit,
+                       retryIfInvalid: retryIfInvalid)
+        }
+    }
+
+    /// `apply` with the SA's transform borrowed.
+    @inline(__always)
+    private func apply(_ sa: SecurityAssociation, _ transform: ESPTransform, to packet: inout PacketBuffer,
+                       now: UInt64, deviceLayout: inout ESPLayout, seal: Bool, limit cachedLimit: Int?,
+                       retryIfInvalid: Bool) -> ApplyOutcome {
         if sa.config.direction == .inbound {
             self.statistics.increment(.outStateDirError)
             return .done(.dropped(.outStateDirError))

@@ -218,9 +218,10 @@ step "address sanitizer: swift test --sanitize=address (all unit tests but the t
   { status=1; echo "test.sh: unit tests FAILED under the address sanitizer" >&2; }
 echo "address sanitizer done at ${SECONDS}s"
 # The thread sanitizer over the threaded tests: the SPD under concurrent change (Left-Right lookups), the policy
-# database's concurrent use, the engine's rings and workers, the simulated NIC's engines (every NIC test runs them).
+# database's concurrent use, SAs replaced while batches run (the input memo lends its SA), the engine's rings and
+# workers, the simulated NIC's engines (every NIC test runs them).
 # -DXFRM_TSAN maps XFRMMutex to a pthread mutex, which TSan sees (the stdlib Mutex it does not: see README).
-TSAN_TESTS='PolicyDatabaseConcurrencyTests|PolicyDatabaseTests/concurrentUse\(\)|XFRMEngineTests|XFRMSimulatedNICTests'
+TSAN_TESTS='PolicyDatabaseConcurrencyTests|PolicyDatabaseTests/concurrentUse\(\)|BatchMemoTests/saReplacedWhileBatchesRun\(\)|XFRMEngineTests|XFRMSimulatedNICTests'
 step "thread sanitizer: swift test --sanitize=thread -Xswiftc -DXFRM_TSAN (the threaded tests)"
 { swift build --product swift-xfrmPackageTests --sanitize=thread -Xswiftc -DXFRM_TSAN --scratch-path .build/tsan &&
   SWIFT_BACKTRACE=enable=no TSAN_OPTIONS=halt_on_error=0 swift test --skip-build --sanitize=thread \

@@ -56,14 +56,13 @@ struct SecPath: ~Copyable {
 
     @inline(__always)
     private func entry(_ i: Int) -> Unmanaged<SecurityAssociation> {
-        assert(i >= 0 && i < self.count)
         switch i {
-        case 0: return self.entries.0.unsafelyUnwrapped
-        case 1: return self.entries.1.unsafelyUnwrapped
-        case 2: return self.entries.2.unsafelyUnwrapped
-        case 3: return self.entries.3.unsafelyUnwrapped
-        case 4: return self.entries.4.unsafelyUnwrapped
-        default: return self.entries.5.unsafelyUnwrapped
+        case 0: return self.entries.0!
+        case 1: return self.entries.1!
+        case 2: return self.entries.2!
+        case 3: return self.entries.3!
+        case 4: return self.entries.4!
+        default: return self.entries.5!
         }
     }
 

@@ -129,9 +129,10 @@ public final class SimHost: @unchecked Sendable {
     /// Removes a NIC (`link del`): its SAs and policies go with it.
     public func removeNIC(name: String) throws(HostError) {
         guard let nic = self.nic(named: name) else { throw HostError("Cannot find device \"\(name)\"") }
-        // The link goes down first, and its routes with it: once the device's offloaded policies are flushed below,
-        // a packet they protected finds no policy, and it must then find no way out through this device either
-        // rather than leave in clear (the fault tests caught one such frame under load).
+        // The link goes down first, so no route leads out through it (egress skips a down interface): once the
+        // device's offloaded policies are flushed below, a packet they protected finds no policy, and it must then
+        // find no way out through this device either rather than leave in clear (the fault tests caught one such
+        // frame under load).
         _ = try? self.stack.network.modify(name: name) { (i: inout Interface) throws(NetworkError) in i.isUp = false }
         self.stack.deviceDown(ifindex: nic.ifindex, detach: true)
         nic.disconnect()

@@ -1,23 +1,34 @@
 /// The Internet checksum (RFC 1071): one's-complement sum of 16-bit big-endian words.
 public enum InternetChecksum {
-    /// Adds `count` bytes at `p` to a running 32-bit-folded partial sum (no final complement).
+    /// Adds `count` bytes at `p` to a running partial sum of big-endian 16-bit words (no final complement).
     @inline(__always)
     public static func partial(_ p: UnsafeRawPointer, count: Int, initial: UInt64 = 0) -> UInt64 {
-        var sum = initial
         var i = 0
-        // 32-bit big-endian words into 64-bit accumulators: no carry can be lost for packets below 2^32 words. Four
-        // independent accumulators over 16-byte steps let the additions overlap.
-        var s1: UInt64 = 0
-        var s2: UInt64 = 0
-        var s3: UInt64 = 0
-        while i + 16 <= count {
-            sum &+= UInt64(UInt32(bigEndian: p.loadUnaligned(fromByteOffset: i, as: UInt32.self)))
-            s1 &+= UInt64(UInt32(bigEndian: p.loadUnaligned(fromByteOffset: i + 4, as: UInt32.self)))
-            s2 &+= UInt64(UInt32(bigEndian: p.loadUnaligned(fromByteOffset: i + 8, as: UInt32.self)))
-            s3 &+= UInt64(UInt32(bigEndian: p.loadUnaligned(fromByteOffset: i + 12, as: UInt32.self)))
-            i += 16
+        var sum = initial
+        if count >= 32 {
+            // The ones'-complement sum does not depend on byte order (RFC 1071 §2(B)): whole 16-byte blocks are
+            // summed as native 64-bit words, each overflow an end-around carry (2^64 ≡ 1), in two independent
+            // chains; the block sum, folded to 16 bits, is byte-swapped into the big-endian sum. Half the
+            // additions of 32-bit big-endian words, and no byte swaps.
+            var a: UInt64 = 0
+            var b: UInt64 = 0
+            var carries: UInt64 = 0
+            while i + 16 <= count {
+                let (x, ox) = a.addingReportingOverflow(p.loadUnaligned(fromByteOffset: i, as: UInt64.self))
+                let (y, oy) = b.addingReportingOverflow(p.loadUnaligned(fromByteOffset: i + 8, as: UInt64.self))
+                a = x
+                b = y
+                carries &+= (ox ? 1 : 0) &+ (oy ? 1 : 0)
+                i += 16
+            }
+            let (ab, oab) = a.addingReportingOverflow(b)
+            var s = (ab & 0xffff_ffff) &+ (ab >> 32) &+ carries &+ (oab ? 1 : 0)
+            s = (s & 0xffff_ffff) &+ (s >> 32)
+            s = (s & 0xffff) &+ (s >> 16)
+            s = (s & 0xffff) &+ (s >> 16)
+            s = (s & 0xffff) &+ (s >> 16)
+            sum &+= UInt64(UInt16(truncatingIfNeeded: s).byteSwapped)
         }
-        sum = sum &+ s1 &+ s2 &+ s3
         while i + 4 <= count {
             sum &+= UInt64(UInt32(bigEndian: p.loadUnaligned(fromByteOffset: i, as: UInt32.self)))
             i += 4

@@ -109,6 +109,8 @@ struct BatchMemoTests {
                 // The events hold the SAs they name: drained, a deleted SA is freed as soon as nothing else holds it.
                 _ = shared.hosts.eventsB.drain()
                 replaced.add(1, ordering: .relaxed)
+                // Each SA lives a little, so that packets get through between the replacements.
+                Thread.sleep(forTimeInterval: 0.0002)
             }
             done.signal()
         }

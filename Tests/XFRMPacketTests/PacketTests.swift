@@ -14,6 +14,41 @@ struct PacketTests {
         #expect(InternetChecksum.compute([0xab]) == ~UInt16(0xab00))
     }
 
+    @Test("the checksum of every length 0-600, random bytes, all-ones and all-zero, with carried-in sums, is RFC 1071's")
+    func checksumAgainstReference() {
+        /// RFC 1071's definition, one big-endian 16-bit word at a time, the odd byte padded with zero.
+        func reference(_ bytes: [UInt8], initial: UInt64) -> UInt16 {
+            var sum = initial
+            var i = 0
+            while i < bytes.count {
+                sum &+= UInt64(bytes[i]) << 8 | UInt64(i + 1 < bytes.count ? bytes[i + 1] : 0)
+                i += 2
+            }
+            while sum >> 16 != 0 { sum = (sum & 0xffff) &+ (sum >> 16) }
+            return ~UInt16(sum)
+        }
+        var state: UInt64 = 0x1071
+        func next() -> UInt64 {
+            state = state &* 6364136223846793005 &+ 1442695040888963407
+            return state >> 11
+        }
+        for length in 0...600 {
+            let random = (0..<length).map { _ in UInt8(truncatingIfNeeded: next()) }
+            for bytes in [random, [UInt8](repeating: 0xff, count: length), [UInt8](repeating: 0, count: length)] {
+                for initial in [UInt64(0), 0xffff, next() & 0xffff_ffff] {
+                    let got = bytes.withUnsafeBytes {
+                        InternetChecksum.finish(InternetChecksum.partial($0.baseAddress ?? UnsafeRawPointer(bitPattern: 1)!,
+                                                                         count: length, initial: initial))
+                    }
+                    let want = reference(bytes, initial: initial)
+                    // 0x0000 and 0xffff are the same ones'-complement value.
+                    #expect(got == want || (got | want == 0xffff && got & want == 0),
+                            "length \(length), initial \(initial), first bytes \(bytes.prefix(8))")
+                }
+            }
+        }
+    }
+
     @Test("a written header's checksum (summed from the field values) is the byte-wise checksum of what was stored")
     func writtenHeaderChecksum() {
         var rng = SystemRandomNumberGenerator()

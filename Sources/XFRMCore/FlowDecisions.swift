@@ -34,6 +34,19 @@ final class OutputBundle: Sendable {
     }
 }
 
+/// A strong reference that is lent out unretained: the batch memos keep the object they found for the next packets
+/// and hand it on at +0, so a memo hit counts no reference. The object lives as long as the holder keeps it here.
+struct LentReference<Object: AnyObject> {
+    private var owner: Object?
+    /// `owner`, unretained (nil when empty).
+    private(set) var unmanaged: Unmanaged<Object>?
+
+    init(_ object: Object? = nil) {
+        self.owner = object
+        self.unmanaged = object.map { Unmanaged.passUnretained($0) }
+    }
+}
+
 /// The bundle the previous packet of a batch went through (≈ a socket's own dst: the next packet of the flow needs
 /// no lookup at all while the configuration generation holds). Lives for one batch, in place: the key is compared
 /// field by field and the bundle is lent out unretained, so a memo hit costs no copy and no reference count.
@@ -43,33 +56,30 @@ struct OutputMemo {
     private var tag: UInt = 0
     /// 0: empty (configuration generations start at 1).
     private var generation: UInt64 = 0
-    /// Keeps the bundle alive while the memo holds it (the cache may drop its entry during the batch).
-    private var owner: OutputBundle? = nil
-    private var bundle: Unmanaged<OutputBundle>? = nil
+    /// The bundle, kept alive while the memo holds it (the cache may drop its entry during the batch).
+    private var bundle = LentReference<OutputBundle>()
 
     /// Whether a packet of `flow` in this generation may go straight to the memo's bundle.
     @inline(__always)
     func matches(_ flow: Flow, tag: UInt, generation: UInt64) -> Bool {
-        self.bundle != nil && self.generation == generation && self.tag == tag && self.flow.sameFlow(flow)
+        self.bundle.unmanaged != nil && self.generation == generation && self.tag == tag && self.flow.sameFlow(flow)
     }
 
-    /// Runs `body` with the bundle borrowed (+0): `owner` keeps it alive — a stored property of the caller's memo,
+    /// Runs `body` with the bundle borrowed (+0): the memo keeps it alive — a stored property of the caller's memo,
     /// which nothing can change while `body` runs (the memo is `inout` to the batch loop and `body` does not see it).
     @inline(__always)
     func withBundle<R>(_ body: (OutputBundle) -> R) -> R {
-        self.bundle.unsafelyUnwrapped._withUnsafeGuaranteedRef(body)
+        self.bundle.unmanaged.unsafelyUnwrapped._withUnsafeGuaranteedRef(body)
     }
 
     mutating func set(_ flow: Flow, tag: UInt, generation: UInt64, bundle: OutputBundle) {
         (self.flow, self.tag, self.generation) = (flow, tag, generation)
-        self.owner = bundle
-        self.bundle = Unmanaged.passUnretained(bundle)
+        self.bundle = LentReference(bundle)
     }
 
     mutating func clear() {
         self.generation = 0
-        self.owner = nil
-        self.bundle = nil
+        self.bundle = LentReference()
     }
 }
 
@@ -90,11 +100,10 @@ struct InputDecision {
 struct InputMemo {
     private(set) var generation: UInt64 = 0
     var outer: (destination: IPAddress, local: Int32?)? = nil
-    /// The SA the last outermost SPI and mark found (nil: none, or not found), lent out unretained: `saOwner`
-    /// keeps it alive. Written only for a packet's outermost ESP header, before the packet borrows it.
-    private(set) var sa: Unmanaged<SecurityAssociation>? = nil
+    /// The SA the last outermost SPI and mark found (empty: none, or not found), lent to the packet's secpath.
+    /// Written only for a packet's outermost ESP header, before the packet borrows it.
+    private var lentSA = LentReference<SecurityAssociation>()
     private var saKey: (id: SAID, mark: UInt32)? = nil
-    private var saOwner: SecurityAssociation? = nil
     var verdict: (flow: Flow, tag: UInt, decision: InputDecision)? = nil
 
     /// Forgets everything when the configuration changed since the memo was made.
@@ -102,6 +111,9 @@ struct InputMemo {
     mutating func validate(_ generation: UInt64) {
         if generation != self.generation { self = InputMemo(generation: generation) }
     }
+
+    /// The memo's SA, unretained (the memo keeps it alive).
+    var sa: Unmanaged<SecurityAssociation>? { self.lentSA.unmanaged }
 
     /// Whether `sa` is what this SPI and mark found (a lookup that found nothing is not kept).
     @inline(__always)
@@ -112,7 +124,6 @@ struct InputMemo {
 
     mutating func setSA(_ id: SAID, mark: UInt32, _ sa: SecurityAssociation?) {
         self.saKey = sa == nil ? nil : (id, mark)
-        self.saOwner = sa
-        self.sa = sa.map { Unmanaged.passUnretained($0) }
+        self.lentSA = LentReference(sa)
     }
 }

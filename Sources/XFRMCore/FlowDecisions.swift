@@ -72,6 +72,10 @@ struct OutputMemo {
         self.bundle.unmanaged.unsafelyUnwrapped._withUnsafeGuaranteedRef(body)
     }
 
+    /// Whether the memo holds a bundle (a later packet may match it).
+    @inline(__always)
+    var isSet: Bool { self.bundle.unmanaged != nil && self.generation != 0 }
+
     mutating func set(_ flow: Flow, tag: UInt, generation: UInt64, bundle: OutputBundle) {
         (self.flow, self.tag, self.generation) = (flow, tag, generation)
         self.bundle = LentReference(bundle)

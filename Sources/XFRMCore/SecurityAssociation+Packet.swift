@@ -78,6 +78,28 @@ extension SecurityAssociation {
         }
     }
 
+    /// `useForOutput` for a run of packets through the SA in one acquisition of its lock (the batch path):
+    /// `transform(k)` protects the run's k-th packet. The run stops before a packet that needs more than ESP and
+    /// accounting — the SA no longer valid, or a lifetime limit due (that packet takes `useForOutput`, which
+    /// reports the expiry as for any packet) — and at a packet the transform refused, whose reason is returned
+    /// (not accounted; the caller counts it). `protected`: how many packets were protected and accounted.
+    @inline(__always)
+    func useForOutputRun(now: UInt64, count: Int, _ transform: (Int) -> (DropReason?, countedBytes: Int))
+        -> (protected: Int, refused: DropReason?)
+    {
+        self.mutable.withLock { m -> (protected: Int, refused: DropReason?) in
+            guard m.state == .valid else { return (0, nil) }
+            if m.current.useTime == 0 { m.current.useTime = now }
+            for k in 0..<count {
+                if m.lifetimeLimitReached { return (k, nil) }
+                let (reason, bytes) = transform(k)
+                if let reason { return (k, reason) }
+                m.account(bytes: bytes, now: now)
+            }
+            return (count, nil)
+        }
+    }
+
     /// A received packet's use of the SA.
     enum InputUse {
         /// A packet-offload SA: only its device may use it (spec §7).

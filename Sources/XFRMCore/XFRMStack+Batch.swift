@@ -6,13 +6,16 @@ import XFRMPacket
 extension XFRMStack {
     /// Runs every pending packet of the batch through the path its stage names and stores the verdict; the buffers
     /// stay in the batch for the dispatcher. `cpu`: the worker running the batch (picks among per-CPU SAs).
-    /// Consecutive packets of one flow share the work of finding their bundle (the memo of the previous packet).
+    /// Consecutive packets of one flow share the work of finding their bundle (the memo of the previous packet) and,
+    /// on output, one acquisition of the SA's lock (`outputRun`).
     public func process(_ batch: inout PacketBatch, cpu: UInt32 = 0) {
         var outputMemo = OutputMemo()
         var inputMemo = InputMemo()
         // One clock read per batch: lifetimes and use times have one-second resolution, a batch takes microseconds.
         let now = self.clock.now
-        for i in 0..<batch.count {
+        var i = 0
+        while i < batch.count {
+            defer { i += 1 }
             guard case .pending = batch[i].verdict else { continue }
             switch batch[i].stage {
             case .output, .forward:
@@ -21,6 +24,8 @@ extension XFRMStack {
                 let r = self.output(&batch[i].buffer, mark: 0, ifID: 0, forwarded: forwarded, cpu: cpu,
                                     now: now, transformed: &transformed, memo: &outputMemo)
                 batch[i].verdict = .output(r, transformed: transformed)
+                // The packets after it that the memo's bundle serves: one lock for all of them.
+                if transformed { i = self.outputRun(&batch, from: i + 1, memo: outputMemo, cpu: cpu, now: now) - 1 }
             case .input:
                 var decapsulated = false
                 let ifindex = batch[i].ifindex

@@ -1,0 +1,206 @@
+import Testing
+import XFRMCore
+import XFRMCrypto
+import XFRMESP
+import XFRMPacket
+import XFRMTestKit
+
+/// `XFRMStack.process` protects a run of consecutive packets of one flow in one acquisition of their SA's lock.
+/// A run may only save work: every packet must come out — verdict, bytes, xfrm_stat counters, the SA's curlft,
+/// the events — exactly as if it had gone through the stack alone. Each test runs the same packets through two
+/// identical pairs of hosts, one batch on one and one call per packet on the other, and compares everything.
+@Suite("Batch runs: one SA lock for consecutive packets changes no packet's outcome")
+struct BatchRunTests {
+    /// One packet of a mixed batch: its bytes and the stage it enters (`.input` packets arrive on eth0).
+    typealias Entry = (bytes: [UInt8], stage: PacketBatch.Stage)
+
+    /// What a host shows after the packets: verdicts, bytes, counters, events and its SAs' state.
+    struct Outcome: Equatable {
+        var verdicts: [PacketBatch.Verdict] = []
+        var bytes: [[UInt8]] = []
+        var stat = ""
+        var events: [String] = []
+        var states: [String] = []
+    }
+
+    /// Runs `entries` through `h.a` as one batch (`batch`) or one call per packet, then reads the outcome.
+    static func run(_ h: TwoHosts, _ entries: [Entry], batch: Bool) -> Outcome {
+        _ = h.eventsA.drain()
+        var o = Outcome()
+        if batch {
+            let pool = PacketPool(count: entries.count, slotSize: 2048, headroom: 256)
+            var b = PacketBatch(capacity: entries.count)
+            for e in entries {
+                var buffer = pool.allocate()!
+                precondition(buffer.append(contentsOf: e.bytes))
+                precondition(b.append(PacketBatch.Packet(buffer, stage: e.stage, ifindex: e.stage == .input ? 2 : 0)))
+            }
+            h.a.process(&b)
+            for i in 0..<b.count {
+                o.verdicts.append(b[i].verdict)
+                o.bytes.append(b[i].buffer.bytes)
+                pool.release(b[i].buffer)
+            }
+        } else {
+            for e in entries {
+                let (verdict, bytes) = h.buffers.with(e.bytes) { buffer -> PacketBatch.Verdict in
+                    if e.stage == .input {
+                        var decapsulated = false
+                        let r = h.a.input(&buffer, ifindex: 2, decapsulated: &decapsulated)
+                        return .input(r, decapsulated: decapsulated)
+                    }
+                    var transformed = false
+                    let r = h.a.output(&buffer, forwarded: e.stage == .forward, transformed: &transformed)
+                    return .output(r, transformed: transformed)
+                }
+                o.verdicts.append(verdict)
+                o.bytes.append(bytes)
+            }
+        }
+        o.stat = h.a.statistics.procText()
+        o.events = h.eventsA.drain().map { e in
+            switch e {
+            case .expire(let sa, let hard): "expire \(String(sa.id.spi, radix: 16)) hard=\(hard)"
+            case .acquire(let state, _, _): "acquire to \(state.id.destination)"
+            default: "\(e)"
+            }
+        }
+        for spi: UInt32 in [0x1001, 0x2002, 0x3003] {
+            for dst in ["192.0.2.1", "192.0.2.2"] {
+                guard let sa = h.a.states.lookup(SAID(destination: IPAddress(dst)!, spi: spi)) else { continue }
+                let c = sa.current
+                o.states.append("\(String(spi, radix: 16)) \(sa.isDying ? "dying" : "live") bytes=\(c.bytes) "
+                                + "packets=\(c.packets) used=\(c.useTime) stats=\(sa.stats)")
+            }
+        }
+        return o
+    }
+
+    /// The same packets through two identical pairs of hosts: batch and per packet must agree in everything.
+    static func expectSameOutcome(_ entries: [Entry], setup: (TwoHosts) throws -> Void,
+                                  sourceLocation: SourceLocation = #_sourceLocation) throws -> Outcome {
+        let batched = try TwoHosts()
+        let single = try TwoHosts()
+        try setup(batched)
+        try setup(single)
+        batched.clock.advance(by: 7)
+        single.clock.advance(by: 7)
+        let b = Self.run(batched, entries, batch: true)
+        let s = Self.run(single, entries, batch: false)
+        #expect(b.verdicts == s.verdicts, sourceLocation: sourceLocation)
+        // ESP's IVs differ between two SAs (each draws its own), so protected packets are compared by their
+        // headers and what they decrypt to.
+        let openers = try [b, s].map { _ in
+            try ESPTransform(ESPConfig(
+                spi: 0x1001, mode: .tunnel,
+                crypto: ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))", key: TwoHosts.key, icvBits: 128),
+                tunnelSource: IPAddress("192.0.2.1"), tunnelDestination: IPAddress("192.0.2.2"), replayWindow: 4096))
+        }
+        for i in 0..<min(b.bytes.count, s.bytes.count) {
+            var (x, y) = (b.bytes[i], s.bytes[i])
+            if x.count > 28 && x.count == y.count && x[0] == 0x45 && x[9] == 50 && y[9] == 50 {
+                #expect(x.prefix(28) == y.prefix(28), "packet \(i): outer header, SPI or sequence", sourceLocation: sourceLocation)
+                (x, y) = (Self.open(x, with: openers[0]), Self.open(y, with: openers[1]))
+            }
+            if x != y { Issue.record("packet \(i): batch and per-packet bytes differ", sourceLocation: sourceLocation) }
+        }
+        #expect(b.stat == s.stat, sourceLocation: sourceLocation)
+        #expect(b.events == s.events, sourceLocation: sourceLocation)
+        #expect(b.states == s.states, sourceLocation: sourceLocation)
+        return b
+    }
+
+    /// The inner packet of A's ESP packet to B (or an empty array when it does not open).
+    static func open(_ wire: [UInt8], with opener: ESPTransform) -> [UInt8] {
+        let buffers = TestBuffers()
+        let (r, inner) = buffers.with(wire) { opener.decapsulate(&$0) }
+        return r == .delivered ? inner : []
+    }
+
+    static func outbound(_ packets: [[UInt8]]) -> [Entry] { packets.map { ($0, .output) } }
+
+    @Test("a run of one flow: the same ciphertext, curlft and use time as one packet at a time")
+    func plainRun() throws {
+        let h = try TwoHosts()
+        let o = try Self.expectSameOutcome(Self.outbound(Array(repeating: h.packet(), count: 40))) { try $0.tunnel() }
+        #expect(o.verdicts.allSatisfy { $0 == .output(.transmit(ifindex: 2), transformed: true) })
+        #expect(o.states.contains { $0.hasPrefix("1001 live bytes=\(40 * 128) packets=40 used=1704067207 ") }, "\(o.states)")
+    }
+
+    @Test("soft and hard packet limits crossed inside a run: the EXPIREs and the drops land on the same packets")
+    func limitsInsideARun() throws {
+        let h = try TwoHosts()
+        var l = LifetimeConfig()
+        l.softPacketLimit = 10
+        l.hardPacketLimit = 25
+        let o = try Self.expectSameOutcome(Self.outbound(Array(repeating: h.packet(), count: 40))) {
+            try $0.tunnel(lifetime: l)
+        }
+        #expect(o.verdicts.prefix(25).allSatisfy { $0 == .output(.transmit(ifindex: 2), transformed: true) })
+        #expect(o.verdicts[25] == .output(.dropped(.outStateExpired), transformed: false))
+        #expect(o.events.prefix(2) == ["expire 1001 hard=false", "expire 1001 hard=true"])
+    }
+
+    @Test("soft and hard byte limits crossed inside a run")
+    func byteLimitsInsideARun() throws {
+        let h = try TwoHosts()
+        var l = LifetimeConfig()
+        l.softByteLimit = 1_000
+        l.hardByteLimit = 3_000
+        let sizes = [100, 20, 300, 64, 900, 5, 100, 100, 100, 400, 64, 64, 64, 64, 64, 64, 64, 64, 64, 64]
+        _ = try Self.expectSameOutcome(Self.outbound(sizes.map { h.packet(size: $0) })) { try $0.tunnel(lifetime: l) }
+    }
+
+    @Test("the sequence number running out inside a run: the same packets leave, the rest count XfrmOutStateSeqError")
+    func sequenceOverflowInsideARun() throws {
+        let h = try TwoHosts()
+        let o = try Self.expectSameOutcome(Self.outbound(Array(repeating: h.packet(), count: 30))) { h in
+            try h.tunnel()
+            let sa = h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001))!
+            #expect(sa.transform!.setOutboundSequence(0xffff_fff0))
+        }
+        #expect(o.verdicts.prefix(15).allSatisfy { $0 == .output(.transmit(ifindex: 2), transformed: true) })
+        #expect(o.verdicts[15] != .output(.transmit(ifindex: 2), transformed: true))
+        #expect(o.stat.contains("XfrmOutStateSeqError    \t15\n"))
+    }
+
+    @Test("oversized packets between small ones: DF gets the ICMP error, no DF is dropped, the run resumes after")
+    func oversizedPacketsBreakTheRun() throws {
+        let h = try TwoHosts()
+        let small = h.packet()
+        let bigDF = h.packet(size: 1_460)
+        let big = h.packet(size: 1_460, df: false)
+        let o = try Self.expectSameOutcome(Self.outbound([small, small, bigDF, small, small, big, small, bigDF, bigDF,
+                                                          small])) { try $0.tunnel() }
+        #expect(o.verdicts[2] == .output(.icmpError, transformed: false))
+        #expect(o.verdicts[9] == .output(.transmit(ifindex: 2), transformed: true))
+    }
+
+    @Test("flows, stages and SAs interleaved in one batch: every packet as if alone")
+    func mixedBatch() throws {
+        let h = try TwoHosts()
+        try h.tunnel()
+        // B's replies to A through SA 0x2002, for A's input.
+        var replies: [[UInt8]] = []
+        for i in 0..<6 {
+            let reply = PacketFactory.ipv4(source: "10.0.2.1", destination: "10.0.1.\(1 + i % 2)", proto: 17,
+                                           payload: PacketFactory.udp(payload: PacketFactory.pattern(60 + i)))
+            let (r, wire) = h.send(reply, from: h.b)
+            #expect(r == .transmit(ifindex: 2))
+            replies.append(wire)
+        }
+        let a = h.packet()
+        let other = h.packet(from: "10.0.1.7", size: 300)
+        let outside = h.packet(to: "10.0.3.1")  // no policy: leaves in clear (not transformed)
+        let entries: [Entry] = [(a, .output), (a, .output), (replies[0], .input), (a, .output), (other, .output),
+                                (other, .forward), (a, .forward), (a, .output), (outside, .output), (a, .output),
+                                (replies[1], .input), (replies[2], .input), (a, .output), (a, .output),
+                                (replies[2], .input), (a, .output), (other, .output), (other, .output)]
+        let o = try Self.expectSameOutcome(entries) { h in
+            try h.tunnel()
+            try h.a.network.addRoute(IPPrefix("10.0.3.0/24")!, device: "eth0", via: IPAddress("192.0.2.2"))
+        }
+        #expect(o.verdicts[2] == .input(.deliver, decapsulated: true))
+        #expect(o.verdicts[14] == .input(.dropped(.inStateSeqError), decapsulated: false), "the replayed reply")
+    }
+}

@@ -126,6 +126,9 @@ struct InputMemo {
         return k.id.spi == id.spi && k.mark == mark && k.id.destination == id.destination && k.id.proto == id.proto
     }
 
+    /// The SPI and mark `sa` was found for (nil: none).
+    var saKeyHeld: (id: SAID, mark: UInt32)? { self.saKey }
+
     mutating func setSA(_ id: SAID, mark: UInt32, _ sa: SecurityAssociation?) {
         self.saKey = sa == nil ? nil : (id, mark)
         self.lentSA = LentReference(sa)

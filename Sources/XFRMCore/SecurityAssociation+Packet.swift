@@ -100,6 +100,38 @@ extension SecurityAssociation {
         }
     }
 
+    /// What one packet of an input run came to (`useForInputRun`).
+    enum InputRunStep {
+        /// Not a packet the run may take: it and the rest go the per-packet way.
+        case stop
+        /// Opened and verified: curlft counts `countedBytes`.
+        case opened(countedBytes: Int)
+        /// Refused by the transform (replay, ICV, a malformed trailer): counted in the SA's stats.
+        case refused(DropReason)
+    }
+
+    /// `useForInput` for a run of received packets through the SA in one acquisition of its lock (the batch path,
+    /// software decryption only): `step(k)` checks that the run's k-th packet is ESP for this SA and removes it.
+    /// The run stops before a packet `step` refuses to take and before any packet when a lifetime limit is due
+    /// (that packet takes `useForInput`, which screens, expires and reports as for any packet). Returns how many
+    /// packets it took.
+    @inline(__always)
+    func useForInputRun(now: UInt64, count: Int, _ step: (Int) -> InputRunStep) -> Int {
+        self.mutable.withLock { m -> Int in
+            guard m.offload?.type != .packet, m.state == .valid else { return 0 }
+            for k in 0..<count {
+                if m.lifetimeLimitReached { return k }
+                switch step(k) {
+                case .stop: return k
+                case .opened(let bytes): m.account(bytes: bytes, now: now)
+                case .refused(let reason): m.countDrop(reason)
+                }
+                if m.current.useTime == 0 { m.current.useTime = now }
+            }
+            return count
+        }
+    }
+
     /// A received packet's use of the SA.
     enum InputUse {
         /// A packet-offload SA: only its device may use it (spec §7).

@@ -7,7 +7,7 @@ extension XFRMStack {
     /// Runs every pending packet of the batch through the path its stage names and stores the verdict; the buffers
     /// stay in the batch for the dispatcher. `cpu`: the worker running the batch (picks among per-CPU SAs).
     /// Consecutive packets of one flow share the work of finding their bundle (the memo of the previous packet) and,
-    /// on output, one acquisition of the SA's lock (`outputRun`).
+    /// one acquisition of the SA's lock (`outputRun`, `inputRun`).
     public func process(_ batch: inout PacketBatch, cpu: UInt32 = 0) {
         var outputMemo = OutputMemo()
         var inputMemo = InputMemo()
@@ -33,6 +33,8 @@ extension XFRMStack {
                 let r = self.input(&batch[i].buffer, ifindex: ifindex, mark: 0, metadata: metadata,
                                    now: now, decapsulated: &decapsulated, memo: &inputMemo)
                 batch[i].verdict = .input(r, decapsulated: decapsulated)
+                // The packets after it through the same outermost SA: one lock for all of them.
+                if decapsulated { i = self.inputRun(&batch, from: i + 1, memo: &inputMemo, now: now) - 1 }
             }
         }
     }

@@ -64,4 +64,63 @@ extension XFRMStack {
             }
         }
     }
+
+    /// Opens received packets `start…` whose outermost layer is ESP for the memo's SA (to the same local outer
+    /// destination, no device metadata) in one acquisition of the SA's lock, then finishes each one as `input` does
+    /// after its outermost layer (nested layers, the policy check with the memo's verdict) and stores the verdicts.
+    /// Returns the index of the first packet it did not decide (`start` when none).
+    ///
+    /// Per packet this is `input` with the lookups the memo already answered: the outer destination, the SAD
+    /// lookup, the direction and larval checks (once, the SA's config is immutable), then under the lock state,
+    /// binding, lifetime, replay, ICV and decryption, accounting. A packet that needs anything else (another SA,
+    /// another destination, a limit due) ends the run and goes the per-packet way.
+    func inputRun(_ batch: inout PacketBatch, from start: Int, memo: inout InputMemo, now: UInt64) -> Int {
+        guard start < batch.count, let lent = memo.sa, let key = memo.saKeyHeld, key.mark == 0,
+            let outer = memo.outer, let outerLocal = outer.local, memo.generation == self.currentGeneration
+        else { return start }
+        let nattPort = self.nattPort.load(ordering: .relaxed)
+        let taken = lent._withUnsafeGuaranteedRef { sa -> Int in
+            guard sa.config.direction != .outbound, let transformRef = sa.transformRef else { return 0 }
+            let tunnel = sa.config.mode == .tunnel
+            return transformRef._withUnsafeGuaranteedRef { transform -> Int in
+                batch.packets.withUnsafeMutableBufferPointer { packets -> Int in
+                    var bytes = 0
+                    return sa.useForInputRun(now: now, count: packets.count - start) { k in
+                        let j = start + k
+                        guard bytes < Self.runByteLimit, case .pending = packets[j].verdict,
+                            packets[j].stage == .input, packets[j].metadata == nil,
+                            Self.destination(of: packets[j].buffer) == outer.destination,
+                            case .esp(let info) = ESPClassification.classify(&packets[j].buffer, nattPort: nattPort),
+                            info.spi == key.id.spi && info.destination == key.id.destination
+                                && key.id.proto == IPProtocolNumber.esp
+                        else { return .stop }
+                        bytes += packets[j].buffer.count
+                        if let reason = transform.decapsulate(&packets[j].buffer, info: info, cryptoDone: false) {
+                            self.statistics.count(reason)
+                            packets[j].verdict = .input(.dropped(reason == .tfcDummy ? nil : XfrmStatCounter(reason)),
+                                                        decapsulated: false)
+                            return .refused(reason)
+                        }
+                        // What ESP delivered, as `inputLayer` counts it.
+                        let n = packets[j].buffer.count
+                        return .opened(countedBytes: tunnel ? n : n - info.transportOffset)
+                    }
+                }
+            }
+        }
+        batch.packets.withUnsafeMutableBufferPointer { packets in
+            for j in start..<(start + taken) {
+                guard case .pending = packets[j].verdict else { continue }  // refused above
+                var secpath = SecPath()
+                _ = secpath.appendLent(lent)
+                var decapsulated = false
+                let ifindex = packets[j].ifindex
+                let r = self.inputLayers(&packets[j].buffer, secpath: &secpath, ifindex: ifindex, mark: 0,
+                                         metadata: nil, cryptoDone: false, outerLocal: .some(.some(outerLocal)),
+                                         now: now, decapsulated: &decapsulated, memo: &memo)
+                packets[j].verdict = .input(r, decapsulated: decapsulated)
+            }
+        }
+        return start + taken
+    }
 }

@@ -36,6 +36,7 @@ struct SecPath: ~Copyable {
     }
 
     /// Appends an SA the caller keeps alive for as long as the secpath lives, unretained; false when full.
+    @inline(__always)
     mutating func appendLent(_ sa: Unmanaged<SecurityAssociation>) -> Bool {
         guard self.count < Self.capacity else { return false }
         self.put(sa)
@@ -105,7 +106,7 @@ extension XFRMStack {
         decapsulated = false
         var secpath = SecPath()
         memo.validate(self.currentGeneration)
-        var cryptoDone = metadata?.cryptoDone ?? false
+        let cryptoDone = metadata?.cryptoDone ?? false
         if let m = metadata, m.packetOffloaded {
             // Packet offload RX: the device decrypted, checked replay and its copy of the IN policy; the software
             // ESP and policy checks are skipped (≈ __xfrm_policy_check's PACKET branch). A failed status drops.
@@ -134,6 +135,20 @@ extension XFRMStack {
             return self.policyCheck(&packet, secpath: secpath, ifindex: ifindex, mark: mark, now: now,
                                     localIfindex: .some(nil), memo: &memo)
         }
+        return self.inputLayers(&packet, secpath: &secpath, ifindex: ifindex, mark: mark, metadata: metadata,
+                                cryptoDone: cryptoDone, outerLocal: outerLocal, now: now, decapsulated: &decapsulated,
+                                memo: &memo)
+    }
+
+    /// `input` from the classification on, for a packet addressed to this host (or of unknown destination): each
+    /// ESP layer through its SA, outermost first, then the policy check. `secpath` holds the layers already
+    /// removed (a batch run hands over packets whose outermost layer it removed); `outerLocal` is the outer
+    /// destination's local interface when known.
+    @inline(__always)
+    func inputLayers(_ packet: inout PacketBuffer, secpath: inout SecPath, ifindex: Int32, mark: UInt32,
+                     metadata: OffloadMetadata?, cryptoDone: Bool, outerLocal: Int32??, now: UInt64,
+                     decapsulated: inout Bool, memo: inout InputMemo) -> InputResult {
+        var cryptoDone = cryptoDone
         while true {
             let nattPort = self.nattPort.load(ordering: .relaxed)
             // The usual decapsulated packet (IPv4, neither ESP nor NAT-T) is plain by its protocol alone: the policy

@@ -23,9 +23,10 @@ struct BatchRunTests {
         var states: [String] = []
     }
 
-    /// Runs `entries` through `h.a` as one batch (`batch`) or one call per packet, then reads the outcome.
-    static func run(_ h: TwoHosts, _ entries: [Entry], batch: Bool) -> Outcome {
-        _ = h.eventsA.drain()
+    /// Runs `entries` through `h.a` (or `h.b`) as one batch (`batch`) or one call per packet, then reads the outcome.
+    static func run(_ h: TwoHosts, _ entries: [Entry], batch: Bool, atB: Bool) -> Outcome {
+        let (stack, events) = atB ? (h.b, h.eventsB) : (h.a, h.eventsA)
+        _ = events.drain()
         var o = Outcome()
         if batch {
             let pool = PacketPool(count: entries.count, slotSize: 2048, headroom: 256)
@@ -35,7 +36,7 @@ struct BatchRunTests {
                 precondition(buffer.append(contentsOf: e.bytes))
                 precondition(b.append(PacketBatch.Packet(buffer, stage: e.stage, ifindex: e.stage == .input ? 2 : 0)))
             }
-            h.a.process(&b)
+            stack.process(&b)
             for i in 0..<b.count {
                 o.verdicts.append(b[i].verdict)
                 o.bytes.append(b[i].buffer.bytes)
@@ -46,19 +47,19 @@ struct BatchRunTests {
                 let (verdict, bytes) = h.buffers.with(e.bytes) { buffer -> PacketBatch.Verdict in
                     if e.stage == .input {
                         var decapsulated = false
-                        let r = h.a.input(&buffer, ifindex: 2, decapsulated: &decapsulated)
+                        let r = stack.input(&buffer, ifindex: 2, decapsulated: &decapsulated)
                         return .input(r, decapsulated: decapsulated)
                     }
                     var transformed = false
-                    let r = h.a.output(&buffer, forwarded: e.stage == .forward, transformed: &transformed)
+                    let r = stack.output(&buffer, forwarded: e.stage == .forward, transformed: &transformed)
                     return .output(r, transformed: transformed)
                 }
                 o.verdicts.append(verdict)
                 o.bytes.append(bytes)
             }
         }
-        o.stat = h.a.statistics.procText()
-        o.events = h.eventsA.drain().map { e in
+        o.stat = stack.statistics.procText()
+        o.events = events.drain().map { e in
             switch e {
             case .expire(let sa, let hard): "expire \(String(sa.id.spi, radix: 16)) hard=\(hard)"
             case .acquire(let state, _, _): "acquire to \(state.id.destination)"
@@ -67,7 +68,7 @@ struct BatchRunTests {
         }
         for spi: UInt32 in [0x1001, 0x2002, 0x3003] {
             for dst in ["192.0.2.1", "192.0.2.2"] {
-                guard let sa = h.a.states.lookup(SAID(destination: IPAddress(dst)!, spi: spi)) else { continue }
+                guard let sa = stack.states.lookup(SAID(destination: IPAddress(dst)!, spi: spi)) else { continue }
                 let c = sa.current
                 o.states.append("\(String(spi, radix: 16)) \(sa.isDying ? "dying" : "live") bytes=\(c.bytes) "
                                 + "packets=\(c.packets) used=\(c.useTime) stats=\(sa.stats)")
@@ -77,7 +78,7 @@ struct BatchRunTests {
     }
 
     /// The same packets through two identical pairs of hosts: batch and per packet must agree in everything.
-    static func expectSameOutcome(_ entries: [Entry], setup: (TwoHosts) throws -> Void,
+    static func expectSameOutcome(_ entries: [Entry], atB: Bool = false, setup: (TwoHosts) throws -> Void,
                                   sourceLocation: SourceLocation = #_sourceLocation) throws -> Outcome {
         let batched = try TwoHosts()
         let single = try TwoHosts()
@@ -85,8 +86,8 @@ struct BatchRunTests {
         try setup(single)
         batched.clock.advance(by: 7)
         single.clock.advance(by: 7)
-        let b = Self.run(batched, entries, batch: true)
-        let s = Self.run(single, entries, batch: false)
+        let b = Self.run(batched, entries, batch: true, atB: atB)
+        let s = Self.run(single, entries, batch: false, atB: atB)
         #expect(b.verdicts == s.verdicts, sourceLocation: sourceLocation)
         // ESP's IVs differ between two SAs (each draws its own), so protected packets are compared by their
         // headers and what they decrypt to.
@@ -202,5 +203,102 @@ struct BatchRunTests {
         }
         #expect(o.verdicts[2] == .input(.deliver, decapsulated: true))
         #expect(o.verdicts[14] == .input(.dropped(.inStateSeqError), decapsulated: false), "the replayed reply")
+    }
+
+    // MARK: - Input runs (at B, packets A sent through SA 0x1001)
+
+    /// A's ESP packets for `inner`, from a separate pair of hosts with the same keys.
+    static func sent(_ inner: [[UInt8]], lifetime: LifetimeConfig = LifetimeConfig(),
+                     setup: (TwoHosts) throws -> Void = { _ in }) throws -> [[UInt8]] {
+        let sender = try TwoHosts()
+        try setup(sender)  // first: its policies outrank the tunnel's at the same priority
+        try sender.tunnel(lifetime: LifetimeConfig())
+        return inner.map { p in
+            let (r, wire) = sender.send(p)
+            #expect(r == .transmit(ifindex: 2))
+            return wire
+        }
+    }
+
+    static func inbound(_ packets: [[UInt8]]) -> [Entry] { packets.map { ($0, .input) } }
+
+    @Test("a run of received packets: delivered and forwarded as one at a time, the same curlft and counters")
+    func plainInputRun() throws {
+        let h = try TwoHosts()
+        let wire = try Self.sent((0..<40).map { h.packet(to: $0 % 10 == 9 ? "10.0.2.5" : "10.0.2.1", size: 50 + $0) })
+        let o = try Self.expectSameOutcome(Self.inbound(wire), atB: true) { try $0.tunnel() }
+        #expect(o.verdicts[0] == .input(.deliver, decapsulated: true))
+        #expect(o.verdicts[9] == .input(.forward, decapsulated: true))
+        #expect(o.verdicts.filter { $0 == .input(.deliver, decapsulated: true) }.count == 36)
+    }
+
+    @Test("replays, a corrupted ICV and a short packet inside a run: each dropped and counted as alone")
+    func inputDropsInsideARun() throws {
+        let h = try TwoHosts()
+        var wire = try Self.sent((0..<12).map { _ in h.packet() })
+        var corrupt = wire[6]
+        corrupt[corrupt.count - 1] ^= 0x40
+        var short = wire[8]
+        short.removeLast(30)
+        short[2] = UInt8((short.count >> 8) & 0xff)
+        short[3] = UInt8(short.count & 0xff)
+        wire = [wire[0], wire[1], wire[2], wire[1], wire[3], wire[4], corrupt, wire[6], wire[5], short, wire[7],
+                wire[0], wire[9], wire[10], wire[11], wire[11]]
+        let o = try Self.expectSameOutcome(Self.inbound(wire), atB: true) { try $0.tunnel() }
+        #expect(o.verdicts[3] == .input(.dropped(.inStateSeqError), decapsulated: false))
+        #expect(o.verdicts[6] == .input(.dropped(.inStateProtoError), decapsulated: false))
+        #expect(o.verdicts[7] == .input(.deliver, decapsulated: true))
+        #expect(o.verdicts[15] == .input(.dropped(.inStateSeqError), decapsulated: false))
+    }
+
+    @Test("soft and hard packet limits crossed inside an input run: the EXPIREs and drops land on the same packets")
+    func inputLimitsInsideARun() throws {
+        let h = try TwoHosts()
+        var l = LifetimeConfig()
+        l.softPacketLimit = 7
+        l.hardPacketLimit = 19
+        let wire = try Self.sent((0..<30).map { _ in h.packet() })
+        let o = try Self.expectSameOutcome(Self.inbound(wire), atB: true) { try $0.tunnel(lifetime: l) }
+        #expect(o.verdicts.prefix(19).allSatisfy { $0 == .input(.deliver, decapsulated: true) })
+        #expect(o.verdicts[19] == .input(.dropped(.inStateExpired), decapsulated: false))
+        #expect(o.events.prefix(2) == ["expire 1001 hard=false", "expire 1001 hard=true"])
+    }
+
+    @Test("flows outside B's policy, another SA, another outer destination and plain packets inside input runs")
+    func mixedInputBatch() throws {
+        let h = try TwoHosts()
+        let t3 = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 3)
+        let narrow = Selector(family: 4, source: IPPrefix("10.0.1.9/32")!, destination: IPPrefix("10.0.2.0/24")!)
+        let outside = Selector(family: 4, source: IPPrefix("10.0.7.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
+        let addSA3: (TwoHosts) throws -> Void = { h in
+            try h.a.addPolicy(Policy(selector: narrow, direction: .outbound, templates: [t3]), update: false)
+            try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x3003, reqid: 3, on: h.a))
+            let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+            try h.a.addPolicy(Policy(selector: outside, direction: .outbound, templates: [t]), update: false)
+        }
+        let inner = [h.packet(), h.packet(), h.packet(from: "10.0.7.1"), h.packet(), h.packet(from: "10.0.1.9"),
+                     h.packet(), h.packet(from: "10.0.1.9"), h.packet(from: "10.0.1.9"), h.packet(),
+                     h.packet(from: "10.0.7.1"), h.packet(from: "10.0.7.1"), h.packet()]
+        let wire = try Self.sent(inner, setup: addSA3)
+        #expect(wire.map { BatchMemoTests.spi($0) } == inner.map { $0[15] == 9 ? 0x3003 : 0x1001 })
+        // A clear packet to B and an ESP packet for another outer address in the middle of runs.
+        let clear = h.packet(from: "192.0.2.1", to: "192.0.2.2")
+        var elsewhere = wire[1]
+        elsewhere[19] = 9  // 192.0.2.9: not B's, so forwarded as transit (no route: dropped)
+        elsewhere[10] = 0
+        elsewhere[11] = 0
+        let sum = InternetChecksum.compute(Array(elsewhere.prefix(20)))
+        elsewhere[10] = UInt8(sum >> 8)
+        elsewhere[11] = UInt8(sum & 0xff)
+        let entries = Self.inbound([wire[0], wire[1], wire[2], wire[3], clear, wire[4], wire[5], elsewhere, wire[6],
+                                    wire[7], wire[8], wire[9], wire[10], wire[11]])
+        let o = try Self.expectSameOutcome(entries, atB: true) { h in
+            try h.tunnel()
+            try h.b.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x3003, reqid: 3, on: h.b))
+        }
+        #expect(o.verdicts[1] == .input(.deliver, decapsulated: true))
+        #expect(o.verdicts[2] != .input(.deliver, decapsulated: true), "10.0.7.1 is outside B's IN policy")
+        #expect(o.verdicts[12] != .input(.deliver, decapsulated: true))
+        #expect(o.verdicts[13] == .input(.deliver, decapsulated: true))
     }
 }

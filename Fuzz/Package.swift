@@ -31,6 +31,13 @@ let package = Package(
             name: "fuzz-esp-input",
             dependencies: ["FuzzSupport"], swiftSettings: harness),
         .executableTarget(
+            name: "fuzz-input-runs",
+            dependencies: [
+                "FuzzSupport",
+                .product(name: "XFRMCore", package: "swift-xfrm"),
+                .product(name: "XFRMPacket", package: "swift-xfrm"),
+            ], swiftSettings: harness),
+        .executableTarget(
             name: "fuzz-control",
             dependencies: [
                 "FuzzSupport",

@@ -11,6 +11,7 @@
 - batch: the batch texts of tests/e2e/test_batch_golden.py.
 - pcap: small classic pcap files (raw IP and Ethernet with 802.1Q, both byte orders, micro and nano seconds).
 - replay: step sequences over the window edges (see XFRMTestKit.ReplayDifferential).
+- input-runs: batches of sealed packets per SA with replays, other SAs, refused flows and raw packets between.
 Files are named by their content's SHA-1, as libFuzzer names its corpus.
 """
 import hashlib
@@ -225,6 +226,19 @@ def replay_seeds():
             put("replay", bytes([0x80, size_byte, flags, 1, 2]) + steps)
 
 
+def input_run_seeds():
+    """Records of fuzz-input-runs: runs of valid packets per SA, replays, other SAs and refused flows between."""
+    def valid(sa, seq, s=1, d=1, n=30, outside=False):
+        return bytes([0x80 | (0x40 if outside else 0) | sa, seq - 1, s, d, n])
+    for sa in range(15):  # every fixture SA: a run, then the run broken by a replay and another SA
+        put("input-runs", b"".join(valid(sa, q) for q in range(1, 21)))
+        put("input-runs", b"".join([valid(sa, 1), valid(sa, 2), valid(sa, 2), valid(sa, 3), valid((sa + 1) % 15, 1),
+                                    valid(sa, 4), valid(sa, 5, outside=True), valid(sa, 6, d=9), valid(sa, 7)]))
+    raw = ip4("192.0.2.1", "192.0.2.2", 50, bytes([0, 0, 0x10, 1, 0, 0, 0, 9]) + bytes(40))
+    put("input-runs", valid(0, 1) + valid(0, 2) + bytes([0, len(raw)]) + raw + valid(0, 3) + valid(0, 4) +
+        bytes([0x40, 4, 6]) + bytes([1, 2, 3, 4, 2, 4]) + valid(0, 6))
+
+
 def main():
     xfrm = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, ".build", "debug", "xfrm")
     esp_seeds()
@@ -235,6 +249,7 @@ def main():
     batch_seeds()
     pcap_seeds()
     replay_seeds()
+    input_run_seeds()
     for t in sorted(os.listdir(OUT)):
         files = os.listdir(os.path.join(OUT, t))
         size = sum(os.path.getsize(os.path.join(OUT, t, f)) for f in files)

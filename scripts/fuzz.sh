@@ -13,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
-TARGETS=(esp-input control batch pcap daemon-intake replay)
+TARGETS=(esp-input input-runs control batch pcap daemon-intake replay)
 # `scripts/fuzz.sh build` builds the harnesses and runs nothing (scripts/test.sh builds them in the background).
 if [ "${1:-}" = build ] && [ $# -eq 1 ]; then
   set -- build 0

@@ -77,7 +77,7 @@ public final class ESPFixture {
         ]
     }()
 
-    init() {
+    public init() {
         self.session = OfflineSession()
         for line in Self.lines {
             do {

@@ -229,11 +229,17 @@ def replay_seeds():
 def input_run_seeds():
     """Records of fuzz-input-runs: runs of valid packets per SA, replays, other SAs and refused flows between."""
     def valid(sa, seq, s=1, d=1, n=30, outside=False):
-        return bytes([0x80 | (0x40 if outside else 0) | sa, seq - 1, s, d, n])
+        return bytes([0x80 | sa, seq - 1, s | (0x80 if outside else 0), d, n])
+
+    def nested(sa, seq, inner_seq, damaged=False):
+        return bytes([0xc0 | sa, seq - 1, 1, 1, 30, (inner_seq - 1) | (0x80 if damaged else 0)])
     for sa in range(15):  # every fixture SA: a run, then the run broken by a replay and another SA
         put("input-runs", b"".join(valid(sa, q) for q in range(1, 21)))
         put("input-runs", b"".join([valid(sa, 1), valid(sa, 2), valid(sa, 2), valid(sa, 3), valid((sa + 1) % 15, 1),
                                     valid(sa, 4), valid(sa, 5, outside=True), valid(sa, 6, d=9), valid(sa, 7)]))
+    for sa in range(15):  # a nested layer through the same SA, checked before the next outer packet opens
+        put("input-runs", valid(sa, 1) + nested(sa, 3, 2, damaged=True) + valid(sa, 64) + valid(sa, 64) +
+            nested(sa, 65, 66) + valid(sa, 67))
     raw = ip4("192.0.2.1", "192.0.2.2", 50, bytes([0, 0, 0x10, 1, 0, 0, 0, 9]) + bytes(40))
     put("input-runs", valid(0, 1) + valid(0, 2) + bytes([0, len(raw)]) + raw + valid(0, 3) + valid(0, 4) +
         bytes([0x40, 4, 6]) + bytes([1, 2, 3, 4, 2, 4]) + valid(0, 6))

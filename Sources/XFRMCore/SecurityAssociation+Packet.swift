@@ -79,20 +79,21 @@ extension SecurityAssociation {
     }
 
     /// `useForOutput` for a run of packets through the SA in one acquisition of its lock (the batch path):
-    /// `transform(k)` protects the run's k-th packet. The run stops before a packet that needs more than ESP and
-    /// accounting — the SA no longer valid, or a lifetime limit due (that packet takes `useForOutput`, which
-    /// reports the expiry as for any packet) — and at a packet the transform refused, whose reason is returned
-    /// (not accounted; the caller counts it). `protected`: how many packets were protected and accounted.
+    /// `transform(k)` protects the run's k-th packet, or returns nil when that packet may not go in the run (the
+    /// configuration changed). The run stops before a packet that needs more than ESP and accounting — the SA no
+    /// longer valid, or a lifetime limit due (that packet takes `useForOutput`, which reports the expiry as for any
+    /// packet) — and at a packet the transform refused, whose reason is returned (not accounted; the caller counts
+    /// it). `protected`: how many packets were protected and accounted.
     @inline(__always)
-    func useForOutputRun(now: UInt64, count: Int, _ transform: (Int) -> (DropReason?, countedBytes: Int))
+    func useForOutputRun(now: UInt64, count: Int, _ transform: (Int) -> (DropReason?, countedBytes: Int)?)
         -> (protected: Int, refused: DropReason?)
     {
         self.mutable.withLock { m -> (protected: Int, refused: DropReason?) in
             guard m.state == .valid else { return (0, nil) }
-            if m.current.useTime == 0 { m.current.useTime = now }
             for k in 0..<count {
                 if m.lifetimeLimitReached { return (k, nil) }
-                let (reason, bytes) = transform(k)
+                guard let (reason, bytes) = transform(k) else { return (k, nil) }
+                if m.current.useTime == 0 { m.current.useTime = now }
                 if let reason { return (k, reason) }
                 m.account(bytes: bytes, now: now)
             }
@@ -106,6 +107,9 @@ extension SecurityAssociation {
         case stop
         /// Opened and verified: curlft counts `countedBytes`.
         case opened(countedBytes: Int)
+        /// Opened and verified, and the run ends after it: what came out may be ESP again (a nested layer may go
+        /// through this SA, which must see it before the next outer packet).
+        case openedLast(countedBytes: Int)
         /// Refused by the transform (replay, ICV, a malformed trailer): counted in the SA's stats.
         case refused(DropReason)
     }
@@ -125,6 +129,10 @@ extension SecurityAssociation {
                 case .stop: return k
                 case .opened(let bytes): m.account(bytes: bytes, now: now)
                 case .refused(let reason): m.countDrop(reason)
+                case .openedLast(let bytes):
+                    m.account(bytes: bytes, now: now)
+                    if m.current.useTime == 0 { m.current.useTime = now }
+                    return k + 1
                 }
                 if m.current.useTime == 0 { m.current.useTime = now }
             }

@@ -17,9 +17,9 @@ extension XFRMStack {
     /// Returns the index of the first packet it did not decide (`start` when none).
     ///
     /// Per packet this is `outputCachedBundle` without the device branch: the direction check (once, the SA's
-    /// config is immutable), the size check before the lock, state, lifetime, ESP and accounting under it, the
-    /// route's MTU check after. A packet the transform refused (sequence overflow) ends the run with its drop
-    /// counted as `apply` counts it.
+    /// config is immutable), the size check before the lock, the configuration generation, state, lifetime, ESP
+    /// and accounting under it, the route's MTU check after. A packet the transform refused (sequence overflow)
+    /// ends the run with its drop counted as `apply` counts it.
     func outputRun(_ batch: inout PacketBatch, from start: Int, memo: borrowing OutputMemo, cpu: UInt32,
                    now: UInt64) -> Int {
         guard start < batch.count, memo.isSet else { return start }
@@ -33,10 +33,11 @@ extension XFRMStack {
                 // Which of the next packets the bundle serves, before the lock.
                 var end = start
                 var bytes = 0
-                while end < packets.count && bytes < Self.runByteLimit {
+                while end < packets.count {
                     guard case .pending = packets[end].verdict, packets[end].stage != .input else { break }
                     let buffer = packets[end].buffer
-                    guard let flow = Flow.parse(buffer.data, count: buffer.count, mark: 0),
+                    guard end == start || bytes + buffer.count <= Self.runByteLimit,
+                        let flow = Flow.parse(buffer.data, count: buffer.count, mark: 0),
                         memo.matches(flow, tag: tag, generation: generation)
                     else { break }
                     if let limit = b.limit, buffer.count > limit { break }  // ICMP or a drop: the per-packet path
@@ -46,6 +47,9 @@ extension XFRMStack {
                 guard end > start else { return start }
                 let (protected, refused) = transformRef._withUnsafeGuaranteedRef { transform in
                     b.sa.useForOutputRun(now: now, count: end - start) { k in
+                        // As per packet: a configuration change since the memo was made sends the packet back
+                        // to the lookups.
+                        guard self.currentGeneration == generation else { return nil }
                         var layout = ESPLayout()
                         // The header was verified by Flow.parse above.
                         let reason = transform.encapsulate(&packets[start + k].buffer, layout: &layout,
@@ -71,24 +75,31 @@ extension XFRMStack {
     /// Returns the index of the first packet it did not decide (`start` when none).
     ///
     /// Per packet this is `input` with the lookups the memo already answered: the outer destination, the SAD
-    /// lookup, the direction and larval checks (once, the SA's config is immutable), then under the lock state,
-    /// binding, lifetime, replay, ICV and decryption, accounting. A packet that needs anything else (another SA,
-    /// another destination, a limit due) ends the run and goes the per-packet way.
+    /// lookup, the direction and larval checks (once, the SA's config is immutable), then under the lock the
+    /// configuration generation, state, binding, lifetime, replay, ICV and decryption, accounting. A packet that
+    /// needs anything else (another SA, another destination, a limit due) ends the run and goes the per-packet way;
+    /// so does every packet after one whose inner packet may be ESP again (its nested layers, possibly through this
+    /// same SA, must come before the next outer packet's, as one packet at a time orders them).
     func inputRun(_ batch: inout PacketBatch, from start: Int, memo: inout InputMemo, now: UInt64) -> Int {
+        let generation = self.currentGeneration
         guard start < batch.count, let lent = memo.sa, let key = memo.saKeyHeld, key.mark == 0,
-            let outer = memo.outer, let outerLocal = outer.local, memo.generation == self.currentGeneration
+            let outer = memo.outer, let outerLocal = outer.local, memo.generation == generation
         else { return start }
         let nattPort = self.nattPort.load(ordering: .relaxed)
-        let taken = lent._withUnsafeGuaranteedRef { sa -> Int in
-            guard sa.config.direction != .outbound, let transformRef = sa.transformRef else { return 0 }
+        // Held for the run: the finish below validates the memo per packet, which may drop the memo's reference.
+        let sa = lent.takeUnretainedValue()
+        return withExtendedLifetime(sa) { () -> Int in
+            guard sa.config.direction != .outbound, let transformRef = sa.transformRef else { return start }
             let tunnel = sa.config.mode == .tunnel
-            return transformRef._withUnsafeGuaranteedRef { transform -> Int in
+            let taken = transformRef._withUnsafeGuaranteedRef { transform -> Int in
                 batch.packets.withUnsafeMutableBufferPointer { packets -> Int in
                     var bytes = 0
                     return sa.useForInputRun(now: now, count: packets.count - start) { k in
                         let j = start + k
-                        guard bytes < Self.runByteLimit, case .pending = packets[j].verdict,
+                        guard k == 0 || bytes + packets[j].buffer.count <= Self.runByteLimit,
+                            case .pending = packets[j].verdict,
                             packets[j].stage == .input, packets[j].metadata == nil,
+                            self.currentGeneration == generation,
                             Self.destination(of: packets[j].buffer) == outer.destination,
                             case .esp(let info) = ESPClassification.classify(&packets[j].buffer, nattPort: nattPort),
                             info.spi == key.id.spi && info.destination == key.id.destination
@@ -103,24 +114,46 @@ extension XFRMStack {
                         }
                         // What ESP delivered, as `inputLayer` counts it.
                         let n = packets[j].buffer.count
-                        return .opened(countedBytes: tunnel ? n : n - info.transportOffset)
+                        let counted = tunnel ? n : n - info.transportOffset
+                        return Self.cannotBeESP(packets[j].buffer, nattPort: nattPort)
+                            ? .opened(countedBytes: counted) : .openedLast(countedBytes: counted)
                     }
                 }
             }
-        }
-        batch.packets.withUnsafeMutableBufferPointer { packets in
-            for j in start..<(start + taken) {
-                guard case .pending = packets[j].verdict else { continue }  // refused above
-                var secpath = SecPath()
-                _ = secpath.appendLent(lent)
-                var decapsulated = false
-                let ifindex = packets[j].ifindex
-                let r = self.inputLayers(&packets[j].buffer, secpath: &secpath, ifindex: ifindex, mark: 0,
-                                         metadata: nil, cryptoDone: false, outerLocal: .some(.some(outerLocal)),
-                                         now: now, decapsulated: &decapsulated, memo: &memo)
-                packets[j].verdict = .input(r, decapsulated: decapsulated)
+            batch.packets.withUnsafeMutableBufferPointer { packets in
+                for j in start..<(start + taken) {
+                    guard case .pending = packets[j].verdict else { continue }  // refused above
+                    // As `input` does per packet; the SA stays alive through `sa` even if this resets the memo.
+                    memo.validate(self.currentGeneration)
+                    var secpath = SecPath()
+                    _ = secpath.appendLent(Unmanaged.passUnretained(sa))
+                    var decapsulated = false
+                    let ifindex = packets[j].ifindex
+                    let r = self.inputLayers(&packets[j].buffer, secpath: &secpath, ifindex: ifindex, mark: 0,
+                                             metadata: nil, cryptoDone: false, outerLocal: .some(.some(outerLocal)),
+                                             now: now, decapsulated: &decapsulated, memo: &memo)
+                    packets[j].verdict = .input(r, decapsulated: decapsulated)
+                }
             }
+            return start + taken
         }
-        return start + taken
+    }
+
+    /// Whether a decapsulated packet is certainly not ESP again (no nested layer to open): IPv4 per
+    /// `ESPClassification.isPlainIPv4`; IPv6 whose next header is TCP, ICMPv6, or UDP to another port than NAT-T's.
+    /// False means "may be" (extension headers, other protocols), never "is".
+    @inline(__always)
+    static func cannotBeESP(_ packet: PacketBuffer, nattPort: UInt16?) -> Bool {
+        if ESPClassification.isPlainIPv4(packet, nattPort: nattPort) { return true }
+        let p = packet.data
+        let n = packet.count
+        guard n >= 40, p.loadByte(at: 0) >> 4 == 6, Int(p.loadBE16(at: 4)) + 40 == n else { return false }
+        switch p.loadByte(at: 6) {
+        case IPProtocolNumber.tcp, IPProtocolNumber.icmpv6: return true
+        case IPProtocolNumber.udp:
+            guard let port = nattPort else { return true }
+            return n >= 48 && p.loadBE16(at: 42) != port
+        default: return false
+        }
     }
 }

@@ -27,6 +27,13 @@ struct BatchRunTests {
     static func run(_ h: TwoHosts, _ entries: [Entry], batch: Bool, atB: Bool) -> Outcome {
         let (stack, events) = atB ? (h.b, h.eventsB) : (h.a, h.eventsA)
         _ = events.drain()
+        // The SAs taken before the packets: one that expires meanwhile leaves the SAD, but its curlft still counts.
+        var sas: [(UInt32, SecurityAssociation)] = []
+        for spi: UInt32 in [0x1001, 0x2002, 0x3003, 0x5005] {
+            for dst in ["192.0.2.1", "192.0.2.2"] {
+                if let sa = stack.states.lookup(SAID(destination: IPAddress(dst)!, spi: spi)) { sas.append((spi, sa)) }
+            }
+        }
         var o = Outcome()
         if batch {
             let pool = PacketPool(count: entries.count, slotSize: 2048, headroom: 256)
@@ -66,13 +73,11 @@ struct BatchRunTests {
             default: "\(e)"
             }
         }
-        for spi: UInt32 in [0x1001, 0x2002, 0x3003] {
-            for dst in ["192.0.2.1", "192.0.2.2"] {
-                guard let sa = stack.states.lookup(SAID(destination: IPAddress(dst)!, spi: spi)) else { continue }
-                let c = sa.current
-                o.states.append("\(String(spi, radix: 16)) \(sa.isDying ? "dying" : "live") bytes=\(c.bytes) "
-                                + "packets=\(c.packets) used=\(c.useTime) stats=\(sa.stats)")
-            }
+        for (spi, sa) in sas {
+            let c = sa.current
+            let inSAD = stack.states.lookup(sa.id) === sa
+            o.states.append("\(String(spi, radix: 16)) \(inSAD ? "" : "deleted ")\(sa.isDying ? "dying" : "live") "
+                            + "bytes=\(c.bytes) packets=\(c.packets) used=\(c.useTime) stats=\(sa.stats)")
         }
         return o
     }
@@ -300,5 +305,72 @@ struct BatchRunTests {
         #expect(o.verdicts[2] != .input(.deliver, decapsulated: true), "10.0.7.1 is outside B's IN policy")
         #expect(o.verdicts[12] != .input(.deliver, decapsulated: true))
         #expect(o.verdicts[13] == .input(.deliver, decapsulated: true))
+    }
+
+    // MARK: - Run boundaries
+
+    @Test("64 packets of 1,400 bytes each way: runs split at the byte limit, every packet as if alone")
+    func runsSplitAtTheByteLimit() throws {
+        let h = try TwoHosts()
+        let big = Array(repeating: h.packet(size: 1_372), count: 64)
+        #expect(big[0].count == 1_400)
+        let out = try Self.expectSameOutcome(Self.outbound(big)) { try $0.tunnel() }
+        #expect(out.verdicts.allSatisfy { $0 == .output(.transmit(ifindex: 2), transformed: true) })
+        let wire = try Self.sent(big)
+        let o = try Self.expectSameOutcome(Self.inbound(wire), atB: true) { try $0.tunnel() }
+        #expect(o.verdicts.allSatisfy { $0 == .input(.deliver, decapsulated: true) })
+        #expect(o.states.contains { $0.hasPrefix("1001 live bytes=\(64 * 1_400) packets=64 ") }, "\(o.states)")
+    }
+
+    @Test("transport mode both ways: curlft counts the payload, as one packet at a time")
+    func transportModeRuns() throws {
+        let transport: (TwoHosts) throws -> Void = { h in
+            let sel = Selector(family: 4, source: IPPrefix("192.0.2.1/32")!, destination: IPPrefix("192.0.2.2/32")!)
+            let t = Template(source: nil, destination: nil, mode: 0, reqid: 5)
+            try h.a.addPolicy(Policy(selector: sel, direction: .outbound, templates: [t]), update: false)
+            try h.b.addPolicy(Policy(selector: sel, direction: .inbound, templates: [t]), update: false)
+            for s in [h.a, h.b] {
+                try s.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x5005, mode: .transport, reqid: 5, on: s))
+            }
+        }
+        let h = try TwoHosts()
+        let packets = (0..<20).map { h.packet(from: "192.0.2.1", to: "192.0.2.2", size: 40 + $0) }
+        let out = try Self.expectSameOutcome(Self.outbound(packets), setup: transport)
+        #expect(out.verdicts.allSatisfy { $0 == .output(.transmit(ifindex: 2), transformed: true) }, "\(out.verdicts)")
+        let wire = try Self.sent(packets, setup: transport)
+        let o = try Self.expectSameOutcome(Self.inbound(wire), atB: true, setup: transport)
+        #expect(o.verdicts.allSatisfy { $0 == .input(.deliver, decapsulated: true) }, "\(o.verdicts)")
+    }
+
+    @Test("ESP inside ESP through the same SA: the inner layer is checked before the next outer packet opens")
+    func nestedLayerBeforeTheNextOuterPacket() throws {
+        // A's SA 0x1001 also tunnels A's own ESP packets to B (192.0.2.1 → 192.0.2.2), so a packet's inner layer goes
+        // through the same SA as its outer one. After a plain packet (sequence 1, which starts a run), the inner
+        // packet is sealed (2) and its ICV then damaged; the outer packet around it gets 3, and the next outer
+        // packet 64: past a 32-packet window from 2. One packet at a time, the inner layer is checked before 64
+        // arrives, so it fails its ICV (XfrmInStateProtoError); checked after, it would be too old (SeqError).
+        let h = try TwoHosts()
+        let nested: (TwoHosts) throws -> Void = { h in
+            let sel = Selector(family: 4, source: IPPrefix("192.0.2.1/32")!, destination: IPPrefix("192.0.2.2/32")!)
+            let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+            try h.a.addPolicy(Policy(selector: sel, direction: .outbound, templates: [t]), update: false)
+        }
+        let sender = try TwoHosts()
+        try nested(sender)
+        try sender.tunnel()
+        let plain = sender.send(h.packet()).1
+        var inner = sender.send(h.packet()).1
+        inner[inner.count - 1] ^= 1
+        let (r1, first) = sender.send(inner)
+        #expect(r1 == .transmit(ifindex: 2))
+        for _ in 0..<60 { _ = sender.send(h.packet()) }
+        let (r2, far) = sender.send(h.packet())
+        #expect(r2 == .transmit(ifindex: 2))
+        #expect(Array(far[24..<28]) == [0, 0, 0, 64])
+        let o = try Self.expectSameOutcome(Self.inbound([plain, first, far, far]), atB: true) { try $0.tunnel() }
+        #expect(o.verdicts[0] == .input(.deliver, decapsulated: true))
+        #expect(o.verdicts[1] == .input(.dropped(.inStateProtoError), decapsulated: false))
+        #expect(o.verdicts[2] == .input(.deliver, decapsulated: true))
+        #expect(o.verdicts[3] == .input(.dropped(.inStateSeqError), decapsulated: false))
     }
 }

@@ -9,8 +9,10 @@
 //   0x40–0x7f: SA (low 6 bits mod the SA count), 1 sequence byte, 1 length byte, then that many plaintext bytes
 //              (payload and trailer as the fuzzer wrote them), sealed with the SA's key.
 //   0x80–0xff: SA (low 6 bits), 1 sequence byte, source and destination host bytes, 1 payload length byte: a
-//              well-formed inner IPv4 UDP packet 10.0.1.S → 10.0.2.D (bit 6 set: from 10.0.7.S, outside the
+//              well-formed inner IPv4 UDP packet 10.0.1.S → 10.0.2.D (S ≥ 128: from 10.0.7.S, outside the
 //              policies) with its trailer, sealed — so runs of valid packets, replays and policy refusals occur.
+//              Bit 6 set: nested — one more byte gives the inner layer's sequence number (bit 7: its ICV damaged);
+//              the inner packet is sealed with the same SA first, and that ESP packet sealed again.
 // The SAs' windows are reset first, so the verdicts do not depend on earlier inputs.
 import FuzzSupport
 import XFRMCore
@@ -37,14 +39,23 @@ func records(_ data: UnsafeRawBufferPointer) -> [[UInt8]] {
             let sequence = UInt64(r.byte()) + 1
             let (s, d, n) = (r.byte(), r.byte(), Int(r.byte()))
             let udp = PacketFactory.udp(payload: PacketFactory.pattern(n))
-            var inner = PacketFactory.ipv4(source: kind & 0x40 != 0 ? "10.0.7.\(s)" : "10.0.1.\(s)",
+            var inner = PacketFactory.ipv4(source: s >= 128 ? "10.0.7.\(s & 0x7f)" : "10.0.1.\(s)",
                                            destination: "10.0.2.\(d)", proto: 17, payload: udp)
-            let pad = (4 - (inner.count + 2) % 4) % 4
-            inner += (0..<pad).map { UInt8($0 + 1) } + [UInt8(pad), 4]
-            packets.append(batched.seal(sa, sequence: sequence, plaintext: inner, tos: 0))
+            if kind & 0x40 != 0 {
+                let innerSequence = r.byte()
+                inner = batched.seal(sa, sequence: UInt64(innerSequence & 0x7f) + 1, plaintext: trailed(inner), tos: 0)
+                if innerSequence & 0x80 != 0 { inner[inner.count - 1] ^= 1 }
+            }
+            packets.append(batched.seal(sa, sequence: sequence, plaintext: trailed(inner), tos: 0))
         }
     }
     return packets
+}
+
+/// `packet` with an RFC 4303 trailer: padding to 4 bytes, pad length, next header (IPv4 or IPv6 by its version).
+func trailed(_ packet: [UInt8]) -> [UInt8] {
+    let pad = (4 - (packet.count + 2) % 4) % 4
+    return packet + (0..<pad).map { UInt8($0 + 1) } + [UInt8(pad), packet.first.map { $0 >> 4 == 6 } == true ? 41 : 4]
 }
 
 /// What a host shows: its counters and each SA's curlft (use time only as used or not: the two hosts' clocks

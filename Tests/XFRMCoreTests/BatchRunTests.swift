@@ -373,4 +373,24 @@ struct BatchRunTests {
         #expect(o.verdicts[2] == .input(.deliver, decapsulated: true))
         #expect(o.verdicts[3] == .input(.dropped(.inStateSeqError), decapsulated: false))
     }
+
+    @Test("a crypto-offload bundle takes no run: every packet is left for the device, as one at a time")
+    func cryptoOffloadBundlesTakeNoRun() throws {
+        let cryptoOffload: (TwoHosts) throws -> Void = { h in
+            try h.a.attachDevice(FakeOffloadDevice(), ifindex: 2)
+            try h.tunnel()
+            let id = SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001)
+            let config = h.a.states.lookup(id)!.config
+            try h.a.deleteState(id, mark: Mark())
+            try h.a.addState(try h.a.makeSA(config), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+        }
+        let h = try TwoHosts()
+        let o = try Self.expectSameOutcome(Self.outbound(Array(repeating: h.packet(), count: 20)), setup: cryptoOffload)
+        for v in o.verdicts {
+            guard case .output(.offload(ifindex: 2, _), transformed: false) = v else {
+                Issue.record("expected crypto offload, got \(v)")
+                continue
+            }
+        }
+    }
 }

@@ -127,8 +127,16 @@ extension XFRMStack {
                     memo.validate(self.currentGeneration)
                     var secpath = SecPath()
                     _ = secpath.appendLent(Unmanaged.passUnretained(sa))
-                    var decapsulated = false
                     let ifindex = packets[j].ifindex
+                    if j < start + taken - 1 {
+                        // Opened with `.opened`: `cannotBeESP` said so, which is what `inputLayers` would find
+                        // before its policy check.
+                        let r = self.policyCheck(&packets[j].buffer, secpath: secpath, ifindex: ifindex, mark: 0,
+                                                 now: now, localIfindex: nil, memo: &memo)
+                        packets[j].verdict = .input(r, decapsulated: true)
+                        continue
+                    }
+                    var decapsulated = false
                     let r = self.inputLayers(&packets[j].buffer, secpath: &secpath, ifindex: ifindex, mark: 0,
                                              metadata: nil, cryptoDone: false, outerLocal: .some(.some(outerLocal)),
                                              now: now, decapsulated: &decapsulated, memo: &memo)
@@ -140,8 +148,9 @@ extension XFRMStack {
     }
 
     /// Whether a decapsulated packet is certainly not ESP again (no nested layer to open): IPv4 per
-    /// `ESPClassification.isPlainIPv4`; IPv6 whose next header is TCP, ICMPv6, or UDP to another port than NAT-T's.
-    /// False means "may be" (extension headers, other protocols), never "is".
+    /// `ESPClassification.isPlainIPv4`; IPv6 of exactly its payload length whose next header is TCP, ICMPv6, or UDP
+    /// to another port than NAT-T's — a packet `classify` calls `.notESP`. False means "may be" (extension headers,
+    /// other protocols, odd lengths), never "is".
     @inline(__always)
     static func cannotBeESP(_ packet: PacketBuffer, nattPort: UInt16?) -> Bool {
         if ESPClassification.isPlainIPv4(packet, nattPort: nattPort) { return true }

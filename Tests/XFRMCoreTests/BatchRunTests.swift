@@ -393,4 +393,35 @@ struct BatchRunTests {
             }
         }
     }
+
+    @Test("IPv6 inside the IPv4 tunnel: TCP, ICMPv6, UDP, UDP to the NAT-T port, extension headers, as one at a time")
+    func ipv6InnerPacketsInRuns() throws {
+        let sel6 = Selector(family: 6, source: IPPrefix("2001:db8:a::/64")!, destination: IPPrefix("2001:db8:b::/64")!)
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+        let v6: (TwoHosts) throws -> Void = { h in
+            try h.a.addPolicy(Policy(selector: sel6, direction: .outbound, templates: [t]), update: false)
+            for d in [PolicyDirection.inbound, .forward] {
+                try h.b.addPolicy(Policy(selector: sel6, direction: d, templates: [t]), update: false)
+            }
+            try h.b.network.addAddress(IPPrefix("2001:db8:b::1/64")!, device: "lan0")
+        }
+        func ip6(_ nh: UInt8, to: String = "2001:db8:b::1", ext: [UInt8] = [], payload: [UInt8]) -> [UInt8] {
+            PacketFactory.ipv6(source: "2001:db8:a::1", destination: to, nextHeader: nh, extensionHeaders: ext,
+                               firstNextHeader: ext.isEmpty ? nil : 0, payload: payload)
+        }
+        let tcp = ip6(6, payload: PacketFactory.pattern(60))
+        let icmp = ip6(58, to: "2001:db8:b::9", payload: [128, 0, 0, 0] + PacketFactory.pattern(20))
+        let udp = ip6(17, payload: PacketFactory.udp(payload: PacketFactory.pattern(30)))
+        let natt = ip6(17, payload: PacketFactory.udp(sourcePort: 4500, destinationPort: 4500, payload: [0, 0, 0x10, 1]
+                                                      + PacketFactory.pattern(30)))
+        let hopByHop = ip6(17, ext: [17, 0, 1, 4, 0, 0, 0, 0], payload: PacketFactory.udp(payload: PacketFactory.pattern(8)))
+        let inner = [tcp, tcp, icmp, udp, tcp, natt, tcp, tcp, hopByHop, udp, udp, icmp, tcp]
+        let wire = try Self.sent(inner, setup: v6)
+        let o = try Self.expectSameOutcome(Self.inbound(wire), atB: true) { h in
+            try v6(h)
+            try h.tunnel()
+        }
+        #expect(o.verdicts[1] == .input(.deliver, decapsulated: true), "\(o.verdicts)")
+        #expect(o.verdicts[2] == .input(.forward, decapsulated: true), "\(o.verdicts)")
+    }
 }

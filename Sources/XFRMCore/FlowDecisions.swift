@@ -108,7 +108,9 @@ struct InputMemo {
     /// Written only for a packet's outermost ESP header, before the packet borrows it.
     private var lentSA = LentReference<SecurityAssociation>()
     private var saKey: (id: SAID, mark: UInt32)? = nil
-    var verdict: (flow: Flow, tag: UInt, decision: InputDecision)? = nil
+    /// `raw`: the flow's bytes when its packet had them (`RawFlowKey`), so the next packet is compared without
+    /// parsing its flow.
+    var verdict: (flow: Flow, raw: RawFlowKey?, tag: UInt, decision: InputDecision)? = nil
 
     /// Forgets everything when the configuration changed since the memo was made.
     @inline(__always)
@@ -132,5 +134,31 @@ struct InputMemo {
     mutating func setSA(_ id: SAID, mark: UInt32, _ sa: SecurityAssociation?) {
         self.saKey = sa == nil ? nil : (id, mark)
         self.lentSA = LentReference(sa)
+    }
+}
+
+/// The bytes that decide the `Flow` of the usual inner packet — IPv4 with a 20-byte header, exactly as long as its
+/// total length says, not a fragment, TCP or UDP: protocol, addresses and ports — with the packet's mark and
+/// interface. Two packets with equal keys, checked against the same SA (so the same if_id), have equal flows as
+/// `Flow.parse` reads them; packets of any other shape have no key and are compared by their parsed flow.
+struct RawFlowKey: Equatable {
+    /// Bytes 12–19: source and destination address.
+    let addresses: UInt64
+    /// Bytes 20–23 (the ports) and the protocol above them.
+    let portsAndProto: UInt64
+    let mark: UInt32
+    let ifindex: Int32
+
+    @inline(__always)
+    init?(_ p: UnsafeMutableRawPointer, count n: Int, mark: UInt32, ifindex: Int32) {
+        guard n >= 24, p.loadByte(at: 0) == 0x45, Int(p.loadBE16(at: 2)) == n,
+            p.loadBE16(at: 6) & (IPv4Header.flagMF | IPv4Header.fragmentOffsetMask) == 0
+        else { return nil }
+        let proto = p.loadByte(at: 9)
+        guard proto == IPProtocolNumber.tcp || proto == IPProtocolNumber.udp else { return nil }
+        self.addresses = p.loadUnaligned(fromByteOffset: 12, as: UInt64.self)
+        self.portsAndProto = UInt64(p.loadUnaligned(fromByteOffset: 20, as: UInt32.self)) | UInt64(proto) << 32
+        self.mark = mark
+        self.ifindex = ifindex
     }
 }

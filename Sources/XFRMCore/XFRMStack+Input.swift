@@ -284,6 +284,21 @@ extension XFRMStack {
     /// `localIfindex`, when known (.some), is the packet destination's local interface (nil: not local).
     func policyCheck(_ packet: inout PacketBuffer, secpath: borrowing SecPath, ifindex: Int32, mark: UInt32,
                              now: UInt64, localIfindex known: Int32?? = nil, memo: inout InputMemo) -> InputResult {
+        // The SA's identity as the tag of the verdict memo and the input cache: safe because an SA leaves the SAD
+        // only with a generation bump, so no entry outlives it into a time when its address could belong to
+        // another SA.
+        let cacheTag = secpath.count == 1 ? secpath.identity(0) : 0
+        // A flow that came through one SA and was allowed before, in this configuration generation, is allowed
+        // again without the lookups below (the verdict depends only on the flow, the SA and the configuration);
+        // the usual packet is recognized by its raw bytes, without parsing its flow.
+        if cacheTag != 0, let m = memo.verdict, m.tag == cacheTag, let raw = m.raw,
+            RawFlowKey(packet.data, count: packet.count, mark: mark, ifindex: ifindex) == raw
+        {
+            assert(Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex, verifyChecksum: false)
+                .map { f in var f = f; f.ifID = secpath.with(0) { $0.ifID }; return f.sameFlow(m.flow) } == true,
+                   "a raw flow key matched another flow")
+            return m.decision.local ? .deliver : self.forwardPrepare(&packet)
+        }
         // After a decapsulation the inner IPv4 header was verified (tunnel mode) or rewritten with its checksum
         // (transport mode) by the ESP transform a moment ago: one checksum per header, as ip_rcv does.
         guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex,
@@ -295,12 +310,7 @@ extension XFRMStack {
         // The traffic's if_id is the innermost SA's (≈ xfrmi_decode_session finding the XFRM interface by
         // x->if_id); packets that came through no SA, or through SAs without an if_id, have if_id 0.
         if secpath.count > 0 { flow.ifID = secpath.with(secpath.count - 1) { $0.ifID } }
-        // A flow that came through one SA and was allowed before, in this configuration generation, is allowed
-        // again without the lookups below (the verdict depends only on the flow, the SA and the configuration).
         let generation = memo.generation
-        // The SA's identity as the tag: safe because an SA leaves the SAD only with a generation bump, so no entry
-        // outlives it into a time when its address could belong to another SA.
-        let cacheTag = secpath.count == 1 ? secpath.identity(0) : 0
         if cacheTag != 0, let m = memo.verdict, m.tag == cacheTag, m.flow.sameFlow(flow) {
             return m.decision.local ? .deliver : self.forwardPrepare(&packet)
         }
@@ -308,7 +318,8 @@ extension XFRMStack {
                                                                   now: now) {
             let d = hit.value
             if touch { self.policies.markUsed(index: d.policyIndex, direction: d.direction, at: now) }
-            memo.verdict = (flow, cacheTag, d)
+            memo.verdict = (flow, RawFlowKey(packet.data, count: packet.count, mark: mark, ifindex: ifindex),
+                            cacheTag, d)
             return d.local ? .deliver : self.forwardPrepare(&packet)
         }
         let cacheKey = flow

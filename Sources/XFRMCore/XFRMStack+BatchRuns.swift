@@ -125,17 +125,25 @@ extension XFRMStack {
                     guard case .pending = packets[j].verdict else { continue }  // refused above
                     // As `input` does per packet; the SA stays alive through `sa` even if this resets the memo.
                     memo.validate(self.currentGeneration)
-                    var secpath = SecPath()
-                    _ = secpath.appendLent(Unmanaged.passUnretained(sa))
                     let ifindex = packets[j].ifindex
                     if j < start + taken - 1 {
                         // Opened with `.opened`: `cannotBeESP` said so, which is what `inputLayers` would find
-                        // before its policy check.
+                        // before its policy check — whose first step, the memo's raw verdict, comes first here.
+                        let tag = UInt(bitPattern: Unmanaged.passUnretained(sa).toOpaque())
+                        if let r = self.rawMemoVerdict(&packets[j].buffer, tag: tag, ifID: sa.ifID, ifindex: ifindex,
+                                                       mark: 0, memo: memo) {
+                            packets[j].verdict = .input(r, decapsulated: true)
+                            continue
+                        }
+                        var secpath = SecPath()
+                        _ = secpath.appendLent(Unmanaged.passUnretained(sa))
                         let r = self.policyCheck(&packets[j].buffer, secpath: secpath, ifindex: ifindex, mark: 0,
                                                  now: now, localIfindex: nil, memo: &memo)
                         packets[j].verdict = .input(r, decapsulated: true)
                         continue
                     }
+                    var secpath = SecPath()
+                    _ = secpath.appendLent(Unmanaged.passUnretained(sa))
                     var decapsulated = false
                     let r = self.inputLayers(&packets[j].buffer, secpath: &secpath, ifindex: ifindex, mark: 0,
                                              metadata: nil, cryptoDone: false, outerLocal: .some(.some(outerLocal)),

@@ -279,6 +279,20 @@ extension XFRMStack {
         }
     }
 
+    /// The verdict memo's answer for a packet that came through exactly one SA (`tag`, its identity; `ifID`, its
+    /// if_id) when the packet has the memo's raw flow key (`RawFlowKey`); nil: ask `policyCheck`.
+    @inline(__always)
+    func rawMemoVerdict(_ packet: inout PacketBuffer, tag: UInt, ifID: @autoclosure () -> UInt32, ifindex: Int32,
+                        mark: UInt32, memo: borrowing InputMemo) -> InputResult? {
+        guard let m = memo.verdict, m.tag == tag, let raw = m.raw,
+            RawFlowKey(packet.data, count: packet.count, mark: mark, ifindex: ifindex) == raw
+        else { return nil }
+        assert(Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex, verifyChecksum: false)
+            .map { f in var f = f; f.ifID = ifID(); return f.sameFlow(m.flow) } == true,
+               "a raw flow key matched another flow")
+        return m.decision.local ? .deliver : self.forwardPrepare(&packet)
+    }
+
     /// ≈ __xfrm_policy_check: the packet (after any decapsulation) must have come through the SAs its IN or FWD
     /// policy requires, and every one of those SAs must cover the inner flow with its selector.
     /// `localIfindex`, when known (.some), is the packet destination's local interface (nil: not local).
@@ -291,13 +305,9 @@ extension XFRMStack {
         // A flow that came through one SA and was allowed before, in this configuration generation, is allowed
         // again without the lookups below (the verdict depends only on the flow, the SA and the configuration);
         // the usual packet is recognized by its raw bytes, without parsing its flow.
-        if cacheTag != 0, let m = memo.verdict, m.tag == cacheTag, let raw = m.raw,
-            RawFlowKey(packet.data, count: packet.count, mark: mark, ifindex: ifindex) == raw
-        {
-            assert(Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex, verifyChecksum: false)
-                .map { f in var f = f; f.ifID = secpath.with(0) { $0.ifID }; return f.sameFlow(m.flow) } == true,
-                   "a raw flow key matched another flow")
-            return m.decision.local ? .deliver : self.forwardPrepare(&packet)
+        if cacheTag != 0, let r = self.rawMemoVerdict(&packet, tag: cacheTag, ifID: secpath.with(0) { $0.ifID },
+                                                      ifindex: ifindex, mark: mark, memo: memo) {
+            return r
         }
         // After a decapsulation the inner IPv4 header was verified (tunnel mode) or rewritten with its checksum
         // (transport mode) by the ESP transform a moment ago: one checksum per header, as ip_rcv does.

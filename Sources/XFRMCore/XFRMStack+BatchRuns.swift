@@ -85,6 +85,7 @@ extension XFRMStack {
         guard start < batch.count, let lent = memo.sa, let key = memo.saKeyHeld, key.mark == 0,
             let outer = memo.outer, let outerLocal = outer.local, memo.generation == generation
         else { return start }
+        // Read once per run (per packet, `input` reads it again; a port change meanwhile is a race either way).
         let nattPort = self.nattPort.load(ordering: .relaxed)
         // Held for the run: the finish below validates the memo per packet, which may drop the memo's reference.
         let sa = lent.takeUnretainedValue()

@@ -280,15 +280,16 @@ extension XFRMStack {
     }
 
     /// The verdict memo's answer for a packet that came through exactly one SA (`tag`, its identity; `ifID`, its
-    /// if_id) when the packet has the memo's raw flow key (`RawFlowKey`); nil: ask `policyCheck`.
+    /// if_id now — `updateState` may change it) when the packet has the memo's raw flow key (`RawFlowKey`) and the
+    /// memo's if_id; nil: ask `policyCheck`.
     @inline(__always)
-    func rawMemoVerdict(_ packet: inout PacketBuffer, tag: UInt, ifID: @autoclosure () -> UInt32, ifindex: Int32,
-                        mark: UInt32, memo: borrowing InputMemo) -> InputResult? {
-        guard let m = memo.verdict, m.tag == tag, let raw = m.raw,
+    func rawMemoVerdict(_ packet: inout PacketBuffer, tag: UInt, ifID: UInt32, ifindex: Int32, mark: UInt32,
+                        memo: borrowing InputMemo) -> InputResult? {
+        guard let m = memo.verdict, m.tag == tag, m.flow.ifID == ifID, let raw = m.raw,
             RawFlowKey(packet.data, count: packet.count, mark: mark, ifindex: ifindex) == raw
         else { return nil }
         assert(Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex, verifyChecksum: false)
-            .map { f in var f = f; f.ifID = ifID(); return f.sameFlow(m.flow) } == true,
+            .map { f in var f = f; f.ifID = ifID; return f.sameFlow(m.flow) } == true,
                "a raw flow key matched another flow")
         return m.decision.local ? .deliver : self.forwardPrepare(&packet)
     }

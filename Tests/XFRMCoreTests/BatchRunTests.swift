@@ -415,7 +415,8 @@ struct BatchRunTests {
         let natt = ip6(17, payload: PacketFactory.udp(sourcePort: 4500, destinationPort: 4500, payload: [0, 0, 0x10, 1]
                                                       + PacketFactory.pattern(30)))
         let hopByHop = ip6(17, ext: [17, 0, 1, 4, 0, 0, 0, 0], payload: PacketFactory.udp(payload: PacketFactory.pattern(8)))
-        let inner = [tcp, tcp, icmp, udp, tcp, natt, tcp, tcp, hopByHop, udp, udp, icmp, tcp]
+        let empty = ip6(6, payload: [])  // payload length 0
+        let inner = [tcp, tcp, icmp, udp, tcp, natt, tcp, tcp, hopByHop, udp, udp, empty, icmp, tcp]
         let wire = try Self.sent(inner, setup: v6)
         let o = try Self.expectSameOutcome(Self.inbound(wire), atB: true) { h in
             try v6(h)
@@ -423,5 +424,40 @@ struct BatchRunTests {
         }
         #expect(o.verdicts[1] == .input(.deliver, decapsulated: true), "\(o.verdicts)")
         #expect(o.verdicts[2] == .input(.forward, decapsulated: true), "\(o.verdicts)")
+    }
+
+    @Test("after an allowed flow, the same SA carries flows differing only in port, protocol or fragment bits")
+    func memoizedVerdictIsPerFlow() throws {
+        // B refuses UDP to port 9999 and TCP from 10.0.1.0/24 (block policies ahead of the tunnel's IN policy).
+        let blocks: (TwoHosts) throws -> Void = { h in
+            let base = (IPPrefix("10.0.1.0/24")!, IPPrefix("10.0.2.0/24")!)
+            for sel in [Selector(family: 4, source: base.0, destination: base.1, proto: 17, destinationPort: 9999,
+                                 destinationPortMask: 0xffff),
+                        Selector(family: 4, source: base.0, destination: base.1, proto: 6)] {
+                try h.b.addPolicy(Policy(selector: sel, direction: .inbound, action: .block), update: false)
+            }
+        }
+        let h = try TwoHosts()
+        let allowed = h.packet()
+        let otherPort = PacketFactory.ipv4(source: "10.0.1.1", destination: "10.0.2.1", proto: 17,
+                                           payload: PacketFactory.udp(destinationPort: 9999, payload: PacketFactory.pattern(100)))
+        let tcp = PacketFactory.ipv4(source: "10.0.1.1", destination: "10.0.2.1", proto: 6,
+                                     payload: [0x04, 0xd2, 0x16, 0x2e] + PacketFactory.pattern(100))
+        var fragment = allowed  // the same ports, MF set: no raw key, decided by its parsed flow
+        fragment[6] |= 0x20
+        (fragment[10], fragment[11]) = (0, 0)
+        let sum = InternetChecksum.compute(Array(fragment.prefix(20)))
+        (fragment[10], fragment[11]) = (UInt8(sum >> 8), UInt8(sum & 0xff))
+        let inner = [allowed, allowed, allowed, otherPort, allowed, allowed, tcp, allowed, fragment, allowed, otherPort]
+        let wire = try Self.sent(inner)
+        let o = try Self.expectSameOutcome(Self.inbound(wire), atB: true) { h in
+            try blocks(h)
+            try h.tunnel()
+        }
+        #expect(o.verdicts[2] == .input(.deliver, decapsulated: true))
+        #expect(o.verdicts[3] != .input(.deliver, decapsulated: true), "UDP to 9999 is blocked")
+        #expect(o.verdicts[6] != .input(.deliver, decapsulated: true), "TCP is blocked")
+        #expect(o.verdicts[10] != .input(.deliver, decapsulated: true), "UDP to 9999 is blocked")
+        #expect(o.verdicts[9] == .input(.deliver, decapsulated: true))
     }
 }

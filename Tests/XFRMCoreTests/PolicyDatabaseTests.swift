@@ -40,8 +40,8 @@ private func expectError<R>(_ errno: Int32, _ message: String? = nil,
     }
 }
 
-/// SplitMix64: small and deterministic, so a failing case reproduces.
-private struct SplitMix: RandomNumberGenerator {
+/// SplitMix64: small and deterministic, so a failing case reproduces (the module's tests share it).
+struct SplitMix: RandomNumberGenerator {
     var state: UInt64
     mutating func next() -> UInt64 {
         self.state &+= 0x9e37_79b9_7f4a_7c15

@@ -227,7 +227,14 @@ def test_xfrmd_soft_expiry_makes_charon_rekey_while_a_transfer_runs(tmp_path, mo
         log = charons["a"].log() + charons["b"].log()
         expires = len(re.findall(r"received a XFRM_MSG_EXPIRE", log))
         assert expires >= 4, (expires, diag())
-        now = parse_swanctl_raw(charons["a"].swanctl("--list-sas", "--raw", diag=diag))["child"]
+        # A rekey may be under way when the transfers end (the old CHILD_SA listed DELETED, the new one not yet
+        # INSTALLED): wait for it to finish.
+        deadline = time.time() + 15
+        while True:
+            now = parse_swanctl_raw(charons["a"].swanctl("--list-sas", "--raw", diag=diag))["child"]
+            if now.get("state") == "INSTALLED" or time.time() > deadline:
+                break
+            time.sleep(0.2)
         assert now["state"] == "INSTALLED" and now["spi-in"] != first["spi-in"], (first, now)
         # Each daemon ends with the current pair only: every old SA is deleted (charon keeps a rekeyed inbound SA
         # for delete_rekeyed_delay, 5 s, for packets still in flight).

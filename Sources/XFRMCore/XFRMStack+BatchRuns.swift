@@ -83,7 +83,8 @@ extension XFRMStack {
     func inputRun(_ batch: inout PacketBatch, from start: Int, memo: inout InputMemo, now: UInt64) -> Int {
         let generation = self.currentGeneration
         guard start < batch.count, let lent = memo.sa, let key = memo.saKeyHeld, key.mark == 0,
-            let outer = memo.outer, let outerLocal = outer.local, memo.generation == generation
+            key.id.proto == IPProtocolNumber.esp, let outer = memo.outer, let outerLocal = outer.local,
+            memo.generation == generation
         else { return start }
         // Read once per run (per packet, `input` reads it again; a port change meanwhile is a race either way).
         let nattPort = self.nattPort.load(ordering: .relaxed)
@@ -104,7 +105,6 @@ extension XFRMStack {
                             Self.destination(of: packets[j].buffer) == outer.destination,
                             case .esp(let info) = ESPClassification.classify(&packets[j].buffer, nattPort: nattPort),
                             info.spi == key.id.spi && info.destination == key.id.destination
-                                && key.id.proto == IPProtocolNumber.esp
                         else { return .stop }
                         bytes += packets[j].buffer.count
                         if let reason = transform.decapsulate(&packets[j].buffer, info: info, cryptoDone: false) {
@@ -121,30 +121,30 @@ extension XFRMStack {
                     }
                 }
             }
+            let tag = UInt(bitPattern: Unmanaged.passUnretained(sa).toOpaque())  // = secpath.identity(0)
             batch.packets.withUnsafeMutableBufferPointer { packets in
                 for j in start..<(start + taken) {
                     guard case .pending = packets[j].verdict else { continue }  // refused above
                     // As `input` does per packet; the SA stays alive through `sa` even if this resets the memo.
                     memo.validate(self.currentGeneration)
                     let ifindex = packets[j].ifindex
-                    if j < start + taken - 1 {
-                        // Opened with `.opened`: `cannotBeESP` said so, which is what `inputLayers` would find
-                        // before its policy check — whose first step, the memo's raw verdict, comes first here.
-                        let tag = UInt(bitPattern: Unmanaged.passUnretained(sa).toOpaque())
-                        if let r = self.rawMemoVerdict(&packets[j].buffer, tag: tag, ifID: sa.ifID, ifindex: ifindex,
-                                                       mark: 0, memo: memo) {
-                            packets[j].verdict = .input(r, decapsulated: true)
-                            continue
-                        }
-                        var secpath = SecPath()
-                        _ = secpath.appendLent(Unmanaged.passUnretained(sa))
-                        let r = self.policyCheck(&packets[j].buffer, secpath: secpath, ifindex: ifindex, mark: 0,
-                                                 now: now, localIfindex: nil, memo: &memo)
+                    // Every packet but the last was opened with `.opened`: `cannotBeESP` said so, which is what
+                    // `inputLayers` would find before its policy check — whose first step, the memo's raw verdict,
+                    // comes first here.
+                    let opened = j < start + taken - 1
+                    if opened, let r = self.rawMemoVerdict(&packets[j].buffer, tag: tag, ifID: sa.ifID,
+                                                           ifindex: ifindex, mark: 0, memo: memo) {
                         packets[j].verdict = .input(r, decapsulated: true)
                         continue
                     }
                     var secpath = SecPath()
                     _ = secpath.appendLent(Unmanaged.passUnretained(sa))
+                    if opened {
+                        let r = self.policyCheck(&packets[j].buffer, secpath: secpath, ifindex: ifindex, mark: 0,
+                                                 now: now, localIfindex: nil, memo: &memo)
+                        packets[j].verdict = .input(r, decapsulated: true)
+                        continue
+                    }
                     var decapsulated = false
                     let r = self.inputLayers(&packets[j].buffer, secpath: &secpath, ifindex: ifindex, mark: 0,
                                              metadata: nil, cryptoDone: false, outerLocal: .some(.some(outerLocal)),

@@ -93,6 +93,14 @@ extension XFRMStack {
         return withExtendedLifetime(sa) { () -> Int in
             guard sa.config.direction != .outbound, let transformRef = sa.transformRef else { return start }
             let tunnel = sa.config.mode == .tunnel
+            let tag = UInt(bitPattern: Unmanaged.passUnretained(sa).toOpaque())  // = secpath.identity(0)
+            let known = Self.knownInnerFlow(memo, tag: tag, nattPort: nattPort)
+            // The SA's destination as the usual packet's outer header holds it (nil: IPv6, or not the memo's).
+            let v4Destination: UInt32? = if case .v4(let d) = key.id.destination, outer.destination == key.id.destination {
+                d
+            } else {
+                nil
+            }
             let taken = transformRef._withUnsafeGuaranteedRef { transform -> Int in
                 batch.packets.withUnsafeMutableBufferPointer { packets -> Int in
                     var bytes = 0
@@ -102,8 +110,8 @@ extension XFRMStack {
                             case .pending = packets[j].verdict,
                             packets[j].stage == .input, packets[j].metadata == nil,
                             self.currentGeneration == generation,
-                            Self.destination(of: packets[j].buffer) == outer.destination,
-                            case .esp(let info) = ESPClassification.classify(&packets[j].buffer, nattPort: nattPort),
+                            let info = Self.usualOuterESP(packets[j].buffer, spi: key.id.spi, destination: v4Destination)
+                                ?? Self.outerESP(&packets[j].buffer, nattPort: nattPort, destination: outer.destination),
                             info.spi == key.id.spi && info.destination == key.id.destination
                         else { return .stop }
                         bytes += packets[j].buffer.count
@@ -116,15 +124,28 @@ extension XFRMStack {
                         // What ESP delivered, as `inputLayer` counts it.
                         let n = packets[j].buffer.count
                         let counted = tunnel ? n : n - info.transportOffset
+                        // The memo's flow again, as the finish below would find first (`rawMemoVerdict`): its
+                        // verdict now, while the packet is in the cache. Its key says it is not ESP again.
+                        if let known, n >= HeaderSize.ipv4Minimum + HeaderSize.udp, sa.ifID == known.ifID,
+                            RawFlowKey(packets[j].buffer.data, count: n, mark: 0, ifindex: packets[j].ifindex)
+                                == known.raw
+                        {
+                            assert(Flow.parse(packets[j].buffer.data, count: n, mark: 0, ifindex: packets[j].ifindex,
+                                              verifyChecksum: false)
+                                .map { f in var f = f; f.ifID = known.ifID; return f.sameFlow(known.flow) } == true,
+                                   "a raw flow key matched another flow")
+                            let r = known.local ? .deliver : self.forwardPrepare(&packets[j].buffer)
+                            packets[j].verdict = .input(r, decapsulated: true)
+                            return .opened(countedBytes: counted)
+                        }
                         return Self.cannotBeESP(packets[j].buffer, nattPort: nattPort)
                             ? .opened(countedBytes: counted) : .openedLast(countedBytes: counted)
                     }
                 }
             }
-            let tag = UInt(bitPattern: Unmanaged.passUnretained(sa).toOpaque())  // = secpath.identity(0)
             batch.packets.withUnsafeMutableBufferPointer { packets in
                 for j in start..<(start + taken) {
-                    guard case .pending = packets[j].verdict else { continue }  // refused above
+                    guard case .pending = packets[j].verdict else { continue }  // refused or decided above
                     // As `input` does per packet; the SA stays alive through `sa` even if this resets the memo.
                     memo.validate(self.currentGeneration)
                     let ifindex = packets[j].ifindex
@@ -154,6 +175,51 @@ extension XFRMStack {
             }
             return start + taken
         }
+    }
+
+    /// `classify` of a packet a run may take: ESP (raw or in UDP) to the memo's outer destination, else nil.
+    @inline(__always)
+    static func outerESP(_ packet: inout PacketBuffer, nattPort: UInt16, destination: IPAddress) -> ESPPacketInfo? {
+        guard Self.destination(of: packet) == destination,
+            case .esp(let info) = ESPClassification.classify(&packet, nattPort: nattPort)
+        else { return nil }
+        return info
+    }
+
+    /// What `ESPClassification.classify` finds in the usual received packet of a run, without its general parse:
+    /// raw ESP in IPv4 with a 20-byte header whose checksum verifies, exactly as long as its total length, not a
+    /// fragment, to `destination` with this SPI. Nil for anything else, which `outerESP` then classifies in full
+    /// (the same answer for these packets, `OuterESPTests` compares them).
+    @inline(__always)
+    static func usualOuterESP(_ packet: PacketBuffer, spi: UInt32, destination: UInt32?) -> ESPPacketInfo? {
+        let p = packet.data
+        let n = packet.count
+        guard let destination, n >= HeaderSize.ipv4Minimum + 8, p.loadByte(at: 0) == 0x45,
+            p.loadByte(at: 9) == IPProtocolNumber.esp, Int(p.loadBE16(at: 2)) == n,
+            p.loadBE32(at: 16) == destination, p.loadBE32(at: 20) == spi,
+            p.loadBE16(at: 6) & (IPv4Header.flagMF | IPv4Header.fragmentOffsetMask) == 0,
+            IPv4Header.checksumIsValid(p, headerLength: HeaderSize.ipv4Minimum)
+        else { return nil }
+        return ESPPacketInfo(
+            ipVersion: 4, source: .v4(p.loadBE32(at: 12)), destination: .v4(destination),
+            transportOffset: HeaderSize.ipv4Minimum, espOffset: HeaderSize.ipv4Minimum, nextHeaderFieldOffset: 9,
+            udpEncapsulated: false, spi: spi, sequence: p.loadBE32(at: 24))
+    }
+
+    /// The inner flow the memo's verdict is for, when a run may apply it inside its locked section: a verdict for
+    /// a flow through `tag`'s SA with a raw key (IPv4 TCP or UDP, 20-byte header), whose packets are certainly not
+    /// ESP again (TCP, or UDP to another port than NAT-T's). The memo does not change during the locked section,
+    /// and every packet there is checked against the generation the verdict was made in; so a packet with this
+    /// key gets the verdict the finish would give it, as `rawMemoVerdict` gives it.
+    @inline(__always)
+    static func knownInnerFlow(_ memo: borrowing InputMemo, tag: UInt, nattPort: UInt16?)
+        -> (raw: RawFlowKey, ifID: UInt32, local: Bool, flow: Flow)?
+    {
+        guard let m = memo.verdict, m.tag == tag, let raw = m.raw, raw.mark == 0,
+            m.flow.proto == IPProtocolNumber.tcp
+                || (m.flow.proto == IPProtocolNumber.udp && m.flow.destinationPort != nattPort)
+        else { return nil }
+        return (raw, m.flow.ifID, m.decision.local, m.flow)
     }
 
     /// Whether a decapsulated packet is certainly not ESP again (no nested layer to open): IPv4 per

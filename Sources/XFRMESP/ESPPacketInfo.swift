@@ -18,6 +18,20 @@ public struct ESPPacketInfo: Sendable {
     /// The SPI and low 32 bits of the sequence number from the wire.
     public var spi: UInt32
     public var sequence: UInt32
+
+    @inline(__always)
+    public init(ipVersion: UInt8, source: IPAddress, destination: IPAddress, transportOffset: Int, espOffset: Int,
+                nextHeaderFieldOffset: Int, udpEncapsulated: Bool, spi: UInt32, sequence: UInt32) {
+        self.ipVersion = ipVersion
+        self.source = source
+        self.destination = destination
+        self.transportOffset = transportOffset
+        self.espOffset = espOffset
+        self.nextHeaderFieldOffset = nextHeaderFieldOffset
+        self.udpEncapsulated = udpEncapsulated
+        self.spi = spi
+        self.sequence = sequence
+    }
 }
 
 /// What a received IP packet is, as far as ESP input is concerned.

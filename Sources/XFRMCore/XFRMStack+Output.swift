@@ -166,6 +166,7 @@ extension XFRMStack {
                 let r = self.transmit(&packet, transformed: true)
                 guard case .transmit(let out) = r else { return r }
                 if out == ifindex {
+                    transformed = true  // ESP-framed for the device, which seals it
                     if let c = cacheable { self.cacheBundle(c.sa, device: c.device, flow: flow, key: cacheKey,
                                                             tag: tag, policy: policy, generation: generation,
                                                             now: now) }

@@ -21,6 +21,7 @@ extension XFRMStack {
             if b.sa.config.esn && layout.sequence & 0xffff_ffff == 0 { dev.advanceESN(b.sa, offload: o) }
             let r = self.transmit(&packet, ifindex: b.ifindex, mtu: b.mtu, transformed: true)
             guard case .transmit = r else { return r }
+            transformed = true  // ESP-framed for the device, which seals it
             var meta = OffloadMetadata()
             meta.espOffset = layout.espOffset
             meta.cryptLength = layout.cryptLength

@@ -387,7 +387,7 @@ struct BatchRunTests {
         let h = try TwoHosts()
         let o = try Self.expectSameOutcome(Self.outbound(Array(repeating: h.packet(), count: 20)), setup: cryptoOffload)
         for v in o.verdicts {
-            guard case .output(.offload(ifindex: 2, _), transformed: false) = v else {
+            guard case .output(.offload(ifindex: 2, _), transformed: true) = v else {
                 Issue.record("expected crypto offload, got \(v)")
                 continue
             }

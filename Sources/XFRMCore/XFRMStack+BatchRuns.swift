@@ -110,7 +110,8 @@ extension XFRMStack {
                             case .pending = packets[j].verdict,
                             packets[j].stage == .input, packets[j].metadata == nil,
                             self.currentGeneration == generation,
-                            let info = Self.usualOuterESP(packets[j].buffer, spi: key.id.spi, destination: v4Destination)
+                            let info = Self.usualOuterESP(packets[j].buffer, spi: key.id.spi, destination: v4Destination,
+                                                      nattPort: nattPort)
                                 ?? Self.outerESP(&packets[j].buffer, nattPort: nattPort, destination: outer.destination),
                             info.spi == key.id.spi && info.destination == key.id.destination
                         else { return .stop }
@@ -187,23 +188,36 @@ extension XFRMStack {
     }
 
     /// What `ESPClassification.classify` finds in the usual received packet of a run, without its general parse:
-    /// raw ESP in IPv4 with a 20-byte header whose checksum verifies, exactly as long as its total length, not a
-    /// fragment, to `destination` with this SPI. Nil for anything else, which `outerESP` then classifies in full
-    /// (the same answer for these packets, `OuterESPTests` compares them).
+    /// an IPv4 packet with a 20-byte header whose checksum verifies, exactly as long as its total length, not a
+    /// fragment, to `destination`, carrying ESP with this SPI either raw or in UDP to `nattPort` (RFC 3948) with a
+    /// UDP length that ends where the packet does. Nil for anything else, which `outerESP` then classifies in full
+    /// (the same answer for these packets: `OuterESPTests` compares them). The SPI is never 0, so a packet taken
+    /// here is neither IKE (the non-ESP marker) nor a keepalive (one byte).
     @inline(__always)
-    static func usualOuterESP(_ packet: PacketBuffer, spi: UInt32, destination: UInt32?) -> ESPPacketInfo? {
+    static func usualOuterESP(_ packet: PacketBuffer, spi: UInt32, destination: UInt32?, nattPort: UInt16)
+        -> ESPPacketInfo?
+    {
         let p = packet.data
         let n = packet.count
-        guard let destination, n >= HeaderSize.ipv4Minimum + 8, p.loadByte(at: 0) == 0x45,
-            p.loadByte(at: 9) == IPProtocolNumber.esp, Int(p.loadBE16(at: 2)) == n,
-            p.loadBE32(at: 16) == destination, p.loadBE32(at: 20) == spi,
-            p.loadBE16(at: 6) & (IPv4Header.flagMF | IPv4Header.fragmentOffsetMask) == 0,
-            IPv4Header.checksumIsValid(p, headerLength: HeaderSize.ipv4Minimum)
+        guard spi != 0, let destination, n >= HeaderSize.ipv4Minimum + 8, p.loadByte(at: 0) == 0x45,
+            Int(p.loadBE16(at: 2)) == n, p.loadBE32(at: 16) == destination,
+            p.loadBE16(at: 6) & (IPv4Header.flagMF | IPv4Header.fragmentOffsetMask) == 0
+        else { return nil }
+        let esp: Int
+        switch p.loadByte(at: 9) {
+        case IPProtocolNumber.esp: esp = HeaderSize.ipv4Minimum
+        case IPProtocolNumber.udp:
+            esp = HeaderSize.ipv4Minimum + HeaderSize.udp
+            guard n >= esp + 8, p.loadBE16(at: 22) == nattPort, Int(p.loadBE16(at: 24)) == n - HeaderSize.ipv4Minimum
+            else { return nil }
+        default: return nil
+        }
+        guard p.loadBE32(at: esp) == spi, IPv4Header.checksumIsValid(p, headerLength: HeaderSize.ipv4Minimum)
         else { return nil }
         return ESPPacketInfo(
             ipVersion: 4, source: .v4(p.loadBE32(at: 12)), destination: .v4(destination),
-            transportOffset: HeaderSize.ipv4Minimum, espOffset: HeaderSize.ipv4Minimum, nextHeaderFieldOffset: 9,
-            udpEncapsulated: false, spi: spi, sequence: p.loadBE32(at: 24))
+            transportOffset: HeaderSize.ipv4Minimum, espOffset: esp, nextHeaderFieldOffset: 9,
+            udpEncapsulated: esp != HeaderSize.ipv4Minimum, spi: spi, sequence: p.loadBE32(at: esp + 4))
     }
 
     /// The inner flow the memo's verdict is for, when a run may apply it inside its locked section: a verdict for

@@ -213,11 +213,11 @@ struct BatchRunTests {
     // MARK: - Input runs (at B, packets A sent through SA 0x1001)
 
     /// A's ESP packets for `inner`, from a separate pair of hosts with the same keys.
-    static func sent(_ inner: [[UInt8]], lifetime: LifetimeConfig = LifetimeConfig(),
+    static func sent(_ inner: [[UInt8]], lifetime: LifetimeConfig = LifetimeConfig(), natt: Bool = false,
                      setup: (TwoHosts) throws -> Void = { _ in }) throws -> [[UInt8]] {
         let sender = try TwoHosts()
         try setup(sender)  // first: its policies outrank the tunnel's at the same priority
-        try sender.tunnel(lifetime: LifetimeConfig())
+        try sender.tunnel(lifetime: LifetimeConfig(), natt: natt)
         return inner.map { p in
             let (r, wire) = sender.send(p)
             #expect(r == .transmit(ifindex: 2))
@@ -235,6 +235,35 @@ struct BatchRunTests {
         #expect(o.verdicts[0] == .input(.deliver, decapsulated: true))
         #expect(o.verdicts[9] == .input(.forward, decapsulated: true))
         #expect(o.verdicts.filter { $0 == .input(.deliver, decapsulated: true) }.count == 36)
+    }
+
+    @Test("ESP in UDP 4500: runs with replays, a corrupted ICV, IKE, a keepalive, raw ESP and a bad UDP length between them, as one at a time")
+    func nattInputRun() throws {
+        let h = try TwoHosts()
+        var wire = try Self.sent((0..<16).map { h.packet(size: 40 + $0) }, natt: true)
+        #expect(wire[0][9] == 17 && wire[0][22] == 0x11 && wire[0][23] == 0x94, "not ESP in UDP 4500")
+        var corrupt = wire[5]
+        corrupt[corrupt.count - 1] ^= 0x40
+        let ike = PacketFactory.ipv4(source: "192.0.2.1", destination: "192.0.2.2", proto: 17, payload:
+            PacketFactory.udp(sourcePort: 4500, destinationPort: 4500, payload: [0, 0, 0, 0] + PacketFactory.pattern(20)))
+        let keepalive = PacketFactory.ipv4(source: "192.0.2.1", destination: "192.0.2.2", proto: 17,
+                                           payload: PacketFactory.udp(sourcePort: 4500, destinationPort: 4500, payload: [0xff]))
+        // The same ESP as raw ESP: the SA wants UDP, so an encapsulation mismatch.
+        var raw = Array(wire[8].prefix(20)) + Array(wire[8].dropFirst(28))
+        raw[9] = 50
+        raw[2] = UInt8(raw.count >> 8)
+        raw[3] = UInt8(raw.count & 0xff)
+        raw.withUnsafeMutableBytes { IPv4Header.updateChecksum($0.baseAddress!, headerLength: 20) }
+        var shortUDP = wire[10]  // a UDP length 4 bytes short of the packet: classify trims, the ICV then fails
+        shortUDP[25] -= 4
+        wire = [wire[0], wire[1], wire[2], wire[1], wire[3], wire[4], corrupt, wire[5], ike, wire[6], keepalive,
+                wire[7], raw, wire[9], shortUDP, wire[11], wire[12], wire[13], wire[14], wire[15]]
+        let o = try Self.expectSameOutcome(Self.inbound(wire), atB: true) { try $0.tunnel(natt: true) }
+        #expect(o.verdicts[0] == .input(.deliver, decapsulated: true))
+        #expect(o.verdicts[3] == .input(.dropped(.inStateSeqError), decapsulated: false))
+        #expect(o.verdicts[8] == .input(.ike, decapsulated: false))
+        #expect(o.verdicts[12] == .input(.dropped(.inStateMismatch), decapsulated: false), "raw ESP for a UDP SA")
+        #expect(o.verdicts.filter { $0 == .input(.deliver, decapsulated: true) }.count == 14)
     }
 
     @Test("replays, a corrupted ICV and a short packet inside a run: each dropped and counted as alone")

@@ -12,11 +12,16 @@ struct OuterESPTests {
     static let spi: UInt32 = 0x1001
     static let destination: UInt32 = 0xc000_0202  // 192.0.2.2
 
-    static func esp(spi: UInt32, sequence: UInt32, body: Int) -> [UInt8] {
+    /// Raw ESP, or ESP in UDP from and to `nattPort` when given.
+    static func esp(spi: UInt32, sequence: UInt32, body: Int, nattPort: UInt16? = nil) -> [UInt8] {
         var esp: [UInt8] = []
         for v in [spi, sequence] { esp += [UInt8(v >> 24), UInt8(v >> 16 & 0xff), UInt8(v >> 8 & 0xff), UInt8(v & 0xff)] }
-        return PacketFactory.ipv4(source: "192.0.2.1", destination: "192.0.2.2", proto: 50,
-                                  payload: esp + PacketFactory.pattern(body))
+        esp += PacketFactory.pattern(body)
+        guard let port = nattPort else {
+            return PacketFactory.ipv4(source: "192.0.2.1", destination: "192.0.2.2", proto: 50, payload: esp)
+        }
+        return PacketFactory.ipv4(source: "192.0.2.1", destination: "192.0.2.2", proto: 17,
+                                  payload: PacketFactory.udp(sourcePort: port, destinationPort: port, payload: esp))
     }
 
     /// (shortcut's info, classify's answer, the packet's length after classify).
@@ -27,7 +32,7 @@ struct OuterESPTests {
         defer { storage.deallocate() }
         var packet = PacketBuffer(storage: storage, capacity: 2048, headroom: 256)
         precondition(packet.append(contentsOf: bytes))
-        let usual = XFRMStack.usualOuterESP(packet, spi: spi, destination: destination)
+        let usual = XFRMStack.usualOuterESP(packet, spi: spi, destination: destination, nattPort: 4500)
         let full = ESPClassification.classify(&packet, nattPort: 4500)
         return (usual, full, packet.count)
     }
@@ -44,19 +49,42 @@ struct OuterESPTests {
         #expect(u.spi == f.spi && u.sequence == f.sequence)
     }
 
-    @Test("the usual packet is taken, with classify's offsets, addresses, SPI and sequence")
-    func usualPacketIsTaken() {
-        let p = Self.esp(spi: Self.spi, sequence: 7, body: 48)
+    @Test("the usual packet, raw or in UDP 4500, is taken with classify's offsets, addresses, SPI and sequence",
+          arguments: [nil, 4500] as [UInt16?])
+    func usualPacketIsTaken(nattPort: UInt16?) {
+        let p = Self.esp(spi: Self.spi, sequence: 7, body: 48, nattPort: nattPort)
         let (u, full, count) = Self.both(p)
         guard let u else {
             Issue.record("the shortcut refused the usual packet")
             return
         }
         Self.expectSame(u, full, count: count, original: p.count)
+        #expect(u.udpEncapsulated == (nattPort != nil))
         // Another SPI, another destination, or an IPv6 SA (no v4 destination) is left to classify.
         #expect(Self.both(p, spi: Self.spi + 1).0 == nil)
         #expect(Self.both(p, destination: Self.destination + 1).0 == nil)
         #expect(Self.both(p, destination: nil).0 == nil)
+    }
+
+    @Test("UDP to another port, IKE's non-ESP marker, a keepalive, a short UDP length or one past the packet are left to classify")
+    func unusualUDPIsLeftToClassify() {
+        func withChecksum(_ q: [UInt8]) -> [UInt8] {
+            var q = q
+            q.withUnsafeMutableBytes { IPv4Header.updateChecksum($0.baseAddress!, headerLength: 20) }
+            return q
+        }
+        let p = Self.esp(spi: Self.spi, sequence: 7, body: 48, nattPort: 4500)
+        #expect(Self.both(Self.esp(spi: Self.spi, sequence: 7, body: 48, nattPort: 4501)).0 == nil)
+        let ike = Self.esp(spi: 0, sequence: 7, body: 48, nattPort: 4500)
+        #expect(Self.both(ike, spi: 0).0 == nil)
+        let keepalive = PacketFactory.ipv4(source: "192.0.2.1", destination: "192.0.2.2", proto: 17,
+                                           payload: PacketFactory.udp(sourcePort: 4500, destinationPort: 4500, payload: [0xff]))
+        #expect(Self.both(keepalive).0 == nil)
+        var shortUDP = p
+        shortUDP[25] -= 4  // the UDP length ends before the packet: classify trims the rest
+        var longUDP = p
+        longUDP[25] += 4
+        for q in [shortUDP, longUDP] { #expect(Self.both(withChecksum(q)).0 == nil) }
     }
 
     @Test("fragments, options, bad checksums, trailing or missing bytes, UDP and short packets are left to classify")
@@ -91,7 +119,11 @@ struct OuterESPTests {
         var taken = 0
         for _ in 0..<20_000 {
             var p = Self.esp(spi: Bool.random(using: &rng) ? Self.spi : 0x2002, sequence: UInt32.random(in: 0...9, using: &rng),
-                             body: Int.random(in: 0...40, using: &rng))
+                             body: Int.random(in: 0...40, using: &rng), nattPort: Bool.random(using: &rng) ? 4500 : nil)
+            // Sometimes the UDP length or ports too.
+            if p.count > 28 && Int.random(in: 0..<4, using: &rng) == 0 {
+                p[Int.random(in: 20..<28, using: &rng)] = [UInt8.random(in: 0...255, using: &rng), 0x11, 0x94, 0][Int.random(in: 0..<4, using: &rng)]
+            }
             for _ in 0..<Int.random(in: 0...3, using: &rng) {
                 let at = Int.random(in: 0..<min(p.count, 28), using: &rng)
                 p[at] = [UInt8.random(in: 0...255, using: &rng), p[at] ^ 1, 0x45, 50, 17, 0][Int.random(in: 0..<6, using: &rng)]

@@ -224,7 +224,10 @@ extension XFRMStack {
     /// a flow through `tag`'s SA with a raw key (IPv4 TCP or UDP, 20-byte header), whose packets are certainly not
     /// ESP again (TCP, or UDP to another port than NAT-T's). The memo does not change during the locked section,
     /// and every packet there is checked against the generation the verdict was made in; so a packet with this
-    /// key gets the verdict the finish would give it, as `rawMemoVerdict` gives it.
+    /// key gets the verdict the finish would give it, as `rawMemoVerdict` gives it. (With the configuration
+    /// changing while the batch runs, such a packet keeps the verdict of the generation it was opened in, while an
+    /// earlier packet of the run finished later may already see the next one: each verdict is still that of a
+    /// configuration current while its packet was processed, as for packets on two workers.)
     @inline(__always)
     static func knownInnerFlow(_ memo: borrowing InputMemo, tag: UInt, nattPort: UInt16?)
         -> (raw: RawFlowKey, ifID: UInt32, local: Bool, flow: Flow)?

@@ -83,7 +83,10 @@ struct BatchRunTests {
     }
 
     /// The same packets through two identical pairs of hosts: batch and per packet must agree in everything.
-    static func expectSameOutcome(_ entries: [Entry], atB: Bool = false, setup: (TwoHosts) throws -> Void,
+    /// `warmup`: packets that go first, as a batch of their own (per packet on the other pair), so that the
+    /// input cache already holds their flows' verdicts when the batch under test starts.
+    static func expectSameOutcome(_ entries: [Entry], atB: Bool = false, warmup: [Entry] = [],
+                                  setup: (TwoHosts) throws -> Void,
                                   sourceLocation: SourceLocation = #_sourceLocation) throws -> Outcome {
         let batched = try TwoHosts()
         let single = try TwoHosts()
@@ -91,6 +94,10 @@ struct BatchRunTests {
         try setup(single)
         batched.clock.advance(by: 7)
         single.clock.advance(by: 7)
+        if !warmup.isEmpty {
+            let (wb, ws) = (Self.run(batched, warmup, batch: true, atB: atB), Self.run(single, warmup, batch: false, atB: atB))
+            #expect(wb == ws, "the warm-up batch", sourceLocation: sourceLocation)
+        }
         let b = Self.run(batched, entries, batch: true, atB: atB)
         let s = Self.run(single, entries, batch: false, atB: atB)
         #expect(b.verdicts == s.verdicts, sourceLocation: sourceLocation)
@@ -235,6 +242,30 @@ struct BatchRunTests {
         #expect(o.verdicts[0] == .input(.deliver, decapsulated: true))
         #expect(o.verdicts[9] == .input(.forward, decapsulated: true))
         #expect(o.verdicts.filter { $0 == .input(.deliver, decapsulated: true) }.count == 36)
+    }
+
+    @Test("with the flows' verdicts cached, runs deliver, forward, decrement TTLs and drop TTL 1 as one at a time")
+    func runsWithCachedVerdicts() throws {
+        let h = try TwoHosts()
+        let f = h.packet(size: 60)  // delivered (10.0.2.1 is B's)
+        let g = h.packet(to: "10.0.2.5", size: 70)  // forwarded
+        let gLast = PacketFactory.ipv4(source: "10.0.1.1", destination: "10.0.2.5", proto: 17, ttl: 1,
+                                       payload: PacketFactory.udp(payload: PacketFactory.pattern(70)))
+        let gOtherPort = PacketFactory.ipv4(source: "10.0.1.1", destination: "10.0.2.5", proto: 17,
+                                            payload: PacketFactory.udp(destinationPort: 5679, payload: PacketFactory.pattern(70)))
+        // Inner UDP to 4500 carrying what looks like ESP of an unknown SPI: the run must end after it.
+        let natt = PacketFactory.ipv4(source: "10.0.1.1", destination: "10.0.2.1", proto: 17,
+                                      payload: PacketFactory.udp(sourcePort: 4500, destinationPort: 4500,
+                                                                 payload: [0, 0, 0x77, 0x77] + PacketFactory.pattern(12)))
+        let inner = [f, g] + [f, f, f, g, g, gOtherPort, natt, g, g, gLast, g, f, f, gLast, natt, f]
+        let wire = try Self.sent(inner)
+        let o = try Self.expectSameOutcome(Self.inbound(Array(wire.dropFirst(2))), atB: true,
+                                           warmup: Self.inbound(Array(wire.prefix(2)))) { try $0.tunnel() }
+        #expect(o.verdicts[0] == .input(.deliver, decapsulated: true))
+        #expect(o.verdicts[3] == .input(.forward, decapsulated: true))
+        #expect(o.verdicts[9] == .input(.dropped(nil), decapsulated: true), "TTL 1 is not forwarded")
+        #expect(o.bytes[3][8] == 63, "the forwarded packet's TTL")
+        #expect(o.verdicts.filter { $0 == .input(.forward, decapsulated: true) }.count == 6)
     }
 
     @Test("ESP in UDP 4500: runs with replays, a corrupted ICV, IKE, a keepalive, raw ESP and a bad UDP length between them, as one at a time")

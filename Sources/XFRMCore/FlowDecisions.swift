@@ -58,6 +58,9 @@ struct OutputMemo {
     private var generation: UInt64 = 0
     /// The bundle, kept alive while the memo holds it (the cache may drop its entry during the batch).
     private var bundle = LentReference<OutputBundle>()
+    /// The flow's bytes when its packet had them (`RawFlowKey`, interface 0), so that a run recognizes the flow's
+    /// next packets without parsing them.
+    private var raw: RawFlowKey? = nil
 
     /// Whether a packet of `flow` in this generation may go straight to the memo's bundle.
     @inline(__always)
@@ -76,8 +79,21 @@ struct OutputMemo {
     @inline(__always)
     var isSet: Bool { self.bundle.unmanaged != nil && self.generation != 0 }
 
-    mutating func set(_ flow: Flow, tag: UInt, generation: UInt64, bundle: OutputBundle) {
+    /// The raw key of the memo's flow, when a run's packet (mark 0, if_id 0) of this tag and generation with that
+    /// key (and a header checksum that verifies) `matches` the memo: nil when the memo is empty, of another tag or
+    /// generation, or its flow has no raw key or another mark or if_id.
+    @inline(__always)
+    func rawKey(tag: UInt, generation: UInt64) -> RawFlowKey? {
+        guard self.bundle.unmanaged != nil, self.generation == generation, self.tag == tag, self.flow.ifID == 0,
+            self.flow.mark == 0, self.flow.ifindex == 0
+        else { return nil }
+        return self.raw
+    }
+
+    /// Remembers `bundle` for `flow`, whose packet is `packet` (its raw key, if it has one, with interface 0).
+    mutating func set(_ flow: Flow, packet: PacketBuffer, tag: UInt, generation: UInt64, bundle: OutputBundle) {
         (self.flow, self.tag, self.generation) = (flow, tag, generation)
+        self.raw = RawFlowKey(packet.data, count: packet.count, mark: flow.mark, ifindex: 0)
         self.bundle = LentReference(bundle)
     }
 

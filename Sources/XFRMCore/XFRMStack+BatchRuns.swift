@@ -29,6 +29,9 @@ extension XFRMStack {
             guard b.device == nil, b.sa.config.direction != .inbound, let transformRef = b.sa.transformRef else {
                 return start
             }
+            // The usual flow's packets are recognized by their raw bytes (`RawFlowKey`) and header checksum, which
+            // is what `Flow.parse` and `matches` would find in them; others are parsed.
+            let raw = memo.rawKey(tag: tag, generation: generation)
             return batch.packets.withUnsafeMutableBufferPointer { packets -> Int in
                 // Which of the next packets the bundle serves, before the lock.
                 var end = start
@@ -37,8 +40,7 @@ extension XFRMStack {
                     guard case .pending = packets[end].verdict, packets[end].stage != .input else { break }
                     let buffer = packets[end].buffer
                     guard end == start || bytes + buffer.count <= Self.runByteLimit,
-                        let flow = Flow.parse(buffer.data, count: buffer.count, mark: 0),
-                        memo.matches(flow, tag: tag, generation: generation)
+                        Self.isMemoFlow(buffer, raw: raw, memo: memo, tag: tag, generation: generation)
                     else { break }
                     if let limit = b.limit, buffer.count > limit { break }  // ICMP or a drop: the per-packet path
                     bytes += buffer.count
@@ -67,6 +69,24 @@ extension XFRMStack {
                 return start + protected + 1
             }
         }
+    }
+
+    /// Whether an output packet (mark 0, if_id 0) belongs to the memo's flow: its header verifies and its flow is
+    /// the memo's — by the raw key when the memo has one (equal keys mean equal flows, `RawFlowKeyTests`), else
+    /// parsed.
+    @inline(__always)
+    static func isMemoFlow(_ buffer: PacketBuffer, raw: RawFlowKey?, memo: borrowing OutputMemo, tag: UInt,
+                           generation: UInt64) -> Bool {
+        let p = buffer.data
+        let n = buffer.count
+        if let raw, RawFlowKey(p, count: n, mark: 0, ifindex: 0) == raw {
+            let ok = IPv4Header.checksumIsValid(p, headerLength: HeaderSize.ipv4Minimum)
+            assert(ok == (Flow.parse(p, count: n, mark: 0).map { memo.matches($0, tag: tag, generation: generation) }
+                          == true), "a raw flow key disagrees with the parsed flow")
+            return ok
+        }
+        guard let flow = Flow.parse(p, count: n, mark: 0) else { return false }
+        return memo.matches(flow, tag: tag, generation: generation)
     }
 
     /// Opens received packets `start…` whose outermost layer is ESP for the memo's SA (to the same local outer

@@ -66,7 +66,7 @@ extension XFRMStack {
                                                 tunnel: tunnel)
             case .bundle(let policyIndex, let bundle):
                 if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
-                memo.set(flow, tag: tag, generation: generation, bundle: bundle)
+                memo.set(flow, packet: packet, tag: tag, generation: generation, bundle: bundle)
                 if let r = self.outputCachedBundle(&packet, bundle, now: now, transformed: &transformed) { return r }
                 memo.clear()
                 // The SA is no longer valid: resolve again below.

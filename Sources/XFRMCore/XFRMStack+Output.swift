@@ -37,8 +37,13 @@ extension XFRMStack {
     /// `output` with the bundle of the previous packet of a batch: a packet of the same flow, in the same
     /// configuration generation, goes straight to it (no cache lookup); `memo` is updated for the next packet.
     /// `now`: the clock, read once per batch.
+    ///
+    /// An SA found for the bundle's first template that dies before the packet takes its lock (a key manager's
+    /// rekey deleting it in between) sends the still untouched packet through the lookups once more (`retried`),
+    /// where the SA that replaced it is found. The kernel drops such a packet as XfrmOutStateInvalid (its socket's
+    /// next packet finds the bundle stale); a second death in a row is counted so here too.
     func output(_ packet: inout PacketBuffer, mark: UInt32, ifID: UInt32, forwarded: Bool, cpu: UInt32, now: UInt64,
-                transformed: inout Bool, memo: inout OutputMemo) -> OutputResult
+                transformed: inout Bool, memo: inout OutputMemo, retried: Bool = false) -> OutputResult
     {
         transformed = false
         guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark) else {
@@ -128,8 +133,13 @@ extension XFRMStack {
                         !dev.callbacks.contains(.offloadOK) || dev.offloadOK(packet, sa: sa, offload: o)
                     {
                         var layout = ESPLayout()
-                        if case .done(let r) = self.apply(sa, to: &packet, now: now, deviceLayout: &layout) {
-                            return r
+                        switch self.apply(sa, to: &packet, now: now, deviceLayout: &layout,
+                                          retryIfInvalid: applied == 1 && !retried) {
+                        case .stale:
+                            return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu,
+                                               now: now, transformed: &transformed, memo: &memo, retried: true)
+                        case .done(let r): return r
+                        case .next: break
                         }
                         // ≈ xfrm_replay_overflow_offload_esn: the high half moved on, so the device must learn it.
                         if sa.config.esn && layout.sequence & 0xffff_ffff == 0 { dev.advanceESN(sa, offload: o) }
@@ -146,8 +156,13 @@ extension XFRMStack {
                     // is not (the device may take the next one).
                     if single && sa.offload == nil && !stopgap { cacheable = (sa, nil) }
                     var unused = ESPLayout()
-                    if case .done(let r) = self.apply(sa, to: &packet, now: now, deviceLayout: &unused, seal: true) {
-                        return r
+                    switch self.apply(sa, to: &packet, now: now, deviceLayout: &unused, seal: true,
+                                      retryIfInvalid: applied == 1 && !retried) {
+                    case .stale:
+                        return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu, now: now,
+                                           transformed: &transformed, memo: &memo, retried: true)
+                    case .done(let r): return r
+                    case .next: break
                     }
                 case .acquiring:
                     if template.optional { continue }

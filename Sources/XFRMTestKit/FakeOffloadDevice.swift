@@ -18,6 +18,9 @@ public final class FakeOffloadDevice: XfrmOffloadDevice, @unchecked Sendable {
     /// Packets the host handed to the device.
     public let transmitted = XFRMMutex<[([UInt8], OffloadMetadata)]>([])
     public var acceptOffloadOK = true
+    /// Runs inside `offloadOK`: between an output lookup that found the SA and the SA's lock (a test's way to race
+    /// a rekey with a packet deterministically).
+    public var duringOffloadOK: ((SecurityAssociation) -> Void)? = nil
     private var nextHandle: UInt64 = 0x8000_0000
 
     public init(name: String = "fake0", features: DeviceFeatures = [.hwESP],
@@ -50,7 +53,8 @@ public final class FakeOffloadDevice: XfrmOffloadDevice, @unchecked Sendable {
         self.log("stateFree 0x\(String(sa.id.spi, radix: 16))")
     }
     public func offloadOK(_ packet: PacketBuffer, sa: SecurityAssociation, offload: StateOffload) -> Bool {
-        self.acceptOffloadOK
+        self.duringOffloadOK?(sa)
+        return self.acceptOffloadOK
     }
     public func advanceESN(_ sa: SecurityAssociation, offload: StateOffload) { self.log("advanceESN") }
     public func updateStats(_ sa: SecurityAssociation, offload: StateOffload) -> DeviceSACounters {

@@ -204,6 +204,36 @@ struct OffloadCoreTests {
         #expect(h.receive(sealed).0 == .deliver)
     }
 
+    @Test("an SA a rekey deletes between the packet's lookup and its lock: the packet leaves through the new SA, nothing counted")
+    func rekeyBetweenLookupAndLock() throws {
+        let (h, dev) = try setUp()
+        defer { dev.duringOffloadOK = nil }  // the hooks capture the stack, which holds the device
+        try h.tunnel()
+        try h.a.deleteState(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001), mark: Mark())
+        try h.a.addState(try outSA(h), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+        // The key manager installs 0x1101 and deletes 0x1001 while the packet is between the two.
+        dev.duringOffloadOK = { sa in
+            guard sa.id.spi == 0x1001 else { return }
+            dev.duringOffloadOK = nil
+            try! h.a.addState(try! self.outSA(h, spi: 0x1101),
+                              offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+            try! h.a.deleteState(sa.id, mark: Mark())
+        }
+        let (r, bytes) = h.send(h.packet())
+        guard case .offload = r else {
+            Issue.record("expected crypto offload through the new SA, got \(r)")
+            return
+        }
+        #expect(bytes[20..<24] == [0, 0, 0x11, 0x01])
+        #expect(!h.a.statistics.procText().contains("XfrmOutStateInvalid     \t1"))
+        // Twice in a row (the SA found again dies too): the packet is dropped and counted, as the kernel does.
+        dev.duringOffloadOK = { sa in try! h.a.deleteState(sa.id, mark: Mark()) }
+        try h.a.addState(try outSA(h, spi: 0x1201), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+        try h.a.addState(try outSA(h, spi: 0x1301), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+        #expect(h.send(h.packet()).0 == .dropped(.outStateInvalid))
+        #expect(h.a.statistics.procText().contains("XfrmOutStateInvalid     \t1"))
+    }
+
     @Test("crypto offload with ESN tells the device when the high half moves on")
     func advanceESN() throws {
         let (h, dev) = try setUp()

@@ -14,7 +14,7 @@
 #    `python -m pytest -q -n 2 tests/interop` with ESP_TOOL=<bin path>/esp-tool and XFRM_CRYPTO=openssl, then
 #    XFRM_CRYPTO=ipsec-mb (each case checks that the backend asked for did the work);
 # 5. runs the end-to-end suite of the `xfrm` command (offline stack, pcap mode, simulated NICs, xfrmd's control
-#    socket, --kernel in network namespaces) with scapy as the peer: `python -m pytest -q -n 3 tests/e2e` with
+#    socket, --kernel in network namespaces) with scapy as the peer: `python -m pytest -q -n 2 tests/e2e` with
 #    XFRM_TOOL=<bin path>/xfrm (xfrmd is found beside it). Its test_strongswan_live.py takes strongSwan's charon
 #    (kernel-libipsec, userspace ESP) as a live IKEv2 peer of xfrmd; the tests start their own charons inside network
 #    namespaces, and the packages' own service never runs (the install keeps it stopped and disabled).
@@ -247,10 +247,11 @@ for backend in openssl ipsec-mb; do
     { status=1; echo "test.sh: interop tests FAILED with XFRM_CRYPTO=$backend" >&2; }
 done
 
-# Three workers on two cores: most of these tests wait on daemons, charons and transfers (277 s with two workers,
-# 197-208 s with three, in the fifth session's runs).
-step "end to end: pytest -n 3 tests/e2e (XFRM_TOOL=$XFRM_TOOL)"
-XFRM_TOOL="$XFRM_TOOL" "$PY" -m pytest -q -n 3 -p no:cacheprovider tests/e2e ||
+# Two workers: with three (197-240 s instead of 277-320 s) the charon rekey tests lose a packet to an SA deleted
+# between its lookup and the device (packet offload, XfrmOutError) often enough to fail CI; see README "Issue 9: what
+# is left".
+step "end to end: pytest -n 2 tests/e2e (XFRM_TOOL=$XFRM_TOOL)"
+XFRM_TOOL="$XFRM_TOOL" "$PY" -m pytest -q -n 2 -p no:cacheprovider tests/e2e ||
   { status=1; echo "test.sh: end-to-end tests FAILED" >&2; }
 
 step "kernel: pytest -n 2 tests/kernel (XFRM_TOOL=$XFRM_TOOL; Linux $(ls /boot/vmlinuz-6.12* | sort -V | tail -n1 | sed 's#.*/vmlinuz-##') in qemu)"

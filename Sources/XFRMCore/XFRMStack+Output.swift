@@ -38,12 +38,13 @@ extension XFRMStack {
     /// configuration generation, goes straight to it (no cache lookup); `memo` is updated for the next packet.
     /// `now`: the clock, read once per batch.
     ///
-    /// An SA found for the bundle's first template that dies before the packet takes its lock (a key manager's
-    /// rekey deleting it in between) sends the still untouched packet through the lookups once more (`retried`),
+    /// The bundle's first SA that dies before the packet takes its lock (a key manager's rekey deleting it in
+    /// between) sends the still untouched packet through the lookups once more (`retryOf`: that template's index),
     /// where the SA that replaced it is found. The kernel drops such a packet as XfrmOutStateInvalid (its socket's
-    /// next packet finds the bundle stale); a second death in a row is counted so here too.
+    /// next packet finds the bundle stale); so does the second pass when that template finds no SA (no ACQUIRE, no
+    /// XfrmOutNoStates, an optional template not skipped) or its SA dies too.
     func output(_ packet: inout PacketBuffer, mark: UInt32, ifID: UInt32, forwarded: Bool, cpu: UInt32, now: UInt64,
-                transformed: inout Bool, memo: inout OutputMemo, retried: Bool = false) -> OutputResult
+                transformed: inout Bool, memo: inout OutputMemo, retryOf: Int? = nil) -> OutputResult
     {
         transformed = false
         guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark) else {
@@ -99,7 +100,7 @@ extension XFRMStack {
             var daddr = flow.destination
             var saddr = flow.source
             var applied = 0
-            for template in policy.templates {
+            for (index, template) in policy.templates.enumerated() {
                 guard let (source, destination) = self.templateAddresses(template, daddr: daddr, saddr: saddr) else {
                     self.statistics.increment(.outPolError)  // no route to the tunnel's peer: no source address
                     return .dropped(.outPolError)
@@ -134,10 +135,10 @@ extension XFRMStack {
                     {
                         var layout = ESPLayout()
                         switch self.apply(sa, to: &packet, now: now, deviceLayout: &layout,
-                                          retryIfInvalid: applied == 1 && !retried) {
+                                          retryIfInvalid: applied == 1 && retryOf == nil) {
                         case .stale:
                             return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu,
-                                               now: now, transformed: &transformed, memo: &memo, retried: true)
+                                               now: now, transformed: &transformed, memo: &memo, retryOf: index)
                         case .done(let r): return r
                         case .next: break
                         }
@@ -157,13 +158,18 @@ extension XFRMStack {
                     if single && sa.offload == nil && !stopgap { cacheable = (sa, nil) }
                     var unused = ESPLayout()
                     switch self.apply(sa, to: &packet, now: now, deviceLayout: &unused, seal: true,
-                                      retryIfInvalid: applied == 1 && !retried) {
+                                      retryIfInvalid: applied == 1 && retryOf == nil) {
                     case .stale:
                         return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu, now: now,
-                                           transformed: &transformed, memo: &memo, retried: true)
+                                           transformed: &transformed, memo: &memo, retryOf: index)
                     case .done(let r): return r
                     case .next: break
                     }
+                case .acquiring where retryOf == index, .none where retryOf == index:
+                    // The SA this template found a moment ago died and nothing replaced it: as the first pass would
+                    // have counted it.
+                    self.statistics.increment(.outStateInvalid)
+                    return .dropped(.outStateInvalid)
                 case .acquiring:
                     if template.optional { continue }
                     self.statistics.increment(.outNoStates)
@@ -303,8 +309,9 @@ extension XFRMStack {
     }
 
     /// Applies one SA of a bundle; nil to continue, or the final result. `limit` is the largest inner packet the
-    /// tunnel's path takes (nil: look the route up; transport mode has none). `retryIfInvalid` (a cached bundle):
-    /// an SA that is no longer valid gives `.stale` instead of a drop, so that the caller resolves again.
+    /// tunnel's path takes (nil: look the route up; transport mode has none). `retryIfInvalid` (a cached bundle, or
+    /// a bundle's first SA on the first pass): an SA that is no longer valid gives `.stale` instead of a drop, with
+    /// the packet untouched, so that the caller resolves again.
     @inline(__always)
     func apply(_ sa: SecurityAssociation, to packet: inout PacketBuffer, now: UInt64,
                        deviceLayout: inout ESPLayout, seal: Bool = false, limit cachedLimit: Int? = nil,
@@ -444,6 +451,6 @@ enum ApplyOutcome {
     case next
     /// The packet's fate (a drop, an ICMP error).
     case done(OutputResult)
-    /// A cached bundle's SA is no longer valid: resolve again.
+    /// The SA is no longer valid (asked for with `retryIfInvalid`): resolve again; the packet is untouched.
     case stale
 }

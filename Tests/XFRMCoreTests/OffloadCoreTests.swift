@@ -225,13 +225,22 @@ struct OffloadCoreTests {
             return
         }
         #expect(bytes[20..<24] == [0, 0, 0x11, 0x01])
-        #expect(!h.a.statistics.procText().contains("XfrmOutStateInvalid     \t1"))
+        #expect(h.a.statistics[.outStateInvalid] == 0)
         // Twice in a row (the SA found again dies too): the packet is dropped and counted, as the kernel does.
         dev.duringOffloadOK = { sa in try! h.a.deleteState(sa.id, mark: Mark()) }
         try h.a.addState(try outSA(h, spi: 0x1201), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
-        try h.a.addState(try outSA(h, spi: 0x1301), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
         #expect(h.send(h.packet()).0 == .dropped(.outStateInvalid))
-        #expect(h.a.statistics.procText().contains("XfrmOutStateInvalid     \t1"))
+        #expect(h.a.states.count == 1, "0x1101 and 0x1201 both died")
+        for spi: UInt32 in [0x1101, 0x1201] { _ = try? h.a.deleteState(SAID(destination: IPAddress("192.0.2.2")!, spi: spi), mark: Mark()) }
+        #expect(h.a.statistics[.outStateInvalid] == 1)
+        // Deleted with nothing to replace it: XfrmOutStateInvalid as the kernel counts it, not XfrmOutNoStates,
+        // and no ACQUIRE.
+        try h.a.addState(try outSA(h, spi: 0x1401), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+        _ = h.eventsA.drain()
+        #expect(h.send(h.packet()).0 == .dropped(.outStateInvalid))
+        #expect(h.a.statistics[.outStateInvalid] == 2)
+        #expect(h.a.statistics[.outNoStates] == 0)
+        #expect(!h.eventsA.drain().contains { if case .acquire = $0 { true } else { false } }, "no ACQUIRE")
     }
 
     @Test("crypto offload with ESN tells the device when the high half moves on")

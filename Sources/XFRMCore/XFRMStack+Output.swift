@@ -52,6 +52,9 @@ extension XFRMStack {
             return .dropped(.outError)
         }
         flow.ifID = ifID
+        // A cached bundle's SA that died since the cache lookup (a change would have missed the cache) is the same
+        // race: the lookups below are then that second pass.
+        var retryOf = retryOf
         let generation = self.currentGeneration
         // With per-CPU SAs a flow's bundle depends on the CPU too (≈ the kernel's per-CPU state cache), so each
         // CPU keeps its own entry; without them every CPU shares one.
@@ -61,6 +64,7 @@ extension XFRMStack {
             let r = memo.withBundle { self.outputCachedBundle(&packet, $0, now: now, transformed: &transformed) }
             if let r { return r }
             memo.clear()  // the SA is no longer valid: resolve again below
+            retryOf = 0
         }
         if let (hit, touch) = self.outputCache.lookup(flow, tag: tag, generation: generation, now: now) {
             switch hit.value {
@@ -68,14 +72,16 @@ extension XFRMStack {
                 return self.transmit(&packet, ifindex: ifindex, mtu: mtu, transformed: false)
             case .packetOffload(let policyIndex, let sa, let device, let offload, let limit, let tunnel):
                 if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
-                return self.packetOffloadChecks(&packet, sa: sa, device: device, offload: offload, limit: limit,
-                                                tunnel: tunnel)
+                // nil: the SA died since the entry was made (the device refused it): resolve again below.
+                if let r = self.packetOffloadChecks(&packet, sa: sa, device: device, offload: offload, limit: limit,
+                                                    tunnel: tunnel, retryIfInvalid: retryOf == nil) { return r }
+                retryOf = 0
             case .bundle(let policyIndex, let bundle):
                 if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
                 memo.set(flow, packet: packet, tag: tag, generation: generation, bundle: bundle)
                 if let r = self.outputCachedBundle(&packet, bundle, now: now, transformed: &transformed) { return r }
                 memo.clear()
-                // The SA is no longer valid: resolve again below.
+                retryOf = 0  // the SA is no longer valid: resolve again below
             }
         }
         // ≈ flowi_oif: the policy lookup sees the interface the route leads to (selectors with `dev IFNAME`).
@@ -88,9 +94,12 @@ extension XFRMStack {
                 return .dropped(.outPolBlock)
             }
             if let po = policy.offload {
-                return self.outputPacketOffload(&packet, flow: flow, cacheKey: cacheKey, tag: tag, policy: policy,
-                                                device: po.ifindex, mark: mark, cpu: cpu, generation: generation,
-                                                now: now)
+                if let r = self.outputPacketOffload(&packet, flow: flow, cacheKey: cacheKey, tag: tag, policy: policy,
+                                                    device: po.ifindex, mark: mark, cpu: cpu, generation: generation,
+                                                    now: now, retried: retryOf != nil) { return r }
+                // The SA it found died before the device took the packet: once more, as for the other modes.
+                return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu, now: now,
+                                   transformed: &transformed, memo: &memo, retryOf: 0)
             }
             var crypto: (OffloadMetadata, Int32)? = nil
             let single = policy.templates.count == 1
@@ -217,10 +226,12 @@ extension XFRMStack {
 
     /// Packet offload TX (≈ xfrm_output_one's PACKET branch + xfrm_dev_offload_ok): no ESP work, no sequence
     /// number, no SA accounting on the host — checks only, then the plaintext goes to the device. Whatever the
-    /// device cannot take is dropped as XfrmOutError, never sent in software and never in clear.
+    /// device cannot take is dropped as XfrmOutError, never sent in software and never in clear. Nil (only when
+    /// not `retried`): the SA found died before the device took the packet (a rekey deleting it in between), and
+    /// the caller looks up once more; on that second pass no SA, or a dead one, is XfrmOutError as on the first.
     func outputPacketOffload(_ packet: inout PacketBuffer, flow: Flow, cacheKey: Flow, tag: UInt,
                                      policy: Policy, device: Int32, mark: UInt32, cpu: UInt32, generation: UInt64,
-                                     now: UInt64) -> OutputResult {
+                                     now: UInt64, retried: Bool) -> OutputResult? {
         guard let template = policy.templates.first else {
             // An offloaded allow policy without templates: plaintext through the device.
             return self.transmit(&packet)
@@ -245,6 +256,10 @@ extension XFRMStack {
                          offload: StateOffload(ifindex: device, direction: .outbound, type: .packet), pcpu: cpu)
             sa = s
             cacheable = false
+        case .acquiring where retried, .none where retried:
+            // The SA found a moment ago died and nothing replaced it: as the first pass would have counted it.
+            self.statistics.increment(.outError)
+            return .dropped(.outError)
         case .acquiring:
             self.statistics.increment(.outNoStates)
             return .dropped(.outNoStates)
@@ -257,6 +272,7 @@ extension XFRMStack {
         guard let o = sa.offload, o.type == .packet, let dev = self.device(ifindex: o.ifindex),
             let transform = sa.transform
         else {
+            if !retried && sa.state != .valid { return nil }  // deleted (unbound) since the lookup
             self.statistics.increment(.outError)
             return .dropped(.outError)
         }
@@ -274,16 +290,19 @@ extension XFRMStack {
                                                         limit: limit, tunnel: tunnel)),
                 now: now)
         }
-        return self.packetOffloadChecks(&packet, sa: sa, device: dev, offload: o, limit: limit, tunnel: tunnel)
+        return self.packetOffloadChecks(&packet, sa: sa, device: dev, offload: o, limit: limit, tunnel: tunnel,
+                                        retryIfInvalid: !retried)
     }
 
     /// The per-packet part of packet offload TX (≈ xfrm_dev_offload_ok): what the device cannot take is dropped as
     /// XfrmOutError — IPv4 options, IPv6 extension headers, more than the SA's MTU (tunnel mode with DF answers with
     /// ICMP) — and the driver's offload_ok has the last word.
     @inline(__always)
+    /// Nil (only with `retryIfInvalid`) when the driver refused a packet because the SA died meanwhile: the caller
+    /// looks up again.
     func packetOffloadChecks(_ packet: inout PacketBuffer, sa: SecurityAssociation,
                                      device: any XfrmOffloadDevice, offload o: StateOffload, limit: Int,
-                                     tunnel: Bool) -> OutputResult {
+                                     tunnel: Bool, retryIfInvalid: Bool) -> OutputResult? {
         let p = packet.data
         let v4 = p.loadByte(at: 0) >> 4 == 4
         if v4 ? p.loadByte(at: 0) & 0x0f != 5 : IPv6Header.isExtensionHeader(p.loadByte(at: 6)) {
@@ -300,6 +319,7 @@ extension XFRMStack {
             return .dropped(.outError)
         }
         if device.callbacks.contains(.offloadOK) && !device.offloadOK(packet, sa: sa, offload: o) {
+            if retryIfInvalid && sa.state != .valid { return nil }
             self.statistics.increment(.outError)
             return .dropped(.outError)
         }

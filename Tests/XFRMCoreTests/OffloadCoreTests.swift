@@ -243,6 +243,34 @@ struct OffloadCoreTests {
         #expect(!h.eventsA.drain().contains { if case .acquire = $0 { true } else { false } }, "no ACQUIRE")
     }
 
+    @Test("packet offload: an SA a rekey deletes before the device takes the packet: the new SA takes it; no replacement is XfrmOutError")
+    func packetOffloadRekeyBeforeTheDevice() throws {
+        let (h, dev) = try setUp()
+        defer { dev.duringOffloadOK = nil }  // the hooks capture the stack, which holds the device
+        _ = try packetSetup(h)
+        try h.a.addState(try outSA(h), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
+        dev.duringOffloadOK = { sa in
+            guard sa.id.spi == 0x1001 else { return }
+            dev.duringOffloadOK = nil
+            try! h.a.addState(try! self.outSA(h, spi: 0x1101),
+                              offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
+            try! h.a.deleteState(sa.id, mark: Mark())
+        }
+        guard case .offload(_, let meta) = h.send(h.packet()).0 else {
+            Issue.record("expected packet offload through the new SA")
+            return
+        }
+        #expect(meta.handle == h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1101))?.offload?.handle)
+        #expect(h.a.statistics[.outError] == 0)
+        // The cached entry's SA dies, and so does the one found next: dropped as the first pass would have.
+        dev.duringOffloadOK = { sa in try! h.a.deleteState(sa.id, mark: Mark()) }
+        _ = h.eventsA.drain()
+        #expect(h.send(h.packet()).0 == .dropped(.outError))
+        #expect(h.a.statistics[.outError] == 1)
+        #expect(h.a.statistics[.outNoStates] == 0)
+        #expect(!h.eventsA.drain().contains { if case .acquire = $0 { true } else { false } }, "no ACQUIRE")
+    }
+
     @Test("crypto offload with ESN tells the device when the high half moves on")
     func advanceESN() throws {
         let (h, dev) = try setUp()

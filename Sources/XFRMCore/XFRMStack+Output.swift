@@ -38,11 +38,12 @@ extension XFRMStack {
     /// configuration generation, goes straight to it (no cache lookup); `memo` is updated for the next packet.
     /// `now`: the clock, read once per batch.
     ///
-    /// The bundle's first SA that dies before the packet takes its lock (a key manager's rekey deleting it in
-    /// between) sends the still untouched packet through the lookups once more (`retryOf`: that template's index),
-    /// where the SA that replaced it is found. The kernel drops such a packet as XfrmOutStateInvalid (its socket's
-    /// next packet finds the bundle stale); so does the second pass when that template finds no SA (no ACQUIRE, no
-    /// XfrmOutNoStates, an optional template not skipped) or its SA dies too.
+    /// The bundle's first SA that dies before the packet takes its lock, or before the device takes it in packet
+    /// offload (a key manager's rekey deleting it in between), sends the still untouched packet through the
+    /// lookups once more (`retryOf`: that template's index), where the SA that replaced it is found. The kernel
+    /// drops such a packet as XfrmOutStateInvalid (XfrmOutError in packet offload; its socket's next packet finds
+    /// the bundle stale); so does the second pass when that template finds no SA (no ACQUIRE, no XfrmOutNoStates,
+    /// an optional template not skipped) or its SA dies too.
     func output(_ packet: inout PacketBuffer, mark: UInt32, ifID: UInt32, forwarded: Bool, cpu: UInt32, now: UInt64,
                 transformed: inout Bool, memo: inout OutputMemo, retryOf: Int? = nil) -> OutputResult
     {
@@ -297,9 +298,9 @@ extension XFRMStack {
     /// The per-packet part of packet offload TX (≈ xfrm_dev_offload_ok): what the device cannot take is dropped as
     /// XfrmOutError — IPv4 options, IPv6 extension headers, more than the SA's MTU (tunnel mode with DF answers with
     /// ICMP) — and the driver's offload_ok has the last word.
-    @inline(__always)
     /// Nil (only with `retryIfInvalid`) when the driver refused a packet because the SA died meanwhile: the caller
     /// looks up again.
+    @inline(__always)
     func packetOffloadChecks(_ packet: inout PacketBuffer, sa: SecurityAssociation,
                                      device: any XfrmOffloadDevice, offload o: StateOffload, limit: Int,
                                      tunnel: Bool, retryIfInvalid: Bool) -> OutputResult? {

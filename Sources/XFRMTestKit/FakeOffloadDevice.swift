@@ -52,10 +52,13 @@ public final class FakeOffloadDevice: XfrmOffloadDevice, @unchecked Sendable {
     public func stateFree(_ sa: SecurityAssociation, offload: StateOffload) {
         self.log("stateFree 0x\(String(sa.id.spi, radix: 16))")
     }
-    /// `acceptOffloadOK`, and never for an SA the device no longer holds (deleted: unbound).
+    /// `offloadOK` also refuses an SA the device no longer holds (deleted: unbound), as a real driver does.
+    public var refusesUnboundSAs = false
+
+    /// `acceptOffloadOK` (and with `refusesUnboundSAs`, never for an SA the device no longer holds).
     public func offloadOK(_ packet: PacketBuffer, sa: SecurityAssociation, offload: StateOffload) -> Bool {
         self.duringOffloadOK?(sa)
-        return self.acceptOffloadOK && sa.offload != nil
+        return self.acceptOffloadOK && (!self.refusesUnboundSAs || sa.offload != nil)
     }
     public func advanceESN(_ sa: SecurityAssociation, offload: StateOffload) { self.log("advanceESN") }
     public func updateStats(_ sa: SecurityAssociation, offload: StateOffload) -> DeviceSACounters {

@@ -211,7 +211,8 @@ struct OffloadCoreTests {
         try h.tunnel()
         try h.a.deleteState(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001), mark: Mark())
         try h.a.addState(try outSA(h), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
-        // The key manager installs 0x1101 and deletes 0x1001 while the packet is between the two.
+        // The key manager installs 0x1101 and deletes 0x1001 while the packet is between the two (the device still
+        // accepts the packet: the SA's lock is what finds it dead, on the crypto-offload branch).
         dev.duringOffloadOK = { sa in
             guard sa.id.spi == 0x1001 else { return }
             dev.duringOffloadOK = nil
@@ -247,6 +248,7 @@ struct OffloadCoreTests {
     func packetOffloadRekeyBeforeTheDevice() throws {
         let (h, dev) = try setUp()
         defer { dev.duringOffloadOK = nil }  // the hooks capture the stack, which holds the device
+        dev.refusesUnboundSAs = true  // the deleted SA is refused by the device, not by the host's lock
         _ = try packetSetup(h)
         try h.a.addState(try outSA(h), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
         dev.duringOffloadOK = { sa in
@@ -262,7 +264,7 @@ struct OffloadCoreTests {
         }
         #expect(meta.handle == h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1101))?.offload?.handle)
         #expect(h.a.statistics[.outError] == 0)
-        // The cached entry's SA dies, and so does the one found next: dropped as the first pass would have.
+        // The cached entry's SA dies and nothing replaces it: dropped as the first pass would have been.
         dev.duringOffloadOK = { sa in try! h.a.deleteState(sa.id, mark: Mark()) }
         _ = h.eventsA.drain()
         #expect(h.send(h.packet()).0 == .dropped(.outError))

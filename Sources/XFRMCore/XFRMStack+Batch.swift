@@ -25,7 +25,10 @@ extension XFRMStack {
                                     now: now, transformed: &transformed, memo: &outputMemo)
                 batch[i].verdict = .output(r, transformed: transformed)
                 // The packets after it that the memo's bundle serves: one lock for all of them.
-                if transformed { i = self.outputRun(&batch, from: i + 1, memo: outputMemo, cpu: cpu, now: now) - 1 }
+                if transformed {
+                    i = self.outputRun(&batch, from: i + 1, memo: outputMemo, cpu: cpu, forwarded: forwarded,
+                                       now: now) - 1
+                }
             case .input:
                 var decapsulated = false
                 let ifindex = batch[i].ifindex

@@ -13,7 +13,8 @@ extension XFRMStack {
     static let runByteLimit = 16_384
 
     /// Protects output packets `start…` that the memo's software bundle serves (same flow, same generation and
-    /// CPU tag, inside the tunnel's size limit), in one acquisition of the SA's lock, and stores their verdicts.
+    /// tag: CPU, and `forwarded` as the memo's packet), inside the tunnel's size limit, in one acquisition of the
+    /// SA's lock, and stores their verdicts.
     /// Returns the index of the first packet it did not decide (`start` when none).
     ///
     /// Per packet this is `outputCachedBundle` without the device branch: the direction check (once, the SA's
@@ -21,10 +22,11 @@ extension XFRMStack {
     /// and accounting under it, the route's MTU check after. A packet the transform refused (sequence overflow)
     /// ends the run with its drop counted as `apply` counts it.
     func outputRun(_ batch: inout PacketBatch, from start: Int, memo: borrowing OutputMemo, cpu: UInt32,
-                   now: UInt64) -> Int {
+                   forwarded: Bool, now: UInt64) -> Int {
         guard start < batch.count, memo.isSet else { return start }
         let generation = self.currentGeneration
-        let tag: UInt = self.states.hasPerCPUStates ? UInt(cpu) &+ 1 &<< 4 : 0
+        let tag = self.outputTag(cpu: cpu, forwarded: forwarded)
+        let stage: PacketBatch.Stage = forwarded ? .forward : .output
         return memo.withBundle { b -> Int in
             guard b.device == nil, b.sa.config.direction != .inbound, let transformRef = b.sa.transformRef else {
                 return start
@@ -37,7 +39,7 @@ extension XFRMStack {
                 var end = start
                 var bytes = 0
                 while end < packets.count {
-                    guard case .pending = packets[end].verdict, packets[end].stage != .input else { break }
+                    guard case .pending = packets[end].verdict, packets[end].stage == stage else { break }
                     let buffer = packets[end].buffer
                     guard end == start || bytes + buffer.count <= Self.runByteLimit,
                         Self.isMemoFlow(buffer, raw: raw, memo: memo, tag: tag, generation: generation)

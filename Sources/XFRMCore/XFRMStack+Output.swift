@@ -11,6 +11,15 @@ import XFRMPacket
 extension XFRMStack {
     // MARK: - Output path
 
+    /// The tag a flow's cached bundle is kept under beside the flow: with per-CPU SAs a flow's bundle depends on the
+    /// CPU too (≈ the kernel's per-CPU state cache), so each CPU keeps its own entry (without them every CPU shares
+    /// one); and a forwarded packet's flow is kept apart from a local one's (an IPv6 policy lookup sees the route's
+    /// interface only for a forwarded packet).
+    @inline(__always)
+    func outputTag(cpu: UInt32, forwarded: Bool) -> UInt {
+        (self.states.hasPerCPUStates ? UInt(cpu) &+ 1 &<< 4 : 0) | (forwarded ? 1 &<< 63 : 0)
+    }
+
     /// Runs a locally generated (or, with `forwarded`, a routed) IP packet through the OUT policy and its SAs, then
     /// routes it. See the pipeline at the top of this file.
     /// `ifID` is the XFRM interface id the traffic was routed into (0: ordinary traffic; only policies with that
@@ -57,9 +66,7 @@ extension XFRMStack {
         // race: the lookups below are then that second pass.
         var retryOf = retryOf
         let generation = self.currentGeneration
-        // With per-CPU SAs a flow's bundle depends on the CPU too (≈ the kernel's per-CPU state cache), so each
-        // CPU keeps its own entry; without them every CPU shares one.
-        let tag: UInt = self.states.hasPerCPUStates ? UInt(cpu) &+ 1 &<< 4 : 0
+        let tag = self.outputTag(cpu: cpu, forwarded: forwarded)
         if memo.matches(flow, tag: tag, generation: generation) {
             // The memo holds its bundle strongly; borrowing it here costs no reference count per packet.
             let r = memo.withBundle { self.outputCachedBundle(&packet, $0, now: now, transformed: &transformed) }
@@ -85,10 +92,14 @@ extension XFRMStack {
                 retryOf = 0  // the SA is no longer valid: resolve again below
             }
         }
-        // ≈ flowi_oif: the policy lookup sees the interface the route leads to (selectors with `dev IFNAME`).
+        // ≈ flowi_oif, which policy selectors with `dev IFNAME` and the larval SA's selector see: the interface the
+        // route leads to for IPv4 (the route lookup writes it into the flow, ip_route_output_key_hash_rcu) and for a
+        // forwarded packet of either family (xfrm_decode_session takes the route's device); 0 for a locally
+        // generated IPv6 packet, whose flow keeps the oif its socket gave it (ip6_dst_lookup_flow does not set it;
+        // an unbound socket's is 0: tests/e2e/test_kernel_acquire.py sees it in the kernel's larval SA).
         let cacheKey = flow
         let route = self.network.egress(to: flow.destination)
-        flow.ifindex = route?.ifindex ?? 0
+        flow.ifindex = flow.version == 4 || forwarded ? route?.ifindex ?? 0 : 0
         if let policy = self.policies.lookup(.outbound, flow, usedAt: now) {
             if policy.action == .block {
                 self.statistics.increment(.outPolBlock)

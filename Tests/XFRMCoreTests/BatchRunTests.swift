@@ -242,6 +242,32 @@ struct BatchRunTests {
         #expect(o.verdicts[14] == .input(.dropped(.inStateSeqError), decapsulated: false), "the replayed reply")
     }
 
+    @Test("one IPv6 flow sent and forwarded in turns: a policy on `dev eth0` blocks only the forwarded packets, runs take only their own stage")
+    func localAndForwardedIPv6() throws {
+        let sel6 = Selector(family: 6, source: IPPrefix("2001:db8:a::/64")!, destination: IPPrefix("2001:db8:b::/64")!)
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+        let setup: (TwoHosts) throws -> Void = { h in
+            try h.tunnel()
+            try h.a.network.addAddress(IPPrefix("2001:db8::1/64")!, device: "eth0")
+            try h.a.network.addRoute(IPPrefix("2001:db8:b::/64")!, device: "eth0", via: IPAddress("2001:db8::2"))
+            let eth0 = h.a.network.egress(to: IPAddress("2001:db8:b::1")!)!.ifindex
+            var onEth0 = sel6
+            onEth0.ifindex = eth0
+            // A local IPv6 packet's flow has no interface (flowi6_oif 0): only forwarded packets meet this policy.
+            try h.a.addPolicy(Policy(selector: onEth0, direction: .outbound, action: .block, priority: 1), update: false)
+            try h.a.addPolicy(Policy(selector: sel6, direction: .outbound, priority: 5, templates: [t]), update: false)
+        }
+        let p = PacketFactory.ipv6(source: "2001:db8:a::1", destination: "2001:db8:b::1",
+                                   payload: PacketFactory.udp(payload: PacketFactory.pattern(40)))
+        let stages: [PacketBatch.Stage] = [.output, .output, .output, .forward, .forward, .output, .output, .forward]
+        let o = try Self.expectSameOutcome(stages.map { (p, $0) }, setup: setup)
+        for (i, stage) in stages.enumerated() {
+            let expected: PacketBatch.Verdict = stage == .forward
+                ? .output(.dropped(.outPolBlock), transformed: false) : .output(.transmit(ifindex: 2), transformed: true)
+            #expect(o.verdicts[i] == expected, "packet \(i) (\(stage))")
+        }
+    }
+
     // MARK: - Input runs (at B, packets A sent through SA 0x1001)
 
     /// A's ESP packets for `inner`, from a separate pair of hosts with the same keys.

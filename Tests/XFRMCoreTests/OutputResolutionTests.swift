@@ -116,6 +116,38 @@ struct OutputResolutionTests {
         #expect(larval.config.mark == Mark(value: 3, mask: 0xff))
     }
 
+    @Test("a local IPv6 packet's flow has no output interface (flowi6_oif 0): a `dev` selector takes it only forwarded, and its larval SA has no dev; IPv4's has the route's")
+    func ipv6LocalOutputHasNoInterface() throws {
+        let h = try TwoHosts()
+        try h.a.network.addAddress(IPPrefix("2001:db8::1/64")!, device: "eth0")
+        try h.a.network.addRoute(IPPrefix("2001:db8:2::/64")!, device: "eth0", via: IPAddress("2001:db8::2"))
+        let eth0 = try #require(h.a.network.egress(to: IPAddress("2001:db8:2::1")!)).ifindex
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 9)
+        let six = Selector(family: 6, source: IPPrefix("2001:db8:1::/64")!, destination: IPPrefix("2001:db8:2::/64")!,
+                           ifindex: eth0)
+        try h.a.addPolicy(Policy(selector: six, direction: .outbound, action: .block), update: false)
+        let packet6 = PacketFactory.ipv6(payload: PacketFactory.udp(payload: PacketFactory.pattern(20)))
+        #expect(h.buffers.with(packet6) { h.a.output(&$0) }.0 == .transmit(ifindex: eth0),
+                "local: the policy on dev eth0 does not apply")
+        #expect(h.buffers.with(packet6) { h.a.output(&$0, forwarded: true) }.0 == .dropped(.outPolBlock),
+                "forwarded: it does")
+        // Without `dev`, the policy takes local IPv6 traffic; the larval SA's selector is the flow, ifindex 0.
+        try h.a.addPolicy(Policy(selector: Selector(family: 6, source: six.source, destination: six.destination),
+                                 direction: .outbound, templates: [t]), update: false)
+        _ = h.eventsA.drain()
+        #expect(h.buffers.with(packet6) { h.a.output(&$0) }.0 == .dropped(.outNoStates))
+        var larval = h.a.states.list().filter { $0.state == .acquiring }
+        #expect(larval.count == 1 && larval.first?.config.selector.ifindex == 0)
+        #expect(larval.first?.config.selector.sourcePort == 1234)
+        // IPv4's route lookup writes the device into the flow: its larval SA has it, and so would a `dev` selector.
+        try h.a.addPolicy(Policy(selector: ab, direction: .outbound,
+                                 templates: [Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"),
+                                                      mode: 1, reqid: 10)]), update: false)
+        #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
+        larval = h.a.states.list().filter { $0.state == .acquiring && $0.config.reqid == 10 }
+        #expect(larval.count == 1 && larval.first?.config.selector.ifindex == eth0)
+    }
+
     @Test("no larval SA is created when nobody listens for ACQUIRE (km_query fails)")
     func noListenerNoLarval() throws {
         let clock = ManualClock()

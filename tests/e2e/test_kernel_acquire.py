@@ -169,3 +169,34 @@ def test_acquire_and_larval_sa_are_the_kernels(namespaces, case):
     assert kernel_states.count("\tproto esp spi 0x00000000(0) ") == expected, kernel_states
     assert our_events == kernel_events
     assert normalized_states(our_states) == normalized_states(kernel_states)
+
+
+def test_a_larval_sa_expires_after_30_seconds_with_the_kernels_expire(namespaces):
+    """XFRM_ACQ_EXPIRES: a larval SA that no key manager filled in is deleted 30 s after its ACQUIRE, with a hard
+    EXPIRE (xfrm_timer_handler); the two monitors print the same ACQUIRE and EXPIRE, and both SADs are empty."""
+    kernel, ours, sock = namespaces
+    tool = os.environ["XFRM_TOOL"]
+    k = lambda *a: ["ip", "netns", "exec", kernel, tool, "--kernel", *a]
+    o = lambda *a: ["ip", "netns", "exec", ours, tool, "-S", str(sock), *a]
+    line = f"policy add src {A4}/32 dst {B4}/32 dir out tmpl src {A4} dst {B4} proto esp reqid 1 mode tunnel"
+    run(*k(*line.split()))
+    run(*o(*line.split()))
+    monitors = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for argv in (k("monitor"), o("monitor"))]
+    try:
+        time.sleep(1.0)
+        send(kernel, "udp", 4, 40000, 9)
+        send(ours, "udp", 4, 40000, 9)
+        deadline = time.time() + 45
+        while time.time() < deadline:
+            if not run(*k("state", "list")).stdout and not run(*o("state", "list")).stdout:
+                break
+            time.sleep(1.0)
+        time.sleep(0.5)
+    finally:
+        kernel_events, our_events = (stop(m) for m in monitors)
+    assert "acquire proto esp" in kernel_events and "Expired src 192.0.2.1 dst 192.0.2.2" in kernel_events, \
+        kernel_events
+    assert "\thard 1" in kernel_events, kernel_events
+    assert our_events == kernel_events
+    assert run(*k("state", "list")).stdout == run(*o("state", "list")).stdout == ""

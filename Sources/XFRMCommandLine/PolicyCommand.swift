@@ -364,8 +364,10 @@ struct PolicyCommand {
                     var attrs: [XfrmAttribute] = []
                     if case .mark(let m)? = tb[.mark] { attrs.append(.mark(m)) }
                     if case .ifID(let v)? = tb[.ifID] { attrs.append(.ifID(v)) }
-                    deletes.append(XfrmMessage(.delPolicy, flags: NetlinkFlags.request, body: .policyID(pid),
-                                               attributes: attrs))
+                    // NLM_F_ACK: iproute2 sends the deletes unacknowledged and peeks for errors; here each
+                    // request is answered (a kernel transport would otherwise wait for a reply to a success).
+                    deletes.append(XfrmMessage(.delPolicy, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                               body: .policyID(pid), attributes: attrs))
                 }
                 if deletes.isEmpty { break }
                 if deletes == previous { throw CommandError("Delete-all terminated") }

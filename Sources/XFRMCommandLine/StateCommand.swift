@@ -589,7 +589,10 @@ struct StateCommand {
                     said.proto = s.id.proto
                     var attrs = [RawAttributes.sourceAddress(s.saddr)]
                     if case .mark(let m)? = AttrTable(n.attributes)[.mark] { attrs.append(.mark(m)) }
-                    deletes.append(XfrmMessage(.delSA, flags: NetlinkFlags.request, body: .saID(said), attributes: attrs))
+                    // NLM_F_ACK: iproute2 sends the deletes unacknowledged and peeks for errors; here each
+                    // request is answered (a kernel transport would otherwise wait for a reply to a success).
+                    deletes.append(XfrmMessage(.delSA, flags: NetlinkFlags.request | NetlinkFlags.ack, body: .saID(said),
+                                               attributes: attrs))
                 }
                 if deletes.isEmpty { break }
                 // iproute2 would dump again forever; a transport that acks deletes it keeps stops the loop here

@@ -133,8 +133,8 @@ public final class XfrmControlServer: XfrmTransport {
             }
             let sa: SecurityAssociation
             do throws(StateDatabaseError) {
-                sa = try self.stack.allocateSPI(config, min: spi.min, max: spi.max)
-            } catch { throw ControlError(error.errno, error.errno == Errno.EINVAL ? error.message : "") }
+                sa = try self.stack.allocateSPI(config, seq: spi.info.seq, min: spi.min, max: spi.max)
+            } catch { throw error }
             return [Self.stateMessage(sa, type: .newSA, sequence: m.sequence)]
         case (.getSADInfo, _):
             return [XfrmMessage(type: XfrmMessageType.newSADInfo.rawValue, flags: 0, sequence: m.sequence,

@@ -38,10 +38,9 @@ extension Selector {
     var wire: XfrmSelector {
         var s = XfrmSelector()
         s.family = self.family == 4 ? AddressFamily.inet : self.family == 6 ? AddressFamily.inet6 : AddressFamily.unspec
-        if self.family != 0 {
-            s.daddr = XfrmAddress(self.destination.address)
-            s.saddr = XfrmAddress(self.source.address)
-        }
+        // A family-less selector may still name addresses: a larval SA from ALLOCSPI has its two (xfrm_find_acq).
+        s.daddr = XfrmAddress(self.destination.address)
+        s.saddr = XfrmAddress(self.source.address)
         s.prefixlenD = self.destination.length
         s.prefixlenS = self.source.length
         s.proto = self.proto

@@ -9,7 +9,11 @@ import XFRMPacket
 /// reqid. Read-mostly: the data path takes the table lock only for the lookup itself; per-SA state has its own lock.
 public final class StateDatabase: @unchecked Sendable {
     private struct Tables {
-        var bySPI: [SAID: SAChain] = [:]
+        /// The input lookup's table (≈ state_byspi): the SAs that have an SPI, by (SPI, protocol); the SAs of one
+        /// chain differ in destination or mark. As in the kernel, a larval SA without an SPI is not in it (a `get`
+        /// or `delete` of SPI 0 finds nothing), and an SPI is handed out only when no SA of the protocol holds it,
+        /// whatever its destination (xfrm_alloc_spi's xfrm_state_lookup_spi_proto, Linux 6.18).
+        var bySPI: [UInt64: SAChain] = [:]
         /// Every SA, oldest first (dumps walk it backwards: the kernel links new states at the list head). Sorted
         /// by generation; a removed SA leaves a nil (found by binary search, so deletes cost O(log n), not a scan and
         /// a shift of 100,000 entries), and the holes are squeezed out when they are half the array.
@@ -26,6 +30,21 @@ public final class StateDatabase: @unchecked Sendable {
         var live: [SecurityAssociation] { self.all.compactMap(\.sa) }
 
         static func mayBeLarval(_ sa: SecurityAssociation) -> Bool { sa.id.spi == 0 && sa.config.crypto == nil }
+
+        @inline(__always)
+        static func spiKey(_ spi: UInt32, _ proto: UInt8) -> UInt64 { UInt64(spi) &<< 8 | UInt64(proto) }
+
+        /// The SAs for exactly this destination, SPI and protocol, newest first.
+        @inline(__always)
+        func chain(_ id: SAID) -> LazyFilterSequence<SAChain>? {
+            self.bySPI[Self.spiKey(id.spi, id.proto)].map { $0.lazy.filter { $0.id.destination == id.destination } }
+        }
+
+        /// Links `sa` into every table (the input table only with an SPI).
+        mutating func link(_ sa: SecurityAssociation) {
+            if sa.id.spi != 0 { self.bySPI.link(sa, under: Self.spiKey(sa.id.spi, sa.id.proto)) }
+            self.append(sa)
+        }
 
         mutating func append(_ sa: SecurityAssociation) {
             self.all.append((sa.generation, sa))
@@ -95,8 +114,8 @@ public final class StateDatabase: @unchecked Sendable {
     @inline(__always)
     public func lookup(_ id: SAID, mark: UInt32 = 0) -> SecurityAssociation? {
         self.tables.withLock { t in
-            guard let list = t.bySPI[id] else { return nil }
-            for sa in list where sa.config.mark.matches(mark) { return sa }
+            guard let list = t.bySPI[Tables.spiKey(id.spi, id.proto)] else { return nil }
+            for sa in list where sa.id.destination == id.destination && sa.config.mark.matches(mark) { return sa }
             return nil
         }
     }
@@ -104,18 +123,18 @@ public final class StateDatabase: @unchecked Sendable {
     /// True when a stored SA with this id would take the new SA's traffic: its mark matches the new mark's
     /// value & mask (≈ __xfrm_state_locate in xfrm_state_add, the duplicate test of `add`).
     public func exists(_ id: SAID, mark: Mark) -> Bool {
-        self.tables.withLock { $0.bySPI[id]?.contains { $0.config.mark.matches(mark.value & mark.mask) } ?? false }
+        self.tables.withLock { $0.chain(id)?.contains { $0.config.mark.matches(mark.value & mark.mask) } ?? false }
     }
 
     /// The SA stored under exactly this id and mark value/mask.
     public func getExact(_ id: SAID, mark: Mark) -> SecurityAssociation? {
-        self.tables.withLock { $0.bySPI[id]?.first { $0.config.mark == mark } }
+        self.tables.withLock { $0.chain(id)?.first { $0.config.mark == mark } }
     }
 
     /// The SA stored under exactly this id and mark value/mask (for delete/get/update, ≈ xfrm_user_state_lookup).
     public func get(_ id: SAID, mark: Mark) -> SecurityAssociation? {
         self.tables.withLock { t in
-            t.bySPI[id]?.first { $0.config.mark == mark || $0.config.mark.matches(mark.value) }
+            t.chain(id)?.first { $0.config.mark == mark || $0.config.mark.matches(mark.value) }
         }
     }
 
@@ -128,15 +147,14 @@ public final class StateDatabase: @unchecked Sendable {
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
         return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation? in
             let m = sa.config.mark
-            if let list = t.bySPI[sa.id], list.contains(where: { $0.config.mark.matches(m.value & m.mask) }) {
+            if let list = t.chain(sa.id), list.contains(where: { $0.config.mark.matches(m.value & m.mask) }) {
                 throw StateDatabaseError(17, "File exists")
             }
             let larval = Self.findLarval(&t, for: sa)
             if let larval { Self.unlink(&t, larval) }
             t.generation += 1
             sa.generation = t.generation
-            t.bySPI.link(sa, under: sa.id)
-            t.append(sa)
+            t.link(sa)
             return larval
         }
     }
@@ -159,7 +177,7 @@ public final class StateDatabase: @unchecked Sendable {
     }
 
     private static func unlink(_ t: inout Tables, _ sa: SecurityAssociation) {
-        t.bySPI.unlink(sa, under: sa.id)
+        if sa.id.spi != 0 { t.bySPI.unlink(sa, under: Tables.spiKey(sa.id.spi, sa.id.proto)) }
         t.removeFromAll(sa)
         sa.markDead()
     }
@@ -173,7 +191,7 @@ public final class StateDatabase: @unchecked Sendable {
         self.changed()
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
         return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
-            guard let old = t.bySPI[sa.id]?.first(where: { $0.config.mark == sa.config.mark }) else {
+            guard let old = t.chain(sa.id)?.first(where: { $0.config.mark == sa.config.mark }) else {
                 throw StateDatabaseError(3, "No such process")
             }
             if old.config.direction != sa.config.direction && old.state != .acquiring {
@@ -186,8 +204,7 @@ public final class StateDatabase: @unchecked Sendable {
                 Self.unlink(&t, old)
                 t.generation += 1
                 sa.generation = t.generation
-                t.bySPI.link(sa, under: sa.id)
-                t.append(sa)
+                t.link(sa)
                 return sa
             }
             // ≈ xfrm_state_update: the encapsulation may change its ports, never its presence or type.
@@ -206,7 +223,7 @@ public final class StateDatabase: @unchecked Sendable {
         self.changed()
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
         return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
-            guard let sa = t.bySPI[id]?.first(where: { $0.config.mark == mark || $0.config.mark.matches(mark.value) })
+            guard let sa = t.chain(id)?.first(where: { $0.config.mark == mark || $0.config.mark.matches(mark.value) })
             else { throw StateDatabaseError(3, "No such process") }
             Self.unlink(&t, sa)
             return sa
@@ -244,14 +261,80 @@ public final class StateDatabase: @unchecked Sendable {
         return self.tables.withLock { t in
             t.generation += 1
             sa.generation = t.generation
-            t.bySPI.link(sa, under: sa.id)
-            t.append(sa)
+            t.link(sa)
         }
     }
 
-    /// True when an SPI is free for (destination, protocol).
-    func isFree(destination: IPAddress, spi: UInt32, proto: UInt8) -> Bool {
-        self.tables.withLock { $0.bySPI[SAID(destination: destination, spi: spi, proto: proto)] == nil }
+    /// ≈ xfrm_alloc_userspi (Linux 6.18) once the request is checked. The SA that gets the SPI is the larval SA an
+    /// ACQUIRE made with sequence number `seq`, if that is not 0 and it goes to the same destination
+    /// (xfrm_find_acq_byseq, its mark matching the request's); else a larval SA without an SPI for the same mode,
+    /// reqid, protocol, addresses, mark, if_id and CPU (xfrm_find_acq, which may be an ACQUIRE's: it keeps its flow
+    /// selector and sequence number); else `fresh`, linked now — and left in place, as the kernel leaves it, when no
+    /// SPI is found. An SA that has its SPI already is returned as it is. The SPI is `min` when `min == max`, else
+    /// random in the range, and must be held by no SA of the protocol (ENOENT "No SPI available in the requested
+    /// range"). The chosen SA takes `direction` when one is given (XFRMA_SA_DIR).
+    func allocateSPI(_ fresh: SecurityAssociation, seq: UInt32, direction: SADirection?, min: UInt32, max: UInt32)
+        throws(StateDatabaseError) -> SecurityAssociation
+    {
+        self.changed()
+        defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
+        return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
+            let c = fresh.config
+            let markValue = c.mark.value & c.mark.mask
+            var target: SecurityAssociation? = nil
+            if seq != 0 {
+                target = t.live.last { x in
+                    x.config.kmSequence == seq && x.config.mark.matches(markValue) && x.state == .acquiring
+                }
+                if let x = target, x.id.destination != c.id.destination { target = nil }
+            }
+            if target == nil {
+                target = t.live.last { x in
+                    x.state == .acquiring && x.id.spi == 0 && x.config.reqid == c.reqid && x.config.mode == c.mode
+                        && x.id.proto == c.id.proto && x.config.mark.matches(markValue)
+                        && x.config.pcpuNum == c.pcpuNum && x.config.ifID == c.ifID
+                        && x.id.destination == c.id.destination && x.config.source == c.source
+                }
+            }
+            let larval: SecurityAssociation
+            if let target {
+                larval = target
+            } else {
+                t.generation += 1
+                fresh.generation = t.generation
+                t.link(fresh)
+                larval = fresh
+            }
+            if larval.id.spi != 0 { return larval }
+            let span = UInt64(max) - UInt64(min) + 1
+            var tries: UInt64 = 0
+            while tries < Swift.min(span, 65536) {
+                // Random, as xfrm_alloc_spi's get_random_u32_inclusive: two hosts (or daemons) asking in the same
+                // second must not get the same SPI, and nobody may predict the next one.
+                let candidate = span == 1 ? min : UInt32(truncatingIfNeeded: UInt64(min) + UInt64.random(in: 0..<span))
+                if t.bySPI[Tables.spiKey(candidate, c.id.proto)] == nil {
+                    // The larval SA under its SPI: a new object with the same configuration, add time and place in
+                    // the dump order, linked where the old one was.
+                    var config = larval.config
+                    config.id.spi = candidate
+                    if let direction { config.direction = direction }
+                    let sa = try! SecurityAssociation(config, addTime: larval.current.addTime)
+                    sa.generation = larval.generation
+                    if let i = t.position(of: larval) {
+                        t.all[i].sa = sa
+                        t.output.remove(larval)
+                        t.output.insert(sa)
+                        if Tables.mayBeLarval(larval) { t.maybeLarval -= 1 }
+                    }
+                    larval.markDead()
+                    t.bySPI.link(sa, under: Tables.spiKey(candidate, c.id.proto))
+                    return sa
+                }
+                tries += 1
+                if span == 1 { break }
+            }
+            throw StateDatabaseError(2, "No SPI available in the requested range")  // ENOENT
+        }
     }
 
     /// The outcome of output SA resolution for one template.

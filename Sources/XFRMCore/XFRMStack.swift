@@ -202,29 +202,27 @@ public final class XFRMStack: @unchecked Sendable {
         return gone
     }
 
-    /// ≈ xfrm_alloc_spi: a larval SA with a free SPI in [min, max] for (destination, protocol). ENOENT if none is free.
-    public func allocateSPI(_ config: SAConfig, min: UInt32, max: UInt32) throws(StateDatabaseError) -> SecurityAssociation {
+    /// ≈ xfrm_alloc_userspi after its checks (EINVAL "Invalid SPI range" for `min > max`, or a range below 256
+    /// wider than one SPI): gives an SPI from [min, max] to the larval SA `seq` names, or to one waiting for the same
+    /// tunnel, or to a new one (`StateDatabase.allocateSPI`). A new larval SA is built as xfrm_find_acq builds it:
+    /// `config`'s addresses, protocol, mode, reqid, mark, if_id and CPU; a selector of exactly its two addresses
+    /// with no family (AF_UNSPEC, as the kernel leaves it); no limits but the 30 s before it expires
+    /// (xfrm_acq_expires); no key-manager sequence number. `config`'s direction goes to whichever SA gets the SPI.
+    public func allocateSPI(_ config: SAConfig, seq: UInt32 = 0, min: UInt32, max: UInt32)
+        throws(StateDatabaseError) -> SecurityAssociation
+    {
         guard min <= max, max >= 256 || min == max else { throw StateDatabaseError(22, "Invalid SPI range") }
-        var candidate = min
-        let span = UInt64(max) - UInt64(min) + 1
-        var tries: UInt64 = 0
-        while tries < Swift.min(span, 65536) {
-            // Random, as xfrm_alloc_spi's get_random_u32_inclusive: two hosts (or daemons) asking in the same second
-            // must not get the same SPI, and nobody may predict the next one.
-            if span > 1 { candidate = UInt32(truncatingIfNeeded: UInt64(min) + UInt64.random(in: 0..<span)) }
-            if self.states.isFree(destination: config.id.destination, spi: candidate, proto: config.id.proto) {
-                var c = config
-                c.id.spi = candidate
-                c.crypto = nil
-                c.lifetime.hardAddExpiresSeconds = Self.acquireExpirySeconds
-                let sa = try! SecurityAssociation(c, addTime: self.clock.now)
-                self.states.insertLarval(sa)
-                return sa
-            }
-            tries += 1
-            if span == 1 { break }
-        }
-        throw StateDatabaseError(2, "No such file or directory")
+        var c = config
+        c.crypto = nil
+        c.kmSequence = 0
+        let host: UInt8 = c.id.destination.version == 4 ? 32 : 128
+        c.selector = Selector(family: 0, source: IPPrefix(c.source, length: host),
+                              destination: IPPrefix(c.id.destination, length: host))
+        c.lifetime = LifetimeConfig()
+        c.lifetime.hardAddExpiresSeconds = Self.acquireExpirySeconds
+        c.id.spi = 0
+        let fresh = try! SecurityAssociation(c, addTime: self.clock.now)
+        return try self.states.allocateSPI(fresh, seq: seq, direction: config.direction, min: min, max: max)
     }
 
     @discardableResult

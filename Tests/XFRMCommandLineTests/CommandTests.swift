@@ -327,7 +327,9 @@ struct CommandTests {
         id.spi = 2
         id.family = AddressFamily.inet
         id.proto = XfrmProto.ah
-        #expect(k.requests[2] == XfrmMessage(.delSA, flags: NetlinkFlags.request, body: .saID(id), attributes: [
+        // Each DELSA asks for an answer (NLM_F_ACK): a kernel answers a success only then.
+        #expect(k.requests[2] == XfrmMessage(.delSA, flags: NetlinkFlags.request | NetlinkFlags.ack, body: .saID(id),
+                                             attributes: [
             .unknown(type: 13, payload: v4("10.0.0.1").bytes), .mark(XfrmMark(value: 4, mask: 0xf)),
         ]))
         #expect(k.requests[0] == XfrmMessage(.getSA, flags: NetlinkFlags.request | NetlinkFlags.dump, body: .empty))
@@ -357,7 +359,7 @@ struct CommandTests {
         pid.dir = 0
         pid.index = 40
         #expect(k.requests.suffix(3).map(\.messageType) == [.getPolicy, .delPolicy, .getPolicy])
-        #expect(k.requests.suffix(2).first == XfrmMessage(.delPolicy, flags: NetlinkFlags.request,
+        #expect(k.requests.suffix(2).first == XfrmMessage(.delPolicy, flags: NetlinkFlags.request | NetlinkFlags.ack,
                                                           body: .policyID(pid), attributes: [.ifID(6)]))
         #expect(try run("policy deleteall", k) == "")
         #expect(k.policies.count == 1)  // the socket policy stays

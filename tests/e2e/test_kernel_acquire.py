@@ -200,3 +200,65 @@ def test_a_larval_sa_expires_after_30_seconds_with_the_kernels_expire(namespaces
     assert "\thard 1" in kernel_events, kernel_events
     assert our_events == kernel_events
     assert run(*k("state", "list")).stdout == run(*o("state", "list")).stdout == ""
+
+
+def test_allocspi_gives_the_spi_to_the_acquires_larval_sa_by_tunnel_or_by_sequence_number(namespaces):
+    """ALLOCSPI for the ACQUIRE's template (same mode, reqid, protocol and addresses) gives its SPI to the ACQUIRE's
+    larval SA, which keeps the flow's selector (xfrm_find_acq); a second one makes a new larval SA. ALLOCSPI with the
+    ACQUIRE's sequence number (each side's own: the kernel's counter is shared across namespaces) finds that larval
+    SA whatever the reqid (xfrm_find_acq_byseq), and one that has its SPI already is answered as it is."""
+    kernel, ours, sock = namespaces
+    tool = os.environ["XFRM_TOOL"]
+    k = lambda *a: ["ip", "netns", "exec", kernel, tool, "--kernel", *a]
+    o = lambda *a: ["ip", "netns", "exec", ours, tool, "-S", str(sock), *a]
+    for i, reqid in enumerate((1, 2)):
+        line = (f"policy add src {A4}/32 dst 198.51.100.{i + 1}/32 dir out "
+                f"tmpl src {A4} dst {B4} proto esp reqid {reqid} mode tunnel")
+        run(*k(*line.split()))
+        run(*o(*line.split()))
+    run("ip", "-n", kernel, "route", "add", "198.51.100.0/24", "dev", "xfrm0", "src", A4)
+    run("ip", "-n", ours, "route", "add", "198.51.100.0/24", "dev", "xfrm0", "src", A4)
+    monitors = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for argv in (k("monitor"), o("monitor"))]
+    try:
+        time.sleep(1.0)
+        for ns in (kernel, ours):
+            for i in (1, 2):
+                code = ("import socket\n"
+                        "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                        f"s.bind(({A4!r}, 44000))\n"
+                        "try:\n"
+                        f"    s.sendto(b'acquire', ('198.51.100.{i}', 9))\n"
+                        "except OSError:\n"
+                        "    pass\n")
+                run("ip", "netns", "exec", ns, "python3", "-c", code)
+        time.sleep(0.5)
+        answers = {}
+        for side, cmd in (("kernel", k), ("ours", o)):
+            listing = run(*cmd("-s", "state", "list")).stdout
+            # `seq 0x%08u`: iproute2 prints the sequence number in decimal; the reqid-2 ACQUIRE's larval SA.
+            seq = int(re.search(r"reqid 2\(0x00000002\) mode tunnel\n\treplay-window 0 seq 0x(\d+)", listing).group(1))
+            # `seq` is parsed as a big-endian number (xfrm_seq_parse): give the bytes that read back as `seq`.
+            wire_seq = int.from_bytes(seq.to_bytes(4, "little"), "big")
+            lines = [f"state allocspi src {A4} dst {B4} proto esp mode tunnel reqid 1 min 0x900 max 0x900",
+                     f"state allocspi src {A4} dst {B4} proto esp mode tunnel reqid 1 min 0x901 max 0x901",
+                     f"state allocspi src {A4} dst {B4} proto esp mode tunnel reqid 77 seq {wire_seq:#x} "
+                     "min 0x902 max 0x902",
+                     f"state allocspi src {A4} dst {B4} proto esp mode tunnel reqid 77 seq {wire_seq:#x} "
+                     "min 0x903 max 0x903",
+                     "-s state list"]
+            answers[side] = [(r.returncode, seconds_blind(r.stdout), r.stderr)
+                             for r in (run(*cmd(*l.split()), check=False) for l in lines)]
+    finally:
+        for m in monitors:
+            stop(m)
+    strip_seq = lambda a: [(rc, re.sub(r" seq 0x\d{8} ", " seq SEQ ", out), err) for rc, out, err in a]
+    assert strip_seq(answers["ours"]) == strip_seq(answers["kernel"])
+    kernel_listing = answers["kernel"][-1][1]
+    assert "spi 0x00000900(2304) reqid 1(0x00000001)" in kernel_listing, kernel_listing
+    assert "spi 0x00000902(2306) reqid 2(0x00000002)" in kernel_listing, "the reqid-2 ACQUIRE's larval SA, by seq"
+    assert answers["kernel"][3][1] == answers["kernel"][2][1], "the same SA again, with its SPI"
+
+
+def seconds_blind(text):
+    return re.sub(r"(add \d{4}-\d\d-\d\d \d\d:\d\d):\d\d", r"\1:SS", text)

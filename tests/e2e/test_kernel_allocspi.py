@@ -1,0 +1,112 @@
+"""ALLOCSPI against this machine's kernel (6.18: XFRM without ESP). An SPI allocation needs no transform: the kernel
+makes a larval SA (xfrm_find_acq) and gives it an SPI from the range (xfrm_alloc_spi), so the SAs it holds can be
+listed, fetched, counted, deleted and flushed — the one way to see the kernel's own state listings here, per-CPU
+SAs (XFRMA_SA_PCPU, Linux 6.13; iproute2 6.1 cannot send it, `xfrm --kernel` can) and SA directions included.
+
+The same commands go to the kernel (`xfrm --kernel`, a namespace of its own) and to an xfrmd (`xfrm -S`), one by
+one: each command's exit status, output and error must be the same, and so must the listings after them (`-s`
+listings but for the add time's seconds). Every range is one SPI wide, or exhausted, so the SPIs are the same too.
+The kernel's listings must also be iproute2's, but for the lines iproute2 6.1 does not know (`dir`, `pcpu-num`)."""
+
+import os
+import re
+import subprocess
+import uuid
+
+import pytest
+
+from conftest import running_daemon
+
+V4 = "src 192.0.2.1 dst 192.0.2.2"
+V6 = "src 2001:db8::1 dst 2001:db8::2"
+
+COMMANDS = [
+    f"state allocspi {V4} proto esp mode tunnel reqid 5 min 0x100 max 0x100",
+    # The same request again finds that larval SA (xfrm_find_acq), which has its SPI already.
+    f"state allocspi {V4} proto esp mode tunnel reqid 5 min 0x100 max 0x100",
+    # Another reqid is another larval SA, and its only SPI is taken.
+    f"state allocspi {V4} proto esp mode tunnel reqid 6 min 0x100 max 0x100",
+    f"state allocspi {V4} proto esp mode tunnel reqid 6 min 0x101 max 0x101",
+    f"state allocspi {V4} proto esp mode tunnel reqid 7 min 0x200 max 0x1ff",
+    # Directions and per-CPU SAs (RFC 9611): ALLOCSPI takes XFRMA_SA_PCPU with or without a direction, and refuses
+    # a CPU that does not exist.
+    f"state allocspi {V4} proto esp mode tunnel reqid 8 dir out pcpu-num 1 min 0x300 max 0x300",
+    f"state allocspi {V4} proto esp mode tunnel reqid 8 dir out pcpu-num 0 min 0x301 max 0x301",
+    f"state allocspi {V4} proto esp mode tunnel reqid 9 pcpu-num 1 min 0x302 max 0x302",
+    f"state allocspi {V4} proto esp mode tunnel reqid 9 dir out pcpu-num 4096 min 0x303 max 0x303",
+    f"state allocspi {V4} proto esp mode tunnel reqid 10 dir in min 0x400 max 0x400",
+    f"state allocspi {V6} proto esp mode transport reqid 11 mark 7 mask 0xff min 0x500 max 0x500",
+    f"state allocspi {V4} proto esp mode tunnel reqid 16 seq 0x77 min 0x700 max 0x700",
+    "state count",
+    "state list",
+    "-s state list",
+    f"state get {V4} proto esp spi 0x100",
+    f"state get {V4} proto esp spi 0x300",
+    f"state get {V4} proto esp spi 0x999",
+    f"state list {V4} reqid 8",
+    "state list dir out",
+    f"state delete {V4} proto esp spi 0x300",
+    f"state delete {V4} proto esp spi 0x300",
+    f"state list {V4} proto esp",
+    f"state deleteall {V6}",
+    "state list",
+    "state count",
+    "state flush",
+    "state list",
+    "state count",
+]
+
+
+def run(*argv, check=True):
+    p = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def seconds_blind(text):
+    return re.sub(r"(add \d{4}-\d\d-\d\d \d\d:\d\d):\d\d", r"\1:SS", text)
+
+
+def iproute2_lines(text):
+    """A listing without the lines iproute2 6.1 does not print (XFRMA_SA_DIR, XFRMA_SA_PCPU)."""
+    return "".join(l for l in text.splitlines(keepends=True) if not l.startswith(("\tdir ", "\tpcpu-num ")))
+
+
+@pytest.fixture
+def sides(tmp_path):
+    kernel, ours = (f"xfrmspi-{os.getpid()}-{uuid.uuid4().hex[:6]}{s}" for s in "ko")
+    for ns in (kernel, ours):
+        run("ip", "netns", "add", ns)
+    try:
+        with running_daemon(ours, tmp_path / "xfrmd.sock") as (sock, _):
+            yield kernel, ours, sock
+    finally:
+        for ns in (kernel, ours):
+            run("ip", "netns", "del", ns, check=False)
+
+
+def test_allocspi_larval_sas_list_get_delete_and_flush_as_in_the_kernel(sides):
+    kernel, ours, sock = sides
+    tool = os.environ["XFRM_TOOL"]
+    kernel_said = []
+    mismatches = []
+    for line in COMMANDS:
+        argv = line.split()
+        theirs = run("ip", "netns", "exec", kernel, tool, "--kernel", *argv, check=False)
+        mine = run("ip", "netns", "exec", ours, tool, "-S", str(sock), *argv, check=False)
+        got = (mine.returncode, seconds_blind(mine.stdout), mine.stderr)
+        want = (theirs.returncode, seconds_blind(theirs.stdout), theirs.stderr)
+        if got != want:
+            mismatches.append(f"`xfrm {line}`:\n xfrmd      {got!r}\n the kernel {want!r}")
+        kernel_said.append(want)
+        if argv[-2:] == ["state", "list"]:
+            ip = run("ip", "netns", "exec", kernel, "ip", *argv[:-2], "xfrm", *argv[-2:])
+            assert seconds_blind(ip.stdout) == iproute2_lines(want[1]), f"`ip xfrm {line}`"
+    assert not mismatches, "\n".join(mismatches)
+    # What the comparison went through: the kernel held per-CPU and directed larval SAs, and refused a CPU past
+    # its last one.
+    listing = kernel_said[COMMANDS.index("state list")][1]
+    assert "\tdir out\n\tpcpu-num 1\n" in listing and "\tpcpu-num 0\n" in listing and "\tdir in\n" in listing, listing
+    refused = kernel_said[COMMANDS.index(next(c for c in COMMANDS if "pcpu-num 4096" in c))]
+    assert refused[0] != 0 and "pCPU number too big" in refused[2], refused

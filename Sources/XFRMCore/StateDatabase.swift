@@ -270,26 +270,33 @@ public final class StateDatabase: @unchecked Sendable {
     /// (xfrm_find_acq_byseq, its mark matching the request's); else a larval SA without an SPI for the same mode,
     /// reqid, protocol, addresses, mark, if_id and CPU (xfrm_find_acq, which may be an ACQUIRE's: it keeps its flow
     /// selector and sequence number); else `fresh`, linked now — and left in place, as the kernel leaves it, when no
-    /// SPI is found. An SA that has its SPI already is returned as it is. The SPI is `min` when `min == max`, else
-    /// random in the range, and must be held by no SA of the protocol (ENOENT "No SPI available in the requested
-    /// range"). The chosen SA takes `direction` when one is given (XFRMA_SA_DIR).
+    /// SPI is found. An SA that has its SPI already keeps it. The SPI is `min` when `min == max`, else random in the
+    /// range (a draw of 0 fails the request), and must be held by no SA of the protocol (ENOENT "No SPI available in the requested range").
+    /// The chosen SA takes `direction` when one is given (XFRMA_SA_DIR). An SA's configuration is immutable, so the
+    /// larval SA is replaced by an equal one with the SPI (same add time and place in the dump order); `replaced` is
+    /// the old object when that happened (the caller moves a device binding across).
     func allocateSPI(_ fresh: SecurityAssociation, seq: UInt32, direction: SADirection?, min: UInt32, max: UInt32)
-        throws(StateDatabaseError) -> SecurityAssociation
+        throws(StateDatabaseError) -> (sa: SecurityAssociation, replaced: SecurityAssociation?)
     {
         self.changed()
         defer { self.changed() }  // before and after: no lookup can straddle a change unnoticed
-        return try self.tables.withLock { t throws(StateDatabaseError) -> SecurityAssociation in
+        return try self.tables.withLock { t throws(StateDatabaseError) -> (SecurityAssociation, SecurityAssociation?) in
             let c = fresh.config
             let markValue = c.mark.value & c.mark.mask
+            /// The newest linked SA `match` takes (the kernel's lists are newest first).
+            func newest(_ match: (SecurityAssociation) -> Bool) -> SecurityAssociation? {
+                for e in t.all.reversed() { if let x = e.sa, match(x) { return x } }
+                return nil
+            }
             var target: SecurityAssociation? = nil
             if seq != 0 {
-                target = t.live.last { x in
+                target = newest { x in
                     x.config.kmSequence == seq && x.config.mark.matches(markValue) && x.state == .acquiring
                 }
                 if let x = target, x.id.destination != c.id.destination { target = nil }
             }
             if target == nil {
-                target = t.live.last { x in
+                target = newest { x in
                     x.state == .acquiring && x.id.spi == 0 && x.config.reqid == c.reqid && x.config.mode == c.mode
                         && x.id.proto == c.id.proto && x.config.mark.matches(markValue)
                         && x.config.pcpuNum == c.pcpuNum && x.config.ifID == c.ifID
@@ -305,35 +312,47 @@ public final class StateDatabase: @unchecked Sendable {
                 t.link(fresh)
                 larval = fresh
             }
-            if larval.id.spi != 0 { return larval }
-            let span = UInt64(max) - UInt64(min) + 1
-            var tries: UInt64 = 0
-            while tries < Swift.min(span, 65536) {
-                // Random, as xfrm_alloc_spi's get_random_u32_inclusive: two hosts (or daemons) asking in the same
-                // second must not get the same SPI, and nobody may predict the next one.
-                let candidate = span == 1 ? min : UInt32(truncatingIfNeeded: UInt64(min) + UInt64.random(in: 0..<span))
-                if t.bySPI[Tables.spiKey(candidate, c.id.proto)] == nil {
-                    // The larval SA under its SPI: a new object with the same configuration, add time and place in
-                    // the dump order, linked where the old one was.
-                    var config = larval.config
-                    config.id.spi = candidate
-                    if let direction { config.direction = direction }
-                    let sa = try! SecurityAssociation(config, addTime: larval.current.addTime)
-                    sa.generation = larval.generation
-                    if let i = t.position(of: larval) {
-                        t.all[i].sa = sa
-                        t.output.remove(larval)
-                        t.output.insert(sa)
-                        if Tables.mayBeLarval(larval) { t.maybeLarval -= 1 }
+            let proto = larval.id.proto
+            var spi = larval.id.spi
+            if spi == 0 {
+                let span = UInt64(max) - UInt64(min) + 1
+                var tries: UInt64 = 0
+                while tries < Swift.min(span, 65536) {
+                    // Random, as xfrm_alloc_spi's get_random_u32_inclusive: two hosts (or daemons) asking in the
+                    // same second must not get the same SPI, and nobody may predict the next one.
+                    let candidate = span == 1 ? min : UInt32(truncatingIfNeeded: UInt64(min) + UInt64.random(in: 0..<span))
+                    // SPI 0 is no SPI: drawing it ends the search unanswered, as in the kernel (whose loop takes
+                    // the first free draw, and 0 is always free).
+                    if candidate == 0 { break }
+                    if t.bySPI[Tables.spiKey(candidate, proto)] == nil {
+                        spi = candidate
+                        break
                     }
-                    larval.markDead()
-                    t.bySPI.link(sa, under: Tables.spiKey(candidate, c.id.proto))
-                    return sa
+                    tries += 1
+                    if span == 1 { break }
                 }
-                tries += 1
-                if span == 1 { break }
+                guard spi != 0 else {
+                    throw StateDatabaseError(2, "No SPI available in the requested range")  // ENOENT
+                }
             }
-            throw StateDatabaseError(2, "No SPI available in the requested range")  // ENOENT
+            let newDirection = direction ?? larval.config.direction
+            if spi == larval.id.spi && newDirection == larval.config.direction { return (larval, nil) }
+            var config = larval.config
+            config.id.spi = spi
+            config.direction = newDirection
+            let sa = try! SecurityAssociation(config, addTime: larval.current.addTime)
+            sa.generation = larval.generation
+            if let i = t.position(of: larval) {
+                t.all[i].sa = sa
+                t.output.remove(larval)
+                t.output.insert(sa)
+                if Tables.mayBeLarval(larval) { t.maybeLarval -= 1 }
+                if Tables.mayBeLarval(sa) { t.maybeLarval += 1 }
+            }
+            if larval.id.spi != 0 { t.bySPI.unlink(larval, under: Tables.spiKey(larval.id.spi, proto)) }
+            t.bySPI.link(sa, under: Tables.spiKey(spi, proto))
+            larval.markDead()
+            return (sa, larval)
         }
     }
 

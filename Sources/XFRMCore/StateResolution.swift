@@ -69,14 +69,14 @@ struct ResolutionScan {
         }
         switch v.state {
         case .acquiring:
-            if c.id.spi == 0 || c.selector.covers(q.flow) {
-                switch c.pcpuNum {
-                case nil: self.acquiring = true
-                case q.cpu?:
-                    self.acquiring = true
-                    self.acquiringThisCPU = true
-                default: self.acquiringOtherCPU = true
-                }
+            // ≈ xfrm_state_look_at: any larval SA of the template is an acquire in progress, whatever its selector
+            // (an ACQUIRE's has the flow's, ALLOCSPI's its two addresses).
+            switch c.pcpuNum {
+            case nil: self.acquiring = true
+            case q.cpu?:
+                self.acquiring = true
+                self.acquiringThisCPU = true
+            default: self.acquiringOtherCPU = true
             }
             return false
         case .valid:

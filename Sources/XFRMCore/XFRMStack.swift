@@ -202,8 +202,7 @@ public final class XFRMStack: @unchecked Sendable {
         return gone
     }
 
-    /// ≈ xfrm_alloc_userspi after its checks (EINVAL "Invalid SPI range" for `min > max`, or a range below 256
-    /// wider than one SPI): gives an SPI from [min, max] to the larval SA `seq` names, or to one waiting for the same
+    /// ≈ xfrm_alloc_userspi after its checks (EINVAL "Invalid SPI range" for `min > max`): gives an SPI from [min, max] to the larval SA `seq` names, or to one waiting for the same
     /// tunnel, or to a new one (`StateDatabase.allocateSPI`). A new larval SA is built as xfrm_find_acq builds it:
     /// `config`'s addresses, protocol, mode, reqid, mark, if_id and CPU; a selector of exactly its two addresses
     /// with no family (AF_UNSPEC, as the kernel leaves it); no limits but the 30 s before it expires
@@ -211,7 +210,7 @@ public final class XFRMStack: @unchecked Sendable {
     public func allocateSPI(_ config: SAConfig, seq: UInt32 = 0, min: UInt32, max: UInt32)
         throws(StateDatabaseError) -> SecurityAssociation
     {
-        guard min <= max, max >= 256 || min == max else { throw StateDatabaseError(22, "Invalid SPI range") }
+        guard min <= max else { throw StateDatabaseError(22, "Invalid SPI range") }
         var c = config
         c.crypto = nil
         c.kmSequence = 0
@@ -222,7 +221,20 @@ public final class XFRMStack: @unchecked Sendable {
         c.lifetime.hardAddExpiresSeconds = Self.acquireExpirySeconds
         c.id.spi = 0
         let fresh = try! SecurityAssociation(c, addTime: self.clock.now)
-        return try self.states.allocateSPI(fresh, seq: seq, direction: config.direction, min: min, max: max)
+        let (sa, replaced) = try self.states.allocateSPI(fresh, seq: seq, direction: config.direction, min: min,
+                                                         max: max)
+        // A packet-offload ACQUIRE's larval SA is on its device (XFRM_DEV_OFFLOAD_FLAG_ACQ): the device gets the SA
+        // that replaced it, under its SPI, and lets the old one go.
+        if let old = replaced, var o = old.offload {
+            self.releaseFromDevice(old)
+            if let dev = self.device(ifindex: o.ifindex), dev.callbacks.contains(.stateAdd) {
+                do throws(DeviceError) {
+                    o.handle = try dev.stateAdd(sa, offload: o)
+                    sa.setOffload(o)
+                } catch {}  // refused: the larval SA stays in software, as an unbound one
+            }
+        }
+        return sa
     }
 
     @discardableResult

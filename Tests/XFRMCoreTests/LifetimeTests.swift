@@ -122,6 +122,53 @@ struct LifetimeTests {
         #expect(h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1000))?.state == .valid)
     }
 
+    @Test("allocspi never hands out SPI 0, keeps SPIs unique per protocol across destinations, and an SA found by seq keeps its protocol")
+    func allocSPIEdges() throws {
+        let h = try TwoHosts()
+        let c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, on: h.a).config
+        #expect(throws: StateDatabaseError.self) { try h.a.allocateSPI(c, min: 0, max: 0) }
+        for _ in 0..<20 {  // 0 is in range: drawn, it fails the request; it never becomes an SA's SPI
+            var r = c
+            r.reqid = 100
+            if let sa = try? h.a.allocateSPI(r, min: 0, max: 1) {
+                #expect(sa.id.spi == 1)
+                try h.a.deleteState(sa.id, mark: Mark())
+            }
+        }
+        var low = c
+        low.reqid = 101
+        #expect((0x10...0x20).contains(try h.a.allocateSPI(low, min: 0x10, max: 0x20).id.spi), "any range, as Linux")
+        _ = try h.a.allocateSPI(c, min: 0x3000, max: 0x3000)
+        var elsewhere = c
+        elsewhere.id.destination = IPAddress("192.0.2.9")!
+        #expect(throws: StateDatabaseError.self) { try h.a.allocateSPI(elsewhere, min: 0x3000, max: 0x3000) }
+        // The larval SAs left behind (SPI 0: the failed requests') are not in the input table: `get` finds none.
+        #expect(h.a.states.get(SAID(destination: IPAddress("192.0.2.2")!, spi: 0), mark: Mark()) == nil)
+        // ALLOCSPI naming an ACQUIRE's larval SA by its sequence number gives the SPI to that SA, whose protocol
+        // (ESP) decides which SPIs are free, whatever the request says.
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 42)
+        let ab = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
+        try h.a.addPolicy(Policy(selector: ab, direction: .outbound, templates: [t]), update: false)
+        #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
+        let acquired = try #require(h.a.states.list().first { $0.config.reqid == 42 })
+        var bySeq = c
+        bySeq.id.proto = 51
+        bySeq.reqid = 7
+        #expect(throws: StateDatabaseError.self, "0x3000 is ESP's already (AH's is free)") {
+            try h.a.allocateSPI(bySeq, seq: acquired.config.kmSequence, min: 0x3000, max: 0x3000)
+        }
+        let got = try h.a.allocateSPI(bySeq, seq: acquired.config.kmSequence, min: 0x3001, max: 0x3001)
+        #expect(got.config.reqid == 42 && got.id.proto == 50 && got.id.spi == 0x3001)
+        #expect(got.config.selector == acquired.config.selector, "the ACQUIRE's flow selector stays")
+        #expect(h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x3001)) === got)
+        // That larval SA is still an acquire in progress: the next packet asks nothing more.
+        _ = h.eventsA.drain()
+        #expect(h.send(h.packet(from: "10.0.1.9")).0 == .dropped(.outNoStates))
+        #expect(!h.eventsA.drain().contains { if case .acquire = $0 { return true } else { return false } })
+        try h.a.deleteState(got.id, mark: Mark())
+        #expect(h.a.states.lookup(got.id) == nil, "deleted from the input table too")
+    }
+
     @Test("a slow subscriber loses events (counted) and never blocks publishing")
     func slowSubscriber() {
         let bus = EventBus()

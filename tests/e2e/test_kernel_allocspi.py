@@ -37,6 +37,10 @@ COMMANDS = [
     f"state allocspi {V4} proto esp mode tunnel reqid 10 dir in min 0x400 max 0x400",
     f"state allocspi {V6} proto esp mode transport reqid 11 mark 7 mask 0xff min 0x500 max 0x500",
     f"state allocspi {V4} proto esp mode tunnel reqid 16 seq 0x77 min 0x700 max 0x700",
+    # Any range (an SPI below 256 too); SPI 0 is never handed out (the larval SA made for it stays, SPI-less).
+    f"state allocspi {V4} proto esp mode tunnel reqid 17 min 0x10 max 0x10",
+    f"state allocspi {V4} proto esp mode tunnel reqid 18 min 0 max 0",
+    f"state get {V4} proto esp spi 0",
     "state count",
     "state list",
     "-s state list",

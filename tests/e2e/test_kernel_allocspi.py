@@ -10,7 +10,9 @@ The kernel's listings must also be iproute2's, but for the lines iproute2 6.1 do
 
 import os
 import re
+import signal
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -95,6 +97,11 @@ def test_allocspi_larval_sas_list_get_delete_and_flush_as_in_the_kernel(sides):
     tool = os.environ["XFRM_TOOL"]
     kernel_said = []
     mismatches = []
+    # The events the commands cause (deletes, flushes; ALLOCSPI sends none), as each side's monitor prints them.
+    monitors = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for argv in (
+        ["ip", "netns", "exec", kernel, tool, "--kernel", "monitor"],
+        ["ip", "netns", "exec", ours, tool, "-S", str(sock), "monitor"])]
+    time.sleep(1.0)  # both monitors joined their groups
     for line in COMMANDS:
         argv = line.split()
         theirs = run("ip", "netns", "exec", kernel, tool, "--kernel", *argv, check=False)
@@ -107,7 +114,15 @@ def test_allocspi_larval_sas_list_get_delete_and_flush_as_in_the_kernel(sides):
         if argv[-2:] == ["state", "list"]:
             ip = run("ip", "netns", "exec", kernel, "ip", *argv[:-2], "xfrm", *argv[-2:])
             assert seconds_blind(ip.stdout) == iproute2_lines(want[1]), f"`ip xfrm {line}`"
+    time.sleep(0.5)
+    kernel_events, our_events = [], []
+    for m, events in zip(monitors, (kernel_events, our_events)):
+        m.send_signal(signal.SIGTERM)
+        events.append(m.communicate(timeout=10)[0])
     assert not mismatches, "\n".join(mismatches)
+    assert "Deleted src 192.0.2.1 dst 192.0.2.2" in kernel_events[0] and "Flushed state" in kernel_events[0], \
+        kernel_events[0]
+    assert our_events == kernel_events
     # What the comparison went through: the kernel held per-CPU and directed larval SAs, and refused a CPU past
     # its last one.
     listing = kernel_said[COMMANDS.index("state list")][1]

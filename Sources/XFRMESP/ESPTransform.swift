@@ -504,7 +504,36 @@ public final class ESPTransform: @unchecked Sendable {
         } else {
             ip.storeBE16(UInt16(truncatingIfNeeded: packet.count - HeaderSize.ipv6), at: 4)
         }
+        if self.config.encapsulation != nil && info.ipVersion == 4 {
+            Self.fixTransportChecksum(ip, count: packet.count, headerLength: headerLength, proto: nextHeader)
+        }
         return nil
+    }
+
+    /// NAT-T in transport mode (RFC 3948 §3.1.2): the sender summed its TCP or UDP checksum over the addresses it
+    /// had before a NAT rewrote the outer (here also the inner) header, so it fails against the addresses the
+    /// packet arrived with. The checksum is recomputed over them (the RFC's third way; the packet's integrity is the
+    /// ICV's). Linux marks such a packet CHECKSUM_UNNECESSARY instead (esp_input_done2); a packet that leaves
+    /// through xfrmd's TUN is checked again by the host's kernel, so it must carry a checksum that verifies. A UDP
+    /// datagram without a checksum (0) keeps none. IPv4 only: RFC 3948 is about IPv4 NATs, and an IPv6 packet is
+    /// left as it came.
+    @inline(__always)
+    static func fixTransportChecksum(_ ip: UnsafeMutableRawPointer, count: Int, headerLength: Int, proto: UInt8) {
+        let field: Int
+        switch proto {
+        case IPProtocolNumber.tcp: field = 16
+        case IPProtocolNumber.udp: field = 6
+        default: return
+        }
+        let length = count - headerLength
+        guard length >= field + 2 else { return }
+        let l4 = ip + headerLength
+        if proto == IPProtocolNumber.udp && l4.loadBE16(at: 6) == 0 { return }
+        l4.storeBE16(0, at: field)
+        let sum = InternetChecksum.partial(l4, count: length,
+                                           initial: TCPOffload.pseudoHeader(ip, proto: proto, length: length))
+        let checksum = InternetChecksum.finish(sum)
+        l4.storeBE16(checksum == 0 && proto == IPProtocolNumber.udp ? 0xffff : checksum, at: field)
     }
 }
 

@@ -92,7 +92,7 @@ public enum TCPOffload {
 
     /// The pseudo-header sum (RFC 793 / RFC 8200 §8.1) for `length` bytes of protocol `proto`, unfolded.
     @inline(__always)
-    static func pseudoHeader(_ p: UnsafeRawPointer, proto: UInt8, length: Int) -> UInt64 {
+    public static func pseudoHeader(_ p: UnsafeRawPointer, proto: UInt8, length: Int) -> UInt64 {
         let version = p.load(fromByteOffset: 0, as: UInt8.self) >> 4
         let addresses = version == 4 ? InternetChecksum.partial(p + 12, count: 8)
             : InternetChecksum.partial(p + 8, count: 32)

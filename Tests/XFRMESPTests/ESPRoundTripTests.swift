@@ -261,6 +261,64 @@ struct ESPRoundTripTests {
         #expect(buffers.with(raw) { rx.decapsulate(&$0) }.0 == .dropped(.encapsulationMismatch))
     }
 
+    @Test("NAT-T transport mode: a NAT rewrote the source, the TCP or UDP checksum is recomputed over the arriving addresses; UDP without one keeps none; tunnel mode and plain transport untouched", arguments: [6, 17, 170])
+    func nattTransportChecksum(proto: Int) throws {
+        // The sender's view: 10.0.0.1 (private) to 192.0.2.2; its TCP/UDP checksum covers 10.0.0.1.
+        let config = ESPConfig(spi: 0x1000, mode: .transport, crypto: Suites.crypto("gcm128"),
+                               encapsulation: NATTEncapsulation())
+        let (tx, rx) = try pair(config)
+        var l4: [UInt8] = proto == 6
+            ? [0x9c, 0x40, 0x01, 0xbb] + [0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x18, 0x10, 0, 0, 0, 0, 0] + PacketFactory.pattern(33)
+            : PacketFactory.udp(sourcePort: 40000, destinationPort: 53, payload: PacketFactory.pattern(33))
+        let field = proto == 6 ? 16 : 6
+        func checksum(_ src: String, _ l4: [UInt8]) -> UInt16 {
+            var pseudo = IPAddress(src)!.bytes + IPAddress("192.0.2.2")!.bytes + [0, UInt8(proto)]
+            pseudo += [UInt8(l4.count >> 8), UInt8(l4.count & 0xff)]
+            var z = l4
+            z[field] = 0
+            z[field + 1] = 0
+            return InternetChecksum.compute(pseudo + z)
+        }
+        let c = checksum("10.0.0.1", l4)
+        l4[field] = UInt8(c >> 8)
+        l4[field + 1] = UInt8(c & 0xff)
+        let sent = PacketFactory.ipv4(source: "10.0.0.1", destination: "192.0.2.2", proto: UInt8(proto), payload: l4)
+        var (r, wire) = buffers.with(sent) { tx.encapsulate(&$0) }
+        #expect(r == nil)
+        // The NAT: source 10.0.0.1 → 198.51.100.7 (and the IPv4 header checksum; ESP-in-UDP carries UDP checksum 0).
+        wire.replaceSubrange(12..<16, with: IPAddress("198.51.100.7")!.bytes)
+        wire[10] = 0
+        wire[11] = 0
+        let hc = InternetChecksum.compute(Array(wire[0..<20]))
+        wire[10] = UInt8(hc >> 8)
+        wire[11] = UInt8(hc & 0xff)
+        let (d, inner) = buffers.with(wire) { rx.decapsulate(&$0) }
+        #expect(d == .delivered)
+        let got = Array(inner[20...])
+        if proto == 170 {
+            #expect(got == l4, "neither TCP nor UDP: the bytes are the sender's")
+        } else {
+            #expect(Array(got[0..<field] + got[(field + 2)...]) == Array(l4[0..<field] + l4[(field + 2)...]))
+            #expect(UInt16(got[field]) << 8 | UInt16(got[field + 1]) == checksum("198.51.100.7", got),
+                    "the checksum verifies with the address the packet arrived from")
+        }
+        if proto == 17 {  // a UDP datagram sent without a checksum keeps none
+            var none = l4
+            none[6] = 0
+            none[7] = 0
+            var (_, w) = buffers.with(PacketFactory.ipv4(source: "10.0.0.1", destination: "192.0.2.2", proto: 17,
+                                                         payload: none)) { tx.encapsulate(&$0) }
+            w.replaceSubrange(12..<16, with: IPAddress("198.51.100.7")!.bytes)
+            let (_, i2) = buffers.with(w) { rx.decapsulate(&$0) }
+            #expect(i2[26] == 0 && i2[27] == 0)
+        }
+        // Without NAT-T the transport payload is the sender's, byte for byte (nothing is recomputed).
+        let (ptx, prx) = try pair(ESPConfig(spi: 0x1000, mode: .transport, crypto: Suites.crypto("gcm128")))
+        let (_, pw) = buffers.with(sent) { ptx.encapsulate(&$0) }
+        let (_, pin) = buffers.with(pw) { prx.decapsulate(&$0) }
+        #expect(Array(pin[20...]) == l4)
+    }
+
     @Test("a packet too large for the headroom or for the IP length is refused, not corrupted")
     func noRoom() throws {
         let tx = try ESPTransform(ESPConfig(

@@ -134,3 +134,45 @@ def test_decap_rejects_sequence_number_zero(work):
     assert res.lines[0].startswith("drop "), "a packet with sequence number 0 was delivered\n" + res.explain()
     assert res.lines[1] == "ok", res.explain()
     assert res.out_packets == [inner]
+
+
+@pytest.mark.parametrize("algo", ["gcm128", "cbc128-sha1"])
+def test_natt_transport_behind_a_nat_gets_checksums_for_the_address_it_came_from(algo, work):
+    """RFC 3948 §3.1.2: scapy, a peer behind a NAT, sums its TCP and UDP checksums over its private address and
+    sends transport-mode ESP in UDP; the NAT rewrites the source. esp-tool's decapsulation delivers each segment
+    with a checksum that verifies (as scapy computes it) over the address the packet arrived from, and every other
+    byte as sent. A UDP datagram sent without a checksum keeps none."""
+    from scapy.layers.inet import TCP
+
+    p = make_params(algo, "transport4", natt=(4500, 4500))
+    private, public, dst = "10.0.0.7", INNER4[0], INNER4[1]
+    inners = [
+        bytes(IP(src=private, dst=dst) / TCP(sport=40000, dport=443, flags="PA", seq=7) / Raw(b"behind a NAT" * 9)),
+        bytes(IP(src=private, dst=dst) / UDP(sport=40000, dport=53) / Raw(b"query" * 7)),
+        bytes(IP(src=private, dst=dst) / TCP(sport=40001, dport=22, flags="S")),
+    ]
+    no_checksum = IP(src=private, dst=dst) / UDP(sport=40002, dport=1701, chksum=0) / Raw(b"l2tp")
+    inners.append(bytes(no_checksum))
+    natted = []
+    for i, inner in enumerate(inners):
+        outer = IP(scapy_encrypt(p, inner, i + 1))
+        outer.src = public  # the NAT
+        del outer.chksum
+        del outer[UDP].chksum  # the NAT recomputes the UDP checksum of the ESP-in-UDP datagram (or leaves 0)
+        natted.append(bytes(outer))
+    res = run_esp_tool("decap", p, natted, work, name="decap")
+    assert_all_ok(res, p)
+    for got, sent in zip(res.out_packets, inners):
+        g, s = IP(got), IP(sent)
+        assert g.src == public and g.dst == dst
+        l4 = g[TCP] if TCP in g else g[UDP]
+        if UDP in g and s[UDP].chksum == 0:
+            assert l4.chksum == 0, "no checksum stays none"
+        else:
+            want = l4.chksum
+            fresh = IP(bytes(g))
+            del (fresh[TCP] if TCP in fresh else fresh[UDP]).chksum
+            assert want == (IP(bytes(fresh))[TCP] if TCP in fresh else IP(bytes(fresh))[UDP]).chksum, \
+                "the checksum verifies over the address the packet came from"
+            assert want != (s[TCP] if TCP in s else s[UDP]).chksum, "test bug: the NAT changed nothing"
+        assert bytes(l4.payload) == bytes((s[TCP] if TCP in s else s[UDP]).payload)

@@ -172,8 +172,9 @@ def test_acquire_and_larval_sa_are_the_kernels(namespaces, case):
 
 
 def test_a_larval_sa_expires_after_30_seconds_with_the_kernels_expire(namespaces):
-    """XFRM_ACQ_EXPIRES: a larval SA that no key manager filled in is deleted 30 s after its ACQUIRE, with a hard
-    EXPIRE (xfrm_timer_handler); the two monitors print the same ACQUIRE and EXPIRE, and both SADs are empty."""
+    """XFRM_ACQ_EXPIRES: a larval SA that no key manager filled in is deleted 30 s after its ACQUIRE (or ALLOCSPI),
+    with a hard EXPIRE (xfrm_timer_handler); the two monitors print the same ACQUIRE and EXPIREs (the per-CPU one's
+    with its direction and CPU), and both SADs are empty."""
     kernel, ours, sock = namespaces
     tool = os.environ["XFRM_TOOL"]
     k = lambda *a: ["ip", "netns", "exec", kernel, tool, "--kernel", *a]
@@ -187,6 +188,10 @@ def test_a_larval_sa_expires_after_30_seconds_with_the_kernels_expire(namespaces
         time.sleep(1.0)
         send(kernel, "udp", 4, 40000, 9)
         send(ours, "udp", 4, 40000, 9)
+        # And a per-CPU, directed larval SA from ALLOCSPI: its EXPIRE carries XFRMA_SA_DIR and XFRMA_SA_PCPU.
+        spi = (f"state allocspi src {A4} dst 198.51.100.9 proto esp mode tunnel reqid 3 dir out pcpu-num 1 "
+               "min 0x4242 max 0x4242").split()
+        assert run(*k(*spi)).stdout == run(*o(*spi)).stdout
         deadline = time.time() + 45
         while time.time() < deadline:
             if not run(*k("state", "list")).stdout and not run(*o("state", "list")).stdout:
@@ -197,7 +202,7 @@ def test_a_larval_sa_expires_after_30_seconds_with_the_kernels_expire(namespaces
         kernel_events, our_events = (stop(m) for m in monitors)
     assert "acquire proto esp" in kernel_events and "Expired src 192.0.2.1 dst 192.0.2.2" in kernel_events, \
         kernel_events
-    assert "\thard 1" in kernel_events, kernel_events
+    assert kernel_events.count("\thard 1") == 2 and "\tdir out\n\tpcpu-num 1\n" in kernel_events, kernel_events
     assert our_events == kernel_events
     assert run(*k("state", "list")).stdout == run(*o("state", "list")).stdout == ""
 

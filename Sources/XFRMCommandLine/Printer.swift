@@ -677,8 +677,17 @@ struct Printer {
             if oneline { put("\n") }
         case .getDefault?:
             if case .policyDefault(let i, let f, let o) = n.body { policyDefaults(inbound: i, forward: f, outbound: o) }
-        case .report?, .newAE?, .mapping?:
-            // bodies XfrmBody cannot carry (xfrm_user_report, xfrm_aevent_id, xfrm_user_mapping)
+        case .mapping?:
+            // xfrm_mapping_print(): old -> new endpoint, then the SA (xfrm_usersa_print).
+            if case .mapping(let m) = n.body {
+                let f = m.id.family
+                put("Mapping change \(addressText(f, m.oldSaddr)):\(m.oldSport) -> ")
+                put("\(addressText(f, m.newSaddr)):\(m.newSport)\n\t")
+                put("dst \(addressText(f, m.id.daddr))  reqid 0x\(String(m.reqid, radix: 16))")
+                put(" protocol \(protocolName(m.id.proto))  SPI 0x\(String(m.id.spi, radix: 16))\n")
+            }
+        case .report?, .newAE?:
+            // bodies XfrmBody cannot carry (xfrm_user_report, xfrm_aevent_id)
             break
         default:
             switch n.body {

@@ -541,6 +541,19 @@ public final class XfrmControlServer: XfrmTransport {
         case .policyExpire(let p, let hard):
             return XfrmMessage(type: XfrmMessageType.polExpire.rawValue, flags: 0,
                                body: .policyExpire(p.wireInfo(lastUse: nil), hard: hard), attributes: p.wireAttributes())
+        case .mapping(let sa, let newSource, let newPort, let oldPort):
+            // ≈ build_mapping.
+            var m = XfrmUserMapping()
+            m.id.daddr = XfrmAddress(sa.id.destination)
+            m.id.spi = sa.id.spi
+            m.id.family = family(of: sa.id.destination)
+            m.id.proto = sa.id.proto
+            m.reqid = sa.config.reqid
+            m.oldSaddr = XfrmAddress(sa.config.source)
+            m.newSaddr = XfrmAddress(newSource)
+            m.oldSport = oldPort
+            m.newSport = newPort
+            return XfrmMessage(type: XfrmMessageType.mapping.rawValue, flags: 0, body: .mapping(m))
         case .deviceFlushed:
             return nil
         }

@@ -135,7 +135,10 @@ extension XFRMStack {
                             let info = Self.usualOuterESP(packets[j].buffer, spi: key.id.spi, destination: v4Destination,
                                                       nattPort: nattPort)
                                 ?? Self.outerESP(&packets[j].buffer, nattPort: nattPort, destination: outer.destination),
-                            info.spi == key.id.spi && info.destination == key.id.destination
+                            info.spi == key.id.spi && info.destination == key.id.destination,
+                            // A NAT-T peer at a new address or port: the per-packet path tells the key manager.
+                            Self.peerMoved(packets[j].buffer, info: info, transform: transform,
+                                           peer: sa.config.source) == nil
                         else { return .stop }
                         bytes += packets[j].buffer.count
                         if let reason = transform.decapsulate(&packets[j].buffer, info: info, cryptoDone: false) {

@@ -234,9 +234,13 @@ extension XFRMStack {
                             info: ESPPacketInfo, metadata: OffloadMetadata?, cryptoDone done: Bool,
                             now: UInt64) -> InputResult? {
         let tunnel = sa.config.mode == .tunnel
+        // The UDP source port of a NAT-T packet that came from elsewhere than the SA's peer (≈ the check in
+        // esp_input_done2), told to the key manager once the packet has proven itself.
+        var movedTo: (new: UInt16, old: UInt16)? = nil
         // One acquisition of the SA's lock for the whole packet (≈ xfrm_input's x->lock section).
         let use = sa.useForInput(now: now, metadata: metadata, cryptoDone: done,
                                  screen: { transform.screen(info) }) {
+            movedTo = Self.peerMoved(packet, info: info, transform: transform, peer: sa.config.source)
             let r = transform.decapsulate(&packet, info: info, cryptoDone: done)
             // ≈ xfrm_input after x->type->input: curlft counts what ESP delivered — the inner packet in
             // tunnel mode, the upper-layer payload in transport mode — not the outer ESP packet.
@@ -275,8 +279,24 @@ extension XFRMStack {
                 self.statistics.count(reason)
                 return .dropped(reason == .tfcDummy ? nil : XfrmStatCounter(reason))
             }
+            if let ports = movedTo {
+                self.events.publish(.mapping(sa, newSource: info.source, newPort: ports.new, oldPort: ports.old))
+            }
             return nil
         }
+    }
+
+    /// The UDP source port of a NAT-T packet (`info`, before its decapsulation) that did not come from the SA's
+    /// `peer` address and port, with the SA's port (its current NAT-T ports, `transform`'s: run under the SA's
+    /// lock); nil when it did, or for raw ESP (≈ esp_input_done2 comparing the source with x->props.saddr and
+    /// encap_sport).
+    @inline(__always)
+    static func peerMoved(_ packet: PacketBuffer, info: ESPPacketInfo, transform: ESPTransform, peer: IPAddress)
+        -> (new: UInt16, old: UInt16)?
+    {
+        guard info.udpEncapsulated, let e = transform.encapsulation else { return nil }
+        let port = packet.data.loadBE16(at: info.transportOffset)
+        return port != e.sourcePort || info.source != peer ? (port, e.sourcePort) : nil
     }
 
     /// The verdict memo's answer for a packet that came through exactly one SA (`tag`, its identity; `ifID`, its

@@ -14,6 +14,7 @@ public enum ControlProtocol {
     public static let groupExpire: UInt32 = 2
     public static let groupSA: UInt32 = 3
     public static let groupPolicy: UInt32 = 4
+    public static let groupMapping: UInt32 = 8
     /// Every group `ip xfrm monitor` listens to.
     public static let allGroups: UInt32 = 0xff
 
@@ -47,6 +48,7 @@ public enum ControlProtocol {
         case .expire, .polExpire: groupExpire
         case .newSA, .updSA, .delSA, .flushSA: groupSA
         case .newPolicy, .updPolicy, .delPolicy, .flushPolicy: groupPolicy
+        case .mapping: groupMapping
         default: nil
         }
     }

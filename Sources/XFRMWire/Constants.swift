@@ -150,4 +150,5 @@ public enum XfrmGroup {
     public static let expire: UInt32 = 2
     public static let sa: UInt32 = 3
     public static let policy: UInt32 = 4
+    public static let mapping: UInt32 = 8
 }

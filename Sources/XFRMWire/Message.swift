@@ -44,6 +44,8 @@ public enum XfrmBody: Equatable, Sendable {
     case expire(XfrmUserSAInfo, hard: Bool)
     case policyExpire(XfrmUserPolicyInfo, hard: Bool)
     case acquire(XfrmUserAcquire)
+    /// XFRM_MSG_MAPPING.
+    case mapping(XfrmUserMapping)
     case flushSA(proto: UInt8)
     case flushPolicy
     case policyDefault(inbound: UInt8, forward: UInt8, outbound: UInt8)
@@ -270,6 +272,8 @@ public struct XfrmMessage: Equatable, Sendable {
             w.u32(a.ealgos)
             w.u32(a.calgos)
             w.u32(a.seq)
+        case .mapping(let m):
+            m.encode(&w)
         case .flushSA(let proto):
             w.u8(proto)
             w.zeros(3)
@@ -439,6 +443,8 @@ public struct XfrmMessage: Equatable, Sendable {
             a.calgos = try r.u32()
             a.seq = try r.u32()
             body = .acquire(a)
+        case .mapping:
+            body = .mapping(try .decode(&r))
         case .flushSA:
             body = .flushSA(proto: try r.u8())
             if r.remaining >= 3 { try r.skip(3) }

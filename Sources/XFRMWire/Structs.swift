@@ -348,6 +348,36 @@ public struct XfrmUserSAID: Equatable, Sendable {
     }
 }
 
+/// struct xfrm_user_mapping (64 bytes): XFRM_MSG_MAPPING, a NAT-T peer seen at a new address or port.
+public struct XfrmUserMapping: Equatable, Sendable {
+    public var id = XfrmUserSAID()
+    public var reqid: UInt32 = 0
+    public var oldSaddr = XfrmAddress()
+    public var newSaddr = XfrmAddress()
+    /// Ports in host order (network order on the wire).
+    public var oldSport: UInt16 = 0
+    public var newSport: UInt16 = 0
+    public init() {}
+    public func encode(_ w: inout WireWriter) {
+        self.id.encode(&w)
+        w.u32(self.reqid)
+        self.oldSaddr.encode(&w)
+        self.newSaddr.encode(&w)
+        w.be16(self.oldSport)
+        w.be16(self.newSport)
+    }
+    public static func decode(_ r: inout WireReader) throws(WireError) -> XfrmUserMapping {
+        var m = XfrmUserMapping()
+        m.id = try .decode(&r)
+        m.reqid = try r.u32()
+        m.oldSaddr = try .decode(&r)
+        m.newSaddr = try .decode(&r)
+        m.oldSport = try r.be16()
+        m.newSport = try r.be16()
+        return m
+    }
+}
+
 /// struct xfrm_userpolicy_id (64 bytes).
 public struct XfrmUserPolicyID: Equatable, Sendable {
     public var sel = XfrmSelector()

@@ -319,6 +319,18 @@ struct BatchRunTests {
         #expect(o.verdicts.filter { $0 == .input(.forward, decapsulated: true) }.count == 6)
     }
 
+    @Test("NAT-T: packets from a moved endpoint inside input runs are delivered and told (XFRM_MSG_MAPPING) as one at a time")
+    func nattMappingInRuns() throws {
+        let h = try TwoHosts()
+        let wire = try Self.sent((0..<12).map { h.packet(size: 40 + $0) }, natt: true)
+        let moved = wire.enumerated().map { i, w in
+            (3...5).contains(i) || i == 9 ? NATMappingTests.natted(w, port: 31337) : w
+        }
+        let o = try Self.expectSameOutcome(Self.inbound(moved), atB: true) { try $0.tunnel(natt: true) }
+        #expect(o.verdicts.allSatisfy { $0 == .input(.deliver, decapsulated: true) }, "\(o.verdicts)")
+        #expect(o.events.filter { $0.hasPrefix("mapping") }.count == 4, "\(o.events)")
+    }
+
     @Test("ESP in UDP 4500: runs with replays, a corrupted ICV, IKE, a keepalive, raw ESP and a bad UDP length between them, as one at a time")
     func nattInputRun() throws {
         let h = try TwoHosts()

@@ -275,12 +275,14 @@ extension XFRMStack {
                 dev.callbacks.contains(.advanceESN) {
                 dev.advanceESN(sa, offload: o)
             }
+            // Told once the packet proved itself, as esp_input_done2 tells it before acting on the next header: a
+            // TFC dummy packet (next header 59) from the new endpoint counts too.
+            if let ports = movedTo, reason == nil || reason == .tfcDummy {
+                self.events.publish(.mapping(sa, newSource: info.source, newPort: ports.new, oldPort: ports.old))
+            }
             if let reason {
                 self.statistics.count(reason)
                 return .dropped(reason == .tfcDummy ? nil : XfrmStatCounter(reason))
-            }
-            if let ports = movedTo {
-                self.events.publish(.mapping(sa, newSource: info.source, newPort: ports.new, oldPort: ports.old))
             }
             return nil
         }

@@ -525,10 +525,17 @@ public final class ESPTransform: @unchecked Sendable {
         case IPProtocolNumber.udp: field = 6
         default: return
         }
-        let length = count - headerLength
+        var length = count - headerLength
         guard length >= field + 2 else { return }
         let l4 = ip + headerLength
-        if proto == IPProtocolNumber.udp && l4.loadBE16(at: 6) == 0 { return }
+        if proto == IPProtocolNumber.udp {
+            if l4.loadBE16(at: 6) == 0 { return }
+            // The datagram is what its UDP length says (udp_rcv trims to it before checking): bytes after it (a
+            // sender's TFC padding) are not summed. A length that does not fit leaves the packet as it came.
+            let udpLength = Int(l4.loadBE16(at: 4))
+            guard udpLength >= HeaderSize.udp && udpLength <= length else { return }
+            length = udpLength
+        }
         l4.storeBE16(0, at: field)
         let sum = InternetChecksum.partial(l4, count: length,
                                            initial: TCPOffload.pseudoHeader(ip, proto: proto, length: length))

@@ -1,5 +1,6 @@
 import Testing
 import XFRMCore
+import XFRMCrypto
 import XFRMESP
 import XFRMPacket
 import XFRMTestKit
@@ -64,6 +65,23 @@ struct NATMappingTests {
         _ = r.eventsB.drain()
         _ = r.receive(elsewhere)
         #expect(Self.mappings(r.eventsB).isEmpty)
+    }
+
+    @Test("a TFC dummy packet (next header 59) from a new port is dropped as a dummy and still told, as esp_input_done2 tells it")
+    func tfcDummyTells() throws {
+        let h = try TwoHosts()
+        try h.tunnel(natt: true)
+        // A's SA 0x1001 as a transport-mode transform: its dummy packet carries next header 59.
+        let tx = try ESPTransform(ESPConfig(
+            spi: 0x1001, mode: .transport,
+            crypto: ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))", key: TwoHosts.key, icvBits: 128),
+            encapsulation: NATTEncapsulation()))
+        let dummy = PacketFactory.ipv4(source: "192.0.2.1", destination: "192.0.2.2", proto: 59, payload: [0, 0, 0, 0])
+        let (r, wire) = h.buffers.with(dummy) { tx.encapsulate(&$0) }
+        #expect(r == nil)
+        _ = h.eventsB.drain()
+        #expect(h.receive(Self.natted(wire, port: 31337)).0 == .dropped(nil))
+        #expect(Self.mappings(h.eventsB).first?.2 == 31337)
     }
 
     @Test("after the key manager moves the SA's ports (update), packets from there are the SA's own endpoint")

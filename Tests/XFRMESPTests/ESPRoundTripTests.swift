@@ -283,16 +283,18 @@ struct ESPRoundTripTests {
         l4[field] = UInt8(c >> 8)
         l4[field + 1] = UInt8(c & 0xff)
         let sent = PacketFactory.ipv4(source: "10.0.0.1", destination: "192.0.2.2", proto: UInt8(proto), payload: l4)
-        var (r, wire) = buffers.with(sent) { tx.encapsulate(&$0) }
-        #expect(r == nil)
         // The NAT: source 10.0.0.1 → 198.51.100.7 (and the IPv4 header checksum; ESP-in-UDP carries UDP checksum 0).
-        wire.replaceSubrange(12..<16, with: IPAddress("198.51.100.7")!.bytes)
-        wire[10] = 0
-        wire[11] = 0
-        let hc = InternetChecksum.compute(Array(wire[0..<20]))
-        wire[10] = UInt8(hc >> 8)
-        wire[11] = UInt8(hc & 0xff)
-        let (d, inner) = buffers.with(wire) { rx.decapsulate(&$0) }
+        func natted(_ packet: [UInt8]) -> [UInt8] {
+            var (r, wire) = buffers.with(packet) { tx.encapsulate(&$0) }
+            #expect(r == nil)
+            wire.replaceSubrange(12..<16, with: IPAddress("198.51.100.7")!.bytes)
+            (wire[10], wire[11]) = (0, 0)
+            let hc = InternetChecksum.compute(Array(wire[0..<20]))
+            (wire[10], wire[11]) = (UInt8(hc >> 8), UInt8(hc & 0xff))
+            r = nil
+            return wire
+        }
+        let (d, inner) = buffers.with(natted(sent)) { rx.decapsulate(&$0) }
         #expect(d == .delivered)
         let got = Array(inner[20...])
         if proto == 170 {
@@ -306,11 +308,21 @@ struct ESPRoundTripTests {
             var none = l4
             none[6] = 0
             none[7] = 0
-            var (_, w) = buffers.with(PacketFactory.ipv4(source: "10.0.0.1", destination: "192.0.2.2", proto: 17,
-                                                         payload: none)) { tx.encapsulate(&$0) }
-            w.replaceSubrange(12..<16, with: IPAddress("198.51.100.7")!.bytes)
-            let (_, i2) = buffers.with(w) { rx.decapsulate(&$0) }
-            #expect(i2[26] == 0 && i2[27] == 0)
+            let (d2, i2) = buffers.with(natted(PacketFactory.ipv4(source: "10.0.0.1", destination: "192.0.2.2",
+                                                                   proto: 17, payload: none))) { rx.decapsulate(&$0) }
+            #expect(d2 == .delivered && i2[26] == 0 && i2[27] == 0)
+        }
+        if proto == 17 {  // a sender's TFC padding after the datagram: the checksum covers the UDP length only
+            var padded = l4
+            let pc = checksum("10.0.0.1", padded)
+            (padded[6], padded[7]) = (UInt8(pc >> 8), UInt8(pc & 0xff))
+            padded += [0, 0, 0, 0]
+            let (d3, i3) = buffers.with(natted(PacketFactory.ipv4(source: "10.0.0.1", destination: "192.0.2.2",
+                                                                   proto: 17, payload: padded))) { rx.decapsulate(&$0) }
+            #expect(d3 == .delivered)
+            let datagram = Array(i3[20..<(20 + l4.count)])
+            #expect(UInt16(datagram[6]) << 8 | UInt16(datagram[7]) == checksum("198.51.100.7", datagram))
+            #expect(Array(i3[(20 + l4.count)...]) == [0, 0, 0, 0])
         }
         // Without NAT-T the transport payload is the sender's, byte for byte (nothing is recomputed).
         let (ptx, prx) = try pair(ESPConfig(spi: 0x1000, mode: .transport, crypto: Suites.crypto("gcm128")))

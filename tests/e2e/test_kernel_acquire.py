@@ -12,15 +12,12 @@ A monitor runs on each side: the kernel creates no larval SA while no key manage
 
 import os
 import re
-import signal
-import socket
 import subprocess
 import time
-import uuid
 
 import pytest
 
-from conftest import running_daemon
+from kernelsides import kernel_and_xfrmd, run, seconds_blind, stop
 
 A4, B4 = "192.0.2.1", "192.0.2.2"
 A6, B6 = "2001:db8::1", "2001:db8::2"
@@ -62,13 +59,6 @@ CASES = {
 }
 
 
-def run(*argv, check=True):
-    p = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
-
 def send(ns, kind, family, sport, dport):
     """Sends one UDP datagram, starts one TCP connection (its SYN), or sends an ICMP message of type `sport` and code
     `dport` (IPv4, a raw socket), from the namespace's A to B."""
@@ -106,39 +96,25 @@ def send(ns, kind, family, sport, dport):
 
 def normalized_states(listing):
     """A `-s state list` without what cannot agree: the acquire sequence number and the add time's seconds."""
-    listing = re.sub(r" seq 0x[0-9a-f]{8} ", " seq SEQ ", listing)
-    return re.sub(r"(add \d{4}-\d\d-\d\d \d\d:\d\d):\d\d", r"\1:SS", listing)
-
-
-def stop(monitor):
-    monitor.send_signal(signal.SIGTERM)
-    out, err = monitor.communicate(timeout=10)
-    return out
+    return seconds_blind(re.sub(r" seq 0x[0-9a-f]{8} ", " seq SEQ ", listing))
 
 
 @pytest.fixture
 def namespaces(tmp_path):
-    kernel, ours = (f"xfrmacq-{os.getpid()}-{uuid.uuid4().hex[:6]}{s}" for s in "ko")
-    for ns in (kernel, ours):
-        run("ip", "netns", "add", ns)
-    try:
+    with kernel_and_xfrmd(tmp_path, "xfrmacq") as (kernel, ours, sock):
         # The kernel's side: a veth named like xfrmd's TUN, so both selectors list `dev xfrm0`.
         run("ip", "-n", kernel, "link", "add", "xfrm0", "type", "veth", "peer", "name", "xk1")
         run("ip", "-n", kernel, "addr", "add", f"{A4}/24", "dev", "xfrm0")
         run("ip", "-n", kernel, "addr", "add", f"{A6}/64", "dev", "xfrm0", "nodad")
         for dev in ("lo", "xfrm0", "xk1"):
             run("ip", "-n", kernel, "link", "set", dev, "up")
-        with running_daemon(ours, tmp_path / "xfrmd.sock") as (sock, _):
-            run("ip", "-n", ours, "link", "set", "lo", "up")
-            run("ip", "-n", ours, "addr", "add", f"{A4}/32", "dev", "xfrm0")
-            run("ip", "-n", ours, "addr", "add", f"{A6}/128", "dev", "xfrm0", "nodad")
-            run("ip", "-n", ours, "link", "set", "xfrm0", "up")
-            run("ip", "-n", ours, "route", "add", f"{B4}/32", "dev", "xfrm0", "src", A4)
-            run("ip", "-n", ours, "route", "add", f"{B6}/128", "dev", "xfrm0", "src", A6)
-            yield kernel, ours, sock
-    finally:
-        for ns in (kernel, ours):
-            run("ip", "netns", "del", ns, check=False)
+        run("ip", "-n", ours, "link", "set", "lo", "up")
+        run("ip", "-n", ours, "addr", "add", f"{A4}/32", "dev", "xfrm0")
+        run("ip", "-n", ours, "addr", "add", f"{A6}/128", "dev", "xfrm0", "nodad")
+        run("ip", "-n", ours, "link", "set", "xfrm0", "up")
+        run("ip", "-n", ours, "route", "add", f"{B4}/32", "dev", "xfrm0", "src", A4)
+        run("ip", "-n", ours, "route", "add", f"{B6}/128", "dev", "xfrm0", "src", A6)
+        yield kernel, ours, sock
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -264,6 +240,3 @@ def test_allocspi_gives_the_spi_to_the_acquires_larval_sa_by_tunnel_or_by_sequen
     assert "spi 0x00000902(2306) reqid 2(0x00000002)" in kernel_listing, "the reqid-2 ACQUIRE's larval SA, by seq"
     assert answers["kernel"][3][1] == answers["kernel"][2][1], "the same SA again, with its SPI"
 
-
-def seconds_blind(text):
-    return re.sub(r"(add \d{4}-\d\d-\d\d \d\d:\d\d):\d\d", r"\1:SS", text)

@@ -9,15 +9,12 @@ listings but for the add time's seconds). Every range is one SPI wide, or exhaus
 The kernel's listings must also be iproute2's, but for the lines iproute2 6.1 does not know (`dir`, `pcpu-num`)."""
 
 import os
-import re
-import signal
 import subprocess
 import time
-import uuid
 
 import pytest
 
-from conftest import running_daemon
+from kernelsides import kernel_and_xfrmd, run, seconds_blind, stop
 
 V4 = "src 192.0.2.1 dst 192.0.2.2"
 V6 = "src 2001:db8::1 dst 2001:db8::2"
@@ -63,17 +60,6 @@ COMMANDS = [
 ]
 
 
-def run(*argv, check=True):
-    p = subprocess.run(list(argv), capture_output=True, text=True, timeout=60)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-def seconds_blind(text):
-    return re.sub(r"(add \d{4}-\d\d-\d\d \d\d:\d\d):\d\d", r"\1:SS", text)
-
-
 def iproute2_lines(text):
     """A listing without the lines iproute2 6.1 does not print (XFRMA_SA_DIR, XFRMA_SA_PCPU)."""
     return "".join(l for l in text.splitlines(keepends=True) if not l.startswith(("\tdir ", "\tpcpu-num ")))
@@ -81,15 +67,8 @@ def iproute2_lines(text):
 
 @pytest.fixture
 def sides(tmp_path):
-    kernel, ours = (f"xfrmspi-{os.getpid()}-{uuid.uuid4().hex[:6]}{s}" for s in "ko")
-    for ns in (kernel, ours):
-        run("ip", "netns", "add", ns)
-    try:
-        with running_daemon(ours, tmp_path / "xfrmd.sock") as (sock, _):
-            yield kernel, ours, sock
-    finally:
-        for ns in (kernel, ours):
-            run("ip", "netns", "del", ns, check=False)
+    with kernel_and_xfrmd(tmp_path, "xfrmspi") as s:
+        yield s
 
 
 def test_allocspi_larval_sas_list_get_delete_and_flush_as_in_the_kernel(sides):
@@ -115,10 +94,7 @@ def test_allocspi_larval_sas_list_get_delete_and_flush_as_in_the_kernel(sides):
             ip = run("ip", "netns", "exec", kernel, "ip", *argv[:-2], "xfrm", *argv[-2:])
             assert seconds_blind(ip.stdout) == iproute2_lines(want[1]), f"`ip xfrm {line}`"
     time.sleep(0.5)
-    kernel_events, our_events = [], []
-    for m, events in zip(monitors, (kernel_events, our_events)):
-        m.send_signal(signal.SIGTERM)
-        events.append(m.communicate(timeout=10)[0])
+    kernel_events, our_events = ([stop(m)] for m in monitors)
     assert not mismatches, "\n".join(mismatches)
     assert "Deleted src 192.0.2.1 dst 192.0.2.2" in kernel_events[0] and "Flushed state" in kernel_events[0], \
         kernel_events[0]

@@ -3,6 +3,7 @@ namespace for the kernel's side and one with an xfrmd for ours, commands run wit
 and listings made comparable."""
 
 import contextlib
+import datetime
 import os
 import re
 import signal
@@ -19,9 +20,17 @@ def run(*argv, check=True):
     return p
 
 
-def seconds_blind(text):
-    """A listing without the add time's seconds (the two sides add within the same few seconds)."""
-    return re.sub(r"(add \d{4}-\d\d-\d\d \d\d:\d\d):\d\d", r"\1:SS", text)
+def time_blind(text, within=300):
+    """A listing with each add time replaced by TIME, after checking that it is a real time within `within`
+    seconds of now (the two sides add within a few seconds of each other, but possibly across a minute's edge)."""
+    now = datetime.datetime.now()
+
+    def blind(m):
+        added = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")
+        assert abs((now - added).total_seconds()) <= within, f"add time {m.group(1)} is not about now ({now:%T})"
+        return "add TIME"
+
+    return re.sub(r"add (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", blind, text)
 
 
 def stop(monitor):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from kernelsides import kernel_and_xfrmd, run, seconds_blind, stop
+from kernelsides import kernel_and_xfrmd, run, time_blind, stop
 
 A4, B4 = "192.0.2.1", "192.0.2.2"
 A6, B6 = "2001:db8::1", "2001:db8::2"
@@ -96,7 +96,7 @@ def send(ns, kind, family, sport, dport):
 
 def normalized_states(listing):
     """A `-s state list` without what cannot agree: the acquire sequence number and the add time's seconds."""
-    return seconds_blind(re.sub(r" seq 0x[0-9a-f]{8} ", " seq SEQ ", listing))
+    return time_blind(re.sub(r" seq 0x[0-9a-f]{8} ", " seq SEQ ", listing))
 
 
 @pytest.fixture
@@ -228,7 +228,7 @@ def test_allocspi_gives_the_spi_to_the_acquires_larval_sa_by_tunnel_or_by_sequen
                      f"state allocspi src {A4} dst {B4} proto esp mode tunnel reqid 77 seq {wire_seq:#x} "
                      "min 0x903 max 0x903",
                      "-s state list"]
-            answers[side] = [(r.returncode, seconds_blind(r.stdout), r.stderr)
+            answers[side] = [(r.returncode, time_blind(r.stdout), r.stderr)
                              for r in (run(*cmd(*l.split()), check=False) for l in lines)]
     finally:
         for m in monitors:

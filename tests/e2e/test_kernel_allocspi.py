@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from kernelsides import kernel_and_xfrmd, run, seconds_blind, stop
+from kernelsides import kernel_and_xfrmd, run, time_blind, stop
 
 V4 = "src 192.0.2.1 dst 192.0.2.2"
 V6 = "src 2001:db8::1 dst 2001:db8::2"
@@ -85,14 +85,14 @@ def test_allocspi_larval_sas_list_get_delete_and_flush_as_in_the_kernel(sides):
         argv = line.split()
         theirs = run("ip", "netns", "exec", kernel, tool, "--kernel", *argv, check=False)
         mine = run("ip", "netns", "exec", ours, tool, "-S", str(sock), *argv, check=False)
-        got = (mine.returncode, seconds_blind(mine.stdout), mine.stderr)
-        want = (theirs.returncode, seconds_blind(theirs.stdout), theirs.stderr)
+        got = (mine.returncode, time_blind(mine.stdout), mine.stderr)
+        want = (theirs.returncode, time_blind(theirs.stdout), theirs.stderr)
         if got != want:
             mismatches.append(f"`xfrm {line}`:\n xfrmd      {got!r}\n the kernel {want!r}")
         kernel_said.append(want)
         if argv[-2:] == ["state", "list"]:
             ip = run("ip", "netns", "exec", kernel, "ip", *argv[:-2], "xfrm", *argv[-2:])
-            assert seconds_blind(ip.stdout) == iproute2_lines(want[1]), f"`ip xfrm {line}`"
+            assert time_blind(ip.stdout) == iproute2_lines(want[1]), f"`ip xfrm {line}`"
     time.sleep(0.5)
     kernel_events, our_events = ([stop(m)] for m in monitors)
     assert not mismatches, "\n".join(mismatches)

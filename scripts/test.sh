@@ -205,6 +205,20 @@ step "swift test --skip-build --parallel"
 swift test --skip-build --parallel || { status=1; echo "test.sh: swift test FAILED" >&2; }
 echo "swift test done at ${SECONDS}s"
 
+# The two builds only the last steps need (the release xfrm-bench, the fuzz harnesses) run in the background under
+# SCHED_IDLE from here on: they take only CPU time nothing else wants (a suite's process always runs first): the
+# sanitizer builds' serial compiles and links, and the suites below waiting on daemons, sockets, captures and qemu.
+# The steps that need them wait for them. They start after `swift test --skip-build`, the last step here that uses
+# .build itself (SwiftPM locks a scratch directory; the sanitizers have their own).
+step "background, SCHED_IDLE: swift build -c release --product xfrm-bench; FUZZ_CONFIG=debug scripts/fuzz.sh build"
+( chrt --idle 0 swift build -c release --product xfrm-bench >.build/background-release.log 2>&1 &&
+  echo "release build done at ${SECONDS}s" >>.build/background-release.log
+  FUZZ_CONFIG=debug chrt --idle 0 scripts/fuzz.sh build >.build/background-fuzz.log 2>&1 &&
+  echo "fuzz build done at ${SECONDS}s" >>.build/background-fuzz.log ) &
+background=$!
+# A run that stops early (die, Ctrl-C) leaves no build behind holding .build's lock.
+trap 'kill "$background" 2>/dev/null || true' EXIT
+
 # Sanitizers (issue 10). Each builds only the test bundle (swift-xfrmPackageTests: no executables, no daemon
 # dependencies) in its own scratch directory, so the normal build above stays as the later suites need it.
 # Skipped in both: the two scale tests (100,000 policies with a 30 s bound, 20,000 SAs against a full scan): single-
@@ -228,18 +242,6 @@ step "thread sanitizer: swift test --sanitize=thread -Xswiftc -DXFRM_TSAN (the t
     -Xswiftc -DXFRM_TSAN --scratch-path .build/tsan --disable-xctest --filter "$TSAN_TESTS"; } ||
   { status=1; echo "test.sh: threaded tests FAILED (or raced) under the thread sanitizer" >&2; }
 echo "thread sanitizer done at ${SECONDS}s"
-
-# The two builds only the last steps need (the release xfrm-bench, the fuzz harnesses) run in the background under
-# SCHED_IDLE while the suites below wait on daemons, sockets, captures and qemu: they take only CPU time nothing
-# else wants (a suite's process always runs first), and the steps that need them wait for them.
-step "background, SCHED_IDLE: swift build -c release --product xfrm-bench; FUZZ_CONFIG=debug scripts/fuzz.sh build"
-( chrt --idle 0 swift build -c release --product xfrm-bench >.build/background-release.log 2>&1 &&
-  echo "release build done at ${SECONDS}s" >>.build/background-release.log
-  FUZZ_CONFIG=debug chrt --idle 0 scripts/fuzz.sh build >.build/background-fuzz.log 2>&1 &&
-  echo "fuzz build done at ${SECONDS}s" >>.build/background-fuzz.log ) &
-background=$!
-# A run that stops early (die, Ctrl-C) leaves no build behind holding .build's lock.
-trap 'kill "$background" 2>/dev/null || true' EXIT
 
 for backend in openssl ipsec-mb; do
   step "interop: pytest -n 2 tests/interop (ESP_TOOL=$ESP_TOOL XFRM_CRYPTO=$backend)"

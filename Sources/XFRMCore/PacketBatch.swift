@@ -79,4 +79,11 @@ public struct PacketBatch: Sendable {
     /// Empties the batch, keeping its storage (the buffers must have gone to their sinks or back to the pool).
     @inlinable
     public mutating func removeAll() { self.packets.removeAll(keepingCapacity: true) }
+
+    /// Keeps the first `n` packets (the others' buffers must have been handed on), keeping the storage.
+    @inlinable
+    public mutating func truncate(to n: Int) {
+        precondition(n >= 0 && n <= self.packets.count)
+        self.packets.removeLast(self.packets.count - n)
+    }
 }

@@ -62,7 +62,8 @@ extension XFRMStack {
                     }
                 }
                 for j in start..<(start + protected) {
-                    let r = self.transmit(&packets[j].buffer, ifindex: b.ifindex, mtu: b.mtu, transformed: true)
+                    let r = self.transmit(&packets[j].buffer, ifindex: b.ifindex, mtu: b.mtu, transformed: true,
+                                           mayFragment: true)
                     packets[j].verdict = .output(r, transformed: true)
                 }
                 guard let refused else { return start + protected }

@@ -77,7 +77,7 @@ extension XFRMStack {
         if let (hit, touch) = self.outputCache.lookup(flow, tag: tag, generation: generation, now: now) {
             switch hit.value {
             case .plain(let ifindex, let mtu):
-                return self.transmit(&packet, ifindex: ifindex, mtu: mtu, transformed: false)
+                return self.transmit(&packet, ifindex: ifindex, mtu: mtu, transformed: false, mayFragment: true)
             case .packetOffload(let policyIndex, let sa, let device, let offload, let limit, let tunnel):
                 if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
                 // nil: the SA died since the entry was made (the device refused it): resolve again below.
@@ -205,7 +205,7 @@ extension XFRMStack {
                 }
             }
             if let (meta, ifindex) = crypto {
-                let r = self.transmit(&packet, transformed: true)
+                let r = self.transmit(&packet, transformed: true, mayFragment: false)  // the device seals it
                 guard case .transmit(let out) = r else { return r }
                 if out == ifindex {
                     transformed = true  // ESP-framed for the device, which seals it
@@ -218,7 +218,7 @@ extension XFRMStack {
                 return .dropped(.outError)
             }
             transformed = applied > 0
-            let r = self.transmit(&packet, transformed: applied > 0)
+            let r = self.transmit(&packet, transformed: applied > 0, mayFragment: true)
             if case .transmit = r, applied == 1, let c = cacheable {
                 self.cacheBundle(c.sa, device: nil, flow: flow, key: cacheKey, tag: tag, policy: policy,
                                  generation: generation, now: now)
@@ -233,7 +233,7 @@ extension XFRMStack {
             OutputCache.Entry(flow: cacheKey, tag: tag, generation: generation,
                               value: .plain(ifindex: route.ifindex, mtu: route.mtu)),
             now: now)
-        return self.transmit(&packet, ifindex: route.ifindex, mtu: route.mtu, transformed: false)
+        return self.transmit(&packet, ifindex: route.ifindex, mtu: route.mtu, transformed: false, mayFragment: true)
     }
 
     /// Packet offload TX (≈ xfrm_output_one's PACKET branch + xfrm_dev_offload_ok): no ESP work, no sequence
@@ -246,7 +246,7 @@ extension XFRMStack {
                                      now: UInt64, retried: Bool) -> OutputResult? {
         guard let template = policy.templates.first else {
             // An offloaded allow policy without templates: plaintext through the device.
-            return self.transmit(&packet)
+            return self.transmit(&packet, mayFragment: true)
         }
         guard let (source, destination) = self.templateAddresses(template, daddr: flow.destination,
                                                                  saddr: flow.source) else {

@@ -19,7 +19,7 @@ extension XFRMStack {
             }
             // ≈ xfrm_replay_overflow_offload_esn: the high half moved on, so the device must learn it.
             if b.sa.config.esn && layout.sequence & 0xffff_ffff == 0 { dev.advanceESN(b.sa, offload: o) }
-            let r = self.transmit(&packet, ifindex: b.ifindex, mtu: b.mtu, transformed: true)
+            let r = self.transmit(&packet, ifindex: b.ifindex, mtu: b.mtu, transformed: true, mayFragment: false)
             guard case .transmit = r else { return r }
             transformed = true  // ESP-framed for the device, which seals it
             var meta = OffloadMetadata()
@@ -37,7 +37,7 @@ extension XFRMStack {
         case .next: break
         }
         transformed = true
-        return self.transmit(&packet, ifindex: b.ifindex, mtu: b.mtu, transformed: true)
+        return self.transmit(&packet, ifindex: b.ifindex, mtu: b.mtu, transformed: true, mayFragment: true)
     }
 
     /// Remembers a flow's one-SA bundle after its first packet went out through it.

@@ -1,5 +1,5 @@
-// The last step of output: route MTU checks and the ICMP errors a too-big packet gets (≈ ip_fragment's
-// ICMP_FRAG_NEEDED, icmpv6_send PKT_TOOBIG).
+// The last step of output: route MTU checks, the ICMP errors a too-big packet gets (≈ ip_fragment's
+// ICMP_FRAG_NEEDED, icmpv6_send PKT_TOOBIG), and the IPv4 packets without DF that leave as fragments.
 
 import Foundation
 import Synchronization
@@ -9,17 +9,21 @@ import XFRMPacket
 
 extension XFRMStack {
     @inline(__always)
-    func transmit(_ packet: inout PacketBuffer, transformed: Bool = false) -> OutputResult {
+    func transmit(_ packet: inout PacketBuffer, transformed: Bool = false, mayFragment: Bool) -> OutputResult {
         let p = packet.data
         let version = p.loadByte(at: 0) >> 4
         let dst: IPAddress = version == 4 ? .loadV4(from: p, at: 16) : .loadV6(from: p, at: 24)
         guard let iface = self.network.egress(to: dst) else { return .dropped(nil) }
-        return self.transmit(&packet, ifindex: iface.ifindex, mtu: iface.mtu, transformed: transformed)
+        return self.transmit(&packet, ifindex: iface.ifindex, mtu: iface.mtu, transformed: transformed,
+                             mayFragment: mayFragment)
     }
 
-    /// The MTU check of `transmit` on a route already known.
+    /// The MTU check of `transmit` on a route already known. `mayFragment`: the packet is final (plaintext, or ESP
+    /// sealed here), so an IPv4 one without DF may leave as fragments; false for ESP a crypto-offload device has yet
+    /// to seal, which must reach it whole.
     @inline(__always)
-    func transmit(_ packet: inout PacketBuffer, ifindex: Int32, mtu: Int, transformed: Bool) -> OutputResult {
+    func transmit(_ packet: inout PacketBuffer, ifindex: Int32, mtu: Int, transformed: Bool,
+                  mayFragment: Bool) -> OutputResult {
         let p = packet.data
         let version = p.loadByte(at: 0) >> 4
         let iface = (ifindex: ifindex, mtu: mtu)
@@ -32,7 +36,10 @@ extension XFRMStack {
                 self.statistics.increment(.outError)
                 return .dropped(.outError)
             }
-            self.statistics.increment(.outError)  // IPv4 fragmentation of the outer packet is not implemented yet
+            if !df && mayFragment { return .fragment(ifindex: iface.ifindex, mtu: iface.mtu) }
+            // An IPv6 packet whose inner packet could be fragmented (no outer fragmentation for IPv6 yet), or ESP
+            // for a crypto-offload device.
+            self.statistics.increment(.outError)
             return .dropped(.outError)
         }
         return .transmit(ifindex: iface.ifindex)

@@ -61,6 +61,9 @@ public final class DatapathCounters: Sendable {
          "ike_replies": self.ikeReplies.load(ordering: .relaxed),
          "ike_relay_errors": self.ikeRelayErrors.load(ordering: .relaxed),
          "ring_full": self.engine.ringFull.load(ordering: .relaxed),
+         "fragmented": self.engine.fragmented.load(ordering: .relaxed),
+         "fragments_created": self.engine.fragmentsCreated.load(ordering: .relaxed),
+         "fragment_failed": self.engine.fragmentFailed.load(ordering: .relaxed),
          // The parts of the accounting identity (issue 10): what the stack delivered into the TUN, input that never
          // was ESP, and what arrived unframable (`not_esp` is the sum of the last two).
          "delivered": self.engine.delivered.load(ordering: .relaxed),

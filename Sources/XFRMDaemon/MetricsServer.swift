@@ -84,7 +84,8 @@ public final class MetricsServer: @unchecked Sendable {
                      "tun_superpackets", "tun_coalesced", "ike_relayed", "ike_replies", "ike_relay_errors",
                      "tun_udp_superpackets", "tun_udp_coalesced", "udp_gso_sends", "udp_gso_segments",
                      "udp_gso_fallbacks", "udp_gro_receives", "udp_gro_segments", "delivered", "not_decapsulated",
-                     "unframed", "natt_keepalives", "tfc_dummies"] {
+                     "unframed", "natt_keepalives", "tfc_dummies", "fragmented", "fragments_created",
+                     "fragment_failed"] {
             let counter = self.registry.makeCounter(
                 name: "xfrmd_datapath_packets_total", labels: [("event", name)],
                 help: "Packets the data path read, wrote or dropped, by what happened to them")

@@ -9,7 +9,8 @@ import XFRMEngine
 import XFRMPacket
 
 /// The outer side's writes: what the stack protected, to the socket its outer header names — raw ESP with the
-/// stack's IPv4 header as built (IP_HDRINCL), ESP in UDP after its UDP header to the SA's port, and for IPv6 the
+/// stack's IPv4 header as built (IP_HDRINCL), ESP in UDP after its UDP header to the SA's port, IPv4 fragments of
+/// either as built (IPPROTO_RAW), and for IPv6 the
 /// payload with the destination and our source (IPV6_PKTINFO; the kernel writes the IPv6 header). One
 /// sendmmsg(2) per socket per batch. One sink per worker (its arrays are its own); anything else is counted and
 /// dropped: the wire carries ESP only.
@@ -110,7 +111,7 @@ final class WireSink: PacketSink {
     /// The most bytes one GSO send carries: an IPv4 packet's 65,535 less its IP and UDP headers.
     static let maxGSOBytes = 65_535 - 20 - 8
 
-    private static let raw4 = 0, udp4 = 1, raw6 = 2, udp6 = 3
+    private static let raw4 = 0, udp4 = 1, raw6 = 2, udp6 = 3, frag4 = 4
 
     init(sockets: OuterSockets, pool: PacketPool, counters: DatapathCounters, engine: EngineCounters, gso: Bool = true) {
         self.sockets = sockets
@@ -118,7 +119,8 @@ final class WireSink: PacketSink {
         self.counters = counters
         self.engine = engine
         self.groups = [Group(fd: sockets.raw4, v6: false, gso: false), Group(fd: sockets.udp4, v6: false, gso: gso),
-                       Group(fd: sockets.raw6, v6: true, gso: false), Group(fd: sockets.udp6, v6: true, gso: gso)]
+                       Group(fd: sockets.raw6, v6: true, gso: false), Group(fd: sockets.udp6, v6: true, gso: gso),
+                       Group(fd: sockets.frag4, v6: false, gso: false)]
         self.sent.reserveCapacity(EngineConstants.batchSize)
     }
 
@@ -205,6 +207,22 @@ final class WireSink: PacketSink {
         case 4:
             let proto = p.loadByte(at: 9)
             let ihl = Int(p.loadByte(at: 0) & 0x0f) * 4
+            if p.loadBE16(at: 6) & (IPv4Header.flagMF | IPv4Header.fragmentOffsetMask) != 0,
+                proto == UInt8(IPPROTO_ESP) || proto == UInt8(IPPROTO_UDP)
+            {
+                // A fragment the stack cut (only a sealed packet is cut): its header as built, like raw ESP's.
+                let g = self.groups[Self.frag4]
+                guard g.fd >= 0 else {
+                    self.counters.sendErrors.wrappingAdd(1, ordering: .relaxed)
+                    return true  // released with the sent ones
+                }
+                self.name4(g, p.load(fromByteOffset: 16, as: UInt32.self), port: 0)
+                g.controlLens[g.count] = 0
+                g.bufs[g.iovCount] = p
+                g.lens[g.iovCount] = count
+                g.commit()
+                return true
+            }
             if proto == UInt8(IPPROTO_ESP), self.sockets.raw4 >= 0 {
                 let g = self.groups[Self.raw4]
                 self.name4(g, p.load(fromByteOffset: 16, as: UInt32.self), port: 0)

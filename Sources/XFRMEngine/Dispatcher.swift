@@ -15,16 +15,20 @@ public final class Dispatcher {
         /// A forwarded packet is handed to the local sink (the host's own kernel routes it) rather than sent
         /// through the output path again.
         public var forwardLocally: Bool
+        /// IPv4 fragments from the wire are reassembled before the stack sees them (IPv4Reassembly); a daemon's
+        /// sockets get whole datagrams, which the host's kernel put together.
+        public var reassemble: Bool
 
-        public init(protectedOnly: Bool, forwardLocally: Bool) {
+        public init(protectedOnly: Bool, forwardLocally: Bool, reassemble: Bool = false) {
             self.protectedOnly = protectedOnly
             self.forwardLocally = forwardLocally
+            self.reassemble = reassemble
         }
 
         /// The simulated hosts: the kernel's behaviour.
-        public static let kernel = Rules(protectedOnly: false, forwardLocally: false)
+        public static let kernel = Rules(protectedOnly: false, forwardLocally: false, reassemble: true)
         /// A gateway daemon between a TUN and ESP sockets.
-        public static let daemon = Rules(protectedOnly: true, forwardLocally: true)
+        public static let daemon = Rules(protectedOnly: true, forwardLocally: true, reassemble: false)
     }
 
     public let stack: XFRMStack
@@ -42,14 +46,22 @@ public final class Dispatcher {
     /// completion): the output path picks per-CPU SAs by it (RFC 9611).
     public var cpu: UInt32 = 0
     private var spare = PacketBatch(capacity: Dispatcher.maximumBatch)
+    /// The second and later fragments of the packet being cut (`fragment`): room for a 4 KB buffer's packet at the
+    /// smallest IPv4 MTU (68: 48 payload bytes each), or a 64 KB one at 576 (a packet needing more is dropped and
+    /// counted).
+    private var fragments = PacketBatch(capacity: 256)
+    /// Fragments from the wire waiting for the rest of their datagram (`rules.reassemble`), else nil.
+    public let reassembly: IPv4Reassembly?
 
     /// - Parameters:
     ///   - interfaces: the sink of each interface (shared by a host's dispatchers).
     ///   - local: what is delivered to this host.
     ///   - ike: IKE and keepalives from the NAT-T port (a key manager), or nil to drop and count them.
     ///   - unknownInterface: for interfaces without a sink of their own (nil: dropped and counted as `noSink`).
+    ///   - reassembly: with `rules.reassemble`, the host's reassembly its dispatchers share (nil: one of its own).
     public init(stack: XFRMStack, pool: PacketPool, rules: Rules, counters: EngineCounters, interfaces: InterfaceSinks,
-                local: any PacketSink, ike: (any PacketSink)? = nil, unknownInterface: (any PacketSink)? = nil) {
+                local: any PacketSink, ike: (any PacketSink)? = nil, unknownInterface: (any PacketSink)? = nil,
+                reassembly: IPv4Reassembly? = nil) {
         self.stack = stack
         self.pool = pool
         self.rules = rules
@@ -58,12 +70,15 @@ public final class Dispatcher {
         self.local = local
         self.ike = ike
         self.unknownInterface = unknownInterface
+        self.reassembly = rules.reassemble
+            ? reassembly ?? IPv4Reassembly(pool: pool, counters: counters.reassembly) : nil
     }
 
     /// Runs the batch through the stack and hands every buffer on; leaves the batch empty (the caller keeps its
     /// batch and its capacity).
     public func run(_ batch: inout PacketBatch) {
         precondition(batch.count <= Self.maximumBatch, "a batch larger than the dispatcher takes")
+        if let r = self.reassembly { Self.reassemble(&batch, r, now: self.stack.clock.now) }
         self.runOnce(&batch)
         // Forwarded packets and routed ICMP errors go round once more (bounded: an error is never answered).
         var round = 0
@@ -77,6 +92,24 @@ public final class Dispatcher {
             }
             self.runOnce(&self.spare)
         }
+    }
+
+    /// Takes the IPv4 fragments from the wire out of the batch, in place, and puts each datagram they complete where
+    /// its last fragment was; discards the datagrams that took too long.
+    private static func reassemble(_ batch: inout PacketBatch, _ r: IPv4Reassembly, now: UInt64) {
+        if r.heldFragments > 0 { r.sweep(now: now) }
+        var kept = 0
+        for i in 0..<batch.count {
+            let packet = batch[i]
+            if packet.stage == .input && IPv4Reassembly.isFragment(packet.buffer) {
+                guard let whole = r.take(packet.buffer, now: now) else { continue }
+                batch[kept] = PacketBatch.Packet(whole, stage: .input, ifindex: packet.ifindex)
+            } else if kept != i {
+                batch[kept] = packet
+            }
+            kept += 1
+        }
+        batch.truncate(to: kept)
     }
 
     /// The largest batch `run` takes (each packet can go round once more, so `again` holds as many).
@@ -101,6 +134,13 @@ public final class Dispatcher {
                 return
             }
             self.toInterface(ifindex, PacketBatch.Packet(buffer, stage: packet.stage), table)
+        case .output(.fragment(let ifindex, let mtu), let transformed):
+            if self.rules.protectedOnly && !transformed {
+                self.counters.unprotected.wrappingAdd(1, ordering: .relaxed)
+                self.pool.release(buffer)
+                return
+            }
+            self.fragment(buffer, mtu: mtu, ifindex: ifindex, stage: packet.stage, table)
         case .output(.offload(let ifindex, let meta), _):
             // Packet offload (plaintext the device protects or drops) or crypto offload (ESP the device seals).
             var p = PacketBatch.Packet(buffer, stage: packet.stage)
@@ -146,6 +186,47 @@ public final class Dispatcher {
         }
         self.counters.transmitted.wrappingAdd(1, ordering: .relaxed)
         self.enqueue(packet, to: sink)
+    }
+
+    /// Sends an IPv4 packet without DF that is larger than its interface's MTU as fragments (IPv4Fragmentation), the
+    /// first in its own buffer, the others in buffers from the pool, in order. A packet that cannot be cut (no buffer
+    /// for every fragment, more fragments than a batch holds, an MTU too small) is dropped and counted as
+    /// `fragmentFailed` (≈ IPSTATS_MIB_FRAGFAILS); one cut is `fragmented` (FRAGOKS), its pieces `fragmentsCreated`
+    /// (FRAGCREATES).
+    private func fragment(_ buffer: PacketBuffer, mtu: Int, ifindex: Int32, stage: PacketBatch.Stage,
+                          _ table: [Int32: any PacketSink]) {
+        guard let plan = IPv4Fragmentation.plan(buffer.data, count: buffer.count, mtu: mtu),
+            plan.count - 1 <= self.fragments.capacity
+        else {
+            self.counters.fragmentFailed.wrappingAdd(1, ordering: .relaxed)
+            self.pool.release(buffer)
+            return
+        }
+        for i in 1..<plan.count {
+            guard var piece = self.pool.allocate() else {
+                self.counters.poolExhausted.wrappingAdd(1, ordering: .relaxed)
+                break
+            }
+            guard IPv4Fragmentation.writeFragment(i, of: buffer.data, plan: plan, into: &piece) else {
+                self.pool.release(piece)
+                break
+            }
+            self.fragments.append(PacketBatch.Packet(piece, stage: stage))
+        }
+        guard self.fragments.count == plan.count - 1 else {
+            for i in 0..<self.fragments.count { self.pool.release(self.fragments[i].buffer) }
+            self.fragments.removeAll()
+            self.counters.fragmentFailed.wrappingAdd(1, ordering: .relaxed)
+            self.pool.release(buffer)
+            return
+        }
+        var first = buffer
+        IPv4Fragmentation.makeFirst(&first, plan: plan)
+        self.toInterface(ifindex, PacketBatch.Packet(first, stage: stage), table)
+        for i in 0..<self.fragments.count { self.toInterface(ifindex, self.fragments[i], table) }
+        self.fragments.removeAll()
+        self.counters.fragmented.wrappingAdd(1, ordering: .relaxed)
+        self.counters.fragmentsCreated.wrappingAdd(UInt64(plan.count), ordering: .relaxed)
     }
 
     @inline(__always)

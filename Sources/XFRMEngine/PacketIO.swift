@@ -34,8 +34,16 @@ public final class EngineCounters: Sendable {
     public let noSink = Atomic<UInt64>(0)
     /// Refused by a full worker ring.
     public let ringFull = Atomic<UInt64>(0)
-    /// No free packet buffer when a source had a packet.
+    /// No free packet buffer when a source had a packet (or for a fragment).
     public let poolExhausted = Atomic<UInt64>(0)
+    /// IPv4 packets without DF larger than their interface's MTU: sent as fragments (≈ FragOKs of /proc/net/snmp),
+    /// the fragments made of them (FragCreates), and those dropped because they could not be cut (FragFails: no
+    /// buffer for every fragment, or an MTU too small for eight bytes of payload).
+    public let fragmented = Atomic<UInt64>(0)
+    public let fragmentsCreated = Atomic<UInt64>(0)
+    public let fragmentFailed = Atomic<UInt64>(0)
+    /// IPv4 reassembly of fragments from the wire (the kernel rules only; a daemon's kernel reassembles).
+    public let reassembly = IPv4ReassemblyCounters()
 
     public init() {}
 }

@@ -35,6 +35,8 @@ public final class SimHost: @unchecked Sendable {
     /// The engine's side: interface sinks (the NICs), the local sink, dummy interfaces, the dispatchers' lanes.
     private let sinks = InterfaceSinks()
     public let engineCounters = EngineCounters()
+    /// IPv4 fragments from the wire waiting for the rest of their datagram, shared by the lanes.
+    public let reassembly: IPv4Reassembly
     private var localSink: CaptureSink!
     private var dummySink: CaptureSink!
     /// Lanes not in use (a lane is created when every one is busy; at most one per concurrent caller).
@@ -49,6 +51,7 @@ public final class SimHost: @unchecked Sendable {
     public init(stack: XFRMStack, poolSlots: Int = 4096, slotSize: Int = 65_536 + 1024, capture: Bool = true) {
         self.stack = stack
         self.pool = PacketPool(count: poolSlots, slotSize: slotSize, headroom: 512)
+        self.reassembly = IPv4Reassembly(pool: self.pool, counters: self.engineCounters.reassembly)
         self.capture = capture
         self.rxRing = BoundedRing(capacity: poolSlots)
         self.localSink = CaptureSink(self, delivered: true)
@@ -163,7 +166,8 @@ public final class SimHost: @unchecked Sendable {
 
     private func makeDispatcher() -> Dispatcher {
         Dispatcher(stack: self.stack, pool: self.pool, rules: .kernel, counters: self.engineCounters,
-                   interfaces: self.sinks, local: self.localSink, unknownInterface: self.dummySink)
+                   interfaces: self.sinks, local: self.localSink, unknownInterface: self.dummySink,
+                   reassembly: self.reassembly)
     }
 
     /// Sends a locally generated IP packet.

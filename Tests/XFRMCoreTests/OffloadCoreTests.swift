@@ -197,6 +197,11 @@ struct OffloadCoreTests {
         #expect(meta.cryptLength == 128 + 2 + 2)
         #expect(bytes[20..<24] == [0, 0, 0x10, 0x01])
         #expect(bytes.suffix(16).allSatisfy { $0 == 0 }, "the ICV is left for the device")
+        // Too big without DF: ESP the device has yet to seal is never cut into fragments (twice: the second through
+        // the flow's cached bundle).
+        for _ in 0..<2 {
+            #expect(h.send(h.packet(size: 1470, df: false)).0 == .dropped(.outError))
+        }
         dev.acceptOffloadOK = false
         let (r2, sealed) = h.send(h.packet())
         #expect(r2 == .transmit(ifindex: 2))

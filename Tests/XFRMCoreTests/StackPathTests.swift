@@ -165,6 +165,25 @@ struct StackPathTests {
         #expect(h.send(h.packet(size: mtu - 27)).0 == .icmpError)
     }
 
+    @Test("without DF, an IPv4 packet ESP makes larger than the MTU is handed on whole, to be cut into fragments")
+    func fragmentVerdict() throws {
+        let h = try TwoHosts()
+        try h.tunnel()
+        for size in [1460, 1472] {
+            let (r, wire) = h.send(h.packet(size: size, df: false))
+            #expect(r == .fragment(ifindex: 2, mtu: 1500))
+            #expect(wire.count > 1500 && wire[9] == 50 && wire[6] & 0x40 == 0, "sealed ESP, outer DF clear")
+        }
+        // Transport mode: the packet's own header, DF clear, is the outer one.
+        let t = try TwoHosts()
+        let sel = Selector(family: 4, source: IPPrefix("10.0.1.1/32")!, destination: IPPrefix("10.0.2.1/32")!)
+        try t.a.addPolicy(Policy(selector: sel, direction: .outbound,
+                                 templates: [Template(source: nil, destination: nil, mode: 0, reqid: 5)]), update: false)
+        try t.a.addState(t.sa(from: "10.0.1.1", to: "10.0.2.1", spi: 0x5005, mode: .transport, reqid: 5, on: t.a))
+        #expect(t.send(t.packet(size: 1480, df: false)).0 == .fragment(ifindex: 2, mtu: 1500))
+        #expect(h.a.statistics[.outError] == 0 && t.a.statistics[.outError] == 0)
+    }
+
     @Test("an outbound-direction SA found by SPI on input is XfrmInStateDirError")
     func directionError() throws {
         let h = try TwoHosts()

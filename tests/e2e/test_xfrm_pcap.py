@@ -171,3 +171,68 @@ def test_tunnel_pmtu_answers_with_an_icmp_error_scapy_accepts(tmp_path, xfrm, fa
     xfrm("pcap", "--batch", "setup", "--output-path", "fit.pcap", "fit-out.pcap")
     wire = read_raw_pcap(tmp_path / "fit-out.pcap")
     assert len(wire) == 1 and len(wire[0]) <= 1400 and parse_ip(wire[0]).dst != fam["a"]
+
+
+@pytest.mark.parametrize("mode,natt", [("tunnel", False), ("tunnel", True), ("transport", False)],
+                         ids=["tunnel", "tunnel-nat-t", "transport"])
+def test_output_path_cuts_esp_without_df_into_fragments_scapy_reassembles_and_decrypts(tmp_path, xfrm, mode, natt):
+    """IPv4 without DF that ESP makes larger than the interface's MTU leaves as fragments (RFC 4303 §3.3.5, after
+    ESP; RFC 791 §3.2): scapy's own reassembly and decryption give back each inner packet; what fits is not cut."""
+    from scapy.layers.inet import defragment
+
+    s = SUITES["gcm128"]
+    (tmp_path / "setup").write_text(setup_lines(V4, s, mode, 0x3000, "out", natt) + "link set eth0 mtu 1280\n")
+    sizes = [1000, 1250, 1400, 2500, 3000]
+    inners = [bytes(IP(src=V4["a"], dst=V4["b"], id=500 + i, flags=0) / UDP(sport=1000 + i, dport=53)
+                    / Raw(bytes((i + j) & 0xFF for j in range(n - 28)))) for i, n in enumerate(sizes)]
+    write_raw_pcap(tmp_path / "in.pcap", inners)
+    xfrm("pcap", "--batch", "setup", "--output-path", "in.pcap", "out.pcap")
+    wire = [parse_ip(w) for w in read_raw_pcap(tmp_path / "out.pcap")]
+    assert all(len(w) <= 1280 and not w.flags.DF for w in wire)
+    frags = [w for w in wire if w.flags.MF or w.frag]
+    assert len(wire) > len(inners) and len(frags) == len(wire) - 1, "all but the 1000-byte packet are cut"
+    assert all(w.proto == (17 if natt else 50) for w in wire)
+    whole = defragment(wire)
+    assert len(whole) == len(inners)
+    sa = scapy_sa(s, 0x3000, V4["outer"] if mode == "tunnel" else None, natt)
+    for i, (w, inner) in enumerate(zip(whole, inners)):
+        got = sa.decrypt(IP(bytes(w)))
+        if mode == "tunnel":
+            assert bytes(got) == inner, f"packet {i}"
+        else:
+            assert bytes(got[UDP]) == bytes(parse_ip(inner)[UDP]), f"packet {i}"
+
+
+def test_input_path_reassembles_fragments_scapy_cut_before_esp_and_drops_overlaps(tmp_path, xfrm):
+    """ESP that scapy encrypted and then cut into IPv4 fragments (its own `fragment`), in any order, is put back
+    together before ESP (RFC 4303 §3.4.1) and gives the exact inner packet; a datagram with an overlapping fragment
+    is discarded whole (RFC 5722's rule, as Linux applies to IPv4)."""
+    from scapy.layers.inet import fragment
+
+    s = SUITES["gcm128"]
+    (tmp_path / "setup").write_text(setup_lines(V4, s, "tunnel", 0x4000, "in", False))
+    (tmp_path / "after").write_text("stat\n")
+    sa = scapy_sa(s, 0x4000, V4["outer"], False)
+    inners = [bytes(IP(src=V4["a"], dst=V4["b"], id=900 + i, flags=0) / UDP(sport=5000 + i, dport=53)
+                    / Raw(bytes((7 * i + j) & 0xFF for j in range(n)))) for i, n in enumerate([1200, 2500, 3000])]
+    wires = []
+    for i, inner in enumerate(inners):
+        esp = IP(bytes(sa.encrypt(parse_ip(inner))))
+        esp.id = 4000 + i
+        pieces = [bytes(f) for f in fragment(esp, fragsize=800)]
+        assert len(pieces) >= 2
+        wires += pieces[::-1] if i % 2 else pieces
+    # A fourth datagram whose second fragment overlaps its first by eight bytes: never delivered.
+    bad = IP(bytes(sa.encrypt(parse_ip(inners[0]))))
+    bad.id = 4999
+    first, second = [IP(bytes(f)) for f in fragment(bad, fragsize=800)][:2]
+    second.frag -= 1
+    del second.chksum
+    wires += [bytes(first), bytes(second)]
+    write_raw_pcap(tmp_path / "in.pcap", wires)
+    _, stdout, _ = xfrm("pcap", "--batch", "setup", "--then", "after", "--input-path", "--dev", "eth0",
+                        "in.pcap", "out.pcap")
+    out = read_raw_pcap(tmp_path / "out.pcap")
+    assert out == inners
+    stats = dict(line.split() for line in stdout.splitlines() if line.startswith("Xfrm"))
+    assert all(v == "0" for v in stats.values()), stats

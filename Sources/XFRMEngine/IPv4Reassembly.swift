@@ -1,0 +1,217 @@
+import Synchronization
+import XFRMPacket
+
+/// Reassembly of IPv4 fragments from the wire before the stack sees them (≈ ip_defrag from ip_local_deliver: RFC
+/// 4303 §3.4.1, an ESP packet is reassembled before ESP processing; RFC 791 §3.2). For hosts whose own IP layer is
+/// the simulation (the kernel rules); a daemon's fragments are reassembled by the host's kernel before its sockets
+/// see them.
+///
+/// As Linux does (net/ipv4/ip_fragment.c, inet_fragment.c):
+/// - fragments are queued by (source, destination, identification, protocol) until the one without More Fragments
+///   has come and no hole is left; then one packet is made: the first fragment's header with the total length, no
+///   fragment bits and a fresh checksum, then every payload in order;
+/// - a fragment that overlaps another discards the whole queue (RFC 5722's rule, which Linux applies to IPv4 too:
+///   overlaps are how fragment attacks hide headers), an exact duplicate is dropped alone;
+/// - a queue not complete within `timeout` seconds (ipfrag_time, 30) is discarded;
+/// - bounded: at most `maxHeld` fragments held (≈ ipfrag_high_thresh): a fragment beyond that is dropped; a
+///   datagram larger than a packet buffer or than 65,535 bytes is discarded.
+/// Every fragment taken ends in a reassembled packet or in one of the counters (`IPv4ReassemblyCounters`).
+/// A host's dispatchers share one (its own lock; only fragments ever take it).
+public final class IPv4Reassembly: @unchecked Sendable {
+    struct Key: Hashable {
+        let source: UInt32
+        let destination: UInt32
+        let identification: UInt16
+        let proto: UInt8
+    }
+
+    struct Piece {
+        let offset: Int
+        let end: Int
+        let buffer: PacketBuffer
+    }
+
+    struct Queue {
+        var pieces: [Piece] = []
+        /// The datagram's payload length, once its last fragment came.
+        var total: Int? = nil
+        let created: UInt64
+    }
+
+    private let pool: PacketPool
+    public let counters: IPv4ReassemblyCounters
+    /// Seconds a datagram may take to arrive whole.
+    public let timeout: UInt64
+    /// Fragments held at most, over all queues.
+    public let maxHeld: Int
+    /// Guards the three below.
+    private let lock = XFRMMutex(())
+    private var queues: [Key: Queue] = [:]
+    private var held = 0
+    private var lastSweep: UInt64 = 0
+
+    public init(pool: PacketPool, counters: IPv4ReassemblyCounters, timeout: UInt64 = 30, maxHeld: Int = 256) {
+        self.pool = pool
+        self.counters = counters
+        self.timeout = timeout
+        self.maxHeld = maxHeld
+    }
+
+    /// Fragments waiting.
+    public var heldFragments: Int { self.lock.withLock { _ in self.held } }
+
+    /// Whether the IPv4 packet in `buffer` is a fragment (More Fragments or an offset); false for anything else.
+    @inline(__always)
+    public static func isFragment(_ buffer: PacketBuffer) -> Bool {
+        guard buffer.count >= 20 else { return false }
+        let p = buffer.data
+        return p.loadByte(at: 0) >> 4 == 4 && p.loadBE16(at: 6) & (IPv4Header.flagMF | IPv4Header.fragmentOffsetMask) != 0
+    }
+
+    /// Takes a fragment (its buffer now belongs to the reassembly): returns the whole packet when this fragment
+    /// completed it, else nil (held, or dropped and counted).
+    public func take(_ buffer: PacketBuffer, now: UInt64) -> PacketBuffer? {
+        self.lock.withLock { _ in
+            self.sweepLocked(now: now)
+            return self.takeLocked(buffer, now: now)
+        }
+    }
+
+    private func takeLocked(_ buffer: PacketBuffer, now: UInt64) -> PacketBuffer? {
+        self.counters.required.wrappingAdd(1, ordering: .relaxed)
+        let p = buffer.data
+        guard let ip = IPv4Header.parse(p, available: buffer.count), ip.totalLength == buffer.count else {
+            return self.fail(buffer, queue: nil)  // a header that does not verify, or lengths that disagree
+        }
+        let field = p.loadBE16(at: 6)
+        let offset = Int(field & IPv4Header.fragmentOffsetMask) * 8
+        let length = ip.totalLength - ip.headerLength
+        let more = field & IPv4Header.flagMF != 0
+        let key = Key(source: p.loadBE32(at: 12), destination: p.loadBE32(at: 16),
+                      identification: p.loadBE16(at: 4), proto: ip.proto)
+        // A fragment other than the last carries a multiple of 8 bytes; none reaches past 65,535 bytes.
+        guard length > 0 || !more, !more || length % 8 == 0, ip.headerLength + offset + length <= 65_535 else {
+            return self.fail(buffer, queue: key)
+        }
+        guard self.held < self.maxHeld else {
+            self.counters.failed.wrappingAdd(1, ordering: .relaxed)  // ≈ ipfrag_high_thresh: no room
+            self.pool.release(buffer)
+            return nil
+        }
+        var q = self.queues[key] ?? Queue(created: now)
+        let end = offset + length
+        if !more {
+            // The last fragment: a second last one that disagrees, or one before data already queued, is corrupt.
+            if let t = q.total, t != end { return self.fail(buffer, queue: key) }
+            if q.pieces.contains(where: { $0.end > end }) { return self.fail(buffer, queue: key) }
+            q.total = end
+        } else if let t = q.total, end > t {
+            return self.fail(buffer, queue: key)
+        }
+        for piece in q.pieces where piece.offset < end && offset < piece.end {
+            if piece.offset == offset && piece.end == end {
+                // An exact duplicate: dropped alone (inet_frag_queue_insert's IPFRAG_DUP).
+                self.counters.duplicates.wrappingAdd(1, ordering: .relaxed)
+                self.pool.release(buffer)
+                self.queues[key] = q
+                return nil
+            }
+            self.counters.overlaps.wrappingAdd(1, ordering: .relaxed)
+            return self.fail(buffer, queue: key)
+        }
+        q.pieces.append(Piece(offset: offset, end: end, buffer: buffer))
+        self.held += 1
+        guard let total = q.total, Self.covered(q.pieces, total: total) else {
+            self.queues[key] = q
+            return nil
+        }
+        self.queues[key] = nil
+        return self.build(q, total: total)
+    }
+
+    /// Whether the pieces cover 0..<total without a hole (they do not overlap).
+    private static func covered(_ pieces: [Piece], total: Int) -> Bool {
+        pieces.reduce(0) { $0 + ($1.end - $1.offset) } == total
+    }
+
+    /// The datagram from its pieces (their buffers released), or nil when it does not fit a buffer.
+    private func build(_ q: Queue, total: Int) -> PacketBuffer? {
+        let pieces = q.pieces.sorted { $0.offset < $1.offset }
+        defer {
+            for piece in pieces { self.pool.release(piece.buffer) }
+            self.held -= pieces.count
+        }
+        let first = pieces[0].buffer
+        let headerLength = Int(first.data.loadByte(at: 0) & 0x0f) * 4
+        guard var out = self.pool.allocate() else {
+            self.counters.failed.wrappingAdd(UInt64(pieces.count), ordering: .relaxed)
+            return nil
+        }
+        guard headerLength + total <= out.tailroom else {
+            self.counters.failed.wrappingAdd(UInt64(pieces.count), ordering: .relaxed)
+            self.pool.release(out)
+            return nil
+        }
+        let h = out.append(headerLength + total)
+        h.copyMemory(from: first.data, byteCount: headerLength)
+        for piece in pieces {
+            (h + headerLength + piece.offset).copyMemory(from: piece.buffer.data + (piece.buffer.count - (piece.end - piece.offset)),
+                                                         byteCount: piece.end - piece.offset)
+        }
+        h.storeBE16(UInt16(headerLength + total), at: 2)
+        h.storeBE16(h.loadBE16(at: 6) & IPv4Header.flagDF, at: 6)
+        IPv4Header.updateChecksum(h, headerLength: headerLength)
+        self.counters.reassembled.wrappingAdd(1, ordering: .relaxed)
+        return out
+    }
+
+    /// Drops `buffer` and the queue `key` names (if any): every fragment in it counts as failed.
+    private func fail(_ buffer: PacketBuffer, queue key: Key?) -> PacketBuffer? {
+        self.counters.failed.wrappingAdd(1, ordering: .relaxed)
+        self.pool.release(buffer)
+        if let key, let q = self.queues.removeValue(forKey: key) { self.discard(q) }
+        return nil
+    }
+
+    private func discard(_ q: Queue) {
+        for piece in q.pieces { self.pool.release(piece.buffer) }
+        self.held -= q.pieces.count
+        self.counters.failed.wrappingAdd(UInt64(q.pieces.count), ordering: .relaxed)
+    }
+
+    /// Discards the queues older than `timeout` (≈ ip_expire), at most once a second.
+    public func sweep(now: UInt64) { self.lock.withLock { _ in self.sweepLocked(now: now) } }
+
+    private func sweepLocked(now: UInt64) {
+        guard now != self.lastSweep, !self.queues.isEmpty else { return }
+        self.lastSweep = now
+        for (key, q) in self.queues where now >= q.created + self.timeout {
+            self.queues[key] = nil
+            self.counters.timeouts.wrappingAdd(1, ordering: .relaxed)
+            self.discard(q)
+        }
+    }
+
+    /// Returns every held buffer to the pool (the dispatcher going away).
+    public func releaseAll() {
+        self.lock.withLock { _ in
+            for q in self.queues.values { self.discard(q) }
+            self.queues = [:]
+        }
+    }
+
+    deinit { self.releaseAll() }
+}
+
+/// What reassembly did (≈ the Ip ReasmReqds, ReasmOKs, ReasmFails, ReasmTimeout and ReasmOverlaps of
+/// /proc/net/snmp and netstat): fragments taken, datagrams made, fragments dropped (each counted once: a discarded
+/// queue counts all it held), queues timed out, overlaps, exact duplicates dropped.
+public final class IPv4ReassemblyCounters: Sendable {
+    public let required = Atomic<UInt64>(0)
+    public let reassembled = Atomic<UInt64>(0)
+    public let failed = Atomic<UInt64>(0)
+    public let timeouts = Atomic<UInt64>(0)
+    public let overlaps = Atomic<UInt64>(0)
+    public let duplicates = Atomic<UInt64>(0)
+    public init() {}
+}

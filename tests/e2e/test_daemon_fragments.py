@@ -1,0 +1,100 @@
+"""Outer IPv4 fragmentation between two xfrmd daemons (RFC 4303 §3.3.5: ESP is fragmented after ESP processing;
+RFC 791 §3.2): a UDP datagram sent without DF that fills the TUN's 1500-byte MTU no longer fits the veth once it
+is inside ESP, so the sending daemon cuts the ESP packet into IPv4 fragments and the receiving host's kernel puts
+them back together before the daemon decrypts. Checked independently of us: the peer's kernel reassembles them (the
+echo comes back), and scapy reassembles the captured fragments itself and decrypts them to the exact datagram."""
+
+import signal
+import subprocess
+import time
+
+import pytest
+from scapy.layers.inet import IP, UDP, defragment
+from scapy.layers.ipsec import ESP, SecurityAssociation
+from scapy.utils import rdpcap
+
+from daemonlib import K1
+
+ECHO = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 0)  # IP_MTU_DISCOVER = IP_PMTUDISC_DONT: sent without DF
+s.bind(("10.0.2.1", 7000))
+s.settimeout(30)
+print("listening", flush=True)
+for _ in range(int(sys.argv[1])):
+    data, peer = s.recvfrom(65535)
+    s.sendto(data, peer)
+"""
+
+CLIENT = r"""
+import socket, sys
+n, size = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 10, 0)
+s.bind(("10.0.1.1", 0))
+s.settimeout(5)
+for i in range(n):
+    payload = bytes((i * 31 + j) & 0xFF for j in range(size))
+    s.sendto(payload, ("10.0.2.1", 7000))
+    data, _ = s.recvfrom(65535)
+    assert data == payload, f"echo {i} differs"
+print("ok", flush=True)
+"""
+
+N, SIZE = 5, 1472  # 1500-byte inner packets without DF
+
+
+def payload(i):
+    return bytes((i * 31 + j) & 0xFF for j in range(SIZE))
+
+
+@pytest.mark.parametrize("natt", [False, True], ids=["raw-esp", "nat-t"])
+def test_a_packet_without_df_too_big_once_inside_esp_leaves_as_fragments_the_peer_reassembles(pair, natt, tmp_path):
+    pair.configure(natt)
+    for side in "ab":
+        pair.ip(side, "link", "set", "xfrm0", "mtu", "1500")
+    capture = tmp_path / "veth.pcap"
+    dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "-ni", pair.dev["b"], "-w",
+                             str(capture), "ip"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    server = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "python3", "-c", ECHO, str(N)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        time.sleep(1.0)  # tcpdump is capturing
+        client = pair.exec("a", "python3", "-c", CLIENT, str(N), str(SIZE), check=False)
+        assert client.returncode == 0 and client.stdout.strip() == "ok", client.stderr
+    finally:
+        server.kill()
+        server.communicate()
+        time.sleep(0.5)
+        dump.send_signal(signal.SIGINT)
+        dump.communicate(timeout=10)
+
+    # Both daemons cut every datagram (the request on A, the echo on B) into two fragments, and none failed.
+    for side in "ab":
+        m = pair.metrics(side)
+        assert m['xfrmd_datapath_packets_total{event="fragmented"}'] == N, (side, m)
+        assert m['xfrmd_datapath_packets_total{event="fragments_created"}'] == 2 * N, (side, m)
+        assert m['xfrmd_datapath_packets_total{event="fragment_failed"}'] == 0, (side, m)
+        stats = {k: v for k, v in m.items() if k.startswith("xfrm_stat_total{") and v}
+        assert not stats, (side, stats)
+
+    # On the wire: only fragments, each at most the veth's 1500 bytes, none in clear; scapy reassembles A's and
+    # decrypts each to the exact datagram sent.
+    packets = [p for p in rdpcap(str(capture)) if IP in p]
+    frags = [p for p in packets if p[IP].flags.MF or p[IP].frag]
+    assert len(frags) == 4 * N, [p.summary() for p in packets]
+    assert all(len(p[IP]) <= 1500 and not p[IP].flags.DF for p in frags)
+    assert all(p[IP].proto == (17 if natt else 50) for p in packets)
+    from_a = defragment([p for p in packets if p[IP].src == "192.0.2.1"])
+    assert len(from_a) == N
+    sa = SecurityAssociation(ESP, spi=0x1001, crypt_algo="AES-GCM", crypt_key=bytes.fromhex(K1[2:]),
+                             tunnel_header=IP(src="192.0.2.1", dst="192.0.2.2"),
+                             **({"nat_t_header": UDP(sport=4500, dport=4500)} if natt else {}))
+    for i, p in enumerate(from_a):
+        outer = IP(bytes(p[IP]))
+        assert outer.flags.MF == 0 and outer.frag == 0 and len(outer) > 1500
+        inner = sa.decrypt(outer)
+        assert inner[IP].src == "10.0.1.1" and inner[IP].dst == "10.0.2.1" and not inner[IP].flags.DF
+        assert bytes(inner[UDP].payload) == payload(i), f"datagram {i}"

@@ -55,8 +55,9 @@ def test_a_packet_without_df_too_big_once_inside_esp_leaves_as_fragments_the_pee
     for side in "ab":
         pair.ip(side, "link", "set", "xfrm0", "mtu", "1500")
     capture = tmp_path / "veth.pcap"
-    dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "-ni", pair.dev["b"], "-w",
-                             str(capture), "ip"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # --immediate-mode: a short capture's packets are not left in the ring when tcpdump is told to stop.
+    dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "--immediate-mode", "-U", "-ni",
+                             pair.dev["b"], "-w", str(capture), "ip"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     server = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "python3", "-c", ECHO, str(N)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

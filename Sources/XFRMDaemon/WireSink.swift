@@ -207,9 +207,16 @@ final class WireSink: PacketSink {
         case 4:
             let proto = p.loadByte(at: 9)
             let ihl = Int(p.loadByte(at: 0) & 0x0f) * 4
-            if p.loadBE16(at: 6) & (IPv4Header.flagMF | IPv4Header.fragmentOffsetMask) != 0,
+            let fragment = p.loadBE16(at: 6)
+            if fragment & (IPv4Header.flagMF | IPv4Header.fragmentOffsetMask) != 0,
                 proto == UInt8(IPPROTO_ESP) || proto == UInt8(IPPROTO_UDP)
             {
+                // The first fragment of ESP in UDP shows its header: from our port, not the non-ESP marker.
+                if proto == UInt8(IPPROTO_UDP) && fragment & IPv4Header.fragmentOffsetMask == 0
+                    && (count < ihl + 12 || p.loadBE16(at: ihl) != self.sockets.udpPort || p.loadBE32(at: ihl + 8) == 0)
+                {
+                    return false
+                }
                 // A fragment the stack cut (only a sealed packet is cut): its header as built, like raw ESP's.
                 let g = self.groups[Self.frag4]
                 guard g.fd >= 0 else {

@@ -82,8 +82,14 @@ public final class ESPTransform: @unchecked Sendable {
             ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence)
         }
         self.state = .allocate(capacity: 1)
+        // The outer IPv4 identification starts at a value spread from the SPI, so that SAs between the same two
+        // addresses (per-CPU SAs, a rekey's old and new) do not send the same identifications at once: a fragmented
+        // packet's pieces must not be mistaken for another's (RFC 6864 §4.1; Linux uses hashed counters,
+        // ip_select_ident). Two SAs with one SPI and key still write the same bytes.
         self.state.initialize(to: MutableState(
-            outboundSequence: config.outboundSequence, replay: replay, encapsulation: config.encapsulation))
+            outboundSequence: config.outboundSequence, replay: replay,
+            ipIdentification: UInt16(truncatingIfNeeded: (config.spi &* 0x9E37_79B1) >> 16),
+            encapsulation: config.encapsulation))
         self.ivLength = self.cipher.ivLength
         self.icvLength = self.cipher.icvLength
         self.blockSize = self.cipher.blockSize

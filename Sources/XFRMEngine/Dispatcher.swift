@@ -50,6 +50,8 @@ public final class Dispatcher {
     /// smallest IPv4 MTU (68: 48 payload bytes each), or a 64 KB one at 576 (a packet needing more is dropped and
     /// counted).
     private var fragments = PacketBatch(capacity: 256)
+    /// The identification given to a packet to be cut that had 0.
+    private var identification = UInt16.random(in: 1...UInt16.max)
     /// Fragments from the wire waiting for the rest of their datagram (`rules.reassemble`), else nil.
     public let reassembly: IPv4Reassembly?
 
@@ -78,7 +80,7 @@ public final class Dispatcher {
     /// batch and its capacity).
     public func run(_ batch: inout PacketBatch) {
         precondition(batch.count <= Self.maximumBatch, "a batch larger than the dispatcher takes")
-        if let r = self.reassembly { Self.reassemble(&batch, r, now: self.stack.clock.now) }
+        if let r = self.reassembly { Self.reassemble(&batch, r, stack: self.stack) }
         self.runOnce(&batch)
         // Forwarded packets and routed ICMP errors go round once more (bounded: an error is never answered).
         var round = 0
@@ -96,13 +98,21 @@ public final class Dispatcher {
 
     /// Takes the IPv4 fragments from the wire out of the batch, in place, and puts each datagram they complete where
     /// its last fragment was; discards the datagrams that took too long.
-    private static func reassemble(_ batch: inout PacketBatch, _ r: IPv4Reassembly, now: UInt64) {
-        if r.heldFragments > 0 { r.sweep(now: now) }
+    private static func reassemble(_ batch: inout PacketBatch, _ r: IPv4Reassembly, stack: XFRMStack) {
+        var now: UInt64? = nil  // the clock is read only when there are fragments
+        if r.heldFragments > 0 {  // an atomic load: no lock without fragments
+            now = stack.clock.now
+            r.sweep(now: now!)
+        }
         var kept = 0
         for i in 0..<batch.count {
             let packet = batch[i]
-            if packet.stage == .input && IPv4Reassembly.isFragment(packet.buffer) {
-                guard let whole = r.take(packet.buffer, now: now) else { continue }
+            // Only fragments for this host: transit fragments are forwarded as they are (≈ ip_local_deliver).
+            if packet.stage == .input && IPv4Reassembly.isFragment(packet.buffer)
+                && stack.network.isLocal(.v4(packet.buffer.data.loadBE32(at: 16)))
+            {
+                if now == nil { now = stack.clock.now }
+                guard let whole = r.take(packet.buffer, now: now!) else { continue }
                 batch[kept] = PacketBatch.Packet(whole, stage: .input, ifindex: packet.ifindex)
             } else if kept != i {
                 batch[kept] = packet
@@ -202,11 +212,15 @@ public final class Dispatcher {
             self.pool.release(buffer)
             return
         }
+        // Identification 0 would be replaced per packet by the host's raw socket (raw_send_hdrinc calls
+        // ip_select_ident for it), leaving fragments nobody can join: such a packet gets one of ours first.
+        if buffer.data.loadBE16(at: 4) == 0 {
+            self.identification = self.identification == UInt16.max ? 1 : self.identification + 1
+            buffer.data.storeBE16(self.identification, at: 4)
+            IPv4Header.updateChecksum(buffer.data, headerLength: plan.headerLength)
+        }
         for i in 1..<plan.count {
-            guard var piece = self.pool.allocate() else {
-                self.counters.poolExhausted.wrappingAdd(1, ordering: .relaxed)
-                break
-            }
+            guard var piece = self.pool.allocate() else { break }  // counted below as fragmentFailed
             guard IPv4Fragmentation.writeFragment(i, of: buffer.data, plan: plan, into: &piece) else {
                 self.pool.release(piece)
                 break

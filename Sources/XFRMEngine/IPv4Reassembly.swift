@@ -11,7 +11,10 @@ import XFRMPacket
 ///   has come and no hole is left; then one packet is made: the first fragment's header with the total length, no
 ///   fragment bits and a fresh checksum, then every payload in order;
 /// - a fragment that overlaps another discards the whole queue (RFC 5722's rule, which Linux applies to IPv4 too:
-///   overlaps are how fragment attacks hide headers), an exact duplicate is dropped alone;
+///   overlaps are how fragment attacks hide headers), one inside data already queued is a duplicate, dropped alone;
+/// - a fragment other than the last is cut to a multiple of 8 bytes; an empty one discards the queue;
+/// - the datagram's ECN is CE when any fragment was CE; Not-ECT mixed with ECT or CE drops it (RFC 3168 §5.3,
+///   ip_frag_ecn_table); it keeps DF only when its largest fragment had it;
 /// - a queue not complete within `timeout` seconds (ipfrag_time, 30) is discarded;
 /// - bounded: at most `maxHeld` fragments held (≈ ipfrag_high_thresh): a fragment beyond that is dropped; a
 ///   datagram larger than a packet buffer or than 65,535 bytes is discarded.
@@ -28,6 +31,8 @@ public final class IPv4Reassembly: @unchecked Sendable {
     struct Piece {
         let offset: Int
         let end: Int
+        /// Where its payload starts in its buffer (after its header).
+        let payloadStart: Int
         let buffer: PacketBuffer
     }
 
@@ -36,6 +41,12 @@ public final class IPv4Reassembly: @unchecked Sendable {
         /// The datagram's payload length, once its last fragment came.
         var total: Int? = nil
         let created: UInt64
+        /// The ECN codepoints seen (bit 1 << codepoint), for ip_frag_ecn_table.
+        var ecn: UInt8 = 0
+        /// The largest fragment, and the largest with DF (the datagram keeps DF only when the largest had it, as
+        /// ip_frag_reasm's max_df_size).
+        var maxSize = 0
+        var maxDFSize = 0
     }
 
     private let pool: PacketPool
@@ -44,10 +55,10 @@ public final class IPv4Reassembly: @unchecked Sendable {
     public let timeout: UInt64
     /// Fragments held at most, over all queues.
     public let maxHeld: Int
-    /// Guards the three below.
+    /// Guards `queues` and `lastSweep`; `held` is changed under it too, and read without it.
     private let lock = XFRMMutex(())
     private var queues: [Key: Queue] = [:]
-    private var held = 0
+    private let held = Atomic<Int>(0)
     private var lastSweep: UInt64 = 0
 
     public init(pool: PacketPool, counters: IPv4ReassemblyCounters, timeout: UInt64 = 30, maxHeld: Int = 256) {
@@ -57,8 +68,8 @@ public final class IPv4Reassembly: @unchecked Sendable {
         self.maxHeld = maxHeld
     }
 
-    /// Fragments waiting.
-    public var heldFragments: Int { self.lock.withLock { _ in self.held } }
+    /// Fragments waiting (read without the lock).
+    public var heldFragments: Int { self.held.load(ordering: .relaxed) }
 
     /// Whether the IPv4 packet in `buffer` is a fragment (More Fragments or an offset); false for anything else.
     @inline(__always)
@@ -85,42 +96,48 @@ public final class IPv4Reassembly: @unchecked Sendable {
         }
         let field = p.loadBE16(at: 6)
         let offset = Int(field & IPv4Header.fragmentOffsetMask) * 8
-        let length = ip.totalLength - ip.headerLength
         let more = field & IPv4Header.flagMF != 0
+        var end = offset + ip.totalLength - ip.headerLength
         let key = Key(source: p.loadBE32(at: 12), destination: p.loadBE32(at: 16),
                       identification: p.loadBE16(at: 4), proto: ip.proto)
-        // A fragment other than the last carries a multiple of 8 bytes; none reaches past 65,535 bytes.
-        guard length > 0 || !more, !more || length % 8 == 0, ip.headerLength + offset + length <= 65_535 else {
-            return self.fail(buffer, queue: key)
-        }
-        guard self.held < self.maxHeld else {
+        // ≈ ip_frag_queue: a fragment other than the last is cut to a multiple of 8 bytes; one past 65,535 bytes
+        // or with nothing left discards the datagram.
+        if more { end &= ~7 }
+        guard end > offset, end <= 65_535 else { return self.fail(buffer, queue: key) }
+        guard self.held.load(ordering: .relaxed) < self.maxHeld else {
             self.counters.failed.wrappingAdd(1, ordering: .relaxed)  // ≈ ipfrag_high_thresh: no room
             self.pool.release(buffer)
             return nil
         }
         var q = self.queues[key] ?? Queue(created: now)
-        let end = offset + length
         if !more {
             // The last fragment: a second last one that disagrees, or one before data already queued, is corrupt.
             if let t = q.total, t != end { return self.fail(buffer, queue: key) }
             if q.pieces.contains(where: { $0.end > end }) { return self.fail(buffer, queue: key) }
-            q.total = end
         } else if let t = q.total, end > t {
             return self.fail(buffer, queue: key)
         }
+        // Inside what is queued already (a run of fragments): a duplicate, dropped alone; partly inside: an overlap,
+        // which discards the datagram (inet_frag_queue_insert's IPFRAG_DUP and IPFRAG_OVERLAP).
+        var covered = 0
         for piece in q.pieces where piece.offset < end && offset < piece.end {
-            if piece.offset == offset && piece.end == end {
-                // An exact duplicate: dropped alone (inet_frag_queue_insert's IPFRAG_DUP).
-                self.counters.duplicates.wrappingAdd(1, ordering: .relaxed)
-                self.pool.release(buffer)
-                self.queues[key] = q
-                return nil
-            }
+            covered += min(end, piece.end) - max(offset, piece.offset)
+        }
+        if covered == end - offset {
+            self.counters.duplicates.wrappingAdd(1, ordering: .relaxed)
+            self.pool.release(buffer)
+            return nil
+        }
+        if covered > 0 {
             self.counters.overlaps.wrappingAdd(1, ordering: .relaxed)
             return self.fail(buffer, queue: key)
         }
-        q.pieces.append(Piece(offset: offset, end: end, buffer: buffer))
-        self.held += 1
+        if !more { q.total = end }
+        q.ecn |= 1 << (p.loadByte(at: 1) & 0x03)
+        q.maxSize = max(q.maxSize, buffer.count)
+        if field & IPv4Header.flagDF != 0 { q.maxDFSize = max(q.maxDFSize, buffer.count) }
+        q.pieces.append(Piece(offset: offset, end: end, payloadStart: ip.headerLength, buffer: buffer))
+        self.held.wrappingAdd(1, ordering: .relaxed)
         guard let total = q.total, Self.covered(q.pieces, total: total) else {
             self.queues[key] = q
             return nil
@@ -134,16 +151,27 @@ public final class IPv4Reassembly: @unchecked Sendable {
         pieces.reduce(0) { $0 + ($1.end - $1.offset) } == total
     }
 
-    /// The datagram from its pieces (their buffers released), or nil when it does not fit a buffer.
+    /// The ECN codepoint the datagram gets from those its fragments carried, or nil when they mix Not-ECT with ECT
+    /// or CE (ip_frag_ecn_table's 0xff: dropped); CE anywhere makes it CE (RFC 3168 §5.3).
+    static func ecn(_ seen: UInt8) -> UInt8? {
+        let notECT: UInt8 = 1 << 0, ect: UInt8 = 1 << 1 | 1 << 2, ce: UInt8 = 1 << 3
+        if seen & notECT != 0 && seen & (ect | ce) != 0 { return nil }
+        return seen & ce != 0 ? 0x03 : 0
+    }
+
+    /// The datagram from its pieces (their buffers released), or nil when it cannot be made.
     private func build(_ q: Queue, total: Int) -> PacketBuffer? {
         let pieces = q.pieces.sorted { $0.offset < $1.offset }
         defer {
             for piece in pieces { self.pool.release(piece.buffer) }
-            self.held -= pieces.count
+            self.held.wrappingSubtract(pieces.count, ordering: .relaxed)
         }
         let first = pieces[0].buffer
-        let headerLength = Int(first.data.loadByte(at: 0) & 0x0f) * 4
-        guard var out = self.pool.allocate() else {
+        let headerLength = pieces[0].payloadStart
+        let ce = Self.ecn(q.ecn)
+        // ≈ ip_frag_reasm's out_oversize (the first fragment's header plus the data past 65,535 bytes), an ECN
+        // mix it refuses, no buffer or one too small.
+        guard headerLength + total <= 65_535, ce != nil, var out = self.pool.allocate() else {
             self.counters.failed.wrappingAdd(UInt64(pieces.count), ordering: .relaxed)
             return nil
         }
@@ -155,13 +183,15 @@ public final class IPv4Reassembly: @unchecked Sendable {
         let h = out.append(headerLength + total)
         h.copyMemory(from: first.data, byteCount: headerLength)
         for piece in pieces {
-            (h + headerLength + piece.offset).copyMemory(from: piece.buffer.data + (piece.buffer.count - (piece.end - piece.offset)),
+            (h + headerLength + piece.offset).copyMemory(from: piece.buffer.data + piece.payloadStart,
                                                          byteCount: piece.end - piece.offset)
         }
         h.storeBE16(UInt16(headerLength + total), at: 2)
-        h.storeBE16(h.loadBE16(at: 6) & IPv4Header.flagDF, at: 6)
+        h.storeBE16(q.maxDFSize == q.maxSize ? IPv4Header.flagDF : 0, at: 6)
+        if ce == 0x03 { h.storeByte(h.loadByte(at: 1) | 0x03, at: 1) }
         IPv4Header.updateChecksum(h, headerLength: headerLength)
         self.counters.reassembled.wrappingAdd(1, ordering: .relaxed)
+        self.counters.joined.wrappingAdd(UInt64(pieces.count), ordering: .relaxed)
         return out
     }
 
@@ -175,7 +205,7 @@ public final class IPv4Reassembly: @unchecked Sendable {
 
     private func discard(_ q: Queue) {
         for piece in q.pieces { self.pool.release(piece.buffer) }
-        self.held -= q.pieces.count
+        self.held.wrappingSubtract(q.pieces.count, ordering: .relaxed)
         self.counters.failed.wrappingAdd(UInt64(q.pieces.count), ordering: .relaxed)
     }
 
@@ -204,11 +234,13 @@ public final class IPv4Reassembly: @unchecked Sendable {
 }
 
 /// What reassembly did (≈ the Ip ReasmReqds, ReasmOKs, ReasmFails, ReasmTimeout and ReasmOverlaps of
-/// /proc/net/snmp and netstat): fragments taken, datagrams made, fragments dropped (each counted once: a discarded
-/// queue counts all it held), queues timed out, overlaps, exact duplicates dropped.
+/// /proc/net/snmp and netstat): fragments taken, datagrams made and the fragments joined into them, fragments dropped
+/// (each counted once: a discarded queue counts all it held), queues timed out, overlaps, duplicates dropped. Every
+/// fragment taken is joined, failed, a duplicate, or still held: required = joined + failed + duplicates + held.
 public final class IPv4ReassemblyCounters: Sendable {
     public let required = Atomic<UInt64>(0)
     public let reassembled = Atomic<UInt64>(0)
+    public let joined = Atomic<UInt64>(0)
     public let failed = Atomic<UInt64>(0)
     public let timeouts = Atomic<UInt64>(0)
     public let overlaps = Atomic<UInt64>(0)

@@ -75,9 +75,9 @@ public enum IPv4Fragmentation {
     private static func finish(_ h: UnsafeMutableRawPointer, plan: Plan, index i: Int) {
         let last = i == plan.count - 1
         h.storeBytes(of: UInt16(plan.headerLength + plan.payload(of: i)).bigEndian, toByteOffset: 2, as: UInt16.self)
-        let old = UInt16(bigEndian: h.loadUnaligned(fromByteOffset: 6, as: UInt16.self))
-        var field = (old & ~(IPv4Header.flagMF | IPv4Header.fragmentOffsetMask))
-            | UInt16((plan.offset + i * plan.chunk) / 8)
+        // Offset and More Fragments only: DF is clear in a packet that is cut, and the reserved bit is cleared (as
+        // ip_do_fragment writes the field afresh).
+        var field = UInt16((plan.offset + i * plan.chunk) / 8)
         if !last || plan.moreFragments { field |= IPv4Header.flagMF }
         h.storeBytes(of: field.bigEndian, toByteOffset: 6, as: UInt16.self)
         IPv4Header.updateChecksum(h, headerLength: plan.headerLength)

@@ -77,16 +77,76 @@ struct FragmentationTests {
         #expect(p.pool.available == p.pool.slotCount)
     }
 
+    /// A kernel-rules dispatcher on `stack` whose eth0 (ifindex 2) goes to the returned sink.
+    static func kernelHost(_ p: EnginePair, _ stack: XFRMStack) -> (Dispatcher, RecordingSink, EngineCounters) {
+        let wire = RecordingSink(pool: p.pool)
+        let sinks = InterfaceSinks()
+        sinks.set(wire, ifindex: 2)
+        let counters = EngineCounters()
+        return (Dispatcher(stack: stack, pool: p.pool, rules: .kernel, counters: counters, interfaces: sinks,
+                           local: RecordingSink(pool: p.pool)), wire, counters)
+    }
+
+    @Test("a packet with identification 0 gets one before it is cut: every fragment carries the same, non-zero")
+    func identificationZero() throws {
+        let p = try EnginePair(tunnels: 1)
+        try p.a.network.modify(name: "eth0") { (i: inout Interface) throws(NetworkError) in i.mtu = 576 }
+        let (d, wire, _) = Self.kernelHost(p, p.a)
+        var buf = p.pool.allocate()!
+        _ = buf.append(contentsOf: PacketFactory.ipv4(
+            source: "10.0.9.1", destination: "10.9.9.9", proto: 17, identification: 0, dontFragment: false,
+            payload: PacketFactory.udp(payload: PacketFactory.pattern(1200))))
+        var batch = PacketBatch()
+        batch.append(PacketBatch.Packet(buf, stage: .output))
+        d.run(&batch)
+        let pieces = wire.packets.withLock { $0 }
+        #expect(pieces.count == 3)
+        let ids = Set(pieces.map { Int($0[4]) << 8 | Int($0[5]) })
+        #expect(ids.count == 1 && !ids.contains(0))
+        #expect(pieces.allSatisfy { ReassemblyTests.fixed($0) == $0 }, "header checksums")
+        #expect(p.pool.available == p.pool.slotCount)
+    }
+
+    @Test("fragments passing through are forwarded as they are, not reassembled (only this host's are)")
+    func transitFragmentsStayFragments() throws {
+        let p = try EnginePair(tunnels: 1)
+        try p.a.network.modify(name: "eth0") { (i: inout Interface) throws(NetworkError) in i.mtu = 576 }
+        let (a, aWire, _) = Self.kernelHost(p, p.a)
+        var buf = p.pool.allocate()!
+        _ = buf.append(contentsOf: PacketFactory.ipv4(
+            source: "10.5.5.1", destination: "10.6.6.1", proto: 17, dontFragment: false,
+            payload: PacketFactory.udp(payload: PacketFactory.pattern(1200))))
+        var batch = PacketBatch()
+        batch.append(PacketBatch.Packet(buf, stage: .output))
+        a.run(&batch)
+        let pieces = aWire.packets.withLock { $0 }
+        #expect(pieces.count == 3)
+        let (b, bWire, bCounters) = Self.kernelHost(p, p.b)
+        for bytes in pieces {
+            var f = p.pool.allocate()!
+            _ = f.append(contentsOf: bytes)
+            batch.append(PacketBatch.Packet(f, stage: .input, ifindex: 2))
+        }
+        b.run(&batch)
+        let forwarded = bWire.packets.withLock { $0 }
+        #expect(forwarded.count == 3, "forwarded one by one")
+        #expect(zip(forwarded, pieces).allSatisfy { Array($0[20...]) == Array($1[20...]) && $0[8] == $1[8] - 1 })
+        #expect(bCounters.reassembly.required.load(ordering: .relaxed) == 0)
+        #expect(p.pool.available == p.pool.slotCount)
+    }
+
     @Test("without buffers for every fragment the packet is dropped and counted, none half sent, no buffer lost")
     func dryPool() throws {
         let (p, d, wire, counters) = try Self.setUp()
-        let (buf, _) = Self.big(p, size: 1700, df: false)
+        try p.a.network.modify(name: "eth0") { (i: inout Interface) throws(NetworkError) in i.mtu = 600 }
+        let (buf, _) = Self.big(p, size: 1700, df: false)  // three fragments: two more buffers, and only one is left
         var held: [PacketBuffer] = []
-        while let b = p.pool.allocate() { held.append(b) }
+        while p.pool.available > 1, let b = p.pool.allocate() { held.append(b) }
         var batch = PacketBatch()
         batch.append(PacketBatch.Packet(buf, stage: .output))
         d.run(&batch)
         #expect(wire.count == 0)
+        #expect(p.pool.available == 2, "the one fragment made was given back, and the packet's own buffer")
         #expect(counters.fragmentFailed.load(ordering: .relaxed) == 1)
         #expect(counters.fragmented.load(ordering: .relaxed) == 0)
         for b in held { p.pool.release(b) }
@@ -201,13 +261,13 @@ struct ReassemblyTests {
         let (_, longer) = Self.fragments(size: 2400, mtu: 576)
         #expect(Self.feed(r, longer[4]) == nil, "a second last fragment with another end discards the datagram")
         #expect(r.heldFragments == 0 && Self.count(c.failed) == 2)
-        var odd = pieces[1]
-        odd.removeLast(3)  // a non-final fragment whose payload is not a multiple of 8
-        odd[2] = UInt8(odd.count >> 8)
-        odd[3] = UInt8(odd.count & 0xff)
-        odd.withUnsafeMutableBytes { IPv4Header.updateChecksum($0.baseAddress!, headerLength: 20) }
-        #expect(Self.feed(r, odd) == nil)
-        #expect(r.heldFragments == 0 && Self.count(c.failed) == 3)
+        // A fragment with nothing in it discards its datagram (ip_frag_queue: end == offset).
+        var empty = Array(pieces[1][0..<20])
+        empty[3] = 20
+        empty[2] = 0
+        empty.withUnsafeMutableBytes { IPv4Header.updateChecksum($0.baseAddress!, headerLength: 20) }
+        #expect(Self.feed(r, pieces[0]) == nil && Self.feed(r, empty) == nil)
+        #expect(r.heldFragments == 0 && Self.count(c.failed) == 4)
         #expect(Self.pool.available == Self.pool.slotCount)
     }
 
@@ -246,5 +306,84 @@ struct ReassemblyTests {
         #expect(bCounters.reassembly.reassembled.load(ordering: .relaxed) == 1)
         #expect(p.b.statistics[.inHdrError] == 0)
         #expect(p.pool.available == p.pool.slotCount)
+    }
+
+    /// `bytes` with its header checksum made valid again.
+    static func fixed(_ bytes: [UInt8]) -> [UInt8] {
+        var b = bytes
+        b.withUnsafeMutableBytes { IPv4Header.updateChecksum($0.baseAddress!, headerLength: Int($0[0] & 0x0f) * 4) }
+        return b
+    }
+
+    /// A fragment at `offset` bytes with `payload`, More Fragments as told, header options of `options` bytes.
+    static func fragment(id: UInt16 = 0x77, offset: Int, payload: [UInt8], more: Bool, options: Int = 0,
+                         tos: UInt8 = 0) -> [UInt8] {
+        var f = PacketFactory.ipv4(source: "192.0.2.1", destination: "192.0.2.2", proto: 50, tos: tos,
+                                   identification: id, dontFragment: false,
+                                   options: [UInt8](repeating: 1, count: options), payload: payload)
+        let field = (more ? 0x2000 : 0) | offset / 8
+        f[6] = UInt8(field >> 8)
+        f[7] = UInt8(field & 0xff)
+        return Self.fixed(f)
+    }
+
+    @Test("a datagram past 65,535 bytes (a long first header, short later ones) is discarded, not a crash")
+    func oversize() {
+        let big = PacketPool(count: 64, slotSize: 65_536 + 1024, headroom: 128)
+        let c = IPv4ReassemblyCounters()
+        let r = IPv4Reassembly(pool: big, counters: c)
+        func feed(_ bytes: [UInt8]) -> PacketBuffer? {
+            var b = big.allocate()!
+            _ = b.append(contentsOf: bytes)
+            return r.take(b, now: 1)
+        }
+        // A 60-byte first header, 20-byte later ones: 65,515 bytes of data fit each fragment's own limit.
+        #expect(feed(Self.fragment(offset: 0, payload: PacketFactory.pattern(1480), more: true, options: 40)) == nil)
+        var offset = 1480
+        while offset + 1480 < 65_512 {
+            #expect(feed(Self.fragment(offset: offset, payload: PacketFactory.pattern(1480), more: true)) == nil)
+            offset += 1480
+        }
+        #expect(feed(Self.fragment(offset: offset, payload: PacketFactory.pattern(65_515 - offset), more: false))
+                == nil)
+        #expect(c.failed.load(ordering: .relaxed) == c.required.load(ordering: .relaxed))
+        #expect(r.heldFragments == 0 && big.available == big.slotCount)
+    }
+
+    @Test("ECN: CE on any fragment makes the datagram CE; Not-ECT mixed with ECT drops it (RFC 3168 §5.3)")
+    func ecn() {
+        let c = IPv4ReassemblyCounters()
+        let r = IPv4Reassembly(pool: Self.pool, counters: c)
+        let data = PacketFactory.pattern(16)
+        #expect(Self.feed(r, Self.fragment(id: 1, offset: 0, payload: Array(data[0..<8]), more: true, tos: 0x02))
+                == nil)
+        let ce = Self.feed(r, Self.fragment(id: 1, offset: 8, payload: Array(data[8...]), more: false, tos: 0x03))
+        #expect(ce.map { $0[1] & 0x03 } == 0x03)
+        #expect(Self.feed(r, Self.fragment(id: 2, offset: 0, payload: Array(data[0..<8]), more: true, tos: 0x00))
+                == nil)
+        #expect(Self.feed(r, Self.fragment(id: 2, offset: 8, payload: Array(data[8...]), more: false, tos: 0x02))
+                == nil)
+        #expect(c.failed.load(ordering: .relaxed) == 2 && r.heldFragments == 0)
+        #expect(Self.pool.available == Self.pool.slotCount)
+    }
+
+    @Test("a fragment inside data already queued is a duplicate; a non-final one is cut to a multiple of 8")
+    func containedAndTrimmed() {
+        let c = IPv4ReassemblyCounters()
+        let r = IPv4Reassembly(pool: Self.pool, counters: c)
+        let data = PacketFactory.pattern(64, seed: 8)
+        #expect(Self.feed(r, Self.fragment(offset: 0, payload: Array(data[0..<32]), more: true)) == nil)
+        // Bytes 8..<24 again, differently: inside the first fragment, so dropped alone (not an overlap).
+        #expect(Self.feed(r, Self.fragment(offset: 8, payload: [UInt8](repeating: 0xee, count: 16), more: true))
+                == nil)
+        #expect(c.duplicates.load(ordering: .relaxed) == 1 && c.failed.load(ordering: .relaxed) == 0)
+        // 32..<45 with More Fragments: cut to 32..<40; then 40..<64 completes it.
+        #expect(Self.feed(r, Self.fragment(offset: 32, payload: Array(data[32..<45]), more: true)) == nil)
+        let whole = Self.feed(r, Self.fragment(offset: 40, payload: Array(data[40...]), more: false))
+        #expect(whole.map { Array($0[20...]) } == data)
+        #expect(c.joined.load(ordering: .relaxed) == 3)
+        #expect(c.required.load(ordering: .relaxed) == c.joined.load(ordering: .relaxed)
+                + c.duplicates.load(ordering: .relaxed) + c.failed.load(ordering: .relaxed))
+        #expect(Self.pool.available == Self.pool.slotCount)
     }
 }

@@ -87,7 +87,10 @@ def test_a_packet_without_df_too_big_once_inside_esp_leaves_as_fragments_the_pee
     frags = [p for p in packets if p[IP].flags.MF or p[IP].frag]
     assert len(frags) == 4 * N, [p.summary() for p in packets]
     assert all(len(p[IP]) <= 1500 and not p[IP].flags.DF for p in frags)
-    assert all(p[IP].proto == (17 if natt else 50) for p in packets)
+    assert all(p[IP].proto == (17 if natt else 50) and {p[IP].src, p[IP].dst} == {"192.0.2.1", "192.0.2.2"}
+               for p in packets), "only the tunnel's outer packets"
+    if natt:
+        assert all(p[UDP].sport == 4500 and p[UDP].dport == 4500 for p in packets if p[IP].frag == 0)
     from_a = defragment([p for p in packets if p[IP].src == "192.0.2.1"])
     assert len(from_a) == N
     sa = SecurityAssociation(ESP, spi=0x1001, crypt_algo="AES-GCM", crypt_key=bytes.fromhex(K1[2:]),

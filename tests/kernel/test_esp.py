@@ -57,6 +57,7 @@ class Flow:
     extra: str = ""  # more state options (flag esn replay-window 128, encap ...)
     tx: str = ""  # options for the sender's copy of the SA only (replay-oseq ...)
     rx: str = ""  # options for the receiver's copy only (replay-seq ...)
+    big: bool = False  # inner packets of 1,500-1,700 bytes without DF: the outer ESP leaves as IPv4 fragments
 
     @property
     def id(self) -> str:
@@ -64,6 +65,8 @@ class Flow:
             if self.extra else ""
         if self.tx:
             e += "-across-2^32"
+        if self.big:
+            e += "-fragmented"
         return f"{self.mode}{self.inner}in{self.outer}-{self.algo}{e}" if self.mode == "tunnel" else \
             f"{self.mode}{self.inner}-{self.algo}{e}"
 
@@ -103,6 +106,11 @@ HOST_OUT = [
          rx="replay-seq 0xfffffffc"),
     # NAT-T: the kernel decapsulates ESP in UDP only on a socket with UDP_ENCAP set (pcapinject -l holds one)
     Flow(31, "gcm128", "tunnel", 4, 4, "encap espinudp 4500 4500 0.0.0.0"),
+    # Too big for the wire once inside ESP, without DF: xfrm sends IPv4 fragments, which the kernel reassembles
+    # before ESP (ip_defrag ahead of xfrm_input)
+    Flow(32, "gcm128", "tunnel", 4, 4, big=True),
+    Flow(33, "cbc-sha256", "transport", 4, 4, big=True),
+    Flow(34, "chacha", "tunnel", 4, 4, "encap espinudp 4500 4500 0.0.0.0", big=True),
 ]
 PINGS = 3  # per kernel-outbound flow
 INJECT = 5  # per host-outbound flow
@@ -218,7 +226,7 @@ def inner_packets(f: Flow) -> list[bytes]:
     a = addrs(f, False)
     out = []
     for i in range(INJECT):
-        payload = bytes((f.k + i + j) & 0xFF for j in range(40 + 17 * i))
+        payload = bytes((f.k + i + j) & 0xFF for j in range((1500 + 50 * i) if f.big else (40 + 17 * i)))
         if f.inner == 4:
             out.append(bytes(IP(src=a["isrc"], dst=a["idst"], id=0x100 + i) / ICMP(type=8, id=f.k, seq=i)
                              / Raw(payload)))
@@ -402,7 +410,12 @@ def test_xfrm_esp_accepted_by_kernel(flow: Flow, esp_run):
     assert not esp_run["host_errors"].get(str(flow.k)), \
         f"xfrm pcap --output-path failed:\n{esp_run['host_errors'][str(flow.k)]}"
     link, pkts = read_pcap(base64.b64decode(esp_run["host_pcaps"][str(flow.k)]))
-    assert len(pkts) == INJECT, f"xfrm pcap wrote {len(pkts)} packets, expected {INJECT}"
+    # IPv4 fragments: the first of each datagram has offset 0 (a whole packet too); the others are its pieces.
+    frags = [p for p in pkts if p[0] >> 4 == 4 and struct.unpack("!H", p[6:8])[0] & 0x3FFF]
+    firsts = [p for p in pkts if not (p[0] >> 4 == 4 and struct.unpack("!H", p[6:8])[0] & 0x1FFF)]
+    assert len(firsts) == INJECT, f"xfrm pcap wrote {len(firsts)} datagrams, expected {INJECT}"
+    assert len(frags) == (2 * INJECT if flow.big else 0), f"{len(frags)} fragments"
+    assert all(len(p) <= 1500 for p in pkts)
     for p in pkts:  # what went to the kernel is ESP (in UDP 4500 for NAT-T), never the clear inner packet
         proto = p[9] if p[0] >> 4 == 4 else p[6]
         assert proto == (17 if "espinudp" in flow.extra else 50), p.hex()

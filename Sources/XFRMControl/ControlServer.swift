@@ -245,6 +245,7 @@ public final class XfrmControlServer: XfrmTransport {
                 config.direction = dir
             case .extraFlags(let f): config.extraFlags = f
             case .saPCPU(let n): config.pcpuNum = n
+            case .mappingMaxAge(let v): config.mappingMaxAge = v
             case .tfcPad(let v):
                 config.tfcPad = v
                 tfcPadGiven = true
@@ -345,6 +346,13 @@ public final class XfrmControlServer: XfrmTransport {
                 config.inboundSequence = UInt64(r.seq)
                 config.outboundSequence = UInt64(r.oseq)
                 if r.bitmap != 0 { config.replayBitmap = .legacy(r.bitmap) }
+            }
+        }
+        // ≈ verify_newsa_info / verify_mtimer_thresh: the mapping rate limit belongs to a NAT-T input SA.
+        if attrs.contains(where: { if case .mappingMaxAge = $0 { true } else { false } }) {
+            if encap == nil { throw .invalid("MTIMER_THRESH attribute can only be set on ENCAP states") }
+            if config.direction == .outbound {
+                throw .invalid("MTIMER_THRESH attribute should not be set on output SA")
             }
         }
         // SA direction rules (≈ verify_newsa_info with XFRMA_SA_DIR, Linux 6.10).

@@ -220,7 +220,8 @@ extension SecurityAssociation {
             attrs.append(.offloadDevice(XfrmUserOffload(ifindex: o.ifindex, flags: flags)))
         }
         if self.ifID != 0 { attrs.append(.ifID(self.ifID)) }
-        if let n = c.pcpuNum { attrs.append(.saPCPU(n)) }  // ≈ copy_to_user_state_extra
+        if c.mappingMaxAge != 0 { attrs.append(.mappingMaxAge(c.mappingMaxAge)) }  // ≈ copy_to_user_state_extra
+        if let n = c.pcpuNum { attrs.append(.saPCPU(n)) }
         if let d = c.direction { attrs.append(.saDir(d.rawValue)) }
         return attrs
     }

@@ -16,7 +16,8 @@ public enum XfrmEvent: Sendable {
     case policyExpire(Policy, hard: Bool)
     /// A NAT-T SA's ESP arrived, authenticated, from another address or UDP source port than the SA's peer
     /// (≈ km_new_mapping, XFRM_MSG_MAPPING): a NAT between the peers moved the mapping, and the key manager may move
-    /// the SAs. Sent for every such packet, as the kernel does without XFRMA_MTIMER_THRESH.
+    /// the SAs. Sent for every such packet, as the kernel does without XFRMA_MTIMER_THRESH; with it
+    /// (`SAConfig.mappingMaxAge`), for a new port at once and for the same port at most once per threshold.
     case mapping(SecurityAssociation, newSource: IPAddress, newPort: UInt16, oldPort: UInt16)
     /// A device went down or away and took these offloaded SAs and policies with it (swift-xfrm's own event; the
     /// kernel tells no one).

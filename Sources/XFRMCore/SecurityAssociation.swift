@@ -93,6 +93,10 @@ public struct SAConfig: Sendable {
     /// UINT_MAX). Output resolution on another CPU skips it (≈ xfrm_state_look_at); the stack's "CPU" is the
     /// engine worker that runs the output path.
     public var pcpuNum: UInt32?
+    /// XFRMA_MTIMER_THRESH: a NAT-T input SA tells the key manager of a peer's move to a new port at once, and of
+    /// more moves to that same port at most once per this many seconds (≈ km_new_mapping's rate limit); 0: every
+    /// packet from a moved peer is told.
+    public var mappingMaxAge: UInt32 = 0
 
     /// True when the replay state is listed through XFRMA_REPLAY_ESN_VAL.
     public var usesReplayESN: Bool { self.replayESNFormat ?? (self.esn || self.replayWindow > 32) }

@@ -242,6 +242,12 @@ extension XFRMStack {
                                  screen: { transform.screen(info) }) {
             movedTo = Self.peerMoved(packet, info: info, transform: transform, peer: sa.config.source)
             let r = transform.decapsulate(&packet, info: info, cryptoDone: done)
+            // Only a packet that proved itself counts against the rate limit (XFRMA_MTIMER_THRESH).
+            if let m = movedTo, r == nil || r == .tfcDummy,
+                !transform.mappingDue(port: m.new, now: now, maxAge: sa.config.mappingMaxAge)
+            {
+                movedTo = nil
+            }
             // ≈ xfrm_input after x->type->input: curlft counts what ESP delivered — the inner packet in
             // tunnel mode, the upper-layer payload in transport mode — not the outer ESP packet.
             return (r, tunnel ? packet.count : packet.count - info.transportOffset)

@@ -45,6 +45,18 @@ public final class ESPTransform: @unchecked Sendable {
     /// The NAT-T ports in use (the SA's, updated when the peer's NAT mapping moves; ≈ x->encap).
     public var encapsulation: NATTEncapsulation? { self.state.pointee.encapsulation }
 
+    /// Whether a peer's move to source `port` is to be told to the key manager now (≈ km_new_mapping with
+    /// x->mapping_maxage): always without a limit (`maxAge` 0); with one, when the port differs from the last one
+    /// told or more than `maxAge` seconds went by since, and then it counts as told. Called under the SA's lock.
+    public func mappingDue(port: UInt16, now: UInt64, maxAge: UInt32) -> Bool {
+        guard maxAge != 0 else { return true }
+        let s = self.state
+        guard now &- s.pointee.mappingTold > UInt64(maxAge) || s.pointee.mappingPort != port else { return false }
+        s.pointee.mappingTold = now
+        s.pointee.mappingPort = port
+        return true
+    }
+
     /// Everything a packet changes, behind one pointer. Whoever calls the transform already serializes it (the SA's
     /// lock, or the one thread that owns it), and a stored `var` of a class would cost Swift's dynamic exclusivity
     /// check (a thread-local access set) on every read and write, several times per packet.
@@ -54,6 +66,10 @@ public final class ESPTransform: @unchecked Sendable {
         var statistics = ESPStatistics()
         var ipIdentification: UInt16 = 0
         var encapsulation: NATTEncapsulation?
+        /// The last NAT-T mapping change told: when (seconds) and to which source port (x->new_mapping,
+        /// x->new_mapping_sport).
+        var mappingTold: UInt64 = 0
+        var mappingPort: UInt16 = 0
     }
     private let state: UnsafeMutablePointer<MutableState>
 

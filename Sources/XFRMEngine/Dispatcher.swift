@@ -214,7 +214,7 @@ public final class Dispatcher {
         }
         // Identification 0 would be replaced per packet by the host's raw socket (raw_send_hdrinc calls
         // ip_select_ident for it), leaving fragments nobody can join: such a packet gets one of ours first.
-        if buffer.data.loadBE16(at: 4) == 0 {
+        if buffer.data.loadBE16(at: 4) == 0 && plan.offset == 0 && !plan.moreFragments {  // a whole packet only
             self.identification = self.identification == UInt16.max ? 1 : self.identification + 1
             buffer.data.storeBE16(self.identification, at: 4)
             IPv4Header.updateChecksum(buffer.data, headerLength: plan.headerLength)

@@ -90,10 +90,13 @@ public final class IPv4Reassembly: @unchecked Sendable {
 
     private func takeLocked(_ buffer: PacketBuffer, now: UInt64) -> PacketBuffer? {
         self.counters.required.wrappingAdd(1, ordering: .relaxed)
+        var buffer = buffer
         let p = buffer.data
-        guard let ip = IPv4Header.parse(p, available: buffer.count), ip.totalLength == buffer.count else {
-            return self.fail(buffer, queue: nil)  // a header that does not verify, or lengths that disagree
+        guard let ip = IPv4Header.parse(p, available: buffer.count), ip.totalLength >= ip.headerLength else {
+            return self.fail(buffer, queue: nil)  // a header that does not verify, or a total length past the bytes
         }
+        // Bytes after the total length (a link layer's padding) are not the datagram's (≈ ip_rcv_core's trim).
+        if buffer.count > ip.totalLength { buffer.trimBack(buffer.count - ip.totalLength) }
         let field = p.loadBE16(at: 6)
         let offset = Int(field & IPv4Header.fragmentOffsetMask) * 8
         let more = field & IPv4Header.flagMF != 0
@@ -124,6 +127,12 @@ public final class IPv4Reassembly: @unchecked Sendable {
             covered += min(end, piece.end) - max(offset, piece.offset)
         }
         if covered == end - offset {
+            // A last fragment still says where the datagram ends (ip_frag_queue sets it before the insert finds
+            // the duplicate): data said to lie past it later discards the datagram.
+            if !more {
+                q.total = end
+                self.queues[key] = q
+            }
             self.counters.duplicates.wrappingAdd(1, ordering: .relaxed)
             self.pool.release(buffer)
             return nil
@@ -134,8 +143,9 @@ public final class IPv4Reassembly: @unchecked Sendable {
         }
         if !more { q.total = end }
         q.ecn |= 1 << (p.loadByte(at: 1) & 0x03)
-        q.maxSize = max(q.maxSize, buffer.count)
-        if field & IPv4Header.flagDF != 0 { q.maxDFSize = max(q.maxDFSize, buffer.count) }
+        let size = ip.headerLength + end - offset  // after the cut to 8 bytes (ip_frag_queue's fragsize)
+        q.maxSize = max(q.maxSize, size)
+        if field & IPv4Header.flagDF != 0 { q.maxDFSize = max(q.maxDFSize, size) }
         q.pieces.append(Piece(offset: offset, end: end, payloadStart: ip.headerLength, buffer: buffer))
         self.held.wrappingAdd(1, ordering: .relaxed)
         guard let total = q.total, Self.covered(q.pieces, total: total) else {

@@ -86,6 +86,9 @@ public enum XfrmAttribute: Equatable, Sendable {
     case saDir(UInt8)
     /// XFRMA_SA_PCPU (u32): the CPU a per-CPU SA serves (RFC 9611), or on an ACQUIRE the CPU that asks for one.
     case saPCPU(UInt32)
+    /// XFRMA_MTIMER_THRESH (u32 seconds): at most one XFRM_MSG_MAPPING per this many seconds for the same new port
+    /// of a NAT-T input SA (x->mapping_maxage).
+    case mappingMaxAge(UInt32)
     case proto(UInt8)
     case unknown(type: UInt16, payload: [UInt8])
 
@@ -112,6 +115,7 @@ public enum XfrmAttribute: Equatable, Sendable {
         case .ifID: XfrmAttributeType.ifID.rawValue
         case .saDir: XfrmAttributeType.saDir.rawValue
         case .saPCPU: XfrmAttributeType.saPCPU.rawValue
+        case .mappingMaxAge: XfrmAttributeType.mtimerThresh.rawValue
         case .proto: XfrmAttributeType.proto.rawValue
         case .unknown(let t, _): t
         }
@@ -136,7 +140,7 @@ public enum XfrmAttribute: Equatable, Sendable {
         case .mark(let m):
             w.u32(m.value)
             w.u32(m.mask)
-        case .tfcPad(let v), .extraFlags(let v), .ifID(let v), .saPCPU(let v): w.u32(v)
+        case .tfcPad(let v), .extraFlags(let v), .ifID(let v), .saPCPU(let v), .mappingMaxAge(let v): w.u32(v)
         case .offloadDevice(let o):
             w.i32(o.ifindex)
             w.u8(o.flags)
@@ -175,6 +179,7 @@ public enum XfrmAttribute: Equatable, Sendable {
         case .ifID: return .ifID(try r.u32())
         case .saDir: return .saDir(try r.u8())
         case .saPCPU: return .saPCPU(try r.u32())
+        case .mtimerThresh: return .mappingMaxAge(try r.u32())
         case .proto: return .proto(try r.u8())
         default: return .unknown(type: type, payload: p)
         }

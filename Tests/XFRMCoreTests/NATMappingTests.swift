@@ -7,7 +7,7 @@ import XFRMTestKit
 
 /// XFRM_MSG_MAPPING (≈ km_new_mapping from esp_input_done2): a NAT-T SA's ESP that proved itself (replay window,
 /// ICV) but came from another address or UDP source port than the SA's peer is delivered, and the key manager hears
-/// the new endpoint, for every such packet (the kernel's behaviour without XFRMA_MTIMER_THRESH).
+/// the new endpoint, for every such packet without XFRMA_MTIMER_THRESH, rate-limited with it.
 @Suite("NAT-T mapping changes (XFRM_MSG_MAPPING)")
 struct NATMappingTests {
     /// `wire` (A's ESP in UDP 4500 to B) as a NAT passes it on: from `source` (if given) and UDP port `port`.
@@ -101,4 +101,40 @@ struct NATMappingTests {
         #expect(h.receive(wire[2]).0 == .deliver, "the old port: the mapping moved back")
         #expect(Self.mappings(h.eventsB).first?.2 == 4500)
     }
+
+    @Test("XFRMA_MTIMER_THRESH: a move to a new port is told at once; more from that port at most once per threshold")
+    func rateLimited() throws {
+        let h = try TwoHosts()
+        try h.tunnel(natt: true)
+        // B's inbound SA again, with a 30-second threshold (≈ km_new_mapping with x->mapping_maxage).
+        try h.b.deleteState(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001), mark: Mark())
+        var c = try #require(h.b.states.lookup(SAID(destination: IPAddress("192.0.2.1")!, spi: 0x2002))).config
+        c.id = SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001)
+        c.source = IPAddress("192.0.2.1")!
+        c.reqid = 1
+        c.mappingMaxAge = 30
+        try h.b.addState(h.b.makeSA(c))
+        let wire = (0..<8).map { i in h.send(h.packet(size: 40 + i)).1 }
+        _ = h.eventsB.drain()
+        func told(_ i: Int, port: UInt16) -> Bool {
+            #expect(h.receive(Self.natted(wire[i], port: port)).0 == .deliver, "packet \(i) is delivered all the same")
+            return !Self.mappings(h.eventsB).isEmpty
+        }
+        #expect(told(0, port: 31337), "the first move")
+        #expect(!told(1, port: 31337), "the same port again within 30 s")
+        #expect(told(2, port: 31338), "another port: at once")
+        h.clock.advance(by: 30)
+        #expect(!told(3, port: 31338), "30 s are not more than 30")
+        h.clock.advance(by: 1)
+        #expect(told(4, port: 31338), "31 s later")
+        #expect(!told(5, port: 31338))
+        // Without a threshold (the SA A→B of the other direction is not involved): every packet tells.
+        let u = try TwoHosts()
+        try u.tunnel(natt: true)
+        let more = (0..<2).map { i in u.send(u.packet(size: 40 + i)).1 }
+        _ = u.eventsB.drain()
+        for w in more { _ = u.receive(Self.natted(w, port: 31337)) }
+        #expect(Self.mappings(u.eventsB).count == 2)
+    }
 }
+

@@ -5,6 +5,7 @@ import Foundation
 import Synchronization
 import Testing
 import XFRMPacket
+import XFRMTestKit
 
 @testable import XFRMCore
 

@@ -1,5 +1,6 @@
 import Testing
 import XFRMPacket
+import XFRMTestKit
 
 @testable import XFRMCore
 
@@ -37,18 +38,6 @@ private func expectError<R>(_ errno: Int32, _ message: String? = nil,
         if let message { #expect(error.message == message, sourceLocation: sourceLocation) }
     } catch {
         Issue.record("unexpected error \(error)", sourceLocation: sourceLocation)
-    }
-}
-
-/// SplitMix64: small and deterministic, so a failing case reproduces (the module's tests share it).
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        self.state &+= 0x9e37_79b9_7f4a_7c15
-        var z = self.state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
     }
 }
 

@@ -154,7 +154,8 @@ struct FragmentationTests {
     }
 }
 
-@Suite("IPv4 reassembly before the stack (RFC 4303 §3.4.1, ip_defrag): whole datagrams, overlaps and time limits")
+@Suite("IPv4 reassembly before the stack (RFC 4303 §3.4.1, ip_defrag): whole datagrams, overlaps and time limits",
+       .serialized)  // the tests share a pool and check that all of it comes back
 struct ReassemblyTests {
     static let pool = PacketPool(count: 64, slotSize: 4096, headroom: 128)
 
@@ -252,7 +253,7 @@ struct ReassemblyTests {
         #expect(Self.count(c.required) == Self.count(c.failed), "every fragment taken is accounted for")
     }
 
-    @Test("inconsistent fragments are refused: two different ends, data past the end, a short non-final fragment")
+    @Test("inconsistent fragments are refused: two different ends, data past the end, an empty fragment")
     func inconsistent() {
         let c = IPv4ReassemblyCounters()
         let r = IPv4Reassembly(pool: Self.pool, counters: c)
@@ -261,13 +262,19 @@ struct ReassemblyTests {
         let (_, longer) = Self.fragments(size: 2400, mtu: 576)
         #expect(Self.feed(r, longer[4]) == nil, "a second last fragment with another end discards the datagram")
         #expect(r.heldFragments == 0 && Self.count(c.failed) == 2)
+        // Data past the end a last fragment set, even one dropped as a duplicate, discards the datagram.
+        #expect(Self.feed(r, pieces[3]) == nil && Self.feed(r, pieces[3]) == nil)
+        #expect(Self.count(c.duplicates) == 1)
+        #expect(Self.feed(r, Self.fragment(id: 0x4242, offset: 1776, payload: PacketFactory.pattern(16), more: true))
+                == nil)
+        #expect(r.heldFragments == 0 && Self.count(c.failed) == 4)
         // A fragment with nothing in it discards its datagram (ip_frag_queue: end == offset).
         var empty = Array(pieces[1][0..<20])
         empty[3] = 20
         empty[2] = 0
         empty.withUnsafeMutableBytes { IPv4Header.updateChecksum($0.baseAddress!, headerLength: 20) }
         #expect(Self.feed(r, pieces[0]) == nil && Self.feed(r, empty) == nil)
-        #expect(r.heldFragments == 0 && Self.count(c.failed) == 4)
+        #expect(r.heldFragments == 0 && Self.count(c.failed) == 6)
         #expect(Self.pool.available == Self.pool.slotCount)
     }
 
@@ -318,7 +325,7 @@ struct ReassemblyTests {
     /// A fragment at `offset` bytes with `payload`, More Fragments as told, header options of `options` bytes.
     static func fragment(id: UInt16 = 0x77, offset: Int, payload: [UInt8], more: Bool, options: Int = 0,
                          tos: UInt8 = 0) -> [UInt8] {
-        var f = PacketFactory.ipv4(source: "192.0.2.1", destination: "192.0.2.2", proto: 50, tos: tos,
+        var f = PacketFactory.ipv4(proto: 50, tos: tos,
                                    identification: id, dontFragment: false,
                                    options: [UInt8](repeating: 1, count: options), payload: payload)
         let field = (more ? 0x2000 : 0) | offset / 8
@@ -386,4 +393,84 @@ struct ReassemblyTests {
                 + c.duplicates.load(ordering: .relaxed) + c.failed.load(ordering: .relaxed))
         #expect(Self.pool.available == Self.pool.slotCount)
     }
+
+    @Test("random fragments, shuffled, duplicated, shifted, cut short or mixed across datagrams: no crash, every fragment accounted for, no buffer lost, only whole datagrams come out")
+    func randomizedStream() {
+        let pool = PacketPool(count: 96, slotSize: 4096, headroom: 64)
+        var rng = SplitMix(state: 0xf4a6_2026_1201)
+        for round in 0..<300 {
+            let c = IPv4ReassemblyCounters()
+            let r = IPv4Reassembly(pool: pool, counters: c, timeout: 30, maxHeld: 1 + Int(rng.next() % 64))
+            var originals: Set<[UInt8]> = []
+            var stream: [[UInt8]] = []
+            for d in 0..<(1 + Int(rng.next() % 4)) {
+                let size = 29 + Int(rng.next() % 3000)
+                let mtu = 68 + Int(rng.next() % 1500)
+                let options = 4 * Int(rng.next() % 3)
+                let whole = PacketFactory.ipv4(
+                    source: "192.0.2.1", destination: "192.0.2.2", proto: 50, tos: UInt8(rng.next() % 4),
+                    identification: UInt16(d + 1), dontFragment: false,
+                    options: [UInt8](repeating: 1, count: options),
+                    payload: PacketFactory.pattern(size - 20 - options, seed: UInt8(truncatingIfNeeded: rng.next())))
+                var buf = pool.allocate()!
+                _ = buf.append(contentsOf: whole)
+                guard let plan = IPv4Fragmentation.plan(buf.data, count: buf.count, mtu: mtu) else {
+                    pool.release(buf)
+                    continue
+                }
+                originals.insert(whole)
+                for i in 1..<plan.count {
+                    var piece = pool.allocate()!
+                    _ = IPv4Fragmentation.writeFragment(i, of: buf.data, plan: plan, into: &piece)
+                    stream.append(piece.bytes)
+                    pool.release(piece)
+                }
+                IPv4Fragmentation.makeFirst(&buf, plan: plan)
+                stream.append(buf.bytes)
+                pool.release(buf)
+            }
+            // Mischief: duplicates, shifted offsets, cut lengths, flipped More Fragments, a changed byte.
+            let mischief = Int(rng.next() % 4)
+            for _ in 0..<mischief where !stream.isEmpty {
+                let i = Int(rng.next() % UInt64(stream.count))
+                var f = stream[i]
+                switch rng.next() % 5 {
+                case 0: stream.append(f)
+                case 1: f[7] = f[7] &+ UInt8(1 + rng.next() % 3)
+                case 2: f.removeLast(min(f.count - Int(f[0] & 0x0f) * 4, Int(rng.next() % 9)))
+                    f[2] = UInt8(f.count >> 8)
+                    f[3] = UInt8(f.count & 0xff)
+                case 3: f[6] ^= 0x20
+                default: f[f.count - 1] ^= 0xff
+                }
+                stream[i] = Self.fixed(f)
+            }
+            stream.shuffle(using: &rng)
+            var out: [[UInt8]] = []
+            for f in stream {
+                guard pool.available > 0 else { break }
+                var b = pool.allocate()!
+                _ = b.append(contentsOf: f)
+                if let whole = r.take(b, now: 1_000 + UInt64(round)) {
+                    out.append(whole.bytes)
+                    pool.release(whole)
+                }
+            }
+            let held = UInt64(r.heldFragments)
+            #expect(c.required.load(ordering: .relaxed) == c.joined.load(ordering: .relaxed)
+                    + c.failed.load(ordering: .relaxed) + c.duplicates.load(ordering: .relaxed) + held,
+                    "round \(round): every fragment joined, failed, a duplicate or held")
+            if mischief == 0 {
+                // Nothing disturbed and room for all: every datagram sent comes out, exactly, and nothing else.
+                if stream.count <= r.maxHeld {
+                    #expect(Set(out) == originals, "round \(round): every datagram, whole")
+                } else {
+                    #expect(out.allSatisfy { originals.contains($0) }, "round \(round): only datagrams that were sent")
+                }
+            }
+            r.releaseAll()
+            #expect(pool.available == pool.slotCount, "round \(round): every buffer back")
+        }
+    }
 }
+

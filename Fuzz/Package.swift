@@ -59,6 +59,12 @@ let package = Package(
                 .product(name: "XFRMEngine", package: "swift-xfrm"),
             ], swiftSettings: harness),
         .executableTarget(
+            name: "fuzz-reassembly",
+            dependencies: [
+                .product(name: "XFRMEngine", package: "swift-xfrm"),
+                .product(name: "XFRMPacket", package: "swift-xfrm"),
+            ], swiftSettings: harness),
+        .executableTarget(
             name: "fuzz-replay",
             dependencies: [.product(name: "XFRMTestKit", package: "swift-xfrm")], swiftSettings: harness),
     ],

@@ -12,6 +12,8 @@
 - pcap: small classic pcap files (raw IP and Ethernet with 802.1Q, both byte orders, micro and nano seconds).
 - replay: step sequences over the window edges (see XFRMTestKit.ReplayDifferential).
 - input-runs: batches of sealed packets per SA with replays, other SAs, refused flows and raw packets between.
+- reassembly: datagrams cut into fragments in order, reversed, with duplicates, an overlap, padding, a broken header
+  and the 30-second limit passing (see Fuzz/Sources/fuzz-reassembly).
 Files are named by their content's SHA-1, as libFuzzer names its corpus.
 """
 import hashlib
@@ -245,6 +247,29 @@ def input_run_seeds():
         bytes([0x40, 4, 6]) + bytes([1, 2, 3, 4, 2, 4]) + valid(0, 6))
 
 
+def reassembly_seeds():
+    """Records of fuzz-reassembly: a bound, then 8-byte fragment descriptions."""
+    def frag(d, offset_units, length, more, df=False, bad=False, pad=False, options=0, ecn=0, wait=0):
+        b0 = (d - 1) | (4 if more else 0) | (8 if df else 0) | (0x10 if bad else 0) | (0x20 if pad else 0)
+        return bytes([b0, offset_units >> 8, offset_units & 0xFF, length >> 8, length & 0xFF, options, ecn, wait])
+
+    def cut(d, total, chunk, options=0):
+        out, off = [], 0
+        while off < total:
+            n = min(chunk, total - off)
+            out.append(frag(d, off // 8, n, off + n < total, options=options if off == 0 else 0))
+            off += n
+        return out
+    one, two = cut(1, 1500, 552), cut(2, 3000, 1480, options=2)
+    put("reassembly", bytes([40]) + b"".join(one))
+    put("reassembly", bytes([40]) + b"".join(reversed(two)) + b"".join(one))
+    put("reassembly", bytes([40]) + one[0] + one[0] + one[1] + frag(1, 68, 16, True) + one[2])  # duplicate, overlap
+    put("reassembly", bytes([3]) + b"".join(one) + b"".join(two))  # more than the bound holds
+    put("reassembly", bytes([40]) + one[0] + frag(1, 69, 552, True, pad=True) + frag(1, 138, 396, False, ecn=3))
+    put("reassembly", bytes([40]) + one[0] + frag(1, 69, 552, True, bad=True) + one[1] + one[2])
+    put("reassembly", bytes([40]) + one[0] + frag(1, 69, 552, True, wait=31) + one[2])  # the first times out
+
+
 def main():
     xfrm = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, ".build", "debug", "xfrm")
     esp_seeds()
@@ -256,6 +281,7 @@ def main():
     pcap_seeds()
     replay_seeds()
     input_run_seeds()
+    reassembly_seeds()
     for t in sorted(os.listdir(OUT)):
         files = os.listdir(os.path.join(OUT, t))
         size = sum(os.path.getsize(os.path.join(OUT, t, f)) for f in files)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs one libFuzzer harness (or all) with its seed corpus:
 #
-#     scripts/fuzz.sh TARGET SECONDS      TARGET: esp-input control batch pcap daemon-intake replay, or all
+#     scripts/fuzz.sh TARGET SECONDS      TARGET: esp-input input-runs control batch pcap daemon-intake replay
+#                                         reassembly, or all
 #
 # Builds the harnesses once (Fuzz/, a package of their own, into .build/fuzz; later calls rebuild only what
 # changed), copies the checked-in seeds (Fuzz/Corpus/TARGET) into a working corpus (.build/fuzz-corpus/TARGET,
@@ -13,7 +14,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
-TARGETS=(esp-input input-runs control batch pcap daemon-intake replay)
+TARGETS=(esp-input input-runs control batch pcap daemon-intake replay reassembly)
 # `scripts/fuzz.sh build` builds the harnesses and runs nothing (scripts/test.sh builds them in the background).
 if [ "${1:-}" = build ] && [ $# -eq 1 ]; then
   set -- build 0

@@ -94,7 +94,7 @@ public final class Datapath: @unchecked Sendable {
     /// that finds the interface holding its outer address can name it in XFRMA_OFFLOAD_DEV; default: the TUN's.
     public init(stack: XFRMStack, tunName: String, udpPort: UInt16, rawESP: Bool, workers: Int, mark: UInt32,
                 offload: DaemonOffload?, offloadDevice: String? = nil, tunOffload: Bool, ikePort: UInt16? = nil,
-                shareUDPPort: Bool = false, logger: Logger) throws(SocketError)
+                shareUDPPort: Bool = false, outerMTU: Int = 1500, logger: Logger) throws(SocketError)
     {
         self.stack = stack
         self.logger = logger
@@ -139,8 +139,9 @@ public final class Datapath: @unchecked Sendable {
             throw SocketError("--offload-dev \(self.outerName): no such interface", errno: ENODEV)
         }
         do throws(NetworkError) {
+            // Its MTU is the outer path's (`--outer-mtu`): what is larger is cut into fragments or refused with ICMP.
             let wan = try net.addInterface(name: self.outerName, kind: offload == nil ? "dummy" : "simnic",
-                                           index: hostIndex > 0 ? hostIndex : nil)
+                                           mtu: outerMTU, index: hostIndex > 0 ? hostIndex : nil)
             try net.modify(name: self.outerName) { (i: inout Interface) throws(NetworkError) in i.isUp = true }
             try net.addRoute(IPPrefix("0.0.0.0/0")!, device: self.outerName, via: nil)
             try net.addRoute(IPPrefix("::/0")!, device: self.outerName, via: nil)
@@ -153,7 +154,7 @@ public final class Datapath: @unchecked Sendable {
         stack.nattPort.store(udpPort, ordering: .relaxed)
         if let offload {
             let nic = SimulatedNIC(name: self.outerName, ifindex: self.wanIfindex, modes: offload.modes, saCapacity: 1024,
-                                   mtu: 1500, supportsForwardPolicies: true, algorithms: .all, pool: self.pool,
+                                   mtu: outerMTU, supportsForwardPolicies: true, algorithms: .all, pool: self.pool,
                                    engineThreads: 1)
             do throws(DeviceError) {
                 try stack.attachDevice(nic, ifindex: self.wanIfindex)

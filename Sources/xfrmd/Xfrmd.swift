@@ -47,6 +47,11 @@ struct Xfrmd: ParsableCommand {
           help: "Open the TUN without IFF_VNET_HDR and TSO/GRO (one inner packet per read and write).")
     var noTunOffload = false
 
+    @Option(name: .customLong("outer-mtu"), help: ArgumentHelp(
+        "The MTU of the outer path: a protected IPv4 packet without DF that is larger leaves as IPv4 fragments, one with DF (or IPv6) is answered with ICMP.",
+        valueName: "BYTES"))
+    var outerMTU: Int = 1500
+
     @Option(help: "Worker threads of the data path (default: one per core).")
     var workers: Int? = nil
 
@@ -99,6 +104,9 @@ struct Xfrmd: ParsableCommand {
 
     func validate() throws {
         if let w = self.workers, w < 1 || w > 64 { throw ValidationError("--workers must be between 1 and 64") }
+        if self.outerMTU < 576 || self.outerMTU > 65_535 {
+            throw ValidationError("--outer-mtu must be between 576 and 65535 bytes")
+        }
         if self.shareNATTPort && self.ikePort != nil {
             throw ValidationError("--share-natt-port and --ike-port are two ways to hand IKE over: choose one")
         }
@@ -150,7 +158,7 @@ struct Xfrmd: ParsableCommand {
                                     workers: self.workers ?? max(1, cores), mark: self.markValue ?? 0,
                                     offload: self.offload.flatMap(DaemonOffload.init(rawValue:)),
                                     offloadDevice: self.offloadDev, tunOffload: !self.noTunOffload, ikePort: self.ikePort,
-                                    shareUDPPort: self.shareNATTPort, logger: logger)
+                                    shareUDPPort: self.shareNATTPort, outerMTU: self.outerMTU, logger: logger)
             if let address = self.metrics {
                 metricsServer = try MetricsServer(address: address, stack: stack, datapath: datapath, logger: logger)
             }

@@ -13,7 +13,7 @@ from scapy.layers.inet import IP, UDP, defragment
 from scapy.layers.ipsec import ESP, SecurityAssociation
 from scapy.utils import rdpcap
 
-from daemonlib import K1
+from daemonlib import K1, Pair
 
 ECHO = r"""
 import socket, sys
@@ -49,8 +49,18 @@ def payload(i):
     return bytes((i * 31 + j) & 0xFF for j in range(SIZE))
 
 
-@pytest.mark.parametrize("natt", [False, True], ids=["raw-esp", "nat-t"])
-def test_a_packet_without_df_too_big_once_inside_esp_leaves_as_fragments_the_peer_reassembles(pair, natt, tmp_path):
+@pytest.mark.parametrize("natt,mtu", [(False, None), (True, None), (True, 1280)],
+                         ids=["raw-esp", "nat-t", "nat-t-outer-mtu-1280"])
+def test_a_packet_without_df_too_big_once_inside_esp_leaves_as_fragments_the_peer_reassembles(natt, mtu, tmp_path):
+    # --outer-mtu: the daemons cut to a path smaller than the veth's 1500 bytes.
+    pair = Pair(tmp_path, daemon_args=["--outer-mtu", str(mtu)] if mtu else [])
+    try:
+        run_case(pair, natt, mtu or 1500, tmp_path)
+    finally:
+        pair.close()
+
+
+def run_case(pair, natt, mtu, tmp_path):
     pair.configure(natt)
     for side in "ab":
         pair.ip(side, "link", "set", "xfrm0", "mtu", "1500")
@@ -86,7 +96,7 @@ def test_a_packet_without_df_too_big_once_inside_esp_leaves_as_fragments_the_pee
     packets = [p for p in rdpcap(str(capture)) if IP in p]
     frags = [p for p in packets if p[IP].flags.MF or p[IP].frag]
     assert len(frags) == 4 * N, [p.summary() for p in packets]
-    assert all(len(p[IP]) <= 1500 and not p[IP].flags.DF for p in frags)
+    assert all(len(p[IP]) <= mtu and not p[IP].flags.DF for p in frags)
     assert all(p[IP].proto == (17 if natt else 50) and {p[IP].src, p[IP].dst} == {"192.0.2.1", "192.0.2.2"}
                for p in packets), "only the tunnel's outer packets"
     if natt:
@@ -98,7 +108,7 @@ def test_a_packet_without_df_too_big_once_inside_esp_leaves_as_fragments_the_pee
                              **({"nat_t_header": UDP(sport=4500, dport=4500)} if natt else {}))
     for i, p in enumerate(from_a):
         outer = IP(bytes(p[IP]))
-        assert outer.flags.MF == 0 and outer.frag == 0 and len(outer) > 1500
+        assert outer.flags.MF == 0 and outer.frag == 0 and len(outer) > mtu
         inner = sa.decrypt(outer)
         assert inner[IP].src == "10.0.1.1" and inner[IP].dst == "10.0.2.1" and not inner[IP].flags.DF
         assert bytes(inner[UDP].payload) == payload(i), f"datagram {i}"

@@ -1,0 +1,95 @@
+// IPv4 reassembly (XFRMEngine.IPv4Reassembly, what the simulated hosts and `xfrm pcap --input-path` run before the
+// stack): any sequence of fragments gives whole datagrams or counted drops, never a crash, a lost buffer or two
+// datagrams' bytes in one.
+//
+// Input: byte 0 the bound on held fragments (1–64); then 8 bytes per fragment:
+//   0   bits 0–1 the datagram (its identification, 1–4), bit 2 More Fragments, bit 3 DF, bit 4 a broken header
+//       checksum, bit 5 two bytes of link-layer padding after it;
+//   1–2 the offset in 8-byte units (13 bits); 3–4 the payload length (mod 1,600); 5 the options (0–3 words);
+//   6   the ECN codepoint (2 bits); 7 seconds to let pass before it (mod 40: the 30-second limit comes into play).
+// Each datagram's payload byte at position k is (identification × 37 + k) mod 256, whichever fragment carries it, so
+// a datagram that comes out holding another's bytes (or shifted ones) is found. After the last fragment: every
+// fragment taken is joined, failed, a duplicate or held; every datagram out is well formed; all buffers come back.
+import Synchronization
+import XFRMEngine
+import XFRMPacket
+
+let pool = PacketPool(count: 128, slotSize: 4096, headroom: 64)
+
+@inline(__always) func byteAt(_ id: Int, _ k: Int) -> UInt8 { UInt8(truncatingIfNeeded: id &* 37 &+ k) }
+
+func check(_ ok: Bool, _ what: @autoclosure () -> String) {
+    if !ok { fatalError("reassembly: \(what())") }
+}
+
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzzReassembly(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
+    let input = UnsafeBufferPointer(start: data, count: data == nil ? 0 : size)
+    guard let first = input.first else { return 0 }
+    let counters = IPv4ReassemblyCounters()
+    let r = IPv4Reassembly(pool: pool, counters: counters, timeout: 30, maxHeld: 1 + Int(first % 64))
+    var now: UInt64 = 1_000
+    var i = 1
+    while i + 8 <= input.count {
+        let op = Array(input[i..<(i + 8)])
+        i += 8
+        now += UInt64(op[7] % 40)
+        let id = Int(op[0] & 3) + 1
+        let offset = (Int(op[1]) << 8 | Int(op[2])) & 0x1fff
+        let length = (Int(op[3]) << 8 | Int(op[4])) % 1600
+        let options = Int(op[5] % 4) * 4
+        let header = 20 + options
+        guard var b = pool.allocate() else { break }
+        guard b.tailroom >= header + length + 2 else {
+            pool.release(b)
+            continue
+        }
+        let p = b.append(header + length + (op[0] & 0x20 != 0 ? 2 : 0))
+        var h = [UInt8](repeating: 0, count: header)
+        h[0] = UInt8(0x40 | header / 4)
+        h[1] = op[6] & 0x03
+        h[2] = UInt8((header + length) >> 8)
+        h[3] = UInt8((header + length) & 0xff)
+        h[5] = UInt8(id)
+        var field = offset
+        if op[0] & 0x04 != 0 { field |= 0x2000 }
+        if op[0] & 0x08 != 0 { field |= 0x4000 }
+        h[6] = UInt8(field >> 8)
+        h[7] = UInt8(field & 0xff)
+        h[8] = 64
+        h[9] = 50
+        h.replaceSubrange(12..<20, with: [192, 0, 2, 1, 192, 0, 2, 2])
+        for k in 20..<header { h[k] = 1 }  // No Operation options
+        h.withUnsafeMutableBytes { IPv4Header.updateChecksum($0.baseAddress!, headerLength: header) }
+        if op[0] & 0x10 != 0 { h[10] ^= 0x5a }
+        p.copyMemory(from: h, byteCount: header)
+        for k in 0..<length { p.storeBytes(of: byteAt(id, offset * 8 + k), toByteOffset: header + k, as: UInt8.self) }
+        if op[0] & 0x20 != 0 { p.storeBytes(of: UInt16(0xeeee), toByteOffset: header + length, as: UInt16.self) }
+        r.sweep(now: now)
+        guard IPv4Reassembly.isFragment(b) else {
+            pool.release(b)
+            continue
+        }
+        if let whole = r.take(b, now: now) {
+            let o = whole.data
+            let hl = Int(o.loadByte(at: 0) & 0x0f) * 4
+            let total = Int(o.loadBE16(at: 2))
+            check(total == whole.count && hl >= 20 && total >= hl, "a datagram of \(whole.count) bytes says \(total)")
+            check(o.loadBE16(at: 6) & 0xbfff == 0, "a datagram out with fragment bits")
+            check(IPv4Header.checksumIsValid(o, headerLength: hl), "a datagram out with a bad header checksum")
+            let wid = Int(o.loadBE16(at: 4))
+            for k in 0..<(total - hl) {
+                check(o.loadByte(at: hl + k) == byteAt(wid, k), "datagram \(wid): byte \(k) is not its own")
+            }
+            pool.release(whole)
+        }
+    }
+    let held = UInt64(r.heldFragments)
+    let r0 = counters.required.load(ordering: .relaxed)
+    let accounted = counters.joined.load(ordering: .relaxed) + counters.failed.load(ordering: .relaxed)
+        + counters.duplicates.load(ordering: .relaxed) + held
+    check(r0 == accounted, "\(r0) fragments taken, \(accounted) accounted for")
+    r.releaseAll()
+    check(pool.available == pool.slotCount, "\(pool.slotCount - pool.available) buffers not returned")
+    return 0
+}

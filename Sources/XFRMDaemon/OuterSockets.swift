@@ -93,6 +93,13 @@ struct OuterSockets {
     func closeAll() { for fd in self.all { close(fd) } }
 }
 
+/// The sizes the outer sockets take.
+public enum OuterSocketLimits {
+    /// The largest outer packet the daemon can receive whole (a packet buffer less its headroom and the headers
+    /// framing adds): `xfrmd --outer-mtu` stays at or below it.
+    public static let largestDatagram = OuterSource.room
+}
+
 /// How an outer socket's datagrams become the IP packets they arrived as.
 enum Framing {
     /// IPv4 raw: the datagram is the whole packet.

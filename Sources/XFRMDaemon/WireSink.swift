@@ -21,6 +21,10 @@ final class WireSink: PacketSink {
     private let engine: EngineCounters
     private var groups: [Group]
     private var sent: [PacketBuffer] = []
+    /// The group the packet before went to (-1: none yet in this write).
+    private var current = -1
+    /// The source and identification of a packet whose first fragment was refused: its other fragments are too.
+    private var refusedFragments: (source: UInt32, id: UInt16)? = nil
 
     /// The messages for one socket: `count` messages gathering `iovCount` datagrams. On the UDP sockets, a datagram
     /// that follows one of the same size to the same peer with the same control messages (source address, TOS)
@@ -137,6 +141,7 @@ final class WireSink: PacketSink {
         }
         batch.removeAll()
         for g in self.groups where g.count > 0 { self.flush(g) }
+        self.current = -1
         for b in self.sent { self.pool.release(b) }
         self.sent.removeAll(keepingCapacity: true)
     }
@@ -198,6 +203,19 @@ final class WireSink: PacketSink {
         g.iovCount = 0
     }
 
+    /// The group for the next packet. A packet for another group than the one before first sends what every group
+    /// holds, so that datagrams leave in the order the stack made them: a fragmented packet (frag4) must not overtake
+    /// or be overtaken by its SA's whole ones (raw4, udp4), which the peer's replay window would hold against them.
+    /// In steady traffic every packet goes to one group and this sends nothing early.
+    @inline(__always)
+    private func use(_ index: Int) -> Group {
+        if index != self.current {
+            if self.current >= 0 { for g in self.groups where g.count > 0 { self.flush(g) } }
+            self.current = index
+        }
+        return self.groups[index]
+    }
+
     /// Files one packet under its socket; false when it is not ESP (or ESP in UDP from our port) for a socket we have.
     private func add(_ buf: PacketBuffer) -> Bool {
         let p = buf.data
@@ -208,17 +226,24 @@ final class WireSink: PacketSink {
             let proto = p.loadByte(at: 9)
             let ihl = Int(p.loadByte(at: 0) & 0x0f) * 4
             let fragment = p.loadBE16(at: 6)
-            if fragment & (IPv4Header.flagMF | IPv4Header.fragmentOffsetMask) != 0,
-                proto == UInt8(IPPROTO_ESP) || proto == UInt8(IPPROTO_UDP)
-            {
-                // The first fragment of ESP in UDP shows its header: from our port, not the non-ESP marker.
-                if proto == UInt8(IPPROTO_UDP) && fragment & IPv4Header.fragmentOffsetMask == 0
-                    && (count < ihl + 12 || p.loadBE16(at: ihl) != self.sockets.udpPort || p.loadBE32(at: ihl + 8) == 0)
-                {
+            if fragment & (IPv4Header.flagMF | IPv4Header.fragmentOffsetMask) != 0 {
+                // A fragment the stack cut (only a sealed packet is cut): what its whole packet would be refused for,
+                // it is refused for — raw ESP without the raw socket (--no-raw-esp), ESP in UDP whose first fragment
+                // is not from our port or carries the non-ESP marker — and so are the rest of that packet's.
+                let key = (source: p.load(fromByteOffset: 12, as: UInt32.self), id: p.loadBE16(at: 4))
+                if fragment & IPv4Header.fragmentOffsetMask == 0 {
+                    let ok = proto == UInt8(IPPROTO_ESP) ? self.sockets.raw4 >= 0
+                        : proto == UInt8(IPPROTO_UDP) && count >= ihl + 12 && p.loadBE16(at: ihl) == self.sockets.udpPort
+                            && p.loadBE32(at: ihl + 8) != 0
+                    self.refusedFragments = ok ? nil : key
+                    if !ok { return false }
+                } else if let r = self.refusedFragments, r.source == key.source && r.id == key.id {
                     return false
                 }
-                // A fragment the stack cut (only a sealed packet is cut): its header as built, like raw ESP's.
-                let g = self.groups[Self.frag4]
+                guard proto == UInt8(IPPROTO_UDP) || (proto == UInt8(IPPROTO_ESP) && self.sockets.raw4 >= 0) else {
+                    return false
+                }
+                let g = self.use(Self.frag4)
                 guard g.fd >= 0 else {
                     self.counters.sendErrors.wrappingAdd(1, ordering: .relaxed)
                     return true  // released with the sent ones
@@ -231,7 +256,7 @@ final class WireSink: PacketSink {
                 return true
             }
             if proto == UInt8(IPPROTO_ESP), self.sockets.raw4 >= 0 {
-                let g = self.groups[Self.raw4]
+                let g = self.use(Self.raw4)
                 self.name4(g, p.load(fromByteOffset: 16, as: UInt32.self), port: 0)
                 g.controlLens[g.count] = 0  // IP_HDRINCL: the stack's own header, source and TOS included
                 g.bufs[g.iovCount] = p
@@ -242,7 +267,7 @@ final class WireSink: PacketSink {
             if proto == UInt8(IPPROTO_UDP), count >= ihl + 12, p.loadBE16(at: ihl) == self.sockets.udpPort,
                 p.loadBE32(at: ihl + 8) != 0
             {
-                let g = self.groups[Self.udp4]
+                let g = self.use(Self.udp4)
                 self.name4(g, p.load(fromByteOffset: 16, as: UInt32.self), port: p.loadBE16(at: ihl + 2))
                 // The kernel writes the IPv4 header: it gets the SA's source (IP_PKTINFO's ipi_spec_dst) and the
                 // outer TOS the stack chose, ECN included (RFC 6040), as control messages.
@@ -262,13 +287,13 @@ final class WireSink: PacketSink {
         case 6 where count >= 40:
             let next = p.loadByte(at: 6)
             if next == UInt8(IPPROTO_ESP), self.sockets.raw6 >= 0 {
-                self.add6(self.groups[Self.raw6], p, payload: 40, count: count, port: 0)
+                self.add6(self.use(Self.raw6), p, payload: 40, count: count, port: 0)
                 return true
             }
             if next == UInt8(IPPROTO_UDP), count >= 52, p.loadBE16(at: 40) == self.sockets.udpPort,
                 p.loadBE32(at: 48) != 0, self.sockets.udp6 >= 0
             {
-                self.add6(self.groups[Self.udp6], p, payload: 48, count: count, port: p.loadBE16(at: 42))
+                self.add6(self.use(Self.udp6), p, payload: 48, count: count, port: p.loadBE16(at: 42))
                 return true
             }
         default:

@@ -104,8 +104,9 @@ struct Xfrmd: ParsableCommand {
 
     func validate() throws {
         if let w = self.workers, w < 1 || w > 64 { throw ValidationError("--workers must be between 1 and 64") }
-        if self.outerMTU < 576 || self.outerMTU > 65_535 {
-            throw ValidationError("--outer-mtu must be between 576 and 65535 bytes")
+        // IPv6 links carry 1,280 bytes at least; a packet larger than the daemon's receive room cannot come back.
+        if self.outerMTU < 1280 || self.outerMTU > OuterSocketLimits.largestDatagram {
+            throw ValidationError("--outer-mtu must be between 1280 and \(OuterSocketLimits.largestDatagram) bytes")
         }
         if self.shareNATTPort && self.ikePort != nil {
             throw ValidationError("--share-natt-port and --ike-port are two ways to hand IKE over: choose one")

@@ -114,7 +114,7 @@ struct NATMappingTests {
         c.reqid = 1
         c.mappingMaxAge = 30
         try h.b.addState(h.b.makeSA(c))
-        let wire = (0..<8).map { i in h.send(h.packet(size: 40 + i)).1 }
+        let wire = (0..<9).map { i in h.send(h.packet(size: 40 + i)).1 }
         _ = h.eventsB.drain()
         func told(_ i: Int, port: UInt16) -> Bool {
             #expect(h.receive(Self.natted(wire[i], port: port)).0 == .deliver, "packet \(i) is delivered all the same")
@@ -128,6 +128,12 @@ struct NATMappingTests {
         h.clock.advance(by: 1)
         #expect(told(4, port: 31338), "31 s later")
         #expect(!told(5, port: 31338))
+        // A forgery from yet another port proves nothing and uses up nothing: the real packet from there is told.
+        var forged = Self.natted(wire[6], port: 31339)
+        forged[forged.count - 1] ^= 1
+        #expect(h.receive(forged).0 != .deliver)
+        #expect(Self.mappings(h.eventsB).isEmpty)
+        #expect(told(7, port: 31339), "a new port, and the forgery before it did not count")
         // Without a threshold (the SA A→B of the other direction is not involved): every packet tells.
         let u = try TwoHosts()
         try u.tunnel(natt: true)

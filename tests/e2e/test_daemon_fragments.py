@@ -39,10 +39,21 @@ for i in range(n):
     s.sendto(payload, ("10.0.2.1", 7000))
     data, _ = s.recvfrom(65535)
     assert data == payload, f"echo {i} differs"
+# A burst, large and small in turn, without waiting: the daemon's batches mix fragments and whole packets.
+burst = int(sys.argv[3])
+sent = set()
+for i in range(n, n + burst):
+    for p in (bytes((i * 31 + j) & 0xFF for j in range(size)), bytes([i]) * 100):
+        s.sendto(p, ("10.0.2.1", 7000))
+        sent.add(p)
+got = set()
+for _ in range(2 * burst):
+    got.add(s.recvfrom(65535)[0])
+assert got == sent, "every echo of the burst"
 print("ok", flush=True)
 """
 
-N, SIZE = 5, 1472  # 1500-byte inner packets without DF
+N, SIZE, BURST = 5, 1472, 8  # 1500-byte inner packets without DF; then 8 of them, each followed by a small one
 
 
 def payload(i):
@@ -68,12 +79,12 @@ def run_case(pair, natt, mtu, tmp_path):
     # --immediate-mode: a short capture's packets are not left in the ring when tcpdump is told to stop.
     dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "--immediate-mode", "-U", "-ni",
                              pair.dev["b"], "-w", str(capture), "ip"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    server = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "python3", "-c", ECHO, str(N)],
+    server = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "python3", "-c", ECHO, str(N + 2 * BURST)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "listening"
         time.sleep(1.0)  # tcpdump is capturing
-        client = pair.exec("a", "python3", "-c", CLIENT, str(N), str(SIZE), check=False)
+        client = pair.exec("a", "python3", "-c", CLIENT, str(N), str(SIZE), str(BURST), check=False)
         assert client.returncode == 0 and client.stdout.strip() == "ok", client.stderr
     finally:
         server.kill()
@@ -85,8 +96,8 @@ def run_case(pair, natt, mtu, tmp_path):
     # Both daemons cut every datagram (the request on A, the echo on B) into two fragments, and none failed.
     for side in "ab":
         m = pair.metrics(side)
-        assert m['xfrmd_datapath_packets_total{event="fragmented"}'] == N, (side, m)
-        assert m['xfrmd_datapath_packets_total{event="fragments_created"}'] == 2 * N, (side, m)
+        assert m['xfrmd_datapath_packets_total{event="fragmented"}'] == N + BURST, (side, m)
+        assert m['xfrmd_datapath_packets_total{event="fragments_created"}'] == 2 * (N + BURST), (side, m)
         assert m['xfrmd_datapath_packets_total{event="fragment_failed"}'] == 0, (side, m)
         stats = {k: v for k, v in m.items() if k.startswith("xfrm_stat_total{") and v}
         assert not stats, (side, stats)
@@ -95,18 +106,25 @@ def run_case(pair, natt, mtu, tmp_path):
     # decrypts each to the exact datagram sent.
     packets = [p for p in rdpcap(str(capture)) if IP in p]
     frags = [p for p in packets if p[IP].flags.MF or p[IP].frag]
-    assert len(frags) == 4 * N, [p.summary() for p in packets]
+    assert len(frags) == 4 * (N + BURST), [p.summary() for p in packets]
     assert all(len(p[IP]) <= mtu and not p[IP].flags.DF for p in frags)
     assert all(p[IP].proto == (17 if natt else 50) and {p[IP].src, p[IP].dst} == {"192.0.2.1", "192.0.2.2"}
                for p in packets), "only the tunnel's outer packets"
     if natt:
         assert all(p[UDP].sport == 4500 and p[UDP].dport == 4500 for p in packets if p[IP].frag == 0)
+    # In the order A's SA numbered them: fragments never overtake, nor are overtaken by, whole packets.
+    seqs = []
+    for p in packets:
+        if p[IP].src == "192.0.2.1" and p[IP].frag == 0:
+            esp = bytes(p[IP].payload)[8 if natt else 0:]
+            seqs.append(int.from_bytes(esp[4:8], "big"))
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) == N + 2 * BURST, seqs
     from_a = defragment([p for p in packets if p[IP].src == "192.0.2.1"])
-    assert len(from_a) == N
+    assert len(from_a) == N + 2 * BURST
     sa = SecurityAssociation(ESP, spi=0x1001, crypt_algo="AES-GCM", crypt_key=bytes.fromhex(K1[2:]),
                              tunnel_header=IP(src="192.0.2.1", dst="192.0.2.2"),
                              **({"nat_t_header": UDP(sport=4500, dport=4500)} if natt else {}))
-    for i, p in enumerate(from_a):
+    for i, p in enumerate(from_a[:N]):
         outer = IP(bytes(p[IP]))
         assert outer.flags.MF == 0 and outer.frag == 0 and len(outer) > mtu
         inner = sa.decrypt(outer)

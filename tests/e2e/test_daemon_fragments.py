@@ -76,9 +76,12 @@ def run_case(pair, natt, mtu, tmp_path):
     for side in "ab":
         pair.ip(side, "link", "set", "xfrm0", "mtu", "1500")
     capture = tmp_path / "veth.pcap"
-    # --immediate-mode: a short capture's packets are not left in the ring when tcpdump is told to stop.
-    dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "--immediate-mode", "-U", "-ni",
-                             pair.dev["b"], "-w", str(capture), "ip"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # Every packet of the exchange, counted: each way N + BURST datagrams in two fragments and BURST small ones.
+    # tcpdump stops by itself once it has them all (-c), so none is left unread in its ring on a loaded machine.
+    expected = 2 * (2 * (N + BURST) + BURST)
+    dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "--immediate-mode", "-U", "-B", "16384",
+                             "-c", str(expected), "-ni", pair.dev["b"], "-w", str(capture), "ip"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     server = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "python3", "-c", ECHO, str(N + 2 * BURST)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -89,9 +92,12 @@ def run_case(pair, natt, mtu, tmp_path):
     finally:
         server.kill()
         server.communicate()
-        time.sleep(0.5)
-        dump.send_signal(signal.SIGINT)
-        dump.communicate(timeout=10)
+        try:
+            dump.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            dump.send_signal(signal.SIGINT)
+            _, err = dump.communicate(timeout=10)
+            raise AssertionError(f"tcpdump saw fewer than the {expected} packets of the exchange: {err}")
 
     # Both daemons cut every datagram (the request on A, the echo on B) into two fragments, and none failed.
     for side in "ab":

@@ -62,7 +62,8 @@ let package = Package(
             // Preloaded into C programs: no Swift runtime among its dependencies.
             linkerSettings: [.unsafeFlags(["-Xlinker", "--as-needed"])]),
         .executableTarget(name: "xfrm-bridge"),
-        .target(name: "XFRMPacket"),
+        .target(name: "CXFRMChecksum"),
+        .target(name: "XFRMPacket", dependencies: ["CXFRMChecksum"]),
         .target(name: "XFRMCrypto", dependencies: ["CXFRMCrypto", "CXFRMIPsecMB", "XFRMPacket"]),
         .target(name: "XFRMESP", dependencies: ["XFRMCrypto", "XFRMPacket"]),
         .target(name: "XFRMWire", dependencies: ["XFRMPacket"]),

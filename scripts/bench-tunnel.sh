@@ -2,16 +2,20 @@
 # Tunnel throughput: iperf3 TCP (1 and 4 streams) between two network namespaces joined by a veth pair, through
 # each system in the same run, so the figures are ratios on one machine at one moment:
 #   veth    the bare veth, no tunnel (the ceiling)
-#   xfrmd         two swift-xfrm daemons, tunnel mode, AES-GCM-128, raw ESP, TUN xfrm0 (MTU 1400)
+#   xfrmd         two swift-xfrm daemons with one thread each (--workers 1: the two sides are two hosts sharing this
+#                 machine's cores, one each), tunnel mode, AES-GCM-128, raw ESP, TUN xfrm0 (MTU 1400)
 #   xfrmd-natt    the same SAs as ESP in UDP 4500 (UDP GSO sends and UDP_GRO receives on the outer side)
-#   wireguard-go  Debian's wireguard-go (userspace WireGuard, ChaCha20-Poly1305), MTU 1400
+#   xfrmd-natt-2w the same with two threads per daemon (the default on a 2-core host: a TUN and a wire intake)
+#   wireguard-go  Debian's wireguard-go (userspace WireGuard, ChaCha20-Poly1305), MTU 1400, Go's default threads
+#   wireguard-go-1p  the same with GOMAXPROCS=1 (one core per side, as xfrmd's --workers 1)
 #   charon+xfrmd  the xfrmd pair keyed by two charons (IKEv2, PSK, kernel-netlink) through xfrm-bridge, AES-GCM-128
 #   strongswan-libipsec  two charons (IKEv2, PSK) with kernel-libipsec: userspace ESP over TUN, AES-GCM-128,
 #                 ESP in UDP 4500 (recipe: ../shared/interop/README.md §4, with esp logging at 1)
-# Prints a table, then one JSON line per row: {"system": ..., "streams": N, "gbps": X}.
+# Prints a table, one JSON line per row: {"system": ..., "streams": N, "gbps": X}, and issue 9's single-stream ratios
+# (xfrmd-natt against strongSwan, the better wireguard-go and the veth).
 #
 #   scripts/bench-tunnel.sh [SECONDS]        (as root; builds xfrm and xfrmd in release mode first)
-#   XFRMD_ARGS="--workers 1" scripts/bench-tunnel.sh   (extra xfrmd options, e.g. to compare worker counts)
+#   XFRMD_ARGS="--crypto openssl" scripts/bench-tunnel.sh   (extra xfrmd options)
 #   scripts/bench-tunnel.sh --modes [SECONDS]   (IPsec modes between two daemons: see scripts/bench-modes.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -91,51 +95,66 @@ start_charons() {
 ROWS=()
 for streams in 1 4; do ROWS+=("veth $streams $(measure 192.0.2.1 192.0.2.2 $streams)"); done
 
-ip netns exec "$A" "$BIN/xfrmd" --socket "$WORK/a.sock" ${XFRMD_ARGS:-} >"$WORK/a.log" 2>&1 &
-ip netns exec "$B" "$BIN/xfrmd" --socket "$WORK/b.sock" ${XFRMD_ARGS:-} >"$WORK/b.log" 2>&1 &
-for s in a b; do
-  for _ in $(seq 400); do [ -S "$WORK/$s.sock" ] && break; sleep 0.05; done
-  [ -S "$WORK/$s.sock" ] || { echo "bench-tunnel: xfrmd $s did not start:" >&2; cat "$WORK/$s.log" >&2; exit 1; }
-done
-ip -n "$A" addr add 10.0.1.1/32 dev xfrm0
-ip -n "$B" addr add 10.0.2.1/32 dev xfrm0
-ip -n "$A" link set xfrm0 mtu 1400
-ip -n "$B" link set xfrm0 mtu 1400
-ip -n "$A" route add 10.0.2.0/24 dev xfrm0 src 10.0.1.1
-ip -n "$B" route add 10.0.1.0/24 dev xfrm0 src 10.0.2.1
+# Two xfrmd (WORKERS threads each), xfrm0 addressed and routed, the tunnel's policies; no SA yet.
+start_xfrmd() {
+  local workers=$1 s
+  pkill -f "xfrmd --socket $WORK" 2>/dev/null || true
+  for _ in $(seq 100); do pgrep -f "xfrmd --socket $WORK" >/dev/null || break; sleep 0.05; done
+  rm -f "$WORK/a.sock" "$WORK/b.sock"
+  ip netns exec "$A" "$BIN/xfrmd" --socket "$WORK/a.sock" --workers "$workers" ${XFRMD_ARGS:-} >"$WORK/a.log" 2>&1 &
+  ip netns exec "$B" "$BIN/xfrmd" --socket "$WORK/b.sock" --workers "$workers" ${XFRMD_ARGS:-} >"$WORK/b.log" 2>&1 &
+  for s in a b; do
+    for _ in $(seq 400); do [ -S "$WORK/$s.sock" ] && break; sleep 0.05; done
+    [ -S "$WORK/$s.sock" ] || { echo "bench-tunnel: xfrmd $s did not start:" >&2; cat "$WORK/$s.log" >&2; exit 1; }
+  done
+  ip -n "$A" addr add 10.0.1.1/32 dev xfrm0
+  ip -n "$B" addr add 10.0.2.1/32 dev xfrm0
+  ip -n "$A" link set xfrm0 mtu 1400
+  ip -n "$B" link set xfrm0 mtu 1400
+  ip -n "$A" route add 10.0.2.0/24 dev xfrm0 src 10.0.1.1
+  ip -n "$B" route add 10.0.1.0/24 dev xfrm0 src 10.0.2.1
+  "$BIN/xfrm" -S "$WORK/a.sock" policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out $AB
+  "$BIN/xfrm" -S "$WORK/a.sock" policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir in $BA
+  "$BIN/xfrm" -S "$WORK/b.sock" policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir out $BA
+  "$BIN/xfrm" -S "$WORK/b.sock" policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir in $AB
+}
+# The tunnel's two SAs (AES-GCM-128) in both daemons, replacing any: raw ESP, or with ENCAP ("encap espinudp ...").
+xfrmd_sas() {
+  local s
+  for s in "$WORK/a.sock" "$WORK/b.sock"; do
+    "$BIN/xfrm" -S "$s" state flush
+    "$BIN/xfrm" -S "$s" state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x1001 reqid 1 mode tunnel \
+      aead 'rfc4106(gcm(aes))' $K1 128 replay-window 1024 "$@"
+    "$BIN/xfrm" -S "$s" state add src 192.0.2.2 dst 192.0.2.1 proto esp spi 0x2002 reqid 2 mode tunnel \
+      aead 'rfc4106(gcm(aes))' $K2 128 replay-window 1024 "$@"
+  done
+}
+# ROWS entries for SYSTEM, iperf3 from SOURCE to DESTINATION (default: the xfrmd tunnel's), 1 and 4 streams, checking
+# the veth carried the bytes (a figure near the bare veth would mean the tunnel was bypassed).
+tunnel_rows() {
+  local system=$1 src=${2:-10.0.1.1} dst=${3:-10.0.2.1} streams before after carried
+  before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+  for streams in 1 4; do ROWS+=("$system $streams $(measure $src $dst $streams)"); done
+  after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+  carried=$(( (after - before) / 1000000 ))
+  [ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the $system runs" >&2; exit 1; }
+}
 K1=0x0102030405060708090a0b0c0d0e0f1011121314
 K2=0x1112131415161718191a1b1c1d1e1f2021222324
-for s in "$WORK/a.sock" "$WORK/b.sock"; do
-  "$BIN/xfrm" -S "$s" state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x1001 reqid 1 mode tunnel \
-    aead 'rfc4106(gcm(aes))' $K1 128 replay-window 1024
-  "$BIN/xfrm" -S "$s" state add src 192.0.2.2 dst 192.0.2.1 proto esp spi 0x2002 reqid 2 mode tunnel \
-    aead 'rfc4106(gcm(aes))' $K2 128 replay-window 1024
-done
 AB="tmpl src 192.0.2.1 dst 192.0.2.2 proto esp reqid 1 mode tunnel"
 BA="tmpl src 192.0.2.2 dst 192.0.2.1 proto esp reqid 2 mode tunnel"
-"$BIN/xfrm" -S "$WORK/a.sock" policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out $AB
-"$BIN/xfrm" -S "$WORK/a.sock" policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir in $BA
-"$BIN/xfrm" -S "$WORK/b.sock" policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir out $BA
-"$BIN/xfrm" -S "$WORK/b.sock" policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir in $AB
-before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
-for streams in 1 4; do ROWS+=("xfrmd $streams $(measure 10.0.1.1 10.0.2.1 $streams)"); done
-after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
-# The tunnel must have carried the bytes (a figure near the bare veth would mean it was bypassed).
-carried=$(( (after - before) / 1000000 ))
-[ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the xfrmd runs" >&2; exit 1; }
-# The same SAs in UDP 4500 (NAT-T): the policies stay, the states are replaced.
-for s in "$WORK/a.sock" "$WORK/b.sock"; do
-  "$BIN/xfrm" -S "$s" state flush
-  "$BIN/xfrm" -S "$s" state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x1001 reqid 1 mode tunnel \
-    aead 'rfc4106(gcm(aes))' $K1 128 replay-window 1024 encap espinudp 4500 4500 0.0.0.0
-  "$BIN/xfrm" -S "$s" state add src 192.0.2.2 dst 192.0.2.1 proto esp spi 0x2002 reqid 2 mode tunnel \
-    aead 'rfc4106(gcm(aes))' $K2 128 replay-window 1024 encap espinudp 4500 4500 0.0.0.0
-done
-before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
-for streams in 1 4; do ROWS+=("xfrmd-natt $streams $(measure 10.0.1.1 10.0.2.1 $streams)"); done
-after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
-carried=$(( (after - before) / 1000000 ))
-[ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the xfrmd-natt runs" >&2; exit 1; }
+NATT="encap espinudp 4500 4500 0.0.0.0"
+# Each daemon with two threads, the default on this 2-core machine (a TUN intake and a wire intake), over NAT-T.
+start_xfrmd 2
+xfrmd_sas $NATT
+tunnel_rows xfrmd-natt-2w
+# One thread each (--workers 1): the two daemons are two hosts sharing this machine's two cores, one core each; one
+# thread per daemon also saves the wake-ups between its two intakes (the ACKs run in the same loop as the data).
+start_xfrmd 1
+xfrmd_sas
+tunnel_rows xfrmd
+xfrmd_sas $NATT
+tunnel_rows xfrmd-natt
 
 # charon+xfrmd: the same daemons, now keyed by a charon each (kernel-netlink) through xfrm-bridge: IKEv2 installs
 # the CHILD_SA (AES-GCM-128) and its policies into xfrmd, which carries the traffic (raw ESP: no NAT, IKE on 500).
@@ -146,11 +165,7 @@ start_charons sx 10.0.1.0/24 10.0.2.0/24 "" "install_routes = no" "$BIN/xfrm-bri
   "$BIN/xfrm-bridge -S $WORK/b.sock"
 [ "$("$BIN/xfrm" -S "$WORK/a.sock" state count)" = "$(printf '\t SAD count 2')" ] ||
   { echo "bench-tunnel: charon did not install its CHILD_SA into xfrmd" >&2; exit 1; }
-before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
-for streams in 1 4; do ROWS+=("charon+xfrmd $streams $(measure 10.0.1.1 10.0.2.1 $streams)"); done
-after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
-carried=$(( (after - before) / 1000000 ))
-[ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the charon+xfrmd runs" >&2; exit 1; }
+tunnel_rows charon+xfrmd
 kill $CHARONS 2>/dev/null || true
 sleep 0.5
 
@@ -160,37 +175,40 @@ sleep 0.3
 umask 077
 wg genkey >"$WORK/ka"; wg pubkey <"$WORK/ka" >"$WORK/pa"
 wg genkey >"$WORK/kb"; wg pubkey <"$WORK/kb" >"$WORK/pb"
-for side in a b; do
-  ns=$A; [ $side = b ] && ns=$B
-  WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 ip netns exec "$ns" wireguard-go -f "wg${TAG}${side}" >/dev/null 2>&1 &
-done
-for side in a b; do
-  for _ in $(seq 100); do [ -S "/var/run/wireguard/wg${TAG}${side}.sock" ] && break; sleep 0.05; done
-done
-ip netns exec "$A" wg set "wg${TAG}a" listen-port 51820 private-key "$WORK/ka" peer "$(cat "$WORK/pb")" \
-  endpoint 192.0.2.2:51820 allowed-ips 10.0.4.0/24
-ip netns exec "$B" wg set "wg${TAG}b" listen-port 51820 private-key "$WORK/kb" peer "$(cat "$WORK/pa")" \
-  endpoint 192.0.2.1:51820 allowed-ips 10.0.3.0/24
-ip -n "$A" addr add 10.0.3.1/24 dev "wg${TAG}a"; ip -n "$A" link set "wg${TAG}a" mtu 1400 up
-ip -n "$B" addr add 10.0.4.1/24 dev "wg${TAG}b"; ip -n "$B" link set "wg${TAG}b" mtu 1400 up
-ip -n "$A" route add 10.0.4.0/24 dev "wg${TAG}a"
-ip -n "$B" route add 10.0.3.0/24 dev "wg${TAG}b"
-before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
-for streams in 1 4; do ROWS+=("wireguard-go $streams $(measure 10.0.3.1 10.0.4.1 $streams)"); done
-after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
-carried=$(( (after - before) / 1000000 ))
-[ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the wireguard-go runs" >&2; exit 1; }
+# Two wireguard-go, GOMAXPROCS=PROCS (empty: Go's default, every core), peered, addressed and routed.
+start_wg() {
+  local procs=$1 side ns
+  pkill -f "wireguard-go -f wg${TAG}" 2>/dev/null || true
+  for _ in $(seq 100); do pgrep -f "wireguard-go -f wg${TAG}" >/dev/null || break; sleep 0.05; done
+  for side in a b; do
+    ns=$A; [ $side = b ] && ns=$B
+    WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 ip netns exec "$ns" env ${procs:+GOMAXPROCS=$procs} \
+      wireguard-go -f "wg${TAG}${side}" >/dev/null 2>&1 &
+  done
+  for side in a b; do
+    for _ in $(seq 100); do [ -S "/var/run/wireguard/wg${TAG}${side}.sock" ] && break; sleep 0.05; done
+  done
+  ip netns exec "$A" wg set "wg${TAG}a" listen-port 51820 private-key "$WORK/ka" peer "$(cat "$WORK/pb")" \
+    endpoint 192.0.2.2:51820 allowed-ips 10.0.4.0/24
+  ip netns exec "$B" wg set "wg${TAG}b" listen-port 51820 private-key "$WORK/kb" peer "$(cat "$WORK/pa")" \
+    endpoint 192.0.2.1:51820 allowed-ips 10.0.3.0/24
+  ip -n "$A" addr add 10.0.3.1/24 dev "wg${TAG}a"; ip -n "$A" link set "wg${TAG}a" mtu 1400 up
+  ip -n "$B" addr add 10.0.4.1/24 dev "wg${TAG}b"; ip -n "$B" link set "wg${TAG}b" mtu 1400 up
+  ip -n "$A" route add 10.0.4.0/24 dev "wg${TAG}a"
+  ip -n "$B" route add 10.0.3.0/24 dev "wg${TAG}b"
+}
+start_wg ""
+tunnel_rows wireguard-go 10.0.3.1 10.0.4.1
+# The same one core per side as xfrmd's --workers 1.
+start_wg 1
+tunnel_rows wireguard-go-1p 10.0.3.1 10.0.4.1
 
 # strongSwan: a charon per namespace, each with its own /run; inner addresses on lo; the CHILD_SA comes up by IKE.
 pkill -f "wireguard-go -f wg${TAG}" 2>/dev/null || true
 ip -n "$A" addr add 198.51.100.1/32 dev lo
 ip -n "$B" addr add 203.0.113.1/32 dev lo
 start_charons ss 198.51.100.1/32 203.0.113.1/32 kernel-libipsec "" "" ""
-before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
-for streams in 1 4; do ROWS+=("strongswan-libipsec $streams $(measure 198.51.100.1 203.0.113.1 $streams)"); done
-after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
-carried=$(( (after - before) / 1000000 ))
-[ "$carried" -gt 10 ] || { echo "bench-tunnel: the veth carried only ${carried} MB during the strongSwan runs" >&2; exit 1; }
+tunnel_rows strongswan-libipsec 198.51.100.1 203.0.113.1
 
 veth1=$(printf '%s\n' "${ROWS[@]}" | awk '$1 == "veth" && $2 == 1 {print $3}')
 printf '%-20s %8s %8s %10s\n' system streams Gbit/s "x veth(1)"
@@ -202,3 +220,8 @@ for r in "${ROWS[@]}"; do
   set -- $r
   printf '{"system": "%s", "streams": %s, "gbps": %s}\n' "$1" "$2" "$3"
 done
+# Issue 9's targets, single stream: xfrmd over NAT-T against strongSwan, the better wireguard-go, and the bare veth.
+printf '%s\n' "${ROWS[@]}" | awk '$2 == 1 { g[$1] = $3 }
+  END { wg = g["wireguard-go"] > g["wireguard-go-1p"] ? g["wireguard-go"] : g["wireguard-go-1p"]
+        printf "xfrmd-natt, 1 stream: %.1fx strongswan-libipsec (target 10), %.1fx wireguard-go (target 5), %.3f of the veth (target 0.25)\n",
+          g["xfrmd-natt"] / g["strongswan-libipsec"], g["xfrmd-natt"] / wg, g["xfrmd-natt"] / g["veth"] }'

@@ -1,8 +1,21 @@
+import CXFRMChecksum
+
 /// The Internet checksum (RFC 1071): one's-complement sum of 16-bit big-endian words.
 public enum InternetChecksum {
+    /// From this many bytes on, the sum is taken by `xfrm_checksum_sum` (C, AVX2 where the CPU has it): below, the
+    /// inlined loop costs less than the call.
+    public static let bulkThreshold = 256
+
     /// Adds `count` bytes at `p` to a running partial sum of big-endian 16-bit words (no final complement).
     @inline(__always)
     public static func partial(_ p: UnsafeRawPointer, count: Int, initial: UInt64 = 0) -> UInt64 {
+        if count >= Self.bulkThreshold { return initial &+ UInt64(xfrm_checksum_sum(p, count)) }
+        return Self.inlinePartial(p, count: count, initial: initial)
+    }
+
+    /// `partial` without the bulk path (every length: the reference the tests compare the bulk sum with).
+    @inline(__always)
+    public static func inlinePartial(_ p: UnsafeRawPointer, count: Int, initial: UInt64 = 0) -> UInt64 {
         var i = 0
         var sum = initial
         if count >= 32 {

@@ -8,7 +8,7 @@
 #   xfrmd-natt-2w the same with two threads per daemon (the default on a 2-core host: a TUN and a wire intake)
 #   wireguard-go  Debian's wireguard-go (userspace WireGuard, ChaCha20-Poly1305), MTU 1400, Go's default threads
 #   wireguard-go-1p  the same with GOMAXPROCS=1 (one core per side, as xfrmd's --workers 1)
-#   charon+xfrmd  the xfrmd pair keyed by two charons (IKEv2, PSK, kernel-netlink) through xfrm-bridge, AES-GCM-128
+#   charon+xfrmd  the xfrmd pair (--workers 1) keyed by two charons (IKEv2, PSK, kernel-netlink) through xfrm-bridge, AES-GCM-128
 #   strongswan-libipsec  two charons (IKEv2, PSK) with kernel-libipsec: userspace ESP over TUN, AES-GCM-128,
 #                 ESP in UDP 4500 (recipe: ../shared/interop/README.md §4, with esp logging at 1)
 # Prints a table, one JSON line per row: {"system": ..., "streams": N, "gbps": X}, and issue 9's single-stream ratios
@@ -21,6 +21,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ "${1:-}" = --modes ] && { shift; exec scripts/bench-modes.sh "$@"; }
 SECS=${1:-5}
+case " ${XFRMD_ARGS:-} " in *" --workers"*) echo "bench-tunnel: XFRMD_ARGS must not set --workers (the rows do)" >&2; exit 2;; esac
 for t in iperf3 wireguard-go wg swanctl /usr/lib/ipsec/charon; do
   command -v $t >/dev/null || { echo "bench-tunnel: $t is missing (apt-get install iperf3 wireguard-go" \
     "wireguard-tools strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins" \
@@ -223,5 +224,6 @@ done
 # Issue 9's targets, single stream: xfrmd over NAT-T against strongSwan, the better wireguard-go, and the bare veth.
 printf '%s\n' "${ROWS[@]}" | awk '$2 == 1 { g[$1] = $3 }
   END { wg = g["wireguard-go"] > g["wireguard-go-1p"] ? g["wireguard-go"] : g["wireguard-go-1p"]
+        if (g["strongswan-libipsec"] <= 0 || wg <= 0 || g["veth"] <= 0) { print "a reference row made 0 Gbit/s: no ratios"; exit }
         printf "xfrmd-natt, 1 stream: %.1fx strongswan-libipsec (target 10), %.1fx wireguard-go (target 5), %.3f of the veth (target 0.25)\n",
           g["xfrmd-natt"] / g["strongswan-libipsec"], g["xfrmd-natt"] / wg, g["xfrmd-natt"] / g["veth"] }'

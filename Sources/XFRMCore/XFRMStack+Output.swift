@@ -152,6 +152,9 @@ extension XFRMStack {
                     // takes the packet; otherwise the SA silently works in software (≈ xfrm_dev_offload_ok).
                     if single, let o = sa.offload, o.type == .crypto, let dev = self.device(ifindex: o.ifindex),
                         let egress = self.network.egress(to: sa.id.destination), egress.ifindex == o.ifindex,
+                        let transform = sa.transform,
+                        Self.fitsAfterESP(packet, transform: transform, mtu: egress.mtu,
+                                          tunnel: sa.config.mode == .tunnel),
                         !dev.callbacks.contains(.offloadOK) || dev.offloadOK(packet, sa: sa, offload: o)
                     {
                         var layout = ESPLayout()
@@ -234,6 +237,18 @@ extension XFRMStack {
                               value: .plain(ifindex: route.ifindex, mtu: route.mtu)),
             now: now)
         return self.transmit(&packet, ifindex: route.ifindex, mtu: route.mtu, transformed: false, mayFragment: true)
+    }
+
+    /// The MTU half of xfrm_dev_offload_ok: whether ESP leaves `packet` within `mtu` (≈ skb->len against
+    /// xfrm_state_mtu, whose net_adj keeps a transport-mode packet's IP header out of the block rounding). A packet
+    /// that would not fit is not given to a crypto-offload device, which could not fragment what it seals: the SA
+    /// protects it in software, and an IPv4 one without DF leaves as fragments.
+    @inline(__always)
+    static func fitsAfterESP(_ packet: PacketBuffer, transform: ESPTransform, mtu: Int, tunnel: Bool) -> Bool {
+        if tunnel { return packet.count <= transform.maximumPayload(forMTU: mtu) }
+        let first = packet.data.loadByte(at: 0)
+        let header = first >> 4 == 4 ? Int(first & 0x0f) * 4 : HeaderSize.ipv6
+        return packet.count <= transform.maximumPayload(forMTU: mtu - header) + header
     }
 
     /// Packet offload TX (≈ xfrm_output_one's PACKET branch + xfrm_dev_offload_ok): no ESP work, no sequence

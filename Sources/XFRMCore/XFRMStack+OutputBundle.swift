@@ -10,7 +10,12 @@ extension XFRMStack {
     @inline(__always)
     func outputCachedBundle(_ packet: inout PacketBuffer, _ b: OutputBundle, now: UInt64,
                             transformed: inout Bool) -> OutputResult? {
-        if let (dev, o) = b.device, !dev.callbacks.contains(.offloadOK) || dev.offloadOK(packet, sa: b.sa, offload: o) {
+        // A packet ESP would make too big for the route is sealed in software, as the per-packet path does.
+        if let (dev, o) = b.device,
+            b.limit.map({ packet.count <= $0 })
+                ?? b.sa.transform.map({ Self.fitsAfterESP(packet, transform: $0, mtu: b.mtu, tunnel: false) }) ?? false,
+            !dev.callbacks.contains(.offloadOK) || dev.offloadOK(packet, sa: b.sa, offload: o)
+        {
             var layout = ESPLayout()
             switch self.apply(b.sa, to: &packet, now: now, deviceLayout: &layout, limit: b.limit, retryIfInvalid: true) {
             case .stale: return nil

@@ -197,10 +197,20 @@ struct OffloadCoreTests {
         #expect(meta.cryptLength == 128 + 2 + 2)
         #expect(bytes[20..<24] == [0, 0, 0x10, 0x01])
         #expect(bytes.suffix(16).allSatisfy { $0 == 0 }, "the ICV is left for the device")
-        // Too big without DF: ESP the device has yet to seal is never cut into fragments (twice: the second through
-        // the flow's cached bundle).
-        for _ in 0..<2 {
-            #expect(h.send(h.packet(size: 1470, df: false)).0 == .dropped(.outError))
+        // Too big once ESP is added, without DF: not given to the device (≈ xfrm_dev_offload_ok's MTU check, which
+        // a device that seals could not fragment after), but sealed in software and cut — through the flow's cached
+        // bundle, and through the per-packet path (another flow); at the exact limit it still goes to the device.
+        let limit = h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001))!.transform!
+            .maximumPayload(forMTU: 1500)
+        for from in ["10.0.1.1", "10.0.1.1", "10.0.1.2", "10.0.1.3"] {
+            let (r, whole) = h.send(h.packet(from: from, size: limit - 28 + 1, df: false))
+            #expect(r == .fragment(ifindex: 2, mtu: 1500), "from \(from)")
+            // Sealed in software: B decrypts it (what a device leaves for itself to seal carries a zero ICV).
+            #expect(h.receive(whole).0 == .deliver, "from \(from)")
+            guard case .offload = h.send(h.packet(from: from, size: limit - 28, df: false)).0 else {
+                Issue.record("a packet at the limit goes to the device, from \(from)")
+                return
+            }
         }
         dev.acceptOffloadOK = false
         let (r2, sealed) = h.send(h.packet())

@@ -11,7 +11,8 @@
 #   charon+xfrmd  the xfrmd pair (--workers 1) keyed by two charons (IKEv2, PSK, kernel-netlink) through xfrm-bridge, AES-GCM-128
 #   strongswan-libipsec  two charons (IKEv2, PSK) with kernel-libipsec: userspace ESP over TUN, AES-GCM-128,
 #                 ESP in UDP 4500 (recipe: ../shared/interop/README.md §4, with esp logging at 1)
-# Prints a table, one JSON line per row: {"system": ..., "streams": N, "gbps": X}, and issue 9's single-stream ratios
+# Prints a table, one JSON line per row: {"system": ..., "streams": N, "gbps": X, "cpu_ns_per_packet": C (the
+# tunnel processes' CPU per 1,400-byte packet; null for the veth)}, and issue 9's single-stream ratios
 # (xfrmd-natt against strongSwan, the better wireguard-go and the veth).
 #
 #   scripts/bench-tunnel.sh [SECONDS]        (as root; builds xfrm and xfrmd in release mode first)
@@ -56,15 +57,31 @@ ip -n "$B" link set vb up
 
 # iperf3 from A to B's ADDRESS bound to A's SOURCE with STREAMS streams; prints Gbit/s received.
 measure() {
-  local src=$1 dst=$2 streams=$3
+  local src=$1 dst=$2 streams=$3 c0 c1
   ip netns exec "$B" iperf3 -s -B "$dst" -1 >/dev/null 2>&1 &
   local server=$!
   sleep 0.5
   local json
+  c0=$(cpu_ticks $TUNNEL_PIDS)
   json=$(ip netns exec "$A" iperf3 -c "$dst" -B "$src" -t "$SECS" -P "$streams" -J)
+  c1=$(cpu_ticks $TUNNEL_PIDS)
   wait $server || true
-  python3 -c 'import json,sys; print("%.3f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"] / 1e9))' <<<"$json"
+  python3 -c 'import json, os, sys
+r = json.load(sys.stdin)["end"]["sum_received"]
+ticks, pids = int(sys.argv[2]) - int(sys.argv[1]), sys.argv[3]
+cpu = "%.0f" % (ticks / os.sysconf("SC_CLK_TCK") * 1e9 / (r["bytes"] / 1400)) if pids and r["bytes"] else "-"
+print("%.3f %s" % (r["bits_per_second"] / 1e9, cpu))' "$c0" "$c1" "$TUNNEL_PIDS" <<<"$json"
 }
+# The CPU time (user + system, every thread, in clock ticks) of the processes PIDS so far.
+cpu_ticks() {
+  local t=0 p
+  for p in "$@"; do
+    [ -r "/proc/$p/stat" ] && t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+  done
+  echo $t
+}
+# The tunnel's processes whose CPU time a row's packets cost (empty: the bare veth has none).
+TUNNEL_PIDS=""
 
 # Two charons (IKEv2, PSK, one AES-GCM-128 CHILD_SA between TS_A and TS_B), files in $WORK/TAGa and $WORK/TAGb:
 # PLUGINS besides the common ones, SETTING one more strongswan.conf line, RUN_A/RUN_B what starts each charon (empty,
@@ -130,10 +147,13 @@ xfrmd_sas() {
       aead 'rfc4106(gcm(aes))' $K2 128 replay-window 1024 "$@"
   done
 }
-# ROWS entries for SYSTEM, iperf3 from SOURCE to DESTINATION (default: the xfrmd tunnel's), 1 and 4 streams, checking
-# the veth carried the bytes (a figure near the bare veth would mean the tunnel was bypassed).
+# ROWS entries for SYSTEM, iperf3 from SOURCE to DESTINATION (default: the xfrmd tunnel's), 1 and 4 streams, with the
+# CPU per 1,400-byte packet of the processes matching TUNNEL_PATTERN (both sides' daemons: what the tunnel costs),
+# checking the veth carried the bytes (a figure near the bare veth would mean the tunnel was bypassed).
 tunnel_rows() {
   local system=$1 src=${2:-10.0.1.1} dst=${3:-10.0.2.1} streams before after carried
+  TUNNEL_PIDS=$(pgrep -f "$TUNNEL_PATTERN" | tr '\n' ' ' || true)
+  [ -n "$TUNNEL_PIDS" ] || { echo "bench-tunnel: no process matches $TUNNEL_PATTERN for $system" >&2; exit 1; }
   before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
   for streams in 1 4; do ROWS+=("$system $streams $(measure $src $dst $streams)"); done
   after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
@@ -146,6 +166,7 @@ AB="tmpl src 192.0.2.1 dst 192.0.2.2 proto esp reqid 1 mode tunnel"
 BA="tmpl src 192.0.2.2 dst 192.0.2.1 proto esp reqid 2 mode tunnel"
 NATT="encap espinudp 4500 4500 0.0.0.0"
 # Each daemon with two threads, the default on this 2-core machine (a TUN intake and a wire intake), over NAT-T.
+TUNNEL_PATTERN="xfrmd --socket $WORK"
 start_xfrmd 2
 xfrmd_sas $NATT
 tunnel_rows xfrmd-natt-2w
@@ -166,6 +187,7 @@ start_charons sx 10.0.1.0/24 10.0.2.0/24 "" "install_routes = no" "$BIN/xfrm-bri
   "$BIN/xfrm-bridge -S $WORK/b.sock"
 [ "$("$BIN/xfrm" -S "$WORK/a.sock" state count)" = "$(printf '\t SAD count 2')" ] ||
   { echo "bench-tunnel: charon did not install its CHILD_SA into xfrmd" >&2; exit 1; }
+TUNNEL_PATTERN="xfrmd --socket $WORK|/usr/lib/ipsec/charon"
 tunnel_rows charon+xfrmd
 kill $CHARONS 2>/dev/null || true
 sleep 0.5
@@ -198,6 +220,7 @@ start_wg() {
   ip -n "$A" route add 10.0.4.0/24 dev "wg${TAG}a"
   ip -n "$B" route add 10.0.3.0/24 dev "wg${TAG}b"
 }
+TUNNEL_PATTERN="wireguard-go -f wg${TAG}"
 start_wg ""
 tunnel_rows wireguard-go 10.0.3.1 10.0.4.1
 # The same one core per side as xfrmd's --workers 1.
@@ -209,21 +232,28 @@ pkill -f "wireguard-go -f wg${TAG}" 2>/dev/null || true
 ip -n "$A" addr add 198.51.100.1/32 dev lo
 ip -n "$B" addr add 203.0.113.1/32 dev lo
 start_charons ss 198.51.100.1/32 203.0.113.1/32 kernel-libipsec "" "" ""
+TUNNEL_PATTERN="/usr/lib/ipsec/charon"
 tunnel_rows strongswan-libipsec 198.51.100.1 203.0.113.1
 
 veth1=$(printf '%s\n' "${ROWS[@]}" | awk '$1 == "veth" && $2 == 1 {print $3}')
-printf '%-20s %8s %8s %10s\n' system streams Gbit/s "x veth(1)"
+printf '%-20s %8s %8s %10s %18s\n' system streams Gbit/s "x veth(1)" "tunnel CPU ns/pkt"
 for r in "${ROWS[@]}"; do
   set -- $r
-  printf '%-20s %8s %8s %10.3f\n' "$1" "$2" "$3" "$(python3 -c "print($3 / $veth1)")"
+  printf '%-20s %8s %8s %10.3f %18s\n' "$1" "$2" "$3" "$(python3 -c "print($3 / $veth1)")" "$4"
 done
 for r in "${ROWS[@]}"; do
   set -- $r
-  printf '{"system": "%s", "streams": %s, "gbps": %s}\n' "$1" "$2" "$3"
+  printf '{"system": "%s", "streams": %s, "gbps": %s, "cpu_ns_per_packet": %s}\n' "$1" "$2" "$3" \
+    "$([ "$4" = - ] && echo null || echo "$4")"
 done
-# Issue 9's targets, single stream: xfrmd over NAT-T against strongSwan, the better wireguard-go, and the bare veth.
-printf '%s\n' "${ROWS[@]}" | awk '$2 == 1 { g[$1] = $3 }
-  END { wg = g["wireguard-go"] > g["wireguard-go-1p"] ? g["wireguard-go"] : g["wireguard-go-1p"]
-        if (g["strongswan-libipsec"] <= 0 || wg <= 0 || g["veth"] <= 0) { print "a reference row made 0 Gbit/s: no ratios"; exit }
+# Issue 9's targets, single stream: xfrmd over NAT-T against strongSwan, the better wireguard-go, and the bare veth;
+# then what each packet costs the tunnel's processes, strongSwan's and wireguard-go's against xfrmd's (steadier than
+# throughput on a shared machine: a slow moment lowers both the bytes and the CPU time).
+printf '%s\n' "${ROWS[@]}" | awk '$2 == 1 { g[$1] = $3; c[$1] = $4 }
+  END { best = g["wireguard-go"] > g["wireguard-go-1p"] ? "wireguard-go" : "wireguard-go-1p"; wg = g[best]
+        if (g["strongswan-libipsec"] <= 0 || wg <= 0 || g["veth"] <= 0 || c["xfrmd-natt"] <= 0) {
+          print "a reference row made 0 Gbit/s: no ratios"; exit }
         printf "xfrmd-natt, 1 stream: %.1fx strongswan-libipsec (target 10), %.1fx wireguard-go (target 5), %.3f of the veth (target 0.25)\n",
-          g["xfrmd-natt"] / g["strongswan-libipsec"], g["xfrmd-natt"] / wg, g["xfrmd-natt"] / g["veth"] }'
+          g["xfrmd-natt"] / g["strongswan-libipsec"], g["xfrmd-natt"] / wg, g["xfrmd-natt"] / g["veth"]
+        printf "CPU per packet, 1 stream: strongswan-libipsec %.1fx xfrmd-natt, %s %.1fx\n",
+          c["strongswan-libipsec"] / c["xfrmd-natt"], best, c[best] / c["xfrmd-natt"] }'

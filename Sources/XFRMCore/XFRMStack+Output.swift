@@ -153,7 +153,7 @@ extension XFRMStack {
                     if single, let o = sa.offload, o.type == .crypto, let dev = self.device(ifindex: o.ifindex),
                         let egress = self.network.egress(to: sa.id.destination), egress.ifindex == o.ifindex,
                         let transform = sa.transform,
-                        Self.fitsAfterESP(packet, transform: transform, mtu: egress.mtu,
+                        Self.cryptoOffloadTakes(packet, transform: transform, mtu: egress.mtu,
                                           tunnel: sa.config.mode == .tunnel),
                         !dev.callbacks.contains(.offloadOK) || dev.offloadOK(packet, sa: sa, offload: o)
                     {
@@ -239,16 +239,36 @@ extension XFRMStack {
         return self.transmit(&packet, ifindex: route.ifindex, mtu: route.mtu, transformed: false, mayFragment: true)
     }
 
-    /// The MTU half of xfrm_dev_offload_ok: whether ESP leaves `packet` within `mtu` (≈ skb->len against
+    /// The packet checks of xfrm_dev_offload_ok for crypto offload: a plain IP header (no IPv4 options, no IPv6
+    /// extension header right after it), and ESP leaving the packet within `mtu` (≈ skb->len against
     /// xfrm_state_mtu, whose net_adj keeps a transport-mode packet's IP header out of the block rounding). A packet
-    /// that would not fit is not given to a crypto-offload device, which could not fragment what it seals: the SA
-    /// protects it in software, and an IPv4 one without DF leaves as fragments.
+    /// that fails is not given to the device, which could not fragment what it seals: the SA protects it in
+    /// software, and an IPv4 one without DF leaves as fragments.
     @inline(__always)
-    static func fitsAfterESP(_ packet: PacketBuffer, transform: ESPTransform, mtu: Int, tunnel: Bool) -> Bool {
+    static func cryptoOffloadTakes(_ packet: PacketBuffer, transform: ESPTransform, mtu: Int, tunnel: Bool) -> Bool {
+        let p = packet.data
+        let first = p.loadByte(at: 0)
+        let header: Int
+        if first >> 4 == 4 {
+            guard first & 0x0f == 5 else { return false }
+            header = HeaderSize.ipv4Minimum
+        } else {
+            guard packet.count >= HeaderSize.ipv6, !Self.isIPv6ExtensionHeader(p.loadByte(at: 6)) else { return false }
+            header = HeaderSize.ipv6
+        }
         if tunnel { return packet.count <= transform.maximumPayload(forMTU: mtu) }
-        let first = packet.data.loadByte(at: 0)
-        let header = first >> 4 == 4 ? Int(first & 0x0f) * 4 : HeaderSize.ipv6
         return packet.count <= transform.maximumPayload(forMTU: mtu - header) + header
+    }
+
+    /// ≈ ipv6_ext_hdr, what xfrm_dev_offload_ok refuses to a device: hop-by-hop, routing, fragment, AH, no next
+    /// header, destination options, mobility (`IPv6Header.isExtensionHeader` is the input walk's, without AH and
+    /// no next header).
+    @inline(__always)
+    static func isIPv6ExtensionHeader(_ next: UInt8) -> Bool {
+        switch next {
+        case 0, 43, 44, 51, 59, 60, 135: true
+        default: false
+        }
     }
 
     /// Packet offload TX (≈ xfrm_output_one's PACKET branch + xfrm_dev_offload_ok): no ESP work, no sequence
@@ -332,7 +352,7 @@ extension XFRMStack {
                                      tunnel: Bool, retryIfInvalid: Bool) -> OutputResult? {
         let p = packet.data
         let v4 = p.loadByte(at: 0) >> 4 == 4
-        if v4 ? p.loadByte(at: 0) & 0x0f != 5 : IPv6Header.isExtensionHeader(p.loadByte(at: 6)) {
+        if v4 ? p.loadByte(at: 0) & 0x0f != 5 : Self.isIPv6ExtensionHeader(p.loadByte(at: 6)) {
             self.statistics.increment(.outError)  // IPv4 options or IPv6 extension headers
             return .dropped(.outError)
         }

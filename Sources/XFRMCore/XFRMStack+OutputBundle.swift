@@ -10,10 +10,10 @@ extension XFRMStack {
     @inline(__always)
     func outputCachedBundle(_ packet: inout PacketBuffer, _ b: OutputBundle, now: UInt64,
                             transformed: inout Bool) -> OutputResult? {
-        // A packet ESP would make too big for the route is sealed in software, as the per-packet path does.
-        if let (dev, o) = b.device,
-            b.limit.map({ packet.count <= $0 })
-                ?? b.sa.transform.map({ Self.fitsAfterESP(packet, transform: $0, mtu: b.mtu, tunnel: false) }) ?? false,
+        // A packet the device cannot take (IP options or extension headers, too big once inside ESP) is sealed in
+        // software, as the per-packet path does.
+        if let (dev, o) = b.device, let transform = b.sa.transform,
+            Self.cryptoOffloadTakes(packet, transform: transform, mtu: b.mtu, tunnel: b.limit != nil),
             !dev.callbacks.contains(.offloadOK) || dev.offloadOK(packet, sa: b.sa, offload: o)
         {
             var layout = ESPLayout()

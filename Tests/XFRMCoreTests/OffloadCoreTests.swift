@@ -200,8 +200,10 @@ struct OffloadCoreTests {
         // Too big once ESP is added, without DF: not given to the device (≈ xfrm_dev_offload_ok's MTU check, which
         // a device that seals could not fragment after), but sealed in software and cut — through the flow's cached
         // bundle, and through the per-packet path (another flow); at the exact limit it still goes to the device.
-        let limit = h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001))!.transform!
-            .maximumPayload(forMTU: 1500)
+        // xfrm_state_mtu: ((1500 - 20 outer - 8 ESP - 8 IV - 16 ICV) & ~3) - 2 for GCM (4-byte alignment).
+        let limit = 1446
+        #expect(h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001))!.transform!
+            .maximumPayload(forMTU: 1500) == limit)
         for from in ["10.0.1.1", "10.0.1.1", "10.0.1.2", "10.0.1.3"] {
             let (r, whole) = h.send(h.packet(from: from, size: limit - 28 + 1, df: false))
             #expect(r == .fragment(ifindex: 2, mtu: 1500), "from \(from)")
@@ -212,11 +214,43 @@ struct OffloadCoreTests {
                 return
             }
         }
+        #expect(h.a.statistics[.outError] == 0 && h.a.statistics[.outStateModeError] == 0)
+        // IPv4 options: never for the device (xfrm_dev_offload_ok), small as the packet is.
+        let options = PacketFactory.ipv4(source: "10.0.1.1", destination: "10.0.2.1", options: [1, 1, 1, 0],
+                                         payload: PacketFactory.udp(payload: PacketFactory.pattern(40)))
+        let (ro, withOptions) = h.send(options)
+        #expect(ro == .transmit(ifindex: 2))
+        #expect(h.receive(withOptions).0 == .deliver, "sealed in software")
         dev.acceptOffloadOK = false
         let (r2, sealed) = h.send(h.packet())
         #expect(r2 == .transmit(ifindex: 2))
         // Software-sealed: B decrypts it.
         #expect(h.receive(sealed).0 == .deliver)
+    }
+
+    @Test("crypto offload, transport mode: the device takes up to xfrm_state_mtu's limit (the IP header outside the rounding), software seals and cuts the rest")
+    func cryptoTransportLimit() throws {
+        let (h, _) = try setUp()
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 0, reqid: 7)
+        try h.a.addPolicy(Policy(selector: Selector(family: 4, source: IPPrefix("192.0.2.1/32")!,
+                                                    destination: IPPrefix("192.0.2.2/32")!),
+                                 direction: .outbound, templates: [t]), update: false)
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x7001, mode: .transport, reqid: 7, on: h.a).config
+        c.replayWindow = 0
+        try h.a.addState(try h.a.makeSA(c), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
+        // ((1500 - 8 ESP - 8 IV - 16 ICV - 20 net_adj) & ~3) + 20 - 2.
+        let limit = 1466
+        for from in ["192.0.2.1", "192.0.2.1"] {  // the second through the flow's cached bundle
+            guard case .offload = h.send(h.packet(from: from, to: "192.0.2.2", size: limit - 28, df: false)).0 else {
+                Issue.record("a packet at the limit goes to the device")
+                return
+            }
+            let (r, whole) = h.send(h.packet(from: from, to: "192.0.2.2", size: limit - 28 + 1, df: false))
+            #expect(r == .fragment(ifindex: 2, mtu: 1500))
+            #expect(whole.count == 1500 + 4, "one 4-byte GCM block past the MTU")
+            #expect(!whole.suffix(16).allSatisfy { $0 == 0 }, "sealed here: the ICV is written")
+        }
+        #expect(h.a.statistics[.outError] == 0)
     }
 
     @Test("an SA a rekey deletes between the packet's lookup and its lock: the packet leaves through the new SA, nothing counted")

@@ -23,7 +23,8 @@ final class OutputBundle: Sendable {
     /// The outer packet's route.
     let ifindex: Int32
     let mtu: Int
-    /// Tunnel mode: the largest inner packet that fits the path after ESP (nil in transport mode).
+    /// The largest packet that fits the path after ESP: the inner packet in tunnel mode, in transport mode the
+    /// packet with its IP header (of the flow's usual size) outside the rounding.
     let limit: Int?
     /// Crypto offload: the device the route leads to and the SA's binding; each packet still asks the driver's
     /// offload_ok, and goes in software when the device declines it.

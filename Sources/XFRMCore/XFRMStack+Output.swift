@@ -159,7 +159,7 @@ extension XFRMStack {
                     {
                         var layout = ESPLayout()
                         switch self.apply(sa, to: &packet, now: now, deviceLayout: &layout,
-                                          retryIfInvalid: applied == 1 && retryOf == nil) {
+                                          retryIfInvalid: applied == 1 && retryOf == nil, first: applied == 1) {
                         case .stale:
                             return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu,
                                                now: now, transformed: &transformed, memo: &memo, retryOf: index)
@@ -182,7 +182,7 @@ extension XFRMStack {
                     if single && sa.offload == nil && !stopgap { cacheable = (sa, nil) }
                     var unused = ESPLayout()
                     switch self.apply(sa, to: &packet, now: now, deviceLayout: &unused, seal: true,
-                                      retryIfInvalid: applied == 1 && retryOf == nil) {
+                                      retryIfInvalid: applied == 1 && retryOf == nil, first: applied == 1) {
                     case .stale:
                         return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu, now: now,
                                            transformed: &transformed, memo: &memo, retryOf: index)
@@ -258,6 +258,15 @@ extension XFRMStack {
         }
         if tunnel { return packet.count <= transform.maximumPayload(forMTU: mtu) }
         return packet.count <= transform.maximumPayload(forMTU: mtu - header) + header
+    }
+
+    /// The largest packet a transport-mode SA leaves within `mtu` (≈ xfrm_state_mtu with net_adj: the packet's IP
+    /// header, options included, stays outside the block rounding).
+    @inline(__always)
+    static func transportLimit(_ packet: PacketBuffer, transform: ESPTransform, mtu: Int) -> Int {
+        let first = packet.data.loadByte(at: 0)
+        let header = first >> 4 == 4 ? Int(first & 0x0f) * 4 : HeaderSize.ipv6
+        return transform.maximumPayload(forMTU: mtu - header) + header
     }
 
     /// ≈ ipv6_ext_hdr, what xfrm_dev_offload_ok refuses to a device: hop-by-hop, routing, fragment, AH, no next
@@ -375,21 +384,21 @@ extension XFRMStack {
         return .offload(ifindex: o.ifindex, metadata: meta)
     }
 
-    /// Applies one SA of a bundle; nil to continue, or the final result. `limit` is the largest inner packet the
-    /// tunnel's path takes (nil: look the route up; transport mode has none). `retryIfInvalid` (a cached bundle, or
+    /// Applies one SA of a bundle; nil to continue, or the final result. `limit` is the largest packet the path takes
+    /// after ESP (nil: look the route up). `first`: the bundle's first transform (the packet is still the sender's). `retryIfInvalid` (a cached bundle, or
     /// a bundle's first SA on the first pass): an SA that is no longer valid gives `.stale` instead of a drop, with
     /// the packet untouched, so that the caller resolves again.
     @inline(__always)
     func apply(_ sa: SecurityAssociation, to packet: inout PacketBuffer, now: UInt64,
                        deviceLayout: inout ESPLayout, seal: Bool = false, limit cachedLimit: Int? = nil,
-                       retryIfInvalid: Bool = false) -> ApplyOutcome {
+                       retryIfInvalid: Bool = false, first: Bool = true) -> ApplyOutcome {
         guard let transform = sa.transformRef else {
             self.statistics.increment(.outStateInvalid)
             return .done(.dropped(.outStateInvalid))
         }
         return transform._withUnsafeGuaranteedRef {
             self.apply(sa, $0, to: &packet, now: now, deviceLayout: &deviceLayout, seal: seal, limit: cachedLimit,
-                       retryIfInvalid: retryIfInvalid)
+                       retryIfInvalid: retryIfInvalid, first: first)
         }
     }
 
@@ -397,7 +406,7 @@ extension XFRMStack {
     @inline(__always)
     private func apply(_ sa: SecurityAssociation, _ transform: ESPTransform, to packet: inout PacketBuffer,
                        now: UInt64, deviceLayout: inout ESPLayout, seal: Bool, limit cachedLimit: Int?,
-                       retryIfInvalid: Bool) -> ApplyOutcome {
+                       retryIfInvalid: Bool, first: Bool) -> ApplyOutcome {
         if sa.config.direction == .inbound {
             self.statistics.increment(.outStateDirError)
             return .done(.dropped(.outStateDirError))
@@ -417,6 +426,21 @@ extension XFRMStack {
                 // ≈ xfrm4_tunnel_check_size failing in the outer mode output: XfrmOutStateModeError.
                 self.statistics.increment(.outStateModeError)
                 return .done(self.makePacketTooBig(&packet, mtu: limit) ? .icmpError : .dropped(.outStateModeError))
+            }
+        }
+        // Transport mode, the bundle's first transform (the packet is still the sender's): its MTU is the path's less
+        // what ESP adds (≈ xfrm_mtu, the MTU of the bundle's dst). A packet over it that may not be fragmented gets
+        // ICMP with that MTU, as ip_forward / ip6_forward send it against the bundle's dst before any XFRM work (no
+        // xfrm_stat counter: Linux counts it as FragFails), instead of being sealed and then dropped for its size.
+        if sa.config.mode == .transport, first, let limit = cachedLimit ?? self.network.egress(
+                to: sa.id.destination).map({ Self.transportLimit(packet, transform: transform, mtu: $0.mtu) }),
+            packet.count > limit
+        {
+            let p = packet.data
+            if p.loadByte(at: 0) >> 4 == 6 || p.loadBE16(at: 6) & IPv4Header.flagDF != 0 {
+                if self.makePacketTooBig(&packet, mtu: limit) { return .done(.icmpError) }
+                self.statistics.increment(.outError)
+                return .done(.dropped(.outError))
             }
         }
         // One acquisition of the SA's lock: state, lifetime, sequence number and ESP, accounting.

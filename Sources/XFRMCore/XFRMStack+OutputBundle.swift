@@ -13,7 +13,7 @@ extension XFRMStack {
         // A packet the device cannot take (IP options or extension headers, too big once inside ESP) is sealed in
         // software, as the per-packet path does.
         if let (dev, o) = b.device, let transform = b.sa.transform,
-            Self.cryptoOffloadTakes(packet, transform: transform, mtu: b.mtu, tunnel: b.limit != nil),
+            Self.cryptoOffloadTakes(packet, transform: transform, mtu: b.mtu, tunnel: b.sa.config.mode == .tunnel),
             !dev.callbacks.contains(.offloadOK) || dev.offloadOK(packet, sa: b.sa, offload: o)
         {
             var layout = ESPLayout()
@@ -53,9 +53,12 @@ extension XFRMStack {
             let transform = sa.transform
         else { return }
         if let (_, o) = device, route.ifindex != o.ifindex { return }
+        // The largest packet the bundle takes whole (a transport-mode one for the flow's usual header, no options).
+        let header = flow.destination.version == 4 ? HeaderSize.ipv4Minimum : HeaderSize.ipv6
         let bundle = OutputBundle(
             sa: sa, ifindex: route.ifindex, mtu: route.mtu,
-            limit: tunnel ? transform.maximumPayload(forMTU: route.mtu) : nil, device: device)
+            limit: tunnel ? transform.maximumPayload(forMTU: route.mtu)
+                : transform.maximumPayload(forMTU: route.mtu - header) + header, device: device)
         self.outputCache.store(
             OutputCache.Entry(flow: key, tag: tag, generation: generation, value: .bundle(policyIndex: policy.index, bundle)),
             now: now)

@@ -184,6 +184,31 @@ struct StackPathTests {
         #expect(h.a.statistics[.outError] == 0 && t.a.statistics[.outError] == 0)
     }
 
+    @Test("transport mode: a DF packet over the bundle's MTU gets ICMP with it (xfrm_mtu), through both paths; one without DF is cut")
+    func transportPacketTooBig() throws {
+        let t = try TwoHosts()
+        let sel = Selector(family: 4, source: IPPrefix("10.0.1.1/32")!, destination: IPPrefix("10.0.2.1/32")!)
+        try t.a.addPolicy(Policy(selector: sel, direction: .outbound,
+                                 templates: [Template(source: nil, destination: nil, mode: 0, reqid: 5)]), update: false)
+        try t.a.addState(t.sa(from: "10.0.1.1", to: "10.0.2.1", spi: 0x5005, mode: .transport, reqid: 5, on: t.a))
+        // ((1500 - 8 ESP - 8 IV - 16 ICV - 20 net_adj) & ~3) + 20 - 2 (GCM: 4-byte alignment).
+        let limit = 1466
+        for pass in 0..<2 {  // the first resolves the bundle; the second goes through the flow's cached one
+            let (small, _) = t.send(t.packet(size: limit - 28, df: true))
+            #expect(small == .transmit(ifindex: 2), "pass \(pass): a packet at the limit leaves whole")
+            let big = t.packet(size: limit - 28 + 1, df: true)
+            let (r, icmp) = t.send(big)
+            #expect(r == .icmpError, "pass \(pass)")
+            // ICMP type 3 code 4 to the sender, with the bundle's MTU, quoting the plaintext header and 8 bytes.
+            #expect(icmp.count >= 28 + 28 && icmp[20] == 3 && icmp[21] == 4, "pass \(pass)")
+            #expect(Int(icmp[26]) << 8 | Int(icmp[27]) == limit, "pass \(pass)")
+            #expect(Array(icmp[16..<20]) == Array(big[12..<16]), "pass \(pass): back to the sender")
+            #expect(Array(icmp[48..<56]) == Array(big[20..<28]), "pass \(pass): the sender's own UDP header")
+            #expect(t.send(t.packet(size: limit - 28 + 1, df: false)).0 == .fragment(ifindex: 2, mtu: 1500))
+        }
+        #expect(t.a.statistics[.outError] == 0 && t.a.statistics[.outStateModeError] == 0)
+    }
+
     @Test("an outbound-direction SA found by SPI on input is XfrmInStateDirError")
     func directionError() throws {
         let h = try TwoHosts()

@@ -385,9 +385,9 @@ extension XFRMStack {
     }
 
     /// Applies one SA of a bundle; nil to continue, or the final result. `limit` is the largest packet the path takes
-    /// after ESP (nil: look the route up). `first`: the bundle's first transform (the packet is still the sender's). `retryIfInvalid` (a cached bundle, or
-    /// a bundle's first SA on the first pass): an SA that is no longer valid gives `.stale` instead of a drop, with
-    /// the packet untouched, so that the caller resolves again.
+    /// after ESP (nil: look the route up). `first`: the bundle's first transform (the packet is still the sender's).
+    /// `retryIfInvalid` (a cached bundle, or a bundle's first SA on the first pass): an SA that is no longer valid
+    /// gives `.stale` instead of a drop, with the packet untouched, so that the caller resolves again.
     @inline(__always)
     func apply(_ sa: SecurityAssociation, to packet: inout PacketBuffer, now: UInt64,
                        deviceLayout: inout ESPLayout, seal: Bool = false, limit cachedLimit: Int? = nil,

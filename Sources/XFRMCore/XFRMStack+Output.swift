@@ -159,7 +159,8 @@ extension XFRMStack {
                     {
                         var layout = ESPLayout()
                         switch self.apply(sa, to: &packet, now: now, deviceLayout: &layout,
-                                          retryIfInvalid: applied == 1 && retryOf == nil, first: applied == 1) {
+                                          limit: self.transportLimit(sa, single: single, flow: flow, route: route),
+                                          retryIfInvalid: applied == 1 && retryOf == nil) {
                         case .stale:
                             return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu,
                                                now: now, transformed: &transformed, memo: &memo, retryOf: index)
@@ -182,7 +183,8 @@ extension XFRMStack {
                     if single && sa.offload == nil && !stopgap { cacheable = (sa, nil) }
                     var unused = ESPLayout()
                     switch self.apply(sa, to: &packet, now: now, deviceLayout: &unused, seal: true,
-                                      retryIfInvalid: applied == 1 && retryOf == nil, first: applied == 1) {
+                                      limit: self.transportLimit(sa, single: single, flow: flow, route: route),
+                                      retryIfInvalid: applied == 1 && retryOf == nil) {
                     case .stale:
                         return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu, now: now,
                                            transformed: &transformed, memo: &memo, retryOf: index)
@@ -260,14 +262,25 @@ extension XFRMStack {
         return packet.count <= transform.maximumPayload(forMTU: mtu - header) + header
     }
 
-    /// The largest packet a transport-mode SA leaves within `mtu` (≈ xfrm_state_mtu with net_adj: the packet's IP
-    /// header, options included, stays outside the block rounding).
+    /// The largest packet a transport-mode SA leaves within `mtu` (≈ xfrm_state_mtu: net_adj, the size of a plain
+    /// IPv4 or IPv6 header, stays outside the block rounding).
     @inline(__always)
-    static func transportLimit(_ packet: PacketBuffer, transform: ESPTransform, mtu: Int) -> Int {
-        let first = packet.data.loadByte(at: 0)
-        let header = first >> 4 == 4 ? Int(first & 0x0f) * 4 : HeaderSize.ipv6
+    static func transportLimit(version: Int, transform: ESPTransform, mtu: Int) -> Int {
+        let header = version == 4 ? HeaderSize.ipv4Minimum : HeaderSize.ipv6
         return transform.maximumPayload(forMTU: mtu - header) + header
     }
+
+    /// A transport-mode SA alone in its bundle: its limit on the flow's route (the route to the SA's destination,
+    /// which is the flow's); nil otherwise (a tunnel checks its own path, a longer bundle is not checked here).
+    @inline(__always)
+    func transportLimit(_ sa: SecurityAssociation, single: Bool, flow: Flow,
+                        route: (ifindex: Int32, mtu: Int)?) -> Int? {
+        guard single, sa.config.mode == .transport, let route, let transform = sa.transform else { return nil }
+        return Self.transportLimit(version: flow.version, transform: transform, mtu: route.mtu)
+    }
+
+    /// IPv6's minimum link MTU (RFC 8200 §5): never reported smaller in a Packet Too Big.
+    static let ipv6MinimumMTU = 1280
 
     /// ≈ ipv6_ext_hdr, what xfrm_dev_offload_ok refuses to a device: hop-by-hop, routing, fragment, AH, no next
     /// header, destination options, mobility (`IPv6Header.isExtensionHeader` is the input walk's, without AH and
@@ -385,20 +398,20 @@ extension XFRMStack {
     }
 
     /// Applies one SA of a bundle; nil to continue, or the final result. `limit` is the largest packet the path takes
-    /// after ESP (nil: look the route up). `first`: the bundle's first transform (the packet is still the sender's).
-    /// `retryIfInvalid` (a cached bundle, or a bundle's first SA on the first pass): an SA that is no longer valid
-    /// gives `.stale` instead of a drop, with the packet untouched, so that the caller resolves again.
+    /// after ESP (nil: a tunnel looks its route up; transport mode checks only a one-SA bundle's, which its caller
+    /// passes). `retryIfInvalid` (a cached bundle, or a bundle's first SA on the first pass): an SA that is no longer
+    /// valid gives `.stale` instead of a drop, with the packet untouched, so that the caller resolves again.
     @inline(__always)
     func apply(_ sa: SecurityAssociation, to packet: inout PacketBuffer, now: UInt64,
                        deviceLayout: inout ESPLayout, seal: Bool = false, limit cachedLimit: Int? = nil,
-                       retryIfInvalid: Bool = false, first: Bool = true) -> ApplyOutcome {
+                       retryIfInvalid: Bool = false) -> ApplyOutcome {
         guard let transform = sa.transformRef else {
             self.statistics.increment(.outStateInvalid)
             return .done(.dropped(.outStateInvalid))
         }
         return transform._withUnsafeGuaranteedRef {
             self.apply(sa, $0, to: &packet, now: now, deviceLayout: &deviceLayout, seal: seal, limit: cachedLimit,
-                       retryIfInvalid: retryIfInvalid, first: first)
+                       retryIfInvalid: retryIfInvalid)
         }
     }
 
@@ -406,7 +419,7 @@ extension XFRMStack {
     @inline(__always)
     private func apply(_ sa: SecurityAssociation, _ transform: ESPTransform, to packet: inout PacketBuffer,
                        now: UInt64, deviceLayout: inout ESPLayout, seal: Bool, limit cachedLimit: Int?,
-                       retryIfInvalid: Bool, first: Bool) -> ApplyOutcome {
+                       retryIfInvalid: Bool) -> ApplyOutcome {
         if sa.config.direction == .inbound {
             self.statistics.increment(.outStateDirError)
             return .done(.dropped(.outStateDirError))
@@ -421,24 +434,26 @@ extension XFRMStack {
         {
             let p = packet.data
             let v4DF = p.loadByte(at: 0) >> 4 == 4 && p.loadBE16(at: 6) & IPv4Header.flagDF != 0
-            let v6 = p.loadByte(at: 0) >> 4 == 6
+            // IPv6 never reports less than its minimum MTU (xfrm6_tunnel_check_size): up to 1,280 bytes go on.
+            let v6 = p.loadByte(at: 0) >> 4 == 6 && packet.count > Self.ipv6MinimumMTU
             if v4DF || v6 {
                 // ≈ xfrm4_tunnel_check_size failing in the outer mode output: XfrmOutStateModeError.
                 self.statistics.increment(.outStateModeError)
-                return .done(self.makePacketTooBig(&packet, mtu: limit) ? .icmpError : .dropped(.outStateModeError))
+                let mtu = v6 ? max(limit, Self.ipv6MinimumMTU) : limit
+                return .done(self.makePacketTooBig(&packet, mtu: mtu) ? .icmpError : .dropped(.outStateModeError))
             }
         }
-        // Transport mode, the bundle's first transform (the packet is still the sender's): its MTU is the path's less
-        // what ESP adds (≈ xfrm_mtu, the MTU of the bundle's dst). A packet over it that may not be fragmented gets
-        // ICMP with that MTU, as ip_forward / ip6_forward send it against the bundle's dst before any XFRM work (no
-        // xfrm_stat counter: Linux counts it as FragFails), instead of being sealed and then dropped for its size.
-        if sa.config.mode == .transport, first, let limit = cachedLimit ?? self.network.egress(
-                to: sa.id.destination).map({ Self.transportLimit(packet, transform: transform, mtu: $0.mtu) }),
-            packet.count > limit
-        {
+        // Transport mode, a one-SA bundle (the caller passes its limit; the packet is still the sender's): its MTU is
+        // the path's less what ESP adds (≈ xfrm_mtu, the MTU of the bundle's dst). A packet over it that may not be
+        // fragmented gets ICMP with that MTU, as ip_forward / ip6_forward send it against the bundle's dst before any
+        // XFRM work (no xfrm_stat counter: Linux counts it as FragFails), instead of being sealed and then dropped
+        // for its size.
+        if sa.config.mode == .transport, let limit = cachedLimit, packet.count > limit {
             let p = packet.data
-            if p.loadByte(at: 0) >> 4 == 6 || p.loadBE16(at: 6) & IPv4Header.flagDF != 0 {
-                if self.makePacketTooBig(&packet, mtu: limit) { return .done(.icmpError) }
+            let v6 = p.loadByte(at: 0) >> 4 == 6
+            let mtu = v6 ? max(limit, Self.ipv6MinimumMTU) : limit  // as ip6_forward, never below 1,280
+            if v6 ? packet.count > mtu : p.loadBE16(at: 6) & IPv4Header.flagDF != 0 {
+                if self.makePacketTooBig(&packet, mtu: mtu) { return .done(.icmpError) }
                 self.statistics.increment(.outError)
                 return .done(.dropped(.outError))
             }

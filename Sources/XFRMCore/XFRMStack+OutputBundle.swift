@@ -53,12 +53,10 @@ extension XFRMStack {
             let transform = sa.transform
         else { return }
         if let (_, o) = device, route.ifindex != o.ifindex { return }
-        // The largest packet the bundle takes whole (a transport-mode one for the flow's usual header, no options).
-        let header = flow.destination.version == 4 ? HeaderSize.ipv4Minimum : HeaderSize.ipv6
         let bundle = OutputBundle(
             sa: sa, ifindex: route.ifindex, mtu: route.mtu,
             limit: tunnel ? transform.maximumPayload(forMTU: route.mtu)
-                : transform.maximumPayload(forMTU: route.mtu - header) + header, device: device)
+                : Self.transportLimit(version: flow.version, transform: transform, mtu: route.mtu), device: device)
         self.outputCache.store(
             OutputCache.Entry(flow: key, tag: tag, generation: generation, value: .bundle(policyIndex: policy.index, bundle)),
             now: now)

@@ -17,6 +17,8 @@
 //                                          with allocations per packet (--check: exit 1 if any)
 //   swift run -c release xfrm-bench modes [--packets N] [--rounds N] [--svg PATH]
 //                                          host CPU per packet and throughput: baseline, software, crypto, packet offload
+//   swift run -c release xfrm-bench checksum [--sizes N[,N...]]
+//                                          the Internet checksum's sum (bulk C/AVX2 from 256 B) vs the inlined Swift loop
 //
 // Each benchmark lives in its own file; this file only dispatches.
 
@@ -110,10 +112,13 @@ case "scale":
 case "sad": sadBenchmark(seconds: seconds, rounds: rounds,
                          sizes: saCounts == [1_000, 10_000, 100_000, 100_000] ? [1_000, 10_000, 100_000] : saCounts)
 case "modes": modesBenchmark(arguments: Array(CommandLine.arguments.dropFirst()))
+case "checksum":
+    checksumBenchmark(seconds: seconds, rounds: rounds,
+                      sizes: espSizes == [64, 512, 1420] ? [64, 256, 1420, 9000, 65000] : espSizes)
 default:
     FileHandle.standardError.write(("usage: xfrm-bench esp [--backend B|all] [--threads N[,N...]] [--sizes N[,N...]] | "
         + "stack [--check] [--sizes N[,N...]] | engine [--check] | spd [--policies N[,N...]] | "
         + "scale [--sas N[,N...]] [--policies N[,N...]] | sad [--sas N[,N...]] (all: [--seconds S] [--rounds N]) | "
-        + "modes [--packets N] [--rounds N] [--svg PATH]\n").data(using: .utf8)!)
+        + "modes [--packets N] [--rounds N] [--svg PATH] | checksum [--sizes N[,N...]]\n").data(using: .utf8)!)
     exit(2)
 }

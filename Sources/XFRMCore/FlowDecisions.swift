@@ -11,7 +11,7 @@ enum OutputDecision {
     case plain(ifindex: Int32, mtu: Int)
     /// Packet offload through `device` with `sa` (≈ the bundle of an offloaded policy).
     case packetOffload(policyIndex: UInt32, sa: SecurityAssociation, device: any XfrmOffloadDevice,
-                       offload: StateOffload, limit: Int, tunnel: Bool)
+                       offload: StateOffload, limit: Int)
     /// A one-SA bundle in software or crypto offload (≈ a dst with its xfrm bundle).
     case bundle(policyIndex: UInt32, OutputBundle)
 }

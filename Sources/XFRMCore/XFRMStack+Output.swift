@@ -78,11 +78,11 @@ extension XFRMStack {
             switch hit.value {
             case .plain(let ifindex, let mtu):
                 return self.transmit(&packet, ifindex: ifindex, mtu: mtu, transformed: false, mayFragment: true)
-            case .packetOffload(let policyIndex, let sa, let device, let offload, let limit, let tunnel):
+            case .packetOffload(let policyIndex, let sa, let device, let offload, let limit):
                 if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
                 // nil: the SA died since the entry was made (the device refused it): resolve again below.
                 if let r = self.packetOffloadChecks(&packet, sa: sa, device: device, offload: offload, limit: limit,
-                                                    tunnel: tunnel, retryIfInvalid: retryOf == nil) { return r }
+                                                    retryIfInvalid: retryOf == nil) { return r }
                 retryOf = 0
             case .bundle(let policyIndex, let bundle):
                 if touch { self.policies.markUsed(index: policyIndex, direction: .outbound, at: now) }
@@ -350,28 +350,29 @@ extension XFRMStack {
             self.statistics.increment(.outError)  // the route leads to another device
             return .dropped(.outError)
         }
-        let limit = transform.maximumPayload(forMTU: iface.mtu)
         let tunnel = sa.config.mode == .tunnel
+        let limit = tunnel ? transform.maximumPayload(forMTU: iface.mtu)
+            : Self.transportLimit(version: flow.version, transform: transform, mtu: iface.mtu)
         if cacheable {
             self.outputCache.store(
                 OutputCache.Entry(flow: cacheKey, tag: tag, generation: generation,
                                   value: .packetOffload(policyIndex: policy.index, sa: sa, device: dev, offload: o,
-                                                        limit: limit, tunnel: tunnel)),
+                                                        limit: limit)),
                 now: now)
         }
-        return self.packetOffloadChecks(&packet, sa: sa, device: dev, offload: o, limit: limit, tunnel: tunnel,
+        return self.packetOffloadChecks(&packet, sa: sa, device: dev, offload: o, limit: limit,
                                         retryIfInvalid: !retried)
     }
 
     /// The per-packet part of packet offload TX (≈ xfrm_dev_offload_ok): what the device cannot take is dropped as
-    /// XfrmOutError — IPv4 options, IPv6 extension headers, more than the SA's MTU (tunnel mode with DF answers with
-    /// ICMP) — and the driver's offload_ok has the last word.
+    /// XfrmOutError — IPv4 options, IPv6 extension headers, more than the SA's MTU (a packet that may not be
+    /// fragmented answers with ICMP) — and the driver's offload_ok has the last word.
     /// Nil (only with `retryIfInvalid`) when the driver refused a packet because the SA died meanwhile: the caller
     /// looks up again.
     @inline(__always)
     func packetOffloadChecks(_ packet: inout PacketBuffer, sa: SecurityAssociation,
                                      device: any XfrmOffloadDevice, offload o: StateOffload, limit: Int,
-                                     tunnel: Bool, retryIfInvalid: Bool) -> OutputResult? {
+                                     retryIfInvalid: Bool) -> OutputResult? {
         let p = packet.data
         let v4 = p.loadByte(at: 0) >> 4 == 4
         if v4 ? p.loadByte(at: 0) & 0x0f != 5 : Self.isIPv6ExtensionHeader(p.loadByte(at: 6)) {
@@ -379,11 +380,14 @@ extension XFRMStack {
             return .dropped(.outError)
         }
         if packet.count > limit {
-            // The stack never fragments for the device.
+            // The stack never fragments for the device. A packet that may not be fragmented gets ICMP with the
+            // bundle's MTU, as ip_forward sends it against the bundle's dst (tunnel and transport mode alike; IPv6
+            // never below 1,280).
             let df = !v4 || p.loadBE16(at: 6) & IPv4Header.flagDF != 0
+            let mtu = v4 ? limit : max(limit, Self.ipv6MinimumMTU)
             self.statistics.increment(.outError)
-            if tunnel && df {
-                return self.makePacketTooBig(&packet, mtu: limit) ? .icmpError : .dropped(.outError)
+            if df && packet.count > mtu {
+                return self.makePacketTooBig(&packet, mtu: mtu) ? .icmpError : .dropped(.outError)
             }
             return .dropped(.outError)
         }

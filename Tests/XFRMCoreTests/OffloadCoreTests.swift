@@ -182,6 +182,31 @@ struct OffloadCoreTests {
         #expect(h.send(h.packet()).0 == .dropped(.outError))
     }
 
+    @Test("packet offload, transport mode: the limit is xfrm_state_mtu's with net_adj; over it, DF gets ICMP with it, no DF is dropped")
+    func packetTransportLimit() throws {
+        let (h, _) = try setUp()
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 0, reqid: 7)
+        try h.a.addPolicy(Policy(selector: Selector(family: 4, source: IPPrefix("192.0.2.1/32")!,
+                                                    destination: IPPrefix("192.0.2.2/32")!),
+                                 direction: .outbound, templates: [t], offload: PolicyOffload(ifindex: 2)),
+                          update: false)
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x7002, mode: .transport, reqid: 7, on: h.a).config
+        c.replayWindow = 0
+        try h.a.addState(try h.a.makeSA(c), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
+        let limit = 1466  // ((1500 - 8 ESP - 8 IV - 16 ICV - 20 net_adj) & ~3) + 20 - 2
+        for _ in 0..<2 {  // the first resolves; the second goes through the flow's cached decision
+            guard case .offload = h.send(h.packet(from: "192.0.2.1", to: "192.0.2.2", size: limit - 28)).0 else {
+                Issue.record("a packet at the limit goes to the device")
+                return
+            }
+            let (r, icmp) = h.send(h.packet(from: "192.0.2.1", to: "192.0.2.2", size: limit - 28 + 1, df: true))
+            #expect(r == .icmpError)
+            #expect(icmp[20] == 3 && icmp[21] == 4 && Int(icmp[26]) << 8 | Int(icmp[27]) == limit)
+            #expect(h.send(h.packet(from: "192.0.2.1", to: "192.0.2.2", size: limit - 28 + 1, df: false)).0
+                    == .dropped(.outError))
+        }
+    }
+
     @Test("crypto offload: the host builds ESP and leaves sealing to the device; without offload_ok it is software")
     func cryptoTX() throws {
         let (h, dev) = try setUp()

@@ -533,6 +533,38 @@ struct FailClosedTests {
         _ = out
     }
 
+    @Test("IPv6 inner, an outer path too small for 1,280 after ESP: Packet Too Big says 1,280, never less (xfrm6_tunnel_check_size)")
+    func ipv6TooBigNeverBelowMinimum() throws {
+        let s = XFRMStack(clock: ManualClock())
+        try s.network.addInterface(name: "eth0", kind: "dummy", mtu: 1300)
+        try s.network.modify(name: "eth0") { (i: inout Interface) throws(NetworkError) in i.isUp = true }
+        try s.network.addAddress(IPPrefix("2001:db8::1/64")!, device: "eth0")
+        try s.network.addRoute(IPPrefix("2001:db8:2::/64")!, device: "eth0", via: nil)
+        let crypto = try ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))", key: PacketFactory.pattern(20), icvBits: 128)
+        try s.addState(try s.makeSA(SAConfig(
+            id: SAID(destination: IPAddress("2001:db8::2")!, spi: 0x46), source: IPAddress("2001:db8::1")!,
+            selector: .any(family: 6), reqid: 1, mode: .tunnel, crypto: crypto)))
+        let t = Template(source: IPAddress("2001:db8::1"), destination: IPAddress("2001:db8::2"), mode: 1, reqid: 1)
+        try s.addPolicy(Policy(selector: Selector(family: 6, source: IPPrefix("2001:db8:1::/64")!,
+                                                  destination: IPPrefix("2001:db8:2::/64")!),
+                               direction: .outbound, templates: [t]), update: false)
+        let buffers = TestBuffers()
+        // 1300 - 40 - 8 - 8 - 16 = 1228, less 2: ESP leaves room for 1,226 bytes, under IPv6's minimum.
+        let (r, icmp) = buffers.with(PacketFactory.ipv6(payload: PacketFactory.udp(payload: PacketFactory.pattern(1300)))) {
+            s.output(&$0)
+        }
+        #expect(r == .icmpError)
+        #expect(icmp[40] == 2 && Int(icmp[44]) << 24 | Int(icmp[45]) << 16 | Int(icmp[46]) << 8 | Int(icmp[47]) == 1280,
+                "ICMPv6 Packet Too Big with MTU 1280")
+        #expect(s.statistics[.outStateModeError] == 1)
+        // A 1,280-byte packet is not refused (Linux cuts it before ESP; here it is dropped after, see Known gaps).
+        let (r2, _) = buffers.with(PacketFactory.ipv6(payload: PacketFactory.udp(payload: PacketFactory.pattern(1232)))) {
+            s.output(&$0)
+        }
+        #expect(r2 == .dropped(.outError))
+        #expect(s.statistics[.outStateModeError] == 1)
+    }
+
     @Test("transit NAT-T, IKE and ESP for another host are forwarded, not consumed")
     func transit() throws {
         let h = try TwoHosts()

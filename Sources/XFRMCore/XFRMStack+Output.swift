@@ -385,10 +385,9 @@ extension XFRMStack {
             // never below 1,280).
             let df = !v4 || p.loadBE16(at: 6) & IPv4Header.flagDF != 0
             let mtu = v4 ? limit : max(limit, Self.ipv6MinimumMTU)
+            // The ICMP answer counts no xfrm_stat (ip_forward's, FragFails in Linux); a drop is XfrmOutError.
+            if df && packet.count > mtu && self.makePacketTooBig(&packet, mtu: mtu) { return .icmpError }
             self.statistics.increment(.outError)
-            if df && packet.count > mtu {
-                return self.makePacketTooBig(&packet, mtu: mtu) ? .icmpError : .dropped(.outError)
-            }
             return .dropped(.outError)
         }
         if device.callbacks.contains(.offloadOK) && !device.offloadOK(packet, sa: sa, offload: o) {

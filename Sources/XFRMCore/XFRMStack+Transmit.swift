@@ -31,8 +31,10 @@ extension XFRMStack {
             let df = version == 6 || p.loadBE16(at: 6) & IPv4Header.flagDF != 0
             // Never quote a transformed packet in an ICMP error (a crypto-offload packet is still plaintext inside
             // its ESP framing); it is dropped instead. Untransformed DF/IPv6 packets get the error.
+            // IPv6 never reports less than its minimum MTU (as ip6_forward clamps); up to 1,280 bytes are dropped.
+            let reported = version == 6 ? max(iface.mtu, XFRMStack.ipv6MinimumMTU) : iface.mtu
             if df && !transformed {
-                if self.makePacketTooBig(&packet, mtu: iface.mtu) { return .icmpError }
+                if packet.count > reported && self.makePacketTooBig(&packet, mtu: reported) { return .icmpError }
                 self.statistics.increment(.outError)
                 return .dropped(.outError)
             }

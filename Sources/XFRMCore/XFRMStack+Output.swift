@@ -250,16 +250,14 @@ extension XFRMStack {
     static func cryptoOffloadTakes(_ packet: PacketBuffer, transform: ESPTransform, mtu: Int, tunnel: Bool) -> Bool {
         let p = packet.data
         let first = p.loadByte(at: 0)
-        let header: Int
-        if first >> 4 == 4 {
+        let version = Int(first >> 4)
+        if version == 4 {
             guard first & 0x0f == 5 else { return false }
-            header = HeaderSize.ipv4Minimum
         } else {
             guard packet.count >= HeaderSize.ipv6, !Self.isIPv6ExtensionHeader(p.loadByte(at: 6)) else { return false }
-            header = HeaderSize.ipv6
         }
-        if tunnel { return packet.count <= transform.maximumPayload(forMTU: mtu) }
-        return packet.count <= transform.maximumPayload(forMTU: mtu - header) + header
+        return packet.count <= (tunnel ? transform.maximumPayload(forMTU: mtu)
+            : Self.transportLimit(version: version, transform: transform, mtu: mtu))
     }
 
     /// The largest packet a transport-mode SA leaves within `mtu` (≈ xfrm_state_mtu: net_adj, the size of a plain

@@ -1,5 +1,6 @@
 // The last step of output: route MTU checks, the ICMP errors a too-big packet gets (≈ ip_fragment's
-// ICMP_FRAG_NEEDED, icmpv6_send PKT_TOOBIG), and the IPv4 packets without DF that leave as fragments.
+// ICMP_FRAG_NEEDED, icmpv6_send PKT_TOOBIG), and the packets that leave as fragments: IPv4 without DF, and the
+// IPv6 ESP packets this host sealed.
 
 import Foundation
 import Synchronization
@@ -38,9 +39,12 @@ extension XFRMStack {
                 self.statistics.increment(.outError)
                 return .dropped(.outError)
             }
-            if !df && mayFragment { return .fragment(ifindex: iface.ifindex, mtu: iface.mtu) }
-            // An IPv6 packet whose inner packet could be fragmented (no outer fragmentation for IPv6 yet), or ESP
-            // for a crypto-offload device.
+            // IPv4 without DF; or the IPv6 packet ESP sealed here, which this host built and may fragment as its
+            // source (RFC 8200 §4.5; xfrm6_prepare_output sets ignore_df on the outer packet).
+            if mayFragment && (!df || (version == 6 && transformed)) {
+                return .fragment(ifindex: iface.ifindex, mtu: iface.mtu)
+            }
+            // ESP for a crypto-offload device (it must reach the device whole), or an IPv4 one with DF.
             self.statistics.increment(.outError)
             return .dropped(.outError)
         }

@@ -31,9 +31,10 @@ public enum OutputResult: Equatable, Sendable {
     case dropped(XfrmStatCounter?)
     /// Too big for the path with DF set: the buffer now holds the ICMP error for the sender (carrying the MTU).
     case icmpError
-    /// Too big for this interface, IPv4 without DF: the IP layer sends it as fragments of at most `mtu` bytes
-    /// (≈ ip_fragment from ip_finish_output, after xfrm_output; RFC 4303 §3.3.5). Only for packets that are
-    /// final: plaintext, or ESP the stack sealed (never ESP a crypto-offload device has yet to seal).
+    /// Too big for this interface, IPv4 without DF or IPv6 ESP the stack sealed: the IP layer sends it as fragments
+    /// of at most `mtu` bytes (≈ ip_fragment from ip_finish_output, ip6_fragment from ip6_finish_output, after
+    /// xfrm_output; RFC 4303 §3.3.5). Only for packets that are final: plaintext, or ESP the stack sealed (never ESP
+    /// a crypto-offload device has yet to seal).
     case fragment(ifindex: Int32, mtu: Int)
 }
 

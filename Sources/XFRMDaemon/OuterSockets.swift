@@ -19,12 +19,14 @@ struct OuterSockets {
     /// ESP in UDP, go out as built, since a UDP socket cannot send a fragment (-1 without CAP_NET_RAW: then they are
     /// counted in `send_errors`).
     var frag4: Int32 = -1
+    /// The same for IPv6 fragments (AF_INET6 IPPROTO_RAW: the packet as built, IPv6 header included).
+    var frag6: Int32 = -1
     let udpPort: UInt16
     /// UDP_GRO is on (the kernel may coalesce ESP-in-UDP datagrams; OuterGROSource cuts them again).
     var udp4GRO = false
     var udp6GRO = false
 
-    var all: [Int32] { [self.raw4, self.udp4, self.raw6, self.udp6, self.frag4].filter { $0 >= 0 } }
+    var all: [Int32] { [self.raw4, self.udp4, self.raw6, self.udp6, self.frag4, self.frag6].filter { $0 >= 0 } }
 
     /// Opens and binds them. IPv6 is best effort (a host without IPv6 keeps working on IPv4).
     /// `shareUDPPort`: the NAT-T port is shared with a key manager's IKE socket (xfrm_natt_join: SO_REUSEPORT and a
@@ -76,6 +78,7 @@ struct OuterSockets {
         if !bound6 && udp6 >= 0 { close(udp6) }
         self.udp6 = bound6 ? udp6 : -1
         self.frag4 = socket(AF_INET, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), Int32(IPPROTO_RAW))
+        self.frag6 = socket(AF_INET6, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), Int32(IPPROTO_RAW))
         if gro {
             self.udp4GRO = xfrm_set_udp_option(self.udp4, 104, 1) == 0  // UDP_GRO (Linux 5.0 and later)
             self.udp6GRO = self.udp6 >= 0 && xfrm_set_udp_option(self.udp6, 104, 1) == 0

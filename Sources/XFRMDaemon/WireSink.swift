@@ -9,9 +9,9 @@ import XFRMEngine
 import XFRMPacket
 
 /// The outer side's writes: what the stack protected, to the socket its outer header names — raw ESP with the
-/// stack's IPv4 header as built (IP_HDRINCL), ESP in UDP after its UDP header to the SA's port, IPv4 fragments of
-/// either as built (IPPROTO_RAW), and for IPv6 the
-/// payload with the destination and our source (IPV6_PKTINFO; the kernel writes the IPv6 header). One
+/// stack's IPv4 header as built (IP_HDRINCL), ESP in UDP after its UDP header to the SA's port, fragments of either
+/// as built (IPPROTO_RAW, IPv4 or IPv6), and for whole IPv6 packets the payload with the destination and our source
+/// (IPV6_PKTINFO; the kernel writes the IPv6 header). One
 /// sendmmsg(2) per socket per batch. One sink per worker (its arrays are its own); anything else is counted and
 /// dropped: the wire carries ESP only.
 final class WireSink: PacketSink {
@@ -25,6 +25,8 @@ final class WireSink: PacketSink {
     private var current = -1
     /// The source and identification of a packet whose first fragment was refused: its other fragments are too.
     private var refusedFragments: (source: UInt32, id: UInt16)? = nil
+    /// The same for IPv6 (the stack's identifications are random 32-bit numbers).
+    private var refusedFragments6: UInt32? = nil
 
     /// The messages for one socket: `count` messages gathering `iovCount` datagrams. On the UDP sockets, a datagram
     /// that follows one of the same size to the same peer with the same control messages (source address, TOS)
@@ -115,7 +117,7 @@ final class WireSink: PacketSink {
     /// The most bytes one GSO send carries: an IPv4 packet's 65,535 less its IP and UDP headers.
     static let maxGSOBytes = 65_535 - 20 - 8
 
-    private static let raw4 = 0, udp4 = 1, raw6 = 2, udp6 = 3, frag4 = 4
+    private static let raw4 = 0, udp4 = 1, raw6 = 2, udp6 = 3, frag4 = 4, frag6 = 5
 
     init(sockets: OuterSockets, pool: PacketPool, counters: DatapathCounters, engine: EngineCounters, gso: Bool = true) {
         self.sockets = sockets
@@ -124,7 +126,7 @@ final class WireSink: PacketSink {
         self.engine = engine
         self.groups = [Group(fd: sockets.raw4, v6: false, gso: false), Group(fd: sockets.udp4, v6: false, gso: gso),
                        Group(fd: sockets.raw6, v6: true, gso: false), Group(fd: sockets.udp6, v6: true, gso: gso),
-                       Group(fd: sockets.frag4, v6: false, gso: false)]
+                       Group(fd: sockets.frag4, v6: false, gso: false), Group(fd: sockets.frag6, v6: true, gso: false)]
         self.sent.reserveCapacity(EngineConstants.batchSize)
     }
 
@@ -286,6 +288,9 @@ final class WireSink: PacketSink {
             }
         case 6 where count >= 40:
             let next = p.loadByte(at: 6)
+            if next == IPv6Fragmentation.fragmentHeader {
+                return self.addFragment6(p, count: count)
+            }
             if next == UInt8(IPPROTO_ESP), self.sockets.raw6 >= 0 {
                 self.add6(self.use(Self.raw6), p, payload: 40, count: count, port: 0)
                 return true
@@ -300,6 +305,42 @@ final class WireSink: PacketSink {
             break
         }
         return false
+    }
+
+    /// An IPv6 fragment the stack cut (of a sealed packet, right after the IPv6 header): refused, with the rest of its
+    /// packet, for what the whole packet would be refused for (as IPv4's); sent as built on the IPPROTO_RAW socket.
+    private func addFragment6(_ p: UnsafeMutableRawPointer, count: Int) -> Bool {
+        guard count >= 48 else { return false }
+        let proto = p.loadByte(at: 40)
+        let id = p.loadBE32(at: 44)
+        if p.loadBE16(at: 42) & 0xfff8 == 0 {
+            let ok = proto == UInt8(IPPROTO_ESP) ? self.sockets.raw6 >= 0
+                : proto == UInt8(IPPROTO_UDP) && count >= 60 && p.loadBE16(at: 48) == self.sockets.udpPort
+                    && p.loadBE32(at: 56) != 0
+            self.refusedFragments6 = ok ? nil : id
+            if !ok { return false }
+        } else if self.refusedFragments6 == id {
+            return false
+        }
+        guard proto == UInt8(IPPROTO_UDP) || (proto == UInt8(IPPROTO_ESP) && self.sockets.raw6 >= 0) else {
+            return false
+        }
+        let g = self.use(Self.frag6)
+        guard g.fd >= 0 else {
+            self.counters.sendErrors.wrappingAdd(1, ordering: .relaxed)
+            return true  // released with the sent ones
+        }
+        let i = g.count
+        g.names[i] = sockaddr_in6()
+        g.names[i].sin6_family = sa_family_t(AF_INET6)
+        withUnsafeMutableBytes(of: &g.names[i].sin6_addr) {
+            $0.copyMemory(from: UnsafeRawBufferPointer(start: p + 24, count: 16))
+        }
+        g.controlLens[i] = 0
+        g.bufs[g.iovCount] = p
+        g.lens[g.iovCount] = count
+        g.commit()
+        return true
     }
 
     @inline(__always)

@@ -15,7 +15,7 @@ public final class Dispatcher {
         /// A forwarded packet is handed to the local sink (the host's own kernel routes it) rather than sent
         /// through the output path again.
         public var forwardLocally: Bool
-        /// IPv4 fragments from the wire are reassembled before the stack sees them (IPv4Reassembly); a daemon's
+        /// IPv4 and IPv6 fragments from the wire are reassembled before the stack sees them (IPv4Reassembly); a daemon's
         /// sockets get whole datagrams, which the host's kernel put together.
         public var reassemble: Bool
 
@@ -109,7 +109,7 @@ public final class Dispatcher {
             let packet = batch[i]
             // Only fragments for this host: transit fragments are forwarded as they are (≈ ip_local_deliver).
             if packet.stage == .input && IPv4Reassembly.isFragment(packet.buffer)
-                && stack.network.isLocal(.v4(packet.buffer.data.loadBE32(at: 16)))
+                && XFRMStack.destination(of: packet.buffer).map(stack.network.isLocal) == true
             {
                 if now == nil { now = stack.clock.now }
                 guard let whole = r.take(packet.buffer, now: now!) else { continue }
@@ -198,20 +198,21 @@ public final class Dispatcher {
         self.enqueue(packet, to: sink)
     }
 
-    /// Sends an IPv4 packet without DF that is larger than its interface's MTU as fragments (IPv4Fragmentation), the
+    /// Sends a packet larger than its interface's MTU as fragments — IPv4 without DF (IPv4Fragmentation), or IPv6
+    /// ESP this host sealed (IPv6Fragmentation, a random 32-bit identification per packet as RFC 7739 asks) — the
     /// first in its own buffer, the others in buffers from the pool, in order. A packet that cannot be cut (no buffer
     /// for every fragment, more fragments than a batch holds, an MTU too small) is dropped and counted as
     /// `fragmentFailed` (≈ IPSTATS_MIB_FRAGFAILS); one cut is `fragmented` (FRAGOKS), its pieces `fragmentsCreated`
     /// (FRAGCREATES).
     private func fragment(_ buffer: PacketBuffer, mtu: Int, ifindex: Int32, stage: PacketBatch.Stage,
                           _ table: [Int32: any PacketSink]) {
-        guard let plan = IPv4Fragmentation.plan(buffer.data, count: buffer.count, mtu: mtu),
-            plan.count - 1 <= self.fragments.capacity
-        else {
-            self.counters.fragmentFailed.wrappingAdd(1, ordering: .relaxed)
-            self.pool.release(buffer)
+        if buffer.count >= 1 && buffer.data.loadByte(at: 0) >> 4 == 6 {
+            self.fragment6(buffer, mtu: mtu, ifindex: ifindex, stage: stage, table)
             return
         }
+        guard let plan = IPv4Fragmentation.plan(buffer.data, count: buffer.count, mtu: mtu),
+            plan.count - 1 <= self.fragments.capacity
+        else { return self.fragmentFailed(buffer) }
         // Identification 0 would be replaced per packet by the host's raw socket (raw_send_hdrinc calls
         // ip_select_ident for it), leaving fragments nobody can join: such a packet gets one of ours first.
         if buffer.data.loadBE16(at: 4) == 0 && plan.offset == 0 && !plan.moreFragments {  // a whole packet only
@@ -227,20 +228,49 @@ public final class Dispatcher {
             }
             self.fragments.append(PacketBatch.Packet(piece, stage: stage))
         }
-        guard self.fragments.count == plan.count - 1 else {
-            for i in 0..<self.fragments.count { self.pool.release(self.fragments[i].buffer) }
-            self.fragments.removeAll()
-            self.counters.fragmentFailed.wrappingAdd(1, ordering: .relaxed)
-            self.pool.release(buffer)
-            return
-        }
+        guard self.fragments.count == plan.count - 1 else { return self.fragmentFailed(buffer) }
         var first = buffer
         IPv4Fragmentation.makeFirst(&first, plan: plan)
+        self.sendFragments(first, count: plan.count, ifindex: ifindex, stage: stage, table)
+    }
+
+    private func fragment6(_ buffer: PacketBuffer, mtu: Int, ifindex: Int32, stage: PacketBatch.Stage,
+                           _ table: [Int32: any PacketSink]) {
+        let id = UInt32.random(in: 1...UInt32.max)
+        guard let plan = IPv6Fragmentation.plan(buffer.data, count: buffer.count, mtu: mtu, identification: id),
+            plan.count - 1 <= self.fragments.capacity
+        else { return self.fragmentFailed(buffer) }
+        for i in 1..<plan.count {
+            guard var piece = self.pool.allocate() else { break }  // counted below as fragmentFailed
+            guard IPv6Fragmentation.writeFragment(i, of: buffer.data, plan: plan, into: &piece) else {
+                self.pool.release(piece)
+                break
+            }
+            self.fragments.append(PacketBatch.Packet(piece, stage: stage))
+        }
+        var first = buffer
+        guard self.fragments.count == plan.count - 1, IPv6Fragmentation.makeFirst(&first, plan: plan) else {
+            return self.fragmentFailed(buffer)
+        }
+        self.sendFragments(first, count: plan.count, ifindex: ifindex, stage: stage, table)
+    }
+
+    /// The first fragment, then the others `fragments` holds, to the interface; counted.
+    private func sendFragments(_ first: PacketBuffer, count: Int, ifindex: Int32, stage: PacketBatch.Stage,
+                               _ table: [Int32: any PacketSink]) {
         self.toInterface(ifindex, PacketBatch.Packet(first, stage: stage), table)
         for i in 0..<self.fragments.count { self.toInterface(ifindex, self.fragments[i], table) }
         self.fragments.removeAll()
         self.counters.fragmented.wrappingAdd(1, ordering: .relaxed)
-        self.counters.fragmentsCreated.wrappingAdd(UInt64(plan.count), ordering: .relaxed)
+        self.counters.fragmentsCreated.wrappingAdd(UInt64(count), ordering: .relaxed)
+    }
+
+    /// Drops a packet that could not be cut, and any fragments of it already made.
+    private func fragmentFailed(_ buffer: PacketBuffer) {
+        for i in 0..<self.fragments.count { self.pool.release(self.fragments[i].buffer) }
+        self.fragments.removeAll()
+        self.counters.fragmentFailed.wrappingAdd(1, ordering: .relaxed)
+        self.pool.release(buffer)
     }
 
     @inline(__always)

@@ -501,17 +501,17 @@ struct PolicyDatabaseTests {
             #expect(found > flows / 4)  // the flows do hit policies
         }
 
-        for _ in 0..<3000 {
+        for _ in 0..<1500 {
             let p = randomPolicy(&rng)
             let update = rng.next() % 4 == 0
             if let stored = try? db.insert(p, update: update) { keys.append(stored.key) }
         }
-        check(&rng, flows: 1500)
+        check(&rng, flows: 800)
 
         // Churn: delete a third, update some, add more; the index must stay exact.
         keys.shuffle(using: &rng)
         for key in keys.prefix(keys.count / 3) { _ = try? db.delete(key: key) }
-        for _ in 0..<1000 {
+        for _ in 0..<500 {
             var p = randomPolicy(&rng)
             if rng.next() % 2 == 0, let key = keys.randomElement(using: &rng), let old = db.get(key: key) {
                 p.selector = old.selector  // replace an existing one (new priority, offload, ...)
@@ -520,13 +520,13 @@ struct PolicyDatabaseTests {
             }
             if let stored = try? db.insert(p, update: true) { keys.append(stored.key) }
         }
-        check(&rng, flows: 1500)
+        check(&rng, flows: 800)
         #expect(db.totalCount == db.list().count)
         #expect(db.count(.outbound) + db.count(.inbound) + db.count(.forward) == db.totalCount)
 
         // Emptying the database empties the index.
         db.flush { _ in rng.next() % 2 == 0 }
-        check(&rng, flows: 300)
+        check(&rng, flows: 200)
         db.flush()
         #expect(db.lookup(.outbound, flow("10.0.0.1", "10.0.0.2")) == nil)
     }

@@ -25,21 +25,23 @@ final class RecordingSink: PacketSink, @unchecked Sendable {
 
 /// Host A (192.0.2.1, eth0 ifindex 2) with `tunnels` tunnel SAs towards 192.0.2.2, one per inner /24
 /// (10.0.N.0/24 → 10.1.N.0/24, SPI 0x1000 + N, reqid N), and host B with the matching inbound SAs and policies.
+/// `outer6`: the tunnels run between 2001:db8::1 and 2001:db8::2 instead.
 struct EnginePair {
     let a = XFRMStack()
     let b = XFRMStack()
     let pool = PacketPool(count: 8192, slotSize: 2048, headroom: 256)
 
-    init(tunnels: Int) throws {
-        for (s, outer) in [(self.a, "192.0.2.1/24"), (self.b, "192.0.2.2/24")] {
+    init(tunnels: Int, outer6: Bool = false) throws {
+        let (ea, eb) = outer6 ? ("2001:db8::1", "2001:db8::2") : ("192.0.2.1", "192.0.2.2")
+        for (s, outer) in [(self.a, ea), (self.b, eb)] {
             try s.network.addInterface(name: "eth0", kind: "dummy")
             try s.network.modify(name: "eth0") { (i: inout Interface) throws(NetworkError) in i.isUp = true }
-            try s.network.addAddress(IPPrefix(outer)!, device: "eth0")
+            try s.network.addAddress(IPPrefix(outer + (outer6 ? "/64" : "/24"))!, device: "eth0")
             try s.network.addRoute(IPPrefix("0.0.0.0/0")!, device: "eth0", via: nil)
+            if outer6 { try s.network.addRoute(IPPrefix("::/0")!, device: "eth0", via: nil) }
         }
         for n in 1...tunnels {
-            let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1,
-                             reqid: UInt32(n))
+            let t = Template(source: IPAddress(ea), destination: IPAddress(eb), mode: 1, reqid: UInt32(n))
             let sel = Selector(family: 4, source: IPPrefix("10.0.\(n).0/24")!, destination: IPPrefix("10.1.\(n).0/24")!)
             try self.a.addPolicy(Policy(selector: sel, direction: .outbound, templates: [t]), update: false)
             try self.b.addPolicy(Policy(selector: sel, direction: .inbound, templates: [t]), update: false)
@@ -48,8 +50,8 @@ struct EnginePair {
                 let crypto = try ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))", key: PacketFactory.pattern(20, seed: 9),
                                                     icvBits: 128)
                 try s.addState(s.makeSA(SAConfig(
-                    id: SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1000 + UInt32(n)),
-                    source: IPAddress("192.0.2.1")!, selector: .any(family: 0), reqid: UInt32(n), mode: .tunnel,
+                    id: SAID(destination: IPAddress(eb)!, spi: 0x1000 + UInt32(n)),
+                    source: IPAddress(ea)!, selector: .any(family: 0), reqid: UInt32(n), mode: .tunnel,
                     replayWindow: 32, crypto: crypto)))
             }
         }

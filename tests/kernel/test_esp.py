@@ -57,7 +57,7 @@ class Flow:
     extra: str = ""  # more state options (flag esn replay-window 128, encap ...)
     tx: str = ""  # options for the sender's copy of the SA only (replay-oseq ...)
     rx: str = ""  # options for the receiver's copy only (replay-seq ...)
-    big: bool = False  # inner packets of 1,500-1,700 bytes without DF: the outer ESP leaves as IPv4 fragments
+    big: bool = False  # inner packets of 1,500-1,700 bytes without DF: the outer ESP leaves as fragments
 
     @property
     def id(self) -> str:
@@ -111,6 +111,10 @@ HOST_OUT = [
     Flow(32, "gcm128", "tunnel", 4, 4, big=True),
     Flow(33, "cbc-sha256", "transport", 4, 4, big=True),
     Flow(34, "chacha", "tunnel", 4, 4, "encap espinudp 4500 4500 0.0.0.0", big=True),
+    # The same over IPv6: xfrm sends IPv6 fragments (RFC 8200 §4.5, a Fragment header after the IPv6 header), which
+    # the kernel reassembles before ESP (ipv6_frag_rcv ahead of xfrm6_rcv)
+    Flow(35, "gcm128", "tunnel", 4, 6, big=True),
+    Flow(36, "cbc-sha256", "tunnel", 4, 6, big=True),
 ]
 PINGS = 3  # per kernel-outbound flow
 INJECT = 5  # per host-outbound flow
@@ -405,19 +409,30 @@ def test_kernel_esp_decrypts_in_xfrm(flow: Flow, esp_run, tmp_path, xfrm):
         assert "seq-hi 0x1," in blk, blk
 
 
+def fragment_offset(p: bytes) -> int | None:
+    """The fragment offset in bytes of an IPv4 fragment or of an IPv6 packet with a Fragment header right after its
+    header; None for a whole packet."""
+    if p[0] >> 4 == 4:
+        field = struct.unpack("!H", p[6:8])[0]
+        return (field & 0x1FFF) * 8 if field & 0x3FFF else None
+    return struct.unpack("!H", p[42:44])[0] & 0xFFF8 if p[6] == 44 else None
+
+
 @pytest.mark.parametrize("flow", HOST_OUT, ids=[f.id for f in HOST_OUT])
 def test_xfrm_esp_accepted_by_kernel(flow: Flow, esp_run):
     assert not esp_run["host_errors"].get(str(flow.k)), \
         f"xfrm pcap --output-path failed:\n{esp_run['host_errors'][str(flow.k)]}"
     link, pkts = read_pcap(base64.b64decode(esp_run["host_pcaps"][str(flow.k)]))
-    # IPv4 fragments: the first of each datagram has offset 0 (a whole packet too); the others are its pieces.
-    frags = [p for p in pkts if p[0] >> 4 == 4 and struct.unpack("!H", p[6:8])[0] & 0x3FFF]
-    firsts = [p for p in pkts if not (p[0] >> 4 == 4 and struct.unpack("!H", p[6:8])[0] & 0x1FFF)]
+    # Fragments (IPv4, or IPv6 with a Fragment header): the first of each datagram has offset 0 (a whole packet
+    # too); the others are its pieces.
+    frags = [p for p in pkts if fragment_offset(p) is not None]
+    firsts = [p for p in pkts if not fragment_offset(p)]
     assert len(firsts) == INJECT, f"xfrm pcap wrote {len(firsts)} datagrams, expected {INJECT}"
     assert len(frags) == (2 * INJECT if flow.big else 0), f"{len(frags)} fragments"
+    assert all(p[0] >> 4 == flow.outer for p in pkts)
     assert all(len(p) <= 1500 for p in pkts)
     for p in pkts:  # what went to the kernel is ESP (in UDP 4500 for NAT-T), never the clear inner packet
-        proto = p[9] if p[0] >> 4 == 4 else p[6]
+        proto = p[9] if p[0] >> 4 == 4 else (p[40] if p[6] == 44 else p[6])
         assert proto == (17 if "espinudp" in flow.extra else 50), p.hex()
     blocks = state_blocks(esp_run["state-s"])
     blk = blocks.get(spi(flow, False))

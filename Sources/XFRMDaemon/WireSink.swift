@@ -126,7 +126,8 @@ final class WireSink: PacketSink {
         self.engine = engine
         self.groups = [Group(fd: sockets.raw4, v6: false, gso: false), Group(fd: sockets.udp4, v6: false, gso: gso),
                        Group(fd: sockets.raw6, v6: true, gso: false), Group(fd: sockets.udp6, v6: true, gso: gso),
-                       Group(fd: sockets.frag4, v6: false, gso: false), Group(fd: sockets.frag6, v6: true, gso: false)]
+                       Group(fd: sockets.frag4, v6: false, gso: false),
+                       Group(fd: sockets.frag6, v6: true, gso: false)]
         self.sent.reserveCapacity(EngineConstants.batchSize)
     }
 

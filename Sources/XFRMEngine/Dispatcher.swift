@@ -15,8 +15,8 @@ public final class Dispatcher {
         /// A forwarded packet is handed to the local sink (the host's own kernel routes it) rather than sent
         /// through the output path again.
         public var forwardLocally: Bool
-        /// IPv4 and IPv6 fragments from the wire are reassembled before the stack sees them (IPv4Reassembly); a daemon's
-        /// sockets get whole datagrams, which the host's kernel put together.
+        /// IPv4 and IPv6 fragments from the wire are reassembled before the stack sees them (IPv4Reassembly); a
+        /// daemon's sockets get whole datagrams, which the host's kernel put together.
         public var reassemble: Bool
 
         public init(protectedOnly: Bool, forwardLocally: Bool, reassemble: Bool = false) {

@@ -1,7 +1,8 @@
 import Synchronization
 import XFRMPacket
 
-/// Reassembly of IPv4 fragments from the wire before the stack sees them (≈ ip_defrag from ip_local_deliver: RFC
+/// Reassembly of IPv4 — and IPv6 (RFC 8200 §4.5, ≈ ipv6_frag_rcv: the rules below but DF, and 60 s) — fragments
+/// from the wire before the stack sees them (≈ ip_defrag from ip_local_deliver: RFC
 /// 4303 §3.4.1, an ESP packet is reassembled before ESP processing; RFC 791 §3.2). For hosts whose own IP layer is
 /// the simulation (the kernel rules); a daemon's fragments are reassembled by the host's kernel before its sockets
 /// see them.

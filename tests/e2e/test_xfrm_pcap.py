@@ -236,3 +236,98 @@ def test_input_path_reassembles_fragments_scapy_cut_before_esp_and_drops_overlap
     assert out == inners
     stats = dict(line.split() for line in stdout.splitlines() if line.startswith("Xfrm"))
     assert all(v == "0" for v in stats.values()), stats
+
+
+def ipv6_pieces_joined(wire: list[bytes]) -> list:
+    """The IPv6 packets of `wire`, fragments joined by scapy's defragment6 (each group by identification, in the
+    order its last piece came), whole packets as they are."""
+    from scapy.layers.inet6 import IPv6ExtHdrFragment, defragment6
+
+    out, groups = [], {}
+    for w in wire:
+        p = IPv6(w)
+        if IPv6ExtHdrFragment not in p:
+            out.append(p)
+            continue
+        g = groups.setdefault(p[IPv6ExtHdrFragment].id, [])
+        g.append(p)
+        if sum(len(bytes(q[IPv6ExtHdrFragment].payload)) for q in g) == max(
+                q[IPv6ExtHdrFragment].offset * 8 + len(bytes(q[IPv6ExtHdrFragment].payload)) for q in g) and any(
+                q[IPv6ExtHdrFragment].m == 0 for q in g):
+            out.append(IPv6(bytes(defragment6(g))))
+    return out
+
+
+@pytest.mark.parametrize("fam", [V4, V6], ids=["4in6", "6in6"])
+def test_output_path_cuts_ipv6_esp_into_fragments_scapy_reassembles_and_decrypts(tmp_path, xfrm, fam):
+    """ESP sealed for an IPv6 path too small for it leaves in IPv6 fragments (RFC 8200 §4.5; Linux's IPv6 layer
+    cuts the outer packets xfrm6_prepare_output marks ignore_df): IPv4 inner packets without DF, and IPv6 inner
+    packets of up to 1,280 bytes (RFC 8200 §5: the tunnel, a link that cannot carry them whole, fragments below
+    IPv6). scapy's own defragment6 and decryption give back each inner packet; what fits is not cut."""
+    from scapy.layers.inet6 import IPv6ExtHdrFragment
+
+    s = SUITES["gcm128"]
+    (tmp_path / "setup").write_text(setup_lines(fam, s, "tunnel", 0x3000, "out", False, V6)
+                                    + "link set eth0 mtu 1280\n")
+    if fam is V4:
+        inners = [bytes(IP(src=V4["a"], dst=V4["b"], id=500 + i, flags=0) / UDP(sport=1000 + i, dport=53)
+                        / Raw(bytes((i + j) & 0xFF for j in range(n - 28))))
+                  for i, n in enumerate([1000, 1250, 1400, 2500, 3000])]
+    else:
+        inners = [bytes(IPv6(src=V6["a"], dst=V6["b"]) / UDP(sport=1000 + i, dport=53)
+                        / Raw(bytes((i + j) & 0xFF for j in range(n - 48)))) for i, n in enumerate([1000, 1280])]
+    write_raw_pcap(tmp_path / "in.pcap", inners)
+    xfrm("pcap", "--batch", "setup", "--output-path", "in.pcap", "out.pcap")
+    wire = read_raw_pcap(tmp_path / "out.pcap")
+    assert all(w[0] >> 4 == 6 and len(w) <= 1280 for w in wire)
+    frags = [IPv6(w) for w in wire if IPv6(w).nh == 44]
+    assert len(wire) > len(inners) and len(frags) == len(wire) - 1, "all but the 1000-byte packet are cut"
+    assert all(f[IPv6ExtHdrFragment].nh == 50 for f in frags)
+    assert len({f[IPv6ExtHdrFragment].id for f in frags}) == len(inners) - 1, "one identification per packet"
+    whole = ipv6_pieces_joined(wire)
+    assert len(whole) == len(inners)
+    sa = scapy_sa(s, 0x3000, V6["outer"], False)
+    for i, (w, inner) in enumerate(zip(whole, inners)):
+        assert bytes(sa.decrypt(w)) == inner, f"packet {i}"
+
+
+@pytest.mark.parametrize("fam", [V4, V6], ids=["4in6", "6in6"])
+def test_input_path_reassembles_ipv6_fragments_scapy_cut_before_esp_and_drops_overlaps(tmp_path, xfrm, fam):
+    """ESP over IPv6 that scapy encrypted and then cut into IPv6 fragments (its own fragment6), in any order, is put
+    back together before ESP (RFC 4303 §3.4.1, RFC 8200 §4.5) and gives the exact inner packet; a datagram with an
+    overlapping fragment is discarded whole (RFC 5722)."""
+    from scapy.layers.inet6 import IPv6ExtHdrFragment, fragment6
+
+    s = SUITES["gcm128"]
+    (tmp_path / "setup").write_text(setup_lines(fam, s, "tunnel", 0x4000, "in", False, V6))
+    (tmp_path / "after").write_text("stat\n")
+    sa = scapy_sa(s, 0x4000, V6["outer"], False)
+    if fam is V4:
+        inners = [bytes(IP(src=V4["a"], dst=V4["b"], id=900 + i, flags=0) / UDP(sport=5000 + i, dport=53)
+                        / Raw(bytes((7 * i + j) & 0xFF for j in range(n)))) for i, n in enumerate([1200, 2500, 3000])]
+    else:
+        inners = [bytes(IPv6(src=V6["a"], dst=V6["b"]) / UDP(sport=5000 + i, dport=53)
+                        / Raw(bytes((7 * i + j) & 0xFF for j in range(n)))) for i, n in enumerate([1200, 2500, 3000])]
+
+    def cut(inner: bytes, ident: int) -> list[bytes]:
+        esp = IPv6(bytes(sa.encrypt(parse_ip(inner))))
+        framed = (IPv6(src=esp.src, dst=esp.dst, hlim=esp.hlim)
+                  / IPv6ExtHdrFragment(nh=esp.nh, id=ident) / Raw(bytes(esp.payload)))
+        return [bytes(f) for f in fragment6(framed, 800)]
+
+    wires = []
+    for i, inner in enumerate(inners):
+        pieces = cut(inner, 0x7000 + i)
+        assert len(pieces) >= 2
+        wires += pieces[::-1] if i % 2 else pieces
+    # A fourth datagram whose second fragment overlaps its first by eight bytes: never delivered.
+    first, second = [IPv6(p) for p in cut(inners[0], 0x7999)][:2]
+    second[IPv6ExtHdrFragment].offset -= 1
+    wires += [bytes(first), bytes(second)]
+    write_raw_pcap(tmp_path / "in.pcap", wires)
+    _, stdout, _ = xfrm("pcap", "--batch", "setup", "--then", "after", "--input-path", "--dev", "eth0",
+                        "in.pcap", "out.pcap")
+    out = read_raw_pcap(tmp_path / "out.pcap")
+    assert out == inners
+    stats = dict(line.split() for line in stdout.splitlines() if line.startswith("Xfrm"))
+    assert all(v == "0" for v in stats.values()), stats

@@ -13,7 +13,8 @@
 - replay: step sequences over the window edges (see XFRMTestKit.ReplayDifferential).
 - input-runs: batches of sealed packets per SA with replays, other SAs, refused flows and raw packets between.
 - reassembly: datagrams cut into fragments in order, reversed, with duplicates, an overlap, padding, a broken header
-  and the 30-second limit passing (see Fuzz/Sources/fuzz-reassembly).
+  and the 30-second limit passing; IPv6 ones with a Hop-by-Hop header, an atomic fragment, a length past the packet,
+  a piece not a multiple of 8 bytes and the 60-second limit passing (see Fuzz/Sources/fuzz-reassembly).
 Files are named by their content's SHA-1, as libFuzzer names its corpus.
 """
 import hashlib
@@ -268,6 +269,13 @@ def reassembly_seeds():
     put("reassembly", bytes([40]) + one[0] + frag(1, 69, 552, True, pad=True) + frag(1, 138, 396, False, ecn=3))
     put("reassembly", bytes([40]) + one[0] + frag(1, 69, 552, True, bad=True) + one[1] + one[2])
     put("reassembly", bytes([40]) + one[0] + frag(1, 69, 552, True, wait=31) + one[2])  # the first times out
+    # IPv6 (bound byte bit 6): in the 8-byte records DF means a Hop-by-Hop header, a bad header a payload length past
+    # the packet; offset 0 without More Fragments is an atomic fragment (RFC 6946).
+    v6 = 40 | 0x40
+    put("reassembly", bytes([v6]) + b"".join(one) + b"".join(reversed(cut(2, 3000, 1232))))
+    put("reassembly", bytes([v6]) + frag(1, 0, 552, True, df=True) + b"".join(one[1:]) + frag(3, 0, 100, False))
+    put("reassembly", bytes([v6]) + one[0] + frag(1, 68, 16, True) + one[1] + frag(2, 0, 100, True, bad=True)
+        + frag(4, 0, 13, True) + frag(1, 69, 552, True, wait=39) + frag(1, 69, 552, True, wait=39, ecn=3))
 
 
 def main():

@@ -34,9 +34,7 @@ fi
 config=${FUZZ_CONFIG:-release}
 [[ "$config" =~ ^(debug|release)$ ]] || { echo "fuzz.sh: FUZZ_CONFIG must be debug or release, got \"$config\"" >&2; exit 2; }
 echo "==> building the fuzz harnesses (swift build --package-path Fuzz, $config, fuzzer + address sanitizer)"
-# FUZZ_DEBUG_INFO=none (scripts/test.sh) builds without DWARF: faster, and reports still name the functions.
 nice -n 10 swift build --package-path Fuzz --scratch-path "$ROOT/.build/fuzz" -c "$config" \
-  ${FUZZ_DEBUG_INFO:+-debug-info-format "$FUZZ_DEBUG_INFO"} \
   --sanitize fuzzer --sanitize address -Xswiftc -sanitize=fuzzer,address
 BIN="$ROOT/.build/fuzz/$config"
 [ "$target" != build ] || exit 0

@@ -316,16 +316,16 @@ final class WireSink: PacketSink {
         let id = p.loadBE32(at: 44)
         if p.loadBE16(at: 42) & 0xfff8 == 0 {
             let ok = proto == UInt8(IPPROTO_ESP) ? self.sockets.raw6 >= 0
-                : proto == UInt8(IPPROTO_UDP) && count >= 60 && p.loadBE16(at: 48) == self.sockets.udpPort
-                    && p.loadBE32(at: 56) != 0
+                : proto == UInt8(IPPROTO_UDP) && self.sockets.udp6 >= 0 && count >= 60
+                    && p.loadBE16(at: 48) == self.sockets.udpPort && p.loadBE32(at: 56) != 0
             self.refusedFragments6 = ok ? nil : id
             if !ok { return false }
         } else if self.refusedFragments6 == id {
             return false
         }
-        guard proto == UInt8(IPPROTO_UDP) || (proto == UInt8(IPPROTO_ESP) && self.sockets.raw6 >= 0) else {
-            return false
-        }
+        let socket = proto == UInt8(IPPROTO_UDP) ? self.sockets.udp6
+            : proto == UInt8(IPPROTO_ESP) ? self.sockets.raw6 : -1
+        guard socket >= 0 else { return false }  // as its whole packet would be
         let g = self.use(Self.frag6)
         guard g.fd >= 0 else {
             self.counters.sendErrors.wrappingAdd(1, ordering: .relaxed)

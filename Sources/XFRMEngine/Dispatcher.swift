@@ -236,6 +236,7 @@ public final class Dispatcher {
 
     private func fragment6(_ buffer: PacketBuffer, mtu: Int, ifindex: Int32, stage: PacketBatch.Stage,
                            _ table: [Int32: any PacketSink]) {
+        // One getrandom(2) per packet cut: the slow path already copies every piece.
         let id = UInt32.random(in: 1...UInt32.max)
         guard let plan = IPv6Fragmentation.plan(buffer.data, count: buffer.count, mtu: mtu, identification: id),
             plan.count - 1 <= self.fragments.capacity

@@ -204,7 +204,9 @@ public final class IPv4Reassembly: @unchecked Sendable {
             Self.removeFragmentHeader(&buffer, at: h.at, nextOffset: h.nextOffset)
             return buffer
         }
-        // One past 65,535 bytes or with nothing left discards the datagram (ip_frag_queue, ip6_frag_queue).
+        // One past 65,535 bytes or with nothing left discards the datagram (ip_frag_queue); for IPv6 such a
+        // fragment is dropped alone, as ip6_frag_queue does (answering it with a Parameter Problem).
+        if v6 && end > 65_535 { return self.fail(buffer, queue: nil) }
         guard end > offset, end <= 65_535 else { return self.fail(buffer, queue: key) }
         guard self.held.load(ordering: .relaxed) < self.maxHeld else {
             self.counters.failed.wrappingAdd(1, ordering: .relaxed)  // ≈ ipfrag_high_thresh: no room
@@ -287,7 +289,9 @@ public final class IPv4Reassembly: @unchecked Sendable {
         let ce = Self.ecn(q.ecn)
         // ≈ ip_frag_reasm's out_oversize (the first fragment's header plus the data past 65,535 bytes), an ECN
         // mix it refuses, no buffer or one too small.
-        guard headerLength + total <= 65_535, ce != nil, var out = self.pool.allocate() else {
+        // (IPv6: the payload length after the header, ip6_frag_reasm's IPV6_MAXPLEN check.)
+        guard (v6 ? headerLength - 40 : headerLength) + total <= 65_535, ce != nil, var out = self.pool.allocate()
+        else {
             self.counters.failed.wrappingAdd(UInt64(pieces.count), ordering: .relaxed)
             return nil
         }

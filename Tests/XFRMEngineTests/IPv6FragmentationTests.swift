@@ -170,7 +170,45 @@ struct IPv6FragmentationTests {
         #expect(r.heldFragments == 0 && pool.available == pool.slotCount)
     }
 
-    @Test("an IPv6 datagram may take 60 s to arrive whole (ip6frag_time); an IPv4 one 30 s")
+    @Test("a Hop-by-Hop header stays in front of every piece, its Next Header naming the Fragment header, and comes back in the datagram naming ESP again")
+    func hopByHopStaysInFront() {
+        let pool = Self.pool
+        let size = 2000
+        var whole: [UInt8] = [0x60, 0, 0, 0, UInt8((size - 40) >> 8), UInt8((size - 40) & 0xff), 0, 64]
+        whole += [0x20, 0x01, 0x0d, 0xb8] + [UInt8](repeating: 0, count: 11) + [1]
+        whole += [0x20, 0x01, 0x0d, 0xb8] + [UInt8](repeating: 0, count: 11) + [2]
+        whole += [50, 0, 1, 4, 0, 0, 0, 0]  // Hop-by-Hop: next ESP, PadN
+        whole += PacketFactory.pattern(size - 48, seed: 3)
+        var buf = pool.allocate()!
+        _ = buf.append(contentsOf: whole)
+        let plan = IPv6Fragmentation.plan(buf.data, count: buf.count, mtu: 1280, identification: 0xabcd_0123)!
+        #expect(plan.unfragmentable == 48 && plan.nextHeaderOffset == 40 && plan.nextHeader == 50)
+        var pieces: [[UInt8]] = []
+        for i in 1..<plan.count {
+            var piece = pool.allocate()!
+            let written = IPv6Fragmentation.writeFragment(i, of: buf.data, plan: plan, into: &piece)
+            #expect(written)
+            pieces.append(piece.bytes)
+            pool.release(piece)
+        }
+        let made = IPv6Fragmentation.makeFirst(&buf, plan: plan)
+        #expect(made)
+        pieces.insert(buf.bytes, at: 0)
+        pool.release(buf)
+        #expect(pieces.count == 2)
+        for (i, f) in pieces.enumerated() {
+            #expect(f[6] == 0 && f[40] == 44 && Array(f[41..<48]) == [0, 1, 4, 0, 0, 0, 0], "piece \(i): the HBH")
+            #expect(f[48] == 50 && Array(f[52..<56]) == [0xab, 0xcd, 0x01, 0x23], "piece \(i): the Fragment header")
+            #expect(Self.be16(f, 50) == (i == 0 ? 1 : (1280 - 56) & ~7), "piece \(i): offset and M")
+        }
+        let c = IPv4ReassemblyCounters()
+        let r = IPv4Reassembly(pool: pool, counters: c)
+        #expect(Self.feed(r, pieces[1]) == nil)
+        #expect(Self.feed(r, pieces[0]) == whole)
+        #expect(r.heldFragments == 0 && pool.available == pool.slotCount)
+    }
+
+    @Test("an IPv6 datagram may take 60 s to arrive whole (ip6frag_time)")
     func timeouts() {
         let pool = Self.pool
         let c = IPv4ReassemblyCounters()

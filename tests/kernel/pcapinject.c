@@ -1,4 +1,4 @@
-/* pcapinject IFNAME DSTMAC SRCMAC FILE.pcap (or: pcapinject -l PORT, below): sends every packet of a pcap out of IFNAME through an AF_PACKET
+/* pcapinject IFNAME DSTMAC SRCMAC FILE.pcap (or: pcapinject -l PORT, -u SRC DST SIZE COUNT, below): sends every packet of a pcap out of IFNAME through an AF_PACKET
  * socket, as tcpreplay would (the guest has no tcpreplay and busybox cannot write raw frames). Ethernet pcaps
  * (linktype 1) go out as they are; raw IP pcaps (linktype 101, what `xfrm pcap` writes) get an Ethernet header
  * DSTMAC <- SRCMAC with the IP version's ethertype. Built statically by the kernel test harness and run inside the
@@ -41,8 +41,44 @@ static int listen_encap(const char *port) {
     for (;;) pause();
 }
 
+/* pcapinject -u SRC DST SIZE COUNT: sends COUNT IPv4 UDP datagrams of SIZE bytes (the whole IP packet) from SRC to
+ * DST port 9, with IP_PMTUDISC_OMIT: the kernel sizes them by the device's MTU, not the IPsec route's, and sends
+ * them without DF, so that xfrm seals each whole and ESP leaves too big for the path: the outer packet is cut (for
+ * IPv6, ip6_fragment on the ignore_df packet xfrm6_prepare_output made). Busybox's ping has no -M. */
+static int send_udp(const char *src, const char *dst, const char *size, const char *count) {
+    int s = socket(AF_INET, SOCK_DGRAM, 0);
+    if (s < 0) { perror("socket"); return 1; }
+    int omit = 5; /* IP_PMTUDISC_OMIT: no DF, sized by the device (PROBE would set DF) */
+    if (setsockopt(s, IPPROTO_IP, 10 /* IP_MTU_DISCOVER */, &omit, sizeof omit) < 0) {
+        perror("setsockopt IP_MTU_DISCOVER");
+        return 1;
+    }
+    struct sockaddr_in me, to;
+    memset(&me, 0, sizeof me);
+    memset(&to, 0, sizeof to);
+    me.sin_family = to.sin_family = AF_INET;
+    to.sin_port = htons(9);
+    if (inet_pton(AF_INET, src, &me.sin_addr) != 1 || inet_pton(AF_INET, dst, &to.sin_addr) != 1) {
+        fprintf(stderr, "pcapinject: bad address\n");
+        return 2;
+    }
+    if (bind(s, (struct sockaddr *)&me, sizeof me) < 0) { perror("bind"); return 1; }
+    int n = atoi(size) - 28, sent = 0;
+    if (n < 0 || n > 65000) { fprintf(stderr, "pcapinject: bad size\n"); return 2; }
+    static unsigned char payload[65536];
+    for (int i = 0; i < atoi(count); i++) {
+        for (int j = 0; j < n; j++) payload[j] = (unsigned char)(i * 31 + j);
+        if (sendto(s, payload, (size_t)n, 0, (struct sockaddr *)&to, sizeof to) == n) sent++;
+        else perror("sendto");
+        usleep(100000);
+    }
+    printf("pcapinject: %d datagrams sent\n", sent);
+    return sent == atoi(count) ? 0 : 1;
+}
+
 int main(int argc, char **argv) {
     if (argc == 3 && strcmp(argv[1], "-l") == 0) return listen_encap(argv[2]);
+    if (argc == 6 && strcmp(argv[1], "-u") == 0) return send_udp(argv[2], argv[3], argv[4], argv[5]);
     if (argc != 5) {
         fprintf(stderr, "usage: pcapinject IFNAME DSTMAC SRCMAC FILE.pcap\n");
         return 2;

@@ -91,6 +91,11 @@ KERNEL_OUT = [
     # ESN across 2^32: the high half is only in the ICV; the receiver must infer it
     Flow(10, "gcm128", "tunnel", 4, 4, "flag esn replay-window 64", tx="replay-oseq 0xfffffffe",
          rx="replay-seq 0xfffffffd"),
+    # 1,500-byte UDP datagrams without DF (pcapinject -u, IP_PMTUDISC_OMIT) into an IPv6 tunnel: the kernel seals
+    # each whole and its IPv6 layer cuts the ESP packet (ip6_fragment on xfrm6_prepare_output's ignore_df);
+    # `xfrm pcap` must join the fragments before ESP
+    Flow(11, "gcm128", "tunnel", 4, 6, big=True),
+    Flow(12, "cbc-sha256", "tunnel", 4, 6, big=True),
 ]
 HOST_OUT = [
     Flow(21, "gcm128", "tunnel", 4, 4),
@@ -117,6 +122,7 @@ HOST_OUT = [
     Flow(36, "cbc-sha256", "tunnel", 4, 6, big=True),
 ]
 PINGS = 3  # per kernel-outbound flow
+BIG_UDP = 1500  # the kernel's big flows: IPv4 packets of this size
 INJECT = 5  # per host-outbound flow
 
 
@@ -154,7 +160,8 @@ def state_line(f: Flow, kernel_sends: bool, sender: bool) -> str:
 def policy_line(f: Flow, kernel_sends: bool, direction: str) -> str:
     a = addrs(f, kernel_sends)
     plen = 32 if f.inner == 4 else 128
-    proto = "icmp" if f.inner == 4 else "ipv6-icmp"
+    # the kernel's big flows send UDP (pcapinject -u); everything else is ICMP echo
+    proto = "udp" if f.big and kernel_sends else "icmp" if f.inner == 4 else "ipv6-icmp"
     if f.mode == "tunnel":
         tmpl = f"tmpl src {a['osrc']} dst {a['odst']} proto esp reqid {f.k} mode tunnel"
     else:
@@ -192,6 +199,8 @@ def esp_spi_of_frame(frame: bytes) -> int | None:
         proto, l4 = ip[6], ip[40:]
     else:
         return None
+    if etype == 0x86DD and proto == 44 and struct.unpack("!H", ip[42:44])[0] & 0xFFF8 == 0:
+        proto, l4 = ip[40], ip[48:]  # the first IPv6 fragment: the header after its Fragment header
     if proto == 17 and len(l4) >= 12 and struct.unpack("!H", l4[2:4])[0] == 4500:
         l4 = l4[8:]
         if l4[:4] == b"\0\0\0\0":
@@ -303,12 +312,17 @@ $A route add 203.0.113.0/24 via 192.0.2.2; $A route add 2001:db8:2::/48 via 2001
     s.append("cat >/tmp/setup <<'EOF'\n" + "\n".join(batch) + "\nEOF")
     s.append("$A -batch /tmp/setup || echo '@@SETUP-FAILED'")
     s.append("ip netns exec a pcapinject -l 4500 >/tmp/encap.log 2>&1 & ENCAP=$!")
-    s.append("tcpdump -Z root -U -n -i vb -w /tmp/k.pcap 'esp or udp port 4500' 2>/tmp/td.err & TD=$!")
+    s.append("tcpdump -Z root -U -n -i vb -w /tmp/k.pcap 'esp or udp port 4500 or (ip6 and ip6[6] == 44)' "
+             "2>/tmp/td.err & TD=$!")
     s.append("for i in $(seq 300); do grep -q listening /tmp/td.err && grep -q socket /tmp/encap.log && break; "
              "sleep 0.1; done")
     s.append("P=")
     for f in KERNEL_OUT:
         a = addrs(f, True)
+        if f.big:
+            s.append(f"ip netns exec a pcapinject -u {a['isrc']} {a['idst']} {BIG_UDP} {PINGS} "
+                     f">/tmp/udp-{f.k}.log 2>&1 & P=\"$P $!\"")
+            continue
         s.append(f"ip netns exec a ping -q -c {PINGS} -i 0.1 -w 3 -s {24 + f.k} -I {a['isrc']} {a['idst']} "
                  f">/dev/null 2>&1 & P=\"$P $!\"")
     s.append("wait $P; sleep 0.3; kill -INT $TD; wait $TD")
@@ -369,7 +383,14 @@ def test_kernel_esp_decrypts_in_xfrm(flow: Flow, esp_run, tmp_path, xfrm):
     link, frames = read_pcap(base64.b64decode(esp_run["k.pcap"]))
     assert link == 1, f"tcpdump on vb should write Ethernet, got linktype {link}"
     mine = [fr for fr in frames if esp_spi_of_frame(fr) == spi(flow, True)]
-    assert len(mine) == PINGS, (f"the kernel sent {len(mine)} ESP packets with SPI {spi(flow, True):#x}, "
+    if flow.big:  # the rest of each packet: the IPv6 fragments with its first one's identification
+        ids = {fr[14 + 44:14 + 48] for fr in mine}
+        assert all(fr[14 + 6] == 44 for fr in mine) and len(ids) == PINGS, "the kernel cut every packet"
+        rest = [fr for fr in frames if fr[12:14] == b"\x86\xdd" and fr[14 + 6] == 44
+                and fr[14 + 44:14 + 48] in ids and fr not in mine]
+        assert len(rest) == PINGS, f"{len(rest)} further fragments"
+        mine += rest
+    assert len(mine) == PINGS * (2 if flow.big else 1), (f"the kernel sent {len(mine)} ESP packets with SPI {spi(flow, True):#x}, "
                                 f"expected {PINGS}; tcpdump: {esp_run['tcpdump.err']}; "
                                 f"SPIs seen: {sorted({hex(esp_spi_of_frame(x) or 0) for x in frames})}")
     write_pcap(tmp_path / "k.pcap", 1, mine)
@@ -377,7 +398,7 @@ def test_kernel_esp_decrypts_in_xfrm(flow: Flow, esp_run, tmp_path, xfrm):
     (tmp_path / "after").write_text("-s state list\nstat\n")
     _, out, _ = xfrm("pcap", "--batch", "setup", "--then", "after", "--input-path", "--dev", "eth0",
                      "k.pcap", "out.pcap")
-    from scapy.layers.inet import ICMP, IP
+    from scapy.layers.inet import ICMP, IP, UDP
     from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6
 
     a = addrs(flow, True)
@@ -385,7 +406,8 @@ def test_kernel_esp_decrypts_in_xfrm(flow: Flow, esp_run, tmp_path, xfrm):
     for p in read_pcap((tmp_path / "out.pcap").read_bytes())[1]:
         pkt = IP(p) if p[0] >> 4 == 4 else IPv6(p)
         if pkt.src == a["isrc"] and pkt.dst == a["idst"] and (pkt.haslayer(ICMP) and pkt[ICMP].type == 8
-                                                            or pkt.haslayer(ICMPv6EchoRequest)):
+                                                            or pkt.haslayer(ICMPv6EchoRequest)
+                                                            or flow.big and pkt.haslayer(UDP)):
             got.append(pkt)
     stats = {w[0]: int(w[1]) for w in (line.split() for line in out.splitlines()) if len(w) == 2
              and w[0].startswith("Xfrm")}
@@ -393,8 +415,13 @@ def test_kernel_esp_decrypts_in_xfrm(flow: Flow, esp_run, tmp_path, xfrm):
     assert len(got) == PINGS and not nonzero, (
         f"xfrm decrypted {len(got)} of the kernel's {PINGS} echo requests ({a['isrc']} -> {a['idst']}); "
         f"non-zero counters: {nonzero}\nsetup:\n{(tmp_path / 'setup').read_text()}\nxfrm output:\n{out}")
-    # busybox ping's payload: the ICMP data is 24 + k bytes (-s), so the inner packet is the kernel's own
-    for pkt in got:
+    # busybox ping's payload: the ICMP data is 24 + k bytes (-s), so the inner packet is the kernel's own;
+    # pcapinject -u's datagram i carries bytes (31 i + j) mod 256, without DF
+    for i, pkt in enumerate(got):
+        if flow.big:
+            assert len(pkt) == BIG_UDP and not pkt[IP].flags.DF, pkt.summary()
+            assert bytes(pkt[UDP].payload) == bytes((31 * i + j) & 0xFF for j in range(BIG_UDP - 28)), f"datagram {i}"
+            continue
         data = bytes(pkt[ICMP].payload) if flow.inner == 4 else bytes(pkt[ICMPv6EchoRequest].data)
         assert len(data) == 24 + flow.k
     blk = state_blocks(out)[spi(flow, True)]

@@ -1,8 +1,9 @@
-// IPv4 reassembly (XFRMEngine.IPv4Reassembly, what the simulated hosts and `xfrm pcap --input-path` run before the
-// stack): any sequence of fragments gives whole datagrams or counted drops, never a crash, a lost buffer or two
-// datagrams' bytes in one.
+// IPv4 and IPv6 reassembly (XFRMEngine.IPv4Reassembly, what the simulated hosts and `xfrm pcap --input-path` run
+// before the stack): any sequence of fragments gives whole datagrams or counted drops, never a crash, a lost buffer
+// or two datagrams' bytes in one.
 //
-// Input: byte 0 the bound on held fragments (1–64); then 8 bytes per fragment:
+// Input: byte 0 the bound on held fragments (1–64), bit 6 IPv6 fragments (fuzzIPv6 below); then 8 bytes per
+// fragment, for IPv4:
 //   0   bits 0–1 the datagram (its identification, 1–4), bit 2 More Fragments, bit 3 DF, bit 4 a broken header
 //       checksum, bit 5 two bytes of link-layer padding after it;
 //   1–2 the offset in 8-byte units (13 bits); 3–4 the payload length (mod 1,600); 5 the options (0–3 words);
@@ -28,6 +29,22 @@ public func fuzzReassembly(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 
     guard let first = input.first else { return 0 }
     let counters = IPv4ReassemblyCounters()
     let r = IPv4Reassembly(pool: pool, counters: counters, timeout: 30, maxHeld: 1 + Int(first % 64))
+    if first & 0x40 != 0 {
+        fuzzIPv6(input, r)
+    } else {
+        fuzzIPv4(input, r)
+    }
+    let held = UInt64(r.heldFragments)
+    let r0 = counters.required.load(ordering: .relaxed)
+    let accounted = counters.joined.load(ordering: .relaxed) + counters.failed.load(ordering: .relaxed)
+        + counters.duplicates.load(ordering: .relaxed) + held
+    check(r0 == accounted, "\(r0) fragments taken, \(accounted) accounted for")
+    r.releaseAll()
+    check(pool.available == pool.slotCount, "\(pool.slotCount - pool.available) buffers not returned")
+    return 0
+}
+
+func fuzzIPv4(_ input: UnsafeBufferPointer<UInt8>, _ r: IPv4Reassembly) {
     var now: UInt64 = 1_000
     var i = 1
     while i + 8 <= input.count {
@@ -84,12 +101,80 @@ public func fuzzReassembly(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 
             pool.release(whole)
         }
     }
-    let held = UInt64(r.heldFragments)
-    let r0 = counters.required.load(ordering: .relaxed)
-    let accounted = counters.joined.load(ordering: .relaxed) + counters.failed.load(ordering: .relaxed)
-        + counters.duplicates.load(ordering: .relaxed) + held
-    check(r0 == accounted, "\(r0) fragments taken, \(accounted) accounted for")
-    r.releaseAll()
-    check(pool.available == pool.slotCount, "\(pool.slotCount - pool.available) buffers not returned")
-    return 0
+}
+
+/// IPv6 fragments, 8 bytes each: 0 bits 0–1 the datagram (the last byte of its source address, 1–4), bit 2 More
+/// Fragments, bit 3 a Hop-by-Hop header before the Fragment header, bit 4 a payload length 8 bytes past the packet,
+/// bit 5 two bytes of padding after it; 1–2 the offset in 8-byte units (13 bits); 3–4 the data length (mod 1,600);
+/// 5 unused; 6 the ECN codepoint; 7 seconds to let pass before it (mod 40; the limit is 60). Offset 0 without More
+/// Fragments is an atomic fragment. Datagrams out must be IPv6 without a Fragment header, their lengths agreeing,
+/// their data their own.
+func fuzzIPv6(_ input: UnsafeBufferPointer<UInt8>, _ r: IPv4Reassembly) {
+    var now: UInt64 = 1_000
+    var i = 1
+    while i + 8 <= input.count {
+        let op = Array(input[i..<(i + 8)])
+        i += 8
+        now += UInt64(op[7] % 40)
+        let id = Int(op[0] & 3) + 1
+        let offset = (Int(op[1]) << 8 | Int(op[2])) & 0x1fff
+        let length = (Int(op[3]) << 8 | Int(op[4])) % 1600
+        let hbh = op[0] & 0x08 != 0
+        let header = 40 + (hbh ? 8 : 0) + 8
+        guard var b = pool.allocate() else { break }
+        guard b.tailroom >= header + length + 2 else {
+            pool.release(b)
+            continue
+        }
+        let p = b.append(header + length + (op[0] & 0x20 != 0 ? 2 : 0))
+        var h = [UInt8](repeating: 0, count: header)
+        h[0] = 0x60
+        h[1] = (op[6] & 0x03) << 4
+        let payloadLength = header - 40 + length + (op[0] & 0x10 != 0 ? 8 : 0)
+        h[4] = UInt8(payloadLength >> 8)
+        h[5] = UInt8(payloadLength & 0xff)
+        h[6] = hbh ? 0 : 44
+        h[7] = 64
+        h.replaceSubrange(8..<12, with: [0x20, 0x01, 0x0d, 0xb8])
+        h[23] = UInt8(id)
+        h.replaceSubrange(24..<28, with: [0x20, 0x01, 0x0d, 0xb8])
+        h[39] = 2
+        var f = 40
+        if hbh {
+            h[40] = 44
+            h[42] = 1  // PadN over the rest
+            h[43] = 4
+            f = 48
+        }
+        h[f] = 50
+        let field = offset << 3 | (op[0] & 0x04 != 0 ? 1 : 0)
+        h[f + 2] = UInt8(field >> 8)
+        h[f + 3] = UInt8(field & 0xff)
+        h[f + 7] = UInt8(id)
+        p.copyMemory(from: h, byteCount: header)
+        for k in 0..<length { p.storeBytes(of: byteAt(id, offset * 8 + k), toByteOffset: header + k, as: UInt8.self) }
+        if op[0] & 0x20 != 0 { p.storeBytes(of: UInt16(0xeeee), toByteOffset: header + length, as: UInt16.self) }
+        r.sweep(now: now)
+        guard IPv4Reassembly.isFragment(b) else {
+            pool.release(b)
+            continue
+        }
+        if let whole = r.take(b, now: now) {
+            let o = whole.data
+            check(o.loadByte(at: 0) >> 4 == 6 && 40 + Int(o.loadBE16(at: 4)) == whole.count,
+                  "a datagram of \(whole.count) bytes says \(40 + Int(o.loadBE16(at: 4)))")
+            var start = 40
+            var next = o.loadByte(at: 6)
+            if next == 0 {
+                next = o.loadByte(at: 40)
+                start = 48
+            }
+            check(next == 50, "a datagram out whose header chain names \(next), not ESP")
+            let wid = Int(o.loadByte(at: 23))
+            for k in 0..<(whole.count - start) {
+                check(o.loadByte(at: start + k) == byteAt(wid, k), "datagram \(wid): byte \(k) is not its own")
+            }
+            pool.release(whole)
+        }
+    }
 }

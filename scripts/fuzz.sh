@@ -10,7 +10,8 @@
 # the address sanitizer reports or a harness's own check (a trap) fails the script; the input is kept as
 # .build/fuzz-artifacts/TARGET-crash-*. FUZZ_RUNS=N stops after N executions instead (the campaign, in fork mode); FUZZ_ARGS
 # passes more libFuzzer options. FUZZ_CONFIG=debug builds without optimisation (a faster build, slower
-# executions: what CI's short runs use); the default, release, is for campaigns.
+# executions: what CI's short runs use); the default, release, is for campaigns. `all` runs FUZZ_JOBS harnesses at
+# a time (default 2).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -34,8 +35,12 @@ fi
 config=${FUZZ_CONFIG:-release}
 [[ "$config" =~ ^(debug|release)$ ]] || { echo "fuzz.sh: FUZZ_CONFIG must be debug or release, got \"$config\"" >&2; exit 2; }
 echo "==> building the fuzz harnesses (swift build --package-path Fuzz, $config, fuzzer + address sanitizer)"
+# FUZZ_DEBUG_INFO=none (scripts/test.sh): no DWARF for the Swift code (a faster build; reports still name the
+# functions). It is -Xswiftc -gnone, not -debug-info-format none, after which SwiftPM rebuilt everything on each call.
+nodebug=()
+[ "${FUZZ_DEBUG_INFO:-}" != none ] || nodebug=(-Xswiftc -gnone)
 nice -n 10 swift build --package-path Fuzz --scratch-path "$ROOT/.build/fuzz" -c "$config" \
-  --sanitize fuzzer --sanitize address -Xswiftc -sanitize=fuzzer,address
+  --sanitize fuzzer --sanitize address -Xswiftc -sanitize=fuzzer,address "${nodebug[@]}"
 BIN="$ROOT/.build/fuzz/$config"
 [ "$target" != build ] || exit 0
 
@@ -83,7 +88,20 @@ run_one() {
 
 status=0
 if [ "$target" = all ]; then
-  for t in "${TARGETS[@]}"; do run_one "$t" || status=1; done
+  # FUZZ_JOBS harnesses at a time (default 2, one per core here): each is one process with its own log.
+  jobs=${FUZZ_JOBS:-2}
+  for ((i = 0; i < ${#TARGETS[@]}; i += jobs)); do
+    group=("${TARGETS[@]:i:jobs}")
+    pids=()
+    for t in "${group[@]}"; do
+      run_one "$t" >"$ROOT/.build/fuzz-$t.out" 2>&1 &
+      pids+=($!)
+    done
+    for k in "${!group[@]}"; do
+      wait "${pids[$k]}" || status=1
+      cat "$ROOT/.build/fuzz-${group[$k]}.out"
+    done
+  done
 else
   run_one "$target" || status=1
 fi

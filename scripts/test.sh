@@ -213,7 +213,7 @@ echo "swift test done at ${SECONDS}s"
 step "background, SCHED_IDLE: swift build -c release --product xfrm-bench; FUZZ_CONFIG=debug scripts/fuzz.sh build"
 ( chrt --idle 0 swift build -c release --product xfrm-bench >.build/background-release.log 2>&1 &&
   echo "release build done at ${SECONDS}s" >>.build/background-release.log
-  FUZZ_CONFIG=debug chrt --idle 0 scripts/fuzz.sh build >.build/background-fuzz.log 2>&1 &&
+  FUZZ_CONFIG=debug FUZZ_DEBUG_INFO=none chrt --idle 0 scripts/fuzz.sh build >.build/background-fuzz.log 2>&1 &&
   echo "fuzz build done at ${SECONDS}s" >>.build/background-fuzz.log ) &
 background=$!
 # A run that stops early (die, Ctrl-C) leaves no build behind holding .build's lock.
@@ -283,7 +283,7 @@ echo "allocation check done at ${SECONDS}s"
 # its case tag in, and reported the SAs' chains the harnesses' global stacks hold).
 step "fuzz: scripts/fuzz.sh all 5 (each harness 5 s, leak detection on)"
 fuzz_start=$SECONDS
-FUZZ_CONFIG=debug scripts/fuzz.sh all 5 ||
+FUZZ_CONFIG=debug FUZZ_DEBUG_INFO=none scripts/fuzz.sh all 5 ||
   { status=1; echo "test.sh: a fuzz harness FAILED" >&2; }
 echo "fuzz done at ${SECONDS}s ($((SECONDS - fuzz_start))s with the build)"
 

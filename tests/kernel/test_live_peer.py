@@ -12,7 +12,8 @@ the guest pings 10.0.1.1 from 10.0.2.1, the host pings 10.0.2.1 from 10.0.1.1, a
 with its SHA-256 checked on the receiver (python on the host, busybox nc + sha256sum in the guest); last, the
 guest's `ip -s xfrm state` and /proc/net/xfrm_stat and the daemon's `xfrm -s state list` are taken. NAT-T cases
 add `encap espinudp 4500 4500 0.0.0.0` on both sides; the guest holds a UDP_ENCAP socket on 4500 (pcapinject -l)
-so its kernel decapsulates, the daemon has its own UDP port. tcpdump on tapk records the whole session.
+so its kernel decapsulates, the daemon has its own UDP port. IPv6 cases carry the same IPv4 traffic in raw ESP between
+2001:db8::1 (tapk) and 2001:db8::2 (eth0). tcpdump on tapk records the whole session.
 
 The session runs once per pytest run (shared.register_session: one pytest-xdist worker boots it, in the
 background from collection on, the others read its JSON result); each case is its own test.
@@ -45,6 +46,7 @@ from listings import state_blocks
 from livevm import LiveVM
 
 HOST, GUEST = "192.0.2.1", "192.0.2.2"
+HOST6, GUEST6 = "2001:db8::1", "2001:db8::2"  # the outer addresses of the IPv6 cases
 HOST_IN, GUEST_IN = "10.0.1.1", "10.0.2.1"
 HOST_NET, GUEST_NET = "10.0.1.0/24", "10.0.2.0/24"
 TCP_BYTES = 512 * 1024
@@ -69,10 +71,17 @@ class Case:
     algo: str
     natt: bool
     esn: bool = False
+    outer6: bool = False  # raw ESP over IPv6 between the outer addresses HOST6 and GUEST6 (inner IPv4 as ever)
 
     @property
     def id(self) -> str:
-        return f"{self.algo}-{'nat-t' if self.natt else 'raw-esp'}{'-esn' if self.esn else ''}"
+        return f"{self.algo}-{'nat-t' if self.natt else 'raw-esp'}{'-esn' if self.esn else ''}" \
+            f"{'-ipv6' if self.outer6 else ''}"
+
+    @property
+    def ends(self) -> tuple[str, str]:
+        """The host's and the guest's outer addresses."""
+        return (HOST6, GUEST6) if self.outer6 else (HOST, GUEST)
 
     @property
     def spi_out(self) -> int:  # host -> guest
@@ -86,27 +95,35 @@ class Case:
         extra = " flag esn replay-window 128" if self.esn else " replay-window 32"
         if self.natt:
             extra += " encap espinudp 4500 4500 0.0.0.0"
-        return [f"state add src {HOST} dst {GUEST} proto esp spi 0x{self.spi_out:x} reqid {self.k} mode tunnel "
+        if self.outer6:  # an SA's selector defaults to its outer family: the IPv4 inner traffic is named
+            extra += " sel src 0.0.0.0/0 dst 0.0.0.0/0"
+        h, g = self.ends
+        return [f"state add src {h} dst {g} proto esp spi 0x{self.spi_out:x} reqid {self.k} mode tunnel "
                 f"{ALGOS[self.algo](f'{self.id}/out')}{extra}",
-                f"state add src {GUEST} dst {HOST} proto esp spi 0x{self.spi_in:x} reqid {100 + self.k} "
+                f"state add src {g} dst {h} proto esp spi 0x{self.spi_in:x} reqid {100 + self.k} "
                 f"mode tunnel {ALGOS[self.algo](f'{self.id}/in')}{extra}"]
 
     def host_policies(self) -> list[str]:
+        h, g = self.ends
         return [f"policy add src {HOST_NET} dst {GUEST_NET} dir out "
-                f"tmpl src {HOST} dst {GUEST} proto esp reqid {self.k} mode tunnel",
+                f"tmpl src {h} dst {g} proto esp reqid {self.k} mode tunnel",
                 f"policy add src {GUEST_NET} dst {HOST_NET} dir in "
-                f"tmpl src {GUEST} dst {HOST} proto esp reqid {100 + self.k} mode tunnel"]
+                f"tmpl src {g} dst {h} proto esp reqid {100 + self.k} mode tunnel"]
 
     def guest_policies(self) -> list[str]:
+        h, g = self.ends
         return [f"policy add src {GUEST_NET} dst {HOST_NET} dir out "
-                f"tmpl src {GUEST} dst {HOST} proto esp reqid {100 + self.k} mode tunnel",
+                f"tmpl src {g} dst {h} proto esp reqid {100 + self.k} mode tunnel",
                 f"policy add src {HOST_NET} dst {GUEST_NET} dir in "
-                f"tmpl src {HOST} dst {GUEST} proto esp reqid {self.k} mode tunnel"]
+                f"tmpl src {h} dst {g} proto esp reqid {self.k} mode tunnel"]
 
 
 CASES = [Case(k + 1, algo, natt) for k, (natt, algo) in
          enumerate((n, a) for n in (False, True) for a in ("gcm128", "gcm256", "chacha", "cbc-sha256"))]
 CASES += [Case(9, "gcm128", False, esn=True), Case(10, "cbc-sha256", True, esn=True)]
+# Over IPv6 (the kernel decapsulates ESP in UDP over IPv6 only on an IPv6 UDP_ENCAP socket, which the guest lacks):
+# xfrmd's raw IPv6 ESP socket, whose payloads the host's kernel frames.
+CASES += [Case(11, "gcm128", False, outer6=True), Case(12, "chacha", False, esn=True, outer6=True)]
 
 # Everything on tapk but the links' housekeeping (ARP, IPv6 neighbour discovery, router solicitations, MLD).
 WIRE_FILTER = ("not arp and not (ip6 and (src net fe80::/10 or src host :: or dst net ff00::/8 or "
@@ -181,12 +198,14 @@ class Session:
         self.ip("route", "add", GUEST_NET, "dev", "xfrm0", "src", HOST_IN)
         self.vm = LiveVM(self.ns, self.work / "vm")
         self.ip("addr", "add", f"{HOST}/24", "dev", self.vm.tap)
+        self.ip("addr", "add", f"{HOST6}/64", "dev", self.vm.tap, "nodad")
         self.ip("link", "set", self.vm.tap, "up")
         self.dump = subprocess.Popen(["ip", "netns", "exec", self.ns, "tcpdump", "-ni", self.vm.tap, "-U", "-w",
                                       str(self.work / "tap.pcap"), WIRE_FILTER], stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         vm = self.vm
-        vm.check("ip link set eth0 up && ip addr add 192.0.2.2/24 dev eth0 && ip addr add 10.0.2.1/32 dev lo")
+        vm.check("ip link set eth0 up && ip addr add 192.0.2.2/24 dev eth0 && ip addr add 10.0.2.1/32 dev lo"
+                 f" && ip addr add {GUEST6}/64 dev eth0 nodad")
         vm.check(f"ip route add {HOST_NET} via {HOST} dev eth0 src {GUEST_IN}")
         out = vm.check("pcapinject -l 4500 >/tmp/encap.log 2>&1 & sleep 0.3; cat /tmp/encap.log")
         assert "UDP_ENCAP_ESPINUDP socket on port 4500" in out, out
@@ -279,8 +298,8 @@ class Session:
         run("ip", "netns", "del", self.ns, check=False)
 
 
-WIRE_LINE = re.compile(r" IP (\d+\.\d+\.\d+\.\d+?)(\.4500)? > (\d+\.\d+\.\d+\.\d+?)(\.4500)?: "
-                       r"(UDP-encap: )?ESP\(spi=0x([0-9a-f]{8}),")
+ADDRESS = r"(\d+\.\d+\.\d+\.\d+?|[0-9a-f:]+)"  # IPv4 or IPv6, before tcpdump's ".PORT"
+WIRE_LINE = re.compile(rf" IP6? {ADDRESS}(\.4500)? > {ADDRESS}(\.4500)?: (UDP-encap: )?ESP\(spi=0x([0-9a-f]{{8}}),")
 
 
 def wire_summary(lines: list[str]) -> dict:
@@ -409,7 +428,8 @@ def test_the_wire_carried_the_case_as_esp(live, case: Case):
     kind = "udp" if case.natt else "raw"
     out = per_spi.get(f"{case.spi_out:08x}", {})
     back = per_spi.get(f"{case.spi_in:08x}", {})
-    assert list(out) == [f"{HOST} > {GUEST} {kind}"] and list(back) == [f"{GUEST} > {HOST} {kind}"], (out, back)
+    h, g = case.ends
+    assert list(out) == [f"{h} > {g} {kind}"] and list(back) == [f"{g} > {h} {kind}"], (out, back)
     assert min(out.values()) >= PINGS and min(back.values()) >= PINGS, (out, back)
 
 

@@ -235,7 +235,7 @@ def test_input_path_reassembles_fragments_scapy_cut_before_esp_and_drops_overlap
     out = read_raw_pcap(tmp_path / "out.pcap")
     assert out == inners
     stats = dict(line.split() for line in stdout.splitlines() if line.startswith("Xfrm"))
-    assert all(v == "0" for v in stats.values()), stats
+    assert stats and all(v == "0" for v in stats.values()), stats
 
 
 def ipv6_pieces_joined(wire: list[bytes]) -> list:
@@ -330,4 +330,4 @@ def test_input_path_reassembles_ipv6_fragments_scapy_cut_before_esp_and_drops_ov
     out = read_raw_pcap(tmp_path / "out.pcap")
     assert out == inners
     stats = dict(line.split() for line in stdout.splitlines() if line.startswith("Xfrm"))
-    assert all(v == "0" for v in stats.values()), stats
+    assert stats and all(v == "0" for v in stats.values()), stats

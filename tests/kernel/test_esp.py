@@ -326,6 +326,9 @@ $A route add 203.0.113.0/24 via 192.0.2.2; $A route add 2001:db8:2::/48 via 2001
         s.append(f"ip netns exec a ping -q -c {PINGS} -i 0.1 -w 3 -s {24 + f.k} -I {a['isrc']} {a['idst']} "
                  f">/dev/null 2>&1 & P=\"$P $!\"")
     s.append("wait $P; sleep 0.3; kill -INT $TD; wait $TD")
+    for f in KERNEL_OUT:
+        if f.big:  # what pcapinject -u said (its datagrams sent, or why not)
+            s.append(f"echo '@@FILE udp-{f.k}'; cat /tmp/udp-{f.k}.log; echo '@@ENDFILE'")
     s.append("echo '@@FILE tcpdump.err'; cat /tmp/td.err; echo '@@ENDFILE'")
     s.append("echo '@@FILE k.pcap'; base64 /tmp/k.pcap; echo '@@ENDFILE'")
     for f in HOST_OUT:
@@ -383,15 +386,19 @@ def test_kernel_esp_decrypts_in_xfrm(flow: Flow, esp_run, tmp_path, xfrm):
     link, frames = read_pcap(base64.b64decode(esp_run["k.pcap"]))
     assert link == 1, f"tcpdump on vb should write Ethernet, got linktype {link}"
     mine = [fr for fr in frames if esp_spi_of_frame(fr) == spi(flow, True)]
-    if flow.big:  # the rest of each packet: the IPv6 fragments with its first one's identification
-        ids = {fr[14 + 44:14 + 48] for fr in mine}
-        assert all(fr[14 + 6] == 44 for fr in mine) and len(ids) == PINGS, "the kernel cut every packet"
-        rest = [fr for fr in frames if fr[12:14] == b"\x86\xdd" and fr[14 + 6] == 44
-                and fr[14 + 44:14 + 48] in ids and fr not in mine]
+    if flow.big:  # the rest of each packet: the IPv6 fragments with its first one's source and identification
+        def key(fr: bytes) -> bytes:
+            return fr[14 + 8:14 + 24] + fr[14 + 44:14 + 48]
+
+        keys = {key(fr) for fr in mine}
+        udp_log = esp_run.get(f"udp-{flow.k}", "")
+        assert all(fr[14 + 6] == 44 for fr in mine) and len(keys) == PINGS, f"the kernel cut every packet: {udp_log}"
+        rest = [fr for fr in frames if fr[12:14] == b"\x86\xdd" and fr[14 + 6] == 44 and key(fr) in keys
+                and fr not in mine]
         assert len(rest) == PINGS, f"{len(rest)} further fragments"
         mine += rest
     assert len(mine) == PINGS * (2 if flow.big else 1), (f"the kernel sent {len(mine)} ESP packets with SPI {spi(flow, True):#x}, "
-                                f"expected {PINGS}; tcpdump: {esp_run['tcpdump.err']}; "
+                                f"expected {PINGS * (2 if flow.big else 1)}; tcpdump: {esp_run['tcpdump.err']}; "
                                 f"SPIs seen: {sorted({hex(esp_spi_of_frame(x) or 0) for x in frames})}")
     write_pcap(tmp_path / "k.pcap", 1, mine)
     (tmp_path / "setup").write_text(host_setup(flow, True, "in"))

@@ -34,14 +34,24 @@ fi
 # comes last and gives both.
 config=${FUZZ_CONFIG:-release}
 [[ "$config" =~ ^(debug|release)$ ]] || { echo "fuzz.sh: FUZZ_CONFIG must be debug or release, got \"$config\"" >&2; exit 2; }
-echo "==> building the fuzz harnesses (swift build --package-path Fuzz, $config, fuzzer + address sanitizer)"
-# FUZZ_DEBUG_INFO=none (scripts/test.sh): no DWARF for the Swift code (a faster build; reports still name the
-# functions). It is -Xswiftc -gnone, not -debug-info-format none, after which SwiftPM rebuilt everything on each call.
+[ "${FUZZ_SKIP_BUILD:-0}" = 1 ] ||
+  echo "==> building the fuzz harnesses (swift build --package-path Fuzz, $config, fuzzer + address sanitizer)"
+# FUZZ_DEBUG_INFO=none (scripts/test.sh): no DWARF for the Swift code (-Xswiftc -gnone: a faster build; reports
+# still name the functions).
 nodebug=()
 [ "${FUZZ_DEBUG_INFO:-}" != none ] || nodebug=(-Xswiftc -gnone)
-nice -n 10 swift build --package-path Fuzz --scratch-path "$ROOT/.build/fuzz" -c "$config" \
-  --sanitize fuzzer --sanitize address -Xswiftc -sanitize=fuzzer,address "${nodebug[@]}"
 BIN="$ROOT/.build/fuzz/$config"
+# FUZZ_SKIP_BUILD=1 (scripts/test.sh, after its background build succeeded): run what is built. SwiftPM rebuilds
+# everything when a call's environment differs from the last one's, which cost CI a minute.
+if [ "${FUZZ_SKIP_BUILD:-0}" = 1 ]; then
+  echo "==> the fuzz harnesses already built in $BIN (FUZZ_SKIP_BUILD=1)"
+  for t in "${TARGETS[@]}"; do
+    [ -x "$BIN/fuzz-$t" ] || { echo "fuzz.sh: FUZZ_SKIP_BUILD=1 but $BIN/fuzz-$t is not built" >&2; exit 1; }
+  done
+else
+  nice -n 10 swift build --package-path Fuzz --scratch-path "$ROOT/.build/fuzz" -c "$config" \
+    --sanitize fuzzer --sanitize address -Xswiftc -sanitize=fuzzer,address "${nodebug[@]}"
+fi
 [ "$target" != build ] || exit 0
 
 run_one() {

@@ -47,9 +47,9 @@ final class OuterGROSource: OuterReader {
     private let control: UnsafeMutablePointer<UInt8>
     private let memory: UnsafeMutableRawPointer
     /// Areas received (`received`), the one being cut (`next`) and the offset in it.
-    private var received = 0
-    private var next = 0
-    private var offset = 0
+    @exclusivity(unchecked) private var received = 0
+    @exclusivity(unchecked) private var next = 0
+    @exclusivity(unchecked) private var offset = 0
 
     init(fd: Int32, framing: Framing, udpPort: UInt16, ifindex: Int32, pool: PacketPool, counters: DatapathCounters,
          engine: EngineCounters) {

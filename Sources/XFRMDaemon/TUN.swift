@@ -22,7 +22,7 @@ final class TUNSource: PacketSource {
     private let readBuffer: UnsafeMutableRawPointer
     private let scratch: UnsafeMutableRawPointer
     /// A superpacket read but not yet fully cut: its length (without the virtio header), header and next offset.
-    private var pending: (count: Int, header: VirtioNetHeader, offset: Int)? = nil
+    @exclusivity(unchecked) private var pending: (count: Int, header: VirtioNetHeader, offset: Int)? = nil
 
     init(fd: Int32, pool: PacketPool, counters: DatapathCounters, engine: EngineCounters, offload: Bool) {
         self.fd = fd

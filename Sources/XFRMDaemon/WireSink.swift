@@ -19,10 +19,11 @@ final class WireSink: PacketSink {
     private let pool: PacketPool
     private let counters: DatapathCounters
     private let engine: EngineCounters
-    private var groups: [Group]
-    private var sent: [PacketBuffer] = []
+    // One thread owns a sink, so its per-packet state skips the dynamic exclusivity check (see Dispatcher.pending).
+    @exclusivity(unchecked) private var groups: [Group]
+    @exclusivity(unchecked) private var sent: [PacketBuffer] = []
     /// The group the packet before went to (-1: none yet in this write).
-    private var current = -1
+    @exclusivity(unchecked) private var current = -1
     /// The source and identification of a packet whose first fragment was refused: its other fragments are too.
     private var refusedFragments: (source: UInt32, id: UInt16)? = nil
     /// The same for IPv6 (the stack's identifications are random 32-bit numbers).

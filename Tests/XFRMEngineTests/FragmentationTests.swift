@@ -180,11 +180,7 @@ struct ReassemblyTests {
     }
 
     static func feed(_ r: IPv4Reassembly, _ bytes: [UInt8], now: UInt64 = 100) -> [UInt8]? {
-        var buf = Self.pool.allocate()!
-        _ = buf.append(contentsOf: bytes)
-        guard let out = r.take(buf, now: now) else { return nil }
-        defer { Self.pool.release(out) }
-        return out.bytes
+        r.feed(bytes, from: Self.pool, now: now)
     }
 
     static func count(_ a: borrowing Atomic<UInt64>) -> UInt64 { a.load(ordering: .relaxed) }

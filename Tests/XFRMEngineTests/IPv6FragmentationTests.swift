@@ -96,6 +96,13 @@ struct IPv6FragmentationTests {
         whole += [0x20, 0x01, 0x0d, 0xb8] + [UInt8](repeating: 0, count: 11) + [1]
         whole += [0x20, 0x01, 0x0d, 0xb8] + [UInt8](repeating: 0, count: 11) + [2]
         whole += payload
+        return (whole, Self.cut(whole, mtu: mtu, id: id, pool: pool).pieces)
+    }
+
+    /// The IPv6 packet `whole` cut to `mtu` with `id` as the dispatcher cuts it, and the plan it followed.
+    static func cut(_ whole: [UInt8], mtu: Int, id: UInt32, pool: PacketPool)
+        -> (plan: IPv6Fragmentation.Plan, pieces: [[UInt8]])
+    {
         var buf = pool.allocate()!
         _ = buf.append(contentsOf: whole)
         let plan = IPv6Fragmentation.plan(buf.data, count: buf.count, mtu: mtu, identification: id)!
@@ -111,15 +118,11 @@ struct IPv6FragmentationTests {
         #expect(made)
         out.insert(buf.bytes, at: 0)
         pool.release(buf)
-        return (whole, out)
+        return (plan, out)
     }
 
     static func feed(_ r: IPv4Reassembly, _ bytes: [UInt8], now: UInt64 = 100) -> [UInt8]? {
-        var buf = Self.pool.allocate()!
-        _ = buf.append(contentsOf: bytes)
-        guard let out = r.take(buf, now: now) else { return nil }
-        defer { Self.pool.release(out) }
-        return out.bytes
+        r.feed(bytes, from: Self.pool, now: now)
     }
 
     static func count(_ a: borrowing Atomic<UInt64>) -> UInt64 { a.load(ordering: .relaxed) }
@@ -179,22 +182,8 @@ struct IPv6FragmentationTests {
         whole += [0x20, 0x01, 0x0d, 0xb8] + [UInt8](repeating: 0, count: 11) + [2]
         whole += [50, 0, 1, 4, 0, 0, 0, 0]  // Hop-by-Hop: next ESP, PadN
         whole += PacketFactory.pattern(size - 48, seed: 3)
-        var buf = pool.allocate()!
-        _ = buf.append(contentsOf: whole)
-        let plan = IPv6Fragmentation.plan(buf.data, count: buf.count, mtu: 1280, identification: 0xabcd_0123)!
+        let (plan, pieces) = Self.cut(whole, mtu: 1280, id: 0xabcd_0123, pool: pool)
         #expect(plan.unfragmentable == 48 && plan.nextHeaderOffset == 40 && plan.nextHeader == 50)
-        var pieces: [[UInt8]] = []
-        for i in 1..<plan.count {
-            var piece = pool.allocate()!
-            let written = IPv6Fragmentation.writeFragment(i, of: buf.data, plan: plan, into: &piece)
-            #expect(written)
-            pieces.append(piece.bytes)
-            pool.release(piece)
-        }
-        let made = IPv6Fragmentation.makeFirst(&buf, plan: plan)
-        #expect(made)
-        pieces.insert(buf.bytes, at: 0)
-        pool.release(buf)
         #expect(pieces.count == 2)
         for (i, f) in pieces.enumerated() {
             #expect(f[6] == 0 && f[40] == 44 && Array(f[41..<48]) == [0, 1, 4, 0, 0, 0, 0], "piece \(i): the HBH")

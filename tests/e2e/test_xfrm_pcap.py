@@ -203,6 +203,18 @@ def test_output_path_cuts_esp_without_df_into_fragments_scapy_reassembles_and_de
             assert bytes(got[UDP]) == bytes(parse_ip(inner)[UDP]), f"packet {i}"
 
 
+def input_path_gives_back(tmp_path, xfrm, wires: list[bytes], inners: list[bytes]):
+    """Runs `wires` through the input path of eth0 with the SAs of `setup`: exactly `inners` come out, and the
+    `stat` listing after shows every xfrm_stat counter at 0."""
+    (tmp_path / "after").write_text("stat\n")
+    write_raw_pcap(tmp_path / "in.pcap", wires)
+    _, stdout, _ = xfrm("pcap", "--batch", "setup", "--then", "after", "--input-path", "--dev", "eth0",
+                        "in.pcap", "out.pcap")
+    assert read_raw_pcap(tmp_path / "out.pcap") == inners
+    stats = dict(line.split() for line in stdout.splitlines() if line.startswith("Xfrm"))
+    assert stats and all(v == "0" for v in stats.values()), stats
+
+
 def test_input_path_reassembles_fragments_scapy_cut_before_esp_and_drops_overlaps(tmp_path, xfrm):
     """ESP that scapy encrypted and then cut into IPv4 fragments (its own `fragment`), in any order, is put back
     together before ESP (RFC 4303 §3.4.1) and gives the exact inner packet; a datagram with an overlapping fragment
@@ -211,7 +223,6 @@ def test_input_path_reassembles_fragments_scapy_cut_before_esp_and_drops_overlap
 
     s = SUITES["gcm128"]
     (tmp_path / "setup").write_text(setup_lines(V4, s, "tunnel", 0x4000, "in", False))
-    (tmp_path / "after").write_text("stat\n")
     sa = scapy_sa(s, 0x4000, V4["outer"], False)
     inners = [bytes(IP(src=V4["a"], dst=V4["b"], id=900 + i, flags=0) / UDP(sport=5000 + i, dport=53)
                     / Raw(bytes((7 * i + j) & 0xFF for j in range(n)))) for i, n in enumerate([1200, 2500, 3000])]
@@ -229,13 +240,7 @@ def test_input_path_reassembles_fragments_scapy_cut_before_esp_and_drops_overlap
     second.frag -= 1
     del second.chksum
     wires += [bytes(first), bytes(second)]
-    write_raw_pcap(tmp_path / "in.pcap", wires)
-    _, stdout, _ = xfrm("pcap", "--batch", "setup", "--then", "after", "--input-path", "--dev", "eth0",
-                        "in.pcap", "out.pcap")
-    out = read_raw_pcap(tmp_path / "out.pcap")
-    assert out == inners
-    stats = dict(line.split() for line in stdout.splitlines() if line.startswith("Xfrm"))
-    assert stats and all(v == "0" for v in stats.values()), stats
+    input_path_gives_back(tmp_path, xfrm, wires, inners)
 
 
 def ipv6_pieces_joined(wire: list[bytes]) -> list:
@@ -300,7 +305,6 @@ def test_input_path_reassembles_ipv6_fragments_scapy_cut_before_esp_and_drops_ov
 
     s = SUITES["gcm128"]
     (tmp_path / "setup").write_text(setup_lines(fam, s, "tunnel", 0x4000, "in", False, V6))
-    (tmp_path / "after").write_text("stat\n")
     sa = scapy_sa(s, 0x4000, V6["outer"], False)
     if fam is V4:
         inners = [bytes(IP(src=V4["a"], dst=V4["b"], id=900 + i, flags=0) / UDP(sport=5000 + i, dport=53)
@@ -324,10 +328,4 @@ def test_input_path_reassembles_ipv6_fragments_scapy_cut_before_esp_and_drops_ov
     first, second = [IPv6(p) for p in cut(inners[0], 0x7999)][:2]
     second[IPv6ExtHdrFragment].offset -= 1
     wires += [bytes(first), bytes(second)]
-    write_raw_pcap(tmp_path / "in.pcap", wires)
-    _, stdout, _ = xfrm("pcap", "--batch", "setup", "--then", "after", "--input-path", "--dev", "eth0",
-                        "in.pcap", "out.pcap")
-    out = read_raw_pcap(tmp_path / "out.pcap")
-    assert out == inners
-    stats = dict(line.split() for line in stdout.splitlines() if line.startswith("Xfrm"))
-    assert stats and all(v == "0" for v in stats.values()), stats
+    input_path_gives_back(tmp_path, xfrm, wires, inners)

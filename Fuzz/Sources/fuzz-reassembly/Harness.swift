@@ -44,7 +44,11 @@ public func fuzzReassembly(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 
     return 0
 }
 
-func fuzzIPv4(_ input: UnsafeBufferPointer<UInt8>, _ r: IPv4Reassembly) {
+/// The loop both families share: each 8-byte op makes one fragment (`header` writes its headers for the datagram,
+/// offset and data length the op names), lets time pass, hands it in, and `verify` checks any datagram it completed.
+func feed(_ input: UnsafeBufferPointer<UInt8>, _ r: IPv4Reassembly,
+          header: (_ op: [UInt8], _ id: Int, _ offset: Int, _ length: Int) -> [UInt8],
+          verify: (PacketBuffer) -> Void) {
     var now: UInt64 = 1_000
     var i = 1
     while i + 8 <= input.count {
@@ -54,14 +58,31 @@ func fuzzIPv4(_ input: UnsafeBufferPointer<UInt8>, _ r: IPv4Reassembly) {
         let id = Int(op[0] & 3) + 1
         let offset = (Int(op[1]) << 8 | Int(op[2])) & 0x1fff
         let length = (Int(op[3]) << 8 | Int(op[4])) % 1600
-        let options = Int(op[5] % 4) * 4
-        let header = 20 + options
+        let h = header(op, id, offset, length)
         guard var b = pool.allocate() else { break }
-        guard b.tailroom >= header + length + 2 else {
+        guard b.tailroom >= h.count + length + 2 else {
             pool.release(b)
             continue
         }
-        let p = b.append(header + length + (op[0] & 0x20 != 0 ? 2 : 0))
+        let p = b.append(h.count + length + (op[0] & 0x20 != 0 ? 2 : 0))
+        p.copyMemory(from: h, byteCount: h.count)
+        for k in 0..<length { p.storeBytes(of: byteAt(id, offset * 8 + k), toByteOffset: h.count + k, as: UInt8.self) }
+        if op[0] & 0x20 != 0 { p.storeBytes(of: UInt16(0xeeee), toByteOffset: h.count + length, as: UInt16.self) }
+        r.sweep(now: now)
+        guard IPv4Reassembly.isFragment(b) else {
+            pool.release(b)
+            continue
+        }
+        if let whole = r.take(b, now: now) {
+            verify(whole)
+            pool.release(whole)
+        }
+    }
+}
+
+func fuzzIPv4(_ input: UnsafeBufferPointer<UInt8>, _ r: IPv4Reassembly) {
+    feed(input, r, header: { op, id, offset, length in
+        let header = 20 + Int(op[5] % 4) * 4
         var h = [UInt8](repeating: 0, count: header)
         h[0] = UInt8(0x40 | header / 4)
         h[1] = op[6] & 0x03
@@ -79,28 +100,19 @@ func fuzzIPv4(_ input: UnsafeBufferPointer<UInt8>, _ r: IPv4Reassembly) {
         for k in 20..<header { h[k] = 1 }  // No Operation options
         h.withUnsafeMutableBytes { IPv4Header.updateChecksum($0.baseAddress!, headerLength: header) }
         if op[0] & 0x10 != 0 { h[10] ^= 0x5a }
-        p.copyMemory(from: h, byteCount: header)
-        for k in 0..<length { p.storeBytes(of: byteAt(id, offset * 8 + k), toByteOffset: header + k, as: UInt8.self) }
-        if op[0] & 0x20 != 0 { p.storeBytes(of: UInt16(0xeeee), toByteOffset: header + length, as: UInt16.self) }
-        r.sweep(now: now)
-        guard IPv4Reassembly.isFragment(b) else {
-            pool.release(b)
-            continue
+        return h
+    }, verify: { whole in
+        let o = whole.data
+        let hl = Int(o.loadByte(at: 0) & 0x0f) * 4
+        let total = Int(o.loadBE16(at: 2))
+        check(total == whole.count && hl >= 20 && total >= hl, "a datagram of \(whole.count) bytes says \(total)")
+        check(o.loadBE16(at: 6) & 0xbfff == 0, "a datagram out with fragment bits")
+        check(IPv4Header.checksumIsValid(o, headerLength: hl), "a datagram out with a bad header checksum")
+        let wid = Int(o.loadBE16(at: 4))
+        for k in 0..<(total - hl) {
+            check(o.loadByte(at: hl + k) == byteAt(wid, k), "datagram \(wid): byte \(k) is not its own")
         }
-        if let whole = r.take(b, now: now) {
-            let o = whole.data
-            let hl = Int(o.loadByte(at: 0) & 0x0f) * 4
-            let total = Int(o.loadBE16(at: 2))
-            check(total == whole.count && hl >= 20 && total >= hl, "a datagram of \(whole.count) bytes says \(total)")
-            check(o.loadBE16(at: 6) & 0xbfff == 0, "a datagram out with fragment bits")
-            check(IPv4Header.checksumIsValid(o, headerLength: hl), "a datagram out with a bad header checksum")
-            let wid = Int(o.loadBE16(at: 4))
-            for k in 0..<(total - hl) {
-                check(o.loadByte(at: hl + k) == byteAt(wid, k), "datagram \(wid): byte \(k) is not its own")
-            }
-            pool.release(whole)
-        }
-    }
+    })
 }
 
 /// IPv6 fragments, 8 bytes each: 0 bits 0–1 the datagram (the last byte of its source address, 1–4), bit 2 More
@@ -110,23 +122,9 @@ func fuzzIPv4(_ input: UnsafeBufferPointer<UInt8>, _ r: IPv4Reassembly) {
 /// Fragments is an atomic fragment. Datagrams out must be IPv6 without a Fragment header, their lengths agreeing,
 /// their data their own.
 func fuzzIPv6(_ input: UnsafeBufferPointer<UInt8>, _ r: IPv4Reassembly) {
-    var now: UInt64 = 1_000
-    var i = 1
-    while i + 8 <= input.count {
-        let op = Array(input[i..<(i + 8)])
-        i += 8
-        now += UInt64(op[7] % 40)
-        let id = Int(op[0] & 3) + 1
-        let offset = (Int(op[1]) << 8 | Int(op[2])) & 0x1fff
-        let length = (Int(op[3]) << 8 | Int(op[4])) % 1600
+    feed(input, r, header: { op, id, offset, length in
         let hbh = op[0] & 0x08 != 0
         let header = 40 + (hbh ? 8 : 0) + 8
-        guard var b = pool.allocate() else { break }
-        guard b.tailroom >= header + length + 2 else {
-            pool.release(b)
-            continue
-        }
-        let p = b.append(header + length + (op[0] & 0x20 != 0 ? 2 : 0))
         var h = [UInt8](repeating: 0, count: header)
         h[0] = 0x60
         h[1] = (op[6] & 0x03) << 4
@@ -151,30 +149,21 @@ func fuzzIPv6(_ input: UnsafeBufferPointer<UInt8>, _ r: IPv4Reassembly) {
         h[f + 2] = UInt8(field >> 8)
         h[f + 3] = UInt8(field & 0xff)
         h[f + 7] = UInt8(id)
-        p.copyMemory(from: h, byteCount: header)
-        for k in 0..<length { p.storeBytes(of: byteAt(id, offset * 8 + k), toByteOffset: header + k, as: UInt8.self) }
-        if op[0] & 0x20 != 0 { p.storeBytes(of: UInt16(0xeeee), toByteOffset: header + length, as: UInt16.self) }
-        r.sweep(now: now)
-        guard IPv4Reassembly.isFragment(b) else {
-            pool.release(b)
-            continue
+        return h
+    }, verify: { whole in
+        let o = whole.data
+        check(o.loadByte(at: 0) >> 4 == 6 && 40 + Int(o.loadBE16(at: 4)) == whole.count,
+              "a datagram of \(whole.count) bytes says \(40 + Int(o.loadBE16(at: 4)))")
+        var start = 40
+        var next = o.loadByte(at: 6)
+        if next == 0 {
+            next = o.loadByte(at: 40)
+            start = 48
         }
-        if let whole = r.take(b, now: now) {
-            let o = whole.data
-            check(o.loadByte(at: 0) >> 4 == 6 && 40 + Int(o.loadBE16(at: 4)) == whole.count,
-                  "a datagram of \(whole.count) bytes says \(40 + Int(o.loadBE16(at: 4)))")
-            var start = 40
-            var next = o.loadByte(at: 6)
-            if next == 0 {
-                next = o.loadByte(at: 40)
-                start = 48
-            }
-            check(next == 50, "a datagram out whose header chain names \(next), not ESP")
-            let wid = Int(o.loadByte(at: 23))
-            for k in 0..<(whole.count - start) {
-                check(o.loadByte(at: start + k) == byteAt(wid, k), "datagram \(wid): byte \(k) is not its own")
-            }
-            pool.release(whole)
+        check(next == 50, "a datagram out whose header chain names \(next), not ESP")
+        let wid = Int(o.loadByte(at: 23))
+        for k in 0..<(whole.count - start) {
+            check(o.loadByte(at: start + k) == byteAt(wid, k), "datagram \(wid): byte \(k) is not its own")
         }
-    }
+    })
 }

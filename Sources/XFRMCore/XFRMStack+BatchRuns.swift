@@ -49,6 +49,7 @@ extension XFRMStack {
                     end += 1
                 }
                 guard end > start else { return start }
+                let tfcPadTo = Self.tfcPadTo(b.sa, limit: b.limit)
                 let (protected, refused) = transformRef._withUnsafeGuaranteedRef { transform in
                     b.sa.useForOutputRun(now: now, count: end - start) { k in
                         // As per packet: a configuration change since the memo was made sends the packet back
@@ -57,7 +58,7 @@ extension XFRMStack {
                         var layout = ESPLayout()
                         // The header was verified by Flow.parse above.
                         let reason = transform.encapsulate(&packets[start + k].buffer, layout: &layout,
-                                                           innerHeaderChecked: true)
+                                                           innerHeaderChecked: true, tfcPadTo: tfcPadTo)
                         return (reason, layout.payloadLength)
                     }
                 }
@@ -142,7 +143,9 @@ extension XFRMStack {
                                            peer: sa.config.source) == nil
                         else { return .stop }
                         bytes += packets[j].buffer.count
-                        if let reason = transform.decapsulate(&packets[j].buffer, info: info, cryptoDone: false) {
+                        var carried = 0
+                        if let reason = transform.decapsulate(&packets[j].buffer, info: info, cryptoDone: false,
+                                                              carried: &carried) {
                             self.statistics.count(reason)
                             packets[j].verdict = .input(.dropped(reason == .tfcDummy ? nil : XfrmStatCounter(reason)),
                                                         decapsulated: false)
@@ -150,7 +153,7 @@ extension XFRMStack {
                         }
                         // What ESP delivered, as `inputLayer` counts it.
                         let n = packets[j].buffer.count
-                        let counted = tunnel ? n : n - info.transportOffset
+                        let counted = tunnel ? carried : n - info.transportOffset
                         // The memo's flow again, as the finish below would find first (`rawMemoVerdict`): its
                         // verdict now, while the packet is in the cache. Its key says it is not ESP again.
                         if let known, n >= HeaderSize.ipv4Minimum + HeaderSize.udp, sa.ifID == known.ifID,

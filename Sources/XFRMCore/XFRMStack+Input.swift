@@ -241,16 +241,17 @@ extension XFRMStack {
         let use = sa.useForInput(now: now, metadata: metadata, cryptoDone: done,
                                  screen: { transform.screen(info) }) {
             movedTo = Self.peerMoved(packet, info: info, transform: transform, peer: sa.config.source)
-            let r = transform.decapsulate(&packet, info: info, cryptoDone: done)
+            var carried = 0
+            let r = transform.decapsulate(&packet, info: info, cryptoDone: done, carried: &carried)
             // Only a packet that proved itself counts against the rate limit (XFRMA_MTIMER_THRESH).
             if let m = movedTo, r == nil || r == .tfcDummy,
                 !transform.mappingDue(port: m.new, now: now, maxAge: sa.config.mappingMaxAge)
             {
                 movedTo = nil
             }
-            // ≈ xfrm_input after x->type->input: curlft counts what ESP delivered — the inner packet in
-            // tunnel mode, the upper-layer payload in transport mode — not the outer ESP packet.
-            return (r, tunnel ? packet.count : packet.count - info.transportOffset)
+            // ≈ xfrm_input after x->type->input: curlft counts what ESP delivered — the inner packet with any TFC
+            // padding in tunnel mode, the upper-layer payload in transport mode — not the outer ESP packet.
+            return (r, tunnel ? carried : packet.count - info.transportOffset)
         }
         switch use {
         case .packetOffloaded:

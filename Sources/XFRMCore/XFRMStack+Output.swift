@@ -260,6 +260,17 @@ extension XFRMStack {
             : Self.transportLimit(version: version, transform: transform, mtu: mtu))
     }
 
+    /// The length a tunnel SA pads inner packets to for traffic flow confidentiality (RFC 4303 §2.4): its `tfcpad`,
+    /// but never past the largest inner packet its path takes after ESP (`limit`), so the padding alone never makes
+    /// a packet too big (≈ esp_output: min(x->tfcpad, xfrm_state_mtu(x, child_mtu_cached))); 0 for none. Only
+    /// software ESP pads: an SA with `tfcpad` cannot be offloaded (xfrm_dev_state_add refuses it).
+    @inline(__always)
+    static func tfcPadTo(_ sa: SecurityAssociation, limit: Int?) -> Int {
+        let pad = sa.config.tfcPad
+        guard pad != 0, let limit else { return 0 }
+        return min(Int(pad), limit)
+    }
+
     /// The largest packet a transport-mode SA leaves within `mtu` (≈ xfrm_state_mtu: net_adj, the size of a plain
     /// IPv4 or IPv6 header, stays outside the block rounding).
     @inline(__always)
@@ -425,14 +436,12 @@ extension XFRMStack {
             self.statistics.increment(.outStateDirError)
             return .done(.dropped(.outStateDirError))
         }
-        // Tunnel mode: an inner packet that would not fit the path after ESP is refused with ICMP when it may not
-        // be fragmented (IPv4 DF, or any IPv6), ≈ xfrm4_tunnel_check_size / xfrm6_tunnel_check_size, which run
-        // before the SA's lock is taken.
-        if sa.config.mode == .tunnel,
-            let limit = cachedLimit ?? self.network.egress(to: sa.id.destination).map({
-                transform.maximumPayload(forMTU: $0.mtu) }),
-            packet.count > limit
-        {
+        // Tunnel mode: the largest inner packet the path takes after ESP (≈ xfrm_state_mtu of the route's MTU).
+        let tunnelLimit = sa.config.mode != .tunnel ? nil : cachedLimit ?? self.network.egress(to: sa.id.destination)
+            .map({ transform.maximumPayload(forMTU: $0.mtu) })
+        // An inner packet that would not fit it is refused with ICMP when it may not be fragmented (IPv4 DF, or any
+        // IPv6), ≈ xfrm4_tunnel_check_size / xfrm6_tunnel_check_size, which run before the SA's lock is taken.
+        if let limit = tunnelLimit, packet.count > limit {
             let p = packet.data
             let v4DF = p.loadByte(at: 0) >> 4 == 4 && p.loadBE16(at: 6) & IPv4Header.flagDF != 0
             // IPv6 never reports less than its minimum MTU (xfrm6_tunnel_check_size): up to 1,280 bytes go on.
@@ -459,10 +468,12 @@ extension XFRMStack {
                 return .done(.dropped(.outError))
             }
         }
+        let tfcPadTo = Self.tfcPadTo(sa, limit: tunnelLimit)
         // One acquisition of the SA's lock: state, lifetime, sequence number and ESP, accounting.
         let use = sa.useForOutput(now: now) {
             // The header was verified by Flow.parse at the start of output, or written by the previous SA.
-            let reason = seal ? transform.encapsulate(&packet, layout: &deviceLayout, innerHeaderChecked: true)
+            let reason = seal ? transform.encapsulate(&packet, layout: &deviceLayout, innerHeaderChecked: true,
+                                                      tfcPadTo: tfcPadTo)
                 : transform.encapsulateForDevice(&packet, layout: &deviceLayout, innerHeaderChecked: true)
             return (reason, deviceLayout.payloadLength)
         }

@@ -186,12 +186,16 @@ public final class ESPTransform: @unchecked Sendable {
 
     /// Protects the packet in place as `encapsulate(_:)` does and says in `layout` where ESP went and how many bytes
     /// it carries. `innerHeaderChecked`: the caller verified the IPv4 header's checksum already (the stack's output
-    /// path, which parsed the flow), so it is not summed again; every other check stays.
+    /// path, which parsed the flow), so it is not summed again; every other check stays. `tfcPadTo` (tunnel mode):
+    /// an inner packet shorter than this is followed by zero bytes up to it, inside the encryption and before ESP's
+    /// own padding — traffic flow confidentiality padding (RFC 4303 §2.4, ≈ esp_output's tfclen); the caller passes
+    /// the SA's `tfcpad` capped at the largest inner packet its path takes (xfrm_state_mtu).
     @inline(__always)
-    public func encapsulate(_ packet: inout PacketBuffer, layout: inout ESPLayout, innerHeaderChecked: Bool = false)
-        -> DropReason?
+    public func encapsulate(_ packet: inout PacketBuffer, layout: inout ESPLayout, innerHeaderChecked: Bool = false,
+                            tfcPadTo: Int = 0) -> DropReason?
     {
-        self.encapsulate(&packet, fixedIV: nil, seal: true, layout: &layout, verifyChecksum: !innerHeaderChecked)
+        self.encapsulate(&packet, fixedIV: nil, seal: true, layout: &layout, verifyChecksum: !innerHeaderChecked,
+                         tfcPadTo: tfcPadTo)
     }
 
     /// Builds ESP around the packet but leaves sealing to an offload device (crypto offload TX, ≈ esp_xmit with
@@ -205,7 +209,7 @@ public final class ESPTransform: @unchecked Sendable {
 
     @inline(__always)
     func encapsulate(_ packet: inout PacketBuffer, fixedIV: UnsafeRawPointer?, seal: Bool, layout: inout ESPLayout,
-                     verifyChecksum: Bool = true) -> DropReason?
+                     verifyChecksum: Bool = true, tfcPadTo: Int = 0) -> DropReason?
     {
         let p = packet.data
         let n = packet.count
@@ -252,19 +256,24 @@ public final class ESPTransform: @unchecked Sendable {
             return .badOutputPacket
         }
         let payloadLength = packet.count - headerLength
-        let padLength = (self.blockSize - (payloadLength + 2) % self.blockSize) % self.blockSize
-        let cryptLength = payloadLength + padLength + 2
+        // TFC padding: only a tunnel's inner packet says its own length (the kernel refuses tfcpad elsewhere).
+        let tfcLength = self.isTunnel && tfcPadTo > payloadLength ? tfcPadTo - payloadLength : 0
+        let padLength = (self.blockSize - (payloadLength + tfcLength + 2) % self.blockSize) % self.blockSize
+        let cryptLength = payloadLength + tfcLength + padLength + 2
         let espHeader = 8 + self.ivLength
         let front = espHeader + self.udpLength + self.outerHeaderLength
-        let back = padLength + 2 + self.icvLength
+        let back = tfcLength + padLength + 2 + self.icvLength
         guard packet.headroom >= front, packet.tailroom >= back else { return .noBufferSpace }
         let finalLength = packet.count + front + back
         let outerV4 = self.isTunnel ? self.outerHeaderLength == HeaderSize.ipv4Minimum : version == 4
         guard outerV4 ? finalLength <= 65535 : finalLength - HeaderSize.ipv6 <= 65535 else { return .noBufferSpace }
         guard let seq = self.takeSequence() else { return .sequenceOverflow }
 
-        // Trailer: padding 1, 2, 3, ... (RFC 4303 §2.4), pad length, next header; then room for the ICV.
-        let trailer = packet.append(back)
+        // Trailer: TFC padding (zeros, as esp_output_fill_trailer writes it), then padding 1, 2, 3, ... (RFC 4303
+        // §2.4), pad length, next header; then room for the ICV.
+        let tfc = packet.append(back)
+        if tfcLength > 0 { tfc.initializeMemory(as: UInt8.self, repeating: 0, count: tfcLength) }
+        let trailer = tfc + tfcLength
         var i = 0
         while i < padLength {
             trailer.storeByte(UInt8(truncatingIfNeeded: i + 1), at: i)
@@ -396,6 +405,16 @@ public final class ESPTransform: @unchecked Sendable {
     /// offload RX, ≈ CRYPTO_DONE in the secpath), so only replay, trailer and mode processing run here.
     @inline(__always)
     public func decapsulate(_ packet: inout PacketBuffer, info: ESPPacketInfo, cryptoDone: Bool) -> DropReason? {
+        var carried = 0
+        return self.decapsulate(&packet, info: info, cryptoDone: cryptoDone, carried: &carried)
+    }
+
+    /// Decapsulates as above and sets `carried` to the bytes ESP carried once verified: its payload with any TFC
+    /// padding, without ESP's own padding and trailer — what the kernel's curlft counts on input (skb->len after
+    /// esp_input_done2; a tunnel's TFC padding goes only later, with the inner header's length).
+    @inline(__always)
+    public func decapsulate(_ packet: inout PacketBuffer, info: ESPPacketInfo, cryptoDone: Bool,
+                            carried: inout Int) -> DropReason? {
         if info.udpEncapsulated != (self.config.encapsulation != nil) { return .encapsulationMismatch }
         let p = packet.data
         let esp = p + info.espOffset
@@ -429,6 +448,7 @@ public final class ESPTransform: @unchecked Sendable {
         self.state.pointee.replay.advance(seq)
         self.state.pointee.statistics.packets &+= 1
         self.state.pointee.statistics.bytes &+= UInt64(payloadLength)
+        carried = payloadLength
         if nextHeader == IPProtocolNumber.noNextHeader { return .tfcDummy }
 
         if self.isTunnel {

@@ -35,16 +35,17 @@ final class TwoHosts {
 
     func sa(from: String, to: String, spi: UInt32, mode: ESPMode = .tunnel, reqid: UInt32 = 1,
             lifetime: LifetimeConfig = LifetimeConfig(), on stack: XFRMStack, window: Int = 32,
-            natt: Bool = false) throws -> SecurityAssociation {
+            natt: Bool = false, tfcPad: UInt32 = 0) throws -> SecurityAssociation {
         let crypto = try ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))", key: Self.key, icvBits: 128)
         return try stack.makeSA(SAConfig(
             id: SAID(destination: IPAddress(to)!, spi: spi), source: IPAddress(from)!, selector: .any(family: 0),
             reqid: reqid, mode: mode, replayWindow: window, lifetime: lifetime,
-            encapsulation: natt ? NATTEncapsulation() : nil, crypto: crypto))
+            encapsulation: natt ? NATTEncapsulation() : nil, crypto: crypto, tfcPad: tfcPad))
     }
 
-    /// Tunnel policies and SAs for 10.0.1.0/24 <-> 10.0.2.0/24 on both hosts (`natt`: ESP in UDP 4500).
-    func tunnel(lifetime: LifetimeConfig = LifetimeConfig(), natt: Bool = false) throws {
+    /// Tunnel policies and SAs for 10.0.1.0/24 <-> 10.0.2.0/24 on both hosts (`natt`: ESP in UDP 4500; `tfcPad`:
+    /// A's outbound SA pads to it).
+    func tunnel(lifetime: LifetimeConfig = LifetimeConfig(), natt: Bool = false, tfcPad: UInt32 = 0) throws {
         let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
         let r = Template(source: IPAddress("192.0.2.2"), destination: IPAddress("192.0.2.1"), mode: 1, reqid: 2)
         let ab = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
@@ -55,7 +56,7 @@ final class TwoHosts {
         try self.b.addPolicy(Policy(selector: ab, direction: .forward, templates: [t]), update: false)
         try self.b.addPolicy(Policy(selector: ba, direction: .outbound, templates: [r]), update: false)
         try self.a.addState(self.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, lifetime: lifetime, on: self.a,
-                                    natt: natt))
+                                    natt: natt, tfcPad: tfcPad))
         try self.b.addState(self.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, lifetime: lifetime, on: self.b,
                                     natt: natt))
         try self.a.addState(self.sa(from: "192.0.2.2", to: "192.0.2.1", spi: 0x2002, reqid: 2, on: self.a, natt: natt))

@@ -103,6 +103,43 @@ def test_output_path_decrypts_in_scapy(tmp_path, xfrm, suite, mode, fam, outer_f
             assert got.src == parse_ip(inner).src and got.dst == parse_ip(inner).dst
 
 
+@pytest.mark.parametrize("suite,fam,outer_fam,tfcpad,mtu", [
+    ("gcm128", V4, V4, 400, 1500), ("cbc-sha256", V6, V6, 400, 1500), ("chacha", V4, V6, 65535, 1400),
+    ("cbc-sha256", V6, V4, 65535, 1281)], ids=["gcm128-4in4", "cbc-sha256-6in6", "chacha-4in6-mtu", "cbc-6in4-mtu"])
+def test_output_path_pads_to_tfcpad_and_scapy_decrypts_the_inner_packet_then_zeros(tmp_path, xfrm, suite, fam,
+                                                                                  outer_fam, tfcpad, mtu):
+    """A tunnel SA with `tfcpad` (RFC 4303 §2.4 traffic flow confidentiality padding, XFRMA_TFCPAD) follows each
+    shorter inner packet with zeros up to it, inside the encryption and before ESP's padding, but never past the
+    largest inner packet the path's MTU takes (esp_output: min(tfcpad, xfrm_state_mtu)): every packet of the run
+    leaves the same length, and scapy's decryption gives the exact inner packet followed by zeros."""
+    s = SUITES[suite]
+    setup = setup_lines(fam, s, "tunnel", 0x3000, "out", False, outer_fam)
+    assert setup.count("replay-window 32") == 1
+    setup = setup.replace("replay-window 32", f"replay-window 32 tfcpad {tfcpad}") + f"link set eth0 mtu {mtu}\n"
+    (tmp_path / "setup").write_text(setup)
+    (tmp_path / "after").write_text("-s state list\n")
+    inners = inner_packets(fam)
+    write_raw_pcap(tmp_path / "in.pcap", inners)
+    _, listing, _ = xfrm("pcap", "--batch", "setup", "--then", "after", "--output-path", "in.pcap", "out.pcap")
+    assert f"tfcpad {tfcpad}" in listing, listing
+    out = read_raw_pcap(tmp_path / "out.pcap")
+    assert len(out) == len(inners)
+    assert len({len(w) for w in out}) == 1, f"the lengths differ: {[len(w) for w in out]}"
+    assert len(out[0]) <= mtu
+    sa = scapy_sa(s, 0x3000, outer_fam["outer"], False)
+    padded = set()
+    for i, (wire, inner) in enumerate(zip(out, inners)):
+        plain = bytes(sa.decrypt(parse_ip(wire)))
+        assert plain[:len(inner)] == inner, f"packet {i}: the inner packet"
+        assert plain[len(inner):] == bytes(len(plain) - len(inner)), f"packet {i}: TFC padding is zeros"
+        padded.add(len(plain))
+    assert len(padded) == 1, padded
+    if tfcpad < mtu:
+        assert padded == {tfcpad}
+    else:  # capped: the next block of plaintext would not fit the MTU any more
+        assert len(out[0]) > mtu - (16 if "cbc" in suite else 4), (len(out[0]), mtu)
+
+
 @pytest.mark.parametrize("suite,mode,fam,outer_fam,natt", CASES)
 def test_input_path_accepts_scapy_and_restores_inner(tmp_path, xfrm, suite, mode, fam, outer_fam, natt):
     s = SUITES[suite]

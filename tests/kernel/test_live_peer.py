@@ -72,11 +72,12 @@ class Case:
     natt: bool
     esn: bool = False
     outer6: bool = False  # raw ESP over IPv6 between the outer addresses HOST6 and GUEST6 (inner IPv4 as ever)
+    tfcpad: int = 0  # both SAs on both sides pad inner packets to this (RFC 4303 §2.4 TFC padding)
 
     @property
     def id(self) -> str:
         return f"{self.algo}-{'nat-t' if self.natt else 'raw-esp'}{'-esn' if self.esn else ''}" \
-            f"{'-ipv6' if self.outer6 else ''}"
+            f"{'-ipv6' if self.outer6 else ''}{f'-tfcpad{self.tfcpad}' if self.tfcpad else ''}"
 
     @property
     def ends(self) -> tuple[str, str]:
@@ -97,6 +98,8 @@ class Case:
             extra += " encap espinudp 4500 4500 0.0.0.0"
         if self.outer6:  # an SA's selector defaults to its outer family: the IPv4 inner traffic is named
             extra += " sel src 0.0.0.0/0 dst 0.0.0.0/0"
+        if self.tfcpad:
+            extra += f" tfcpad {self.tfcpad}"
         h, g = self.ends
         return [f"state add src {h} dst {g} proto esp spi 0x{self.spi_out:x} reqid {self.k} mode tunnel "
                 f"{ALGOS[self.algo](f'{self.id}/out')}{extra}",
@@ -124,6 +127,9 @@ CASES += [Case(9, "gcm128", False, esn=True), Case(10, "cbc-sha256", True, esn=T
 # Over IPv6 (the kernel decapsulates ESP in UDP over IPv6 only on an IPv6 UDP_ENCAP socket, which the guest lacks):
 # xfrmd's raw IPv6 ESP socket, whose payloads the host's kernel frames.
 CASES += [Case(11, "gcm128", False, outer6=True), Case(12, "chacha", False, esn=True, outer6=True)]
+# TFC padding both ways (the kernel pads in esp_output, which NAT-T SAs take: with esp4_offload loaded a raw-ESP SA
+# goes through esp_xmit, which does not pad): every ESP packet, ACKs included, at least tfcpad long on the wire
+CASES += [Case(13, "gcm128", True, tfcpad=1000)]
 
 # Everything on tapk but the links' housekeeping (ARP, IPv6 neighbour discovery, router solicitations, MLD).
 WIRE_FILTER = ("not arp and not (ip6 and (src net fe80::/10 or src host :: or dst net ff00::/8 or "
@@ -299,13 +305,15 @@ class Session:
 
 
 ADDRESS = r"(\d+\.\d+\.\d+\.\d+?|[0-9a-f:]+)"  # IPv4 or IPv6, before tcpdump's ".PORT"
-WIRE_LINE = re.compile(rf" IP6? {ADDRESS}(\.4500)? > {ADDRESS}(\.4500)?: (UDP-encap: )?ESP\(spi=0x([0-9a-f]{{8}}),")
+WIRE_LINE = re.compile(rf" IP6? {ADDRESS}(\.4500)? > {ADDRESS}(\.4500)?: (UDP-encap: )?ESP\(spi=0x([0-9a-f]{{8}}),"
+                       r"seq=0x[0-9a-f]+\), length (\d+)")
 
 
 def wire_summary(lines: list[str]) -> dict:
     """tcpdump's listing of tapk, reduced: per SPI, how many packets went from where to where, raw or in UDP; the
     lines that were not ESP at all (the first 50)."""
     per_spi: dict[str, dict[str, int]] = {}
+    shortest: dict[str, int] = {}  # per SPI, the shortest ESP packet (tcpdump's ESP length)
     stray = []
     for l in lines:
         m = WIRE_LINE.search(l)
@@ -315,7 +323,9 @@ def wire_summary(lines: list[str]) -> dict:
         how = f"{m.group(1)} > {m.group(3)} {'udp' if m.group(5) else 'raw'}"
         d = per_spi.setdefault(m.group(6), {})
         d[how] = d.get(how, 0) + 1
-    return {"lines": len(lines), "per_spi": per_spi, "stray": stray[:50], "stray_count": len(stray)}
+        shortest[m.group(6)] = min(shortest.get(m.group(6), 1 << 20), int(m.group(7)))
+    return {"lines": len(lines), "per_spi": per_spi, "shortest": shortest, "stray": stray[:50],
+            "stray_count": len(stray)}
 
 
 def live_session() -> dict:
@@ -431,6 +441,12 @@ def test_the_wire_carried_the_case_as_esp(live, case: Case):
     h, g = case.ends
     assert list(out) == [f"{h} > {g} {kind}"] and list(back) == [f"{g} > {h} {kind}"], (out, back)
     assert min(out.values()) >= PINGS and min(back.values()) >= PINGS, (out, back)
+    shortest = live["wire"]["shortest"]
+    lengths = (shortest[f"{case.spi_out:08x}"], shortest[f"{case.spi_in:08x}"])
+    if case.tfcpad:  # ESP header, IV, the padded inner packet, trailer, ICV: even a bare ACK
+        assert min(lengths) >= case.tfcpad + 8 + 8 + 2 + 16, f"shortest ESP packets (xfrmd, kernel): {lengths}"
+    else:  # the pure ACKs and pings of an unpadded tunnel stay short
+        assert max(lengths) < 200, f"shortest ESP packets (xfrmd, kernel): {lengths}"
 
 
 def test_nothing_but_esp_on_the_wire(live):

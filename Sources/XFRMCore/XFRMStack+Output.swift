@@ -184,7 +184,8 @@ extension XFRMStack {
                     var unused = ESPLayout()
                     switch self.apply(sa, to: &packet, now: now, deviceLayout: &unused, seal: true,
                                       limit: self.transportLimit(sa, single: single, flow: flow, route: route),
-                                      retryIfInvalid: applied == 1 && retryOf == nil) {
+                                      retryIfInvalid: applied == 1 && retryOf == nil,
+                                      outermost: index == policy.templates.count - 1) {
                     case .stale:
                         return self.output(&packet, mark: mark, ifID: ifID, forwarded: forwarded, cpu: cpu, now: now,
                                            transformed: &transformed, memo: &memo, retryOf: index)
@@ -263,7 +264,8 @@ extension XFRMStack {
     /// The length a tunnel SA pads inner packets to for traffic flow confidentiality (RFC 4303 §2.4): its `tfcpad`,
     /// but never past the largest inner packet its path takes after ESP (`limit`), so the padding alone never makes
     /// a packet too big (≈ esp_output: min(x->tfcpad, xfrm_state_mtu(x, child_mtu_cached))); 0 for none. Only
-    /// software ESP pads: an SA with `tfcpad` cannot be offloaded (xfrm_dev_state_add refuses it).
+    /// software ESP pads: an SA with `tfcpad` cannot be offloaded (xfrm_dev_state_add refuses it, as the user API
+    /// does here).
     @inline(__always)
     static func tfcPadTo(_ sa: SecurityAssociation, limit: Int?) -> Int {
         let pad = sa.config.tfcPad
@@ -413,17 +415,20 @@ extension XFRMStack {
     /// after ESP (nil: a tunnel looks its route up; transport mode checks only a one-SA bundle's, which its caller
     /// passes). `retryIfInvalid` (a cached bundle, or a bundle's first SA on the first pass): an SA that is no longer
     /// valid gives `.stale` instead of a drop, with the packet untouched, so that the caller resolves again.
+    /// `outermost`: no SA of the bundle comes after this one, so its TFC padding (`tfcPadTo`) may fill the route's
+    /// MTU. The kernel caps an inner SA's padding at the MTU left by the SAs after it (child_mtu_cached); those are
+    /// not resolved yet when this one applies, so an inner SA does not pad (README, "Known gaps").
     @inline(__always)
     func apply(_ sa: SecurityAssociation, to packet: inout PacketBuffer, now: UInt64,
                        deviceLayout: inout ESPLayout, seal: Bool = false, limit cachedLimit: Int? = nil,
-                       retryIfInvalid: Bool = false) -> ApplyOutcome {
+                       retryIfInvalid: Bool = false, outermost: Bool = true) -> ApplyOutcome {
         guard let transform = sa.transformRef else {
             self.statistics.increment(.outStateInvalid)
             return .done(.dropped(.outStateInvalid))
         }
         return transform._withUnsafeGuaranteedRef {
             self.apply(sa, $0, to: &packet, now: now, deviceLayout: &deviceLayout, seal: seal, limit: cachedLimit,
-                       retryIfInvalid: retryIfInvalid)
+                       retryIfInvalid: retryIfInvalid, outermost: outermost)
         }
     }
 
@@ -431,7 +436,7 @@ extension XFRMStack {
     @inline(__always)
     private func apply(_ sa: SecurityAssociation, _ transform: ESPTransform, to packet: inout PacketBuffer,
                        now: UInt64, deviceLayout: inout ESPLayout, seal: Bool, limit cachedLimit: Int?,
-                       retryIfInvalid: Bool) -> ApplyOutcome {
+                       retryIfInvalid: Bool, outermost: Bool) -> ApplyOutcome {
         if sa.config.direction == .inbound {
             self.statistics.increment(.outStateDirError)
             return .done(.dropped(.outStateDirError))
@@ -468,7 +473,7 @@ extension XFRMStack {
                 return .done(.dropped(.outError))
             }
         }
-        let tfcPadTo = Self.tfcPadTo(sa, limit: tunnelLimit)
+        let tfcPadTo = outermost ? Self.tfcPadTo(sa, limit: tunnelLimit) : 0
         // One acquisition of the SA's lock: state, lifetime, sequence number and ESP, accounting.
         let use = sa.useForOutput(now: now) {
             // The header was verified by Flow.parse at the start of output, or written by the previous SA.

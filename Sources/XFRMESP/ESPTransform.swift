@@ -256,8 +256,11 @@ public final class ESPTransform: @unchecked Sendable {
             return .badOutputPacket
         }
         let payloadLength = packet.count - headerLength
-        // TFC padding: only a tunnel's inner packet says its own length (the kernel refuses tfcpad elsewhere).
-        let tfcLength = self.isTunnel && tfcPadTo > payloadLength ? tfcPadTo - payloadLength : 0
+        // TFC padding: only a tunnel's inner packet says its own length (the kernel refuses tfcpad elsewhere). It
+        // never costs the packet: what the buffer cannot hold after ESP's own trailer is left out (the kernel would
+        // grow the skb instead).
+        let tfcRoom = packet.tailroom - (self.blockSize - 1 + 2 + self.icvLength)
+        let tfcLength = self.isTunnel && tfcPadTo > payloadLength ? max(0, min(tfcPadTo - payloadLength, tfcRoom)) : 0
         let padLength = (self.blockSize - (payloadLength + tfcLength + 2) % self.blockSize) % self.blockSize
         let cryptLength = payloadLength + tfcLength + padLength + 2
         let espHeader = 8 + self.ivLength

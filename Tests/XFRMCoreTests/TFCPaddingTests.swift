@@ -12,7 +12,9 @@ import XFRMTestKit
 struct TFCPaddingTests {
     /// The ESP packet (outer IPv4, AES-GCM-128: 8-byte IV, 16-byte ICV, 4-byte alignment) carrying `plaintext` bytes
     /// (inner packet and TFC padding) with the least ESP padding.
-    static func espLength(plaintext: Int) -> Int { 20 + 8 + 8 + (plaintext + 2 + 3) / 4 * 4 + 16 }
+    static func espLength(plaintext: Int, natt: Bool = false) -> Int {
+        20 + (natt ? 8 : 0) + 8 + 8 + (plaintext + 2 + 3) / 4 * 4 + 16
+    }
 
     @Test("packets shorter than tfcpad leave as long as a tfcpad-byte packet would; longer ones unpadded; B delivers each byte for byte")
     func padsShortPackets() throws {
@@ -37,17 +39,18 @@ struct TFCPaddingTests {
 
     @Test("a tfcpad past the path: every packet padded to the largest inner packet the MTU takes, so each ESP packet is exactly the MTU")
     func capsAtTheMTU() throws {
-        for mtu in [1500, 1400, 1281] {
+        for (mtu, natt) in [(1500, false), (1400, false), (1281, false), (1500, true), (1283, true)] {
             let h = try TwoHosts()
             try h.a.network.modify(name: "eth0") { (i: inout Interface) throws(NetworkError) in i.mtu = mtu }
-            try h.tunnel(tfcPad: 65_535)
-            // xfrm_state_mtu: (MTU − outer header, ESP header and IV − ICV) rounded down to the alignment, less 2.
-            let limit = (mtu - 36 - 16) / 4 * 4 - 2
+            try h.tunnel(natt: natt, tfcPad: 65_535)
+            // xfrm_state_mtu: (MTU − outer header, UDP, ESP header and IV − ICV) rounded down to the alignment,
+            // less 2.
+            let limit = (mtu - 36 - (natt ? 8 : 0) - 16) / 4 * 4 - 2
             for size in [0, 300, limit - 28] {
                 let inner = h.packet(size: size)
                 let (r, wire) = h.send(inner)
                 #expect(r == .transmit(ifindex: 2))
-                #expect(wire.count == Self.espLength(plaintext: limit), "MTU \(mtu), inner \(inner.count)")
+                #expect(wire.count == Self.espLength(plaintext: limit, natt: natt), "MTU \(mtu), inner \(inner.count)")
                 #expect(wire.count <= mtu && wire.count > mtu - 4, "MTU \(mtu): \(wire.count) bytes")
                 #expect(h.receive(wire).1 == inner)
             }
@@ -84,6 +87,51 @@ struct TFCPaddingTests {
         }
         let id = SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001)
         #expect(h.b.states.lookup(id)!.current.bytes == UInt64(inners.reduce(0) { $0 + max($1.count, 900) }))
+    }
+
+    @Test("a bundle of two tunnels: only the outermost SA pads (an inner one padded to the route's MTU would leave no room for the outer ESP), and B opens both")
+    func nestedBundle() throws {
+        let h = try TwoHosts()
+        let inner = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 5)
+        let outer = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 6)
+        let sel = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
+        try h.a.addPolicy(Policy(selector: sel, direction: .outbound, templates: [inner, outer]), update: false)
+        try h.b.addPolicy(Policy(selector: sel, direction: .inbound, templates: [inner, outer]), update: false)
+        for s in [h.a, h.b] {
+            try s.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x5005, reqid: 5, on: s, tfcPad: 65_535))
+            try s.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x6006, reqid: 6, on: s, tfcPad: 400))
+        }
+        for size in [10, 500] {
+            let pkt = h.packet(size: size)
+            let (r, wire) = h.send(pkt)
+            #expect(r == .transmit(ifindex: 2), "inner packet of \(pkt.count) bytes")
+            #expect(Array(wire[20..<24]) == [0, 0, 0x60, 0x06], "the outer tunnel's ESP is outermost")
+            // The inner tunnel's ESP packet, unpadded, then padded to 400 by the outer SA if shorter.
+            #expect(wire.count == Self.espLength(plaintext: max(Self.espLength(plaintext: pkt.count), 400)))
+            let (r2, back) = h.receive(wire)
+            #expect(r2 == .deliver)
+            #expect(back == pkt)
+        }
+    }
+
+    @Test("padding never costs a packet its buffer: with a 9,000-byte MTU and 2 KB buffers it stops where the buffer ends")
+    func paddingFitsTheBuffer() throws {
+        let h = try TwoHosts()
+        try h.a.network.modify(name: "eth0") { (i: inout Interface) throws(NetworkError) in i.mtu = 9000 }
+        try h.tunnel(tfcPad: 65_535)
+        let pool = PacketPool(count: 4, slotSize: 2048, headroom: 128)
+        var batch = PacketBatch(capacity: 4)
+        let inner = h.packet(size: 100)
+        var buffer = pool.allocate()!
+        let copied = buffer.append(contentsOf: inner)
+        #expect(copied)
+        batch.append(PacketBatch.Packet(buffer, stage: .output))
+        h.a.process(&batch)
+        #expect(batch[0].verdict == .output(.transmit(ifindex: 2), transformed: true))
+        let wire = batch[0].buffer.bytes
+        #expect(wire.count > 2048 - 128 - 16 && wire.count <= 2048, "\(wire.count) bytes")
+        #expect(h.receive(wire).1 == inner)
+        pool.release(batch[0].buffer)
     }
 
     @Test("without tfcpad nothing is padded")

@@ -103,17 +103,19 @@ def test_output_path_decrypts_in_scapy(tmp_path, xfrm, suite, mode, fam, outer_f
             assert got.src == parse_ip(inner).src and got.dst == parse_ip(inner).dst
 
 
-@pytest.mark.parametrize("suite,fam,outer_fam,tfcpad,mtu", [
-    ("gcm128", V4, V4, 400, 1500), ("cbc-sha256", V6, V6, 400, 1500), ("chacha", V4, V6, 65535, 1400),
-    ("cbc-sha256", V6, V4, 65535, 1281)], ids=["gcm128-4in4", "cbc-sha256-6in6", "chacha-4in6-mtu", "cbc-6in4-mtu"])
+@pytest.mark.parametrize("suite,fam,outer_fam,tfcpad,mtu,natt", [
+    ("gcm128", V4, V4, 400, 1500, False), ("cbc-sha256", V6, V6, 400, 1500, False),
+    ("chacha", V4, V6, 65535, 1400, False), ("cbc-sha256", V6, V4, 65535, 1281, False),
+    ("gcm128", V4, V4, 65535, 1333, True)],
+    ids=["gcm128-4in4", "cbc-sha256-6in6", "chacha-4in6-mtu", "cbc-6in4-mtu", "gcm128-nat-t-mtu"])
 def test_output_path_pads_to_tfcpad_and_scapy_decrypts_the_inner_packet_then_zeros(tmp_path, xfrm, suite, fam,
-                                                                                  outer_fam, tfcpad, mtu):
+                                                                                  outer_fam, tfcpad, mtu, natt):
     """A tunnel SA with `tfcpad` (RFC 4303 §2.4 traffic flow confidentiality padding, XFRMA_TFCPAD) follows each
     shorter inner packet with zeros up to it, inside the encryption and before ESP's padding, but never past the
     largest inner packet the path's MTU takes (esp_output: min(tfcpad, xfrm_state_mtu)): every packet of the run
     leaves the same length, and scapy's decryption gives the exact inner packet followed by zeros."""
     s = SUITES[suite]
-    setup = setup_lines(fam, s, "tunnel", 0x3000, "out", False, outer_fam)
+    setup = setup_lines(fam, s, "tunnel", 0x3000, "out", natt, outer_fam)
     assert setup.count("replay-window 32") == 1
     setup = setup.replace("replay-window 32", f"replay-window 32 tfcpad {tfcpad}") + f"link set eth0 mtu {mtu}\n"
     (tmp_path / "setup").write_text(setup)
@@ -126,7 +128,7 @@ def test_output_path_pads_to_tfcpad_and_scapy_decrypts_the_inner_packet_then_zer
     assert len(out) == len(inners)
     assert len({len(w) for w in out}) == 1, f"the lengths differ: {[len(w) for w in out]}"
     assert len(out[0]) <= mtu
-    sa = scapy_sa(s, 0x3000, outer_fam["outer"], False)
+    sa = scapy_sa(s, 0x3000, outer_fam["outer"], natt)
     padded = set()
     for i, (wire, inner) in enumerate(zip(out, inners)):
         plain = bytes(sa.decrypt(parse_ip(wire)))

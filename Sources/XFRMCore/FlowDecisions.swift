@@ -80,12 +80,12 @@ struct OutputMemo {
     @inline(__always)
     var isSet: Bool { self.bundle.unmanaged != nil && self.generation != 0 }
 
-    /// The raw key of the memo's flow, when a run's packet (mark 0, if_id 0) of this tag and generation with that
-    /// key (and a header checksum that verifies) `matches` the memo: nil when the memo is empty, of another tag or
-    /// generation, or its flow has no raw key or another mark or if_id.
+    /// The raw key of the memo's flow, when a run's packet (mark 0, the batch's if_id) of this tag and generation
+    /// with that key (and a header checksum that verifies) `matches` the memo: nil when the memo is empty, of another
+    /// tag or generation, or its flow has no raw key or another mark or if_id.
     @inline(__always)
-    func rawKey(tag: UInt, generation: UInt64) -> RawFlowKey? {
-        guard self.bundle.unmanaged != nil, self.generation == generation, self.tag == tag, self.flow.ifID == 0,
+    func rawKey(tag: UInt, generation: UInt64, ifID: UInt32 = 0) -> RawFlowKey? {
+        guard self.bundle.unmanaged != nil, self.generation == generation, self.tag == tag, self.flow.ifID == ifID,
             self.flow.mark == 0, self.flow.ifindex == 0
         else { return nil }
         return self.raw

@@ -7,8 +7,10 @@ extension XFRMStack {
     /// Runs every pending packet of the batch through the path its stage names and stores the verdict; the buffers
     /// stay in the batch for the dispatcher. `cpu`: the worker running the batch (picks among per-CPU SAs).
     /// Consecutive packets of one flow share the work of finding their bundle (the memo of the previous packet) and,
-    /// one acquisition of the SA's lock (`outputRun`, `inputRun`).
-    public func process(_ batch: inout PacketBatch, cpu: UInt32 = 0) {
+    /// one acquisition of the SA's lock (`outputRun`, `inputRun`). `ifID`: the output and forwarded packets were
+    /// routed into the XFRM interface with this id (0: ordinary traffic), so only policies with that if_id match them
+    /// (≈ xfrmi_xmit's xfrm_lookup_with_ifid).
+    public func process(_ batch: inout PacketBatch, cpu: UInt32 = 0, ifID: UInt32 = 0) {
         var outputMemo = OutputMemo()
         var inputMemo = InputMemo()
         // One clock read per batch: lifetimes and use times have one-second resolution, a batch takes microseconds.
@@ -21,13 +23,13 @@ extension XFRMStack {
             case .output, .forward:
                 var transformed = false
                 let forwarded = batch[i].stage == .forward
-                let r = self.output(&batch[i].buffer, mark: 0, ifID: 0, forwarded: forwarded, cpu: cpu,
+                let r = self.output(&batch[i].buffer, mark: 0, ifID: ifID, forwarded: forwarded, cpu: cpu,
                                     now: now, transformed: &transformed, memo: &outputMemo)
                 batch[i].verdict = .output(r, transformed: transformed)
                 // The packets after it that the memo's bundle serves: one lock for all of them.
                 if transformed {
                     i = self.outputRun(&batch, from: i + 1, memo: outputMemo, cpu: cpu, forwarded: forwarded,
-                                       now: now) - 1
+                                       ifID: ifID, now: now) - 1
                 }
             case .input:
                 var decapsulated = false
@@ -50,7 +52,7 @@ extension XFRMStack {
     /// packet matches (the SA `xfrm_state_find` would pick lives there), or the packet's destination when no policy
     /// matches; when per-CPU SAs serve that template, the flow itself (addresses, protocol, ports), so one tunnel
     /// spreads over the workers. Read-only: no counter, no use time, no acquire.
-    public func affinity(of packet: PacketBuffer, stage: PacketBatch.Stage) -> UInt32 {
+    public func affinity(of packet: PacketBuffer, stage: PacketBatch.Stage, ifID: UInt32 = 0) -> UInt32 {
         let p = packet.data
         let n = packet.count
         guard n >= 20 else { return 0 }
@@ -76,7 +78,8 @@ extension XFRMStack {
             guard n >= offset + 4 else { return 0 }
             return p.loadBE32(at: offset)
         }
-        guard let flow = Flow.parse(p, count: n, mark: 0) else { return 0 }
+        guard var flow = Flow.parse(p, count: n, mark: 0) else { return 0 }
+        flow.ifID = ifID  // the OUT policy of traffic routed into an XFRM interface has its if_id
         var h = Hasher()
         if let policy = self.policies.lookup(.outbound, flow), let t = policy.templates.first {
             let destination = t.mode == 1 ? (t.destination ?? flow.destination) : flow.destination

@@ -22,7 +22,7 @@ extension XFRMStack {
     /// and accounting under it, the route's MTU check after. A packet the transform refused (sequence overflow)
     /// ends the run with its drop counted as `apply` counts it.
     func outputRun(_ batch: inout PacketBatch, from start: Int, memo: borrowing OutputMemo, cpu: UInt32,
-                   forwarded: Bool, now: UInt64) -> Int {
+                   forwarded: Bool, ifID: UInt32 = 0, now: UInt64) -> Int {
         guard start < batch.count, memo.isSet else { return start }
         let generation = self.currentGeneration
         let tag = self.outputTag(cpu: cpu, forwarded: forwarded)
@@ -33,7 +33,7 @@ extension XFRMStack {
             }
             // The usual flow's packets are recognized by their raw bytes (`RawFlowKey`) and header checksum, which
             // is what `Flow.parse` and `matches` would find in them; others are parsed.
-            let raw = memo.rawKey(tag: tag, generation: generation)
+            let raw = memo.rawKey(tag: tag, generation: generation, ifID: ifID)
             return batch.packets.withUnsafeMutableBufferPointer { packets -> Int in
                 // Which of the next packets the bundle serves, before the lock.
                 var end = start
@@ -42,7 +42,7 @@ extension XFRMStack {
                     guard case .pending = packets[end].verdict, packets[end].stage == stage else { break }
                     let buffer = packets[end].buffer
                     guard end == start || bytes + buffer.count <= Self.runByteLimit,
-                        Self.isMemoFlow(buffer, raw: raw, memo: memo, tag: tag, generation: generation)
+                        Self.isMemoFlow(buffer, raw: raw, memo: memo, tag: tag, generation: generation, ifID: ifID)
                     else { break }
                     if let limit = b.limit, buffer.count > limit { break }  // ICMP or a drop: the per-packet path
                     bytes += buffer.count
@@ -75,21 +75,25 @@ extension XFRMStack {
         }
     }
 
-    /// Whether an output packet (mark 0, if_id 0) belongs to the memo's flow: its header verifies and its flow is
-    /// the memo's — by the raw key when the memo has one (equal keys mean equal flows, `RawFlowKeyTests`), else
-    /// parsed.
+    /// Whether an output packet (mark 0, the batch's `ifID`) belongs to the memo's flow: its header verifies and its
+    /// flow is the memo's — by the raw key when the memo has one (equal keys mean equal flows, `RawFlowKeyTests`;
+    /// the key holds no if_id, which is one per batch), else parsed.
     @inline(__always)
     static func isMemoFlow(_ buffer: PacketBuffer, raw: RawFlowKey?, memo: borrowing OutputMemo, tag: UInt,
-                           generation: UInt64) -> Bool {
+                           generation: UInt64, ifID: UInt32 = 0) -> Bool {
         let p = buffer.data
         let n = buffer.count
         if let raw, RawFlowKey(p, count: n, mark: 0, ifindex: 0) == raw {
             let ok = IPv4Header.checksumIsValid(p, headerLength: HeaderSize.ipv4Minimum)
-            assert(ok == (Flow.parse(p, count: n, mark: 0).map { memo.matches($0, tag: tag, generation: generation) }
-                          == true), "a raw flow key disagrees with the parsed flow")
+            assert(ok == (Flow.parse(p, count: n, mark: 0).map { f in
+                var f = f
+                f.ifID = ifID
+                return memo.matches(f, tag: tag, generation: generation)
+            } == true), "a raw flow key disagrees with the parsed flow")
             return ok
         }
-        guard let flow = Flow.parse(p, count: n, mark: 0) else { return false }
+        guard var flow = Flow.parse(p, count: n, mark: 0) else { return false }
+        flow.ifID = ifID
         return memo.matches(flow, tag: tag, generation: generation)
     }
 

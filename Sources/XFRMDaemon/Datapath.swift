@@ -54,6 +54,10 @@ public final class Datapath: @unchecked Sendable {
     public let tunName: String
     public let counters = DatapathCounters()
     public let workerCount: Int
+    /// The XFRM interface the TUN stands for (`--if-id`; 0: an ordinary interface): packets read from it are looked up
+    /// with this if_id, so only policies (and so SAs) with it protect them, as for traffic routed into
+    /// `ip link add ... type xfrm if_id N` (≈ xfrmi_xmit).
+    public let ifID: UInt32
     /// The TUN device was opened with IFF_VNET_HDR and TSO/CSUM offloads.
     public private(set) var tunOffload: Bool
     /// The TUN also took USO4/USO6 (UDP superpackets both ways; kernel 6.2 and later).
@@ -94,11 +98,12 @@ public final class Datapath: @unchecked Sendable {
     /// that finds the interface holding its outer address can name it in XFRMA_OFFLOAD_DEV; default: the TUN's.
     public init(stack: XFRMStack, tunName: String, udpPort: UInt16, rawESP: Bool, workers: Int, mark: UInt32,
                 offload: DaemonOffload?, offloadDevice: String? = nil, tunOffload: Bool, ikePort: UInt16? = nil,
-                shareUDPPort: Bool = false, outerMTU: Int = 1500, logger: Logger) throws(SocketError)
+                shareUDPPort: Bool = false, outerMTU: Int = 1500, ifID: UInt32 = 0, logger: Logger) throws(SocketError)
     {
         self.stack = stack
         self.logger = logger
         self.workerCount = max(1, workers)
+        self.ifID = ifID
         // The daemon's CPUs are its workers: `pcpu-num` may name any of them (≈ num_possible_cpus()).
         let cpus = stack.possibleCPUs.load(ordering: .relaxed)
         stack.possibleCPUs.store(max(cpus, UInt32(self.workerCount)), ordering: .relaxed)
@@ -197,8 +202,10 @@ public final class Datapath: @unchecked Sendable {
         }
         let tunSink = TUNSink(fd: self.tunFD, pool: self.pool, counters: self.counters, offload: self.tunOffload,
                               uso: self.tunUSO)
-        return Dispatcher(stack: self.stack, pool: self.pool, rules: .daemon, counters: engine, interfaces: sinks,
-                          local: tunSink, ike: self.ikeRelay.map { IKESink($0, pool: self.pool) })
+        let d = Dispatcher(stack: self.stack, pool: self.pool, rules: .daemon, counters: engine, interfaces: sinks,
+                           local: tunSink, ike: self.ikeRelay.map { IKESink($0, pool: self.pool) })
+        d.ifID = self.ifID
+        return d
     }
 
     private func makeWorkers() {
@@ -210,7 +217,7 @@ public final class Datapath: @unchecked Sendable {
         // Workers: the configured ones when the intakes hand off; one for the NIC's host side otherwise.
         if self.workerCount > 2 || self.nic != nil {
             self.workers = WorkerPool(workers: self.workerCount > 2 ? self.workerCount : 1, stack: self.stack,
-                                      pool: self.pool, counters: engine) { _ in self.makeDispatcher() }
+                                      pool: self.pool, counters: engine, ifID: self.ifID) { _ in self.makeDispatcher() }
         }
         if let nic = self.nic, let workers = self.workers {
             // The device's wire is the sockets; what it hands to the host goes to the workers.

@@ -48,6 +48,9 @@ public final class Dispatcher {
     /// The CPU this dispatcher's thread stands for (its worker index; 0 for an intake thread running its batches to
     /// completion): the output path picks per-CPU SAs by it (RFC 9611).
     public var cpu: UInt32 = 0
+    /// The XFRM interface id the host's outbound packets were routed into (xfrmd `--if-id`; 0: none): only policies
+    /// with it protect them.
+    public var ifID: UInt32 = 0
     @exclusivity(unchecked) private var spare = PacketBatch(capacity: Dispatcher.maximumBatch)
     /// The second and later fragments of the packet being cut (`fragment`): room for a 4 KB buffer's packet at the
     /// smallest IPv4 MTU (68: 48 payload bytes each), or a 64 KB one at 576 (a packet needing more is dropped and
@@ -129,7 +132,7 @@ public final class Dispatcher {
     public static let maximumBatch = 2 * EngineConstants.batchSize
 
     private func runOnce(_ batch: inout PacketBatch) {
-        self.stack.process(&batch, cpu: self.cpu)
+        self.stack.process(&batch, cpu: self.cpu, ifID: self.ifID)
         let table = self.interfaces.snapshot
         for i in 0..<batch.count { self.route(batch[i], table) }
         batch.removeAll()

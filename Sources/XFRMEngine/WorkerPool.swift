@@ -22,13 +22,17 @@ public final class WorkerPool: @unchecked Sendable {
     private lazy var defaultStaging = Staging(workers: self.count)
     /// Called by each worker between batches (and at least every 100 ms when idle), e.g. to run timers.
     private let idle: (@Sendable (_ worker: Int) -> Void)?
+    /// The XFRM interface id outbound packets were routed into (0: none): the workers' output path and the affinity
+    /// of outbound packets look up policies with it.
+    public let ifID: UInt32
 
     /// - Parameter makeDispatcher: builds worker `i`'s dispatcher (each with its own sinks' buffers).
     public init(workers: Int, stack: XFRMStack, pool: PacketPool, counters: EngineCounters,
                 ringCapacity: Int = EngineConstants.ringCapacity, idle: (@Sendable (Int) -> Void)? = nil,
-                makeDispatcher: (Int) -> Dispatcher) {
+                ifID: UInt32 = 0, makeDispatcher: (Int) -> Dispatcher) {
         precondition(workers > 0)
         self.count = workers
+        self.ifID = ifID
         self.stack = stack
         self.pool = pool
         self.counters = counters
@@ -38,6 +42,7 @@ public final class WorkerPool: @unchecked Sendable {
         self.dispatchers = (0..<workers).map { i in
             let d = makeDispatcher(i)
             d.cpu = UInt32(i)
+            d.ifID = ifID
             return d
         }
     }
@@ -106,7 +111,7 @@ public final class WorkerPool: @unchecked Sendable {
     func affinity(of packet: PacketBatch.Packet) -> UInt32 {
         let handle = packet.metadata?.handle ?? 0
         return handle != 0 ? UInt32(truncatingIfNeeded: handle ^ handle >> 32)
-            : self.stack.affinity(of: packet.buffer, stage: packet.stage)
+            : self.stack.affinity(of: packet.buffer, stage: packet.stage, ifID: self.ifID)
     }
 
     /// Spreads SPIs and hashes over the workers (SPIs are often sequential).

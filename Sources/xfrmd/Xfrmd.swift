@@ -55,6 +55,13 @@ struct Xfrmd: ParsableCommand {
     @Option(help: "Worker threads of the data path (default: one per core).")
     var workers: Int? = nil
 
+    @Option(name: .customLong("if-id"), help: ArgumentHelp(
+        "Make the TUN an XFRM interface with this if_id (as `ip link add ... type xfrm if_id N`): what is routed into it "
+            + "is protected only by policies and SAs with that if_id (route-based VPNs, strongSwan's if_id_in/if_id_out); "
+            + "0: an ordinary interface.",
+        valueName: "ID"))
+    var ifID: UInt32 = 0
+
     @Option(help: ArgumentHelp(
         "The mark (SO_MARK) on the daemon's outer sockets, for a routing rule that keeps its ESP out of the TUN; 0: none.",
         valueName: "MARK"))
@@ -159,7 +166,8 @@ struct Xfrmd: ParsableCommand {
                                     workers: self.workers ?? max(1, cores), mark: self.markValue ?? 0,
                                     offload: self.offload.flatMap(DaemonOffload.init(rawValue:)),
                                     offloadDevice: self.offloadDev, tunOffload: !self.noTunOffload, ikePort: self.ikePort,
-                                    shareUDPPort: self.shareNATTPort, outerMTU: self.outerMTU, logger: logger)
+                                    shareUDPPort: self.shareNATTPort, outerMTU: self.outerMTU, ifID: self.ifID,
+                                    logger: logger)
             if let address = self.metrics {
                 metricsServer = try MetricsServer(address: address, stack: stack, datapath: datapath, logger: logger)
             }
@@ -178,7 +186,7 @@ struct Xfrmd: ParsableCommand {
                                             "workers": "\(datapath.workerCount)", "mark": "\(self.mark)",
                                             "offload": "\(self.offload ?? "none")",
                                             "outer": "\(datapath.outerName)", "crypto": "\(backend.name)",
-                                            "tun-offload": "\(datapath.tunOffload)"])
+                                            "tun-offload": "\(datapath.tunOffload)", "if-id": "\(self.ifID)"])
         let served = control.run { stopRequested.load(ordering: .relaxed) || datapath.failed.load(ordering: .relaxed) }
         metricsServer?.stop()
         routes?.stop()

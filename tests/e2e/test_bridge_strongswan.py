@@ -163,6 +163,23 @@ def test_charon_through_the_bridge_programs_xfrmd_and_traffic_flows(tmp_path, pr
             assert "\tdir " not in kernel and kernel.count("\tsocket ") >= 2, (side, kernel)
 
 
+def test_charon_route_based_child_sa_with_if_id_through_xfrmd_as_an_xfrm_interface(tmp_path):
+    """A route-based CHILD_SA (if_id_in = if_id_out = 42, as strongSwan sets up for an XFRM interface): charon
+    installs its SAs and policies with if_id 42 over XFRM netlink (XFRMA_IF_ID); `xfrmd --if-id 42` makes the TUN
+    that interface, so what is routed into it meets those policies, and the decapsulated traffic passes the IN
+    policy of its SA's if_id. Ping and TCP both ways, only ESP on the wire."""
+    with bridged_peers(tmp_path, "aes128gcm16", False, child_settings=("if_id_in = 42", "if_id_out = 42"),
+                       daemon_args=("--if-id", "42")) as (pair, charons, diag):
+        charons["a"].swanctl("--initiate", "--child", "net", "--timeout", "20", diag=diag)
+        for side in "ab":
+            states, policies = pair.xfrm(side, "state list"), pair.xfrm(side, "policy list")
+            assert states.count("if_id 0x2a") == 2, (side, states)
+            # in, out and fwd for each family's selectors
+            assert policies.count("if_id 0x2a") == 6, (side, policies)
+        check_tunnel(pair, tmp_path, natt=False, outer6=False, inner6=False, size=10 * 1000 * 1000, gso=False,
+                     sas=tshark_sas(pair.xfrm("b", "state list")))
+
+
 def test_charon_trap_policies_negotiate_on_the_first_packet_through_xfrmd(tmp_path):
     """start_action = trap: each charon installs only its CHILD_SA's policies into its xfrmd (the OUT one a template
     without an SA). a's first packet to b meets the trap: xfrmd sends XFRM_MSG_ACQUIRE through the bridge, charon

@@ -1,0 +1,93 @@
+"""xfrmd --if-id: the TUN as an XFRM interface (`ip link add ... type xfrm if_id N`), for route-based VPNs such as
+strongSwan's if_id_in/if_id_out. What is routed into it is looked up with its if_id (≈ xfrmi_xmit's
+xfrm_lookup_with_ifid), so only policies and SAs with that if_id protect it; catch-all selectors (0.0.0.0/0, ::/0)
+then protect exactly what the routes send into the TUN. Traffic with no policy of its if_id is dropped and counted
+(`tun_no_policy`), never sent in clear."""
+
+import subprocess
+import time
+
+import pytest
+
+from daemonlib import K1, K2, Pair, WIRE_FILTER, run, transfer
+
+A, B = "192.0.2.1", "192.0.2.2"
+
+
+def configure(pair, sa_if_id: int, policy_if_id: int):
+    """Two GCM SAs with `sa_if_id` and catch-all tunnel policies (IPv4 and IPv6) with `policy_if_id` on both sides."""
+    for side in "ab":
+        pair.xfrm(side, f"state add src {A} dst {B} proto esp spi 0x1001 reqid 1 mode tunnel "
+                        f"aead rfc4106(gcm(aes)) {K1} 128 replay-window 128 if_id {sa_if_id}")
+        pair.xfrm(side, f"state add src {B} dst {A} proto esp spi 0x2002 reqid 2 mode tunnel "
+                        f"aead rfc4106(gcm(aes)) {K2} 128 replay-window 128 if_id {sa_if_id}")
+    ab = f"tmpl src {A} dst {B} proto esp reqid 1 mode tunnel"
+    ba = f"tmpl src {B} dst {A} proto esp reqid 2 mode tunnel"
+    for any_ in ("0.0.0.0/0", "::/0"):
+        sel = f"src {any_} dst {any_}"
+        pair.xfrm("a", f"policy add {sel} dir out if_id {policy_if_id} {ab}")
+        pair.xfrm("a", f"policy add {sel} dir in if_id {policy_if_id} {ba}")
+        pair.xfrm("b", f"policy add {sel} dir out if_id {policy_if_id} {ba}")
+        pair.xfrm("b", f"policy add {sel} dir in if_id {policy_if_id} {ab}")
+
+
+def ping(pair, side, src, dst, count=3):
+    return pair.exec(side, "busybox", "ping6" if ":" in dst else "ping", "-c", str(count), "-W", "2", "-I", src, dst,
+                     check=False)
+
+
+def no_policy(pair, side) -> float:
+    return pair.metrics(side).get('xfrmd_datapath_packets_total{event="tun_no_policy"}', 0.0)
+
+
+def test_route_based_tunnel_with_catch_all_policies_of_the_tuns_if_id(tmp_path):
+    pair = Pair(tmp_path, daemon_args=["--if-id", "42"])
+    try:
+        configure(pair, 42, 42)
+        assert "if_id 0x2a" in pair.xfrm("a", "state list") and "if_id 0x2a" in pair.xfrm("a", "policy list")
+        # What the host sent into the TUN before the policies existed (IPv6 router solicitations, MLD) was dropped.
+        dropped_before = {side: no_policy(pair, side) for side in "ab"}
+        capture = tmp_path / "veth.pcap"
+        dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "-ni", pair.dev["b"], "-w",
+                                 str(capture), WIRE_FILTER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        for side, src, dst in [("a", "10.0.1.1", "10.0.2.1"), ("b", "10.0.2.1", "10.0.1.1"),
+                               ("a", "2001:db8:1::1", "2001:db8:2::1")]:
+            r = ping(pair, side, src, dst)
+            assert r.returncode == 0, (side, dst, r.stdout, r.stderr)
+        transfer(pair, "a", "10.0.1.1", "10.0.2.1", size=4 * 1024 * 1024)
+        transfer(pair, "b", "10.0.2.1", "10.0.1.1", size=1024 * 1024)
+        time.sleep(0.5)
+        dump.send_signal(2)
+        dump.communicate(timeout=10)
+        listing = run("tcpdump", "-nr", str(capture)).stdout.splitlines()
+        assert listing and all(": ESP(spi=0x0000" in l for l in listing), [l for l in listing if "ESP(" not in l][:5]
+        for side in "ab":
+            stats = pair.xfrm(side, "-s state list")
+            assert stats.count(" replay 0 failed 0") == 2 and " 0(packets)" not in stats, stats
+            assert no_policy(pair, side) == dropped_before[side], "nothing routed into the TUN went unprotected"
+    finally:
+        pair.close()
+
+
+@pytest.mark.parametrize("daemon_if_id,policy_if_id", [(42, 7), (0, 42)],
+                         ids=["policies-of-another-if-id", "tun-without-if-id"])
+def test_traffic_into_the_tun_matches_only_policies_of_its_if_id(tmp_path, daemon_if_id, policy_if_id):
+    """The same SAs and catch-all policies, but of another if_id than the TUN's (or the TUN is no XFRM interface):
+    nothing protects what is routed into it, so every packet is dropped as tun_no_policy and none reaches the wire."""
+    pair = Pair(tmp_path, daemon_args=["--if-id", str(daemon_if_id)])
+    try:
+        configure(pair, policy_if_id, policy_if_id)
+        capture = tmp_path / "veth.pcap"
+        dump = subprocess.Popen(["ip", "netns", "exec", pair.ns["b"], "tcpdump", "-ni", pair.dev["b"], "-w",
+                                 str(capture), WIRE_FILTER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        time.sleep(1.0)
+        r = ping(pair, "a", "10.0.1.1", "10.0.2.1", count=4)
+        assert r.returncode != 0 and "4 packets transmitted, 0 packets received" in r.stdout, (r.stdout, r.stderr)
+        time.sleep(0.3)
+        dump.send_signal(2)
+        dump.communicate(timeout=10)
+        assert no_policy(pair, "a") >= 4
+        assert run("tcpdump", "-nr", str(capture)).stdout.strip() == ""
+    finally:
+        pair.close()

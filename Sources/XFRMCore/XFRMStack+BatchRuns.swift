@@ -160,7 +160,8 @@ extension XFRMStack {
                         let counted = tunnel ? carried : n - info.transportOffset
                         // The memo's flow again, as the finish below would find first (`rawMemoVerdict`): its
                         // verdict now, while the packet is in the cache. Its key says it is not ESP again.
-                        if let known, n >= HeaderSize.ipv4Minimum + HeaderSize.udp, sa.ifID == known.ifID,
+                        if let known, n >= HeaderSize.ipv4Minimum + HeaderSize.udp,
+                            self.inputIfID(sa.ifID) == known.ifID,
                             RawFlowKey(packets[j].buffer.data, count: n, mark: 0, ifindex: packets[j].ifindex)
                                 == known.raw
                         {
@@ -187,7 +188,7 @@ extension XFRMStack {
                     // `inputLayers` would find before its policy check — whose first step, the memo's raw verdict,
                     // comes first here.
                     let opened = j < start + taken - 1
-                    if opened, let r = self.rawMemoVerdict(&packets[j].buffer, tag: tag, ifID: sa.ifID,
+                    if opened, let r = self.rawMemoVerdict(&packets[j].buffer, tag: tag, ifID: self.inputIfID(sa.ifID),
                                                            ifindex: ifindex, mark: 0, memo: memo) {
                         packets[j].verdict = .input(r, decapsulated: true)
                         continue

@@ -335,7 +335,8 @@ extension XFRMStack {
         // A flow that came through one SA and was allowed before, in this configuration generation, is allowed
         // again without the lookups below (the verdict depends only on the flow, the SA and the configuration);
         // the usual packet is recognized by its raw bytes, without parsing its flow.
-        if cacheTag != 0, let r = self.rawMemoVerdict(&packet, tag: cacheTag, ifID: secpath.with(0) { $0.ifID },
+        if cacheTag != 0, let r = self.rawMemoVerdict(&packet, tag: cacheTag,
+                                                      ifID: self.inputIfID(secpath.with(0) { $0.ifID }),
                                                       ifindex: ifindex, mark: mark, memo: memo) {
             return r
         }
@@ -348,8 +349,9 @@ extension XFRMStack {
             return .dropped(.inHdrError)
         }
         // The traffic's if_id is the innermost SA's (≈ xfrmi_decode_session finding the XFRM interface by
-        // x->if_id); packets that came through no SA, or through SAs without an if_id, have if_id 0.
-        if secpath.count > 0 { flow.ifID = secpath.with(secpath.count - 1) { $0.ifID } }
+        // x->if_id; on a host whose interfaces are known, only when one has it); packets that came through no SA,
+        // or through SAs without an if_id, have if_id 0.
+        if secpath.count > 0 { flow.ifID = self.inputIfID(secpath.with(secpath.count - 1) { $0.ifID }) }
         let generation = memo.generation
         if cacheTag != 0, let m = memo.verdict, m.tag == cacheTag, m.flow.sameFlow(flow) {
             return m.decision.local ? .deliver : self.forwardPrepare(&packet)

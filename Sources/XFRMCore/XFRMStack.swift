@@ -98,6 +98,27 @@ public final class XFRMStack: @unchecked Sendable {
     public let strictOffloadPriority = Atomic<Bool>(false)
     /// The UDP port on which input looks for ESP-in-UDP (RFC 3948; the daemon's `--udp-port`).
     public let nattPort = Atomic<UInt16>(4500)
+    /// The host's XFRM interfaces, when the stack stands for a real host's (xfrmd): bit 32 set, the low half the one
+    /// interface's if_id (0: none). Unset (the simulated hosts and `xfrm --offline`), decapsulated traffic simply
+    /// takes its SA's if_id into the IN policy check.
+    private let xfrmInterfaceState = Atomic<UInt64>(0)
+
+    /// Says which XFRM interface the host has (`xfrmd --if-id`; 0: none): from now on decapsulated traffic is
+    /// checked with its SA's if_id only when that interface has it, else with 0, as the kernel's xfrmi_rcv_cb takes a
+    /// packet into an XFRM interface only when one has the SA's if_id (otherwise it stays on the underlying device,
+    /// whose policy check uses if_id 0).
+    public func setXFRMInterface(ifID: UInt32) {
+        self.xfrmInterfaceState.store(1 << 32 | UInt64(ifID), ordering: .relaxed)
+        self.configurationChanged()
+    }
+
+    /// The if_id decapsulated traffic of an SA with `saIfID` is checked with (see `setXFRMInterface`).
+    @inline(__always)
+    func inputIfID(_ saIfID: UInt32) -> UInt32 {
+        let s = self.xfrmInterfaceState.load(ordering: .relaxed)
+        guard s >> 32 != 0 else { return saIfID }
+        return saIfID == UInt32(truncatingIfNeeded: s) ? saIfID : 0
+    }
     /// How many CPUs per-CPU SAs may name (≈ num_possible_cpus(): `pcpu-num` must be below it). The machine's
     /// processor count by default; xfrmd raises it to its worker count, since its CPUs are its workers.
     public let possibleCPUs = Atomic<UInt32>(UInt32(clamping: ProcessInfo.processInfo.processorCount))

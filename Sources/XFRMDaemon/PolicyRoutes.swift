@@ -21,10 +21,13 @@ import XFRMWire
 /// would also carry the tunnel's own ESP and IKE), a transport-mode policy's destination (the peer itself), and any
 /// prefix holding a tunnel endpoint of any policy or SA; each is logged. Routes are not re-checked against the
 /// kernel between policy changes (one the kernel dropped, e.g. with the TUN going down, comes back at the next change).
-/// Routes this daemon added are removed when their last policy goes and when it stops.
+/// Routes this daemon added are removed when their last policy goes and when it stops. Only policies of the TUN's
+/// if_id (`--if-id`; 0 for an ordinary TUN) count: a route into the TUN for another if_id's traffic would only get
+/// it dropped there (`tun_no_policy`).
 public final class PolicyRoutes: @unchecked Sendable {
     private let stack: XFRMStack
     private let ifindex: Int32
+    private let ifID: UInt32
     private let logger: Logger
     private let events: EventBus.Subscription
     private let fd: Int32
@@ -38,7 +41,7 @@ public final class PolicyRoutes: @unchecked Sendable {
         let prefix: IPPrefix
     }
 
-    public init(stack: XFRMStack, tunName: String, logger: Logger) throws(SocketError) {
+    public init(stack: XFRMStack, tunName: String, ifID: UInt32 = 0, logger: Logger) throws(SocketError) {
         let index = Int32(bitPattern: if_nametoindex(tunName))
         guard index > 0 else { throw SocketError("--route-policies: no device \(tunName)", errno: ENODEV) }
         let fd = socket(AF_NETLINK, Int32(SOCK_RAW.rawValue) | Int32(SOCK_CLOEXEC.rawValue), netlinkRoute)
@@ -47,6 +50,7 @@ public final class PolicyRoutes: @unchecked Sendable {
         _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         self.stack = stack
         self.ifindex = index
+        self.ifID = ifID
         self.logger = logger
         self.fd = fd
         self.events = stack.events.subscribe(capacity: 1024, acquire: false)
@@ -113,7 +117,9 @@ public final class PolicyRoutes: @unchecked Sendable {
             endpoints += [sa.id.destination, sa.config.source]
         }
         var out: Set<Route> = []
-        for p in policies where p.direction == .outbound && p.action == .allow && !p.templates.isEmpty {
+        for p in policies where p.direction == .outbound && p.action == .allow && !p.templates.isEmpty
+            && p.ifID == self.ifID
+        {
             guard p.selector.family == 4 || p.selector.family == 6 else { continue }
             let dst = Self.network(p.selector.destination)
             let route = Route(prefix: dst)

@@ -171,7 +171,9 @@ struct Xfrmd: ParsableCommand {
             if let address = self.metrics {
                 metricsServer = try MetricsServer(address: address, stack: stack, datapath: datapath, logger: logger)
             }
-            if self.routePolicies { routes = try PolicyRoutes(stack: stack, tunName: datapath.tunName, logger: logger) }
+            if self.routePolicies {
+                routes = try PolicyRoutes(stack: stack, tunName: datapath.tunName, ifID: self.ifID, logger: logger)
+            }
             control = try ControlSocketServer(path: self.socket, stack: stack,
                                               packetOffloadPromotion: self.offloadPromote ? datapath.nic?.ifindex : nil,
                                               logger: logger)

@@ -70,6 +70,20 @@ struct XFRMInterfaceTests {
         }
     }
 
+    @Test("on a host whose XFRM interfaces are known (xfrmd), decapsulated traffic keeps its SA's if_id only when an interface has it: else it is checked with 0 and its if_id-42 IN policy does not apply (XfrmInNoPols)")
+    func inputIfIDOnlyWithTheInterface() throws {
+        for (interface, delivered) in [(UInt32(42), true), (7, false), (0, false)] {
+            let h = try Self.hosts()
+            h.b.setXFRMInterface(ifID: interface)
+            let out = Self.run(h, ifID: 42)
+            for (_, wire) in out.prefix(3) {
+                let (r, _) = h.receive(wire)
+                #expect(r == (delivered ? .deliver : .dropped(.inNoPols)), "B's interface if_id \(interface)")
+            }
+            #expect(h.b.statistics[.inNoPols] == (delivered ? 0 : 3))
+        }
+    }
+
     @Test("a worker's affinity for outbound packets uses the if_id's OUT policy (its template's SA), not the packet's destination")
     func affinityUsesTheIfIDPolicy() throws {
         let h = try Self.hosts()

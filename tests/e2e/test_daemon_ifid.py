@@ -40,8 +40,10 @@ def no_policy(pair, side) -> float:
     return pair.metrics(side).get('xfrmd_datapath_packets_total{event="tun_no_policy"}', 0.0)
 
 
-def test_route_based_tunnel_with_catch_all_policies_of_the_tuns_if_id(tmp_path):
-    pair = Pair(tmp_path, daemon_args=["--if-id", "42"])
+@pytest.mark.parametrize("workers", [None, 4], ids=["intakes", "4-workers"])
+def test_route_based_tunnel_with_catch_all_policies_of_the_tuns_if_id(tmp_path, workers):
+    """With the intakes running their batches, and with four workers fed by affinity (the if_id's OUT policy)."""
+    pair = Pair(tmp_path, daemon_args=["--if-id", "42"] + (["--workers", str(workers)] if workers else []))
     try:
         configure(pair, 42, 42)
         assert "if_id 0x2a" in pair.xfrm("a", "state list") and "if_id 0x2a" in pair.xfrm("a", "policy list")
@@ -89,5 +91,41 @@ def test_traffic_into_the_tun_matches_only_policies_of_its_if_id(tmp_path, daemo
         dump.communicate(timeout=10)
         assert no_policy(pair, "a") >= 4
         assert run("tcpdump", "-nr", str(capture)).stdout.strip() == ""
+    finally:
+        pair.close()
+
+
+def test_an_sa_of_an_if_id_the_tun_does_not_have_delivers_nothing_into_it(tmp_path):
+    """B's TUN is if_id 7, but the tunnel's SAs and policies are if_id 42: A protects and sends (its TUN is 42), B
+    decrypts, but as no interface of B has if_id 42 the packets are checked with if_id 0 (≈ xfrmi_rcv_cb leaving
+    them on the underlying device), meet no IN policy and are dropped as XfrmInNoPols; none reaches B's host."""
+    pair = Pair(tmp_path, side_args={"a": ["--if-id", "42"], "b": ["--if-id", "7"]})
+    try:
+        configure(pair, 42, 42)
+        r = ping(pair, "a", "10.0.1.1", "10.0.2.1", count=4)
+        assert r.returncode != 0 and "0 packets received" in r.stdout, (r.stdout, r.stderr)
+        m = pair.metrics("b")
+        assert m['xfrm_stat_total{counter="XfrmInNoPols"}'] >= 4, m
+        assert m['xfrmd_datapath_packets_total{event="tun_written"}'] == 0, m
+    finally:
+        pair.close()
+
+
+def test_route_policies_routes_only_the_tuns_if_id(tmp_path):
+    """--route-policies with --if-id 42: an OUT policy of if_id 42 gets its route into the TUN, one of if_id 7 (or
+    none) does not — its traffic could only be dropped there."""
+    pair = Pair(tmp_path, daemon_args=["--if-id", "42", "--route-policies"], routes=False)
+    try:
+        tmpl = f"tmpl src {A} dst {B} proto esp reqid 1 mode tunnel"
+        pair.xfrm("a", f"policy add src 10.0.1.0/24 dst 10.0.42.0/24 dir out if_id 42 {tmpl}")
+        pair.xfrm("a", f"policy add src 10.0.1.0/24 dst 10.0.7.0/24 dir out if_id 7 {tmpl}")
+        pair.xfrm("a", f"policy add src 10.0.1.0/24 dst 10.0.99.0/24 dir out {tmpl}")
+        deadline = time.time() + 10
+        while "10.0.42.0/24" not in (routes := pair.ip("a", "-4", "route", "show", "dev", "xfrm0").stdout):
+            assert time.time() < deadline, routes
+            time.sleep(0.1)
+        time.sleep(0.5)  # the other two policies came right after: their routes would be there by now
+        routes = pair.ip("a", "-4", "route", "show", "dev", "xfrm0").stdout
+        assert "10.0.7.0/24" not in routes and "10.0.99.0/24" not in routes, routes
     finally:
         pair.close()

@@ -84,7 +84,7 @@ struct OutputMemo {
     /// with that key (and a header checksum that verifies) `matches` the memo: nil when the memo is empty, of another
     /// tag or generation, or its flow has no raw key or another mark or if_id.
     @inline(__always)
-    func rawKey(tag: UInt, generation: UInt64, ifID: UInt32 = 0) -> RawFlowKey? {
+    func rawKey(tag: UInt, generation: UInt64, ifID: UInt32) -> RawFlowKey? {
         guard self.bundle.unmanaged != nil, self.generation == generation, self.tag == tag, self.flow.ifID == ifID,
             self.flow.mark == 0, self.flow.ifindex == 0
         else { return nil }

@@ -22,7 +22,7 @@ extension XFRMStack {
     /// and accounting under it, the route's MTU check after. A packet the transform refused (sequence overflow)
     /// ends the run with its drop counted as `apply` counts it.
     func outputRun(_ batch: inout PacketBatch, from start: Int, memo: borrowing OutputMemo, cpu: UInt32,
-                   forwarded: Bool, ifID: UInt32 = 0, now: UInt64) -> Int {
+                   forwarded: Bool, ifID: UInt32, now: UInt64) -> Int {
         guard start < batch.count, memo.isSet else { return start }
         let generation = self.currentGeneration
         let tag = self.outputTag(cpu: cpu, forwarded: forwarded)
@@ -80,7 +80,7 @@ extension XFRMStack {
     /// the key holds no if_id, which is one per batch), else parsed.
     @inline(__always)
     static func isMemoFlow(_ buffer: PacketBuffer, raw: RawFlowKey?, memo: borrowing OutputMemo, tag: UInt,
-                           generation: UInt64, ifID: UInt32 = 0) -> Bool {
+                           generation: UInt64, ifID: UInt32) -> Bool {
         let p = buffer.data
         let n = buffer.count
         if let raw, RawFlowKey(p, count: n, mark: 0, ifindex: 0) == raw {

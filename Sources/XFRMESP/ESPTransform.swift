@@ -259,8 +259,11 @@ public final class ESPTransform: @unchecked Sendable {
         // TFC padding: only a tunnel's inner packet says its own length (the kernel refuses tfcpad elsewhere). It
         // never costs the packet: what the buffer cannot hold after ESP's own trailer is left out (the kernel would
         // grow the skb instead).
-        let tfcRoom = packet.tailroom - (self.blockSize - 1 + 2 + self.icvLength)
-        let tfcLength = self.isTunnel && tfcPadTo > payloadLength ? max(0, min(tfcPadTo - payloadLength, tfcRoom)) : 0
+        var tfcLength = 0
+        if self.isTunnel && tfcPadTo > payloadLength {
+            let room = packet.tailroom - (self.blockSize - 1 + 2 + self.icvLength)
+            tfcLength = max(0, min(tfcPadTo - payloadLength, room))
+        }
         let padLength = (self.blockSize - (payloadLength + tfcLength + 2) % self.blockSize) % self.blockSize
         let cryptLength = payloadLength + tfcLength + padLength + 2
         let espHeader = 8 + self.ivLength

@@ -14,14 +14,20 @@
 # Prints a table, one JSON line per row: {"system": ..., "streams": N, "gbps": X, "cpu_ns_per_packet": C (the
 # tunnel processes' CPU per 1,400-byte packet; null for the veth)}, and issue 9's single-stream ratios
 # (xfrmd-natt against strongSwan, the better wireguard-go and the veth).
+# Then ROUNDS (default 3) interleaved rounds of the single-stream rows the ratios compare — veth, xfrmd-natt,
+# wireguard-go-1p, strongswan-libipsec, all four tunnels up at once (xfrmd on UDP 4501, the charons on 4500) — so
+# the machine's drift (it is shared) falls on every system alike: one JSON line per measurement with "round": R,
+# each round's ratios, and their medians.
 #
 #   scripts/bench-tunnel.sh [SECONDS]        (as root; builds xfrm and xfrmd in release mode first)
+#   ROUNDS=5 scripts/bench-tunnel.sh 5       (more interleaved rounds; ROUNDS=0: none)
 #   XFRMD_ARGS="--crypto openssl" scripts/bench-tunnel.sh   (extra xfrmd options)
 #   scripts/bench-tunnel.sh --modes [SECONDS]   (IPsec modes between two daemons: see scripts/bench-modes.sh)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 [ "${1:-}" = --modes ] && { shift; exec scripts/bench-modes.sh "$@"; }
 SECS=${1:-5}
+ROUNDS=${ROUNDS:-3}
 case " ${XFRMD_ARGS:-} " in *" --workers"*) echo "bench-tunnel: XFRMD_ARGS must not set --workers (the rows do)" >&2; exit 2;; esac
 for t in iperf3 wireguard-go wg swanctl /usr/lib/ipsec/charon; do
   command -v $t >/dev/null || { echo "bench-tunnel: $t is missing (apt-get install iperf3 wireguard-go" \
@@ -119,8 +125,8 @@ start_xfrmd() {
   pkill -f "xfrmd --socket $WORK" 2>/dev/null || true
   for _ in $(seq 100); do pgrep -f "xfrmd --socket $WORK" >/dev/null || break; sleep 0.05; done
   rm -f "$WORK/a.sock" "$WORK/b.sock"
-  ip netns exec "$A" "$BIN/xfrmd" --socket "$WORK/a.sock" --workers "$workers" ${XFRMD_ARGS:-} >"$WORK/a.log" 2>&1 &
-  ip netns exec "$B" "$BIN/xfrmd" --socket "$WORK/b.sock" --workers "$workers" ${XFRMD_ARGS:-} >"$WORK/b.log" 2>&1 &
+  ip netns exec "$A" "$BIN/xfrmd" --socket "$WORK/a.sock" --workers "$workers" --udp-port 4501 ${XFRMD_ARGS:-} >"$WORK/a.log" 2>&1 &
+  ip netns exec "$B" "$BIN/xfrmd" --socket "$WORK/b.sock" --workers "$workers" --udp-port 4501 ${XFRMD_ARGS:-} >"$WORK/b.log" 2>&1 &
   for s in a b; do
     for _ in $(seq 400); do [ -S "$WORK/$s.sock" ] && break; sleep 0.05; done
     [ -S "$WORK/$s.sock" ] || { echo "bench-tunnel: xfrmd $s did not start:" >&2; cat "$WORK/$s.log" >&2; exit 1; }
@@ -131,6 +137,10 @@ start_xfrmd() {
   ip -n "$B" link set xfrm0 mtu 1400
   ip -n "$A" route add 10.0.2.0/24 dev xfrm0 src 10.0.1.1
   ip -n "$B" route add 10.0.1.0/24 dev xfrm0 src 10.0.2.1
+  xfrmd_policies
+}
+# The tunnel's four policies in both daemons.
+xfrmd_policies() {
   "$BIN/xfrm" -S "$WORK/a.sock" policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out $AB
   "$BIN/xfrm" -S "$WORK/a.sock" policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir in $BA
   "$BIN/xfrm" -S "$WORK/b.sock" policy add src 10.0.2.0/24 dst 10.0.1.0/24 dir out $BA
@@ -164,7 +174,7 @@ K1=0x0102030405060708090a0b0c0d0e0f1011121314
 K2=0x1112131415161718191a1b1c1d1e1f2021222324
 AB="tmpl src 192.0.2.1 dst 192.0.2.2 proto esp reqid 1 mode tunnel"
 BA="tmpl src 192.0.2.2 dst 192.0.2.1 proto esp reqid 2 mode tunnel"
-NATT="encap espinudp 4500 4500 0.0.0.0"
+NATT="encap espinudp 4501 4501 0.0.0.0"  # xfrmd --udp-port 4501: the charons have 4500
 # Each daemon with two threads, the default on this 2-core machine (a TUN intake and a wire intake), over NAT-T.
 TUNNEL_PATTERN="xfrmd --socket $WORK"
 start_xfrmd 2
@@ -173,10 +183,6 @@ tunnel_rows xfrmd-natt-2w
 # One thread each (--workers 1): the two daemons are two hosts sharing this machine's two cores, one core each; one
 # thread per daemon also saves the wake-ups between its two intakes (the ACKs run in the same loop as the data).
 start_xfrmd 1
-xfrmd_sas
-tunnel_rows xfrmd
-xfrmd_sas $NATT
-tunnel_rows xfrmd-natt
 
 # charon+xfrmd: the same daemons, now keyed by a charon each (kernel-netlink) through xfrm-bridge: IKEv2 installs
 # the CHILD_SA (AES-GCM-128) and its policies into xfrmd, which carries the traffic (raw ESP: no NAT, IKE on 500).
@@ -191,10 +197,17 @@ TUNNEL_PATTERN="xfrmd --socket $WORK|/usr/lib/ipsec/charon"
 tunnel_rows charon+xfrmd
 kill $CHARONS 2>/dev/null || true
 sleep 0.5
+for s in "$WORK/a.sock" "$WORK/b.sock"; do "$BIN/xfrm" -S "$s" state flush; "$BIN/xfrm" -S "$s" policy flush; done
+xfrmd_policies
+
+TUNNEL_PATTERN="xfrmd --socket $WORK"
+xfrmd_sas
+tunnel_rows xfrmd
+xfrmd_sas $NATT
+tunnel_rows xfrmd-natt
+XFRMD_PIDS=$TUNNEL_PIDS  # the NAT-T pair stays up for the rounds
 
 # wireguard-go: two instances need different interface names (their UAPI sockets share /var/run/wireguard).
-pkill -f "xfrmd --socket $WORK" 2>/dev/null || true
-sleep 0.3
 umask 077
 wg genkey >"$WORK/ka"; wg pubkey <"$WORK/ka" >"$WORK/pa"
 wg genkey >"$WORK/kb"; wg pubkey <"$WORK/kb" >"$WORK/pb"
@@ -226,14 +239,24 @@ tunnel_rows wireguard-go 10.0.3.1 10.0.4.1
 # The same one core per side as xfrmd's --workers 1.
 start_wg 1
 tunnel_rows wireguard-go-1p 10.0.3.1 10.0.4.1
+WG_PIDS=$TUNNEL_PIDS  # stays up for the rounds
 
 # strongSwan: a charon per namespace, each with its own /run; inner addresses on lo; the CHILD_SA comes up by IKE.
-pkill -f "wireguard-go -f wg${TAG}" 2>/dev/null || true
 ip -n "$A" addr add 198.51.100.1/32 dev lo
 ip -n "$B" addr add 203.0.113.1/32 dev lo
 start_charons ss 198.51.100.1/32 203.0.113.1/32 kernel-libipsec "" "" ""
 TUNNEL_PATTERN="/usr/lib/ipsec/charon"
 tunnel_rows strongswan-libipsec 198.51.100.1 203.0.113.1
+SWAN_PIDS=$TUNNEL_PIDS
+
+# The interleaved rounds: every tunnel is up, idle but for the one measured.
+RROWS=()
+for round in $(seq "$ROUNDS"); do
+  TUNNEL_PIDS=""; RROWS+=("veth $round $(measure 192.0.2.1 192.0.2.2 1)")
+  TUNNEL_PIDS=$XFRMD_PIDS; RROWS+=("xfrmd-natt $round $(measure 10.0.1.1 10.0.2.1 1)")
+  TUNNEL_PIDS=$WG_PIDS; RROWS+=("wireguard-go-1p $round $(measure 10.0.3.1 10.0.4.1 1)")
+  TUNNEL_PIDS=$SWAN_PIDS; RROWS+=("strongswan-libipsec $round $(measure 198.51.100.1 203.0.113.1 1)")
+done
 
 veth1=$(printf '%s\n' "${ROWS[@]}" | awk '$1 == "veth" && $2 == 1 {print $3}')
 printf '%-20s %8s %8s %10s %18s\n' system streams Gbit/s "x veth(1)" "tunnel CPU ns/pkt"
@@ -257,3 +280,32 @@ printf '%s\n' "${ROWS[@]}" | awk '$2 == 1 { g[$1] = $3; c[$1] = $4 }
           g["xfrmd-natt"] / g["strongswan-libipsec"], g["xfrmd-natt"] / wg, g["xfrmd-natt"] / g["veth"]
         printf "CPU per packet, 1 stream: strongswan-libipsec %.1fx xfrmd-natt, %s %.1fx\n",
           c["strongswan-libipsec"] / c["xfrmd-natt"], best, c[best] / c["xfrmd-natt"] }'
+# The interleaved rounds: each measurement as a JSON line, each round's ratios (paired in time), and their medians (the
+# target figures: a slow moment of the shared machine in one round moves one round, not the result).
+[ "$ROUNDS" -gt 0 ] || exit 0
+for r in "${RROWS[@]}"; do
+  set -- $r
+  printf '{"system": "%s", "streams": 1, "round": %s, "gbps": %s, "cpu_ns_per_packet": %s}\n' "$1" "$2" "$3" \
+    "$([ "$4" = - ] && echo null || echo "$4")"
+done
+printf '%s\n' "${RROWS[@]}" | python3 -c '
+import statistics, sys
+g, c = {}, {}
+for line in sys.stdin:
+    system, rnd, gbps, cpu = line.split()
+    g.setdefault(system, {})[int(rnd)] = float(gbps)
+    if cpu != "-": c.setdefault(system, {})[int(rnd)] = float(cpu)
+x, s, w, v = "xfrmd-natt", "strongswan-libipsec", "wireguard-go-1p", "veth"
+names = ["x strongswan-libipsec (target 10)", "x wireguard-go-1p (target 5)", "of the veth (target 0.25)",
+         "CPU per packet: strongswan-libipsec x", "wireguard-go-1p x"]
+ratios = []
+for r in sorted(g[x]):
+    if min(g[s][r], g[w][r], g[v][r], c[x][r]) <= 0:
+        print("round %d: a row made 0 Gbit/s: no ratios" % r); continue
+    ratios.append((g[x][r] / g[s][r], g[x][r] / g[w][r], g[x][r] / g[v][r], c[s][r] / c[x][r], c[w][r] / c[x][r]))
+    print("round %d: xfrmd-natt %.3f Gbit/s: " % (r, g[x][r]) + ", ".join("%s %.3f" % (n, q) for n, q in zip(names, ratios[-1])))
+if ratios:
+    print("median of %d rounds, 1 stream: xfrmd-natt " % len(ratios) +
+          ", ".join("%s %.3f" % (n, statistics.median(q[i] for q in ratios)) for i, n in enumerate(names)))
+    print("{\"rounds\": %d, \"x_strongswan\": %.3f, \"x_wireguard_go_1p\": %.3f, \"of_veth\": %.3f, \"cpu_x_strongswan\": %.3f, \"cpu_x_wireguard_go_1p\": %.3f}"
+          % ((len(ratios),) + tuple(statistics.median(q[i] for q in ratios) for i in range(5))))'

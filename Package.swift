@@ -113,7 +113,7 @@ let package = Package(
                 "XFRMSimHost", "XFRMSimulatedNIC", "XFRMBenchmarks", "XFRMEngine",
             ]
         ),
-        .target(name: "XFRMTestKit", dependencies: ["XFRMPacket", "XFRMCore"]),
+        .target(name: "XFRMTestKit", dependencies: ["XFRMPacket", "XFRMESP", "XFRMCore"]),
         .testTarget(
             name: "XFRMControlTests",
             dependencies: ["XFRMControl", "XFRMCore", "XFRMWire", "XFRMCommandLine", "XFRMPacket", "XFRMTestKit"]),

@@ -110,8 +110,9 @@ extension SecurityAssociation {
         /// Opened and verified, and the run ends after it: what came out may be ESP again (a nested layer may go
         /// through this SA, which must see it before the next outer packet).
         case openedLast(countedBytes: Int)
-        /// Refused by the transform (replay, ICV, a malformed trailer): counted in the SA's stats.
-        case refused(DropReason)
+        /// Refused by the transform (replay, ICV, a malformed trailer, a bad inner packet): counted in the SA's stats;
+        /// curlft counts `countedBytes` when the reason comes after accounting (`DropReason.afterAccounting`).
+        case refused(DropReason, countedBytes: Int)
     }
 
     /// `useForInput` for a run of received packets through the SA in one acquisition of its lock (the batch path,
@@ -128,7 +129,9 @@ extension SecurityAssociation {
                 switch step(k) {
                 case .stop: return k
                 case .opened(let bytes): m.account(bytes: bytes, now: now)
-                case .refused(let reason): m.countDrop(reason)
+                case .refused(let reason, let bytes):
+                    m.countDrop(reason)
+                    if reason.afterAccounting { m.account(bytes: bytes, now: now) }
                 case .openedLast(let bytes):
                     m.account(bytes: bytes, now: now)
                     if m.current.useTime == 0 { m.current.useTime = now }
@@ -162,7 +165,8 @@ extension SecurityAssociation {
     /// ≈ xfrm_input's locked section for ESP: the device binding and state checks, `screen` (the encapsulation
     /// and replay checks) before the lifetime check as the kernel orders them, then `transform` (replay recheck,
     /// ICV, decryption, window advance), which returns its drop reason and the bytes curlft counts when it
-    /// succeeded. `screen` runs only when a lifetime limit is due, the one case where the order shows.
+    /// succeeded (or failed only in its inner packet, `DropReason.afterAccounting`). `screen` runs only when a
+    /// lifetime limit is due, the one case where the order shows.
     @inline(__always)
     func useForInput(now: UInt64, metadata: OffloadMetadata?, cryptoDone: Bool, screen: () -> DropReason?,
                      _ transform: () -> (DropReason?, countedBytes: Int)) -> InputUse {
@@ -193,11 +197,8 @@ extension SecurityAssociation {
             let before = trackHigh ? self.transform?.replayTop ?? 0 : 0
             let (reason, bytes) = transform()
             let highMoved = trackHigh && (self.transform?.replayTop ?? 0) >> 32 != before >> 32
-            if let reason {
-                m.countDrop(reason)
-            } else {
-                m.account(bytes: bytes, now: now)
-            }
+            if let reason { m.countDrop(reason) }
+            if reason == nil || reason?.afterAccounting == true { m.account(bytes: bytes, now: now) }
             return .used(reason, softExpired: check == .softExpired, highMoved: highMoved, offload: bound)
         }
     }

@@ -19,8 +19,8 @@ public final class StateDatabase: @unchecked Sendable {
         /// a shift of 100,000 entries), and the holes are squeezed out when they are half the array.
         var all: [(generation: UInt64, sa: SecurityAssociation?)] = []
         var holes = 0
-        /// Linked SAs that may be larval acquire entries (no crypto, SPI 0): `add` looks for one to replace only
-        /// when there is any, instead of scanning every SA on every add.
+        /// Linked SAs that may be larval acquire entries (no crypto; an SPI only if ALLOCSPI gave one): `add` looks
+        /// for one to replace only when there is any, instead of scanning every SA on every add.
         var maybeLarval = 0
         var generation: UInt64 = 0
         /// Output resolution's index (≈ state_bydst).
@@ -29,7 +29,13 @@ public final class StateDatabase: @unchecked Sendable {
         var count: Int { self.all.count - self.holes }
         var live: [SecurityAssociation] { self.all.compactMap(\.sa) }
 
-        static func mayBeLarval(_ sa: SecurityAssociation) -> Bool { sa.id.spi == 0 && sa.config.crypto == nil }
+        static func mayBeLarval(_ sa: SecurityAssociation) -> Bool { sa.config.crypto == nil }
+
+        /// The newest linked SA `match` takes (the kernel's lists are newest first).
+        func newest(_ match: (SecurityAssociation) -> Bool) -> SecurityAssociation? {
+            for e in self.all.reversed() { if let x = e.sa, match(x) { return x } }
+            return nil
+        }
 
         @inline(__always)
         static func spiKey(_ spi: UInt32, _ proto: UInt8) -> UInt64 { UInt64(spi) &<< 8 | UInt64(proto) }
@@ -159,20 +165,26 @@ public final class StateDatabase: @unchecked Sendable {
         }
     }
 
+    /// The larval SA `add` replaces (≈ xfrm_state_add, Linux 6.13+): with a key-manager sequence number, the newest
+    /// ACQUIRE-state SA of that number, mark and CPU (__xfrm_find_acq_byseq: whether or not ALLOCSPI gave it an SPI
+    /// already), kept only when it is for the same protocol and destination; else the newest one without an SPI for
+    /// the same mode, reqid, protocol, mark, CPU and addresses (__find_acq_core).
     private static func findLarval(_ t: inout Tables, for sa: SecurityAssociation) -> SecurityAssociation? {
         if t.maybeLarval == 0 { return nil }
         let c = sa.config
-        return t.live.first { x in
-            guard x.state == .acquiring, x.id.spi == 0 else { return false }
-            // ≈ xfrm_state_add's __xfrm_find_acq_byseq: the ACQUIRE's sequence number only counts when the
-            // protocol and destination agree too.
-            if c.kmSequence != 0 && x.config.kmSequence == c.kmSequence && x.id.proto == c.id.proto
-                && x.id.destination == c.id.destination && x.config.pcpuNum == c.pcpuNum { return true }
-            // ≈ __find_acq_core (Linux 6.13): the larval SA of a per-CPU acquire is replaced only by an SA for that
-            // CPU.
-            return x.config.reqid == c.reqid && x.config.mode == c.mode && x.id.proto == c.id.proto
+        let markValue = c.mark.value & c.mark.mask
+        if c.kmSequence != 0,
+            let x = t.newest({ x in
+                x.state == .acquiring && x.config.kmSequence == c.kmSequence && x.config.mark.matches(markValue)
+                    && x.config.pcpuNum == c.pcpuNum
+            }), x.id.proto == c.id.proto && x.id.destination == c.id.destination
+        {
+            return x
+        }
+        return t.newest { x in
+            x.state == .acquiring && x.id.spi == 0 && x.config.reqid == c.reqid && x.config.mode == c.mode
+                && x.id.proto == c.id.proto && x.config.mark.matches(markValue) && x.config.pcpuNum == c.pcpuNum
                 && x.id.destination == c.id.destination && x.config.source == c.source
-                && x.config.pcpuNum == c.pcpuNum
         }
     }
 
@@ -283,20 +295,16 @@ public final class StateDatabase: @unchecked Sendable {
         return try self.tables.withLock { t throws(StateDatabaseError) -> (SecurityAssociation, SecurityAssociation?) in
             let c = fresh.config
             let markValue = c.mark.value & c.mark.mask
-            /// The newest linked SA `match` takes (the kernel's lists are newest first).
-            func newest(_ match: (SecurityAssociation) -> Bool) -> SecurityAssociation? {
-                for e in t.all.reversed() { if let x = e.sa, match(x) { return x } }
-                return nil
-            }
             var target: SecurityAssociation? = nil
             if seq != 0 {
-                target = newest { x in
+                target = t.newest { x in
                     x.config.kmSequence == seq && x.config.mark.matches(markValue) && x.state == .acquiring
+                        && x.config.pcpuNum == c.pcpuNum  // Linux 6.13+: the CPU too
                 }
                 if let x = target, x.id.destination != c.id.destination { target = nil }
             }
             if target == nil {
-                target = newest { x in
+                target = t.newest { x in
                     x.state == .acquiring && x.id.spi == 0 && x.config.reqid == c.reqid && x.config.mode == c.mode
                         && x.id.proto == c.id.proto && x.config.mark.matches(markValue)
                         && x.config.pcpuNum == c.pcpuNum && x.config.ifID == c.ifID

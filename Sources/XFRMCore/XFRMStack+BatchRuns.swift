@@ -153,7 +153,7 @@ extension XFRMStack {
                             self.statistics.count(reason)
                             packets[j].verdict = .input(.dropped(reason == .tfcDummy ? nil : XfrmStatCounter(reason)),
                                                         decapsulated: false)
-                            return .refused(reason)
+                            return .refused(reason, countedBytes: carried)
                         }
                         // What ESP delivered, as `inputLayer` counts it.
                         let n = packets[j].buffer.count

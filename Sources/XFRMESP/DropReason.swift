@@ -62,6 +62,11 @@ public enum DropReason: UInt8, CaseIterable, Sendable {
         }
     }
 
+    /// Refused after the SA took the packet in: ESP verified it and the window moved, then its inner packet failed
+    /// (≈ xfrm_inner_mode_input, which runs after xfrm_input adds skb->len to curlft). The SA's lifetime counts it.
+    @inline(__always)
+    public var afterAccounting: Bool { self == .badNextHeader || self == .badInnerPacket }
+
     /// The camelCase name, as printed by the tools.
     public var name: String { String(describing: self) }
 }

@@ -169,6 +169,37 @@ struct LifetimeTests {
         #expect(h.a.states.lookup(got.id) == nil, "deleted from the input table too")
     }
 
+    @Test("add with an ACQUIRE's sequence number replaces its larval SA even after ALLOCSPI gave it an SPI, only for the same destination and CPU")
+    func addReplacesLarvalBySequence() throws {
+        let h = try TwoHosts()
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 42)
+        let ab = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
+        try h.a.addPolicy(Policy(selector: ab, direction: .outbound, templates: [t]), update: false)
+        #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
+        let acquired = try #require(h.a.states.list().first { $0.config.reqid == 42 })
+        let seq = acquired.config.kmSequence
+        #expect(seq != 0 && acquired.id.spi == 0)
+        let c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, reqid: 42, on: h.a).config
+        let larval = try h.a.allocateSPI(c, seq: seq, min: 0x4000, max: 0x4000)
+        #expect(larval.id.spi == 0x4000 && larval.state == .acquiring)
+        /// A full SA for `spi`, reqid 7 (so only the sequence number can name the larval SA), with `seq`.
+        func full(_ spi: UInt32, to: String = "192.0.2.2", pcpu: UInt32? = nil) throws -> SecurityAssociation {
+            var config = try h.sa(from: "192.0.2.1", to: to, spi: spi, reqid: 7, on: h.a).config
+            config.kmSequence = seq
+            config.pcpuNum = pcpu
+            return try h.a.makeSA(config)
+        }
+        // Another destination or another CPU: the larval SA stays (≈ __xfrm_find_acq_byseq, Linux 6.13+).
+        try h.a.addState(full(0x5001, to: "192.0.2.9"))
+        try h.a.addState(full(0x5002, pcpu: 1))
+        #expect(h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x4000)) === larval)
+        // Its own: the larval SA with its SPI goes, whatever its reqid.
+        try h.a.addState(full(0x5000))
+        #expect(h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x4000)) == nil)
+        #expect(!h.a.states.list().contains { $0.state == .acquiring })
+        #expect(h.a.states.lookup(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x5000))?.state == .valid)
+    }
+
     @Test("a slow subscriber loses events (counted) and never blocks publishing")
     func slowSubscriber() {
         let bus = EventBus()

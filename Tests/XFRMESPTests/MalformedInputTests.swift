@@ -91,45 +91,32 @@ struct MalformedInputTests {
         #expect(buffers.with(w) { rx.decapsulate(&$0) }.0 == .dropped(.badCipherLength))
     }
 
-    /// Seals a hand-made ESP payload (with whatever trailer the test wants) under `tx`'s key.
-    func sealed(_ tx: ESPTransform, seq: UInt32, plaintext: [UInt8]) -> [UInt8] {
-        let iv = tx.cipher.ivLength
-        let icv = tx.cipher.icvLength
-        var esp: [UInt8] = [0, 0, 0x10, 0, UInt8(seq >> 24), UInt8(seq >> 16 & 0xff), UInt8(seq >> 8 & 0xff),
-                            UInt8(seq & 0xff)]
-        esp += [UInt8](repeating: 7, count: iv) + plaintext + [UInt8](repeating: 0, count: icv)
-        esp.withUnsafeMutableBytes { p in
-            _ = tx.cipher.seal(esp: p.baseAddress!, cryptLength: plaintext.count, esnHigh: nil)
-        }
-        return PacketFactory.ipv4(source: "192.0.2.1", destination: "192.0.2.2", proto: 50, payload: esp)
-    }
-
     @Test("padding bytes other than 1, 2, 3, ... are badPadding and do not move the window")
     func badPadding() throws {
         let (tx, rx) = try pair()
         let inner = PacketFactory.ipv4(payload: [1, 2, 3, 4, 5, 6])  // 26 bytes
-        let pkt = sealed(tx, seq: 5, plaintext: inner + [1, 9, 2, 4])  // pad 1, 9 (wrong), pad length 2, nh 4
+        let pkt = tx.handSealed(seq: 5, plaintext: inner + [1, 9, 2, 4])  // pad 1, 9 (wrong), pad length 2, nh 4
         #expect(buffers.with(pkt) { rx.decapsulate(&$0) }.0 == .dropped(.badPadding))
         #expect(rx.replay.top == 0)
-        let good = sealed(tx, seq: 5, plaintext: inner + [1, 2, 2, 4])
+        let good = tx.handSealed(seq: 5, plaintext: inner + [1, 2, 2, 4])
         #expect(buffers.with(good) { rx.decapsulate(&$0) }.0 == .delivered)
     }
 
     @Test("a pad length beyond the payload is badPadding")
     func padTooLong() throws {
         let (tx, rx) = try pair()
-        let pkt = sealed(tx, seq: 1, plaintext: [1, 2, 200, 4])
+        let pkt = tx.handSealed(seq: 1, plaintext: [1, 2, 200, 4])
         #expect(buffers.with(pkt) { rx.decapsulate(&$0) }.0 == .dropped(.badPadding))
     }
 
     @Test("tunnel mode with a next header other than IPv4/IPv6 is badNextHeader; a bogus inner packet is badInnerPacket")
     func nextHeader() throws {
         let (tx, rx) = try pair()
-        let pkt = sealed(tx, seq: 1, plaintext: [1, 2, 3, 4, 5, 6, 0, 17])
+        let pkt = tx.handSealed(seq: 1, plaintext: [1, 2, 3, 4, 5, 6, 0, 17])
         #expect(buffers.with(pkt) { rx.decapsulate(&$0) }.0 == .dropped(.badNextHeader))
-        let junk = sealed(tx, seq: 2, plaintext: [0x45, 2, 3, 4, 5, 6, 0, 4])
+        let junk = tx.handSealed(seq: 2, plaintext: [0x45, 2, 3, 4, 5, 6, 0, 4])
         #expect(buffers.with(junk) { rx.decapsulate(&$0) }.0 == .dropped(.badInnerPacket))
-        let v6 = sealed(tx, seq: 3, plaintext: [0x45, 2, 3, 4, 5, 6, 0, 41])
+        let v6 = tx.handSealed(seq: 3, plaintext: [0x45, 2, 3, 4, 5, 6, 0, 41])
         #expect(buffers.with(v6) { rx.decapsulate(&$0) }.0 == .dropped(.badInnerPacket))
     }
 

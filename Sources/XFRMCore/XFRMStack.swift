@@ -98,6 +98,12 @@ public final class XFRMStack: @unchecked Sendable {
     public let strictOffloadPriority = Atomic<Bool>(false)
     /// The UDP port on which input looks for ESP-in-UDP (RFC 3948; the daemon's `--udp-port`).
     public let nattPort = Atomic<UInt16>(4500)
+    /// ICMP errors come from the address the quoted packet was for, not from one of this host's (xfrmd: they go back
+    /// in through the TUN, where the kernel drops a packet whose source is one of its own addresses or loopback as
+    /// a martian — ip_route_input_slow's martian_source, ip6_rcv_core — so a PMTU error from the host's own address
+    /// never reached the sender). They read as coming from the first hop of the path the packet could not take; the
+    /// kernel's reverse-path check passes, since that destination is routed into the TUN.
+    public let icmpErrorsFromDestination = Atomic<Bool>(false)
     /// The host's XFRM interfaces, when the stack stands for a real host's (xfrmd): bit 32 set, the low half the one
     /// interface's if_id (0: none). Unset (the simulated hosts and `xfrm --offline`), decapsulated traffic simply
     /// takes its SA's if_id into the IN policy check.

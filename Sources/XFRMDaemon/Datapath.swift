@@ -106,6 +106,8 @@ public final class Datapath: @unchecked Sendable {
         self.ifID = ifID
         // The host's XFRM interfaces are the TUN's if_id alone: an SA of another if_id delivers as no interface's.
         stack.setXFRMInterface(ifID: ifID)
+        // Every ICMP error goes into the TUN, whose kernel refuses its own addresses as a source.
+        stack.icmpErrorsFromDestination.store(true, ordering: .relaxed)
         // The daemon's CPUs are its workers: `pcpu-num` may name any of them (≈ num_possible_cpus()).
         let cpus = stack.possibleCPUs.load(ordering: .relaxed)
         stack.possibleCPUs.store(max(cpus, UInt32(self.workerCount)), ordering: .relaxed)

@@ -41,6 +41,7 @@ public final class DatapathCounters: Sendable {
     public var snapshot: [String: UInt64] {
         ["tun_read": self.tunRead.load(ordering: .relaxed), "tun_written": self.tunWritten.load(ordering: .relaxed),
          "tun_no_policy": self.engine.unprotected.load(ordering: .relaxed),
+         "tun_unreachable": self.engine.unreachable.load(ordering: .relaxed),
          "wire_sent": self.wireSent.load(ordering: .relaxed),
          "wire_received": self.wireReceived.load(ordering: .relaxed),
          "ike_dropped": self.engine.ike.load(ordering: .relaxed),

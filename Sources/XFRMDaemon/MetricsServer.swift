@@ -79,7 +79,7 @@ public final class MetricsServer: @unchecked Sendable {
                 help: "The kernel's /proc/net/xfrm_stat counters, as the daemon's stack counts them")
             self.statCounters.append((c, counter, 0))
         }
-        for name in ["tun_read", "tun_written", "tun_no_policy", "wire_sent", "wire_received", "ike_dropped",
+        for name in ["tun_read", "tun_written", "tun_no_policy", "tun_unreachable", "wire_sent", "wire_received", "ike_dropped",
                      "send_errors", "no_buffer", "not_esp", "truncated", "ring_full", "tun_bad",
                      "tun_superpackets", "tun_coalesced", "ike_relayed", "ike_replies", "ike_relay_errors",
                      "tun_udp_superpackets", "tun_udp_coalesced", "udp_gso_sends", "udp_gso_segments",

@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 import Synchronization
 import XFRMCore
 import XFRMPacket
@@ -18,17 +23,25 @@ public final class Dispatcher {
         /// IPv4 and IPv6 fragments from the wire are reassembled before the stack sees them (IPv4Reassembly); a
         /// daemon's sockets get whole datagrams, which the host's kernel put together.
         public var reassemble: Bool
+        /// With `protectedOnly`: output nothing protected is answered with ICMP "host unreachable" (ICMPv6 "address
+        /// unreachable") to its sender through the local sink, as an XFRM interface answers traffic it has no
+        /// policy for (xfrmi_xmit → dst_link_failure), at most `EngineConstants.icmpErrorsPerSecond` a second per
+        /// dispatcher after a burst of `icmpErrorBurst` (≈ icmp_msgs_per_sec, icmp_msgs_burst).
+        public var unreachableWhenUnprotected: Bool
 
-        public init(protectedOnly: Bool, forwardLocally: Bool, reassemble: Bool = false) {
+        public init(protectedOnly: Bool, forwardLocally: Bool, reassemble: Bool = false,
+                    unreachableWhenUnprotected: Bool = false) {
             self.protectedOnly = protectedOnly
             self.forwardLocally = forwardLocally
             self.reassemble = reassemble
+            self.unreachableWhenUnprotected = unreachableWhenUnprotected
         }
 
         /// The simulated hosts: the kernel's behaviour.
         public static let kernel = Rules(protectedOnly: false, forwardLocally: false, reassemble: true)
         /// A gateway daemon between a TUN and ESP sockets.
-        public static let daemon = Rules(protectedOnly: true, forwardLocally: true, reassemble: false)
+        public static let daemon = Rules(protectedOnly: true, forwardLocally: true, reassemble: false,
+                                         unreachableWhenUnprotected: true)
     }
 
     public let stack: XFRMStack
@@ -58,6 +71,10 @@ public final class Dispatcher {
     @exclusivity(unchecked) private var fragments = PacketBatch(capacity: 256)
     /// The identification given to a packet to be cut that had 0.
     private var identification = UInt16.random(in: 1...UInt16.max)
+    /// `rules.unreachableWhenUnprotected`'s rate limit: ICMP errors it may send now, and when it last refilled
+    /// (CLOCK_MONOTONIC_COARSE nanoseconds; read only when an error is due).
+    private var icmpTokens = EngineConstants.icmpErrorBurst
+    private var icmpRefilled: UInt64 = 0
     /// Fragments from the wire waiting for the rest of their datagram (`rules.reassemble`), else nil.
     public let reassembly: IPv4Reassembly?
 
@@ -144,18 +161,10 @@ public final class Dispatcher {
         let buffer = packet.buffer
         switch packet.verdict {
         case .output(.transmit(let ifindex), let transformed):
-            if self.rules.protectedOnly && !transformed {
-                self.counters.unprotected.wrappingAdd(1, ordering: .relaxed)
-                self.pool.release(buffer)
-                return
-            }
+            if self.rules.protectedOnly && !transformed { return self.unprotected(buffer) }
             self.toInterface(ifindex, PacketBatch.Packet(buffer, stage: packet.stage), table)
         case .output(.fragment(let ifindex, let mtu), let transformed):
-            if self.rules.protectedOnly && !transformed {
-                self.counters.unprotected.wrappingAdd(1, ordering: .relaxed)
-                self.pool.release(buffer)
-                return
-            }
+            if self.rules.protectedOnly && !transformed { return self.unprotected(buffer) }
             self.fragment(buffer, mtu: mtu, ifindex: ifindex, stage: packet.stage, table)
         case .output(.offload(let ifindex, let meta), _):
             // Packet offload (plaintext the device protects or drops) or crypto offload (ESP the device seals).
@@ -288,6 +297,38 @@ public final class Dispatcher {
     }
 
     @inline(__always)
+    /// Output nothing protected (`rules.protectedOnly`): counted and dropped; with `unreachableWhenUnprotected`,
+    /// answered with ICMP unreachable to its sender when the rate limit allows and an error may answer it.
+    private func unprotected(_ buffer: PacketBuffer) {
+        self.counters.unprotected.wrappingAdd(1, ordering: .relaxed)
+        var buffer = buffer
+        if self.rules.unreachableWhenUnprotected && self.icmpAllowed() && self.stack.makeUnreachable(&buffer) {
+            self.icmpTokens -= 1
+            self.counters.unreachable.wrappingAdd(1, ordering: .relaxed)
+            self.enqueue(PacketBatch.Packet(buffer, stage: .input), to: self.local)
+            return
+        }
+        self.pool.release(buffer)
+    }
+
+    /// Whether the ICMP error rate limit has a token (≈ icmp_global_allow): refilled at `icmpErrorsPerSecond`, up
+    /// to `icmpErrorBurst`.
+    private func icmpAllowed() -> Bool {
+        if self.icmpTokens > 0 { return true }
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
+        let now = UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+        if self.icmpRefilled == 0 {  // the first burst is spent: tokens accrue from now
+            self.icmpRefilled = now
+            return false
+        }
+        let earned = (now &- self.icmpRefilled) / (1_000_000_000 / UInt64(EngineConstants.icmpErrorsPerSecond))
+        guard earned > 0 else { return false }
+        self.icmpTokens = Int(min(earned, UInt64(EngineConstants.icmpErrorBurst)))
+        self.icmpRefilled = now
+        return true
+    }
+
     private func toLocal(_ buffer: PacketBuffer) {
         self.counters.delivered.wrappingAdd(1, ordering: .relaxed)
         self.counters.deliveredBytes.wrappingAdd(UInt64(buffer.count), ordering: .relaxed)

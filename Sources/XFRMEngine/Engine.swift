@@ -25,4 +25,8 @@ public enum EngineConstants {
     public static let batchSize = PacketBatch.defaultCapacity
     /// Packets a worker's ring holds before the intake drops (counted).
     public static let ringCapacity = 1024
+    /// ICMP unreachable errors a dispatcher sends for unprotected output, per second and in a burst (the kernel's
+    /// net.ipv4.icmp_msgs_per_sec and icmp_msgs_burst defaults).
+    public static let icmpErrorsPerSecond = 1000
+    public static let icmpErrorBurst = 50
 }

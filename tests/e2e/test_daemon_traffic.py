@@ -56,6 +56,69 @@ def test_a_packet_no_policy_protects_is_dropped_and_counted_never_sent_in_clear(
     assert int(counts["tun-no-policy"]) >= 4 and counts["wire-sent"] == "0", logs[0]
 
 
+PMTU_PROBE = """
+import errno, json, socket, time
+s = socket.socket(socket.AF_INET%(v6)s, socket.SOCK_DGRAM)
+s.bind(("%(me)s", 0))
+s.setsockopt(%(level)s, %(discover)d, %(do)d)  # IP(V6)_MTU_DISCOVER = PMTUDISC_DO: DF, and learn from PTB
+s.connect(("%(peer)s", 9))
+s.send(b"x" * %(size)d)
+time.sleep(0.5)
+try:
+    s.send(b"x" * %(size)d)
+    refused = 0
+except OSError as e:
+    refused = e.errno
+print(json.dumps({"refused": refused, "mtu": s.getsockopt(%(level)s, %(mtu)d)}))
+"""
+
+UNREACHABLE_PROBE = """
+import json, socket, time
+t = socket.socket(socket.AF_INET%(v6)s, socket.SOCK_STREAM)
+t.bind(("%(me)s", 0))
+t.settimeout(10)
+start = time.time()
+try:
+    t.connect(("%(far)s", 80))
+    err = 0
+except OSError as e:
+    err = e.errno
+print(json.dumps({"errno": err, "seconds": time.time() - start}))
+"""
+
+
+@pytest.mark.parametrize("inner6", [False, True], ids=["ipv4-inner", "ipv6-inner"])
+def test_the_daemons_icmp_errors_reach_the_local_sender_pmtu_and_unreachable(pair, inner6):
+    """Through the real kernel: a DF packet ESP would make too big for the veth gets "fragmentation needed" / "packet
+    too big" that the sender's kernel takes (the route learns the MTU, the next send is EMSGSIZE), and a connection
+    to an address routed into the TUN that no policy protects fails at once with EHOSTUNREACH, as through an XFRM
+    interface (dst_link_failure), instead of timing out. Both errors come from the address the packet was for: one
+    from the host's own address would be dropped as a martian coming in through the TUN."""
+    import errno
+    import json
+
+    pair.configure(natt=False)
+    pair.ip("a", "link", "set", "xfrm0", "mtu", "1500")  # so ESP, not the TUN, is what makes 1,488 bytes too big
+    # UDP payloads making 1,488-byte packets: within the TUN's 1,500, too big for the veth once in ESP.
+    fam = dict(v6="6", level="socket.IPPROTO_IPV6", discover=23, do=2, mtu=24, me="2001:db8:1::1",
+               peer="2001:db8:2::1", far="2001:db8:9::9", size=1440) if inner6 else \
+        dict(v6="", level="socket.IPPROTO_IP", discover=10, do=2, mtu=14, me="10.0.1.1", peer="10.0.2.1",
+             far="10.9.9.9", size=1460)
+    pair.ip("a", *(["-6"] if inner6 else []), "route", "add", fam["far"] + ("/128" if inner6 else "/32"), "dev",
+            "xfrm0", "src", fam["me"])
+    pmtu = json.loads(pair.exec("a", "python3", "-c", PMTU_PROBE % fam).stdout)
+    assert pmtu["refused"] == errno.EMSGSIZE, pmtu
+    assert 1280 <= pmtu["mtu"] < 1500 - 20 - 16 - 8, pmtu  # the tunnel's MTU: the veth's less ESP
+    before = pair.metrics("a")
+    far = json.loads(pair.exec("a", "python3", "-c", UNREACHABLE_PROBE % fam).stdout)
+    assert far["errno"] == errno.EHOSTUNREACH and far["seconds"] < 3, far
+    after = pair.metrics("a")
+    event = 'xfrmd_datapath_packets_total{event="%s"}'
+    assert after[event % "tun_unreachable"] > before.get(event % "tun_unreachable", 0), after
+    assert after[event % "tun_no_policy"] >= after[event % "tun_unreachable"]
+    assert after[event % "wire_sent"] == before[event % "wire_sent"], "nothing of it left in clear"
+
+
 def test_an_address_added_to_the_tun_is_local_for_the_very_next_packet(pair):
     """The daemon learns the host's addresses from the kernel's address events (RTMGRP_IPV4_IFADDR), not only from
     its once-a-second refresh: a packet to an address added a moment ago passes the IN policy check as local traffic.
@@ -236,10 +299,13 @@ def test_garbage_on_every_socket_is_counted_and_the_tunnel_keeps_working(pair):
     m = pair.metrics("a")
     grew = lambda k: m[k] - before.get(k, 0)
     assert grew('xfrmd_datapath_packets_total{event="wire_received"}') > 1000, m
-    # What reached A's inner side is exactly what came in on A's inbound SA: B's ICMP errors about the malformed
-    # packets A's TUN junk made it send (legitimately, inside the tunnel), none of the junk from the outside.
+    # What reached A's inner side is exactly what came in on A's inbound SA — B's ICMP errors about the malformed
+    # packets A's TUN junk made it send (legitimately, inside the tunnel) — and A's own ICMP unreachable answers to
+    # the junk no policy protects; none of the junk from the outside.
     inbound = next(k for k in m if k.startswith("xfrm_sa_packets{") and 'spi="0x2002"' in k)
-    assert grew('xfrmd_datapath_packets_total{event="tun_written"}') == grew(inbound), m
+    answered = grew('xfrmd_datapath_packets_total{event="tun_unreachable"}')
+    assert grew('xfrmd_datapath_packets_total{event="tun_written"}') == grew(inbound) + answered, m
+    assert answered <= grew('xfrmd_datapath_packets_total{event="tun_no_policy"}'), m
     assert grew('xfrmd_datapath_packets_total{event="ike_dropped"}') > 100, m
     drops = sum(v for k, v in m.items() if k.startswith("xfrm_stat_total{"))
     assert drops > 1000, "junk ESP was counted in xfrm_stat"

@@ -1,0 +1,130 @@
+import Testing
+import XFRMCore
+import XFRMEngine
+import XFRMPacket
+import XFRMTestKit
+
+/// The daemon's answer to output nothing protects (`Dispatcher.Rules.unreachableWhenUnprotected`): ICMP unreachable to
+/// the sender, as an XFRM interface answers traffic it has no policy for (xfrmi_xmit → dst_link_failure), never
+/// for what RFC 1122 §3.2.2 / RFC 4443 §2.4(e) forbid answering, and rate-limited.
+@Suite("Unprotected output is answered with ICMP unreachable")
+struct UnreachableTests {
+    /// A dispatcher with the daemon's rules on `stack` (errors from the destination, as xfrmd sets it), its local
+    /// sink and counters.
+    func daemon(_ p: EnginePair, _ stack: XFRMStack) -> (Dispatcher, RecordingSink, EngineCounters) {
+        stack.icmpErrorsFromDestination.store(true, ordering: .relaxed)
+        let counters = EngineCounters()
+        let local = RecordingSink(pool: p.pool)
+        let sinks = InterfaceSinks()
+        sinks.set(RecordingSink(pool: p.pool), ifindex: 2)
+        return (Dispatcher(stack: stack, pool: p.pool, rules: .daemon, counters: counters, interfaces: sinks,
+                           local: local), local, counters)
+    }
+
+    /// UDP from 10.0.1.1 (A's protected side) to `destination` with `size` bytes of payload.
+    func udp4(to destination: String = "10.9.9.9", size: Int = 100) -> [UInt8] {
+        PacketFactory.ipv4(source: "10.0.1.1", destination: destination, proto: 17,
+                           payload: PacketFactory.udp(payload: PacketFactory.pattern(size)))
+    }
+
+    func run(_ d: Dispatcher, _ p: EnginePair, _ packets: [[UInt8]]) {
+        var batch = PacketBatch()
+        for bytes in packets {
+            var buf = p.pool.allocate()!
+            let fits = buf.append(contentsOf: bytes)
+            #expect(fits)
+            batch.append(PacketBatch.Packet(buf, stage: .output))
+        }
+        d.run(&batch)
+    }
+
+    @Test("IPv4: host unreachable from the destination to the sender, quoting the header and 8 bytes; not for an ICMP error, a multicast or broadcast destination, a later fragment or a loopback source")
+    func ipv4() throws {
+        let p = try EnginePair(tunnels: 1)
+        let (d, local, counters) = self.daemon(p, p.a)
+        let udp = self.udp4()
+        let echo = PacketFactory.ipv4(source: "10.0.1.1", destination: "10.9.9.9", proto: 1,
+                                      payload: [8, 0, 0, 0, 0, 1, 0, 1])
+        var unanswerable = [
+            PacketFactory.ipv4(source: "10.0.1.1", destination: "10.9.9.9", proto: 1, payload: [3, 1, 0, 0, 0, 0, 0, 0]),
+            PacketFactory.ipv4(source: "10.0.1.1", destination: "224.0.0.5", proto: 17, payload: PacketFactory.udp(payload: [1])),
+            PacketFactory.ipv4(source: "10.0.1.1", destination: "255.255.255.255", proto: 17, payload: PacketFactory.udp(payload: [1])),
+            PacketFactory.ipv4(source: "127.0.0.1", destination: "10.9.9.9", proto: 17, payload: PacketFactory.udp(payload: [1])),
+        ]
+        var later = PacketFactory.ipv4(source: "10.0.1.1", destination: "10.9.9.9", proto: 17, dontFragment: false,
+                                       payload: PacketFactory.pattern(16))
+        later[7] = 2  // fragment offset 16 bytes
+        later[10] = 0
+        later[11] = 0
+        let sum = InternetChecksum.compute(Array(later[0..<20]))
+        later[10] = UInt8(sum >> 8)
+        later[11] = UInt8(sum & 0xff)
+        unanswerable.append(later)
+        self.run(d, p, [udp, echo] + unanswerable)
+        #expect(counters.unprotected.load(ordering: .relaxed) == 7)
+        #expect(counters.unreachable.load(ordering: .relaxed) == 2)
+        #expect(counters.delivered.load(ordering: .relaxed) == 0, "an error is not a delivery")
+        let got = local.packets.withLock { $0 }
+        #expect(got.count == 2)
+        for (error, original) in zip(got, [udp, echo]) {
+            #expect(error.count == 20 + 8 + 28)
+            #expect(error[9] == 1 && Array(error[12..<16]) == [10, 9, 9, 9] && Array(error[16..<20]) == [10, 0, 1, 1])
+            #expect(InternetChecksum.compute(Array(error[0..<20])) == 0, "IP header checksum")
+            #expect(error[20] == 3 && error[21] == 1, "type 3 code 1, host unreachable")
+            #expect(InternetChecksum.compute(Array(error[20...])) == 0, "ICMP checksum")
+            #expect(Array(error[28...]) == Array(original[0..<28]))
+        }
+        #expect(p.pool.available == p.pool.slotCount)
+    }
+
+    @Test("IPv6: address unreachable (type 1 code 3) from the destination with a valid checksum; not for an ICMPv6 error behind an extension header, nor a multicast destination")
+    func ipv6() throws {
+        let p = try EnginePair(tunnels: 1, outer6: true)
+        let (d, local, counters) = self.daemon(p, p.a)
+        let udp = PacketFactory.ipv6(source: "2001:db8:1::1", destination: "2001:db8:9::9",
+                                     payload: PacketFactory.udp(payload: PacketFactory.pattern(100)))
+        let hopByHop: [UInt8] = [58, 0, 1, 4, 0, 0, 0, 0]  // next header ICMPv6, PadN
+        let error = PacketFactory.ipv6(source: "2001:db8:1::1", destination: "2001:db8:9::9", nextHeader: 58,
+                                       extensionHeaders: hopByHop, firstNextHeader: 0, payload: [1, 3, 0, 0, 0, 0, 0, 0])
+        let group = PacketFactory.ipv6(source: "2001:db8:1::1", destination: "ff02::1",
+                                       payload: PacketFactory.udp(payload: [1]))
+        self.run(d, p, [udp, error, group])
+        #expect(counters.unprotected.load(ordering: .relaxed) == 3)
+        let got = local.packets.withLock { $0 }
+        #expect(got.count == 1)
+        let e = try #require(got.first)
+        #expect(e.count == 40 + 8 + udp.count && e[6] == 58)
+        #expect(Array(e[8..<24]) == IPAddress("2001:db8:9::9")!.bytes && Array(e[24..<40]) == IPAddress("2001:db8:1::1")!.bytes)
+        #expect(e[40] == 1 && e[41] == 3)
+        let length = e.count - 40
+        let pseudo = Array(e[8..<40]) + [0, 0, UInt8(length >> 8), UInt8(length & 0xff), 0, 0, 0, 58]
+        #expect(InternetChecksum.compute(pseudo + Array(e[40...])) == 0, "ICMPv6 checksum over the pseudo-header")
+        #expect(Array(e[48...]) == udp)
+    }
+
+    @Test("a burst of unprotected output gets at most 50 answers from one dispatcher (icmp_msgs_burst); every packet is still counted")
+    func rateLimited() throws {
+        let p = try EnginePair(tunnels: 1)
+        let (d, local, counters) = self.daemon(p, p.a)
+        let udp = self.udp4(size: 3)
+        let start = ContinuousClock.now
+        for _ in 0..<4 { self.run(d, p, Array(repeating: udp, count: 30)) }
+        // After the burst, one more a millisecond (icmp_msgs_per_sec 1000).
+        let ms = Int((ContinuousClock.now - start) / .milliseconds(1))
+        #expect(counters.unprotected.load(ordering: .relaxed) == 120)
+        let answered = Int(counters.unreachable.load(ordering: .relaxed))
+        #expect(local.count == answered && (50...51 + ms).contains(answered), "\(answered) in \(ms) ms")
+        #expect(p.pool.available == p.pool.slotCount)
+    }
+
+    @Test("the PMTU error of a daemon's stack comes from the destination too (the kernel drops its own address coming in through the TUN)")
+    func packetTooBigFromDestination() throws {
+        let p = try EnginePair(tunnels: 1)
+        let (d, local, _) = self.daemon(p, p.a)
+        self.run(d, p, [self.udp4(to: "10.1.1.1", size: 1460)])
+        let got = local.packets.withLock { $0 }
+        let e = try #require(got.first)
+        #expect(e[20] == 3 && e[21] == 4)
+        #expect(Array(e[12..<16]) == [10, 1, 1, 1] && Array(e[16..<20]) == [10, 0, 1, 1])
+    }
+}

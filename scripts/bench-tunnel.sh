@@ -249,13 +249,27 @@ TUNNEL_PATTERN="/usr/lib/ipsec/charon"
 tunnel_rows strongswan-libipsec 198.51.100.1 203.0.113.1
 SWAN_PIDS=$TUNNEL_PIDS
 
-# The interleaved rounds: every tunnel is up, idle but for the one measured.
+# The interleaved rounds: every tunnel is up, idle but for the one measured. The order turns by one each round, so
+# whatever measuring first or after another does to a system does not always fall on the same one. Each tunnel's
+# bytes must have crossed the veth (a figure near the bare veth would mean the tunnel was bypassed).
+RSYSTEMS=("veth 192.0.2.1 192.0.2.2" "xfrmd-natt 10.0.1.1 10.0.2.1" "wireguard-go-1p 10.0.3.1 10.0.4.1"
+          "strongswan-libipsec 198.51.100.1 203.0.113.1")
 RROWS=()
 for round in $(seq "$ROUNDS"); do
-  TUNNEL_PIDS=""; RROWS+=("veth $round $(measure 192.0.2.1 192.0.2.2 1)")
-  TUNNEL_PIDS=$XFRMD_PIDS; RROWS+=("xfrmd-natt $round $(measure 10.0.1.1 10.0.2.1 1)")
-  TUNNEL_PIDS=$WG_PIDS; RROWS+=("wireguard-go-1p $round $(measure 10.0.3.1 10.0.4.1 1)")
-  TUNNEL_PIDS=$SWAN_PIDS; RROWS+=("strongswan-libipsec $round $(measure 198.51.100.1 203.0.113.1 1)")
+  for k in 0 1 2 3; do
+    set -- ${RSYSTEMS[$(( (k + round - 1) % 4 ))]}
+    case $1 in
+      veth) TUNNEL_PIDS="";;
+      xfrmd-natt) TUNNEL_PIDS=$XFRMD_PIDS;;
+      wireguard-go-1p) TUNNEL_PIDS=$WG_PIDS;;
+      *) TUNNEL_PIDS=$SWAN_PIDS;;
+    esac
+    before=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+    RROWS+=("$1 $round $(measure "$2" "$3" 1)")
+    after=$(ip netns exec "$B" awk '/vb:/ {print $2}' /proc/net/dev)
+    [ "$1" = veth ] || [ $(( (after - before) / 1000000 )) -gt 10 ] ||
+      { echo "bench-tunnel: the veth carried only $(( (after - before) / 1000000 )) MB in round $round of $1" >&2; exit 1; }
+  done
 done
 
 veth1=$(printf '%s\n' "${ROWS[@]}" | awk '$1 == "veth" && $2 == 1 {print $3}')
@@ -300,7 +314,7 @@ names = ["x strongswan-libipsec (target 10)", "x wireguard-go-1p (target 5)", "o
          "CPU per packet: strongswan-libipsec x", "wireguard-go-1p x"]
 ratios = []
 for r in sorted(g[x]):
-    if min(g[s][r], g[w][r], g[v][r], c[x][r]) <= 0:
+    if min(g[s][r], g[w][r], g[v][r], c.get(x, {}).get(r, 0), c.get(s, {}).get(r, 0), c.get(w, {}).get(r, 0)) <= 0:
         print("round %d: a row made 0 Gbit/s: no ratios" % r); continue
     ratios.append((g[x][r] / g[s][r], g[x][r] / g[w][r], g[x][r] / g[v][r], c[s][r] / c[x][r], c[w][r] / c[x][r]))
     print("round %d: xfrmd-natt %.3f Gbit/s: " % (r, g[x][r]) + ", ".join("%s %.3f" % (n, q) for n, q in zip(names, ratios[-1])))

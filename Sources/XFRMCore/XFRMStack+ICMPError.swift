@@ -107,13 +107,14 @@ extension XFRMStack {
     }
 
     /// RFC 1122 §3.2.2 (≈ icmp_send's checks): no ICMP error answers an ICMP error, a fragment other than the
-    /// first, a packet to a multicast or broadcast address, or one whose source is no single host (0.0.0.0,
-    /// 127/8, multicast, 255.255.255.255).
+    /// first, a packet to a multicast or limited-broadcast address, or one whose source is no single host (0.0.0.0,
+    /// 127/8, multicast, class E and 255.255.255.255). A subnet's directed broadcast is not known here (the kernel
+    /// asks the route, RTCF_BROADCAST); the kernel refuses such an error's source as a martian.
     static func mayAnswer(_ p: UnsafeMutableRawPointer, count: Int, headerLength: Int) -> Bool {
         if p.loadBE16(at: 6) & 0x1fff != 0 { return false }  // not the first fragment
         let source = p.loadBE32(at: 12)
         let destination = p.loadBE32(at: 16)
-        if source == 0 || source >> 24 == 127 || source >> 28 == 0xe || source == 0xffff_ffff { return false }
+        if source == 0 || source >> 24 == 127 || source >> 28 >= 0xe { return false }
         if destination >> 28 == 0xe || destination == 0xffff_ffff { return false }
         if p.loadByte(at: 9) == IPProtocolNumber.icmp {
             guard count > headerLength else { return false }
@@ -126,27 +127,33 @@ extension XFRMStack {
         return true
     }
 
-    /// RFC 4443 §2.4(e) (≈ icmpv6_send's checks): no ICMPv6 error answers an ICMPv6 error message (types below
-    /// 128; looked for behind the usual extension headers), a fragment other than the first, or a packet whose source
-    /// is unspecified, loopback or multicast.
+    /// RFC 4443 §2.4(e) as icmp6_send applies it: no error for a source that is unspecified or multicast (nor,
+    /// stricter than the kernel, loopback, which cannot come in through a TUN), nor for an ICMPv6 error message
+    /// (type below 128) — found as is_ineligible finds it, behind hop-by-hop, routing, destination-options and AH
+    /// headers (ipv6_skip_exthdr). A later fragment ends that walk and may be answered; so may a first fragment too
+    /// short to show the ICMPv6 type.
     static func mayAnswer6(_ p: UnsafeMutableRawPointer, count: Int) -> Bool {
         let high = p.loadBE64(at: 8)
         let low = p.loadBE64(at: 16)
         if (high == 0 && (low == 0 || low == 1)) || high >> 56 == 0xff { return false }
         var next = p.loadByte(at: 6)
         var offset = HeaderSize.ipv6
+        var fragment = false
         while true {
             switch next {
             case IPProtocolNumber.icmpv6:
-                guard count > offset else { return false }
+                guard count > offset else { return fragment }
                 return p.loadByte(at: offset) >= 128
-            case 0, 43, 60:  // hop-by-hop, routing, destination options
+            case 0, 43, 60, 51:  // hop-by-hop, routing, destination options, AH
                 guard count >= offset + 8 else { return true }
+                let length = next == 51 ? 4 * (Int(p.loadByte(at: offset + 1)) + 2)
+                    : 8 * (Int(p.loadByte(at: offset + 1)) + 1)
                 next = p.loadByte(at: offset)
-                offset += 8 * (Int(p.loadByte(at: offset + 1)) + 1)
-            case 44:  // fragment: only the first may be answered
+                offset += length
+            case 44:  // fragment
                 guard count >= offset + 8 else { return true }
-                if p.loadBE16(at: offset + 2) & 0xfff8 != 0 { return false }
+                if p.loadBE16(at: offset + 2) & 0xfff8 != 0 { return true }  // a later fragment: the walk ends
+                fragment = true
                 next = p.loadByte(at: offset)
                 offset += 8
             default:

@@ -25,8 +25,8 @@ public final class Dispatcher {
         public var reassemble: Bool
         /// With `protectedOnly`: output nothing protected is answered with ICMP "host unreachable" (ICMPv6 "address
         /// unreachable") to its sender through the local sink, as an XFRM interface answers traffic it has no
-        /// policy for (xfrmi_xmit → dst_link_failure), at most `EngineConstants.icmpErrorsPerSecond` a second per
-        /// dispatcher after a burst of `icmpErrorBurst` (≈ icmp_msgs_per_sec, icmp_msgs_burst).
+        /// policy for (xfrmi_xmit → dst_link_failure), within the kernel's rate limits (`ICMPRateLimit`). Unlike
+        /// xfrmi, output a block policy refuses or an ACQUIRE holds back (larval_drop's -EREMOTE) is not answered.
         public var unreachableWhenUnprotected: Bool
 
         public init(protectedOnly: Bool, forwardLocally: Bool, reassemble: Bool = false,
@@ -71,10 +71,8 @@ public final class Dispatcher {
     @exclusivity(unchecked) private var fragments = PacketBatch(capacity: 256)
     /// The identification given to a packet to be cut that had 0.
     private var identification = UInt16.random(in: 1...UInt16.max)
-    /// `rules.unreachableWhenUnprotected`'s rate limit: ICMP errors it may send now, and when it last refilled
-    /// (CLOCK_MONOTONIC_COARSE nanoseconds; read only when an error is due).
-    private var icmpTokens = EngineConstants.icmpErrorBurst
-    private var icmpRefilled: UInt64 = 0
+    /// `rules.unreachableWhenUnprotected`'s rate limits, from the first error on (CLOCK_MONOTONIC_COARSE).
+    private var icmpLimit: ICMPRateLimit? = nil
     /// Fragments from the wire waiting for the rest of their datagram (`rules.reassemble`), else nil.
     public let reassembly: IPv4Reassembly?
 
@@ -296,39 +294,28 @@ public final class Dispatcher {
         self.pool.release(buffer)
     }
 
-    @inline(__always)
     /// Output nothing protected (`rules.protectedOnly`): counted and dropped; with `unreachableWhenUnprotected`,
-    /// answered with ICMP unreachable to its sender when the rate limit allows and an error may answer it.
+    /// answered with ICMP unreachable to its sender when an error may answer it and the rate limits allow.
     private func unprotected(_ buffer: PacketBuffer) {
         self.counters.unprotected.wrappingAdd(1, ordering: .relaxed)
         var buffer = buffer
-        if self.rules.unreachableWhenUnprotected && self.icmpAllowed() && self.stack.makeUnreachable(&buffer) {
-            self.icmpTokens -= 1
-            self.counters.unreachable.wrappingAdd(1, ordering: .relaxed)
-            self.enqueue(PacketBatch.Packet(buffer, stage: .input), to: self.local)
-            return
+        if self.rules.unreachableWhenUnprotected && self.stack.makeUnreachable(&buffer) {
+            let p = buffer.data
+            let sender: IPAddress = p.loadByte(at: 0) >> 4 == 4 ? .loadV4(from: p, at: 16) : .loadV6(from: p, at: 24)
+            var ts = timespec()
+            clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)  // only when an error is due
+            let now = UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+            if self.icmpLimit == nil { self.icmpLimit = ICMPRateLimit(now: now) }
+            if self.icmpLimit!.allow(now: now, peer: self.stack.network.isLocal(sender) ? nil : sender) {
+                self.counters.unreachable.wrappingAdd(1, ordering: .relaxed)
+                self.enqueue(PacketBatch.Packet(buffer, stage: .input), to: self.local)
+                return
+            }
         }
         self.pool.release(buffer)
     }
 
-    /// Whether the ICMP error rate limit has a token (≈ icmp_global_allow): refilled at `icmpErrorsPerSecond`, up
-    /// to `icmpErrorBurst`.
-    private func icmpAllowed() -> Bool {
-        if self.icmpTokens > 0 { return true }
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
-        let now = UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
-        if self.icmpRefilled == 0 {  // the first burst is spent: tokens accrue from now
-            self.icmpRefilled = now
-            return false
-        }
-        let earned = (now &- self.icmpRefilled) / (1_000_000_000 / UInt64(EngineConstants.icmpErrorsPerSecond))
-        guard earned > 0 else { return false }
-        self.icmpTokens = Int(min(earned, UInt64(EngineConstants.icmpErrorBurst)))
-        self.icmpRefilled = now
-        return true
-    }
-
+    @inline(__always)
     private func toLocal(_ buffer: PacketBuffer) {
         self.counters.delivered.wrappingAdd(1, ordering: .relaxed)
         self.counters.deliveredBytes.wrappingAdd(UInt64(buffer.count), ordering: .relaxed)

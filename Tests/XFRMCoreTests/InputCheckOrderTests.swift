@@ -55,28 +55,34 @@ struct InputCheckOrderTests {
         #expect(h.eventsB.expires().map(\.1) == [false])
     }
 
-    @Test("an inner packet that fails after ESP verified it (bad next header, bogus inner IP) is a mode error that still counts in curlft and moves the window, per packet and in a batch")
+    @Test("an inner packet that fails after ESP verified it (bad next header, bogus inner IP) is a mode error that still counts in curlft and moves the window, per packet and in a batch run")
     func innerModeFailureCountsInLifetime() throws {
         for batch in [false, true] {
             let h = try TwoHosts()
             try h.tunnel()
             let sa = try #require(h.b.states.lookup(Self.inbound))
+            let inner = h.packet()
+            let good = h.send(inner).1  // sequence number 1
             // A's copy of the SA's key seals what the test chooses (its own SA object: B's window stays B's).
             let tx = try #require(try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).transform)
             let bad = [
-                tx.handSealed(spi: 0x1001, seq: 1, plaintext: [1, 2, 3, 4, 5, 6, 0, 17]),  // UDP in a tunnel: 6 bytes
-                tx.handSealed(spi: 0x1001, seq: 2, plaintext: [0x45, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 4]),  // 10 bytes
+                tx.handSealed(spi: 0x1001, seq: 2, plaintext: [1, 2, 3, 4, 5, 6, 0, 17]),  // UDP in a tunnel: 6 bytes
+                tx.handSealed(spi: 0x1001, seq: 3, plaintext: [0x45, 2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 4]),  // 10 bytes
             ]
             if batch {
-                let o = BatchRunTests.run(h, bad.map { ($0, .input) }, batch: true, atB: true)
-                #expect(o.verdicts == Array(repeating: .input(.dropped(.inStateModeError), decapsulated: false), count: 2))
+                // The good packet first: the batch's input run (one lock for the SA's packets) takes the two
+                // bad ones after it.
+                let o = BatchRunTests.run(h, [good, bad[0], bad[1]].map { ($0, .input) }, batch: true, atB: true)
+                #expect(o.verdicts == [.input(.deliver, decapsulated: true)]
+                    + Array(repeating: .input(.dropped(.inStateModeError), decapsulated: false), count: 2))
             } else {
+                #expect(h.receive(good).0 == .deliver)
                 #expect(h.receive(bad[0]).0 == .dropped(.inStateModeError))
                 #expect(h.receive(bad[1]).0 == .dropped(.inStateModeError))
             }
             #expect(h.b.statistics[.inStateModeError] == 2)
-            // ≈ xfrm_input: curlft and the window took both before xfrm_inner_mode_input refused them.
-            #expect(sa.current.packets == 2 && sa.current.bytes == 16, "batch: \(batch)")
+            // ≈ xfrm_input: curlft and the window took both bad ones before xfrm_inner_mode_input refused them.
+            #expect(sa.current.packets == 3 && sa.current.bytes == UInt64(inner.count + 16), "batch: \(batch)")
             #expect(h.receive(bad[1]).0 == .dropped(.inStateSeqError))
         }
     }

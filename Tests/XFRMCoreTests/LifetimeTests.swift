@@ -169,7 +169,7 @@ struct LifetimeTests {
         #expect(h.a.states.lookup(got.id) == nil, "deleted from the input table too")
     }
 
-    @Test("add with an ACQUIRE's sequence number replaces its larval SA even after ALLOCSPI gave it an SPI, only for the same destination and CPU")
+    @Test("add with an ACQUIRE's sequence number replaces its larval SA even after ALLOCSPI gave it an SPI, only for the same destination and CPU; ALLOCSPI by number checks the CPU too")
     func addReplacesLarvalBySequence() throws {
         let h = try TwoHosts()
         let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 42)
@@ -180,6 +180,13 @@ struct LifetimeTests {
         let seq = acquired.config.kmSequence
         #expect(seq != 0 && acquired.id.spi == 0)
         let c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, reqid: 42, on: h.a).config
+        // ALLOCSPI naming the ACQUIRE's number for another CPU does not take its larval SA (Linux 6.13+).
+        var otherCPU = c
+        otherCPU.pcpuNum = 1
+        let fresh = try h.a.allocateSPI(otherCPU, seq: seq, min: 0x3ff0, max: 0x3ff0)
+        #expect(fresh.config.pcpuNum == 1 && fresh.config.kmSequence != seq)
+        #expect(h.a.states.list().contains { $0.state == .acquiring && $0.id.spi == 0 && $0.config.reqid == 42 })
+        try h.a.deleteState(fresh.id, mark: Mark())
         let larval = try h.a.allocateSPI(c, seq: seq, min: 0x4000, max: 0x4000)
         #expect(larval.id.spi == 0x4000 && larval.state == .acquiring)
         /// A full SA for `spi`, reqid 7 (so only the sequence number can name the larval SA), with `seq`.

@@ -1,6 +1,6 @@
 import Testing
 import XFRMCore
-import XFRMEngine
+@testable import XFRMEngine
 import XFRMPacket
 import XFRMTestKit
 
@@ -102,19 +102,63 @@ struct UnreachableTests {
         #expect(Array(e[48...]) == udp)
     }
 
-    @Test("a burst of unprotected output gets at most 50 answers from one dispatcher (icmp_msgs_burst); every packet is still counted")
+    @Test("a sender that is not this host gets six answers, then one a second (icmp_ratelimit); this host's own senders only meet the global burst of 50; every packet is counted")
     func rateLimited() throws {
         let p = try EnginePair(tunnels: 1)
         let (d, local, counters) = self.daemon(p, p.a)
-        let udp = self.udp4(size: 3)
-        let start = ContinuousClock.now
-        for _ in 0..<4 { self.run(d, p, Array(repeating: udp, count: 30)) }
-        // After the burst, one more a millisecond (icmp_msgs_per_sec 1000).
-        let ms = Int((ContinuousClock.now - start) / .milliseconds(1))
+        for _ in 0..<4 { self.run(d, p, Array(repeating: self.udp4(size: 3), count: 30)) }
         #expect(counters.unprotected.load(ordering: .relaxed) == 120)
-        let answered = Int(counters.unreachable.load(ordering: .relaxed))
-        #expect(local.count == answered && (50...51 + ms).contains(answered), "\(answered) in \(ms) ms")
+        #expect((6...7).contains(local.count), "\(local.count)")
+        // From one of A's own addresses: no per-sender limit, as the kernel's loopback route is exempt.
+        try p.a.network.addAddress(IPPrefix("10.0.1.1/32")!, device: "eth0")
+        let before = local.count
+        let start = ContinuousClock.now
+        for _ in 0..<4 { self.run(d, p, Array(repeating: self.udp4(size: 3), count: 30)) }
+        // The burst, and one more a millisecond (the coarse clock moves in steps of up to 4 ms).
+        let ms = Int((ContinuousClock.now - start) / .milliseconds(1))
+        let answered = local.count - before
+        #expect(answered == Int(counters.unreachable.load(ordering: .relaxed)) - before)
+        #expect((44...50 + ms + 4).contains(answered), "\(answered) in \(ms) ms")
         #expect(p.pool.available == p.pool.slotCount)
+    }
+
+    /// How many of `n` errors `limit` lets go at `now` to `peer`.
+    func allowed(_ limit: inout ICMPRateLimit, _ n: Int, at now: UInt64, to peer: IPAddress? = nil) -> Int {
+        var k = 0
+        for _ in 0..<n where limit.allow(now: now, peer: peer) { k += 1 }
+        return k
+    }
+
+    @Test("the global bucket: 50 at once, one a millisecond after, never more than 50 after an idle spell")
+    func globalBucket() {
+        let ms: UInt64 = 1_000_000
+        var limit = ICMPRateLimit(now: 1_000 * ms)
+        let first = self.allowed(&limit, 60, at: 1_000 * ms)
+        let later = self.allowed(&limit, 20, at: 1_010 * ms)
+        let idle = self.allowed(&limit, 200, at: 9_000 * ms)
+        let halfTick = self.allowed(&limit, 1, at: 9_000 * ms + ms / 2)
+        let tick = self.allowed(&limit, 1, at: 9_001 * ms)
+        #expect(first == 50 && later == 10)
+        #expect(idle == 50, "capped at the burst")
+        #expect(halfTick == 0 && tick == 1)
+    }
+
+    @Test("per sender: six at once, then one a second; another sender has its own; the global bucket still bounds them")
+    func perSender() {
+        let s: UInt64 = 1_000_000_000
+        var limit = ICMPRateLimit(now: 100 * s)
+        let a = IPAddress("192.0.2.10")!
+        let b = IPAddress("2001:db8::10")!
+        let burstA = self.allowed(&limit, 20, at: 100 * s, to: a)
+        let burstB = self.allowed(&limit, 20, at: 100 * s, to: b)
+        let second = self.allowed(&limit, 20, at: 101 * s, to: a)
+        let twoAndAHalf = self.allowed(&limit, 20, at: 103 * s + s / 2, to: a)
+        #expect(burstA == 6 && burstB == 6 && second == 1 && twoAndAHalf == 2)
+        #expect(limit.tokens == 50 - 2, "tokens taken only by what was allowed, refilled meanwhile")
+        var tight = ICMPRateLimit(now: 100 * s)
+        let senders = (1...20).map { IPAddress("192.0.2.\($0)")! }
+        let all = senders.reduce(0) { sum, peer in sum + self.allowed(&tight, 6, at: 100 * s, to: peer) }
+        #expect(all == 50, "twenty senders' bursts share the global 50")
     }
 
     @Test("the PMTU error of a daemon's stack comes from the destination too (the kernel drops its own address coming in through the TUN)")

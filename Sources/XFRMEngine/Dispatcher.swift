@@ -25,8 +25,9 @@ public final class Dispatcher {
         public var reassemble: Bool
         /// With `protectedOnly`: output nothing protected is answered with ICMP "host unreachable" (ICMPv6 "address
         /// unreachable") to its sender through the local sink, as an XFRM interface answers traffic it has no
-        /// policy for (xfrmi_xmit → dst_link_failure), within the kernel's rate limits (`ICMPRateLimit`). Unlike
-        /// xfrmi, output a block policy refuses or an ACQUIRE holds back (larval_drop's -EREMOTE) is not answered.
+        /// policy for (xfrmi_xmit → dst_link_failure), within the kernel's rate limits (`ICMPRateLimit`). When the
+        /// host's output is an XFRM interface's (`ifID` not 0), output a block policy refuses or an ACQUIRE holds
+        /// back (larval_drop's -EREMOTE) is answered too, as xfrmi_xmit2 answers its lookup's failures.
         public var unreachableWhenUnprotected: Bool
 
         public init(protectedOnly: Bool, forwardLocally: Bool, reassemble: Bool = false,
@@ -195,6 +196,12 @@ public final class Dispatcher {
                 self.counters.ike.wrappingAdd(1, ordering: .relaxed)
                 self.pool.release(buffer)
             }
+        case .output(.dropped(let counter?), _)
+            where packet.stage == .output && self.ifID != 0 && self.rules.unreachableWhenUnprotected
+                && (counter == .outPolBlock || counter == .outNoStates):
+            // An XFRM interface answers its lookup's failures too (xfrmi_xmit2: a block policy's -EPERM, an
+            // ACQUIRE's larval_drop -EREMOTE → dst_link_failure); counted in xfrm_stat already.
+            self.answerUnreachable(buffer)
         case .output(.dropped, _), .input(.dropped, _), .pending:
             self.pool.release(buffer)
         }
@@ -298,8 +305,15 @@ public final class Dispatcher {
     /// answered with ICMP unreachable to its sender when an error may answer it and the rate limits allow.
     private func unprotected(_ buffer: PacketBuffer) {
         self.counters.unprotected.wrappingAdd(1, ordering: .relaxed)
+        if self.rules.unreachableWhenUnprotected { return self.answerUnreachable(buffer) }
+        self.pool.release(buffer)
+    }
+
+    /// Turns `buffer` into ICMP unreachable to its sender and hands it to the local sink when an error may answer
+    /// it and the rate limits allow (counted `unreachable`); otherwise releases it.
+    private func answerUnreachable(_ buffer: PacketBuffer) {
         var buffer = buffer
-        if self.rules.unreachableWhenUnprotected && self.stack.makeUnreachable(&buffer) {
+        if self.stack.makeUnreachable(&buffer) {
             let p = buffer.data
             let sender: IPAddress = p.loadByte(at: 0) >> 4 == 4 ? .loadV4(from: p, at: 16) : .loadV6(from: p, at: 24)
             var ts = timespec()

@@ -25,8 +25,9 @@ public final class EngineCounters: Sendable {
     /// `protectedOnly`: output that no SA transformed (no policy, a bypass policy, optional templates only): it has
     /// nowhere to go.
     public let unprotected = Atomic<UInt64>(0)
-    /// Of those, answered with ICMP unreachable to their sender (`Dispatcher.Rules.unreachableWhenUnprotected`):
-    /// handed to the local sink, not counted as `delivered`.
+    /// ICMP unreachable answers (`Dispatcher.Rules.unreachableWhenUnprotected`) to unprotected output and, through an
+    /// XFRM interface, to output a block policy or an ACQUIRE held back: handed to the local sink, not counted as
+    /// `delivered`.
     public let unreachable = Atomic<UInt64>(0)
     /// `protectedOnly`: input accepted by the policy check that never was inside ESP: the inner side gets only
     /// what ESP protected.

@@ -161,6 +161,29 @@ struct UnreachableTests {
         #expect(all == 50, "twenty senders' bursts share the global 50")
     }
 
+    @Test("through an XFRM interface (the dispatcher's if_id), a block policy's drop and an ACQUIRE's are answered too, as xfrmi_xmit2 answers its lookup's failures; without one they are not")
+    func lookupFailuresThroughAnInterface() throws {
+        for ifID: UInt32 in [42, 0] {
+            let p = try EnginePair(tunnels: 1)
+            let (d, local, counters) = self.daemon(p, p.a)
+            d.ifID = ifID
+            let blocked = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.7.7.0/24")!)
+            let waiting = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.8.8.0/24")!)
+            let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.9"), mode: 1, reqid: 77)
+            try p.a.addPolicy(Policy(selector: blocked, direction: .outbound, action: .block, ifID: ifID),
+                              update: false)
+            try p.a.addPolicy(Policy(selector: waiting, direction: .outbound, ifID: ifID, templates: [t]),
+                              update: false)
+            self.run(d, p, [self.udp4(to: "10.7.7.7"), self.udp4(to: "10.8.8.8"), self.udp4(to: "10.8.8.8")])
+            #expect(p.a.statistics[.outPolBlock] == 1 && p.a.statistics[.outNoStates] == 2)
+            #expect(counters.unprotected.load(ordering: .relaxed) == 0, "protected by policy: not unprotected")
+            let answered = ifID == 0 ? 0 : 3
+            #expect(local.count == answered && counters.unreachable.load(ordering: .relaxed) == UInt64(answered))
+            for e in local.packets.withLock({ $0 }) { #expect(e[20] == 3 && e[21] == 1) }
+            #expect(p.pool.available == p.pool.slotCount)
+        }
+    }
+
     @Test("the PMTU error of a daemon's stack comes from the destination too (the kernel drops its own address coming in through the TUN)")
     func packetTooBigFromDestination() throws {
         let p = try EnginePair(tunnels: 1)

@@ -385,3 +385,25 @@ def check_tunnel(pair, tmp_path, natt, outer6, inner6, size=TRANSFER, gso=None, 
             assert ms['xfrmd_datapath_packets_total{event="udp_gro_receives"}'] > 10, ms
             assert ms['xfrmd_datapath_packets_total{event="udp_gso_fallbacks"}'] == 0, ms
     return m
+
+
+CONNECT_PROBE = """
+import json, socket, time
+t = socket.socket(socket.AF_INET6 if ":" in "%(far)s" else socket.AF_INET, socket.SOCK_STREAM)
+t.bind(("%(me)s", 0))
+t.settimeout(10)
+start = time.time()
+try:
+    t.connect(("%(far)s", 80))
+    err = 0
+except OSError as e:
+    err = e.errno
+print(json.dumps({"errno": err, "seconds": time.time() - start}))
+"""
+
+
+def connect(pair, side, me, far) -> dict:
+    """A TCP connect from `me` to `far`, port 80, in `side`'s namespace: {"errno": 0 when it connected, "seconds"}."""
+    import json
+    return json.loads(pair.exec(side, "python3", "-c", CONNECT_PROBE % {"me": me, "far": far}).stdout)
+

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from daemonlib import K1, K2, Pair, WIRE_FILTER, run, transfer
+from daemonlib import K1, K2, Pair, WIRE_FILTER, connect, run, transfer
 
 A, B = "192.0.2.1", "192.0.2.2"
 
@@ -127,5 +127,32 @@ def test_route_policies_routes_only_the_tuns_if_id(tmp_path):
         time.sleep(0.5)  # the other two policies came right after: their routes would be there by now
         routes = pair.ip("a", "-4", "route", "show", "dev", "xfrm0").stdout
         assert "10.0.7.0/24" not in routes and "10.0.99.0/24" not in routes, routes
+    finally:
+        pair.close()
+
+
+def test_a_block_policy_or_an_acquire_of_the_tuns_if_id_fails_a_connect_at_once(tmp_path):
+    """As an XFRM interface answers its lookup's failures with ICMP unreachable (xfrmi_xmit2 → dst_link_failure): a
+    block policy of the TUN's if_id, or an OUT policy whose SA does not exist yet (the ACQUIRE, larval_drop), makes
+    a TCP connect fail with EHOSTUNREACH at once rather than time out; nothing goes on the wire."""
+    import errno
+
+    pair = Pair(tmp_path, daemon_args=["--if-id", "42"])
+    try:
+        tmpl = f"tmpl src {A} dst {B} proto esp reqid 9 mode tunnel"
+        pair.xfrm("a", "policy add src 10.0.1.0/24 dst 10.7.7.0/24 dir out if_id 42 action block")
+        pair.xfrm("a", f"policy add src 10.0.1.0/24 dst 10.8.8.0/24 dir out if_id 42 {tmpl}")
+        for net in ("10.7.7.0/24", "10.8.8.0/24"):
+            pair.ip("a", "route", "add", net, "dev", "xfrm0", "src", "10.0.1.1")
+        before = pair.metrics("a")
+        for dst in ("10.7.7.7", "10.8.8.8"):
+            r = connect(pair, "a", "10.0.1.1", dst)
+            assert r["errno"] == errno.EHOSTUNREACH and r["seconds"] < 3, (dst, r)
+        m = pair.metrics("a")
+        assert m['xfrm_stat_total{counter="XfrmOutPolBlock"}'] >= 1, m
+        assert m['xfrm_stat_total{counter="XfrmOutNoStates"}'] >= 1, m
+        event = 'xfrmd_datapath_packets_total{event="%s"}'
+        assert m[event % "tun_unreachable"] - before.get(event % "tun_unreachable", 0) >= 2, m
+        assert m[event % "wire_sent"] == before.get(event % "wire_sent", 0), "nothing left"
     finally:
         pair.close()

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from daemonlib import SERVER, WIRE_FILTER, check_tunnel, run, transfer
+from daemonlib import SERVER, WIRE_FILTER, check_tunnel, connect, run, transfer
 
 
 @pytest.mark.parametrize("inner6", [False, True], ids=["ipv4-inner", "ipv6-inner"])
@@ -72,21 +72,6 @@ except OSError as e:
 print(json.dumps({"refused": refused, "mtu": s.getsockopt(%(level)s, %(mtu)d)}))
 """
 
-UNREACHABLE_PROBE = """
-import json, socket, time
-t = socket.socket(socket.AF_INET%(v6)s, socket.SOCK_STREAM)
-t.bind(("%(me)s", 0))
-t.settimeout(10)
-start = time.time()
-try:
-    t.connect(("%(far)s", 80))
-    err = 0
-except OSError as e:
-    err = e.errno
-print(json.dumps({"errno": err, "seconds": time.time() - start}))
-"""
-
-
 @pytest.mark.parametrize("inner6", [False, True], ids=["ipv4-inner", "ipv6-inner"])
 def test_the_daemons_icmp_errors_reach_the_local_sender_pmtu_and_unreachable(pair, inner6):
     """Through the real kernel: a DF packet ESP would make too big for the veth gets "fragmentation needed" / "packet
@@ -110,7 +95,7 @@ def test_the_daemons_icmp_errors_reach_the_local_sender_pmtu_and_unreachable(pai
     assert pmtu["refused"] == errno.EMSGSIZE, pmtu
     assert 1280 <= pmtu["mtu"] < 1500 - 20 - 16 - 8, pmtu  # the tunnel's MTU: the veth's less ESP
     before = pair.metrics("a")
-    far = json.loads(pair.exec("a", "python3", "-c", UNREACHABLE_PROBE % fam).stdout)
+    far = connect(pair, "a", fam["me"], fam["far"])
     assert far["errno"] == errno.EHOSTUNREACH and far["seconds"] < 3, far
     after = pair.metrics("a")
     event = 'xfrmd_datapath_packets_total{event="%s"}'

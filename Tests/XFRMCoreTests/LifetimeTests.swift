@@ -107,6 +107,16 @@ struct LifetimeTests {
         #expect(h.a.states.count == 0)
     }
 
+    /// An OUT policy 10.0.1.0/24 → 10.0.2.0/24 with a reqid-42 tunnel template and no SA on A; one packet makes
+    /// the ACQUIRE, whose larval SA is returned.
+    private func acquireLarval(_ h: TwoHosts) throws -> SecurityAssociation {
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 42)
+        let ab = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
+        try h.a.addPolicy(Policy(selector: ab, direction: .outbound, templates: [t]), update: false)
+        #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
+        return try #require(h.a.states.list().first { $0.config.reqid == 42 })
+    }
+
     @Test("allocspi picks a free SPI in the range and refuses an exhausted one")
     func allocSPI() throws {
         let h = try TwoHosts()
@@ -146,11 +156,7 @@ struct LifetimeTests {
         #expect(h.a.states.get(SAID(destination: IPAddress("192.0.2.2")!, spi: 0), mark: Mark()) == nil)
         // ALLOCSPI naming an ACQUIRE's larval SA by its sequence number gives the SPI to that SA, whose protocol
         // (ESP) decides which SPIs are free, whatever the request says.
-        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 42)
-        let ab = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
-        try h.a.addPolicy(Policy(selector: ab, direction: .outbound, templates: [t]), update: false)
-        #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
-        let acquired = try #require(h.a.states.list().first { $0.config.reqid == 42 })
+        let acquired = try self.acquireLarval(h)
         var bySeq = c
         bySeq.id.proto = 51
         bySeq.reqid = 7
@@ -172,11 +178,7 @@ struct LifetimeTests {
     @Test("add with an ACQUIRE's sequence number replaces its larval SA even after ALLOCSPI gave it an SPI, only for the same destination and CPU; ALLOCSPI by number checks the CPU too")
     func addReplacesLarvalBySequence() throws {
         let h = try TwoHosts()
-        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 42)
-        let ab = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
-        try h.a.addPolicy(Policy(selector: ab, direction: .outbound, templates: [t]), update: false)
-        #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
-        let acquired = try #require(h.a.states.list().first { $0.config.reqid == 42 })
+        let acquired = try self.acquireLarval(h)
         let seq = acquired.config.kmSequence
         #expect(seq != 0 && acquired.id.spi == 0)
         let c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, reqid: 42, on: h.a).config

@@ -19,7 +19,9 @@ extension Flow {
             proto = ip.proto
             off = ip.headerLength
             end = ip.totalLength
-            fragment = p.loadBE16(at: 6) & IPv4Header.fragmentOffsetMask != 0
+            // Any fragment, the first included (MF set): the kernel's flow dissector, called without
+            // FLOW_DISSECTOR_F_PARSE_1ST_FRAG by __xfrm_decode_session, reads no ports from one (ip_is_fragment).
+            fragment = p.loadBE16(at: 6) & (IPv4Header.flagMF | IPv4Header.fragmentOffsetMask) != 0
             flow = Flow(source: .loadV4(from: p, at: 12), destination: .loadV4(from: p, at: 16), proto: proto,
                         mark: mark, ifindex: ifindex)
         } else if version == 6 {
@@ -33,7 +35,7 @@ extension Flow {
         } else {
             return nil
         }
-        guard !fragment else { return flow }  // non-first fragments carry no ports
+        guard !fragment else { return flow }  // fragments, the first one too, are decoded without ports
         switch proto {
         case IPProtocolNumber.tcp, IPProtocolNumber.udp, 132, 136:  // TCP, UDP, SCTP, UDP-Lite (no DCCP: removed
             // from Linux in 6.16, its ports are no longer decoded)
@@ -54,6 +56,10 @@ extension Flow {
                     }
                 }
             }
+        case IPProtocolNumber.mobility where version == 6:
+            // The Mobility Header is the upper layer (RFC 6275 §6.1; not one of ipv6_ext_hdr's): its type in the
+            // source port, as xfrm_flowi_sport reads fl6_mh_type.
+            if off + 3 <= end { flow.sourcePort = UInt16(p.loadByte(at: off + 2)) }
         case IPProtocolNumber.icmp, IPProtocolNumber.icmpv6:
             if off + 2 <= end {
                 flow.sourcePort = UInt16(p.loadByte(at: off))

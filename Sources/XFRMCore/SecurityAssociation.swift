@@ -177,6 +177,9 @@ public final class SecurityAssociation: @unchecked Sendable {
     let mutable: XFRMMutex<Mutable>
     /// The if_id, read per packet without a lock; `update` may set it (≈ xfrm_state_update's if_id copy).
     private let ifIDValue: Atomic<UInt32>
+    /// The set-mark (`output-mark`, XFRMA_SET_MARK) as value << 32 | mask, for the input path to read without the
+    /// SA's lock (`markAfterInput`).
+    private let setMarkBits: Atomic<UInt64>
     /// Insertion order in the SAD (newer SAs are preferred among equals, and dumps list newest first).
     public internal(set) var generation: UInt64 = 0
 
@@ -209,6 +212,7 @@ public final class SecurityAssociation: @unchecked Sendable {
         m.encapsulation = config.encapsulation
         m.outputMark = config.outputMark
         self.ifIDValue = Atomic(config.ifID)
+        self.setMarkBits = Atomic(Self.packed(config.outputMark))
         m.current.addTime = addTime
         self.mutable = XFRMMutex(m)
     }
@@ -309,7 +313,10 @@ public final class SecurityAssociation: @unchecked Sendable {
         // As the kernel: a given output mark and a non-zero if_id replace the SA's.
         if ifID != 0 { self.ifIDValue.store(ifID, ordering: .releasing) }
         return self.mutable.withLock { m in
-            if let o = outputMark, o.value != 0 || o.mask != 0 { m.outputMark = o }
+            if let o = outputMark, o.value != 0 || o.mask != 0 {
+                m.outputMark = o
+                self.setMarkBits.store(Self.packed(o), ordering: .relaxed)
+            }
             m.lifetime = l
             m.dying = false
             m.softReported = false
@@ -337,6 +344,18 @@ public final class SecurityAssociation: @unchecked Sendable {
 
     /// The output mark (`output-mark`), as configured or updated.
     public var outputMark: Mark? { self.mutable.withLock { $0.outputMark } }
+
+    private static func packed(_ m: Mark?) -> UInt64 { m.map { UInt64($0.value) << 32 | UInt64($0.mask) } ?? 0 }
+
+    /// The mark a packet has after this SA decapsulated it (≈ xfrm_input's skb->mark = xfrm_smark_get(skb->mark, x)):
+    /// the set-mark's masked bits replace the packet's. Nested lookups and the policy check see this mark, so an IN
+    /// policy with a mark (strongSwan's `set_mark_in`) matches what came through such an SA.
+    @inline(__always)
+    public func markAfterInput(_ mark: UInt32) -> UInt32 {
+        let b = self.setMarkBits.load(ordering: .relaxed)
+        let m = UInt32(truncatingIfNeeded: b)
+        return UInt32(truncatingIfNeeded: b >> 32) & m | mark & ~m
+    }
 
     /// The NAT-T encapsulation in use (the configured one, with ports an update may have changed).
     public var encapsulation: NATTEncapsulation? { self.mutable.withLock { $0.encapsulation } }

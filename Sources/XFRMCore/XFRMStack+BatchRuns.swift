@@ -119,7 +119,9 @@ extension XFRMStack {
         // Held for the run: the finish below validates the memo per packet, which may drop the memo's reference.
         let sa = lent.takeUnretainedValue()
         return withExtendedLifetime(sa) { () -> Int in
-            guard sa.config.direction != .outbound, let transformRef = sa.transformRef else { return start }
+            // An SA with a set-mark changes the mark its packets are checked with: the per-packet way.
+            guard sa.config.direction != .outbound, let transformRef = sa.transformRef, sa.markAfterInput(0) == 0
+            else { return start }
             let tunnel = sa.config.mode == .tunnel
             let tag = UInt(bitPattern: Unmanaged.passUnretained(sa).toOpaque())  // = secpath.identity(0)
             let known = Self.knownInnerFlow(memo, tag: tag, nattPort: nattPort)

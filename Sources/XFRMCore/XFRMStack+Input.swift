@@ -149,6 +149,9 @@ extension XFRMStack {
                      metadata: OffloadMetadata?, cryptoDone: Bool, outerLocal: Int32??, now: UInt64,
                      decapsulated: inout Bool, memo: inout InputMemo) -> InputResult {
         var cryptoDone = cryptoDone
+        // The packet's mark as each layer's set-mark leaves it (a batch run hands over packets whose first layer's
+        // set-mark is none).
+        var mark = mark
         while true {
             let nattPort = self.nattPort.load(ordering: .relaxed)
             // The usual decapsulated packet (IPv4, neither ESP nor NAT-T) is plain by its protocol alone: the policy
@@ -159,8 +162,17 @@ extension XFRMStack {
                                         localIfindex: nil, memo: &memo)
             }
             // After a decapsulation the header is the one the ESP transform verified or rewrote a moment ago.
-            switch ESPClassification.classify(&packet, nattPort: nattPort, verifyChecksum: secpath.count == 0) {
+            var classification = ESPClassification.classify(&packet, nattPort: nattPort,
+                                                             verifyChecksum: secpath.count == 0)
+            if secpath.count > 0 {
+                classification = self.innerDemux(classification, packet, secpath: secpath)
+            }
+            switch classification {
             case .ike:
+                if secpath.count > 0, let refused = self.decapsulatedIKECheck(packet, secpath: secpath, mark: mark,
+                                                                              ifindex: ifindex) {
+                    return refused
+                }
                 return .ike
             case .drop(let reason):
                 self.statistics.count(reason)
@@ -188,7 +200,14 @@ extension XFRMStack {
                         return verdict
                     }
                     _ = secpath.appendLent(lent)
+                    mark = lent._withUnsafeGuaranteedRef { $0.markAfterInput(mark) }
                 } else {
+                    // ≈ xfrm_input's XFRM_MAX_DEPTH check, before the lookup: a layer the secpath could not hold is
+                    // not decrypted (no replay advance, no lifetime use).
+                    guard secpath.count < SecPath.capacity else {
+                        self.statistics.increment(.inBufferError)
+                        return .dropped(.inBufferError)
+                    }
                     // A nested layer looks up without the memo and keeps its SA in the secpath.
                     guard let sa = self.states.lookup(id, mark: mark) else {
                         self.statistics.count(.noState)
@@ -202,9 +221,58 @@ extension XFRMStack {
                         self.statistics.increment(.inBufferError)
                         return .dropped(.inBufferError)
                     }
+                    mark = sa.markAfterInput(mark)
                 }
             }
         }
+    }
+
+    /// What a decapsulated packet's classification means (≈ the inner packet going through the IP layer again
+    /// after xfrm_input): only a packet for this host reaches the ESP, NAT-T and IKE demultiplexing; one for another
+    /// host is forwarded whatever it carries (the FWD policy check), so a peer cannot make this host open a nested
+    /// layer, with any SA it knows the key of, for someone else. An inner fragment is plain traffic (the kernel would
+    /// reassemble a local one before its transport sees it; here it goes to the policy check as it is, as forwarded
+    /// fragments do) — never a drop.
+    @inline(__always)
+    func innerDemux(_ c: ESPClassification, _ packet: PacketBuffer, secpath: borrowing SecPath)
+        -> ESPClassification
+    {
+        switch c {
+        case .notESP:
+            return c
+        case .drop(.fragmented):
+            return .notESP
+        case .esp, .ike, .drop:
+            guard let d = Self.destination(of: packet), self.network.localInterface(owning: d) != nil else {
+                return .notESP
+            }
+            return c
+        }
+    }
+
+    /// IKE that came out of an ESP layer, for this host: ≈ udp_queue_rcv_one_skb's xfrm4_policy_check with the IKE
+    /// socket's bypass policy (what a key manager sets on its sockets) — every SA of the secpath must cover the
+    /// flow (XfrmInStateMismatch), and a tunnel-mode SA meets a policy without templates (XfrmInTmplMismatch). Nil
+    /// when the packet may go to the key manager.
+    func decapsulatedIKECheck(_ packet: PacketBuffer, secpath: borrowing SecPath, mark: UInt32, ifindex: Int32)
+        -> InputResult?
+    {
+        guard var flow = Flow.parse(packet.data, count: packet.count, mark: mark, ifindex: ifindex,
+                                    verifyChecksum: false)
+        else {
+            self.statistics.increment(.inHdrError)
+            return .dropped(.inHdrError)
+        }
+        flow.ifindex = self.network.localInterface(owning: flow.destination) ?? 0
+        for i in 0..<secpath.count where !secpath[i].config.selector.covers(flow) {
+            self.statistics.increment(.inStateMismatch)
+            return .dropped(.inStateMismatch)
+        }
+        if Self.nonTransport(secpath, from: 0) {
+            self.statistics.increment(.inTmplMismatch)
+            return .dropped(.inTmplMismatch)
+        }
+        return nil
     }
 
     /// One ESP layer of `input` through `sa`: the direction and larval checks, then the SA's locked section (state,

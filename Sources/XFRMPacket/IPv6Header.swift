@@ -15,12 +15,14 @@ public enum IPv6Header {
     }
 
     /// True for the extension headers that are walked over on input (hop-by-hop, routing, fragment,
-    /// destination options, mobility).
+    /// destination options). The Mobility Header (135) is not walked over: it ends the chain as the upper layer
+    /// (its payload proto is always 59, RFC 6275 §6.1.1), as ipv6_ext_hdr and the flow dissector have it, so the
+    /// bytes behind it are never read as another protocol's header.
     @inline(__always)
     public static func isExtensionHeader(_ proto: UInt8) -> Bool {
         switch proto {
         case IPProtocolNumber.hopByHop, IPProtocolNumber.routing, IPProtocolNumber.fragment,
-            IPProtocolNumber.destinationOptions, IPProtocolNumber.mobility:
+            IPProtocolNumber.destinationOptions:
             true
         default:
             false

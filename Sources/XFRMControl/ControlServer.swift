@@ -33,6 +33,17 @@ public final class XfrmControlServer: XfrmTransport {
                                            sequence: m.sequence, portID: m.portID), errno: 0, message: "")]
     }
 
+    /// NLMSG_MIN_TYPE: below it, netlink's own control messages.
+    static let minimumType: UInt16 = 0x10
+
+    /// ≈ copy_from_user_policy_type + verify_policy_type: only main policies exist here (no sub policies, as a kernel
+    /// without CONFIG_XFRM_SUB_POLICY), so a request naming another type is refused rather than applied to them.
+    static func checkPolicyType(_ attributes: [XfrmAttribute]) throws(ControlError) {
+        for a in attributes {
+            if case .policyType(let t) = a, t != 0 { throw .invalid("Only the main policy type is supported") }
+        }
+    }
+
     private func fail(_ m: XfrmMessage, _ e: ControlError) -> [XfrmMessage] {
         [Self.errorReply(to: NetlinkHeader(length: UInt32(m.encode().count), type: m.type, flags: m.flags,
                                            sequence: m.sequence, portID: m.portID), errno: -e.errno, message: e.message)]
@@ -47,7 +58,9 @@ public final class XfrmControlServer: XfrmTransport {
         return r
     }
 
-    /// Answers a request, each reply addressed to the requester's port id (≈ NETLINK_CB(skb).portid).
+    /// Answers a request, each reply addressed to the requester's port id (≈ NETLINK_CB(skb).portid). A request
+    /// that succeeded is acknowledged after its reply when it asked with NLM_F_ACK, a GET as much as a change; a
+    /// dump is not (≈ netlink_rcv_skb: every handler returning 0 is acked on NLM_F_ACK, a dump's -EINTR skips it).
     public func request(_ m: XfrmMessage) -> [XfrmMessage] {
         var out: [XfrmMessage]
         do throws(ControlError) {
@@ -55,6 +68,7 @@ public final class XfrmControlServer: XfrmTransport {
         } catch {
             return self.fail(m, error)
         }
+        if out.last?.type != NetlinkControlType.done { out += self.ack(m) }
         for i in out.indices { out[i].portID = m.portID }
         return out
     }
@@ -67,10 +81,17 @@ public final class XfrmControlServer: XfrmTransport {
             return [Self.errorReply(to: NetlinkHeader(bytes: bytes) ?? NetlinkHeader(), errno: -Errno.EINVAL,
                                     message: "Invalid netlink message length")]
         }
+        // ≈ netlink_rcv_skb: a message that is not a request, or a control message (below NLMSG_MIN_TYPE), is not
+        // handed to XFRM; it is acknowledged (with 0) only if it asked for that.
+        if h.flags & NetlinkFlags.request == 0 || h.type < Self.minimumType {
+            guard h.flags & NetlinkFlags.ack != 0 else { return [] }
+            return [Self.errorReply(to: h, errno: 0, message: "")]
+        }
         guard let type = XfrmMessageType(rawValue: h.type) else {
             return [Self.errorReply(to: h, errno: -Errno.EINVAL, message: "Unsupported message type \(h.type)")]
         }
-        let dump = (type == .getSA || type == .getPolicy) && h.flags & NetlinkFlags.dump == NetlinkFlags.dump
+        // ≈ xfrm_user_rcv_msg: either bit of NLM_F_DUMP (ROOT or MATCH) starts a dump.
+        let dump = (type == .getSA || type == .getPolicy) && h.flags & NetlinkFlags.dump != 0
         if !dump && Int(h.length) - 16 < type.minimumBodySize {
             return [Self.errorReply(to: h, errno: -Errno.EINVAL, message: "Invalid header length")]
         }
@@ -98,13 +119,13 @@ public final class XfrmControlServer: XfrmTransport {
                 let generic = [Errno.EEXIST, Errno.ESRCH].contains(error.errno)
                 throw ControlError(error.errno, generic ? "" : error.message)
             }
-            return self.ack(m)
+            return []
         case (.delSA, .saID(let id)):
             let sa = try self.findSA(id, m)
             do throws(StateDatabaseError) {
                 try self.stack.deleteState(sa.id, mark: sa.config.mark)
             } catch { throw ControlError(error.errno, "") }
-            return self.ack(m)
+            return []
         case (.getSA, .saID(let id)):
             self.stack.syncDeviceStats()
             let sa = try self.findSA(id, m)
@@ -123,7 +144,7 @@ public final class XfrmControlServer: XfrmTransport {
                 throw .invalid("Invalid protocol \(proto) to flush")
             }
             self.stack.flushStates(proto: proto)
-            return self.ack(m)
+            return []
         case (.allocSPI, .spiInfo(let spi)):
             var config = try self.baseConfig(spi.info, m.attributes)
             config.crypto = nil
@@ -144,16 +165,20 @@ public final class XfrmControlServer: XfrmTransport {
             do throws(PolicyDatabaseError) {
                 try self.stack.addPolicy(p, update: type == .updPolicy)
             } catch { throw ControlError(error.errno, error.errno == Errno.EINVAL ? error.message : "") }
-            return self.ack(m)
+            return []
         case (.delPolicy, .policyID(let id)), (.getPolicy, .policyID(let id)):
+            try Self.checkPolicyType(m.attributes)
             guard let dir = PolicyDirection(rawValue: id.dir) else { throw .invalid("Invalid policy direction \(id.dir)") }
             let policy: Policy?
+            let mark = m.attribute { if case .mark(let x) = $0 { return x } else { return nil } }
+            let ifID: UInt32 = m.attribute { if case .ifID(let x) = $0 { return x } else { return nil } } ?? 0
             if id.index != 0 {
-                policy = self.stack.policies.get(index: id.index, direction: dir)
+                // ≈ xfrm_policy_byid: the index, and the request's mark (exactly) and if_id too.
+                policy = self.stack.policies.get(index: id.index, direction: dir).flatMap { p in
+                    p.mark.value == mark?.value ?? 0 && p.mark.mask == mark?.mask ?? 0 && p.ifID == ifID ? p : nil
+                }
             } else {
                 let sel = try Selector(wire: id.sel)
-                let mark = m.attribute { if case .mark(let x) = $0 { return x } else { return nil } }
-                let ifID: UInt32 = m.attribute { if case .ifID(let x) = $0 { return x } else { return nil } } ?? 0
                 let key = Policy.Key(direction: dir, selector: sel, markValue: mark?.value ?? 0,
                                      markMask: mark?.mask ?? 0, ifID: ifID)
                 policy = self.stack.policies.get(key: key)
@@ -163,7 +188,7 @@ public final class XfrmControlServer: XfrmTransport {
             do throws(PolicyDatabaseError) {
                 try self.stack.deletePolicy(index: policy.index, direction: policy.direction)
             } catch { throw ControlError(error.errno, "") }
-            return self.ack(m)
+            return []
         case (.getPolicy, .empty):
             var out = self.stack.policies.list().map { p -> XfrmMessage in
                 var msg = self.policyMessage(p, type: .newPolicy, sequence: m.sequence)
@@ -173,8 +198,9 @@ public final class XfrmControlServer: XfrmTransport {
             out.append(XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi, sequence: m.sequence, body: .done))
             return out
         case (.flushPolicy, _):
+            try Self.checkPolicyType(m.attributes)  // ≈ xfrm_flush_policy: a flush of sub policies flushes no main one
             self.stack.flushPolicies()
-            return self.ack(m)
+            return []
         case (.getSPDInfo, _):
             var s = XfrmSPDInfo()
             s.inCount = UInt32(self.stack.policies.count(.inbound))
@@ -190,7 +216,7 @@ public final class XfrmControlServer: XfrmTransport {
                 default: throw .invalid("Invalid default policy action \(v)")
                 }
             }
-            return self.ack(m)
+            return []
         case (.getDefault, _):
             return [XfrmMessage(type: XfrmMessageType.getDefault.rawValue, flags: 0, sequence: m.sequence,
                                 body: .policyDefault(inbound: self.stack.defaultAction(.inbound).rawValue,

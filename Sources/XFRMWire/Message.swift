@@ -410,7 +410,7 @@ public struct XfrmMessage: Equatable, Sendable {
         case .newSA, .updSA: body = .saInfo(try .decode(&r))
         case .delSA: body = .saID(try .decode(&r))
         case .getSA:
-            if request && flags & NetlinkFlags.dump == NetlinkFlags.dump {
+            if request && flags & NetlinkFlags.dump != 0 {
                 body = .empty
             } else {
                 body = .saID(try .decode(&r))
@@ -418,7 +418,7 @@ public struct XfrmMessage: Equatable, Sendable {
         case .newPolicy, .updPolicy: body = .policyInfo(try .decode(&r))
         case .delPolicy: body = .policyID(try .decode(&r))
         case .getPolicy:
-            if request && flags & NetlinkFlags.dump == NetlinkFlags.dump {
+            if request && flags & NetlinkFlags.dump != 0 {
                 body = .empty
             } else {
                 body = .policyID(try .decode(&r))

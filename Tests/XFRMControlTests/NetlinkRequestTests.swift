@@ -1,0 +1,136 @@
+import Testing
+import XFRMCommandLine
+import XFRMControl
+import XFRMCore
+import XFRMPacket
+import XFRMWire
+
+/// How requests are taken and answered as netlink_rcv_skb and xfrm_user_rcv_msg take them: acknowledgements,
+/// what is not a request, dump flags, and policy requests' type, mark and if_id.
+@Suite("User API: netlink request handling")
+struct NetlinkRequestTests {
+    private func server() throws -> XfrmControlServer {
+        let server = XfrmControlServer(stack: XFRMStack(clock: ManualClock()))
+        for line in [
+            "state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 mode tunnel aead rfc4106(gcm(aes)) "
+                + "0x0102030405060708090a0b0c0d0e0f1011121314 128",
+            "policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out index 0x1a9 tmpl src 192.0.2.1 dst 192.0.2.2 proto esp mode tunnel",
+            "policy add src 10.0.3.0/24 dst 10.0.4.0/24 dir out mark 7 mask 0xff tmpl src 192.0.2.1 dst 192.0.2.2 proto esp mode tunnel",
+        ] {
+            _ = try runXfrmCommand(line.split(separator: " ").map(String.init), options: XfrmCLIOptions(),
+                                   transport: Recorder(server))
+        }
+        return server
+    }
+
+    private func errno(_ replies: [XfrmMessage]) -> Int32? {
+        guard case .error(let e, _) = replies.last?.body else { return nil }
+        return e
+    }
+
+    private var saID: XfrmUserSAID {
+        var id = XfrmUserSAID()
+        id.daddr = XfrmAddress(IPAddress("192.0.2.2")!)
+        id.spi = 0x100
+        id.family = AddressFamily.inet
+        id.proto = XfrmProto.esp
+        return id
+    }
+
+    @Test("a GET with NLM_F_ACK gets its reply and then an ACK; without, the reply alone; a dump never an ACK")
+    func getsAreAcked() throws {
+        let server = try self.server()
+        let acked = server.request(XfrmMessage(.getSA, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                               body: .saID(self.saID)))
+        #expect(acked.count == 2)
+        #expect(acked.first?.type == XfrmMessageType.newSA.rawValue)
+        #expect(self.errno(acked) == 0, "the trailing ACK")
+        let plain = server.request(XfrmMessage(.getSA, flags: NetlinkFlags.request, body: .saID(self.saID)))
+        #expect(plain.count == 1 && plain.first?.type == XfrmMessageType.newSA.rawValue)
+        let dump = server.request(XfrmMessage(.getSA, flags: NetlinkFlags.request | NetlinkFlags.dump | NetlinkFlags.ack,
+                                              body: .empty))
+        #expect(dump.last?.type == NetlinkControlType.done, "a dump ends with DONE, no ACK after it")
+        let info = server.request(XfrmMessage(.getSPDInfo, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                              body: .infoRequest(flags: 0xffff_ffff)))
+        #expect(info.count == 2 && self.errno(info) == 0)
+        // A change is acked once, not twice.
+        let flush = server.request(XfrmMessage(.flushSA, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                               body: .flushSA(proto: XfrmProto.esp)))
+        #expect(flush.count == 1 && self.errno(flush) == 0)
+    }
+
+    @Test("either NLM_F_DUMP bit starts a dump, as xfrm_user_rcv_msg tests nlmsg_flags & NLM_F_DUMP")
+    func eitherDumpBit() throws {
+        let server = try self.server()
+        for bit: UInt16 in [0x100, 0x200] {  // NLM_F_ROOT, NLM_F_MATCH
+            var header = XfrmMessage(.getPolicy, flags: NetlinkFlags.request | bit, body: .empty).encode()
+            header = Array(header.prefix(16))
+            header[0] = 16
+            let replies = server.request(raw: header)
+            #expect(replies.last?.type == NetlinkControlType.done, "flags \(bit)")
+            #expect(replies.count == 3, "two policies and DONE")
+        }
+    }
+
+    @Test("a message without NLM_F_REQUEST, or a control message, is not executed; it is acked only when it asks")
+    func notARequest() throws {
+        let server = try self.server()
+        let flush = XfrmMessage(.flushPolicy, flags: NetlinkFlags.ack, body: .flushPolicy).encode()
+        let replies = server.request(raw: flush)
+        #expect(replies.count == 1 && self.errno(replies) == 0)
+        #expect(server.stack.policies.list().count == 2, "nothing flushed")
+        let silent = XfrmMessage(.flushPolicy, flags: 0, body: .flushPolicy).encode()
+        #expect(server.request(raw: silent).isEmpty)
+        #expect(server.stack.policies.list().count == 2)
+        var control = Array(silent.prefix(16))
+        control[0] = 16
+        control[4] = UInt8(NetlinkControlType.done)
+        control[6] = UInt8(NetlinkFlags.request | NetlinkFlags.ack)
+        let controlReplies = server.request(raw: control)
+        #expect(controlReplies.count == 1 && self.errno(controlReplies) == 0)
+    }
+
+    @Test("flushing, getting or deleting sub policies touches no main policy: EINVAL (no CONFIG_XFRM_SUB_POLICY)")
+    func subPolicyRequestsRefused() throws {
+        let server = try self.server()
+        let flush = server.request(XfrmMessage(.flushPolicy, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                               body: .flushPolicy, attributes: [.policyType(1)]))
+        #expect(self.errno(flush) == -Errno.EINVAL)
+        #expect(server.stack.policies.list().count == 2)
+        var id = XfrmUserPolicyID()
+        id.index = 0x1a9
+        id.dir = 1
+        let delete = server.request(XfrmMessage(.delPolicy, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                                body: .policyID(id), attributes: [.policyType(1)]))
+        #expect(self.errno(delete) == -Errno.EINVAL)
+        #expect(server.stack.policies.list().count == 2)
+        let main = server.request(XfrmMessage(.flushPolicy, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                              body: .flushPolicy, attributes: [.policyType(0)]))
+        #expect(self.errno(main) == 0)
+        #expect(server.stack.policies.list().count == 0)
+    }
+
+    @Test("a policy found by index must have the request's mark and if_id too (xfrm_policy_byid)")
+    func indexLookupMatchesMarkAndIfID() throws {
+        let server = try self.server()
+        let marked = try #require(server.stack.policies.list().first { $0.mark.value == 7 })
+        var id = XfrmUserPolicyID()
+        id.index = marked.index
+        id.dir = 1
+        let unmarked = server.request(XfrmMessage(.getPolicy, flags: NetlinkFlags.request, body: .policyID(id)))
+        #expect(self.errno(unmarked) == -Errno.ENOENT)
+        let wrongIfID = server.request(XfrmMessage(.delPolicy, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                                   body: .policyID(id),
+                                                   attributes: [.mark(XfrmMark(value: 7, mask: 0xff)), .ifID(3)]))
+        #expect(self.errno(wrongIfID) == -Errno.ENOENT)
+        #expect(server.stack.policies.list().count == 2)
+        let found = server.request(XfrmMessage(.getPolicy, flags: NetlinkFlags.request, body: .policyID(id),
+                                               attributes: [.mark(XfrmMark(value: 7, mask: 0xff))]))
+        #expect(found.first?.type == XfrmMessageType.newPolicy.rawValue)
+        id.index = 0x1a9
+        let plain = server.request(XfrmMessage(.delPolicy, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                               body: .policyID(id)))
+        #expect(self.errno(plain) == 0)
+        #expect(server.stack.policies.list().count == 1)
+    }
+}

@@ -33,6 +33,21 @@ public final class XfrmControlServer: XfrmTransport {
                                            sequence: m.sequence, portID: m.portID), errno: 0, message: "")]
     }
 
+    /// ≈ xfrm_reject_unused_attr, before any handler runs: XFRMA_SA_DIR belongs to NEWSA, UPDSA and ALLOCSPI,
+    /// XFRMA_SA_PCPU to those and ACQUIRE; anywhere else the request is refused whole.
+    static func rejectUnusedAttributes(_ type: XfrmMessageType, _ attributes: [XfrmAttribute]) throws(ControlError) {
+        for a in attributes {
+            switch a {
+            case .saDir where ![.newSA, .updSA, .allocSPI].contains(type):
+                throw .invalid("Invalid attribute SA_DIR")
+            case .saPCPU where ![.newSA, .updSA, .allocSPI, .acquire].contains(type):
+                throw .invalid("Invalid attribute SA_PCPU")
+            default:
+                continue
+            }
+        }
+    }
+
     /// NLMSG_MIN_TYPE: below it, netlink's own control messages.
     static let minimumType: UInt16 = 0x10
 
@@ -105,10 +120,21 @@ public final class XfrmControlServer: XfrmTransport {
     // swiftlint:disable:next cyclomatic_complexity
     private func dispatch(_ m: XfrmMessage) throws(ControlError) -> [XfrmMessage] {
         guard let type = m.messageType else { throw ControlError(Errno.EOPNOTSUPP, "Unsupported message type \(m.type)") }
+        try Self.rejectUnusedAttributes(type, m.attributes)
         switch (type, m.body) {
         case (.newSA, .saInfo(let info)), (.updSA, .saInfo(let info)):
             let sa = try self.buildSA(info, m.attributes, update: type == .updSA)
             let offload = try self.offloadRequest(sa, m.attributes)
+            // ≈ xfrm_state_construct's xfrm_update_ae_params: curlft and the thresholds a key manager carries over
+            // (strongSwan's update_sa moves an SA with what GETAE read from the old one).
+            for a in m.attributes {
+                switch a {
+                case .lifetimeValue(let l): sa.setCurrentLifetime(LifetimeCurrent(l))
+                case .replayThreshold(let v): sa.setEventThresholds(replayMaxDiff: v, replayMaxAge: nil)
+                case .timerThreshold(let v): sa.setEventThresholds(replayMaxDiff: nil, replayMaxAge: v)
+                default: continue
+                }
+            }
             do throws(StateDatabaseError) {
                 if type == .newSA {
                     try self.stack.addState(sa, offload: offload)
@@ -125,6 +151,11 @@ public final class XfrmControlServer: XfrmTransport {
             do throws(StateDatabaseError) {
                 try self.stack.deleteState(sa.id, mark: sa.config.mark)
             } catch { throw ControlError(error.errno, "") }
+            return []
+        case (.getAE, .aevent(let a)):
+            return try self.getAE(a, m)
+        case (.newAE, .aevent(let a)):
+            try self.newAE(a, m)
             return []
         case (.getSA, .saID(let id)):
             self.stack.syncDeviceStats()
@@ -227,7 +258,7 @@ public final class XfrmControlServer: XfrmTransport {
         }
     }
 
-    private func findSA(_ id: XfrmUserSAID, _ m: XfrmMessage) throws(ControlError) -> SecurityAssociation {
+    func findSA(_ id: XfrmUserSAID, _ m: XfrmMessage) throws(ControlError) -> SecurityAssociation {
         guard let daddr = id.daddr.ip(family: id.family) else { throw .invalid("Invalid address family \(id.family)") }
         let mark = m.attribute { if case .mark(let x) = $0 { return x } else { return nil } }
         guard let sa = self.stack.states.get(SAID(destination: daddr, spi: id.spi, proto: id.proto),
@@ -386,22 +417,37 @@ public final class XfrmControlServer: XfrmTransport {
             if info.flags & (XfrmStateFlag.decapDSCP | XfrmStateFlag.icmp | XfrmStateFlag.wildRecv) != 0 {
                 throw .invalid("Flags unsupported for output SA")
             }
+            // ≈ verify_replay with XFRMA_SA_DIR (Linux 6.10, the non-ESN limits 6.16): on XFRMA_REPLAY_ESN_VAL only;
+            // the legacy XFRMA_REPLAY_VAL is not checked.
             if config.replayWindow != 0 { throw .invalid("Replay window should be 0 for output SA") }
-            if let r = replayESN, r.seq != 0 || r.seqHi != 0 || !r.bitmap.allSatisfy({ $0 == 0 }) {
-                throw .invalid("Replay seq, seq_hi, bmp_len should be 0 for output SA")
-            }
-            if let r = replay, r.seq != 0 || r.bitmap != 0 {
-                throw .invalid("Replay seq and bitmap should be 0 for output SA")
+            if let r = replayESN {
+                if r.seq != 0 || r.seqHi != 0 { throw .invalid("Replay seq and seq_hi should be 0 for output SA") }
+                if !esn && r.oseqHi != 0 {
+                    throw .invalid("Replay oseq_hi should be 0 in non-ESN mode for output SA")
+                }
+                if !esn && r.oseq == UInt32.max {
+                    throw .invalid("Replay oseq should be less than 0xFFFFFFFF in non-ESN mode for output SA")
+                }
+                if esn && r.oseq == UInt32.max && r.oseqHi == UInt32.max {
+                    throw .invalid("Replay oseq and oseq_hi should be less than 0xFFFFFFFF for output SA")
+                }
+                if !r.bitmap.isEmpty { throw .invalid("Replay bmp_len should 0 for output SA") }
             }
         } else if config.direction == .inbound {
             if info.flags & XfrmStateFlag.noPMTUDisc != 0 { throw .invalid("Flag NOPMTUDISC can't be set on input SA") }
             if config.extraFlags & (XfrmStateExtraFlag.dontEncapDSCP | XfrmStateExtraFlag.oseqMayWrap) != 0 {
                 throw .invalid("Flags unsupported for input SA")
             }
-            if let r = replayESN, r.oseq != 0 || r.oseqHi != 0 {
-                throw .invalid("Replay oseq and oseq_hi should be 0 for input SA")
+            if let r = replayESN {
+                if r.oseq != 0 || r.oseqHi != 0 { throw .invalid("Replay oseq and oseq_hi should be 0 for input SA") }
+                if !esn && r.seqHi != 0 { throw .invalid("Replay seq_hi should be 0 in non-ESN mode for input SA") }
+                if !esn && r.seq == UInt32.max {
+                    throw .invalid("Replay seq should be less than 0xFFFFFFFF in non-ESN mode for input SA")
+                }
+                if esn && r.seq == UInt32.max && r.seqHi == UInt32.max {
+                    throw .invalid("Replay seq and seq_hi should be less than 0xFFFFFFFF for input SA")
+                }
             }
-            if let r = replay, r.oseq != 0 { throw .invalid("Replay oseq should be 0 for input SA") }
         }
         // ≈ verify_newsa_info (Linux 6.13): a per-CPU SA must say its direction; then xfrm_state_construct: the CPU
         // must exist (ERANGE).

@@ -173,7 +173,15 @@ public final class SecurityAssociation: @unchecked Sendable {
         var offload: StateOffload?
         /// The device's counters at the last sync, to fold only the increments into the global counters.
         var lastDeviceCounters = DeviceSACounters()
+        /// The async-event thresholds a key manager may set and read back (x->replay_maxdiff, x->replay_maxage in
+        /// jiffies; the kernel's defaults: 2 packets, and 1 s at Debian's HZ of 250). Kept and listed only: no
+        /// replay-state events are sent.
+        var replayMaxDiff: UInt32 = 2
+        var replayMaxAge: UInt32 = SecurityAssociation.jiffiesPerSecond
     }
+
+    /// CONFIG_HZ of the kernel whose units XFRMA_ETIMER_THRESH follows (Debian's: 250).
+    static let jiffiesPerSecond: UInt32 = 250
     let mutable: XFRMMutex<Mutable>
     /// The if_id, read per packet without a lock; `update` may set it (≈ xfrm_state_update's if_id copy).
     private let ifIDValue: Atomic<UInt32>

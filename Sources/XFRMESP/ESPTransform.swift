@@ -157,6 +157,18 @@ public final class ESPTransform: @unchecked Sendable {
         self.state.pointee.replay.reset(top: top)
     }
 
+    /// Replaces the inbound replay state with a restored one (≈ XFRM_MSG_NEWAE's copy into x->replay or
+    /// x->replay_esn): `top` the highest number received, the numbers below it received as `bitmap` says (none when
+    /// nil). The window keeps its size.
+    public func setInboundReplay(top: UInt64, bitmap: ReplayBitmap?) {
+        let size = self.config.replayWindow
+        self.state.pointee.replay = if let bitmap {
+            ReplayWindow(size: size, esn: self.esn, top: top, bitmap: bitmap)
+        } else {
+            ReplayWindow(size: size, esn: self.esn, top: top)
+        }
+    }
+
     // MARK: - Sequence numbers (≈ xfrm_replay_overflow)
 
     /// Takes the next outbound sequence number, or nil when the space is exhausted: at 2^32 without ESN (unless

@@ -38,6 +38,8 @@ public struct XfrmSPDInfo: Equatable, Sendable {
 public enum XfrmBody: Equatable, Sendable {
     case saInfo(XfrmUserSAInfo)
     case saID(XfrmUserSAID)
+    /// XFRM_MSG_NEWAE / GETAE.
+    case aevent(XfrmAEventID)
     case policyInfo(XfrmUserPolicyInfo)
     case policyID(XfrmUserPolicyID)
     case spiInfo(XfrmUserSPIInfo)
@@ -89,6 +91,12 @@ public enum XfrmAttribute: Equatable, Sendable {
     /// XFRMA_MTIMER_THRESH (u32 seconds): at most one XFRM_MSG_MAPPING per this many seconds for the same new port
     /// of a NAT-T input SA (x->mapping_maxage).
     case mappingMaxAge(UInt32)
+    /// XFRMA_LTIME_VAL: an SA's current lifetime (curlft), on NEWAE and on NEWSA (a key manager moving an SA).
+    case lifetimeValue(XfrmLifetimeCur)
+    /// XFRMA_REPLAY_THRESH (u32): x->replay_maxdiff.
+    case replayThreshold(UInt32)
+    /// XFRMA_ETIMER_THRESH (u32): x->replay_maxage.
+    case timerThreshold(UInt32)
     case proto(UInt8)
     case unknown(type: UInt16, payload: [UInt8])
 
@@ -116,6 +124,9 @@ public enum XfrmAttribute: Equatable, Sendable {
         case .saDir: XfrmAttributeType.saDir.rawValue
         case .saPCPU: XfrmAttributeType.saPCPU.rawValue
         case .mappingMaxAge: XfrmAttributeType.mtimerThresh.rawValue
+        case .lifetimeValue: XfrmAttributeType.ltimeVal.rawValue
+        case .replayThreshold: XfrmAttributeType.replayThresh.rawValue
+        case .timerThreshold: XfrmAttributeType.etimerThresh.rawValue
         case .proto: XfrmAttributeType.proto.rawValue
         case .unknown(let t, _): t
         }
@@ -140,7 +151,10 @@ public enum XfrmAttribute: Equatable, Sendable {
         case .mark(let m):
             w.u32(m.value)
             w.u32(m.mask)
-        case .tfcPad(let v), .extraFlags(let v), .ifID(let v), .saPCPU(let v), .mappingMaxAge(let v): w.u32(v)
+        case .tfcPad(let v), .extraFlags(let v), .ifID(let v), .saPCPU(let v), .mappingMaxAge(let v),
+            .replayThreshold(let v), .timerThreshold(let v):
+            w.u32(v)
+        case .lifetimeValue(let c): c.encode(&w)
         case .offloadDevice(let o):
             w.i32(o.ifindex)
             w.u8(o.flags)
@@ -180,6 +194,9 @@ public enum XfrmAttribute: Equatable, Sendable {
         case .saDir: return .saDir(try r.u8())
         case .saPCPU: return .saPCPU(try r.u32())
         case .mtimerThresh: return .mappingMaxAge(try r.u32())
+        case .ltimeVal: return .lifetimeValue(try .decode(&r))
+        case .replayThresh: return .replayThreshold(try r.u32())
+        case .etimerThresh: return .timerThreshold(try r.u32())
         case .proto: return .proto(try r.u8())
         default: return .unknown(type: type, payload: p)
         }
@@ -254,6 +271,7 @@ public struct XfrmMessage: Equatable, Sendable {
         switch self.body {
         case .saInfo(let s): s.encode(&w)
         case .saID(let s): s.encode(&w)
+        case .aevent(let a): a.encode(&w)
         case .policyInfo(let p): p.encode(&w)
         case .policyID(let p): p.encode(&w)
         case .spiInfo(let s):
@@ -450,6 +468,8 @@ public struct XfrmMessage: Equatable, Sendable {
             body = .acquire(a)
         case .mapping:
             body = .mapping(try .decode(&r))
+        case .newAE, .getAE:
+            body = .aevent(try .decode(&r))
         case .flushSA:
             body = .flushSA(proto: try r.u8())
             if r.remaining >= 3 { try r.skip(3) }

@@ -348,6 +348,40 @@ public struct XfrmUserSAID: Equatable, Sendable {
     }
 }
 
+/// struct xfrm_aevent_id (48 bytes): XFRM_MSG_NEWAE / GETAE, the SA's id, source, the XFRM_AE_* flags and reqid.
+public struct XfrmAEventID: Equatable, Sendable {
+    public var saID = XfrmUserSAID()
+    public var saddr = XfrmAddress()
+    public var flags: UInt32 = 0
+    public var reqid: UInt32 = 0
+    public init() {}
+    public func encode(_ w: inout WireWriter) {
+        self.saID.encode(&w)
+        self.saddr.encode(&w)
+        w.u32(self.flags)
+        w.u32(self.reqid)
+    }
+    public static func decode(_ r: inout WireReader) throws(WireError) -> XfrmAEventID {
+        var a = XfrmAEventID()
+        a.saID = try .decode(&r)
+        a.saddr = try .decode(&r)
+        a.flags = try r.u32()
+        a.reqid = try r.u32()
+        return a
+    }
+}
+
+/// enum xfrm_ae_ftype_t: what an XFRM_MSG_NEWAE carries or asks for.
+public enum XfrmAEFlag {
+    public static let replayThreshold: UInt32 = 1
+    public static let replayValue: UInt32 = 2
+    public static let lifetimeValue: UInt32 = 4
+    public static let timerThreshold: UInt32 = 8
+    public static let causeReplay: UInt32 = 16
+    public static let causeTimer: UInt32 = 32
+    public static let causeUpdate: UInt32 = 64
+}
+
 /// struct xfrm_user_mapping (64 bytes): XFRM_MSG_MAPPING, a NAT-T peer seen at a new address or port.
 public struct XfrmUserMapping: Equatable, Sendable {
     public var id = XfrmUserSAID()

@@ -171,9 +171,7 @@ public final class XfrmControlServer: XfrmTransport {
             out.append(XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi, sequence: m.sequence, body: .done))
             return out
         case (.flushSA, .flushSA(let proto)):
-            guard proto == 0 || proto == XfrmProto.any || [XfrmProto.esp, XfrmProto.ah, XfrmProto.comp].contains(proto) else {
-                throw .invalid("Invalid protocol \(proto) to flush")
-            }
+            // ≈ xfrm_flush_sa: any protocol number; one no SA has flushes nothing, and an empty table is success.
             self.stack.flushStates(proto: proto)
             return []
         case (.allocSPI, .spiInfo(let spi)):
@@ -239,12 +237,13 @@ public final class XfrmControlServer: XfrmTransport {
             s.fwdCount = UInt32(self.stack.policies.count(.forward))
             return [XfrmMessage(type: XfrmMessageType.newSPDInfo.rawValue, flags: 0, sequence: m.sequence, body: .spdInfo(s))]
         case (.setDefault, .policyDefault(let i, let f, let o)):
+            // ≈ xfrm_set_default: each direction whose value is block or accept is set; any other value (unset, or
+            // one no kernel knows) leaves that direction as it is, and the request succeeds.
             for (v, d) in [(i, PolicyDirection.inbound), (f, .forward), (o, .outbound)] {
                 switch v {
-                case XfrmPolicyDefault.unset: continue
                 case XfrmPolicyDefault.block: self.stack.setDefault(.block, for: d)
                 case XfrmPolicyDefault.accept: self.stack.setDefault(.accept, for: d)
-                default: throw .invalid("Invalid default policy action \(v)")
+                default: continue
                 }
             }
             return []
@@ -358,7 +357,10 @@ public final class XfrmControlServer: XfrmTransport {
             } else if let crypt {
                 let a = authTrunc ?? auth
                 var trunc: Int? = nil
-                if let t = authTrunc { trunc = Int(t.lengthBits) } else if let a = auth, let alg = AuthAlgorithm(name: a.name) {
+                // ≈ attach_auth_trunc: a truncation of 0 is the algorithm's default (its icv_truncbits).
+                if let t = authTrunc, t.lengthBits != 0 {
+                    trunc = Int(t.lengthBits)
+                } else if let a, let alg = AuthAlgorithm(name: a.name) {
                     trunc = alg.kernelDefaultTruncationBits
                 }
                 let spec = try ESPCryptoSpec.cipher(name: crypt.name, key: crypt.key, authName: a?.name,

@@ -133,4 +133,43 @@ struct NetlinkRequestTests {
         #expect(self.errno(plain) == 0)
         #expect(server.stack.policies.list().count == 1)
     }
+
+    @Test("SETDEFAULT sets only the directions given block or accept, ignoring other values, and succeeds (xfrm_set_default)")
+    func setDefaultIgnoresInvalidValues() throws {
+        let server = try self.server()
+        let r = server.request(XfrmMessage(.setDefault, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                           body: .policyDefault(inbound: XfrmPolicyDefault.block, forward: 3,
+                                                                outbound: XfrmPolicyDefault.block)))
+        #expect(self.errno(r) == 0)
+        #expect(server.stack.defaultAction(.inbound) == .block && server.stack.defaultAction(.outbound) == .block)
+        #expect(server.stack.defaultAction(.forward) == .accept, "3 is no action: forward unchanged")
+    }
+
+    @Test("FLUSHSA takes any protocol number; one no SA has flushes nothing (xfrm_flush_sa)")
+    func flushAnyProtocol() throws {
+        let server = try self.server()
+        let r = server.request(XfrmMessage(.flushSA, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                           body: .flushSA(proto: 43)))
+        #expect(self.errno(r) == 0)
+        #expect(server.stack.states.count == 1)
+    }
+
+    @Test("AUTH_TRUNC with a truncation of 0 takes the algorithm's default (attach_auth_trunc)")
+    func authTruncZeroIsTheDefault() throws {
+        let server = XfrmControlServer(stack: XFRMStack(clock: ManualClock()))
+        let rec = Recorder(XfrmControlServer(stack: XFRMStack(clock: ManualClock())))
+        let line = "state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 mode tunnel enc cbc(aes) "
+            + "0x0102030405060708090a0b0c0d0e0f10 auth-trunc hmac(sha256) "
+            + "0x0102030405060708090a0b0c0d0e0f100102030405060708090a0b0c0d0e0f10 128"
+        _ = try runXfrmCommand(line.split(separator: " ").map(String.init), options: XfrmCLIOptions(), transport: rec)
+        var m = try #require(rec.requests.first)
+        m.attributes = m.attributes.map { a in
+            guard case .algAuthTrunc(var x) = a else { return a }
+            x.lengthBits = 0
+            return .algAuthTrunc(x)
+        }
+        #expect(self.errno(server.request(m)) == 0, "accepted")
+        let sa = try #require(server.stack.states.list().first)
+        #expect(sa.transform?.cipher.icvLength == 12, "hmac(sha256)'s icv_truncbits in the kernel's table: 96")
+    }
 }

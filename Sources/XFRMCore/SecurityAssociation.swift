@@ -64,6 +64,8 @@ public struct SAConfig: Sendable {
     public var mode: ESPMode
     public var replayWindow: Int
     public var flags: UInt8
+    /// XFRM_STATE_ICMP in `flags`: the SA also carries ICMP errors about the traffic its selector covers.
+    public static let icmpFlag: UInt8 = 16
     public var extraFlags: UInt32
     public var mark: Mark
     public var ifID: UInt32

@@ -439,16 +439,36 @@ extension XFRMStack {
         let localIfindex = known ?? self.network.localInterface(owning: flow.destination)
         let local = localIfindex != nil
         flow.ifindex = localIfindex ?? self.network.egress(to: flow.destination)?.ifindex ?? 0
+        // An ICMP error is also judged by the packet it quotes (≈ xfrm_icmp_flow_decode); a verdict reached that way
+        // depends on more than the flow and is not cached.
+        var quotedDecided = false
         // A peer may only inject traffic its SAs' selectors allow: without this, one SA's holder could send inner
-        // addresses belonging to another SA whenever the policy is wider than the SA selectors.
+        // addresses belonging to another SA whenever the policy is wider than the SA selectors. An SA with flag
+        // `icmp` also lets through an ICMP error whose quoted packet, reversed, its selector covers
+        // (≈ xfrm_selector_inner_icmp_match): a router inside the tunnel reporting on the SA's own traffic.
         for i in 0..<secpath.count where !secpath[i].config.selector.covers(flow) {
+            if secpath[i].config.flags & SAConfig.icmpFlag != 0,
+                let quoted = flow.quotedReverse(packet.data, count: packet.count),
+                secpath[i].config.selector.covers(quoted)
+            {
+                quotedDecided = true
+                continue
+            }
             self.statistics.increment(.inStateMismatch)
             return .dropped(.inStateMismatch)
         }
         let direction: PolicyDirection = local ? .inbound : .forward
         // ≈ __xfrm_check_nopolicy: no policy in this direction and no secpath — the default decides, no lookup.
-        let policy = secpath.count == 0 && self.policies.count(direction) == 0
+        var policy = secpath.count == 0 && self.policies.count(direction) == 0
             ? nil : self.policies.lookup(direction, flow, usedAt: now)
+        // ≈ xfrm_in_fwd_icmp (Linux 6.8): a forwarded ICMP error no FWD policy takes is judged by the FWD policy of
+        // the flow it quotes, reversed — so a plaintext error about protected traffic meets that policy's templates.
+        if policy == nil, direction == .forward, self.policies.count(.forward) != 0,
+            let quoted = flow.quotedReverse(packet.data, count: packet.count)
+        {
+            policy = self.policies.lookup(.forward, quoted, usedAt: now)
+            quotedDecided = policy != nil
+        }
         guard let policy else {
             // No policy: with a blocking default the packet is XfrmInNoPols; otherwise a tunnel-mode SA in the
             // secpath still needs one (XfrmInNoPols), unless a crypto-offload device decrypted it.
@@ -484,7 +504,7 @@ extension XFRMStack {
             self.statistics.increment(.inTmplMismatch)
             return .dropped(.inTmplMismatch)
         }
-        if cacheTag != 0 {
+        if cacheTag != 0 && !quotedDecided {
             self.inputCache.store(
                 InputCache.Entry(flow: cacheKey, tag: cacheTag, generation: generation,
                                  value: InputDecision(local: local, policyIndex: policy.index, direction: direction)),

@@ -51,12 +51,18 @@ public final class XfrmControlServer: XfrmTransport {
     /// NLMSG_MIN_TYPE: below it, netlink's own control messages.
     static let minimumType: UInt16 = 0x10
 
-    /// ≈ copy_from_user_policy_type + verify_policy_type: only main policies exist here (no sub policies, as a kernel
-    /// without CONFIG_XFRM_SUB_POLICY), so a request naming another type is refused rather than applied to them.
-    static func checkPolicyType(_ attributes: [XfrmAttribute]) throws(ControlError) {
+    /// ≈ copy_from_user_policy_type + verify_policy_type: the policy type a request names (main when it names none);
+    /// EINVAL for one that is neither main nor sub. Sub policies cannot be added here, so a request about them
+    /// finds none (a flush flushes nothing, a get or delete is ENOENT), as on a kernel with CONFIG_XFRM_SUB_POLICY
+    /// (Debian's) that holds no sub policy — never the main policies.
+    static func policyType(_ attributes: [XfrmAttribute]) throws(ControlError) -> UInt8 {
         for a in attributes {
-            if case .policyType(let t) = a, t != 0 { throw .invalid("Only the main policy type is supported") }
+            if case .policyType(let t) = a {
+                guard t <= 1 else { throw .invalid("Invalid policy type") }
+                return t
+            }
         }
+        return 0
     }
 
     private func fail(_ m: XfrmMessage, _ e: ControlError) -> [XfrmMessage] {
@@ -196,7 +202,7 @@ public final class XfrmControlServer: XfrmTransport {
             } catch { throw ControlError(error.errno, error.errno == Errno.EINVAL ? error.message : "") }
             return []
         case (.delPolicy, .policyID(let id)), (.getPolicy, .policyID(let id)):
-            try Self.checkPolicyType(m.attributes)
+            guard try Self.policyType(m.attributes) == 0 else { throw ControlError(Errno.ENOENT, "") }
             guard let dir = PolicyDirection(rawValue: id.dir) else { throw .invalid("Invalid policy direction \(id.dir)") }
             let policy: Policy?
             let mark = m.attribute { if case .mark(let x) = $0 { return x } else { return nil } }
@@ -227,8 +233,8 @@ public final class XfrmControlServer: XfrmTransport {
             out.append(XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi, sequence: m.sequence, body: .done))
             return out
         case (.flushPolicy, _):
-            try Self.checkPolicyType(m.attributes)  // ≈ xfrm_flush_policy: a flush of sub policies flushes no main one
-            self.stack.flushPolicies()
+            // ≈ xfrm_flush_policy: a flush of sub policies flushes no main one.
+            if try Self.policyType(m.attributes) == 0 { self.stack.flushPolicies() }
             return []
         case (.getSPDInfo, _):
             var s = XfrmSPDInfo()

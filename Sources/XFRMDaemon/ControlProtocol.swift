@@ -56,9 +56,11 @@ public enum ControlProtocol {
     static func bit(_ group: UInt32) -> UInt32 { 1 << (group - 1) }
 
     /// Answers every netlink message in one datagram from a client, each on its own (≈ netlink_rcv_skb): a
-    /// message whose length runs past the datagram (or is below a header) silently ends the datagram, as do
-    /// trailing bytes shorter than a header (keepalived sends a 16-byte message in a larger buffer); an
-    /// NLMSG_NOOP with a 4-byte body is the group join, passed to `join` and not answered.
+    /// message whose length runs past the datagram (or is below a header), or trailing bytes shorter than a header,
+    /// end the datagram — silently after a message, as the kernel (keepalived sends a 16-byte message in a larger
+    /// zeroed buffer), but with an EINVAL reply when nothing came before them (the kernel stays silent there too; a
+    /// client is not left waiting for an answer to garbage). An NLMSG_NOOP with a 4-byte body is the group join,
+    /// passed to `join` and not answered.
     public static func answer(datagram: [UInt8], server: XfrmControlServer, join: (UInt32) -> Void) -> [XfrmMessage] {
         let n = datagram.count
         var replies: [XfrmMessage] = []
@@ -66,7 +68,10 @@ public enum ControlProtocol {
         while off + 16 <= n {
             let length = Int(UInt32(datagram[off]) | UInt32(datagram[off + 1]) << 8 | UInt32(datagram[off + 2]) << 16
                              | UInt32(datagram[off + 3]) << 24)
-            guard length >= 16, off + length <= n else { break }
+            guard length >= 16, off + length <= n else {
+                if off == 0 { replies += server.request(raw: datagram) }  // the malformed message's error reply
+                break
+            }
             let message = Array(datagram[off..<(off + length)])
             let type = UInt16(message[4]) | UInt16(message[5]) << 8
             if type == NetlinkControlType.noop {
@@ -81,6 +86,9 @@ public enum ControlProtocol {
                 replies += server.request(raw: message)
             }
             off += (length + 3) & ~3
+        }
+        if off == 0 && n > 0 && n < 16 {
+            replies += server.request(raw: datagram)  // a datagram shorter than a header
         }
         return replies
     }

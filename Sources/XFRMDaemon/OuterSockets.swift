@@ -48,6 +48,10 @@ struct OuterSockets {
         self.udp4 = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard self.udp4 >= 0 else { throw fail("cannot open the UDP socket", errno) }
         _ = setsockopt(self.udp4, Int32(IPPROTO_IP), IP_PKTINFO, &one, intSize)
+        // The outer TOS of each datagram (IP_TOS control messages): its ECN field is what RFC 6040 decapsulation
+        // reads (a CE mark on the path reaches the inner packet). A GRO read holds datagrams of one TOS only
+        // (inet_gro_receive flushes on a different one).
+        _ = setsockopt(self.udp4, Int32(IPPROTO_IP), Sockopt.ipRecvTOS, &one, intSize)
         var addr = sockaddr_in()
         addr.sin_family = sa_family_t(AF_INET)
         addr.sin_port = udpPort.bigEndian
@@ -64,6 +68,7 @@ struct OuterSockets {
         let udp6 = socket(AF_INET6, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         for fd in [self.raw6, udp6] where fd >= 0 {
             _ = setsockopt(fd, Int32(IPPROTO_IPV6), Sockopt.ipv6RecvPktinfo, &one, intSize)
+            _ = setsockopt(fd, Int32(IPPROTO_IPV6), Sockopt.ipv6RecvTclass, &one, intSize)  // as IP_RECVTOS above
             _ = setsockopt(fd, Int32(IPPROTO_IPV6), Sockopt.ipv6V6only, &one, intSize)
         }
         var addr6 = sockaddr_in6()
@@ -126,7 +131,8 @@ final class OuterSource: PacketSource {
     let counters: DatapathCounters
     let engine: EngineCounters
     static let room = 3584  // the slot less headroom and the headers we prepend
-    /// Room for the source (IPV6_PKTINFO: CMSG_SPACE(20) = 40) and, with GRO, UDP_GRO (an int: 24).
+    /// Room for the destination (IPV6_PKTINFO: CMSG_SPACE(20) = 40), the traffic class (IPV6_TCLASS, an int: 24;
+    /// IP_TOS, a byte: 24) and, with GRO, UDP_GRO (an int: 24): 88 at most.
     static let controlSize = 96
     private let n = EngineConstants.batchSize
     private let bufs: UnsafeMutablePointer<UnsafeMutableRawPointer?>
@@ -230,7 +236,8 @@ final class OuterSource: PacketSource {
             guard case .v4(let dst)? = Self.pktinfoAddress(control) else { return false }
             let sin = withUnsafeBytes(of: from) { $0.load(as: sockaddr_in.self) }
             let ip = buf.prepend(28)
-            IPv4Header.write(ip, tos: 0, totalLength: buf.count, identification: 0, flags: 0, ttl: 64,
+            IPv4Header.write(ip, tos: Self.trafficClass(control), totalLength: buf.count, identification: 0, flags: 0,
+                             ttl: 64,
                              proto: UInt8(IPPROTO_UDP), source: UInt32(bigEndian: sin.sin_addr.s_addr), destination: dst)
             Self.writeUDP(ip + 20, sport: UInt16(bigEndian: sin.sin_port), dport: udpPort, length: 8 + n)
             return true
@@ -240,7 +247,7 @@ final class OuterSource: PacketSource {
             let src = withUnsafeMutableBytes(of: &sourceBytes) { IPAddress.loadV6(from: $0.baseAddress!, at: 0) }
             let udp = framing == .udp6
             let ip = buf.prepend(udp ? 48 : 40)
-            IPv6Header.write(ip, trafficClass: 0, flowLabel: 0, payloadLength: buf.count - 40,
+            IPv6Header.write(ip, trafficClass: Self.trafficClass(control), flowLabel: 0, payloadLength: buf.count - 40,
                              nextHeader: udp ? UInt8(IPPROTO_UDP) : UInt8(IPPROTO_ESP), hopLimit: 64, source: src,
                              destination: dst)
             if udp { Self.writeUDP(ip + 40, sport: UInt16(bigEndian: from.sin6_port), dport: udpPort, length: 8 + n) }
@@ -254,6 +261,19 @@ final class OuterSource: PacketSource {
         p.storeBE16(dport, at: 2)
         p.storeBE16(UInt16(truncatingIfNeeded: length), at: 4)
         p.storeBE16(0, at: 6)
+    }
+
+    /// The outer TOS / traffic class the datagram arrived with (an IP_TOS byte or an IPV6_TCLASS int), 0 without one.
+    static func trafficClass(_ c: UnsafeMutablePointer<UInt8>) -> UInt8 {
+        if let (raw, length) = Self.controlMessage(c, level: Int32(IPPROTO_IP), type: Int32(IP_TOS)), length >= 17 {
+            return raw.load(fromByteOffset: 16, as: UInt8.self)
+        }
+        if let (raw, length) = Self.controlMessage(c, level: Int32(IPPROTO_IPV6), type: Sockopt.ipv6Tclass),
+            length >= 20
+        {
+            return UInt8(truncatingIfNeeded: raw.load(fromByteOffset: 16, as: Int32.self))
+        }
+        return 0
     }
 
     /// The destination address from an IP_PKTINFO or IPV6_PKTINFO control message.
@@ -292,4 +312,6 @@ enum Sockopt {
     static let ipv6RecvPktinfo: Int32 = 49
     static let ipv6Pktinfo: Int32 = 50
     static let ipv6Tclass: Int32 = 67
+    static let ipv6RecvTclass: Int32 = 66
+    static let ipRecvTOS: Int32 = 13
 }

@@ -39,6 +39,17 @@ final class TUNSource: PacketSource {
         self.scratch.deallocate()
     }
 
+    /// The length an IP packet's header gives it (IPv4 total length, IPv6 40 + payload length), nil when `count`
+    /// bytes hold no header.
+    static func ipLength(_ p: UnsafeMutableRawPointer, count: Int) -> Int? {
+        guard count >= 20 else { return nil }
+        switch p.loadByte(at: 0) >> 4 {
+        case 4: return Int(p.loadBE16(at: 2))
+        case 6: return count >= 40 ? 40 + Int(p.loadBE16(at: 4)) : nil
+        default: return nil
+        }
+    }
+
     /// Part of a superpacket is still to be cut: the intake must call `read` again without waiting for the TUN.
     var hasPending: Bool { self.pending != nil }
 
@@ -54,11 +65,20 @@ final class TUNSource: PacketSource {
                     self.noBuffer()
                     break
                 }
-                let room = 2048
+                let room = buf.tailroom
                 let n = Glibc.read(self.fd, buf.append(room), room)
                 guard n > 0 else {
+                    buf.trimBack(room)
                     self.pool.release(buf)
                     break
+                }
+                // A packet larger than a buffer (a TUN MTU above it) comes in cut: the read fills the room (or, by
+                // tun_put_user's count, says more than it took). It is counted and dropped, never sent on cut.
+                guard n < room || (n == room && Self.ipLength(buf.data, count: n) == n) else {
+                    buf.trimBack(room)
+                    self.pool.release(buf)
+                    self.counters.tunBad.wrappingAdd(1, ordering: .relaxed)
+                    continue
                 }
                 buf.trimBack(room - n)
                 batch.append(PacketBatch.Packet(buf, stage: .output))
@@ -66,6 +86,15 @@ final class TUNSource: PacketSource {
             }
             let n = Glibc.read(self.fd, self.readBuffer, Self.readSize)
             if n < 0 { break }
+            // As above: a superpacket longer than the read buffer came in cut (a kernel that let a larger GSO packet
+            // through): dropped and counted, never cut from bytes that are not there.
+            guard n < Self.readSize
+                || Self.ipLength(self.readBuffer + VirtioNetHeader.size, count: n - VirtioNetHeader.size)
+                    == n - VirtioNetHeader.size
+            else {
+                self.counters.tunBad.wrappingAdd(1, ordering: .relaxed)
+                continue
+            }
             self.received(n)
         }
         let added = batch.count - before
@@ -166,8 +195,8 @@ final class TUNSource: PacketSource {
                 self.noBuffer()
                 return false
             }
-            let payload = (udp ? UDPOffload.payloadLength(packet, count: count)
-                : TCPOffload.payloadLength(packet, count: count)) ?? 0
+            let payload = (udp ? UDPOffload.payloadLength(packet, count: count, extensions: true)
+                : TCPOffload.payloadLength(packet, count: count, extensions: true)) ?? 0
             self.pending = next >= payload ? nil : (count, header, next)
         } catch {
             self.pending = nil

@@ -67,9 +67,10 @@ public enum TCPOffload {
     /// Why a packet from the TUN could not be used.
     public enum Failure: Error, Equatable { case malformed, unsupported }
 
-    /// The IP and TCP header lengths of a TCP packet (IPv4 without fragments, IPv6 without extension headers), or nil.
+    /// The IP and TCP header lengths of a TCP packet (IPv4 without fragments; IPv6 without extension headers, or
+    /// with `extensions` also behind hop-by-hop and destination options headers), or nil.
     @inline(__always)
-    static func tcpHeaders(_ p: UnsafeRawPointer, count: Int) -> (ip: Int, tcp: Int)? {
+    static func tcpHeaders(_ p: UnsafeRawPointer, count: Int, extensions: Bool = false) -> (ip: Int, tcp: Int)? {
         guard count >= 20 else { return nil }
         let version = p.load(fromByteOffset: 0, as: UInt8.self) >> 4
         let ip: Int
@@ -79,8 +80,8 @@ public enum TCPOffload {
                 UInt16(bigEndian: p.loadUnaligned(fromByteOffset: 6, as: UInt16.self)) & 0x3fff == 0
             else { return nil }
         } else if version == 6 {
-            ip = 40
-            guard p.load(fromByteOffset: 6, as: UInt8.self) == 6 else { return nil }
+            guard let l = Self.ipv6HeaderLength(p, count: count, proto: 6, extensions: extensions) else { return nil }
+            ip = l
         } else {
             return nil
         }
@@ -88,6 +89,28 @@ public enum TCPOffload {
         let tcp = Int(p.load(fromByteOffset: ip + 12, as: UInt8.self) >> 4) * 4
         guard tcp >= 20, count >= ip + tcp else { return nil }
         return (ip, tcp)
+    }
+
+    /// The length of an IPv6 header chain ending in `proto`: the fixed header alone, or with `extensions` also
+    /// hop-by-hop and destination options headers before it (what a socket's IPV6_HOPOPTS / IPV6_DSTOPTS adds to
+    /// each segment, ≈ ipv6_gso_segment walking them). A routing header is not taken: the transport checksum would
+    /// cover its final destination, not the header's (RFC 8200 §8.1); nor is a fragment header.
+    @inline(__always)
+    static func ipv6HeaderLength(_ p: UnsafeRawPointer, count: Int, proto: UInt8, extensions: Bool) -> Int? {
+        guard count >= 40 else { return nil }
+        var next = p.load(fromByteOffset: 6, as: UInt8.self)
+        var off = 40
+        if extensions {
+            var hops = 0
+            while next == IPProtocolNumber.hopByHop || next == IPProtocolNumber.destinationOptions {
+                hops += 1
+                guard hops <= 8, off + 8 <= count else { return nil }
+                if next == IPProtocolNumber.hopByHop && off != 40 { return nil }
+                next = p.load(fromByteOffset: off, as: UInt8.self)
+                off += (Int(p.load(fromByteOffset: off + 1, as: UInt8.self)) + 1) * 8
+            }
+        }
+        return next == proto ? off : nil
     }
 
     /// The pseudo-header sum (RFC 793 / RFC 8200 §8.1) for `length` bytes of protocol `proto`, unfolded.
@@ -119,7 +142,7 @@ public enum TCPOffload {
                                limit: Int = .max, scratch: UnsafeMutableRawPointer, scratchSize: Int,
                                _ emit: (_ bytes: UnsafeRawPointer, _ count: Int) -> Void) throws(Failure) -> Int
     {
-        guard let (ip, tcp) = Self.tcpHeaders(p, count: count) else { throw .unsupported }
+        guard let (ip, tcp) = Self.tcpHeaders(p, count: count, extensions: true) else { throw .unsupported }
         let headers = ip + tcp
         let mss = Int(header.gsoSize)
         guard mss > 0, headers + mss <= scratchSize else { throw .malformed }
@@ -173,8 +196,8 @@ public enum TCPOffload {
     }
 
     /// The TCP payload length of a packet `segment` accepts, or nil when it is not TCP.
-    public static func payloadLength(_ p: UnsafeRawPointer, count: Int) -> Int? {
-        guard let (ip, tcp) = Self.tcpHeaders(p, count: count) else { return nil }
+    public static func payloadLength(_ p: UnsafeRawPointer, count: Int, extensions: Bool = false) -> Int? {
+        guard let (ip, tcp) = Self.tcpHeaders(p, count: count, extensions: extensions) else { return nil }
         return count - ip - tcp
     }
 

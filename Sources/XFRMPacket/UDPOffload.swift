@@ -9,9 +9,10 @@ extension VirtioNetHeader {
 }
 
 public enum UDPOffload {
-    /// The IP header length of a UDP packet (IPv4 without fragments, IPv6 without extension headers), or nil.
+    /// The IP header length of a UDP packet (IPv4 without fragments; IPv6 without extension headers, or with
+    /// `extensions` behind hop-by-hop and destination options), or nil.
     @inline(__always)
-    static func ipHeaderLength(_ p: UnsafeRawPointer, count: Int) -> Int? {
+    static func ipHeaderLength(_ p: UnsafeRawPointer, count: Int, extensions: Bool = false) -> Int? {
         guard count >= 28 else { return nil }
         let version = p.load(fromByteOffset: 0, as: UInt8.self) >> 4
         if version == 4 {
@@ -21,13 +22,15 @@ public enum UDPOffload {
             else { return nil }
             return ip
         }
-        guard version == 6, count >= 48, p.load(fromByteOffset: 6, as: UInt8.self) == 17 else { return nil }
-        return 40
+        guard version == 6, let ip = TCPOffload.ipv6HeaderLength(p, count: count, proto: 17, extensions: extensions),
+            count >= ip + 8
+        else { return nil }
+        return ip
     }
 
     /// The UDP payload length of a packet `ipHeaderLength` accepts, or nil when it is not UDP.
-    public static func payloadLength(_ p: UnsafeRawPointer, count: Int) -> Int? {
-        guard let ip = Self.ipHeaderLength(p, count: count) else { return nil }
+    public static func payloadLength(_ p: UnsafeRawPointer, count: Int, extensions: Bool = false) -> Int? {
+        guard let ip = Self.ipHeaderLength(p, count: count, extensions: extensions) else { return nil }
         return count - ip - 8
     }
 
@@ -42,7 +45,7 @@ public enum UDPOffload {
                                _ emit: (_ bytes: UnsafeRawPointer, _ count: Int) -> Void) throws(TCPOffload.Failure)
         -> Int
     {
-        guard let ip = Self.ipHeaderLength(p, count: count) else { throw .unsupported }
+        guard let ip = Self.ipHeaderLength(p, count: count, extensions: true) else { throw .unsupported }
         let headers = ip + 8
         let size = Int(header.gsoSize)
         guard size > 0, headers + size <= scratchSize, start % size == 0 else { throw .malformed }

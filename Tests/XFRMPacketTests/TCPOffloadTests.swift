@@ -79,6 +79,31 @@ struct TCPOffloadTests {
         #expect(reassembled == Self.payload)
     }
 
+    @Test("an IPv6 superpacket behind hop-by-hop and destination options headers is cut too, each segment with them (ipv6_gso_segment); a routing header is refused")
+    func segmentationBehindExtensionHeaders() throws {
+        let tcp = tcpHeader(seq: 7, flags: 0x18) + Self.payload
+        // Hop-by-hop (8 bytes: PadN) then destination options (8 bytes: PadN), then TCP.
+        let hbh: [UInt8] = [60, 0, 1, 4, 0, 0, 0, 0]
+        let dst: [UInt8] = [6, 0, 1, 4, 0, 0, 0, 0]
+        let packet = PacketFactory.ipv6(nextHeader: 6, extensionHeaders: hbh + dst, firstNextHeader: 0, payload: tcp)
+        let segments = try Self.cut(packet, mss: 1_360)
+        #expect(segments.count == 8)
+        var reassembled: [UInt8] = []
+        for s in segments {
+            #expect(Array(s[40..<56]) == hbh + dst, "each segment carries the extension headers")
+            #expect(Int(s[4]) << 8 | Int(s[5]) == s.count - 40)
+            // The TCP checksum over the segment's TCP part, with the pseudo-header of its addresses.
+            let tcpPart = Array(s[56...])
+            let pseudo = Array(s[8..<40]) + [0, 0, UInt8(tcpPart.count >> 8), UInt8(tcpPart.count & 0xff), 0, 0, 0, 6]
+            #expect(InternetChecksum.compute(pseudo + tcpPart) == 0)
+            reassembled += Array(s[(56 + 32)...])
+        }
+        #expect(reassembled == Self.payload)
+        let routing: [UInt8] = [6, 0, 0, 0, 0, 0, 0, 0]
+        let routed = PacketFactory.ipv6(nextHeader: 6, extensionHeaders: routing, firstNextHeader: 43, payload: tcp)
+        #expect(throws: TCPOffload.Failure.unsupported) { _ = try Self.cut(routed, mss: 1_360) }
+    }
+
     @Test("segments of one flow coalesce back into the superpacket; a gap, another flow or a short middle segment ends the run",
           arguments: [false, true])
     func coalescing(v6: Bool) throws {

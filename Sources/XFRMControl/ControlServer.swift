@@ -284,11 +284,25 @@ public final class XfrmControlServer: XfrmTransport {
         guard info.mode <= 1 else { throw .invalid("Unsupported mode \(info.mode): only transport and tunnel") }
         let dst = info.id.daddr.ip(family: info.family)!
         let src = info.saddr.ip(family: info.family)!
-        var selector = try Selector(wire: info.sel)
+        var selector: Selector
         if info.sel.family == AddressFamily.unspec {
-            // ≈ copy_from_user_state: an unset selector family becomes the SA's, unless the af-unspec flag asks
-            // for a selector that matches both families.
-            selector = Selector.any(family: info.flags & XfrmStateFlag.afUnspec != 0 ? 0 : dst.version)
+            // ≈ copy_from_user_state: the selector is kept whole (protocol, ports, device: iproute2's `sel proto tcp
+            // dport 443` has no family) and an unset family becomes the SA's — unless the af-unspec flag asks for a
+            // selector of either family, whose addresses then match any.
+            var sel = info.sel
+            if info.flags & XfrmStateFlag.afUnspec != 0 {
+                sel.prefixlenD = 0
+                sel.prefixlenS = 0
+                selector = try Selector(wire: sel)
+            } else {
+                sel.family = dst.version == 4 ? AddressFamily.inet : AddressFamily.inet6
+                let longest: UInt8 = dst.version == 4 ? 32 : 128
+                sel.prefixlenD = min(sel.prefixlenD, longest)
+                sel.prefixlenS = min(sel.prefixlenS, longest)
+                selector = try Selector(wire: sel)
+            }
+        } else {
+            selector = try Selector(wire: info.sel)
         }
         var config = SAConfig(
             id: SAID(destination: dst, spi: info.id.spi, proto: info.id.proto), source: src, selector: selector,

@@ -66,6 +66,8 @@ public struct SAConfig: Sendable {
     public var flags: UInt8
     /// XFRM_STATE_ICMP in `flags`: the SA also carries ICMP errors about the traffic its selector covers.
     public static let icmpFlag: UInt8 = 16
+    /// XFRM_STATE_WILDRECV in `flags`: the SA accepts input from any source and is never chosen for output.
+    public static let wildRecvFlag: UInt8 = 8
     public var extraFlags: UInt32
     public var mark: Mark
     public var ifID: UInt32

@@ -231,6 +231,7 @@ public final class ESPTransform: @unchecked Sendable {
         var nhField = 0
         var tos: UInt8 = 0
         var df = true
+        var flowLabel: UInt32 = 0  // an IPv6 inner packet's, copied to an IPv6 outer header
         let nextHeader: UInt8
         if version == 4 {
             guard let ip = IPv4Header.parse(p, available: n, verifyChecksum: verifyChecksum) else {
@@ -253,6 +254,7 @@ public final class ESPTransform: @unchecked Sendable {
             guard total <= n else { return .badOutputPacket }
             if total < n { packet.trimBack(n - total) }
             tos = IPv6Header.trafficClass(p)
+            flowLabel = p.loadBE32(at: 0) & 0x000f_ffff
             if self.isTunnel {
                 nextHeader = IPProtocolNumber.ipv6
             } else {
@@ -329,7 +331,8 @@ public final class ESPTransform: @unchecked Sendable {
         if self.isTunnel {
             if self.udpLength != 0 { packet.prepend(HeaderSize.udp) }
             let outer = packet.prepend(self.outerHeaderLength)
-            self.writeOuterHeader(outer, totalLength: packet.count, innerTOS: tos, innerDF: df, innerV4: version == 4)
+            self.writeOuterHeader(outer, totalLength: packet.count, innerTOS: tos, innerDF: df, innerV4: version == 4,
+                                  innerFlowLabel: flowLabel)
         } else {
             let ip = packet.data
             let proto = self.udpLength != 0 ? IPProtocolNumber.udp : IPProtocolNumber.esp
@@ -352,8 +355,12 @@ public final class ESPTransform: @unchecked Sendable {
     /// The outer header of tunnel mode (≈ xfrm4_tunnel_encap_add / xfrm6_tunnel_encap_add): DSCP copied unless
     /// dont-encap-dscp, ECN per RFC 6040 normal mode unless noecn, DF copied unless nopmtudisc.
     @inline(__always)
+    /// The outer header of a tunnel-mode packet (≈ xfrm4_tunnel_encap_add / xfrm6_tunnel_encap_add): DSCP and ECN
+    /// from the inner packet as the flags allow, DF from the inner one, and for IPv6 the inner IPv6 packet's flow
+    /// label (0 for an IPv4 inner packet, as xfrm4_extract_header leaves it), so ECMP keeps the inner flows apart.
     private func writeOuterHeader(
-        _ outer: UnsafeMutableRawPointer, totalLength: Int, innerTOS: UInt8, innerDF: Bool, innerV4: Bool
+        _ outer: UnsafeMutableRawPointer, totalLength: Int, innerTOS: UInt8, innerDF: Bool, innerV4: Bool,
+        innerFlowLabel: UInt32
     ) {
         var tos: UInt8 = 0
         if !self.config.flags.contains(.dontEncapDSCP) { tos = innerTOS & 0xfc }
@@ -372,7 +379,7 @@ public final class ESPTransform: @unchecked Sendable {
                 destination: d)
         case (let s, let d):
             IPv6Header.write(
-                outer, trafficClass: tos, flowLabel: 0, payloadLength: totalLength - HeaderSize.ipv6,
+                outer, trafficClass: tos, flowLabel: innerFlowLabel, payloadLength: totalLength - HeaderSize.ipv6,
                 nextHeader: proto, hopLimit: self.config.outerHopLimit, source: s, destination: d)
         }
     }

@@ -65,7 +65,7 @@ public enum IPv6Header {
     }
 
     /// The offset at which transport-mode ESP is inserted on output (RFC 4303 §3.1.1; ≈ ip6_find_1stfragopt):
-    /// after hop-by-hop, routing, and destination options that precede a routing header. Also returns the
+    /// after hop-by-hop, routing, and destination options not preceded by a routing header. Also returns the
     /// offset of the Next Header byte to rewrite. Nil when the headers are malformed.
     public static func transportInsertionPoint(_ p: UnsafeMutableRawPointer, available: Int)
         -> (offset: Int, nextHeaderField: Int)?
@@ -83,13 +83,9 @@ public enum IPv6Header {
             case IPProtocolNumber.hopByHop, IPProtocolNumber.routing:
                 if nh == IPProtocolNumber.routing { sawRouting = true }
             case IPProtocolNumber.destinationOptions:
-                // Destination options before a routing header stay in front of ESP; those after go inside.
-                guard off + 2 <= available else { return nil }
-                let len = (Int(p.loadByte(at: off + 1)) + 1) * 8
-                guard off + len <= available else { return nil }
-                if sawRouting || p.loadByte(at: off) != IPProtocolNumber.routing {
-                    return (off, nhField)
-                }
+                // Destination options after a routing header go inside ESP; any before one (or without one) stay in
+                // front of it, as ip6_find_1stfragopt skips them (and scapy's split_for_transport).
+                if sawRouting { return (off, nhField) }
             default:
                 return (off, nhField)
             }

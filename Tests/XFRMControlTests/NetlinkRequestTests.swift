@@ -177,4 +177,26 @@ struct NetlinkRequestTests {
         let icv = try #require(sa.transform).cipher.icvLength
         #expect(icv == 12, "hmac(sha256)'s icv_truncbits in the kernel's table: 96")
     }
+
+    @Test("an SA selector without a family keeps its protocol and ports and takes the SA's family (copy_from_user_state)")
+    func familylessSASelectorIsKept() throws {
+        let server = XfrmControlServer(stack: XFRMStack(clock: ManualClock()))
+        let rec = Recorder(XfrmControlServer(stack: XFRMStack(clock: ManualClock())))
+        let line = "state add src 192.0.2.1 dst 192.0.2.2 proto esp spi 0x100 mode tunnel aead rfc4106(gcm(aes)) "
+            + "0x0102030405060708090a0b0c0d0e0f1011121314 128"
+        _ = try runXfrmCommand(line.split(separator: " ").map(String.init), options: XfrmCLIOptions(), transport: rec)
+        var m = try #require(rec.requests.first)
+        guard case .saInfo(var info) = m.body else { Issue.record("body"); return }
+        info.sel = XfrmSelector()  // family 0, as iproute2 sends `sel proto tcp dport 443`
+        info.sel.proto = 6
+        info.sel.dport = 443
+        info.sel.dportMask = 0xffff
+        m.body = .saInfo(info)
+        #expect(self.errno(server.request(m)) == 0)
+        let sel = try #require(server.stack.states.list().first).config.selector
+        #expect(sel.family == 4 && sel.proto == 6 && sel.destinationPort == 443 && sel.destinationPortMask == 0xffff)
+        #expect(!sel.covers(Flow(source: IPAddress("10.0.1.1")!, destination: IPAddress("10.0.2.1")!, proto: 17,
+                                 sourcePort: 1, destinationPort: 443)), "UDP is not covered")
+    }
 }
+

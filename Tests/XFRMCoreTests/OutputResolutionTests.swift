@@ -22,6 +22,21 @@ struct OutputResolutionTests {
         #expect(Array(wire[20..<24]) == [0, 0, 0x10, 0x02])
     }
 
+    @Test("an SA with flag wildrecv is never chosen for output (xfrm_state_find)")
+    func wildRecvNotForOutput() throws {
+        let h = try TwoHosts()
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+        try h.a.addPolicy(Policy(selector: ab, direction: .outbound, templates: [t]), update: false)
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).config
+        c.flags = SAConfig.wildRecvFlag
+        try h.a.addState(h.a.makeSA(c))
+        #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
+        try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1002, on: h.a))
+        let (r, wire) = h.send(h.packet())
+        #expect(r == .transmit(ifindex: 2))
+        #expect(Array(wire[20..<24]) == [0, 0, 0x10, 0x02])
+    }
+
     @Test("the SA's mark is compared with the policy's mark (value & mask), not the packet's")
     func markFromPolicy() throws {
         let h = try TwoHosts()

@@ -88,6 +88,24 @@ struct ESPRoundTripTests {
         }
     }
 
+    @Test("an IPv6 outer header takes an IPv6 inner packet's flow label, 0 for an IPv4 one (xfrm6_tunnel_encap_add)")
+    func outerFlowLabel() throws {
+        let tx = try ESPTransform(ESPConfig(
+            spi: 0x1000, mode: .tunnel, crypto: Suites.crypto("gcm128"), tunnelSource: IPAddress("2001:db8::1"),
+            tunnelDestination: IPAddress("2001:db8::2")))
+        var inner6 = PacketFactory.ipv6(trafficClass: 0x28, payload: PacketFactory.udp(payload: [1, 2, 3, 4]))
+        inner6[1] |= 0x01  // flow label 0x12345
+        inner6[2] = 0x23
+        inner6[3] = 0x45
+        let (_, wire6) = buffers.with(inner6) { tx.encapsulate(&$0) }
+        #expect(UInt32(wire6[1] & 0x0f) << 16 | UInt32(wire6[2]) << 8 | UInt32(wire6[3]) == 0x12345)
+        #expect((wire6[0] & 0x0f) << 4 | wire6[1] >> 4 == 0x28, "the traffic class stays the inner one's DSCP")
+        let (_, wire4) = buffers.with(PacketFactory.ipv4(payload: PacketFactory.udp(payload: [1, 2, 3, 4]))) {
+            tx.encapsulate(&$0)
+        }
+        #expect(wire4[1] & 0x0f == 0 && wire4[2] == 0 && wire4[3] == 0)
+    }
+
     @Test("the wire carries only the low 32 bits of an extended sequence number")
     func esnHighBitsNeverOnWire() throws {
         let (tx, rx) = try pair(ESPConfig(

@@ -202,4 +202,20 @@ struct PacketTests {
         #expect(b.count == 3)
         pool.release(b)
     }
+
+    @Test("transport-mode ESP goes after destination options that no routing header precedes, before those after one (ip6_find_1stfragopt)")
+    func ipv6TransportInsertionPoint() {
+        func point(_ ext: [UInt8], first: UInt8) -> Int? {
+            var packet = PacketFactory.ipv6(nextHeader: 6, extensionHeaders: ext, firstNextHeader: first,
+                                            payload: [UInt8](repeating: 0, count: 20))
+            return packet.withUnsafeMutableBytes { IPv6Header.transportInsertionPoint($0.baseAddress!, available: $0.count)?.offset }
+        }
+        let dstToTCP: [UInt8] = [6, 0, 1, 4, 0, 0, 0, 0]
+        #expect(point(dstToTCP, first: 60) == 48, "IPv6|DestOpts|TCP → IPv6|DestOpts|ESP")
+        let dstToRouting: [UInt8] = [43, 0, 1, 4, 0, 0, 0, 0]
+        let routingToDst: [UInt8] = [60, 0, 0, 0, 0, 0, 0, 0]
+        #expect(point(dstToRouting + routingToDst + dstToTCP, first: 60) == 56,
+                "IPv6|DestOpts|Routing|DestOpts|TCP: ESP before the second destination options")
+        #expect(point([], first: 6) == 40)
+    }
 }

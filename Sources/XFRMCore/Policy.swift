@@ -114,6 +114,9 @@ public struct Policy: Hashable, Sendable {
     public var flags: UInt8
     /// XFRM_POLICY_CPU_ACQUIRE (Linux 6.13, RFC 9611): resolution asks the key manager for an SA per CPU.
     public static let cpuAcquireFlag: UInt8 = 4
+    /// XFRM_POLICY_ICMP: the policy also protects ICMP errors about the traffic it covers, found by their quoted
+    /// packet (XFRM_LOOKUP_ICMP).
+    public static let icmpFlag: UInt8 = 2
     public var templates: [Template]
     public var lifetime: LifetimeConfig
     /// Packet offload to a device, if any; such policies are consulted before every software policy.

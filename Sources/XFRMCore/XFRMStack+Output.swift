@@ -100,7 +100,20 @@ extension XFRMStack {
         let cacheKey = flow
         let route = self.network.egress(to: flow.destination)
         flow.ifindex = flow.version == 4 || forwarded ? route?.ifindex ?? 0 : 0
-        if let policy = self.policies.lookup(.outbound, flow, usedAt: now) {
+        var policy = self.policies.lookup(.outbound, flow, usedAt: now)
+        // ≈ icmp_route_lookup and xfrm_out_fwd_icmp (XFRM_LOOKUP_ICMP): an ICMP error no policy takes is looked up
+        // again as the flow it quotes, reversed — the way back along the traffic it reports on — and a policy
+        // with flag `icmp` found so protects it with that flow's SAs. Such a verdict depends on the quote: nothing
+        // about an ICMP error is cached.
+        let icmpError = flow.isICMPError
+        if policy == nil, icmpError, var quoted = flow.quotedReverse(packet.data, count: packet.count) {
+            quoted.ifindex = flow.ifindex
+            if let p = self.policies.lookup(.outbound, quoted, usedAt: now), p.flags & Policy.icmpFlag != 0 {
+                policy = p
+                flow = quoted
+            }
+        }
+        if let policy {
             if policy.action == .block {
                 self.statistics.increment(.outPolBlock)
                 return .dropped(.outPolBlock)
@@ -175,12 +188,12 @@ extension XFRMStack {
                         meta.esnHigh = layout.esnHigh
                         meta.handle = o.handle
                         crypto = (meta, o.ifindex)
-                        if !stopgap { cacheable = (sa, (dev, o)) }
+                        if !stopgap && !icmpError { cacheable = (sa, (dev, o)) }
                         continue
                     }
                     // A software SA's bundle is cached; a crypto-offload SA that went to software for this packet
                     // is not (the device may take the next one).
-                    if single && sa.offload == nil && !stopgap { cacheable = (sa, nil) }
+                    if single && sa.offload == nil && !stopgap && !icmpError { cacheable = (sa, nil) }
                     var unused = ESPLayout()
                     switch self.apply(sa, to: &packet, now: now, deviceLayout: &unused, seal: true,
                                       limit: self.transportLimit(sa, single: single, flow: flow, route: route),
@@ -235,6 +248,9 @@ extension XFRMStack {
             return .dropped(nil)
         }
         guard let route else { return .dropped(nil) }
+        if icmpError {
+            return self.transmit(&packet, ifindex: route.ifindex, mtu: route.mtu, transformed: false, mayFragment: true)
+        }
         self.outputCache.store(
             OutputCache.Entry(flow: cacheKey, tag: tag, generation: generation,
                               value: .plain(ifindex: route.ifindex, mtu: route.mtu)),

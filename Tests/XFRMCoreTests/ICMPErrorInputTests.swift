@@ -89,3 +89,37 @@ struct ICMPErrorInputTests {
             f4.quotedReverse(UnsafeMutableRawPointer(mutating: r.baseAddress!), count: 40) } == nil)
     }
 }
+
+/// ICMP errors on output (≈ icmp_route_lookup / xfrm_out_fwd_icmp with XFRM_LOOKUP_ICMP).
+@Suite("Output: ICMP errors protected by the policy of the flow they quote")
+struct ICMPErrorOutputTests {
+    private func unreachable(quotedFrom: String, quotedTo: String, quotedProto: UInt8 = 17) -> [UInt8] {
+        let quoted = PacketFactory.ipv4(source: quotedFrom, destination: quotedTo, proto: quotedProto,
+                                        payload: PacketFactory.udp(sourcePort: 1111, destinationPort: 2222, payload: []))
+        return PacketFactory.ipv4(source: "10.0.1.1", destination: "10.0.2.5", proto: 1,
+                                  payload: [3, 4, 0, 0, 0, 0, 0x05, 0x78] + quoted)
+    }
+
+    @Test("an ICMP error no policy takes goes through the policy of its quoted flow when that policy has flag icmp; without the flag, or for another quote, in clear; never cached")
+    func quotedFlowProtectsTheError() throws {
+        for flagged in [false, true] {
+            let h = try TwoHosts()
+            let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+            // Only UDP from 10.0.1.0/24 to 10.0.2.0/24 is protected: the ICMP error's own flow is not covered.
+            let udp = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!,
+                               proto: 17)
+            try h.a.addPolicy(Policy(selector: udp, direction: .outbound, flags: flagged ? Policy.icmpFlag : 0,
+                                     templates: [t]), update: false)
+            try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a))
+            // 10.0.2.5 sent UDP to 10.0.1.5 through the tunnel; A reports on it to 10.0.2.5.
+            let aboutTunnelTraffic = self.unreachable(quotedFrom: "10.0.2.5", quotedTo: "10.0.1.5")
+            let aboutOther = self.unreachable(quotedFrom: "10.0.2.5", quotedTo: "203.0.113.7")
+            for (error, protected) in [(aboutOther, false), (aboutTunnelTraffic, flagged), (aboutOther, false),
+                                       (aboutTunnelTraffic, flagged)] {
+                let (r, wire) = h.send(error)
+                #expect(r == .transmit(ifindex: 2))
+                #expect(wire[9] == (protected ? 50 : 1), "flag icmp \(flagged), protected \(protected)")
+            }
+        }
+    }
+}

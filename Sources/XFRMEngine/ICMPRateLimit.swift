@@ -8,8 +8,9 @@ import XFRMPacket
 ///   errors are not);
 /// - **per sender** (≈ icmpv4_xrlim_allow, inet_peer_xrlim_allow): one error a second to each sender after a burst
 ///   of six (net.ipv4.icmp_ratelimit 1000 ms, XRLIM_BURST_FACTOR), except to this host's own addresses, as the kernel
-///   exempts errors routed to the loopback device. Senders share `peerSlots` slots by hash: a sender that takes
-///   another's slot starts with a full burst, and the global bucket still bounds the total.
+///   exempts errors routed to the loopback device. The last `peerSlots` senders are remembered; a new one beyond
+///   them takes the place of the one heard from longest ago (it starts with a full burst, as a sender the kernel's
+///   inet_peer cache has forgotten), and the global bucket still bounds the total.
 /// Times are nanoseconds of a monotonic clock, given by the caller (tests pass their own).
 struct ICMPRateLimit {
     static let tick = 1_000_000_000 / UInt64(EngineConstants.icmpErrorsPerSecond)
@@ -26,11 +27,12 @@ struct ICMPRateLimit {
         var credit: UInt64
         var last: UInt64
     }
-    private var peers: [Peer?]
+    private var peers: [Peer]
 
     init(now: UInt64) {
         self.stamp = now
-        self.peers = Array(repeating: nil, count: Self.peerSlots)
+        self.peers = []
+        self.peers.reserveCapacity(Self.peerSlots)
     }
 
     /// Whether an error to `peer` (nil: one of this host's addresses, exempt from the per-sender limit) may go now;
@@ -49,10 +51,21 @@ struct ICMPRateLimit {
         }
         guard self.tokens > 0 else { return false }
         if let peer {
-            let slot = abs(peer.hashValue % Self.peerSlots)
             let full = Self.peerBurst * Self.peerInterval
-            var entry = self.peers[slot].flatMap { $0.address == peer ? $0 : nil }
-                ?? Peer(address: peer, credit: full, last: now)
+            // A linear search: at most `peerSlots` senders, and only while errors are being made.
+            let slot: Int
+            if let i = self.peers.firstIndex(where: { $0.address == peer }) {
+                slot = i
+            } else if self.peers.count < Self.peerSlots {
+                self.peers.append(Peer(address: peer, credit: full, last: now))
+                slot = self.peers.count - 1
+            } else {
+                var oldest = 0
+                for i in 1..<self.peers.count where self.peers[i].last < self.peers[oldest].last { oldest = i }
+                self.peers[oldest] = Peer(address: peer, credit: full, last: now)
+                slot = oldest
+            }
+            var entry = self.peers[slot]
             entry.credit = min(entry.credit + (now > entry.last ? now - entry.last : 0), full)
             entry.last = now
             let allowed = entry.credit >= Self.peerInterval

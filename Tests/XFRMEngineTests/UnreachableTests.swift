@@ -159,6 +159,21 @@ struct UnreachableTests {
         let senders = (1...20).map { IPAddress("192.0.2.\($0)")! }
         let all = senders.reduce(0) { sum, peer in sum + self.allowed(&tight, 6, at: 100 * s, to: peer) }
         #expect(all == 50, "twenty senders' bursts share the global 50")
+        // Senders beyond the remembered ones push out the one heard from longest ago, never another (before, slots
+        // by the process's random hash could make two senders share one).
+        let ms: UInt64 = 1_000_000
+        let t0 = 100 * s
+        var many = ICMPRateLimit(now: t0)
+        let burst = self.allowed(&many, 6, at: t0, to: a)
+        for k in 1..<ICMPRateLimit.peerSlots {
+            _ = self.allowed(&many, 1, at: t0 + UInt64(k) * ms, to: IPAddress("10.7.0.\(k)")!)
+        }
+        let spent = self.allowed(&many, 1, at: t0 + 100 * ms, to: a)
+        _ = self.allowed(&many, 1, at: t0 + 200 * ms, to: IPAddress("10.8.0.1")!)  // pushes out 10.7.0.1, the oldest
+        let stillSpent = self.allowed(&many, 1, at: t0 + 300 * ms, to: a)
+        let anew = self.allowed(&many, 6, at: t0 + 400 * ms, to: IPAddress("10.7.0.1")!)
+        #expect(burst == 6 && spent == 0 && stillSpent == 0, "a stays remembered with its burst spent")
+        #expect(anew == 6, "the sender pushed out starts with a full burst")
     }
 
     @Test("through an XFRM interface (the dispatcher's if_id), a block policy's drop and an ACQUIRE's are answered too, as xfrmi_xmit2 answers its lookup's failures; without one they are not")

@@ -158,6 +158,23 @@ public final class XfrmControlServer: XfrmTransport {
                 try self.stack.deleteState(sa.id, mark: sa.config.mark)
             } catch { throw ControlError(error.errno, "") }
             return []
+        case (.expire, .expire(let info, let hard)):
+            // ≈ xfrm_add_sa_expire: a key manager expiring an SA (ENOENT when there is none, EINVAL unless valid).
+            var id = XfrmUserSAID()
+            id.daddr = info.id.daddr
+            id.spi = info.id.spi
+            id.family = info.family
+            id.proto = info.id.proto
+            let sa: SecurityAssociation
+            do throws(ControlError) { sa = try self.findSA(id, m) } catch { throw ControlError(Errno.ENOENT, "") }
+            guard sa.state == .valid else { throw .invalid("SA must be in VALID state") }
+            self.stack.expireByRequest(sa, hard: hard)
+            return []
+        case (.polExpire, .policyExpire(let info, let hard)):
+            // ≈ xfrm_add_pol_expire: the policy by index or selector, as DELPOLICY finds it.
+            let policy = try self.findPolicy(dir: info.dir, index: info.index, selector: info.sel, m)
+            self.stack.expirePolicyByRequest(policy, hard: hard)
+            return []
         case (.getAE, .aevent(let a)):
             return try self.getAE(a, m)
         case (.newAE, .aevent(let a)):
@@ -202,23 +219,7 @@ public final class XfrmControlServer: XfrmTransport {
             } catch { throw ControlError(error.errno, error.errno == Errno.EINVAL ? error.message : "") }
             return []
         case (.delPolicy, .policyID(let id)), (.getPolicy, .policyID(let id)):
-            guard try Self.policyType(m.attributes) == 0 else { throw ControlError(Errno.ENOENT, "") }
-            guard let dir = PolicyDirection(rawValue: id.dir) else { throw .invalid("Invalid policy direction \(id.dir)") }
-            let policy: Policy?
-            let mark = m.attribute { if case .mark(let x) = $0 { return x } else { return nil } }
-            let ifID: UInt32 = m.attribute { if case .ifID(let x) = $0 { return x } else { return nil } } ?? 0
-            if id.index != 0 {
-                // ≈ xfrm_policy_byid: the index, and the request's mark (exactly) and if_id too.
-                policy = self.stack.policies.get(index: id.index, direction: dir).flatMap { p in
-                    p.mark.value == mark?.value ?? 0 && p.mark.mask == mark?.mask ?? 0 && p.ifID == ifID ? p : nil
-                }
-            } else {
-                let sel = try Selector(wire: id.sel)
-                let key = Policy.Key(direction: dir, selector: sel, markValue: mark?.value ?? 0,
-                                     markMask: mark?.mask ?? 0, ifID: ifID)
-                policy = self.stack.policies.get(key: key)
-            }
-            guard let policy else { throw ControlError(Errno.ENOENT, "") }
+            let policy = try self.findPolicy(dir: id.dir, index: id.index, selector: id.sel, m)
             if type == .getPolicy { return [self.policyMessage(policy, type: .newPolicy, sequence: m.sequence)] }
             do throws(PolicyDatabaseError) {
                 try self.stack.deletePolicy(index: policy.index, direction: policy.direction)
@@ -270,6 +271,28 @@ public final class XfrmControlServer: XfrmTransport {
                                              mark: Mark(value: mark?.value ?? 0, mask: mark?.mask ?? 0))
         else { throw ControlError(Errno.ESRCH, "") }
         return sa
+    }
+
+    /// The policy a DELPOLICY, GETPOLICY or POLEXPIRE names (≈ xfrm_policy_byid or xfrm_policy_bysel_ctx): of the
+    /// request's type (only main policies exist: a sub one is ENOENT), direction, mark and if_id; ENOENT for none.
+    func findPolicy(dir: UInt8, index: UInt32, selector: XfrmSelector, _ m: XfrmMessage) throws(ControlError) -> Policy {
+        guard try Self.policyType(m.attributes) == 0 else { throw ControlError(Errno.ENOENT, "") }
+        guard let direction = PolicyDirection(rawValue: dir) else { throw .invalid("Invalid policy direction \(dir)") }
+        let mark = m.attribute { if case .mark(let x) = $0 { return x } else { return nil } }
+        let ifID: UInt32 = m.attribute { if case .ifID(let x) = $0 { return x } else { return nil } } ?? 0
+        let policy: Policy?
+        if index != 0 {
+            // ≈ xfrm_policy_byid: the index, and the request's mark (exactly) and if_id too.
+            policy = self.stack.policies.get(index: index, direction: direction).flatMap { p in
+                p.mark.value == mark?.value ?? 0 && p.mark.mask == mark?.mask ?? 0 && p.ifID == ifID ? p : nil
+            }
+        } else {
+            let key = Policy.Key(direction: direction, selector: try Selector(wire: selector),
+                                 markValue: mark?.value ?? 0, markMask: mark?.mask ?? 0, ifID: ifID)
+            policy = self.stack.policies.get(key: key)
+        }
+        guard let policy else { throw ControlError(Errno.ENOENT, "") }
+        return policy
     }
 
     // MARK: - Building SAs (≈ verify_newsa_info + xfrm_state_construct)

@@ -294,6 +294,17 @@ public final class SecurityAssociation: @unchecked Sendable {
             if m.state == .expired || m.state == .dead { return m.state == .expired ? .hard : .none }
             let l = m.lifetime
             if l.hardAddExpiresSeconds != 0 && deadline(m.current.addTime, l.hardAddExpiresSeconds) <= now {
+                // ≈ xfrm_timer_handler's XFRM_SOFT_EXPIRE workaround: the clock jumped past both deadlines (a time
+                // set on a box without a clock, a resumed VM) before the soft one was told. The soft EXPIRE goes now
+                // and the add time moves so that the hard one comes as long after as the limits are apart: a key
+                // manager rekeys instead of losing the SA at once.
+                if !m.dying, l.softAddExpiresSeconds != 0, l.softAddExpiresSeconds < l.hardAddExpiresSeconds,
+                    now >= l.softAddExpiresSeconds
+                {
+                    m.current.addTime = now - l.softAddExpiresSeconds
+                    m.dying = true
+                    return .soft
+                }
                 m.state = .expired
                 return .hard
             }

@@ -27,7 +27,16 @@ extension XFRMStack {
             case .hard: self.expireHard(sa)
             }
         }
-        for p in self.policies.timedList().reversed() {
+        let timed = self.policies.timedList()
+        // Soft POLEXPIREs are remembered per policy, not per index: a replacement that reused the index (update,
+        // or delete and add) has a fresh lifetime and gets its own first one (≈ xfrm_policy_insert restarting the
+        // timer); entries of policies gone are dropped.
+        self.policySoftSent.withLock { sent in
+            guard !sent.isEmpty else { return }
+            let live = Dictionary(timed.map { ($0.index, $0.generation) }, uniquingKeysWith: { a, _ in a })
+            sent = sent.filter { live[$0.key] == $0.value.generation }
+        }
+        for p in timed.reversed() {
             let l = p.lifetime
             let use = self.policies.lastUse(index: p.index, direction: p.direction) ?? 0
             let useBase = use == 0 ? p.addTime : use
@@ -48,8 +57,12 @@ extension XFRMStack {
                 || (l.softUseExpiresSeconds != 0 && deadline(useBase, l.softUseExpiresSeconds) <= now)
             if soft {
                 let due = self.policySoftSent.withLock { sent -> Bool in
-                    if let last = sent[p.index], deadline(last, Self.policySoftRepeatSeconds) > now { return false }
-                    sent[p.index] = now
+                    if let last = sent[p.index], last.generation == p.generation,
+                        deadline(last.at, Self.policySoftRepeatSeconds) > now
+                    {
+                        return false
+                    }
+                    sent[p.index] = (p.generation, now)
                     return true
                 }
                 if due { self.events.publish(.policyExpire(p, hard: false)) }
@@ -76,4 +89,29 @@ extension XFRMStack {
         self.releaseFromDevice(sa)
         self.events.publish(.expire(sa, hard: true))
     }
+
+    /// XFRM_MSG_EXPIRE from a key manager (≈ xfrm_add_sa_expire after its checks): the EXPIRE is announced; a hard
+    /// one also deletes the SA, with no DELSA (as a hard limit does). A soft one leaves the SA as it is: the kernel's
+    /// km_state_expired does not make it dying.
+    public func expireByRequest(_ sa: SecurityAssociation, hard: Bool) {
+        if hard {
+            self.expireHard(sa)
+        } else {
+            self.events.publish(.expire(sa, hard: false))
+        }
+    }
+
+    /// XFRM_MSG_POLEXPIRE from a key manager (≈ xfrm_add_pol_expire): a hard one deletes the policy first (no
+    /// DELPOLICY: xfrm_policy_delete does not announce), then the POLEXPIRE is announced.
+    public func expirePolicyByRequest(_ p: Policy, hard: Bool) {
+        if hard {
+            self.configurationChanged()
+            defer { self.configurationChanged() }
+            guard (try? self.policies.delete(index: p.index, direction: p.direction, generation: p.generation)) != nil
+            else { return }
+            self.releasePolicyFromDevice(p)
+        }
+        self.events.publish(.policyExpire(p, hard: hard))
+    }
 }
+

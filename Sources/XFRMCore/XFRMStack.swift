@@ -76,7 +76,7 @@ public final class XFRMStack: @unchecked Sendable {
     let acquireSequence = Atomic<UInt32>(0)
     let ipIdentification = Atomic<UInt16>(0)
     /// Last POLEXPIRE hard=0 time per policy index (soft expiry repeats every 30 s).
-    let policySoftSent = XFRMMutex<[UInt32: UInt64]>([:])
+    let policySoftSent = XFRMMutex<[UInt32: (generation: UInt64, at: UInt64)]>([:])
     /// Offload devices by interface index, and device-raised limit events waiting for the core.
     let deviceTable = XFRMMutex<DeviceTable>(DeviceTable())
     /// Bumped by every change that can alter an output decision (SPD, SAD, devices, routes): cache validity.

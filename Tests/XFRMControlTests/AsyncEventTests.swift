@@ -203,4 +203,49 @@ struct AsyncEventTests {
         let (e3, t3) = try add("out") { $0.attributes.append(.replayESN(out)) }
         #expect(e3 == -Errno.EINVAL && t3 == "Replay oseq should be less than 0xFFFFFFFF in non-ESN mode for output SA")
     }
+
+    @Test("XFRM_MSG_EXPIRE from a key manager announces the EXPIRE; hard deletes the SA without DELSA, soft leaves it as it is; an unknown SA is ENOENT (xfrm_add_sa_expire)")
+    func expireFromKeyManager() throws {
+        for hard in [false, true] {
+            let server = try self.server()
+            let events = server.stack.events.subscribe()
+            var info = XfrmUserSAInfo()
+            info.id = XfrmID(daddr: XfrmAddress(IPAddress("192.0.2.2")!), spi: 0x100, proto: XfrmProto.esp)
+            info.family = AddressFamily.inet
+            let r = server.request(XfrmMessage(.expire, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                               body: .expire(info, hard: hard)))
+            #expect(self.errno(r) == 0)
+            let seen = events.drain()
+            #expect(seen.contains { if case .expire(_, hard: hard) = $0 { true } else { false } })
+            #expect(!seen.contains { if case .stateDeleted = $0 { true } else { false } })
+            #expect(server.stack.states.count == (hard ? 0 : 1))
+            if !hard {
+                let dying = try #require(server.stack.states.list().first).isDying
+                #expect(!dying, "soft: not made dying")
+            }
+            info.id.spi = 0x999
+            #expect(self.errno(server.request(XfrmMessage(.expire, flags: NetlinkFlags.request,
+                                                          body: .expire(info, hard: true)))) == -Errno.ENOENT)
+        }
+    }
+
+    @Test("XFRM_MSG_POLEXPIRE from a key manager: hard deletes the policy without DELPOLICY, then announces it (xfrm_add_pol_expire)")
+    func policyExpireFromKeyManager() throws {
+        let server = try self.server()
+        _ = try runXfrmCommand("policy add src 10.0.1.0/24 dst 10.0.2.0/24 dir out".split(separator: " ").map(String.init),
+                               options: XfrmCLIOptions(), transport: Recorder(server))
+        let events = server.stack.events.subscribe()
+        let p = try #require(server.stack.policies.list().first)
+        var info = XfrmUserPolicyInfo()
+        info.index = p.index
+        info.dir = 1
+        let r = server.request(XfrmMessage(.polExpire, flags: NetlinkFlags.request | NetlinkFlags.ack,
+                                           body: .policyExpire(info, hard: true)))
+        #expect(self.errno(r) == 0)
+        let seen = events.drain()
+        #expect(seen.contains { if case .policyExpire(_, hard: true) = $0 { true } else { false } })
+        #expect(!seen.contains { if case .policyDeleted = $0 { true } else { false } })
+        #expect(server.stack.policies.list().isEmpty)
+    }
 }
+

@@ -68,6 +68,52 @@ struct LifetimeTests {
         #expect(h.a.states.count == 1, "the never-used SA with a use limit is still there")
     }
 
+    @Test("a clock that jumps past both add-time deadlines sends the soft EXPIRE first and the hard one as long after as the limits are apart (xfrm_timer_handler)")
+    func clockJumpSoftBeforeHard() throws {
+        let h = try TwoHosts()
+        var l = LifetimeConfig()
+        l.softAddExpiresSeconds = 10
+        l.hardAddExpiresSeconds = 20
+        try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, lifetime: l, on: h.a))
+        _ = h.eventsA.drain()
+        h.clock.advance(by: 1)
+        h.a.runTimers()
+        h.clock.advance(by: 3_600)  // the wall clock is set an hour on
+        h.a.runTimers()
+        #expect(h.eventsA.expires().map { $0.1 } == [false], "soft first")
+        #expect(h.a.states.count == 1)
+        h.clock.advance(by: 9)
+        h.a.runTimers()
+        #expect(h.eventsA.expires().isEmpty, "the hard limit is 10 s after the soft one")
+        h.clock.advance(by: 1)
+        h.a.runTimers()
+        #expect(h.eventsA.expires().map { $0.1 } == [true])
+        #expect(h.a.states.count == 0)
+    }
+
+    @Test("a policy's soft POLEXPIRE repeats every 30 s; a replacement (update) gets its own first one at its own deadline")
+    func policySoftExpiryPerPolicy() throws {
+        let h = try TwoHosts()
+        var l = LifetimeConfig()
+        l.softAddExpiresSeconds = 5
+        let sel = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
+        _ = try h.a.addPolicy(Policy(selector: sel, direction: .outbound, lifetime: l), update: false)
+        func softs() -> Int {
+            h.eventsA.drain().filter { if case .policyExpire(_, hard: false) = $0 { true } else { false } }.count
+        }
+        _ = h.eventsA.drain()
+        h.clock.advance(by: 5)
+        h.a.runTimers()
+        #expect(softs() == 1)
+        h.clock.advance(by: 1)
+        _ = try h.a.addPolicy(Policy(selector: sel, direction: .outbound, lifetime: l), update: true)
+        h.a.runTimers()
+        #expect(softs() == 0, "the replacement's lifetime starts now")
+        h.clock.advance(by: 5)
+        h.a.runTimers()
+        #expect(softs() == 1, "its own first soft POLEXPIRE, not held back by its predecessor's")
+    }
+
     @Test("use-time limits count from first use")
     func useTime() throws {
         let h = try TwoHosts()

@@ -23,13 +23,7 @@ extension XfrmControlServer {
         id.saddr = XfrmAddress(c.source)
         id.reqid = c.reqid
         id.flags = flags
-        let cur = sa.current
-        var lt = XfrmLifetimeCur()
-        lt.bytes = cur.bytes
-        lt.packets = cur.packets
-        lt.addTime = cur.addTime
-        lt.useTime = cur.useTime
-        var attrs: [XfrmAttribute] = [sa.replayAttribute, .lifetimeValue(lt)]
+        var attrs: [XfrmAttribute] = [sa.replayAttribute, .lifetimeValue(sa.current.wire)]
         let t = sa.eventThresholds
         if flags & XfrmAEFlag.replayThreshold != 0 { attrs.append(.replayThreshold(t.replayMaxDiff)) }
         if flags & XfrmAEFlag.timerThreshold != 0 { attrs.append(.timerThreshold(t.replayMaxAgeTenths)) }
@@ -96,16 +90,5 @@ extension XfrmControlServer {
             sa.setCurrentLifetime(LifetimeCurrent(l))
         }
         sa.setEventThresholds(replayMaxDiff: maxDiff, replayMaxAge: maxAge)
-    }
-}
-
-extension LifetimeCurrent {
-    /// curlft as XFRMA_LTIME_VAL carries it.
-    init(_ l: XfrmLifetimeCur) {
-        self.init()
-        self.bytes = l.bytes
-        self.packets = l.packets
-        self.addTime = l.addTime
-        self.useTime = l.useTime
     }
 }

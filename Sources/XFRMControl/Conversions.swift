@@ -54,6 +54,26 @@ extension Selector {
     }
 }
 
+extension LifetimeCurrent {
+    /// curlft as XFRMA_LTIME_VAL and xfrm_usersa_info carry it.
+    init(_ l: XfrmLifetimeCur) {
+        self.init()
+        self.bytes = l.bytes
+        self.packets = l.packets
+        self.addTime = l.addTime
+        self.useTime = l.useTime
+    }
+
+    var wire: XfrmLifetimeCur {
+        var c = XfrmLifetimeCur()
+        c.bytes = self.bytes
+        c.packets = self.packets
+        c.addTime = self.addTime
+        c.useTime = self.useTime
+        return c
+    }
+}
+
 extension LifetimeConfig {
     init(wire l: XfrmLifetimeCfg) {
         self.init()
@@ -162,11 +182,7 @@ extension SecurityAssociation {
         s.id = XfrmID(daddr: XfrmAddress(c.id.destination), spi: c.id.spi, proto: c.id.proto)
         s.saddr = XfrmAddress(c.source)
         s.lft = self.lifetime.wire
-        let cur = self.current
-        s.curlft.bytes = cur.bytes
-        s.curlft.packets = cur.packets
-        s.curlft.addTime = cur.addTime
-        s.curlft.useTime = cur.useTime
+        s.curlft = self.current.wire
         let st = self.stats
         s.stats.replayWindow = UInt32(truncatingIfNeeded: st.replayWindow)
         s.stats.replay = UInt32(truncatingIfNeeded: st.replay)

@@ -64,21 +64,7 @@ extension Flow {
                         mark: self.mark, ifindex: self.ifindex, ifID: self.ifID)
         }
         guard !fragment else { return flow }
-        switch proto {
-        case IPProtocolNumber.tcp, IPProtocolNumber.udp, 132, 136:
-            if off + 4 <= n {
-                flow.sourcePort = p.loadBE16(at: off + 2)  // reversed: the quoted destination port is ours
-                flow.destinationPort = p.loadBE16(at: off)
-            }
-        case IPProtocolNumber.icmp, IPProtocolNumber.icmpv6:
-            // ICMP's type and code overlay the ports whichever way the flow is read (fl4_icmp_type/code).
-            if off + 2 <= n {
-                flow.sourcePort = UInt16(p.loadByte(at: off))
-                flow.destinationPort = UInt16(p.loadByte(at: off + 1))
-            }
-        default:
-            break
-        }
+        flow.readPorts(p, proto: proto, at: off, end: n, version: v4 ? 4 : 6, reversed: true)
         return flow
     }
 }

@@ -36,12 +36,22 @@ extension Flow {
             return nil
         }
         guard !fragment else { return flow }  // fragments, the first one too, are decoded without ports
+        flow.readPorts(p, proto: proto, at: off, end: end, version: version)
+        return flow
+    }
+
+    /// The ports (or ICMP type and code, GRE key halves, the MH type) of the upper-layer header at `off`, within
+    /// `end` bytes (≈ what decode_session reads into the flow). `reversed` swaps source and destination ports, for
+    /// a flow read backwards (an ICMP error's quote, xfrm_decode_session_reverse).
+    @inline(__always)
+    mutating func readPorts(_ p: UnsafeMutableRawPointer, proto: UInt8, at off: Int, end: Int, version: UInt8,
+                            reversed: Bool = false) {
         switch proto {
         case IPProtocolNumber.tcp, IPProtocolNumber.udp, 132, 136:  // TCP, UDP, SCTP, UDP-Lite (no DCCP: removed
             // from Linux in 6.16, its ports are no longer decoded)
             if off + 4 <= end {
-                flow.sourcePort = p.loadBE16(at: off)
-                flow.destinationPort = p.loadBE16(at: off + 2)
+                self.sourcePort = p.loadBE16(at: off)
+                self.destinationPort = p.loadBE16(at: off + 2)
             }
         case 47:
             // GRE with a key (K bit, version 0): the key's high half in the source port, low half in the destination
@@ -51,23 +61,26 @@ extension Flow {
                 if flags & 0x2000 != 0 && flags & 0x0007 == 0 {
                     let keyAt = off + 4 + (flags & 0x8000 != 0 ? 4 : 0)
                     if keyAt + 4 <= end {
-                        flow.sourcePort = p.loadBE16(at: keyAt)
-                        flow.destinationPort = p.loadBE16(at: keyAt + 2)
+                        self.sourcePort = p.loadBE16(at: keyAt)
+                        self.destinationPort = p.loadBE16(at: keyAt + 2)
                     }
                 }
             }
         case IPProtocolNumber.mobility where version == 6:
             // The Mobility Header is the upper layer (RFC 6275 §6.1; not one of ipv6_ext_hdr's): its type in the
             // source port, as xfrm_flowi_sport reads fl6_mh_type.
-            if off + 3 <= end { flow.sourcePort = UInt16(p.loadByte(at: off + 2)) }
+            if off + 3 <= end { self.sourcePort = UInt16(p.loadByte(at: off + 2)) }
         case IPProtocolNumber.icmp, IPProtocolNumber.icmpv6:
             if off + 2 <= end {
-                flow.sourcePort = UInt16(p.loadByte(at: off))
-                flow.destinationPort = UInt16(p.loadByte(at: off + 1))
+                self.sourcePort = UInt16(p.loadByte(at: off))
+                self.destinationPort = UInt16(p.loadByte(at: off + 1))
             }
         default:
             break
         }
-        return flow
+        // Only real ports swap: a GRE key, ICMP type and code and the MH type read the same either way.
+        if reversed, [IPProtocolNumber.tcp, IPProtocolNumber.udp, 132, 136].contains(proto) {
+            swap(&self.sourcePort, &self.destinationPort)
+        }
     }
 }

@@ -33,24 +33,11 @@ struct ICMPErrorInputTests {
         #expect(h.receive(echo).0 == .forward)
     }
 
-    /// B's inbound SA covers only 10.0.1.0/24 → 10.0.2.0/24 (`icmp`: with flag icmp); the policies are wide.
-    private func narrowSA(_ h: TwoHosts, icmp: Bool) throws {
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).config
-        c.selector = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
-        c.flags = icmp ? SAConfig.icmpFlag : 0
-        try h.b.addState(h.b.makeSA(c))
-        try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a))
-        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
-        let wide = Selector(family: 4, source: IPPrefix("0.0.0.0/0")!, destination: IPPrefix("10.0.2.0/24")!)
-        try h.a.addPolicy(Policy(selector: wide, direction: .outbound, templates: [t]), update: false)
-        try h.b.addPolicy(Policy(selector: wide, direction: .inbound, templates: [t]), update: false)
-    }
-
     @Test("through an SA with flag icmp, an error from a router outside its selector about the SA's own traffic is accepted; without the flag, or about other traffic, it is a selector mismatch")
     func saICMPFlag() throws {
         for icmp in [false, true] {
             let h = try TwoHosts()
-            try self.narrowSA(h, icmp: icmp)
+            try h.narrowSA(flags: icmp ? SAConfig.icmpFlag : 0)
             // A router at 10.9.9.9 on A's side reports on 10.0.2.1's packet to 10.0.1.1.
             let about = self.unreachable(from: "10.9.9.9", to: "10.0.2.1", quotedFrom: "10.0.2.1", quotedTo: "10.0.1.1")
             let (out, wire) = h.send(about)

@@ -30,24 +30,10 @@ struct InputSecurityTests {
         #expect(h.b.statistics[.inStateModeError] == before + 1)
     }
 
-    /// A wide IN/FWD policy (any source into 10.0.2.0/24) on B, and A's SA whose selector covers only
-    /// 10.0.1.0/24 → 10.0.2.0/24 on B's side.
-    private func narrowSA(_ h: TwoHosts) throws {
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).config
-        c.selector = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
-        try h.b.addState(h.b.makeSA(c))
-        try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a))
-        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
-        let wide = Selector(family: 4, source: IPPrefix("0.0.0.0/0")!, destination: IPPrefix("10.0.2.0/24")!)
-        try h.a.addPolicy(Policy(selector: wide, direction: .outbound, templates: [t]), update: false)
-        try h.b.addPolicy(Policy(selector: wide, direction: .inbound, templates: [t]), update: false)
-        try h.b.addPolicy(Policy(selector: wide, direction: .forward, templates: [t]), update: false)
-    }
-
     @Test("an inner source outside the SA's selector is dropped as XfrmInStateMismatch although the policy allows it (__xfrm_policy_check)")
     func selectorMismatchDropped() throws {
         let h = try TwoHosts()
-        try self.narrowSA(h)
+        try h.narrowSA()
         let (_, good) = h.send(h.packet(from: "10.0.1.1", to: "10.0.2.1"))
         #expect(h.receive(good).0 == .deliver)
         let (r, spoofed) = h.send(h.packet(from: "10.9.9.9", to: "10.0.2.1"))

@@ -63,6 +63,21 @@ final class TwoHosts {
         try self.b.addState(self.sa(from: "192.0.2.2", to: "192.0.2.1", spi: 0x2002, reqid: 2, on: self.b, natt: natt))
     }
 
+    /// A wide IN/FWD policy (any source into 10.0.2.0/24) on B, and A's SA whose selector covers only
+    /// 10.0.1.0/24 → 10.0.2.0/24 on B's side (with `flags`, e.g. SAConfig.icmpFlag).
+    func narrowSA(flags: UInt8 = 0) throws {
+        var c = try self.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: self.b).config
+        c.selector = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
+        c.flags = flags
+        try self.b.addState(self.b.makeSA(c))
+        try self.a.addState(self.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: self.a))
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+        let wide = Selector(family: 4, source: IPPrefix("0.0.0.0/0")!, destination: IPPrefix("10.0.2.0/24")!)
+        try self.a.addPolicy(Policy(selector: wide, direction: .outbound, templates: [t]), update: false)
+        try self.b.addPolicy(Policy(selector: wide, direction: .inbound, templates: [t]), update: false)
+        try self.b.addPolicy(Policy(selector: wide, direction: .forward, templates: [t]), update: false)
+    }
+
     /// A UDP packet from 10.0.1.1 to `to` with `size` payload bytes.
     func packet(from: String = "10.0.1.1", to: String = "10.0.2.1", size: Int = 100, df: Bool = true) -> [UInt8] {
         PacketFactory.ipv4(source: from, destination: to, proto: 17, dontFragment: df,

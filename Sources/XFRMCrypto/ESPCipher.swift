@@ -20,12 +20,16 @@ public protocol ESPCipher: AnyObject {
     var blockSize: Int { get }
     /// Writes the per-packet IV for the SA's 64-bit packet counter `sequence`. The IV is unique for every
     /// counter value under this key: the counter itself for the AEADs (RFC 4106 §3.1), AES_K(counter) for CBC.
-    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64)
+    /// Returns false on a library error: the IV is then unspecified and the packet must not be sealed (RFC 3602
+    /// §2.3 wants an unpredictable CBC IV, not whatever the buffer held).
+    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) -> Bool
     /// Encrypts the `cryptLength` bytes after the IV and writes the ICV behind them. `esnHigh` is the high half of
     /// an extended sequence number (authenticated, never sent), or nil without ESN. Returns false on a library error.
     func seal(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool
-    /// Verifies the ICV in constant time, then decrypts in place. Returns false when the ICV does not verify (the
-    /// payload is then unspecified and must be discarded).
+    /// Decrypts in place and verifies the ICV in constant time. Returns false when the ICV does not verify: the
+    /// payload is then unspecified and must be discarded, never passed on or captured, since the AEAD backends
+    /// (ipsec-mb's GCM and ChaCha20-Poly1305, OpenSSL's EVP AEADs) and ipsec-mb's CBC job decrypt before they
+    /// compare, as Linux's in-place GCM does; only OpenSSL's CBC + HMAC checks the ICV first.
     func open(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool
 }
 

@@ -64,7 +64,10 @@ final class IPsecMBAEADCipher: ESPCipher {
     deinit { xfrm_mb_aead_free(self.ctx) }
 
     @inline(__always)
-    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) { self.ivSalt.write(iv, sequence: sequence) }
+    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) -> Bool {
+        self.ivSalt.write(iv, sequence: sequence)
+        return true
+    }
 
     func seal(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
         AEADLayout.run(esp, cryptLength, esnHigh, integrityOnly: self.integrityOnly) {
@@ -112,7 +115,10 @@ final class IPsecMBCBCCipher: ESPCipher {
     deinit { xfrm_mb_cbc_free(self.ctx) }
 
     @inline(__always)
-    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) { xfrm_mb_cbc_make_iv(self.ctx, sequence, iv) }
+    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) -> Bool {
+        xfrm_mb_cbc_make_iv(self.ctx, sequence, iv)  // one AES block with the expanded key: cannot fail
+        return true
+    }
 
     func seal(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
         xfrm_mb_cbc_seal(self.ctx, esp, cryptLength, esnHigh == nil ? 0 : 1, (esnHigh ?? 0).bigEndian) == 1

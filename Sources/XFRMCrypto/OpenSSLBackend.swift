@@ -50,7 +50,10 @@ final class OpenSSLAEADCipher: ESPCipher {
     private let ivSalt = AEADIVSalt()
 
     @inline(__always)
-    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) { self.ivSalt.write(iv, sequence: sequence) }
+    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) -> Bool {
+        self.ivSalt.write(iv, sequence: sequence)
+        return true
+    }
 
     func seal(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
         AEADLayout.run(esp, cryptLength, esnHigh, integrityOnly: self.integrityOnly) {
@@ -108,8 +111,9 @@ final class OpenSSLCipherAuth: ESPCipher {
     }
 
     @inline(__always)
-    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) {
-        if let c = self.cbc { _ = xfrm_cbc_make_iv(c, sequence, iv) }
+    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) -> Bool {
+        guard let c = self.cbc else { return true }  // a null cipher has no IV
+        return xfrm_cbc_make_iv(c, sequence, iv) == 1
     }
 
     /// The ICV input is SPI..end of trailer, then the ESN high half (RFC 4303 §2.2.1); it is not sent.

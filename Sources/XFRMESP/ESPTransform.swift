@@ -317,7 +317,8 @@ public final class ESPTransform: @unchecked Sendable {
         if let fixedIV {
             (esp + 8).copyMemory(from: fixedIV, byteCount: self.ivLength)
         } else {
-            self.cipher.writeIV(esp + 8, sequence: seq)
+            // The sequence number stays taken: a failed packet never gives its number (and IV) back.
+            guard self.cipher.writeIV(esp + 8, sequence: seq) else { return .encryptFailed }
         }
         let esnHigh: UInt32? = self.esn ? UInt32(truncatingIfNeeded: seq >> 32) : nil
         if seal {
@@ -462,7 +463,9 @@ public final class ESPTransform: @unchecked Sendable {
         let plain = esp + header
         let padLength = Int(plain.loadByte(at: cryptLength - 2))
         let nextHeader = plain.loadByte(at: cryptLength - 1)
-        guard padLength + 2 <= cryptLength else { return .badPadding }
+        // At least one payload byte: pad length and next header filling the whole encrypted part is garbage, as
+        // esp_remove_trailer's `padlen + 2 + alen >= elen` (XfrmInStateProtoError, the window unmoved).
+        guard padLength + 2 < cryptLength else { return .badPadding }
         let payloadLength = cryptLength - 2 - padLength
         var i = 0
         while i < padLength {

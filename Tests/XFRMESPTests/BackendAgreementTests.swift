@@ -64,14 +64,30 @@ struct BackendAgreementTests {
         var seen = Set<[UInt8]>()
         var iv = [UInt8](repeating: 0, count: 16)
         for n in UInt64(0)..<2000 {
-            iv.withUnsafeMutableBytes { mb.writeIV($0.baseAddress!, sequence: n) }
+            #expect(iv.withUnsafeMutableBytes { mb.writeIV($0.baseAddress!, sequence: n) })
             #expect(seen.insert(iv).inserted)
         }
         // Two contexts under the same key draw different salts, so their IVs differ (AES_K(salt || counter)).
         var other = [UInt8](repeating: 0, count: 16)
-        other.withUnsafeMutableBytes { ossl.writeIV($0.baseAddress!, sequence: 0) }
-        iv.withUnsafeMutableBytes { mb.writeIV($0.baseAddress!, sequence: 0) }
+        #expect(other.withUnsafeMutableBytes { ossl.writeIV($0.baseAddress!, sequence: 0) })
+        #expect(iv.withUnsafeMutableBytes { mb.writeIV($0.baseAddress!, sequence: 0) })
         #expect(iv != other)
+    }
+
+    @Test("a cipher that cannot make an IV fails the packet closed (encryptFailed) and its sequence number stays used")
+    func ivFailureFailsClosed() throws {
+        let config = ESPConfig(spi: 0x78, mode: .tunnel, crypto: try Suites.crypto("cbc-sha256"),
+                               tunnelSource: IPAddress("192.0.2.1"), tunnelDestination: IPAddress("192.0.2.2"),
+                               replayWindow: 64)
+        let tx = try ESPTransform(config, backend: NoIVBackend())
+        let pool = PacketPool(count: 1, slotSize: 512, headroom: 128)
+        var buf = pool.allocate()!
+        defer { pool.release(buf) }
+        buf.append(contentsOf: PacketFactory.ipv4(proto: 17, payload: PacketFactory.udp(payload: [1, 2, 3])))
+        let before = tx.outboundSequence
+        #expect(tx.encapsulate(&buf) == .encryptFailed)
+        #expect(tx.outboundSequence == before + 1)
+        #expect(tx.statistics.packets == 0)
     }
 
     @Test("encryption without integrity and ESN: both backends agree and write nothing behind the packet",
@@ -97,5 +113,29 @@ struct BackendAgreementTests {
         #expect(rx.decapsulate(&buf, info: info) == nil)
         #expect(buf.bytes == inner)
         for i in 0..<16 { #expect(tail.loadByte(at: i) == 0xa5, "byte \(i) behind the packet changed") }
+    }
+}
+
+/// OpenSSL's CBC cipher with an IV generator that always fails (a provider error, say).
+private struct NoIVBackend: ESPCryptoBackend {
+    var name: String { "no-iv" }
+    func makeCipher(_ spec: ESPCryptoSpec) throws(AlgorithmError) -> any ESPCipher {
+        NoIVCipher(real: try OpenSSLBackend().makeCipher(spec))
+    }
+}
+
+private final class NoIVCipher: ESPCipher {
+    let real: any ESPCipher
+    init(real: any ESPCipher) { self.real = real }
+    var backendName: String { "no-iv" }
+    var ivLength: Int { self.real.ivLength }
+    var icvLength: Int { self.real.icvLength }
+    var blockSize: Int { self.real.blockSize }
+    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) -> Bool { false }
+    func seal(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
+        self.real.seal(esp: esp, cryptLength: cryptLength, esnHigh: esnHigh)
+    }
+    func open(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
+        self.real.open(esp: esp, cryptLength: cryptLength, esnHigh: esnHigh)
     }
 }

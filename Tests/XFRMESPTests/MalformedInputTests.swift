@@ -120,15 +120,20 @@ struct MalformedInputTests {
         #expect(buffers.with(v6) { rx.decapsulate(&$0) }.0 == .dropped(.badInnerPacket))
     }
 
-    @Test("a zero-length payload in transport mode is delivered as an empty upper layer")
+    @Test("an ESP payload of no bytes (pad length and next header fill the encrypted part) is badPadding and does not move the window, as esp_remove_trailer; one byte is delivered")
     func zeroLengthPayload() throws {
         let (tx, rx) = try pair(mode: .transport)
         let empty = PacketFactory.ipv4(proto: 6, payload: [])
         let (r, w) = buffers.with(empty) { tx.encapsulate(&$0) }
         #expect(r == nil)
-        let (r2, back) = buffers.with(w) { rx.decapsulate(&$0) }
-        #expect(r2 == .delivered)
-        #expect(back == empty)
+        #expect(buffers.with(w) { rx.decapsulate(&$0) }.0 == .dropped(.badPadding))
+        #expect(rx.replay.top == 0)
+        let one = PacketFactory.ipv4(proto: 6, payload: [7])
+        let (r2, w2) = buffers.with(one) { tx.encapsulate(&$0) }
+        #expect(r2 == nil)
+        let (r3, back) = buffers.with(w2) { rx.decapsulate(&$0) }
+        #expect(r3 == .delivered)
+        #expect(back == one)
     }
 
     @Test("fragmented ESP is dropped as fragmented (no reassembly inside the transform)")

@@ -226,9 +226,10 @@ final class UnsealedCipher: ESPCipher {
         self.icvLength = icvLength
         self.blockSize = blockSize
     }
-    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) {
+    func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) -> Bool {
         for i in 0..<self.ivLength { iv.storeByte(0, at: i) }
         iv.storeBE64(sequence, at: 0)
+        return true
     }
     func seal(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
         for i in 0..<self.icvLength { esp.storeByte(0, at: 8 + self.ivLength + cryptLength + i) }

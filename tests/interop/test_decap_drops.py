@@ -301,14 +301,18 @@ def test_bad_padding_cbc(work):
 def test_tfc_dummy_packet_is_discarded_transport(algo, work):
     """Next header 59 marks a TFC dummy packet: the receiver discards it (RFC 4303 2.6).
 
-    scapy sends an IPv6 'no next header' packet in transport mode, whose ESP
-    payload is empty with next header 59.
+    scapy sends IPv6 'no next header' packets in transport mode, whose ESP payload
+    is what follows the IPv6 header, with next header 59. With 8 bytes after it, it
+    is a dummy; with none, the encrypted part is only the trailer, which Linux drops
+    as garbage (esp_remove_trailer: padlen + 2 + alen >= elen), as XfrmInStateProtoError
+    without moving the window: sequence 3 is still accepted after it.
     """
     p = make_params(algo, "transport6")
     s = Sender(p)
-    inner = bytes(IPv6(src=INNER6[0], dst=INNER6[1], nh=59))
-    items = [(s.esp(1), "ok", s.inner(1)), (scapy_encrypt(p, inner, 2), "drop tfcDummy", None),
-             (s.esp(3), "ok", s.inner(3))]
+    dummy = bytes(IPv6(src=INNER6[0], dst=INNER6[1], nh=59) / bytes(range(8)))
+    empty = bytes(IPv6(src=INNER6[0], dst=INNER6[1], nh=59))
+    items = [(s.esp(1), "ok", s.inner(1)), (scapy_encrypt(p, dummy, 2), "drop tfcDummy", None),
+             (scapy_encrypt(p, empty, 3), "drop badPadding", None), (s.esp(3), "ok", s.inner(3))]
     run_expect(p, work, items)
 
 

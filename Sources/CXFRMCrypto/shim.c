@@ -64,34 +64,37 @@ void xfrm_aead_free(xfrm_aead *ctx) {
     free(ctx);
 }
 
-static int aead_run(EVP_CIPHER_CTX *c, int enc, const unsigned char *salt, const void *iv8, const void *aad1,
-                    size_t aad1_len, const void *aad2, size_t aad2_len, void *data, size_t data_len) {
+/// Runs the EVP context over the ESP packet at `esp` (the layout in the header): nonce = salt || IV, then the AAD,
+/// then (GMAC) IV || payload as more AAD or (otherwise) the payload in place.
+static int aead_esp(xfrm_aead *ctx, int enc, unsigned char *esp, size_t crypt_len, const void *aad, size_t aad_len,
+                    int integrity_only) {
     unsigned char nonce[12];
     int outl = 0;
-    memcpy(nonce, salt, 4);
-    memcpy(nonce + 4, iv8, 8);
-    if (EVP_CipherInit_ex(c, NULL, NULL, NULL, nonce, enc) != 1) return 0;
-    if (aad1_len && EVP_CipherUpdate(c, NULL, &outl, aad1, (int)aad1_len) != 1) return 0;
-    if (aad2_len && EVP_CipherUpdate(c, NULL, &outl, aad2, (int)aad2_len) != 1) return 0;
-    if (data_len && EVP_CipherUpdate(c, data, &outl, data, (int)data_len) != 1) return 0;
-    return 1;
+    if (esp == NULL || aad == NULL) return 0;
+    memcpy(nonce, ctx->salt, 4);
+    memcpy(nonce + 4, esp + 8, 8);
+    if (EVP_CipherInit_ex(ctx->evp, NULL, NULL, NULL, nonce, enc) != 1) return 0;
+    if (aad_len && EVP_CipherUpdate(ctx->evp, NULL, &outl, aad, (int)aad_len) != 1) return 0;
+    if (integrity_only) return EVP_CipherUpdate(ctx->evp, NULL, &outl, esp + 8, (int)(8 + crypt_len)) == 1;
+    return crypt_len == 0 || EVP_CipherUpdate(ctx->evp, esp + 16, &outl, esp + 16, (int)crypt_len) == 1;
 }
 
-int xfrm_aead_seal(xfrm_aead *ctx, const void *iv8, const void *aad1, size_t aad1_len, const void *aad2,
-                   size_t aad2_len, void *data, size_t data_len, void *tag) {
+int xfrm_aead_seal_esp(xfrm_aead *ctx, void *esp, size_t crypt_len, const void *aad, size_t aad_len,
+                       int integrity_only) {
     unsigned char tmp[16];
     int outl = 0;
-    if (!aead_run(ctx->evp, 1, ctx->salt, iv8, aad1, aad1_len, aad2, aad2_len, data, data_len)) return 0;
+    if (!aead_esp(ctx, 1, esp, crypt_len, aad, aad_len, integrity_only)) return 0;
     if (EVP_CipherFinal_ex(ctx->evp, tmp, &outl) != 1) return 0;
-    return EVP_CIPHER_CTX_ctrl(ctx->evp, EVP_CTRL_AEAD_GET_TAG, ctx->icv_len, tag) == 1;
+    return EVP_CIPHER_CTX_ctrl(ctx->evp, EVP_CTRL_AEAD_GET_TAG, ctx->icv_len, (unsigned char *)esp + 16 + crypt_len) == 1;
 }
 
-int xfrm_aead_open(xfrm_aead *ctx, const void *iv8, const void *aad1, size_t aad1_len, const void *aad2,
-                   size_t aad2_len, void *data, size_t data_len, const void *tag) {
+int xfrm_aead_open_esp(xfrm_aead *ctx, void *esp, size_t crypt_len, const void *aad, size_t aad_len,
+                       int integrity_only) {
     unsigned char tmp[16];
     int outl = 0;
-    if (!aead_run(ctx->evp, 0, ctx->salt, iv8, aad1, aad1_len, aad2, aad2_len, data, data_len)) return 0;
-    if (EVP_CIPHER_CTX_ctrl(ctx->evp, EVP_CTRL_AEAD_SET_TAG, ctx->icv_len, (void *)tag) != 1) return 0;
+    if (!aead_esp(ctx, 0, esp, crypt_len, aad, aad_len, integrity_only)) return 0;
+    if (EVP_CIPHER_CTX_ctrl(ctx->evp, EVP_CTRL_AEAD_SET_TAG, ctx->icv_len, (unsigned char *)esp + 16 + crypt_len) != 1)
+        return 0;
     return EVP_CipherFinal_ex(ctx->evp, tmp, &outl) == 1;
 }
 

@@ -4,42 +4,36 @@ import XFRMPacket
 /// (RFC 4106 §5, RFC 7634 §2.1, RFC 4543 §3.3): the AAD is SPI || seq (8 bytes), or SPI || seq-hi || seq-lo
 /// (12 bytes) with ESN; GMAC also authenticates IV || payload and encrypts nothing.
 enum AEADLayout {
-    /// Calls `body(iv, aad, aadLength, payload, tag)` with the AAD built on the stack when ESN needs it.
+    /// Calls `body(aad, aadLength)` with the AAD: the packet's own SPI ‖ seq, or built on the stack when ESN needs
+    /// the high half between them.
     @inline(__always)
     static func withAAD<R>(
-        _ esp: UnsafeMutableRawPointer, _ cryptLength: Int, _ esnHigh: UInt32?,
-        _ body: (UnsafeMutableRawPointer, UnsafeRawPointer, Int, UnsafeMutableRawPointer, UnsafeMutableRawPointer) -> R
+        _ esp: UnsafeMutableRawPointer, _ esnHigh: UInt32?, _ body: (UnsafeRawPointer, Int) -> R
     ) -> R {
-        let iv = esp + 8
-        let payload = esp + 16
-        let tag = payload + cryptLength
-        guard let hi = esnHigh else { return body(iv, UnsafeRawPointer(esp), 8, payload, tag) }
+        guard let hi = esnHigh else { return body(UnsafeRawPointer(esp), 8) }
         var aadESN: (UInt32, UInt32, UInt32) = (0, 0, 0)
         return withUnsafeMutableBytes(of: &aadESN) { buf -> R in
             let p = buf.baseAddress!
             p.storeBytes(of: esp.loadUnaligned(fromByteOffset: 0, as: UInt32.self), toByteOffset: 0, as: UInt32.self)
             p.storeBE32(hi, at: 4)
             p.storeBytes(of: esp.loadUnaligned(fromByteOffset: 4, as: UInt32.self), toByteOffset: 8, as: UInt32.self)
-            return body(iv, UnsafeRawPointer(p), 12, payload, tag)
+            return body(UnsafeRawPointer(p), 12)
         }
     }
 }
 
 extension AEADLayout {
-    /// One seal or open of an ESP packet through a C shim's call `(iv, aad1, aad1Length, aad2, aad2Length, data,
-    /// dataLength, tag) -> 1 on success`: the payload is encrypted or decrypted in place, except for GMAC
-    /// (`integrityOnly`), where IV ‖ payload is more AAD and nothing is encrypted (RFC 4543 §3.3).
+    /// One seal or open of an ESP packet through a C shim's call `(esp, cryptLength, aad, aadLength, integrityOnly)
+    /// -> 1 on success`, which finds the IV, payload and ICV from the ESP layout: the payload is encrypted or
+    /// decrypted in place, except for GMAC (`integrityOnly`), where IV ‖ payload is more AAD and nothing is
+    /// encrypted (RFC 4543 §3.3).
     @inline(__always)
     static func run(
         _ esp: UnsafeMutableRawPointer, _ cryptLength: Int, _ esnHigh: UInt32?, integrityOnly: Bool,
-        _ call: (UnsafeRawPointer, UnsafeRawPointer, Int, UnsafeRawPointer?, Int, UnsafeMutableRawPointer?, Int,
-                 UnsafeMutableRawPointer) -> Int32
+        _ call: (UnsafeMutableRawPointer, Int, UnsafeRawPointer, Int, Int32) -> Int32
     ) -> Bool {
-        Self.withAAD(esp, cryptLength, esnHigh) { iv, aad, aadLength, payload, tag -> Bool in
-            let rc = integrityOnly
-                ? call(iv, aad, aadLength, iv, 8 + cryptLength, nil, 0, tag)
-                : call(iv, aad, aadLength, nil, 0, payload, cryptLength, tag)
-            return rc == 1
+        Self.withAAD(esp, esnHigh) { aad, aadLength -> Bool in
+            call(esp, cryptLength, aad, aadLength, integrityOnly ? 1 : 0) == 1
         }
     }
 }

@@ -71,13 +71,13 @@ final class IPsecMBAEADCipher: ESPCipher {
 
     func seal(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
         AEADLayout.run(esp, cryptLength, esnHigh, integrityOnly: self.integrityOnly) {
-            xfrm_mb_aead_seal(self.ctx, $0, $1, $2, $3, $4, $5, $6, $7)
+            xfrm_mb_aead_seal_esp(self.ctx, $0, $1, $2, $3, $4)
         }
     }
 
     func open(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
         AEADLayout.run(esp, cryptLength, esnHigh, integrityOnly: self.integrityOnly) {
-            xfrm_mb_aead_open(self.ctx, $0, $1, $2, $3, $4, $5, $6, $7)
+            xfrm_mb_aead_open_esp(self.ctx, $0, $1, $2, $3, $4)
         }
     }
 }

@@ -57,13 +57,13 @@ final class OpenSSLAEADCipher: ESPCipher {
 
     func seal(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
         AEADLayout.run(esp, cryptLength, esnHigh, integrityOnly: self.integrityOnly) {
-            xfrm_aead_seal(self.ctx, $0, $1, $2, $3, $4, $5, $6, $7)
+            xfrm_aead_seal_esp(self.ctx, $0, $1, $2, $3, $4)
         }
     }
 
     func open(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
         AEADLayout.run(esp, cryptLength, esnHigh, integrityOnly: self.integrityOnly) {
-            xfrm_aead_open(self.ctx, $0, $1, $2, $3, $4, $5, $6, $7)
+            xfrm_aead_open_esp(self.ctx, $0, $1, $2, $3, $4)
         }
     }
 }

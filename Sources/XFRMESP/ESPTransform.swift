@@ -109,6 +109,9 @@ public final class ESPTransform: @unchecked Sendable {
         self.ivLength = self.cipher.ivLength
         self.icvLength = self.cipher.icvLength
         self.blockSize = self.cipher.blockSize
+        // Every ESP block size is a power of two (4 for the AEADs and null, 16 for AES-CBC): padding is a mask.
+        precondition(self.blockSize >= 4 && self.blockSize & (self.blockSize - 1) == 0,
+                     "ESP block size \(self.blockSize) is not a power of two")
         self.isTunnel = config.mode == .tunnel
         self.esn = config.esn
         self.mayWrap = config.flags.contains(.outboundSequenceMayWrap)
@@ -278,7 +281,8 @@ public final class ESPTransform: @unchecked Sendable {
             let room = packet.tailroom - (self.blockSize - 1 + 2 + self.icvLength)
             tfcLength = max(0, min(tfcPadTo - payloadLength, room))
         }
-        let padLength = (self.blockSize - (payloadLength + tfcLength + 2) % self.blockSize) % self.blockSize
+        // (blockSize - (x % blockSize)) % blockSize without a division: -x mod a power of two.
+        let padLength = (0 &- (payloadLength &+ tfcLength &+ 2)) & (self.blockSize &- 1)
         let cryptLength = payloadLength + tfcLength + padLength + 2
         let espHeader = 8 + self.ivLength
         let front = espHeader + self.udpLength + self.outerHeaderLength
@@ -448,7 +452,7 @@ public final class ESPTransform: @unchecked Sendable {
         let header = 8 + self.ivLength
         guard espLength >= header + self.icvLength + 2 else { return .truncated }
         let cryptLength = espLength - header - self.icvLength
-        if self.blockSize > 4 && cryptLength % self.blockSize != 0 { return .badCipherLength }
+        if self.blockSize > 4 && cryptLength & (self.blockSize &- 1) != 0 { return .badCipherLength }
 
         let seq: UInt64
         switch self.replayCheck(info.sequence) {

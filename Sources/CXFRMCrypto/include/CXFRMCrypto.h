@@ -26,13 +26,16 @@ xfrm_aead *xfrm_aead_new(int kind, const void *key, size_t key_len, const void *
 /// Frees the context; OpenSSL cleanses the key schedules and we cleanse the salt.
 void xfrm_aead_free(xfrm_aead *ctx);
 
-/// Seals in place: nonce = salt || iv8; AAD = aad1 || aad2 (either may be empty); `data` is encrypted in place
-/// and `icv_len` bytes of tag are written to `tag`. Returns 1 on success.
-int xfrm_aead_seal(xfrm_aead *ctx, const void *iv8, const void *aad1, size_t aad1_len, const void *aad2,
-                   size_t aad2_len, void *data, size_t data_len, void *tag);
-/// Opens in place and verifies the tag (OpenSSL compares in constant time). Returns 1 when the tag verifies.
-int xfrm_aead_open(xfrm_aead *ctx, const void *iv8, const void *aad1, size_t aad1_len, const void *aad2,
-                   size_t aad2_len, void *data, size_t data_len, const void *tag);
+/// Seals the ESP packet at `esp` in place (RFC 4303 §2: SPI, sequence number, the 8-byte IV, then `crypt_len` bytes
+/// of payload and trailer, then room for `icv_len` bytes of ICV): nonce = salt || IV; AAD = `aad`; the payload is
+/// encrypted in place and the ICV written behind it. `integrity_only` (GMAC, RFC 4543 §3.3): IV || payload is more
+/// AAD and nothing is encrypted. Six arguments or fewer, all in registers. Returns 1 on success.
+int xfrm_aead_seal_esp(xfrm_aead *ctx, void *esp, size_t crypt_len, const void *aad, size_t aad_len,
+                       int integrity_only);
+/// Opens the ESP packet at `esp` in place and verifies the ICV behind the payload (OpenSSL compares in constant
+/// time). Returns 1 when it verifies.
+int xfrm_aead_open_esp(xfrm_aead *ctx, void *esp, size_t crypt_len, const void *aad, size_t aad_len,
+                       int integrity_only);
 
 typedef struct xfrm_cbc xfrm_cbc;
 /// AES-CBC (RFC 3602) with 128/192/256-bit keys, no padding (ESP pads itself).

@@ -30,14 +30,16 @@ typedef struct xfrm_mb_aead xfrm_mb_aead;
 /// A pre-keyed AEAD: `key` excludes the 4-byte salt. NULL on an unsupported kind, key length or ICV length.
 xfrm_mb_aead *xfrm_mb_aead_new(int kind, const void *key, size_t key_len, const void *salt4, int icv_len);
 void xfrm_mb_aead_free(xfrm_mb_aead *ctx);
-/// Seals in place: nonce = salt || iv8; AAD = aad1 || aad2 (aad2 is used by GMAC only, may be empty); `data` is
-/// encrypted in place (GMAC: data_len must be 0) and the ICV written to `tag`. Returns 1 on success.
-int xfrm_mb_aead_seal(xfrm_mb_aead *ctx, const void *iv8, const void *aad1, size_t aad1_len, const void *aad2,
-                      size_t aad2_len, void *data, size_t data_len, void *tag);
-/// Opens in place and compares the ICV in constant time. Returns 1 when it verifies (otherwise `data` holds
-/// unspecified bytes that must be discarded).
-int xfrm_mb_aead_open(xfrm_mb_aead *ctx, const void *iv8, const void *aad1, size_t aad1_len, const void *aad2,
-                      size_t aad2_len, void *data, size_t data_len, const void *tag);
+/// Seals the ESP packet at `esp` in place (RFC 4303 §2: SPI, sequence number, the 8-byte IV, then `crypt_len` bytes
+/// of payload and trailer, then room for the ICV): nonce = salt || IV; AAD = `aad` (SPI || seq, or with ESN
+/// SPI || seq-hi || seq-lo); the payload is encrypted in place and the ICV written behind it. `integrity_only` (GMAC,
+/// RFC 4543 §3.3, and only GMAC): IV || payload is more AAD and nothing is encrypted. Returns 1 on success.
+int xfrm_mb_aead_seal_esp(xfrm_mb_aead *ctx, void *esp, size_t crypt_len, const void *aad, size_t aad_len,
+                          int integrity_only);
+/// Opens the ESP packet at `esp` in place and compares the ICV behind the payload in constant time. Returns 1 when
+/// it verifies (otherwise the payload holds unspecified bytes that must be discarded).
+int xfrm_mb_aead_open_esp(xfrm_mb_aead *ctx, void *esp, size_t crypt_len, const void *aad, size_t aad_len,
+                          int integrity_only);
 
 /// HMAC digests for the CBC transforms (RFC 2404 / RFC 4868).
 enum {

@@ -393,10 +393,7 @@ public final class XfrmControlServer: XfrmTransport {
                     throw AlgorithmError("An AEAD algorithm cannot be combined with enc or auth")
                 }
                 let spec = try ESPCryptoSpec.aead(name: aead.name, key: aead.key, icvBits: Int(aead.lengthBits))
-                config.crypto = spec
-                // The listing's copy shares the spec's key storage (one wiped copy per SA, not two).
-                config.algorithms.aead = .init(name: AEADAlgorithm(name: aead.name)!.name, key: spec.keys.key,
-                                               bits: Int(aead.lengthBits))
+                config.crypto = spec  // listings read the canonical name, the key and the ICV length from it
             } else if let crypt {
                 let a = authTrunc ?? auth
                 var trunc: Int? = nil
@@ -408,12 +405,7 @@ public final class XfrmControlServer: XfrmTransport {
                 }
                 let spec = try ESPCryptoSpec.cipher(name: crypt.name, key: crypt.key, authName: a?.name,
                                                     authKey: a?.key ?? [], truncationBits: trunc)
-                config.crypto = spec
-                config.algorithms.encryption = .init(name: CipherAlgorithm(name: crypt.name)!.name, key: spec.keys.key)
-                if let a, let alg = AuthAlgorithm(name: a.name) {
-                    config.algorithms.authentication = .init(name: alg.name, key: spec.keys.authKey ?? SecretKey(a.key),
-                                                             bits: trunc ?? 0)
-                }
+                config.crypto = spec  // and the truncation `trunc` the listing shows
             } else {
                 throw AlgorithmError("ESP requires an encryption (enc) or AEAD (aead) algorithm")
             }

@@ -204,15 +204,20 @@ extension SecurityAssociation {
         if c.extraFlags != 0 { attrs.append(.extraFlags(c.extraFlags)) }
         let last = self.lastUsed
         if last != 0 { attrs.append(.lastUsed(last)) }
-        if let a = c.algorithms.aead {
-            attrs.append(.algAEAD(XfrmAlgorithm(name: a.name, key: a.key.bytes, lengthBits: UInt32(a.bits))))
-        }
-        if let a = c.algorithms.authentication {
-            attrs.append(.algAuth(XfrmAlgorithm(name: a.name, key: a.key.bytes)))
-            attrs.append(.algAuthTrunc(XfrmAlgorithm(name: a.name, key: a.key.bytes, lengthBits: UInt32(a.bits))))
-        }
-        if let e = c.algorithms.encryption {
-            attrs.append(.algCrypt(XfrmAlgorithm(name: e.name, key: e.key.bytes)))
+        // The algorithms by their canonical names, as copy_to_user_state_extra lists them: AEAD; or authentication
+        // (XFRMA_ALG_AUTH and XFRMA_ALG_AUTH_TRUNC) and encryption.
+        switch c.crypto {
+        case .aead(let alg, let key, let icvBits)?:
+            attrs.append(.algAEAD(XfrmAlgorithm(name: alg.name, key: key.bytes, lengthBits: UInt32(icvBits))))
+        case .cipher(let alg, let key, let auth, let authKey, let truncationBits)?:
+            if let auth {
+                let k = authKey?.bytes ?? []
+                attrs.append(.algAuth(XfrmAlgorithm(name: auth.name, key: k)))
+                attrs.append(.algAuthTrunc(XfrmAlgorithm(name: auth.name, key: k, lengthBits: UInt32(truncationBits))))
+            }
+            attrs.append(.algCrypt(XfrmAlgorithm(name: alg.name, key: key.bytes)))
+        case nil:
+            break
         }
         if let e = self.encapsulation {
             var t = XfrmEncapTmpl()

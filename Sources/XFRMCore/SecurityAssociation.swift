@@ -32,29 +32,6 @@ public enum SAState: Sendable, Equatable {
     case dead
 }
 
-/// Algorithms as configured, kept for listings (`ip xfrm state` shows names and keys); keys are wiped with the SA.
-public struct SAAlgorithms: Sendable {
-    public struct Entry: Sendable {
-        public var name: String
-        public var key: SecretKey
-        /// ICV bits (aead) or truncation bits (auth); 0 for enc.
-        public var bits: Int
-        public init(name: String, key: SecretKey, bits: Int = 0) {
-            self.name = name
-            self.key = key
-            self.bits = bits
-        }
-    }
-    public var aead: Entry?
-    public var encryption: Entry?
-    public var authentication: Entry?
-    public init(aead: Entry? = nil, encryption: Entry? = nil, authentication: Entry? = nil) {
-        self.aead = aead
-        self.encryption = encryption
-        self.authentication = authentication
-    }
-}
-
 /// Everything needed to create an SA (≈ the parts of xfrm_usersa_info and its attributes the core uses).
 public struct SAConfig: Sendable {
     public var id: SAID
@@ -78,8 +55,9 @@ public struct SAConfig: Sendable {
     public var encapsulationOriginalAddress: IPAddress?
     public var encapsulationType: UInt16
     public var esn: Bool
+    /// The algorithms and keys (nil: a larval SA). Listings read names and keys from here too, so each key is held
+    /// once and wiped with the SA.
     public var crypto: ESPCryptoSpec?
-    public var algorithms: SAAlgorithms
     public var outboundSequence: UInt64
     public var inboundSequence: UInt64
     /// The received-packet bitmap below `inboundSequence` (XFRMA_REPLAY_VAL / XFRMA_REPLAY_ESN_VAL), restored.
@@ -110,7 +88,7 @@ public struct SAConfig: Sendable {
                 direction: SADirection? = nil, lifetime: LifetimeConfig = LifetimeConfig(),
                 encapsulation: NATTEncapsulation? = nil, encapsulationOriginalAddress: IPAddress? = nil,
                 encapsulationType: UInt16 = 2, esn: Bool = false, crypto: ESPCryptoSpec?,
-                algorithms: SAAlgorithms = SAAlgorithms(), outboundSequence: UInt64 = 0, inboundSequence: UInt64 = 0,
+                outboundSequence: UInt64 = 0, inboundSequence: UInt64 = 0,
                 tfcPad: UInt32 = 0, kmSequence: UInt32 = 0, replayBitmap: ReplayBitmap? = nil) {
         self.replayBitmap = replayBitmap
         self.id = id
@@ -130,7 +108,6 @@ public struct SAConfig: Sendable {
         self.encapsulationType = encapsulationType
         self.esn = esn
         self.crypto = crypto
-        self.algorithms = algorithms
         self.outboundSequence = outboundSequence
         self.inboundSequence = inboundSequence
         self.tfcPad = tfcPad

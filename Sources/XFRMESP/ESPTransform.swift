@@ -32,8 +32,16 @@ public struct ESPStatistics: Sendable, Equatable {
 
 /// The ESP transform state of one SA: its cipher, outbound sequence counter and inbound replay window.
 public final class ESPTransform: @unchecked Sendable {
-    public let config: ESPConfig
+    /// The SA's SPI.
+    public let spi: UInt32
     public let cipher: any ESPCipher
+    /// What the packet path reads of the configuration (the rest — keys, starting sequence numbers and window — is
+    /// in the cipher and the per-packet state: one SA in 100,000 is not worth a second copy of its ESPConfig).
+    private let flags: ESPFlags
+    private let outerHopLimit: UInt8
+    /// Tunnel mode: the outer addresses.
+    private let tunnelSource: IPAddress?
+    private let tunnelDestination: IPAddress?
     /// The last outbound sequence number used (64-bit; only the low half goes on the wire). Like every accessor of
     /// the per-packet state, read it under the SA's lock (the core's `SecurityAssociation.withLock`).
     public var outboundSequence: UInt64 { self.state.pointee.outboundSequence }
@@ -91,7 +99,10 @@ public final class ESPTransform: @unchecked Sendable {
         } catch {
             throw ESPConfigError(error.description)
         }
-        self.config = config
+        self.spi = config.spi
+        self.flags = config.flags
+        self.outerHopLimit = config.outerHopLimit
+        (self.tunnelSource, self.tunnelDestination) = (config.tunnelSource, config.tunnelDestination)
         let replay = if let bitmap = config.inboundBitmap {
             ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence, bitmap: bitmap)
         } else {
@@ -164,7 +175,7 @@ public final class ESPTransform: @unchecked Sendable {
     /// x->replay_esn): `top` the highest number received, the numbers below it received as `bitmap` says (none when
     /// nil). The window keeps its size.
     public func setInboundReplay(top: UInt64, bitmap: ReplayBitmap?) {
-        let size = self.config.replayWindow
+        let size = self.state.pointee.replay.size
         self.state.pointee.replay = if let bitmap {
             ReplayWindow(size: size, esn: self.esn, top: top, bitmap: bitmap)
         } else {
@@ -316,7 +327,7 @@ public final class ESPTransform: @unchecked Sendable {
             new.copyMemory(from: old, byteCount: headerLength)
             esp = new + headerLength + self.udpLength
         }
-        esp.storeBE32(self.config.spi, at: 0)
+        esp.storeBE32(self.spi, at: 0)
         esp.storeBE32(UInt32(truncatingIfNeeded: seq), at: 4)
         if let fixedIV {
             (esp + 8).copyMemory(from: fixedIV, byteCount: self.ivLength)
@@ -368,24 +379,24 @@ public final class ESPTransform: @unchecked Sendable {
         innerFlowLabel: UInt32
     ) {
         var tos: UInt8 = 0
-        if !self.config.flags.contains(.dontEncapDSCP) { tos = innerTOS & 0xfc }
-        if !self.config.flags.contains(.noECN) {
+        if !self.flags.contains(.dontEncapDSCP) { tos = innerTOS & 0xfc }
+        if !self.flags.contains(.noECN) {
             let ecn = innerTOS & 0x03
             tos |= ecn == 0x03 ? 0x02 : ecn  // CE is encapsulated as ECT(0)
         }
         let proto = self.udpLength != 0 ? IPProtocolNumber.udp : IPProtocolNumber.esp
-        switch (self.config.tunnelSource!, self.config.tunnelDestination!) {
+        switch (self.tunnelSource!, self.tunnelDestination!) {
         case (.v4(let s), .v4(let d)):
-            let df = !self.config.flags.contains(.noPMTUDiscovery) && (innerDF || !innerV4)
+            let df = !self.flags.contains(.noPMTUDiscovery) && (innerDF || !innerV4)
             self.state.pointee.ipIdentification &+= 1
             IPv4Header.write(
                 outer, tos: tos, totalLength: totalLength, identification: self.state.pointee.ipIdentification,
-                flags: df ? IPv4Header.flagDF : 0, ttl: self.config.outerHopLimit, proto: proto, source: s,
+                flags: df ? IPv4Header.flagDF : 0, ttl: self.outerHopLimit, proto: proto, source: s,
                 destination: d)
         case (let s, let d):
             IPv6Header.write(
                 outer, trafficClass: tos, flowLabel: innerFlowLabel, payloadLength: totalLength - HeaderSize.ipv6,
-                nextHeader: proto, hopLimit: self.config.outerHopLimit, source: s, destination: d)
+                nextHeader: proto, hopLimit: self.outerHopLimit, source: s, destination: d)
         }
     }
 
@@ -415,7 +426,7 @@ public final class ESPTransform: @unchecked Sendable {
     public func decapsulate(_ packet: inout PacketBuffer, nattPort: UInt16? = 4500) -> ESPInputResult {
         switch ESPClassification.classify(&packet, nattPort: nattPort) {
         case .esp(let info):
-            guard info.spi == self.config.spi else { return .dropped(.noState) }
+            guard info.spi == self.spi else { return .dropped(.noState) }
             if let reason = self.decapsulate(&packet, info: info) { return .dropped(reason) }
             return .delivered
         case .ike: return .ike
@@ -445,7 +456,7 @@ public final class ESPTransform: @unchecked Sendable {
     @inline(__always)
     public func decapsulate(_ packet: inout PacketBuffer, info: ESPPacketInfo, cryptoDone: Bool,
                             carried: inout Int) -> DropReason? {
-        if info.udpEncapsulated != (self.config.encapsulation != nil) { return .encapsulationMismatch }
+        if info.udpEncapsulated != (self.udpLength != 0) { return .encapsulationMismatch }
         let p = packet.data
         let esp = p + info.espOffset
         let espLength = packet.count - info.espOffset
@@ -497,7 +508,7 @@ public final class ESPTransform: @unchecked Sendable {
     /// `decapsulate` repeats both (≈ `x->repl->recheck`); nothing changes in between under the SA's lock.
     @inline(__always)
     public func screen(_ info: ESPPacketInfo) -> DropReason? {
-        if info.udpEncapsulated != (self.config.encapsulation != nil) { return .encapsulationMismatch }
+        if info.udpEncapsulated != (self.udpLength != 0) { return .encapsulationMismatch }
         if case .reject(let r) = self.replayCheck(info.sequence) { return r }
         return nil
     }
@@ -554,8 +565,8 @@ public final class ESPTransform: @unchecked Sendable {
     @inline(__always)
     private func decapTOS(outer: UInt8, inner: UInt8) -> UInt8 {
         var tos = inner
-        if self.config.flags.contains(.decapDSCP) { tos = (outer & 0xfc) | (tos & 0x03) }
-        if !self.config.flags.contains(.noECN) && outer & 0x03 == 0x03 && tos & 0x03 != 0 { tos |= 0x03 }
+        if self.flags.contains(.decapDSCP) { tos = (outer & 0xfc) | (tos & 0x03) }
+        if !self.flags.contains(.noECN) && outer & 0x03 == 0x03 && tos & 0x03 != 0 { tos |= 0x03 }
         return tos
     }
 
@@ -578,7 +589,7 @@ public final class ESPTransform: @unchecked Sendable {
         } else {
             ip.storeBE16(UInt16(truncatingIfNeeded: packet.count - HeaderSize.ipv6), at: 4)
         }
-        if self.config.encapsulation != nil && info.ipVersion == 4 {
+        if self.udpLength != 0 && info.ipVersion == 4 {
             Self.fixTransportChecksum(ip, count: packet.count, headerLength: headerLength, proto: nextHeader)
         }
         return nil

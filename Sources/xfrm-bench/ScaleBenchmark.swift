@@ -62,12 +62,10 @@ private func scaleSA(_ i: Int, on stack: XFRMStack) throws -> SecurityAssociatio
     }
     let crypto = try ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))", key: key, icvBits: 128)
     let peer = IPAddress.v4(0xc612_0000 | UInt32(i >> 8))
-    var config = SAConfig(
+    let config = SAConfig(
         id: SAID(destination: peer, spi: 0x1000 &+ UInt32(truncatingIfNeeded: i)), source: IPAddress("192.0.2.1")!,
         selector: .any(family: 0), reqid: UInt32(truncatingIfNeeded: i) &+ 1, mode: .tunnel, replayWindow: 32,
         crypto: crypto)
-    // As the control server keeps it for listings (XFRMA_ALG_AEAD): the name and the key (sharing the spec's storage).
-    config.algorithms.aead = .init(name: "rfc4106(gcm(aes))", key: crypto.keys.key, bits: 128)
     return try stack.makeSA(config)
 }
 

@@ -152,13 +152,20 @@ public final class SecurityAssociation: @unchecked Sendable {
         var outputMark: Mark?
         /// The device binding, while the SA is offloaded (≈ xso).
         var offload: StateOffload?
-        /// The device's counters at the last sync, to fold only the increments into the global counters.
-        var lastDeviceCounters = DeviceSACounters()
+        /// The device's counters at the last sync, to fold only the increments into the global counters; boxed on
+        /// the first sync, since only offloaded SAs ever have any (72 bytes inline in every SA otherwise).
+        var lastDeviceCounters: DeviceCountersBox?
         /// The async-event thresholds a key manager may set and read back (x->replay_maxdiff, x->replay_maxage in
         /// jiffies; the kernel's defaults: 2 packets, and 1 s at Debian's HZ of 250). Kept and listed only: no
         /// replay-state events are sent.
         var replayMaxDiff: UInt32 = 2
         var replayMaxAge: UInt32 = SecurityAssociation.jiffiesPerSecond
+    }
+
+    /// A device's counters as last synced, apart from the SA's other state (changed only under the SA's lock).
+    final class DeviceCountersBox {
+        var value: DeviceSACounters
+        init(_ value: DeviceSACounters) { self.value = value }
     }
 
     /// CONFIG_HZ of the kernel whose units XFRMA_ETIMER_THRESH follows (Debian's: 250).
@@ -368,7 +375,9 @@ public final class SecurityAssociation: @unchecked Sendable {
     func setOffload(_ o: StateOffload?) { self.mutable.withLock { $0.offload = o } }
 
     /// The device's counters as of the last sync (for packet offload: its sequence numbers and counts).
-    public var deviceCounters: DeviceSACounters { self.mutable.withLock { $0.lastDeviceCounters } }
+    public var deviceCounters: DeviceSACounters {
+        self.mutable.withLock { $0.lastDeviceCounters?.value ?? DeviceSACounters() }
+    }
 
     /// Takes the device's counters (≈ xdo_dev_state_update_stats): for packet offload the device's byte and packet
     /// counts become curlft; device-side drops are added to the SA's stats. Returns the new drops since the last
@@ -378,7 +387,7 @@ public final class SecurityAssociation: @unchecked Sendable {
     {
         self.mutable.withLock { m in
             var d = DeviceSACounters()
-            let last = m.lastDeviceCounters
+            let last = m.lastDeviceCounters?.value ?? DeviceSACounters()
             d.replayWindow = c.replayWindow &- last.replayWindow
             d.replay = c.replay &- last.replay
             d.integrityFailed = c.integrityFailed &- last.integrityFailed
@@ -386,7 +395,7 @@ public final class SecurityAssociation: @unchecked Sendable {
             d.sequenceZero = c.sequenceZero &- last.sequenceZero
             d.packets = c.packets &- last.packets
             d.bytes = c.bytes &- last.bytes
-            m.lastDeviceCounters = c
+            if let box = m.lastDeviceCounters { box.value = c } else { m.lastDeviceCounters = DeviceCountersBox(c) }
             m.replayWindowDrops &+= d.replayWindow
             m.replayDrops &+= d.replay
             m.integrityFailures &+= d.integrityFailed

@@ -81,14 +81,21 @@ public final class ESPTransform: @unchecked Sendable {
     }
     private let state: UnsafeMutablePointer<MutableState>
 
-    private let ivLength: Int
-    private let icvLength: Int
-    private let blockSize: Int
+    // Lengths as bytes (each below 256), read as Int: five Ints made every transform 40 bytes longer (one SA in
+    // 100,000 counts).
+    private let ivLength8: UInt8
+    private let icvLength8: UInt8
+    private let blockSize8: UInt8
+    private var ivLength: Int { Int(self.ivLength8) }
+    private var icvLength: Int { Int(self.icvLength8) }
+    private var blockSize: Int { Int(self.blockSize8) }
     private let isTunnel: Bool
     private let esn: Bool
     private let mayWrap: Bool
-    private let udpLength: Int
-    private let outerHeaderLength: Int
+    private let udpLength8: UInt8
+    private let outerHeaderLength8: UInt8
+    private var udpLength: Int { Int(self.udpLength8) }
+    private var outerHeaderLength: Int { Int(self.outerHeaderLength8) }
 
     /// Builds the transform; the cipher comes from `backend`.
     public init(_ config: ESPConfig, backend: any ESPCryptoBackend = CryptoBackends.preferred) throws(ESPConfigError) {
@@ -117,20 +124,20 @@ public final class ESPTransform: @unchecked Sendable {
             outboundSequence: config.outboundSequence, replay: replay,
             ipIdentification: UInt16(truncatingIfNeeded: (config.spi &* 0x9E37_79B1) >> 16),
             encapsulation: config.encapsulation))
-        self.ivLength = self.cipher.ivLength
-        self.icvLength = self.cipher.icvLength
-        self.blockSize = self.cipher.blockSize
+        self.ivLength8 = UInt8(self.cipher.ivLength)
+        self.icvLength8 = UInt8(self.cipher.icvLength)
+        let block = self.cipher.blockSize
         // Every ESP block size is a power of two (4 for the AEADs and null, 16 for AES-CBC): padding is a mask.
-        precondition(self.blockSize >= 4 && self.blockSize & (self.blockSize - 1) == 0,
-                     "ESP block size \(self.blockSize) is not a power of two")
+        precondition(block >= 4 && block <= 128 && block & (block - 1) == 0, "ESP block size \(block) is not a power of two")
+        self.blockSize8 = UInt8(block)
         self.isTunnel = config.mode == .tunnel
         self.esn = config.esn
         self.mayWrap = config.flags.contains(.outboundSequenceMayWrap)
-        self.udpLength = config.encapsulation == nil ? 0 : HeaderSize.udp
+        self.udpLength8 = config.encapsulation == nil ? 0 : UInt8(HeaderSize.udp)
         if config.mode == .tunnel, let d = config.tunnelDestination {
-            self.outerHeaderLength = d.version == 4 ? HeaderSize.ipv4Minimum : HeaderSize.ipv6
+            self.outerHeaderLength8 = UInt8(d.version == 4 ? HeaderSize.ipv4Minimum : HeaderSize.ipv6)
         } else {
-            self.outerHeaderLength = 0
+            self.outerHeaderLength8 = 0
         }
     }
 

@@ -15,10 +15,11 @@ struct xfrm_aead {
     EVP_CIPHER_CTX *evp;
     unsigned char salt[4];
     int icv_len;
+    int gmac;  // AES-GMAC: every call must be integrity-only, and no other context's may be
 };
 
 static const EVP_CIPHER *aead_cipher(int kind, size_t key_len) {
-    if (kind == XFRM_AEAD_AES_GCM) {
+    if (kind == XFRM_AEAD_AES_GCM || kind == XFRM_AEAD_AES_GMAC) {
         switch (key_len) {
         case 16: return EVP_aes_128_gcm();
         case 24: return EVP_aes_192_gcm();
@@ -54,6 +55,7 @@ xfrm_aead *xfrm_aead_new(int kind, const void *key, size_t key_len, const void *
     }
     memcpy(ctx->salt, salt4, 4);
     ctx->icv_len = icv_len;
+    ctx->gmac = kind == XFRM_AEAD_AES_GMAC;
     return ctx;
 }
 
@@ -70,7 +72,9 @@ static int aead_esp(xfrm_aead *ctx, int enc, unsigned char *esp, size_t crypt_le
                     int integrity_only) {
     unsigned char nonce[12];
     int outl = 0;
-    if (esp == NULL || aad == NULL) return 0;
+    // A flag that disagrees with the algorithm would send a GCM payload in clear; an ESP packet is at most 64 KiB,
+    // which also keeps the int casts below exact.
+    if (esp == NULL || aad == NULL || (ctx->gmac != 0) != (integrity_only != 0) || crypt_len > 65535) return 0;
     memcpy(nonce, ctx->salt, 4);
     memcpy(nonce + 4, esp + 8, 8);
     if (EVP_CipherInit_ex(ctx->evp, NULL, NULL, NULL, nonce, enc) != 1) return 0;

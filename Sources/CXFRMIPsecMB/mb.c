@@ -178,8 +178,9 @@ void xfrm_mb_aead_free(xfrm_mb_aead *c) {
 }
 
 /// Runs GCM (enc != 0: seal) over data with AAD aad; writes the tag to `tag`. Returns 1 unless the library refused
-/// a parameter: the direct API says so only through its process-wide error (imb_get_errno(NULL), reset by each call),
-/// which never happens with the lengths checked here and at creation, but is never let pass for a sealed packet.
+/// a parameter. The direct API says so only through its process-wide error (imb_get_errno(NULL)), which every call on
+/// every thread first resets, so the check is best effort: what makes a refusal impossible is the checks here and at
+/// creation (non-null pointers, an ICV of 8, 12 or 16 bytes, at most 64 KiB).
 static int gcm_run(const struct xfrm_mb_aead_info *i, xfrm_mb_aead *c, const uint8_t nonce[12], const void *aad,
                    size_t aad_len, void *data, size_t len, void *tag, int enc) {
     struct gcm_context_data ctx;
@@ -238,7 +239,8 @@ static inline __attribute__((always_inline)) int aead_esp(xfrm_mb_aead *c, uint8
                                                           const void *aad, size_t aad_len, int integrity_only,
                                                           void *tag, int enc) {
     const struct xfrm_mb_aead_info *info = aead_info(c);
-    if (esp == NULL || aad == NULL || (info->kind == XFRM_MB_AES_GMAC) != (integrity_only != 0)) return 0;
+    if (esp == NULL || aad == NULL || (info->kind == XFRM_MB_AES_GMAC) != (integrity_only != 0) || crypt_len > 65535)
+        return 0;
     uint8_t nonce[12];
     memcpy(nonce, info->salt, 4);
     memcpy(nonce + 4, esp + 8, 8);

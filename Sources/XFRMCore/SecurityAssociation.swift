@@ -199,7 +199,7 @@ public final class SecurityAssociation: @unchecked Sendable {
                 tunnelDestination: config.id.destination, encapsulation: config.encapsulation, esn: config.esn,
                 replayWindow: config.replayWindow, flags: flags, outboundSequence: config.outboundSequence,
                 inboundSequence: config.inboundSequence, inboundBitmap: config.replayBitmap)
-            self.transform = try ESPTransform(esp, backend: backend)
+            self.transform = try ESPTransform(esp, backend: backend, statistics: false)  // the SA counts
         } else {
             self.transform = nil
         }

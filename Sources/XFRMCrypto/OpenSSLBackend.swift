@@ -34,7 +34,11 @@ final class OpenSSLAEADCipher: ESPCipher {
     var blockSize: Int { 4 }
 
     init?(_ alg: AEADAlgorithm, key: SecretKey, icvLength: Int) {
-        let kind = alg == .chacha20Poly1305 ? Int32(XFRM_AEAD_CHACHA20_POLY1305) : Int32(XFRM_AEAD_AES_GCM)
+        let kind: Int32 = switch alg {
+        case .aesGCM: Int32(XFRM_AEAD_AES_GCM)
+        case .aesGMAC: Int32(XFRM_AEAD_AES_GMAC)
+        case .chacha20Poly1305: Int32(XFRM_AEAD_CHACHA20_POLY1305)
+        }
         let made = key.withUnsafeBytes { k -> OpaquePointer? in
             let keyLen = k.count - 4
             return xfrm_aead_new(kind, k.baseAddress, keyLen, k.baseAddress! + keyLen, Int32(icvLength))

@@ -49,7 +49,8 @@ public final class ESPTransform: @unchecked Sendable {
     public var replay: ReplayWindow { self.state.pointee.replay }
     /// The highest sequence number received (the window's top), without copying the window.
     public var replayTop: UInt64 { self.state.pointee.replay.top }
-    public var statistics: ESPStatistics { self.state.pointee.statistics }
+    /// What the transform counted (zeros when it was made with `statistics: false`).
+    public var statistics: ESPStatistics { self.counters?.pointee ?? ESPStatistics() }
     /// The NAT-T ports in use (the SA's, updated when the peer's NAT mapping moves; ≈ x->encap).
     public var encapsulation: NATTEncapsulation? { self.state.pointee.encapsulation }
 
@@ -71,7 +72,6 @@ public final class ESPTransform: @unchecked Sendable {
     private struct MutableState {
         var outboundSequence: UInt64
         var replay: ReplayWindow
-        var statistics = ESPStatistics()
         var ipIdentification: UInt16 = 0
         var encapsulation: NATTEncapsulation?
         /// The last NAT-T mapping change told: when (seconds) and to which source port (x->new_mapping,
@@ -80,6 +80,9 @@ public final class ESPTransform: @unchecked Sendable {
         var mappingPort: UInt16 = 0
     }
     private let state: UnsafeMutablePointer<MutableState>
+    /// The transform's own counters, for esp-tool and tests; nil for an SA's transform, whose SA counts the same
+    /// (40 bytes less per SA, and no second count per packet).
+    private let counters: UnsafeMutablePointer<ESPStatistics>?
 
     // Lengths as bytes (each below 256), read as Int: five Ints made every transform 40 bytes longer (one SA in
     // 100,000 counts).
@@ -98,13 +101,23 @@ public final class ESPTransform: @unchecked Sendable {
     private var outerHeaderLength: Int { Int(self.outerHeaderLength8) }
 
     /// Builds the transform; the cipher comes from `backend`.
-    public init(_ config: ESPConfig, backend: any ESPCryptoBackend = CryptoBackends.preferred) throws(ESPConfigError) {
+    /// `statistics: false` leaves the transform's own counters out (`statistics` then reads zeros).
+    public init(_ config: ESPConfig, backend: any ESPCryptoBackend = CryptoBackends.preferred, statistics: Bool = true)
+        throws(ESPConfigError)
+    {
         try config.validate()
         do {
             try config.crypto.validate()  // whatever the backend checks, an invalid spec never reaches it
             self.cipher = try backend.makeCipher(config.crypto)
         } catch {
             throw ESPConfigError(error.description)
+        }
+        // Every ESP block size is a power of two (4 for the AEADs and null, 16 for AES-CBC), so padding is a mask;
+        // the lengths fit a byte. A backend (the protocol is public) that says otherwise is refused, not trusted.
+        let (block, iv, icv) = (self.cipher.blockSize, self.cipher.ivLength, self.cipher.icvLength)
+        guard block >= 4, block <= 128, block & (block - 1) == 0, (0...255).contains(iv), (0...255).contains(icv) else {
+            throw ESPConfigError(
+                "\(self.cipher.backendName): block size \(block), IV \(iv) or ICV \(icv) bytes not usable")
         }
         self.spi = config.spi
         self.flags = config.flags
@@ -116,6 +129,13 @@ public final class ESPTransform: @unchecked Sendable {
             ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence)
         }
         self.state = .allocate(capacity: 1)
+        if statistics {
+            let c = UnsafeMutablePointer<ESPStatistics>.allocate(capacity: 1)
+            c.initialize(to: ESPStatistics())
+            self.counters = c
+        } else {
+            self.counters = nil
+        }
         // The outer IPv4 identification starts at a value spread from the SPI, so that SAs between the same two
         // addresses (per-CPU SAs, a rekey's old and new) do not send the same identifications at once: a fragmented
         // packet's pieces must not be mistaken for another's (RFC 6864 §4.1; Linux uses hashed counters,
@@ -124,11 +144,8 @@ public final class ESPTransform: @unchecked Sendable {
             outboundSequence: config.outboundSequence, replay: replay,
             ipIdentification: UInt16(truncatingIfNeeded: (config.spi &* 0x9E37_79B1) >> 16),
             encapsulation: config.encapsulation))
-        self.ivLength8 = UInt8(self.cipher.ivLength)
-        self.icvLength8 = UInt8(self.cipher.icvLength)
-        let block = self.cipher.blockSize
-        // Every ESP block size is a power of two (4 for the AEADs and null, 16 for AES-CBC): padding is a mask.
-        precondition(block >= 4 && block <= 128 && block & (block - 1) == 0, "ESP block size \(block) is not a power of two")
+        self.ivLength8 = UInt8(iv)
+        self.icvLength8 = UInt8(icv)
         self.blockSize8 = UInt8(block)
         self.isTunnel = config.mode == .tunnel
         self.esn = config.esn
@@ -144,6 +161,7 @@ public final class ESPTransform: @unchecked Sendable {
     deinit {
         self.state.deinitialize(count: 1)
         self.state.deallocate()
+        self.counters?.deallocate()
     }
 
     /// Bytes ESP adds in front of the payload (outer IP, UDP, ESP header, IV).
@@ -348,8 +366,10 @@ public final class ESPTransform: @unchecked Sendable {
         } else {
             (esp + 8 + self.ivLength + cryptLength).initializeMemory(as: UInt8.self, repeating: 0, count: self.icvLength)
         }
-        self.state.pointee.statistics.packets &+= 1
-        self.state.pointee.statistics.bytes &+= UInt64(payloadLength)
+        if let c = self.counters {
+            c.pointee.packets &+= 1
+            c.pointee.bytes &+= UInt64(payloadLength)
+        }
 
         if self.isTunnel {
             if self.udpLength != 0 { packet.prepend(HeaderSize.udp) }
@@ -479,7 +499,7 @@ public final class ESPTransform: @unchecked Sendable {
         }
         let esnHigh: UInt32? = self.esn ? UInt32(truncatingIfNeeded: seq >> 32) : nil
         guard cryptoDone || self.cipher.open(esp: esp, cryptLength: cryptLength, esnHigh: esnHigh) else {
-            self.state.pointee.statistics.integrityFailed &+= 1
+            self.counters?.pointee.integrityFailed &+= 1
             return .icvFailed
         }
         let plain = esp + header
@@ -496,8 +516,10 @@ public final class ESPTransform: @unchecked Sendable {
         }
         // Authenticated and well-formed: only now may the window move (RFC 4303 §3.4.3).
         self.state.pointee.replay.advance(seq)
-        self.state.pointee.statistics.packets &+= 1
-        self.state.pointee.statistics.bytes &+= UInt64(payloadLength)
+        if let c = self.counters {
+            c.pointee.packets &+= 1
+            c.pointee.bytes &+= UInt64(payloadLength)
+        }
         carried = payloadLength
         if nextHeader == IPProtocolNumber.noNextHeader { return .tfcDummy }
 
@@ -525,8 +547,8 @@ public final class ESPTransform: @unchecked Sendable {
     private func replayCheck(_ low: UInt32) -> ReplayWindow.Check {
         let verdict = self.state.pointee.replay.check(low)
         if case .reject(let r) = verdict {
-            if r == .replayDuplicate { self.state.pointee.statistics.replay &+= 1 }
-            if r == .replayTooOld { self.state.pointee.statistics.replayWindow &+= 1 }
+            if r == .replayDuplicate { self.counters?.pointee.replay &+= 1 }
+            if r == .replayTooOld { self.counters?.pointee.replayWindow &+= 1 }
         }
         return verdict
     }

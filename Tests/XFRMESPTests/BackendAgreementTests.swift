@@ -90,6 +90,16 @@ struct BackendAgreementTests {
         #expect(tx.statistics.packets == 0)
     }
 
+    @Test("a backend whose cipher claims a block size that is not a power of two from 4 to 128 is refused, not trusted",
+          arguments: [3, 6, 2, 256])
+    func oddBlockSizeRefused(_ size: Int) throws {
+        let config = ESPConfig(spi: 0x79, mode: .tunnel, crypto: Suites.crypto("cbc-sha256"),
+                               tunnelSource: IPAddress("192.0.2.1"), tunnelDestination: IPAddress("192.0.2.2"),
+                               replayWindow: 64)
+        #expect(throws: ESPConfigError.self) { try ESPTransform(config, backend: NoIVBackend(blockSize: size)) }
+        _ = try ESPTransform(config, backend: NoIVBackend(blockSize: 8))  // a power of two is taken
+    }
+
     @Test("encryption without integrity and ESN: both backends agree and write nothing behind the packet",
           arguments: CryptoBackends.names)
     func noIntegrityWithESN(backend: String) throws {
@@ -116,21 +126,24 @@ struct BackendAgreementTests {
     }
 }
 
-/// OpenSSL's CBC cipher with an IV generator that always fails (a provider error, say).
+/// OpenSSL's CBC cipher with an IV generator that always fails (a provider error, say), or claiming another block
+/// size.
 private struct NoIVBackend: ESPCryptoBackend {
+    var blockSize: Int? = nil
     var name: String { "no-iv" }
     func makeCipher(_ spec: ESPCryptoSpec) throws(AlgorithmError) -> any ESPCipher {
-        NoIVCipher(real: try OpenSSLBackend().makeCipher(spec))
+        NoIVCipher(real: try OpenSSLBackend().makeCipher(spec), blockSize: self.blockSize)
     }
 }
 
 private final class NoIVCipher: ESPCipher {
     let real: any ESPCipher
-    init(real: any ESPCipher) { self.real = real }
+    let claimedBlockSize: Int?
+    init(real: any ESPCipher, blockSize: Int?) { (self.real, self.claimedBlockSize) = (real, blockSize) }
     var backendName: String { "no-iv" }
     var ivLength: Int { self.real.ivLength }
     var icvLength: Int { self.real.icvLength }
-    var blockSize: Int { self.real.blockSize }
+    var blockSize: Int { self.claimedBlockSize ?? self.real.blockSize }
     func writeIV(_ iv: UnsafeMutableRawPointer, sequence: UInt64) -> Bool { false }
     func seal(esp: UnsafeMutableRawPointer, cryptLength: Int, esnHigh: UInt32?) -> Bool {
         self.real.seal(esp: esp, cryptLength: cryptLength, esnHigh: esnHigh)

@@ -105,6 +105,8 @@ struct ESPVectorTests {
             let trailer = (0..<v.padLength).map { UInt8($0 + 1) } + [UInt8(v.padLength), v.nextHeader]
             let at = 20 + 8 + v.iv.count
             #expect(Array(out[at..<(at + trailer.count)]) == trailer)
+            // The window did not move: the same packet again is garbage again, not a duplicate.
+            #expect(buffers.with(carrier(50, v.ciphertext)) { t.decapsulate(&$0) }.0 == .dropped(.badPadding))
             return
         }
         #expect(result == .delivered)
@@ -138,7 +140,8 @@ struct ESPVectorTests {
         #expect(result == .dropped(.icvFailed))
         #expect(t.statistics.integrityFailed == 1)
         #expect(t.replay.top == v.fullSequence)
-        // The genuine packet is still accepted afterwards: the failure did not advance the window.
+        // The genuine packet is still taken as before afterwards (accepted; McGrew case 12 dropped as garbage, not as
+        // a duplicate): the failure did not advance the window.
         let (again, _) = buffers.with(carrier(50, v.ciphertext)) { t.decapsulate(&$0) }
         #expect(again == (v.espPayload.isEmpty ? .dropped(.badPadding) : .delivered))
     }

@@ -15,6 +15,8 @@ extern "C" {
 enum {
     XFRM_AEAD_AES_GCM = 1,
     XFRM_AEAD_CHACHA20_POLY1305 = 2,
+    /// AES-GMAC (RFC 4543): GCM over AAD only; the ESP calls must say `integrity_only`.
+    XFRM_AEAD_AES_GMAC = 3,
 };
 
 typedef struct xfrm_aead xfrm_aead;

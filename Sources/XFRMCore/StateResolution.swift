@@ -57,7 +57,7 @@ struct ResolutionScan {
         guard c.id.destination == q.destination, c.reqid == q.template.reqid, c.id.proto == q.template.proto,
             exactSource ? c.source == q.source : c.source.isUnspecified,
             c.mode == self.wantMode, q.template.spi == 0 || c.id.spi == q.template.spi,
-            c.direction != .inbound, c.mark.matches(q.policyMark), sa.ifID == q.ifID,
+            c.mark.matches(q.policyMark), sa.ifID == q.ifID,  // `dir in` is found, then refused (apply)
             c.flags & SAConfig.wildRecvFlag == 0  // ≈ every loop of xfrm_state_find: a wildrecv SA only receives
         else { return false }
         let v = sa.resolutionView

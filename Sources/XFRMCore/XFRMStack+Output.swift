@@ -453,6 +453,9 @@ extension XFRMStack {
     private func apply(_ sa: SecurityAssociation, _ transform: ESPTransform, to packet: inout PacketBuffer,
                        now: UInt64, deviceLayout: inout ESPLayout, seal: Bool, limit cachedLimit: Int?,
                        retryIfInvalid: Bool, outermost: Bool) -> ApplyOutcome {
+        // ≈ xfrm_tmpl_resolve_one since Linux 6.10: xfrm_state_find does not look at an SA's direction, so the best
+        // SA for a template may be a `dir in` one; the packet is then refused (-EINVAL), not sent elsewhere and not
+        // acquired for.
         if sa.config.direction == .inbound {
             self.statistics.increment(.outStateDirError)
             return .done(.dropped(.outStateDirError))

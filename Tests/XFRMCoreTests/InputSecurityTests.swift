@@ -101,6 +101,31 @@ struct InputSecurityTests {
         #expect(r == .dropped(.outNoStates))
     }
 
+    @Test("output: the best SA for a template being a `dir in` one drops the packet as XfrmOutStateDirError, no acquire (xfrm_tmpl_resolve_one); a newer `dir out` SA is then taken")
+    func inboundSAOnOutputRefused() throws {
+        let h = try TwoHosts()
+        let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
+        let all = Selector(family: 4, source: IPPrefix("0.0.0.0/0")!, destination: IPPrefix("0.0.0.0/0")!)
+        try h.a.addPolicy(Policy(selector: all, direction: .outbound, templates: [t]), update: false)
+        let crypto = try ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))", key: TwoHosts.key, icvBits: 128)
+        func sa(_ spi: UInt32, _ dir: SADirection) throws -> SecurityAssociation {
+            try h.a.makeSA(SAConfig(id: SAID(destination: IPAddress("192.0.2.2")!, spi: spi),
+                                    source: IPAddress("192.0.2.1")!, selector: .any(family: 0), reqid: 1, mode: .tunnel,
+                                    replayWindow: 32, direction: dir, crypto: crypto))
+        }
+        try h.a.addState(sa(0x1001, .inbound))
+        let listener = h.a.events.subscribe()  // a key manager that answers ACQUIREs
+        defer { h.a.events.unsubscribe(listener) }
+        let (r, _) = h.buffers.with(h.packet()) { h.a.output(&$0) }
+        #expect(r == .dropped(.outStateDirError))
+        #expect(h.a.statistics[.outStateDirError] == 1)
+        #expect(!listener.drain().contains { if case .acquire = $0 { true } else { false } })
+        try h.a.addState(sa(0x1002, .outbound))
+        let (r2, _) = h.buffers.with(h.packet()) { h.a.output(&$0) }
+        #expect(r2 == .transmit(ifindex: 2))
+        #expect(h.a.statistics[.outStateDirError] == 1)
+    }
+
     @Test("inbound: decapsulated traffic takes the SA's if_id; only the policy with that if_id accepts it")
     func ifIDInbound() throws {
         let h = try TwoHosts()

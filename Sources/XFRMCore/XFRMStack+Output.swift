@@ -307,7 +307,7 @@ extension XFRMStack {
     }
 
     /// IPv6's minimum link MTU (RFC 8200 §5): never reported smaller in a Packet Too Big.
-    static let ipv6MinimumMTU = 1280
+    static let ipv6MinimumMTU = IPv6Header.minimumMTU
 
     /// ≈ ipv6_ext_hdr, what xfrm_dev_offload_ok refuses to a device: hop-by-hop, routing, fragment, AH, no next
     /// header, destination options, mobility (`IPv6Header.isExtensionHeader` is the input walk's, without AH and

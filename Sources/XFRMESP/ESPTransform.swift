@@ -375,7 +375,7 @@ public final class ESPTransform: @unchecked Sendable {
             if self.udpLength != 0 { packet.prepend(HeaderSize.udp) }
             let outer = packet.prepend(self.outerHeaderLength)
             self.writeOuterHeader(outer, totalLength: packet.count, innerTOS: tos, innerDF: df, innerV4: version == 4,
-                                  innerFlowLabel: flowLabel)
+                                  innerLength: payloadLength, innerFlowLabel: flowLabel)
         } else {
             let ip = packet.data
             let proto = self.udpLength != 0 ? IPProtocolNumber.udp : IPProtocolNumber.esp
@@ -395,15 +395,17 @@ public final class ESPTransform: @unchecked Sendable {
         return nil
     }
 
-    /// The outer header of tunnel mode (≈ xfrm4_tunnel_encap_add / xfrm6_tunnel_encap_add): DSCP copied unless
-    /// dont-encap-dscp, ECN per RFC 6040 normal mode unless noecn, DF copied unless nopmtudisc.
-    @inline(__always)
     /// The outer header of a tunnel-mode packet (≈ xfrm4_tunnel_encap_add / xfrm6_tunnel_encap_add): DSCP and ECN
-    /// from the inner packet as the flags allow, DF from the inner one, and for IPv6 the inner IPv6 packet's flow
-    /// label (0 for an IPv4 inner packet, as xfrm4_extract_header leaves it), so ECMP keeps the inner flows apart.
+    /// from the inner packet as the flags allow (RFC 6040 normal mode unless noecn); over IPv4, DF unless nopmtudisc
+    /// from an inner IPv4 packet, and set for an inner IPv6 packet longer than IPv6's minimum MTU (one of 1,280 bytes
+    /// or less may be fragmented on the IPv4 path, which must carry it: xfrm4_tunnel_encap_add's small_ipv6), with
+    /// identification 0 under DF (ip_select_ident without a socket; an atomic datagram's ID means nothing, RFC 6864
+    /// §4.1) and the SA's counter otherwise; over IPv6, the inner IPv6 packet's flow label (0 for an IPv4 inner
+    /// packet, as xfrm4_extract_header leaves it), so ECMP keeps the inner flows apart.
+    @inline(__always)
     private func writeOuterHeader(
         _ outer: UnsafeMutableRawPointer, totalLength: Int, innerTOS: UInt8, innerDF: Bool, innerV4: Bool,
-        innerFlowLabel: UInt32
+        innerLength: Int, innerFlowLabel: UInt32
     ) {
         var tos: UInt8 = 0
         if !self.flags.contains(.dontEncapDSCP) { tos = innerTOS & 0xfc }
@@ -414,11 +416,14 @@ public final class ESPTransform: @unchecked Sendable {
         let proto = self.udpLength != 0 ? IPProtocolNumber.udp : IPProtocolNumber.esp
         switch (self.tunnelSource!, self.tunnelDestination!) {
         case (.v4(let s), .v4(let d)):
-            let df = !self.flags.contains(.noPMTUDiscovery) && (innerDF || !innerV4)
-            self.state.pointee.ipIdentification &+= 1
+            let df = !self.flags.contains(.noPMTUDiscovery) && (innerV4 ? innerDF : innerLength > IPv6Header.minimumMTU)
+            var id: UInt16 = 0
+            if !df {
+                self.state.pointee.ipIdentification &+= 1
+                id = self.state.pointee.ipIdentification
+            }
             IPv4Header.write(
-                outer, tos: tos, totalLength: totalLength, identification: self.state.pointee.ipIdentification,
-                flags: df ? IPv4Header.flagDF : 0, ttl: self.outerHopLimit, proto: proto, source: s,
+                outer, tos: tos, totalLength: totalLength, identification: id, flags: df ? IPv4Header.flagDF : 0, ttl: self.outerHopLimit, proto: proto, source: s,
                 destination: d)
         case (let s, let d):
             IPv6Header.write(

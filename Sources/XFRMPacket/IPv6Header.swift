@@ -1,5 +1,8 @@
 /// IPv6 header and extension-header access on packet memory (RFC 8200).
 public enum IPv6Header {
+    /// IPv6's minimum link MTU (RFC 8200 §5): every link, tunnels included, carries packets of this size.
+    public static let minimumMTU = 1280
+
     /// Result of walking an IPv6 packet's extension headers.
     public struct Info {
         /// Payload length from the fixed header (bytes after the 40-byte header).

@@ -43,6 +43,28 @@ func pair(_ config: ESPConfig) throws -> (ESPTransform, ESPTransform) {
 struct ESPRoundTripTests {
     let buffers = TestBuffers()
 
+    @Test("IPv4 outer header: DF from an inner IPv4 packet, for an inner IPv6 one only above 1,280 bytes (small_ipv6); identification 0 under DF, the SA's counter without it (ip_select_ident)")
+    func outerDFAndIdentification() throws {
+        let tx = try ESPTransform(ESPConfig(spi: 0x1234, mode: .tunnel, crypto: Suites.crypto("gcm128"),
+                                            tunnelSource: IPAddress("192.0.2.1"),
+                                            tunnelDestination: IPAddress("192.0.2.2")))
+        func outer(_ inner: [UInt8]) -> (df: Bool, id: UInt16) {
+            let (r, w) = buffers.with(inner) { tx.encapsulate(&$0) }
+            #expect(r == nil)
+            #expect(InternetChecksum.compute(Array(w[0..<20])) == 0, "outer header checksum")
+            return (w[6] & 0x40 != 0, UInt16(w[4]) << 8 | UInt16(w[5]))
+        }
+        let df4 = outer(PacketFactory.ipv4(dontFragment: true, payload: PacketFactory.pattern(100)))
+        #expect(df4.df && df4.id == 0)
+        let frag1 = outer(PacketFactory.ipv4(dontFragment: false, payload: PacketFactory.pattern(100)))
+        let frag2 = outer(PacketFactory.ipv4(dontFragment: false, payload: PacketFactory.pattern(100)))
+        #expect(!frag1.df && !frag2.df && frag1.id != 0 && frag2.id == frag1.id &+ 1)
+        let small6 = outer(PacketFactory.ipv6(payload: PacketFactory.pattern(1280 - 40)))  // 1,280 bytes in all
+        #expect(!small6.df && small6.id == frag2.id &+ 1)
+        let large6 = outer(PacketFactory.ipv6(payload: PacketFactory.pattern(1281 - 40)))
+        #expect(large6.df && large6.id == 0)
+    }
+
     @Test("every algorithm, mode, family and NAT-T setting round-trips", arguments: Suites.all)
     func roundTrip(_ suite: String) throws {
         let inners = [

@@ -107,11 +107,8 @@ struct InputSecurityTests {
         let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
         let all = Selector(family: 4, source: IPPrefix("0.0.0.0/0")!, destination: IPPrefix("0.0.0.0/0")!)
         try h.a.addPolicy(Policy(selector: all, direction: .outbound, templates: [t]), update: false)
-        let crypto = try ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))", key: TwoHosts.key, icvBits: 128)
         func sa(_ spi: UInt32, _ dir: SADirection) throws -> SecurityAssociation {
-            try h.a.makeSA(SAConfig(id: SAID(destination: IPAddress("192.0.2.2")!, spi: spi),
-                                    source: IPAddress("192.0.2.1")!, selector: .any(family: 0), reqid: 1, mode: .tunnel,
-                                    replayWindow: 32, direction: dir, crypto: crypto))
+            try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: spi, on: h.a, direction: dir)
         }
         try h.a.addState(sa(0x1001, .inbound))
         let listener = h.a.events.subscribe()  // a key manager that answers ACQUIREs

@@ -35,11 +35,11 @@ final class TwoHosts {
 
     func sa(from: String, to: String, spi: UInt32, mode: ESPMode = .tunnel, reqid: UInt32 = 1,
             lifetime: LifetimeConfig = LifetimeConfig(), on stack: XFRMStack, window: Int = 32,
-            natt: Bool = false, tfcPad: UInt32 = 0) throws -> SecurityAssociation {
+            natt: Bool = false, tfcPad: UInt32 = 0, direction: SADirection? = nil) throws -> SecurityAssociation {
         let crypto = try ESPCryptoSpec.aead(name: "rfc4106(gcm(aes))", key: Self.key, icvBits: 128)
         return try stack.makeSA(SAConfig(
             id: SAID(destination: IPAddress(to)!, spi: spi), source: IPAddress(from)!, selector: .any(family: 0),
-            reqid: reqid, mode: mode, replayWindow: window, lifetime: lifetime,
+            reqid: reqid, mode: mode, replayWindow: window, direction: direction, lifetime: lifetime,
             encapsulation: natt ? NATTEncapsulation() : nil, crypto: crypto, tfcPad: tfcPad))
     }
 

@@ -83,9 +83,9 @@ static void *aligned(size_t n) {
 // this machine's code path uses, or the ChaCha20 key), then this header. `xfrm_mb_aead *` points at the key.
 struct xfrm_mb_aead_info {
     uint8_t salt[4];
-    int kind;
-    int key_len;
-    int icv_len;
+    uint8_t kind;
+    uint8_t key_len;
+    uint8_t icv_len;  // bytes, as every field here: 24 bytes in all (the context is one per SA)
     /// GCM: the manager's seal and open for this key length, taken when the context is made (the same code for every
     /// manager of this process's architecture), so a packet calls them without the thread's manager or a switch.
     aes_gcm_enc_dec_t gcm_enc, gcm_dec;
@@ -101,33 +101,38 @@ static struct xfrm_mb_aead_info *aead_info(xfrm_mb_aead *c) {
 
 #define GCM_KEY(c) ((struct gcm_key_data *)(void *)(c))
 
-/// How much of a struct gcm_key_data the GCM code of this manager's architecture fills and reads: the expanded AES
-/// keys and the hash keys of its layout (intel-ipsec-mb.h: SSE and AVX use `sse_avx`, 256 bytes; AVX2 uses
-/// `avx2_avx512`, 128 bytes; only the VAES AVX-512 code needs the 768-byte `vaes_avx512` that makes the struct
-/// 1 KiB). Checked once at run time: a precomputation into a full struct filled with a pattern must leave every
-/// byte past the short length untouched, or the full struct is used.
+/// How much of a struct gcm_key_data the GCM code of this manager's architecture fills: the expanded AES keys and
+/// the hash keys of its layout (intel-ipsec-mb.h: SSE and AVX use `sse_avx`, 256 bytes; AVX2 uses `avx2_avx512`,
+/// 128 bytes; the VAES AVX-512 code `vaes_avx512`, 768 bytes, which ends 16 bytes before the struct's 64-byte
+/// aligned size of 1 KiB). Measured once at run time: the precomputations for all three key lengths, into a full
+/// struct filled with a pattern, must leave every byte past the returned length untouched; two patterns, so that a
+/// key byte equal to one pattern cannot shorten the length. Rounded up to 16 bytes, at least 32 (a ChaCha20 key).
 static size_t gcm_key_size(IMB_MGR *m) {
     static size_t size;  // 0: not known yet (threads racing to the first context each check; same answer)
     size_t known = __atomic_load_n(&size, __ATOMIC_ACQUIRE);
     if (__builtin_expect(known != 0, 1)) return known;
     const size_t full = sizeof(struct gcm_key_data);
-    const size_t short_size = offsetof(struct gcm_key_data, ghash_keys) + sizeof(((struct gcm_key_data *)0)->ghash_keys.sse_avx);
     size_t chosen = full;
-    if (m->used_arch == IMB_ARCH_SSE || m->used_arch == IMB_ARCH_AVX || m->used_arch == IMB_ARCH_AVX2) {
-        struct gcm_key_data *probe = aligned(full);
-        if (probe != NULL) {
-            static const uint8_t k[32] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
-                                          17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32};
-            memset(probe, 0x5a, full);
+    struct gcm_key_data *probe = aligned(full);
+    if (probe != NULL) {
+        static const uint8_t k[32] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16,
+                                      17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32};
+        static const uint8_t patterns[2] = {0x5a, 0xa5};
+        size_t used = 0;
+        for (int p = 0; p < 2; p++) {
+            memset(probe, patterns[p], full);
             IMB_AES128_GCM_PRE(m, k, probe);
             IMB_AES192_GCM_PRE(m, k, probe);
             IMB_AES256_GCM_PRE(m, k, probe);
-            int untouched = 1;
-            for (size_t i = short_size; i < full; i++) untouched &= ((uint8_t *)probe)[i] == 0x5a;
-            if (untouched) chosen = short_size;
-            wipe(probe, full);
-            free(probe);
+            size_t end = full;
+            while (end > 0 && ((uint8_t *)probe)[end - 1] == patterns[p]) end--;
+            if (end > used) used = end;
         }
+        used = (used + 15) & ~(size_t)15;
+        if (used < 32) used = 32;
+        if (used <= full) chosen = used;
+        wipe(probe, full);
+        free(probe);
     }
     __atomic_store_n(&size, chosen, __ATOMIC_RELEASE);
     return chosen;
@@ -153,9 +158,9 @@ xfrm_mb_aead *xfrm_mb_aead_new(int kind, const void *key, size_t key_len, const 
     xfrm_mb_aead *c = aligned(size);
     if (c == NULL) return NULL;
     struct xfrm_mb_aead_info *info = aead_info(c);
-    info->kind = kind;
-    info->key_len = (int)key_len;
-    info->icv_len = icv_len;
+    info->kind = (uint8_t)kind;
+    info->key_len = (uint8_t)key_len;
+    info->icv_len = (uint8_t)icv_len;
     memcpy(info->salt, salt4, 4);
     info->gcm_enc = key_len == 16 ? m->gcm128_enc : key_len == 24 ? m->gcm192_enc : m->gcm256_enc;
     info->gcm_dec = key_len == 16 ? m->gcm128_dec : key_len == 24 ? m->gcm192_dec : m->gcm256_dec;

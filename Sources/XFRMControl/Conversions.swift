@@ -264,10 +264,7 @@ extension SecurityAssociation {
                 top = t.replay.top
                 window = t.replay
             }
-        } else {
-            oseq = c.outboundSequence
-            top = c.inboundSequence
-        }
+        }  // a larval SA (no transform) has sent and received nothing: 0, as the kernel lists it
         if c.usesReplayESN {
             var r = XfrmReplayStateESN()
             r.oseq = UInt32(truncatingIfNeeded: oseq)

@@ -26,12 +26,14 @@ public enum OffloadDirection: UInt8, Sendable {
 }
 
 /// An SA's binding to a device (≈ xso).
+///
+/// The widest field first, so the struct (and an SA's optional of it) has no holes.
 public struct StateOffload: Sendable, Equatable {
+    /// The driver's opaque cookie (≈ offload_handle).
+    public var handle: UInt64
     public var ifindex: Int32
     public var direction: OffloadDirection
     public var type: OffloadType
-    /// The driver's opaque cookie (≈ offload_handle).
-    public var handle: UInt64
     /// A larval SA a packet-offload policy's acquire offers the device (≈ XFRM_DEV_OFFLOAD_FLAG_ACQ): no keys;
     /// a driver may keep a placeholder (mlx5 skips validation and programs nothing) or refuse it.
     public var acquire: Bool

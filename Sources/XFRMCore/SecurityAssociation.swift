@@ -32,89 +32,6 @@ public enum SAState: Sendable, Equatable {
     case dead
 }
 
-/// Everything needed to create an SA (≈ the parts of xfrm_usersa_info and its attributes the core uses).
-public struct SAConfig: Sendable {
-    public var id: SAID
-    public var source: IPAddress
-    public var selector: Selector
-    public var reqid: UInt32
-    public var mode: ESPMode
-    public var replayWindow: Int
-    public var flags: UInt8
-    /// XFRM_STATE_ICMP in `flags`: the SA also carries ICMP errors about the traffic its selector covers.
-    public static let icmpFlag: UInt8 = 16
-    /// XFRM_STATE_WILDRECV in `flags`: the SA accepts input from any source and is never chosen for output.
-    public static let wildRecvFlag: UInt8 = 8
-    public var extraFlags: UInt32
-    public var mark: Mark
-    public var ifID: UInt32
-    public var direction: SADirection?
-    public var lifetime: LifetimeConfig
-    public var encapsulation: NATTEncapsulation?
-    /// The NAT-T original address (xfrm_encap_tmpl.encap_oa), kept for listings.
-    public var encapsulationOriginalAddress: IPAddress?
-    public var encapsulationType: UInt16
-    public var esn: Bool
-    /// The algorithms and keys (nil: a larval SA). Listings read names and keys from here too, so each key is held
-    /// once and wiped with the SA.
-    public var crypto: ESPCryptoSpec?
-    public var outboundSequence: UInt64
-    public var inboundSequence: UInt64
-    /// The received-packet bitmap below `inboundSequence` (XFRMA_REPLAY_VAL / XFRMA_REPLAY_ESN_VAL), restored.
-    public var replayBitmap: ReplayBitmap?
-    public var tfcPad: UInt32
-    /// The key manager's sequence number (xfrm_usersa_info.seq), matching an ACQUIRE.
-    public var kmSequence: UInt32
-    /// The mark set on packets the SA produces (XFRMA_SET_MARK / XFRMA_SET_MARK_MASK, `output-mark`), kept and
-    /// listed; the simulated network does not route by mark.
-    public var outputMark: Mark?
-    /// Whether the replay state travels in XFRMA_REPLAY_ESN_VAL (the legacy window field is then 0, as the kernel
-    /// lists it) rather than XFRMA_REPLAY_VAL; nil: ESN or a window above 32 decide, as iproute2 does.
-    public var replayESNFormat: Bool?
-    /// The CPU this SA serves (XFRMA_SA_PCPU, `pcpu-num`; RFC 9611 per-CPU SAs); nil: any CPU (the kernel's
-    /// UINT_MAX). Output resolution on another CPU skips it (≈ xfrm_state_look_at); the stack's "CPU" is the
-    /// engine worker that runs the output path.
-    public var pcpuNum: UInt32?
-    /// XFRMA_MTIMER_THRESH: a NAT-T input SA tells the key manager of a peer's move to a new port at once, and of
-    /// more moves to that same port at most once per this many seconds (≈ km_new_mapping's rate limit); 0: every
-    /// packet from a moved peer is told.
-    public var mappingMaxAge: UInt32 = 0
-
-    /// True when the replay state is listed through XFRMA_REPLAY_ESN_VAL.
-    public var usesReplayESN: Bool { self.replayESNFormat ?? (self.esn || self.replayWindow > 32) }
-
-    public init(id: SAID, source: IPAddress, selector: Selector, reqid: UInt32 = 0, mode: ESPMode = .transport,
-                replayWindow: Int = 0, flags: UInt8 = 0, extraFlags: UInt32 = 0, mark: Mark = Mark(), ifID: UInt32 = 0,
-                direction: SADirection? = nil, lifetime: LifetimeConfig = LifetimeConfig(),
-                encapsulation: NATTEncapsulation? = nil, encapsulationOriginalAddress: IPAddress? = nil,
-                encapsulationType: UInt16 = 2, esn: Bool = false, crypto: ESPCryptoSpec?,
-                outboundSequence: UInt64 = 0, inboundSequence: UInt64 = 0,
-                tfcPad: UInt32 = 0, kmSequence: UInt32 = 0, replayBitmap: ReplayBitmap? = nil) {
-        self.replayBitmap = replayBitmap
-        self.id = id
-        self.source = source
-        self.selector = selector
-        self.reqid = reqid
-        self.mode = mode
-        self.replayWindow = replayWindow
-        self.flags = flags
-        self.extraFlags = extraFlags
-        self.mark = mark
-        self.ifID = ifID
-        self.direction = direction
-        self.lifetime = lifetime
-        self.encapsulation = encapsulation
-        self.encapsulationOriginalAddress = encapsulationOriginalAddress
-        self.encapsulationType = encapsulationType
-        self.esn = esn
-        self.crypto = crypto
-        self.outboundSequence = outboundSequence
-        self.inboundSequence = inboundSequence
-        self.tfcPad = tfcPad
-        self.kmSequence = kmSequence
-    }
-}
-
 /// Current lifetime counters (≈ xfrm_lifetime_cur).
 public struct LifetimeCurrent: Sendable, Equatable {
     public var bytes: UInt64 = 0
@@ -127,16 +44,27 @@ public struct LifetimeCurrent: Sendable, Equatable {
 /// One security association (≈ struct xfrm_state). Configuration is immutable; lifecycle, counters and the ESP
 /// transform's sequence/replay state live behind the SA's own lock (≈ x->lock).
 public final class SecurityAssociation: @unchecked Sendable {
-    public let config: SAConfig
+    /// The configuration's parameters; the values the SA's state changes are read through the SA (`currentConfig`).
+    public let config: SAParameters
     /// The ESP transform; nil for a larval (acquiring) SA.
     public let transform: ESPTransform?
     /// `transform` unretained, which the strong `transform` keeps alive as long as the SA: the packet paths borrow it
     /// (`_withUnsafeGuaranteedRef`) instead of counting a reference per packet.
     let transformRef: Unmanaged<ESPTransform>?
 
+    /// The fields are ordered small first, so they pack without holes (one SA in 100,000 counts).
     struct Mutable {
         var state: SAState
         var dying = false
+        /// Soft expiry already reported (so it is sent once).
+        var softReported = false
+        /// NAT-T ports as updated (≈ x->encap); nil without UDP encapsulation.
+        var encapsulation: NATTEncapsulation?
+        /// The async-event thresholds a key manager may set and read back (x->replay_maxdiff, x->replay_maxage in
+        /// jiffies; the kernel's defaults: 2 packets, and 1 s at Debian's HZ of 250). Kept and listed only: no
+        /// replay-state events are sent.
+        var replayMaxDiff: UInt32 = 2
+        var replayMaxAge: UInt32 = SecurityAssociation.jiffiesPerSecond
         var lifetime: LifetimeConfig
         var current = LifetimeCurrent()
         /// The last time a packet used the SA (x->lastused, XFRMA_LASTUSED), refreshed by every packet.
@@ -144,22 +72,11 @@ public final class SecurityAssociation: @unchecked Sendable {
         var replayWindowDrops: UInt64 = 0
         var replayDrops: UInt64 = 0
         var integrityFailures: UInt64 = 0
-        /// Soft expiry already reported (so it is sent once).
-        var softReported = false
-        /// NAT-T ports as updated (≈ x->encap); nil without UDP encapsulation.
-        var encapsulation: NATTEncapsulation?
-        /// The output mark as configured or updated (≈ x->props.smark).
-        var outputMark: Mark?
         /// The device binding, while the SA is offloaded (≈ xso).
         var offload: StateOffload?
         /// The device's counters at the last sync, to fold only the increments into the global counters; boxed on
         /// the first sync, since only offloaded SAs ever have any (72 bytes inline in every SA otherwise).
         var lastDeviceCounters: DeviceCountersBox?
-        /// The async-event thresholds a key manager may set and read back (x->replay_maxdiff, x->replay_maxage in
-        /// jiffies; the kernel's defaults: 2 packets, and 1 s at Debian's HZ of 250). Kept and listed only: no
-        /// replay-state events are sent.
-        var replayMaxDiff: UInt32 = 2
-        var replayMaxAge: UInt32 = SecurityAssociation.jiffiesPerSecond
     }
 
     /// A device's counters as last synced, apart from the SA's other state (changed only under the SA's lock).
@@ -173,8 +90,8 @@ public final class SecurityAssociation: @unchecked Sendable {
     let mutable: XFRMMutex<Mutable>
     /// The if_id, read per packet without a lock; `update` may set it (≈ xfrm_state_update's if_id copy).
     private let ifIDValue: Atomic<UInt32>
-    /// The set-mark (`output-mark`, XFRMA_SET_MARK) as value << 32 | mask, for the input path to read without the
-    /// SA's lock (`markAfterInput`).
+    /// The set-mark (`output-mark`, XFRMA_SET_MARK; ≈ x->props.smark) as configured or updated, as value << 32 |
+    /// mask (0: none), for the input path to read without the SA's lock (`markAfterInput`).
     private let setMarkBits: Atomic<UInt64>
     /// Insertion order in the SAD (newer SAs are preferred among equals, and dumps list newest first).
     public internal(set) var generation: UInt64 = 0
@@ -183,7 +100,7 @@ public final class SecurityAssociation: @unchecked Sendable {
     public init(_ config: SAConfig, addTime: UInt64, backend: any ESPCryptoBackend = CryptoBackends.preferred)
         throws(ESPConfigError)
     {
-        self.config = config
+        self.config = config.parameters
         if let crypto = config.crypto {
             // A deliberate difference from Linux, which accepts `enc` alone: RFC 8221 §5 says ESP encryption
             // without integrity must not be used, and anti-replay means nothing when anyone can forge a packet.
@@ -206,7 +123,6 @@ public final class SecurityAssociation: @unchecked Sendable {
         self.transformRef = self.transform.map { Unmanaged.passUnretained($0) }
         var m = Mutable(state: config.crypto == nil ? .acquiring : .valid, lifetime: config.lifetime)
         m.encapsulation = config.encapsulation
-        m.outputMark = config.outputMark
         self.ifIDValue = Atomic(config.ifID)
         self.setMarkBits = Atomic(Self.packed(config.outputMark))
         m.current.addTime = addTime
@@ -214,6 +130,26 @@ public final class SecurityAssociation: @unchecked Sendable {
     }
 
     public var id: SAID { self.config.id }
+
+    /// The configuration as it stands: the kept parameters with the state's lifetime, NAT-T ports, output mark and
+    /// sequence numbers (≈ what the kernel hands a driver's xdo_dev_state_add, or copies into a state it clones).
+    /// The sequence numbers and replay bitmap are the transform's; a larval SA (no transform: made by an acquire or
+    /// ALLOCSPI, never by NEWSA) has none, and lists 0 as the kernel does.
+    public var currentConfig: SAConfig {
+        let (lifetime, encapsulation) = self.mutable.withLock { m in (m.lifetime, m.encapsulation) }
+        var outbound: UInt64 = 0
+        var inbound: UInt64 = 0
+        var bitmap: ReplayBitmap? = nil
+        if let t = self.transform {
+            self.withLock {
+                outbound = t.outboundSequence
+                inbound = t.replay.top
+                if inbound != 0 { bitmap = .ring(t.replay.ringBitmap) }
+            }
+        }
+        return SAConfig(self.config, lifetime: lifetime, encapsulation: encapsulation, outputMark: self.outputMark,
+                        outboundSequence: outbound, inboundSequence: inbound, replayBitmap: bitmap)
+    }
 
     /// The refusal of an encryption-only SA (EINVAL through the user API).
     public static let noIntegrityMessage =
@@ -321,7 +257,6 @@ public final class SecurityAssociation: @unchecked Sendable {
         if ifID != 0 { self.ifIDValue.store(ifID, ordering: .releasing) }
         return self.mutable.withLock { m in
             if let o = outputMark, o.value != 0 || o.mask != 0 {
-                m.outputMark = o
                 self.setMarkBits.store(Self.packed(o), ordering: .relaxed)
             }
             m.lifetime = l
@@ -350,7 +285,11 @@ public final class SecurityAssociation: @unchecked Sendable {
     public var ifID: UInt32 { self.ifIDValue.load(ordering: .acquiring) }
 
     /// The output mark (`output-mark`), as configured or updated.
-    public var outputMark: Mark? { self.mutable.withLock { $0.outputMark } }
+    /// A mark of value and mask 0 is none (as xfrm_smark_put lists it: only when either is set).
+    public var outputMark: Mark? {
+        let b = self.setMarkBits.load(ordering: .relaxed)
+        return b == 0 ? nil : Mark(value: UInt32(truncatingIfNeeded: b >> 32), mask: UInt32(truncatingIfNeeded: b))
+    }
 
     private static func packed(_ m: Mark?) -> UInt64 { m.map { UInt64($0.value) << 32 | UInt64($0.mask) } ?? 0 }
 

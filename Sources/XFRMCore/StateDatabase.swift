@@ -220,7 +220,7 @@ public final class StateDatabase: @unchecked Sendable {
                 return sa
             }
             // ≈ xfrm_state_update: the encapsulation may change its ports, never its presence or type.
-            switch (old.config.encapsulation, sa.config.encapsulation) {
+            switch (old.encapsulation, sa.encapsulation) {
             case (nil, nil): break
             case (.some, .some) where old.config.encapsulationType == sa.config.encapsulationType: break
             default: throw StateDatabaseError(22, "Invalid argument")
@@ -345,7 +345,7 @@ public final class StateDatabase: @unchecked Sendable {
             }
             let newDirection = direction ?? larval.config.direction
             if spi == larval.id.spi && newDirection == larval.config.direction { return (larval, nil) }
-            var config = larval.config
+            var config = larval.currentConfig
             config.id.spi = spi
             config.direction = newDirection
             let sa = try! SecurityAssociation(config, addTime: larval.current.addTime)

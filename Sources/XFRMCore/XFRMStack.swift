@@ -201,8 +201,8 @@ public final class XFRMStack: @unchecked Sendable {
         if kept !== sa && replacing { self.releaseFromDevice(sa) }
         var check = SecurityAssociation.ExpiryCheck.ok
         if kept !== sa {
-            check = kept.update(lifetime: sa.config.lifetime, encapsulation: sa.config.encapsulation,
-                                outputMark: sa.config.outputMark, ifID: sa.config.ifID)
+            check = kept.update(lifetime: sa.lifetime, encapsulation: sa.encapsulation, outputMark: sa.outputMark,
+                                ifID: sa.config.ifID)
         }
         self.configurationChanged()
         self.events.publish(.stateAdded(kept, update: true))

@@ -36,14 +36,17 @@ public struct IPsecMBBackend: ESPCryptoBackend {
 }
 
 /// RFC 4106 AES-GCM, RFC 7634 ChaCha20-Poly1305 and RFC 4543 AES-GMAC on ipsec-mb's direct API.
+///
+/// Its fields are 18 bytes (one per SA, so the lengths are bytes).
 final class IPsecMBAEADCipher: ESPCipher {
     var backendName: String { "ipsec-mb" }
     let ctx: OpaquePointer
-    let icvLength: Int
+    private let ivSalt = AEADIVSalt()
+    private let icvLength8: UInt8
     let integrityOnly: Bool
+    var icvLength: Int { Int(self.icvLength8) }
     var ivLength: Int { 8 }
     var blockSize: Int { 4 }
-    private let ivSalt = AEADIVSalt()
 
     init?(_ alg: AEADAlgorithm, key: SecretKey, icvLength: Int) {
         let kind: Int32 = switch alg {
@@ -57,7 +60,7 @@ final class IPsecMBAEADCipher: ESPCipher {
         }
         guard let made else { return nil }
         self.ctx = made
-        self.icvLength = icvLength
+        self.icvLength8 = UInt8(icvLength)  // 8, 12 or 16: xfrm_mb_aead_new refuses the rest
         self.integrityOnly = alg == .aesGMAC
     }
 

@@ -44,48 +44,29 @@ public final class ESPTransform: @unchecked Sendable {
     private let tunnelDestination: IPAddress?
     /// The last outbound sequence number used (64-bit; only the low half goes on the wire). Like every accessor of
     /// the per-packet state, read it under the SA's lock (the core's `SecurityAssociation.withLock`).
-    public var outboundSequence: UInt64 { self.state.pointee.outboundSequence }
+    public var outboundSequence: UInt64 { self.state.outboundSequence }
     /// The inbound anti-replay window.
-    public var replay: ReplayWindow { self.state.pointee.replay }
+    public var replay: ReplayWindow { self.state.replay }
     /// The highest sequence number received (the window's top), without copying the window.
-    public var replayTop: UInt64 { self.state.pointee.replay.top }
+    public var replayTop: UInt64 { self.state.replay.top }
     /// What the transform counted (zeros when it was made with `statistics: false`).
     public var statistics: ESPStatistics { self.counters?.pointee ?? ESPStatistics() }
     /// The NAT-T ports in use (the SA's, updated when the peer's NAT mapping moves; ≈ x->encap).
-    public var encapsulation: NATTEncapsulation? { self.state.pointee.encapsulation }
+    public var encapsulation: NATTEncapsulation? { self.state.encapsulation }
 
     /// Whether a peer's move to source `port` is to be told to the key manager now (≈ km_new_mapping with
     /// x->mapping_maxage): always without a limit (`maxAge` 0); with one, when the port differs from the last one
     /// told or more than `maxAge` seconds went by since, and then it counts as told. Called under the SA's lock.
     public func mappingDue(port: UInt16, now: UInt64, maxAge: UInt32) -> Bool {
         guard maxAge != 0 else { return true }
-        let s = self.state
-        guard now &- s.pointee.mappingTold > UInt64(maxAge) || s.pointee.mappingPort != port else { return false }
-        s.pointee.mappingTold = now
-        s.pointee.mappingPort = port
+        guard now &- self.state.mappingTold > UInt64(maxAge) || self.state.mappingPort != port else { return false }
+        self.state.mappingTold = now
+        self.state.mappingPort = port
         return true
     }
 
-    /// Everything a packet changes, behind one pointer. Whoever calls the transform already serializes it (the SA's
-    /// lock, or the one thread that owns it), and a stored `var` of a class would cost Swift's dynamic exclusivity
-    /// check (a thread-local access set) on every read and write, several times per packet.
-    private struct MutableState {
-        var outboundSequence: UInt64
-        var replay: ReplayWindow
-        var ipIdentification: UInt16 = 0
-        var encapsulation: NATTEncapsulation?
-        /// The last NAT-T mapping change told: when (seconds) and to which source port (x->new_mapping,
-        /// x->new_mapping_sport).
-        var mappingTold: UInt64 = 0
-        var mappingPort: UInt16 = 0
-    }
-    private let state: UnsafeMutablePointer<MutableState>
-    /// The transform's own counters, for esp-tool and tests; nil for an SA's transform, whose SA counts the same
-    /// (40 bytes less per SA, and no second count per packet).
-    private let counters: UnsafeMutablePointer<ESPStatistics>?
-
-    // Lengths as bytes (each below 256), read as Int: five Ints made every transform 40 bytes longer (one SA in
-    // 100,000 counts).
+    // Lengths and flags as bytes (each length below 256), read as Int: five Ints made every transform 40 bytes longer
+    // (one SA in 100,000 counts). Declared after the tunnel addresses, into whose padding they fit.
     private let ivLength8: UInt8
     private let icvLength8: UInt8
     private let blockSize8: UInt8
@@ -99,6 +80,26 @@ public final class ESPTransform: @unchecked Sendable {
     private let outerHeaderLength8: UInt8
     private var udpLength: Int { Int(self.udpLength8) }
     private var outerHeaderLength: Int { Int(self.outerHeaderLength8) }
+
+    /// The transform's own counters, for esp-tool and tests; nil for an SA's transform, whose SA counts the same
+    /// (40 bytes less per SA, and no second count per packet).
+    private let counters: UnsafeMutablePointer<ESPStatistics>?
+
+    /// Everything a packet changes. Whoever calls the transform already serializes it (the SA's lock, or the one
+    /// thread that owns it), so the field skips Swift's dynamic exclusivity check, which would cost a thread-local
+    /// access set on every read and write, several times per packet. Inline, not behind a pointer: one allocation
+    /// and 32 bytes less per SA. The 8-byte fields first, so it packs without holes.
+    private struct MutableState {
+        var outboundSequence: UInt64
+        var replay: ReplayWindow
+        /// The last NAT-T mapping change told: when (seconds) and to which source port (x->new_mapping,
+        /// x->new_mapping_sport).
+        var mappingTold: UInt64 = 0
+        var ipIdentification: UInt16 = 0
+        var mappingPort: UInt16 = 0
+        var encapsulation: NATTEncapsulation?
+    }
+    @exclusivity(unchecked) private var state: MutableState
 
     /// Builds the transform; the cipher comes from `backend`.
     /// `statistics: false` leaves the transform's own counters out (`statistics` then reads zeros).
@@ -128,7 +129,6 @@ public final class ESPTransform: @unchecked Sendable {
         } else {
             ReplayWindow(size: config.replayWindow, esn: config.esn, top: config.inboundSequence)
         }
-        self.state = .allocate(capacity: 1)
         if statistics {
             let c = UnsafeMutablePointer<ESPStatistics>.allocate(capacity: 1)
             c.initialize(to: ESPStatistics())
@@ -140,10 +140,10 @@ public final class ESPTransform: @unchecked Sendable {
         // addresses (per-CPU SAs, a rekey's old and new) do not send the same identifications at once: a fragmented
         // packet's pieces must not be mistaken for another's (RFC 6864 §4.1; Linux uses hashed counters,
         // ip_select_ident). Two SAs with one SPI and key still write the same bytes.
-        self.state.initialize(to: MutableState(
+        self.state = MutableState(
             outboundSequence: config.outboundSequence, replay: replay,
             ipIdentification: UInt16(truncatingIfNeeded: (config.spi &* 0x9E37_79B1) >> 16),
-            encapsulation: config.encapsulation))
+            encapsulation: config.encapsulation)
         self.ivLength8 = UInt8(iv)
         self.icvLength8 = UInt8(icv)
         self.blockSize8 = UInt8(block)
@@ -159,8 +159,6 @@ public final class ESPTransform: @unchecked Sendable {
     }
 
     deinit {
-        self.state.deinitialize(count: 1)
-        self.state.deallocate()
         self.counters?.deallocate()
     }
 
@@ -175,9 +173,9 @@ public final class ESPTransform: @unchecked Sendable {
     /// returns false for an SA without UDP encapsulation or a nil argument.
     @discardableResult
     public func updateEncapsulation(_ e: NATTEncapsulation?) -> Bool {
-        let current = self.state.pointee.encapsulation
+        let current = self.state.encapsulation
         guard let e, current != nil else { return e == nil && current == nil }
-        self.state.pointee.encapsulation = e
+        self.state.encapsulation = e
         return true
     }
 
@@ -185,23 +183,23 @@ public final class ESPTransform: @unchecked Sendable {
     /// below the current one is refused (returns false): a counter that moved back would reuse nonces/IVs.
     @discardableResult
     public func setOutboundSequence(_ value: UInt64) -> Bool {
-        guard value > self.state.pointee.outboundSequence else { return value == self.state.pointee.outboundSequence }
-        self.state.pointee.outboundSequence = value
+        guard value > self.state.outboundSequence else { return value == self.state.outboundSequence }
+        self.state.outboundSequence = value
         return true
     }
 
     /// Replaces the inbound replay state with an empty window whose highest received number is `top`
     /// (≈ XFRM_MSG_NEWAE setting replay state, as a key manager does when it restores or migrates an SA).
     public func setInboundSequence(_ top: UInt64) {
-        self.state.pointee.replay.reset(top: top)
+        self.state.replay.reset(top: top)
     }
 
     /// Replaces the inbound replay state with a restored one (≈ XFRM_MSG_NEWAE's copy into x->replay or
     /// x->replay_esn): `top` the highest number received, the numbers below it received as `bitmap` says (none when
     /// nil). The window keeps its size.
     public func setInboundReplay(top: UInt64, bitmap: ReplayBitmap?) {
-        let size = self.state.pointee.replay.size
-        self.state.pointee.replay = if let bitmap {
+        let size = self.state.replay.size
+        self.state.replay = if let bitmap {
             ReplayWindow(size: size, esn: self.esn, top: top, bitmap: bitmap)
         } else {
             ReplayWindow(size: size, esn: self.esn, top: top)
@@ -214,13 +212,13 @@ public final class ESPTransform: @unchecked Sendable {
     /// the SA may wrap) and at 2^64 with ESN. Never wraps silently.
     @inline(__always)
     private func takeSequence() -> UInt64? {
-        let cur = self.state.pointee.outboundSequence
+        let cur = self.state.outboundSequence
         if self.esn || self.mayWrap {
             guard cur != .max else { return nil }
         } else {
             guard cur < UInt64(UInt32.max) else { return nil }
         }
-        self.state.pointee.outboundSequence = cur &+ 1
+        self.state.outboundSequence = cur &+ 1
         return cur &+ 1
     }
 
@@ -387,7 +385,7 @@ public final class ESPTransform: @unchecked Sendable {
                 ip.storeBE16(UInt16(truncatingIfNeeded: packet.count - HeaderSize.ipv6), at: 4)
             }
         }
-        if let encap = self.state.pointee.encapsulation {
+        if let encap = self.state.encapsulation {
             self.writeUDPHeader(packet: packet, encap: encap, outerV4: outerV4, espOffset: esp - packet.data)
         }
         layout = ESPLayout(espOffset: esp - packet.data, cryptLength: cryptLength, esnHigh: esnHigh, sequence: seq,
@@ -419,8 +417,8 @@ public final class ESPTransform: @unchecked Sendable {
             let df = !self.flags.contains(.noPMTUDiscovery) && (innerV4 ? innerDF : innerLength > IPv6Header.minimumMTU)
             var id: UInt16 = 0
             if !df {
-                self.state.pointee.ipIdentification &+= 1
-                id = self.state.pointee.ipIdentification
+                self.state.ipIdentification &+= 1
+                id = self.state.ipIdentification
             }
             IPv4Header.write(
                 outer, tos: tos, totalLength: totalLength, identification: id, flags: df ? IPv4Header.flagDF : 0, ttl: self.outerHopLimit, proto: proto, source: s,
@@ -520,7 +518,7 @@ public final class ESPTransform: @unchecked Sendable {
             i += 1
         }
         // Authenticated and well-formed: only now may the window move (RFC 4303 §3.4.3).
-        self.state.pointee.replay.advance(seq)
+        self.state.replay.advance(seq)
         if let c = self.counters {
             c.pointee.packets &+= 1
             c.pointee.bytes &+= UInt64(payloadLength)
@@ -550,7 +548,7 @@ public final class ESPTransform: @unchecked Sendable {
     /// The replay window's verdict on a received sequence number, counting a rejection in the ESP statistics.
     @inline(__always)
     private func replayCheck(_ low: UInt32) -> ReplayWindow.Check {
-        let verdict = self.state.pointee.replay.check(low)
+        let verdict = self.state.replay.check(low)
         if case .reject(let r) = verdict {
             if r == .replayDuplicate { self.counters?.pointee.replay &+= 1 }
             if r == .replayTooOld { self.counters?.pointee.replayWindow &+= 1 }

@@ -17,7 +17,7 @@ extension NICCore {
     /// ≈ xdo_dev_state_add: validate, build the device's own crypto state, take a slot. Returns the handle.
     func stateAdd(_ sa: SecurityAssociation, offload: StateOffload) throws(DeviceError) -> UInt64 {
         self.calls.withLock { $0.record(.stateAdd(spi: sa.id.spi)) }
-        let c = sa.config
+        let c = sa.currentConfig  // ≈ the whole xfrm_state a driver is handed
         guard self.modes.contains(offload.type) else {
             throw DeviceError(EOPNOTSUPP, "Device \(self.name) does not support \(offload.type.name) offload")
         }

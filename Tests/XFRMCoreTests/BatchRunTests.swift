@@ -503,7 +503,7 @@ struct BatchRunTests {
             try h.a.attachDevice(FakeOffloadDevice(), ifindex: 2)
             try h.tunnel()
             let id = SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001)
-            let config = h.a.states.lookup(id)!.config
+            let config = h.a.states.lookup(id)!.currentConfig
             try h.a.deleteState(id, mark: Mark())
             try h.a.addState(try h.a.makeSA(config), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
         }

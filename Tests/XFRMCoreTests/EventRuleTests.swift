@@ -23,7 +23,7 @@ struct EventRuleTests {
     @Test("the duplicate check uses the masked mark: an SA whose mark would take the new SA's traffic is EEXIST")
     func duplicateMaskedMark() throws {
         let h = try TwoHosts()
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).currentConfig
         c.mark = Mark(value: 0x1, mask: 0xf)
         try h.a.addState(h.a.makeSA(c))
         c.mark = Mark(value: 0x11, mask: 0xff)  // 0x11 & 0xf == 0x1: the first SA matches it

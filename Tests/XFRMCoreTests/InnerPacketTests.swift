@@ -37,7 +37,7 @@ struct InnerPacketTests {
         #expect(h.receive(wire).0 == .dropped(.inTmplMismatch))
         #expect(h.b.statistics[.inTmplMismatch] == before + 1)
         // The same from outside the SA's selector is a selector mismatch first.
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).currentConfig
         c.selector = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.128/25")!)
         try h.b.deleteState(c.id, mark: Mark())
         try h.b.addState(h.b.makeSA(c))
@@ -156,7 +156,7 @@ struct InnerPacketTests {
                           update: false)
         let (_, wire) = h.send(h.packet())
         #expect(h.receive(wire).0 == .dropped(.inNoPols), "mark 0: the marked policy does not match")
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).currentConfig
         c.outputMark = Mark(value: 0x107, mask: 0xff)
         try h.b.deleteState(c.id, mark: Mark())
         try h.b.addState(h.b.makeSA(c))

@@ -93,7 +93,7 @@ struct InputCheckOrderTests {
         try h.tunnel()
         // A's SA 0x1001 goes to B, where only a larval SA holds that SPI.
         try h.b.deleteState(Self.inbound, mark: Mark())
-        let config = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, on: h.b).config
+        let config = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, on: h.b).currentConfig
         let larval = try h.b.allocateSPI(config, min: 0x1001, max: 0x1001)
         #expect(larval.state == .acquiring)
         let (_, wire) = h.send(h.packet())

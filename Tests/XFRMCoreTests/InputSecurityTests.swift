@@ -51,7 +51,7 @@ struct InputSecurityTests {
         let lan = try #require(h.b.network.interface(named: "lan0")).index
         let wan = try #require(h.b.network.interface(named: "eth0")).index
         for (dev, expected) in [(lan, InputResult.deliver), (wan, .dropped(.inStateMismatch))] {
-            var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).config
+            var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).currentConfig
             c.selector = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!,
                                   ifindex: dev)
             try h.b.deleteState(c.id, mark: Mark())
@@ -77,7 +77,7 @@ struct InputSecurityTests {
         let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
         let all = Selector(family: 4, source: IPPrefix("0.0.0.0/0")!, destination: IPPrefix("0.0.0.0/0")!)
         try h.a.addPolicy(Policy(selector: all, direction: .outbound, ifID: 7, templates: [t]), update: false)
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).currentConfig
         c.ifID = 7
         try h.a.addState(h.a.makeSA(c))
         #expect(h.send(h.packet()).0 == .transmit(ifindex: 2))
@@ -127,7 +127,7 @@ struct InputSecurityTests {
     func ifIDInbound() throws {
         let h = try TwoHosts()
         try h.tunnel()
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).currentConfig
         c.ifID = 7
         try h.b.deleteState(c.id, mark: Mark())
         try h.b.addState(h.b.makeSA(c))

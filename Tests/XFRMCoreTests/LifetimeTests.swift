@@ -166,7 +166,7 @@ struct LifetimeTests {
     @Test("allocspi picks a free SPI in the range and refuses an exhausted one")
     func allocSPI() throws {
         let h = try TwoHosts()
-        let c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, on: h.a).config
+        let c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, on: h.a).currentConfig
         let sa = try h.a.allocateSPI(c, min: 0x1000, max: 0x1000)
         #expect(sa.id.spi == 0x1000)
         #expect(sa.state == .acquiring)
@@ -181,7 +181,7 @@ struct LifetimeTests {
     @Test("allocspi never hands out SPI 0, keeps SPIs unique per protocol across destinations, and an SA found by seq keeps its protocol")
     func allocSPIEdges() throws {
         let h = try TwoHosts()
-        let c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, on: h.a).config
+        let c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, on: h.a).currentConfig
         #expect(throws: StateDatabaseError.self) { try h.a.allocateSPI(c, min: 0, max: 0) }
         for _ in 0..<20 {  // 0 is in range: drawn, it fails the request; it never becomes an SA's SPI
             var r = c
@@ -227,7 +227,7 @@ struct LifetimeTests {
         let acquired = try self.acquireLarval(h)
         let seq = acquired.config.kmSequence
         #expect(seq != 0 && acquired.id.spi == 0)
-        let c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, reqid: 42, on: h.a).config
+        let c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0, reqid: 42, on: h.a).currentConfig
         // ALLOCSPI naming the ACQUIRE's number for another CPU does not take its larval SA (Linux 6.13+).
         var otherCPU = c
         otherCPU.pcpuNum = 1
@@ -239,7 +239,7 @@ struct LifetimeTests {
         #expect(larval.id.spi == 0x4000 && larval.state == .acquiring)
         /// A full SA for `spi`, reqid 7 (so only the sequence number can name the larval SA), with `seq`.
         func full(_ spi: UInt32, to: String = "192.0.2.2", pcpu: UInt32? = nil) throws -> SecurityAssociation {
-            var config = try h.sa(from: "192.0.2.1", to: to, spi: spi, reqid: 7, on: h.a).config
+            var config = try h.sa(from: "192.0.2.1", to: to, spi: spi, reqid: 7, on: h.a).currentConfig
             config.kmSequence = seq
             config.pcpuNum = pcpu
             return try h.a.makeSA(config)
@@ -272,7 +272,7 @@ struct StateUpdateTests {
     private func natt(_ h: TwoHosts, sport: UInt16, type: UInt16 = 2, lifetime: LifetimeConfig = LifetimeConfig())
         throws -> SecurityAssociation
     {
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, lifetime: lifetime, on: h.a).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, lifetime: lifetime, on: h.a).currentConfig
         c.encapsulation = NATTEncapsulation(sourcePort: sport, destinationPort: 4500)
         c.encapsulationType = type
         return try h.a.makeSA(c)
@@ -303,7 +303,7 @@ struct StateUpdateTests {
         try h.a.addPolicy(Policy(selector: all, direction: .outbound, ifID: 7, templates: [t]), update: false)
         try h.a.addState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a))
         #expect(h.buffers.with(h.packet()) { h.a.output(&$0, ifID: 7) }.0 == .dropped(.outNoStates))
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).currentConfig
         c.ifID = 7
         c.outputMark = Mark(value: 5, mask: 0xff)
         try h.a.updateState(h.a.makeSA(c))

@@ -92,7 +92,7 @@ struct NATMappingTests {
         _ = h.eventsB.drain()
         #expect(h.receive(Self.natted(wire[0], port: 31337)).0 == .deliver)
         #expect(Self.mappings(h.eventsB).count == 1)
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b, natt: true).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b, natt: true).currentConfig
         c.encapsulation = NATTEncapsulation(sourcePort: 31337, destinationPort: 4500)
         try h.b.updateState(h.b.makeSA(c))
         _ = h.eventsB.drain()
@@ -108,7 +108,7 @@ struct NATMappingTests {
         try h.tunnel(natt: true)
         // B's inbound SA again, with a 30-second threshold (≈ km_new_mapping with x->mapping_maxage).
         try h.b.deleteState(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001), mark: Mark())
-        var c = try #require(h.b.states.lookup(SAID(destination: IPAddress("192.0.2.1")!, spi: 0x2002))).config
+        var c = try #require(h.b.states.lookup(SAID(destination: IPAddress("192.0.2.1")!, spi: 0x2002))).currentConfig
         c.id = SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001)
         c.source = IPAddress("192.0.2.1")!
         c.reqid = 1

@@ -16,7 +16,7 @@ struct OffloadCoreTests {
     }
 
     func outSA(_ h: TwoHosts, spi: UInt32 = 0x1001, esn: Bool = false) throws -> SecurityAssociation {
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: spi, on: h.a).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: spi, on: h.a).currentConfig
         c.esn = esn
         c.replayWindow = esn ? 32 : c.replayWindow
         return try h.a.makeSA(c)
@@ -190,7 +190,7 @@ struct OffloadCoreTests {
                                                     destination: IPPrefix("192.0.2.2/32")!),
                                  direction: .outbound, templates: [t], offload: PolicyOffload(ifindex: 2)),
                           update: false)
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x7002, mode: .transport, reqid: 7, on: h.a).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x7002, mode: .transport, reqid: 7, on: h.a).currentConfig
         c.replayWindow = 0
         // AES-CBC's 16-byte blocks tell the transport formula from the tunnel one (1454), which GCM's 4 would not.
         c.crypto = try ESPCryptoSpec.cipher(name: "cbc(aes)", key: PacketFactory.pattern(16), authName: "hmac(sha256)",
@@ -264,7 +264,7 @@ struct OffloadCoreTests {
         try h.a.addPolicy(Policy(selector: Selector(family: 4, source: IPPrefix("192.0.2.1/32")!,
                                                     destination: IPPrefix("192.0.2.2/32")!),
                                  direction: .outbound, templates: [t]), update: false)
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x7001, mode: .transport, reqid: 7, on: h.a).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x7001, mode: .transport, reqid: 7, on: h.a).currentConfig
         c.replayWindow = 0
         try h.a.addState(try h.a.makeSA(c), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
         // ((1500 - 8 ESP - 8 IV - 16 ICV - 20 net_adj) & ~3) + 20 - 2.
@@ -356,7 +356,7 @@ struct OffloadCoreTests {
         let (h, dev) = try setUp()
         try h.tunnel()
         try h.a.deleteState(SAID(destination: IPAddress("192.0.2.2")!, spi: 0x1001), mark: Mark())
-        var c = try outSA(h, esn: true).config
+        var c = try outSA(h, esn: true).currentConfig
         c.outboundSequence = 0xffff_fffe
         try h.a.addState(try h.a.makeSA(c), offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .crypto))
         _ = h.send(h.packet())
@@ -392,7 +392,7 @@ struct OffloadCoreTests {
         var l = LifetimeConfig()
         l.softPacketLimit = 10
         l.hardPacketLimit = 20
-        var c = try outSA(h).config
+        var c = try outSA(h).currentConfig
         c.lifetime = l
         let sa = try h.a.makeSA(c)
         try h.a.addState(sa, offload: OffloadRequest(ifindex: 2, direction: .inbound, type: .packet))
@@ -488,7 +488,7 @@ struct OutputCacheTests {
         let sel = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
         try h.a.addPolicy(Policy(selector: sel, direction: .outbound, templates: [t], offload: PolicyOffload(ifindex: 2)),
                           update: false)
-        let sa = try h.a.makeSA(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).config)
+        let sa = try h.a.makeSA(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).currentConfig)
         try h.a.addState(sa, offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
         for _ in 0..<3 {
             guard case .offload = h.send(h.packet()).0 else { Issue.record("expected offload"); return }
@@ -496,7 +496,7 @@ struct OutputCacheTests {
         try h.a.deleteState(sa.id, mark: Mark())
         #expect(h.send(h.packet()).0 == .dropped(.outNoStates), "the deleted SA is not used from the cache")
         h.a.flushStates(proto: 0)
-        try h.a.addState(try h.a.makeSA(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1002, on: h.a).config),
+        try h.a.addState(try h.a.makeSA(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1002, on: h.a).currentConfig),
                          offload: OffloadRequest(ifindex: 2, direction: .outbound, type: .packet))
         guard case .offload = h.send(h.packet()).0 else { Issue.record("expected offload"); return }
         try h.a.network.addRoute(IPPrefix("192.0.2.2/32")!, device: "lan0", via: nil)

@@ -27,7 +27,7 @@ struct OutputResolutionTests {
         let h = try TwoHosts()
         let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
         try h.a.addPolicy(Policy(selector: ab, direction: .outbound, templates: [t]), update: false)
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).currentConfig
         c.flags = SAConfig.wildRecvFlag
         try h.a.addState(h.a.makeSA(c))
         #expect(h.send(h.packet()).0 == .dropped(.outNoStates))
@@ -43,7 +43,7 @@ struct OutputResolutionTests {
         let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
         try h.a.addPolicy(Policy(selector: ab, direction: .outbound, mark: Mark(value: 0x10, mask: 0xf0),
                                  templates: [t]), update: false)
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.a).currentConfig
         c.mark = Mark(value: 0x10, mask: 0xff)
         try h.a.addState(h.a.makeSA(c))
         // The packet's mark 0x17 matches the policy (0x17 & 0xf0 == 0x10) but not the SA (0x17 & 0xff != 0x10);
@@ -82,7 +82,7 @@ struct OutputResolutionTests {
         try h.a.network.addAddress(IPPrefix("2001:db8::1/64")!, device: "eth0")
         let t = Template(source: IPAddress("2001:db8::1"), destination: IPAddress("2001:db8::2"), mode: 1, reqid: 1)
         try h.a.addPolicy(Policy(selector: ab, direction: .outbound, templates: [t]), update: false)
-        var c = try h.sa(from: "2001:db8::1", to: "2001:db8::2", spi: 0x1001, on: h.a).config
+        var c = try h.sa(from: "2001:db8::1", to: "2001:db8::2", spi: 0x1001, on: h.a).currentConfig
         c.selector = .any(family: 6)  // what an SA added without `sel` gets (copy_from_user_state)
         try h.a.addState(h.a.makeSA(c))
         let (r, wire) = h.send(h.packet())

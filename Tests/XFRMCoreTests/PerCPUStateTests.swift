@@ -12,7 +12,7 @@ struct PerCPUStateTests {
     let t = Template(source: IPAddress("192.0.2.1"), destination: IPAddress("192.0.2.2"), mode: 1, reqid: 1)
 
     private func sa(_ h: TwoHosts, spi: UInt32, cpu: UInt32?) throws -> SecurityAssociation {
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: spi, on: h.a, window: 0).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: spi, on: h.a, window: 0).currentConfig
         c.pcpuNum = cpu
         c.direction = .outbound
         return try h.a.makeSA(c)

@@ -66,7 +66,7 @@ final class TwoHosts {
     /// A wide IN/FWD policy (any source into 10.0.2.0/24) on B, and A's SA whose selector covers only
     /// 10.0.1.0/24 → 10.0.2.0/24 on B's side (with `flags`, e.g. SAConfig.icmpFlag).
     func narrowSA(flags: UInt8 = 0) throws {
-        var c = try self.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: self.b).config
+        var c = try self.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: self.b).currentConfig
         c.selector = Selector(family: 4, source: IPPrefix("10.0.1.0/24")!, destination: IPPrefix("10.0.2.0/24")!)
         c.flags = flags
         try self.b.addState(self.b.makeSA(c))

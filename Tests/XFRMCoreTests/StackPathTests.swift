@@ -214,7 +214,7 @@ struct StackPathTests {
         let h = try TwoHosts()
         try h.tunnel()
         let (_, wire) = h.send(h.packet())
-        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).config
+        var c = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, on: h.b).currentConfig
         c.direction = .outbound
         c.replayWindow = 0
         try h.b.deleteState(c.id, mark: Mark())

@@ -131,23 +131,29 @@ public final class SecurityAssociation: @unchecked Sendable {
 
     public var id: SAID { self.config.id }
 
-    /// The configuration as it stands: the kept parameters with the state's lifetime, NAT-T ports, output mark and
-    /// sequence numbers (≈ what the kernel hands a driver's xdo_dev_state_add, or copies into a state it clones).
-    /// The sequence numbers and replay bitmap are the transform's; a larval SA (no transform: made by an acquire or
-    /// ALLOCSPI, never by NEWSA) has none, and lists 0 as the kernel does.
+    /// The configuration as it stands: the kept parameters with the state's if_id, lifetime, NAT-T ports, output mark
+    /// and sequence numbers (≈ what the kernel hands a driver's xdo_dev_state_add, or copies into a state it clones).
+    /// The sequence numbers and replay bitmap are the transform's, or the device's for packet offload (as listings
+    /// show them); a larval SA (no transform: made by an acquire or ALLOCSPI, never by NEWSA) has none, and lists 0
+    /// as the kernel does.
     public var currentConfig: SAConfig {
-        let (lifetime, encapsulation) = self.mutable.withLock { m in (m.lifetime, m.encapsulation) }
+        let (lifetime, encapsulation, offload) = self.mutable.withLock { m in (m.lifetime, m.encapsulation, m.offload) }
+        var parameters = self.config
+        parameters.ifID = self.ifID
         var outbound: UInt64 = 0
         var inbound: UInt64 = 0
         var bitmap: ReplayBitmap? = nil
-        if let t = self.transform {
+        if offload?.type == .packet {
+            let d = self.deviceCounters
+            (outbound, inbound) = (d.outboundSequence, d.inboundSequence)
+        } else if let t = self.transform {
             self.withLock {
                 outbound = t.outboundSequence
                 inbound = t.replay.top
                 if inbound != 0 { bitmap = .ring(t.replay.ringBitmap) }
             }
         }
-        return SAConfig(self.config, lifetime: lifetime, encapsulation: encapsulation, outputMark: self.outputMark,
+        return SAConfig(parameters, lifetime: lifetime, encapsulation: encapsulation, outputMark: self.outputMark,
                         outboundSequence: outbound, inboundSequence: inbound, replayBitmap: bitmap)
     }
 

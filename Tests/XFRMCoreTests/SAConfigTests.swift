@@ -5,7 +5,7 @@ import XFRMPacket
 
 @Suite("What an SA keeps of its configuration")
 struct SAConfigTests {
-    @Test("currentConfig is the configuration as it stands: an update's lifetime, the numbers sent and received and the window; an SA made from it goes on from there")
+    @Test("currentConfig is the configuration as it stands: an update's lifetime and if_id, the numbers sent and received and the window; an SA made from it goes on from there")
     func currentConfig() throws {
         let h = try TwoHosts()
         try h.tunnel()
@@ -20,9 +20,11 @@ struct SAConfigTests {
         var l = LifetimeConfig()
         l.softAddExpiresSeconds = 100
         l.hardAddExpiresSeconds = 200
-        try h.b.updateState(h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, lifetime: l, on: h.b))
+        var u = try h.sa(from: "192.0.2.1", to: "192.0.2.2", spi: 0x1001, lifetime: l, on: h.b).currentConfig
+        u.ifID = 9
+        try h.b.updateState(h.b.makeSA(u))
         let c = received.currentConfig
-        #expect(c.inboundSequence == 5 && c.lifetime == l && c.reqid == 1 && c.mode == .tunnel)
+        #expect(c.inboundSequence == 5 && c.lifetime == l && c.ifID == 9 && c.reqid == 1 && c.mode == .tunnel)
         let copy = try SecurityAssociation(c, addTime: 0)
         let window = try #require(copy.transform).replay
         #expect(window.top == 5 && Array(window.receivedBits.prefix(5)) == [true, false, true, true, true])

@@ -106,7 +106,7 @@ public final class ESPFixture {
         guard let t = sa.transform else { return plaintext }
         let c = t.cipher
         let body = (plaintext.count + c.blockSize - 1) / c.blockSize * c.blockSize
-        let udp = sa.config.encapsulation != nil ? 8 : 0
+        let udp = sa.encapsulation != nil ? 8 : 0
         let v4 = sa.id.destination.version == 4
         let ip = v4 ? 20 : 40
         let total = ip + udp + 8 + c.ivLength + body + c.icvLength

@@ -58,7 +58,7 @@ public func fuzzDaemonIntake(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int3
         sa.transform?.setInboundSequence(0)
         let packet = fixture.seal(sa, sequence: sequence, plaintext: Array(r.rest), tos: 0)
         let v4 = sa.id.destination.version == 4
-        let udp = sa.config.encapsulation != nil
+        let udp = sa.encapsulation != nil
         let socket: DaemonIntake.Socket = v4 ? (udp ? .udp4 : .raw4) : (udp ? .udp6 : .raw6)
         // What each socket hands over: raw IPv4 the whole packet, raw IPv6 its payload, UDP the UDP payload.
         let skip = (v4 ? (udp ? 28 : 0) : (udp ? 48 : 40))

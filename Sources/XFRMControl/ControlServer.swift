@@ -185,8 +185,9 @@ public final class XfrmControlServer: XfrmTransport {
             let sa = try self.findSA(id, m)
             return [Self.stateMessage(sa, type: .newSA, sequence: m.sequence)]
         case (.getSA, .empty):
+            let filter = try SADumpFilter(m.attributes)
             self.stack.syncDeviceStats()
-            var out = self.stack.states.list().map { sa -> XfrmMessage in
+            var out = self.stack.states.list().filter(filter.matches).map { sa -> XfrmMessage in
                 var msg = Self.stateMessage(sa, type: .newSA, sequence: m.sequence)
                 msg.flags = NetlinkFlags.multi
                 return msg

@@ -148,13 +148,28 @@ extension CLIContext {
         return replies.first
     }
 
-    /// A dump: every message before NLMSG_DONE; an error reply ends it as iproute2's dump does.
-    func dump(_ message: XfrmMessage) throws(CommandError) -> [XfrmMessage] {
+    /// A dump: every message before NLMSG_DONE. A failure ends it as rtnl_dump_filter and its caller end it
+    /// (`terminated`: "Dump terminated" after a list, "Delete-all terminated" in a deleteall round; exit status 1):
+    /// an NLMSG_ERROR (a dump refused before it started) is reported by perror, an NLMSG_DONE carrying -errno (a
+    /// dump the kernel ended, netlink_dump_done) as rtnl_dump_done reports it — its extack as "Error: MSG.", else
+    /// nothing for ENOENT and EOPNOTSUPP, a fixed text for EMSGSIZE, perror for the rest.
+    func dump(_ message: XfrmMessage, terminated: String = "Dump terminated") throws(CommandError) -> [XfrmMessage] {
         var out: [XfrmMessage] = []
         for r in self.transport.request(message) {
-            if case .done = r.body { break }
+            if case .done(let status, let text) = r.body {
+                guard status < 0 else { break }
+                var lines: [String] = []
+                if !text.isEmpty {
+                    lines.append("Error: \(text)\(text.hasSuffix(".") ? "" : ".")")
+                } else if -status == Errno.EMSGSIZE {
+                    lines.append("Error: Buffer too small for object.")
+                } else if -status != Errno.ENOENT && -status != Errno.EOPNOTSUPP {
+                    lines.append("RTNETLINK answers: \(errnoText(-status))")
+                }
+                throw CommandError((lines + [terminated]).joined(separator: "\n"), exitStatus: 1)
+            }
             if case .error(let errno, _) = r.body {
-                throw CommandError("RTNETLINK answers: \(errnoText(-errno))", exitStatus: 2)
+                throw CommandError("RTNETLINK answers: \(errnoText(-errno))\n\(terminated)", exitStatus: 1)
             }
             out.append(r)
         }

@@ -350,7 +350,7 @@ struct PolicyCommand {
             var previous: [XfrmMessage]? = nil
             while true {
                 var deletes: [XfrmMessage] = []
-                for n in try ctx.dump(dumpRequest) {
+                for n in try ctx.dump(dumpRequest, terminated: "Delete-all terminated") {
                     guard n.messageType == .newPolicy, case .policyInfo(let p) = n.body else { continue }
                     let tb = AttrTable(n.attributes)
                     var ptype: UInt8 = 0

@@ -578,7 +578,7 @@ struct StateCommand {
             var previous: [XfrmMessage]? = nil
             while true {
                 var deletes: [XfrmMessage] = []
-                for n in try ctx.dump(dumpRequest) {
+                for n in try ctx.dump(dumpRequest, terminated: "Delete-all terminated") {
                     guard n.messageType == .newSA, case .saInfo(let s) = n.body else { continue }  // "Not a state"
                     if !ctx.filter.matchState(s) { continue }
                     if s.id.proto == IPProto.ipip || s.id.proto == IPProto.ipv6 { continue }

@@ -126,7 +126,9 @@ public final class XfrmControlServer: XfrmTransport {
     // swiftlint:disable:next cyclomatic_complexity
     private func dispatch(_ m: XfrmMessage) throws(ControlError) -> [XfrmMessage] {
         guard let type = m.messageType else { throw ControlError(Errno.EOPNOTSUPP, "Unsupported message type \(m.type)") }
-        try Self.rejectUnusedAttributes(type, m.attributes)
+        // ≈ xfrm_user_rcv_msg: a dump starts before xfrm_reject_unused_attr, which only the other requests pass.
+        let dump = (type == .getSA || type == .getPolicy) && m.flags & NetlinkFlags.dump != 0
+        if !dump { try Self.rejectUnusedAttributes(type, m.attributes) }
         switch (type, m.body) {
         case (.newSA, .saInfo(let info)), (.updSA, .saInfo(let info)):
             let sa = try self.buildSA(info, m.attributes, update: type == .updSA)
@@ -185,14 +187,20 @@ public final class XfrmControlServer: XfrmTransport {
             let sa = try self.findSA(id, m)
             return [Self.stateMessage(sa, type: .newSA, sequence: m.sequence)]
         case (.getSA, .empty):
-            let filter = try SADumpFilter(m.attributes)
+            // ≈ xfrm_dump_sa: the filter is read by the dump itself (GETSA has no .start), so a bad one ends the dump
+            // in its NLMSG_DONE, with the errno and extack there (netlink_dump_done), not in an NLMSG_ERROR.
+            let filter: SADumpFilter
+            do throws(ControlError) { filter = try SADumpFilter(m.attributes) } catch {
+                return [XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi, sequence: m.sequence,
+                                    body: .done(status: -error.errno, message: error.message))]
+            }
             self.stack.syncDeviceStats()
             var out = self.stack.states.list().filter(filter.matches).map { sa -> XfrmMessage in
                 var msg = Self.stateMessage(sa, type: .newSA, sequence: m.sequence)
                 msg.flags = NetlinkFlags.multi
                 return msg
             }
-            out.append(XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi, sequence: m.sequence, body: .done))
+            out.append(XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi, sequence: m.sequence, body: .done(status: 0, message: "")))
             return out
         case (.flushSA, .flushSA(let proto)):
             // ≈ xfrm_flush_sa: any protocol number; one no SA has flushes nothing, and an empty table is success.
@@ -232,7 +240,7 @@ public final class XfrmControlServer: XfrmTransport {
                 msg.flags = NetlinkFlags.multi
                 return msg
             }
-            out.append(XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi, sequence: m.sequence, body: .done))
+            out.append(XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi, sequence: m.sequence, body: .done(status: 0, message: "")))
             return out
         case (.flushPolicy, _):
             // ≈ xfrm_flush_policy: a flush of sub policies flushes no main one.

@@ -59,8 +59,9 @@ public enum XfrmBody: Equatable, Sendable {
     case empty
     /// NLMSG_ERROR: 0 is an ACK; otherwise -errno with the extack text.
     case error(errno: Int32, message: String)
-    /// NLMSG_DONE, ending a dump.
-    case done
+    /// NLMSG_DONE, ending a dump, with its status (≈ netlink_dump_done's dump_done_errno): 0, or the -errno a dump
+    /// failed with after it started, and then the extack text (NLMSGERR_ATTR_MSG, under NLM_F_ACK_TLVS).
+    case done(status: Int32, message: String)
     /// GETSADINFO / GETSPDINFO request: a u32 of flags (iproute2 sends 0xffffffff).
     case infoRequest(flags: UInt32)
 }
@@ -302,8 +303,13 @@ public struct XfrmMessage: Equatable, Sendable {
             w.zeros(3)
         case .flushPolicy, .empty:
             break
-        case .done:
-            w.i32(0)  // netlink_dump_done: the dump's status, 0 (NLMSG_DONE carries an int)
+        case .done(let status, let message):
+            w.i32(status)  // netlink_dump_done: the dump's status (NLMSG_DONE carries an int)
+            if status != 0 && !message.isEmpty {
+                var m = Array(message.utf8)
+                m.append(0)
+                Self.attr(&w, type: 1, payload: m)
+            }
         case .infoRequest(let flags):
             w.u32(flags)
         case .policyDefault(let i, let f, let o):
@@ -343,6 +349,7 @@ public struct XfrmMessage: Equatable, Sendable {
         if case .done = self.body { type = NetlinkControlType.done }
         var flags = self.flags
         if case .error(_, let m) = self.body, !m.isEmpty { flags |= NetlinkFlags.ackTLVs }
+        if case .done(let status, let m) = self.body, status != 0, !m.isEmpty { flags |= NetlinkFlags.ackTLVs }
         withUnsafeBytes(of: type.littleEndian) { bytes[4] = $0[0]; bytes[5] = $0[1] }
         withUnsafeBytes(of: flags.littleEndian) { bytes[6] = $0[0]; bytes[7] = $0[1] }
         withUnsafeBytes(of: self.sequence.littleEndian) { for i in 0..<4 { bytes[8 + i] = $0[i] } }
@@ -415,7 +422,16 @@ public struct XfrmMessage: Equatable, Sendable {
             return m
         }
         if type == NetlinkControlType.done {
-            return XfrmMessage(type: type, flags: flags, sequence: seq, portID: pid, body: .done)
+            // The status int (a message shorter than one says 0, as old kernels sent), then the extack attributes.
+            let status: Int32 = len - r.offset >= 4 ? try r.i32() : 0
+            var message = ""
+            if flags & NetlinkFlags.ackTLVs != 0 {
+                for (t, p) in try attributes(&r, end: len) where t == 1 {
+                    message = String(decoding: p.prefix { $0 != 0 }, as: UTF8.self)
+                }
+            }
+            return XfrmMessage(type: type, flags: flags, sequence: seq, portID: pid,
+                               body: .done(status: status, message: message))
         }
         guard let mt = XfrmMessageType(rawValue: type) else { throw WireError("unknown XFRM message type \(type)") }
         let request = flags & NetlinkFlags.request != 0

@@ -16,6 +16,7 @@ public enum Errno {
     public static let EINVAL: Int32 = 22
     public static let ENOSPC: Int32 = 28
     public static let ERANGE: Int32 = 34
+    public static let EMSGSIZE: Int32 = 90
     public static let ENOPROTOOPT: Int32 = 92
     public static let EPROTONOSUPPORT: Int32 = 93
     public static let EOPNOTSUPP: Int32 = 95
@@ -33,6 +34,7 @@ public enum Errno {
         case EINVAL: "Invalid argument"
         case ENOSPC: "No space left on device"
         case ERANGE: "Numerical result out of range"
+        case EMSGSIZE: "Message too long"
         case ENOPROTOOPT: "Protocol not available"
         case EPROTONOSUPPORT: "Protocol not supported"
         case EOPNOTSUPP: "Operation not supported"

@@ -365,6 +365,37 @@ struct CommandTests {
         #expect(k.policies.count == 1)  // the socket policy stays
     }
 
+    @Test("a dump the kernel ends with -errno in NLMSG_DONE fails as rtnl_dump_done reports it, then \"Dump terminated\" (or \"Delete-all terminated\"), exit 1")
+    func dumpEndedByError() throws {
+        func ending(_ errno: Int32, _ text: String = "") -> RecordingTransport {
+            RecordingTransport { _ in
+                [XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi,
+                             body: .done(status: -errno, message: text))]
+            }
+        }
+        #expect(throws: CommandError("Error: Attribute failed policy validation.\nDump terminated")) {
+            try run("state list", ending(Errno.ERANGE, "Attribute failed policy validation"))
+        }
+        #expect(throws: CommandError("RTNETLINK answers: Invalid argument\nDump terminated")) {
+            try run("state list", ending(Errno.EINVAL))
+        }
+        #expect(throws: CommandError("Dump terminated")) { try run("policy list", ending(Errno.ENOENT)) }
+        #expect(throws: CommandError("Error: Buffer too small for object.\nDump terminated")) {
+            try run("state list", ending(Errno.EMSGSIZE))
+        }
+        #expect(throws: CommandError("RTNETLINK answers: Cannot allocate memory\nDelete-all terminated")) {
+            try run("state deleteall", ending(Errno.ENOMEM))
+        }
+        do {
+            _ = try run("state list", ending(Errno.EINVAL))
+            Issue.record("the dump did not fail")
+        } catch {
+            #expect(error.exitStatus == 1)
+        }
+        // A DONE with status 0 ends a dump normally.
+        #expect(try run("state list", RecordingTransport { _ in [done] }) == "")
+    }
+
     @Test("kernel errors: strerror without extack, the extack with a period otherwise")
     func kernelErrors() {
         let exists = RecordingTransport { _ in [errorReply(Errno.EEXIST)] }
@@ -383,7 +414,9 @@ struct CommandTests {
             try run("state get dst 10.0.0.2 proto esp spi 1", missing)
         }
         let dumpFail = RecordingTransport { _ in [errorReply(Errno.ENOMEM)] }
-        #expect(throws: CommandError("RTNETLINK answers: Cannot allocate memory")) { try run("policy list", dumpFail) }
+        #expect(throws: CommandError("RTNETLINK answers: Cannot allocate memory\nDump terminated")) {
+            try run("policy list", dumpFail)
+        }
         let perm = RecordingTransport { _ in [errorReply(1)] }
         #expect(throws: CommandError("RTNETLINK answers: Operation not permitted")) { try run("state flush", perm) }
     }

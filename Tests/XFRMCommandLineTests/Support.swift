@@ -30,7 +30,7 @@ struct Interfaces: InterfaceNameResolver {
 }
 
 let ack = XfrmMessage(type: NetlinkControlType.error, flags: 0, body: .error(errno: 0, message: ""))
-let done = XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi, body: .done)
+let done = XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi, body: .done(status: 0, message: ""))
 
 func errorReply(_ errno: Int32, _ text: String = "") -> XfrmMessage {
     XfrmMessage(type: NetlinkControlType.error, flags: 0, body: .error(errno: -errno, message: text))

@@ -35,7 +35,8 @@ struct SADumpFilterTests {
     private func dump(_ server: XfrmControlServer, _ attributes: [XfrmAttribute]) -> Result<[UInt32], ControlErrno> {
         let replies = server.request(XfrmMessage(.getSA, flags: NetlinkFlags.request | NetlinkFlags.dump, body: .empty,
                                                  attributes: attributes))
-        if case .error(let e, _) = replies.last?.body, e != 0 { return .failure(ControlErrno(value: e)) }
+        #expect(!replies.contains { $0.type == NetlinkControlType.error }, "a dump answers in its NLMSG_DONE")
+        if case .done(let e, _) = replies.last?.body, e != 0 { return .failure(ControlErrno(value: e)) }
         return .success(replies.compactMap { m -> UInt32? in
             if case .saInfo(let info) = m.body { return info.id.spi }
             return nil
@@ -68,9 +69,18 @@ struct SADumpFilterTests {
         #expect(self.dump(s, [.proto(XfrmProto.ah)]) == .success([]))
     }
 
-    @Test("a prefix past 128 bits is EINVAL, a filter shorter than its struct ERANGE; nothing is listed")
+    @Test("a prefix past 128 bits is EINVAL, a filter shorter than its struct ERANGE, in the dump's NLMSG_DONE (netlink_dump_done) with the extack; nothing is listed")
     func badFilters() throws {
         let s = try self.server()
+        let short = XfrmAttribute.unknown(type: XfrmAttributeType.addressFilter.rawValue, payload: [UInt8](repeating: 0, count: 35))
+        let replies = s.request(XfrmMessage(.getSA, flags: NetlinkFlags.request | NetlinkFlags.dump, body: .empty,
+                                            attributes: [short]))
+        #expect(replies.count == 1 && replies[0].flags & NetlinkFlags.multi != 0)
+        #expect(replies.first?.body == .done(status: -34, message: "Attribute failed policy validation"))
+        // On the wire: the status int, then NLMSGERR_ATTR_MSG under NLM_F_ACK_TLVS, and back.
+        let wire = try #require(replies.first).encode()
+        #expect(wire[7] & 0x02 != 0, "NLM_F_ACK_TLVS (0x200): the flags' high byte (little-endian, bytes 6-7)")
+        #expect(try XfrmMessage.decode(wire).body == .done(status: -34, message: "Attribute failed policy validation"))
         #expect(self.dump(s, [self.filter("0.0.0.0", 129, "0.0.0.0", 0, family: 0)]) == .failure(ControlErrno(value: -22)))
         #expect(self.dump(s, [self.filter("0.0.0.0", 0, "0.0.0.0", 129, family: 0)]) == .failure(ControlErrno(value: -22)))
         #expect(self.dump(s, [.unknown(type: XfrmAttributeType.addressFilter.rawValue, payload: [UInt8](repeating: 0, count: 35))])

@@ -23,6 +23,9 @@ public struct CommandError: Error, CustomStringConvertible, Equatable, Sendable 
     /// 2 after an error reply (rtnl_talk failed), 1 for "Not enough information", 255 for other argument errors
     /// (invarg/missarg/duparg: exit(-1)).
     public let exitStatus: Int32
+    /// What the command printed to standard output before it failed (a listing's entries before its dump failed),
+    /// for the caller to print ahead of the error.
+    public var output = ""
     public init(_ description: String, exitStatus: Int32? = nil) {
         self.description = description
         self.exitStatus = exitStatus ?? (description.hasPrefix("Not enough information") ? 1 : 255)
@@ -154,6 +157,16 @@ extension CLIContext {
     /// dump the kernel ended, netlink_dump_done) as rtnl_dump_done reports it — its extack as "Error: MSG.", else
     /// nothing for ENOENT and EOPNOTSUPP, a fixed text for EMSGSIZE, perror for the rest.
     func dump(_ message: XfrmMessage, terminated: String = "Dump terminated") throws(CommandError) -> [XfrmMessage] {
+        let (entries, failure) = self.dumpEntries(message, terminated: terminated)
+        if let failure { throw failure }
+        return entries
+    }
+
+    /// `dump`, with the entries that came before a failure: a listing prints them, then fails (iproute2 prints each
+    /// entry as it arrives; the failure is in the dump's last message).
+    func dumpEntries(_ message: XfrmMessage, terminated: String = "Dump terminated")
+        -> (entries: [XfrmMessage], failure: CommandError?)
+    {
         var out: [XfrmMessage] = []
         for r in self.transport.request(message) {
             if case .done(let status, let text) = r.body {
@@ -166,14 +179,14 @@ extension CLIContext {
                 } else if -status != Errno.ENOENT && -status != Errno.EOPNOTSUPP {
                     lines.append("RTNETLINK answers: \(errnoText(-status))")
                 }
-                throw CommandError((lines + [terminated]).joined(separator: "\n"), exitStatus: 1)
+                return (out, CommandError((lines + [terminated]).joined(separator: "\n"), exitStatus: 1))
             }
             if case .error(let errno, _) = r.body {
-                throw CommandError("RTNETLINK answers: \(errnoText(-errno))\n\(terminated)", exitStatus: 1)
+                return (out, CommandError("RTNETLINK answers: \(errnoText(-errno))\n\(terminated)", exitStatus: 1))
             }
             out.append(r)
         }
-        return out
+        return (out, nil)
     }
 }
 

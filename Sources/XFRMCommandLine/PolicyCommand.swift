@@ -384,9 +384,13 @@ struct PolicyCommand {
             }
             return ""
         }
-        let messages = try ctx.dump(dumpRequest)
+        let (messages, failure) = ctx.dumpEntries(dumpRequest)
         var p = ctx.printer()
         for n in messages { p.policyPrint(n, filter: ctx.filter) }
+        if var failure {
+            failure.output = p.out
+            throw failure
+        }
         return p.out
     }
 

@@ -618,9 +618,13 @@ struct StateCommand {
                                                  splen: f.idSrcMask, dplen: f.idDstMask))
         var request = dumpRequest
         request.attributes = attrs
-        let messages = try ctx.dump(request)
+        let (messages, failure) = ctx.dumpEntries(request)
         var p = ctx.printer()
         for n in messages { p.statePrint(n, nokeys: nokeys, filter: f) }
+        if var failure {
+            failure.output = p.out
+            throw failure
+        }
         return p.out
     }
 

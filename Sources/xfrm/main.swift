@@ -83,6 +83,7 @@ if kernel {
               terminator: "")
         exit(0)
     } catch {
+        print(error.output, terminator: "")  // what a listing printed before its dump failed
         FileHandle.standardError.write((error.description + "\n").data(using: .utf8)!)
         exit(error.exitStatus)
     }
@@ -143,6 +144,7 @@ if !offline && args.first != "pcap" && args.first != "demo" {
         }
         exit(0)
     } catch {
+        print(error.output, terminator: "")  // what a listing printed before its dump failed
         FileHandle.standardError.write((error.description + "\n").data(using: .utf8)!)
         exit(error.exitStatus)
     }

@@ -394,6 +394,19 @@ struct CommandTests {
         }
         // A DONE with status 0 ends a dump normally.
         #expect(try run("state list", RecordingTransport { _ in [done] }) == "")
+        // The entries before the failure are printed (the error carries them), as iproute2 prints each on arrival.
+        let listed = try run("state list", RecordingTransport { _ in [basicSA(), done] })
+        #expect(!listed.isEmpty)
+        let partial = RecordingTransport { _ in
+            [basicSA(), XfrmMessage(type: NetlinkControlType.done, flags: NetlinkFlags.multi,
+                                    body: .done(status: -Errno.EINVAL, message: ""))]
+        }
+        do {
+            _ = try run("state list", partial)
+            Issue.record("the dump did not fail")
+        } catch {
+            #expect(error.output == listed)
+        }
     }
 
     @Test("kernel errors: strerror without extack, the extack with a period otherwise")

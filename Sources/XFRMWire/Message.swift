@@ -422,7 +422,8 @@ public struct XfrmMessage: Equatable, Sendable {
             return m
         }
         if type == NetlinkControlType.done {
-            // The status int (a message shorter than one says 0, as old kernels sent), then the extack attributes.
+            // The status int, then the extack attributes. Linux always sends the int; a DONE without one is taken as
+            // a clean end (iproute2 would say "DONE truncated").
             let status: Int32 = len - r.offset >= 4 ? try r.i32() : 0
             var message = ""
             if flags & NetlinkFlags.ackTLVs != 0 {

@@ -305,11 +305,7 @@ public struct XfrmMessage: Equatable, Sendable {
             break
         case .done(let status, let message):
             w.i32(status)  // netlink_dump_done: the dump's status (NLMSG_DONE carries an int)
-            if status != 0 && !message.isEmpty {
-                var m = Array(message.utf8)
-                m.append(0)
-                Self.attr(&w, type: 1, payload: m)
-            }
+            if status != 0 { Self.extack(&w, message) }
         case .infoRequest(let flags):
             w.u32(flags)
         case .policyDefault(let i, let f, let o):
@@ -334,11 +330,7 @@ public struct XfrmMessage: Equatable, Sendable {
             w.u16(h.flags)
             w.u32(h.sequence)
             w.u32(h.portID)
-            if !message.isEmpty {
-                var m = Array(message.utf8)
-                m.append(0)
-                Self.attr(&w, type: 1, payload: m)
-            }
+            Self.extack(&w, message)
         }
         for a in self.attributes { Self.attr(&w, type: a.type, payload: a.payload()) }
         var bytes = w.bytes
@@ -392,6 +384,21 @@ public struct XfrmMessage: Equatable, Sendable {
         return out
     }
 
+    /// NLMSGERR_ATTR_MSG, the extack text of an NLMSG_ERROR or NLMSG_DONE (NUL-terminated), when there is one.
+    private static func extack(_ w: inout WireWriter, _ message: String) {
+        guard !message.isEmpty else { return }
+        Self.attr(&w, type: 1, payload: Array(message.utf8) + [0])
+    }
+
+    /// The NLMSGERR_ATTR_MSG text among the attributes that follow an NLMSG_ERROR's or NLMSG_DONE's payload.
+    private static func extackMessage(_ r: inout WireReader, end: Int) throws(WireError) -> String {
+        var message = ""
+        for (t, p) in try attributes(&r, end: end) where t == 1 {
+            message = String(decoding: p.prefix { $0 != 0 }, as: UTF8.self)
+        }
+        return message
+    }
+
     /// Decodes one message.
     public static func decode(_ bytes: [UInt8]) throws(WireError) -> XfrmMessage {
         var r = WireReader(bytes)
@@ -410,12 +417,7 @@ public struct XfrmMessage: Equatable, Sendable {
             if flags & NetlinkFlags.capped == 0 && errno != 0 && Int(echo.length) > 16 {
                 try r.skip(min((Int(echo.length) - 16 + 3) & ~3, len - r.offset))
             }
-            var message = ""
-            if flags & NetlinkFlags.ackTLVs != 0 {
-                for (t, p) in try attributes(&r, end: len) where t == 1 {
-                    message = String(decoding: p.prefix { $0 != 0 }, as: UTF8.self)
-                }
-            }
+            let message = flags & NetlinkFlags.ackTLVs != 0 ? try extackMessage(&r, end: len) : ""
             var m = XfrmMessage(type: type, flags: flags, sequence: seq, portID: pid,
                                 body: .error(errno: errno, message: message))
             m.echoedRequest = echo
@@ -425,12 +427,7 @@ public struct XfrmMessage: Equatable, Sendable {
             // The status int, then the extack attributes. Linux always sends the int; a DONE without one is taken as
             // a clean end (iproute2 would say "DONE truncated").
             let status: Int32 = len - r.offset >= 4 ? try r.i32() : 0
-            var message = ""
-            if flags & NetlinkFlags.ackTLVs != 0 {
-                for (t, p) in try attributes(&r, end: len) where t == 1 {
-                    message = String(decoding: p.prefix { $0 != 0 }, as: UTF8.self)
-                }
-            }
+            let message = flags & NetlinkFlags.ackTLVs != 0 ? try extackMessage(&r, end: len) : ""
             return XfrmMessage(type: type, flags: flags, sequence: seq, portID: pid,
                                body: .done(status: status, message: message))
         }
